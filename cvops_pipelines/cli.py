@@ -1,0 +1,168 @@
+"""`cvops`: run the demo loop, make the demo data, ingest a drop, list drops.
+
+Runs go through a persistent Dagster instance ($DAGSTER_HOME, default ./.dagster_home), so every
+run started here shows up in the Dagster UI (`./dev ui`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from cvops_pipelines import settings
+
+EPILOG = """environment:
+  CVOPS_HOME             local root for images, tables, quarantine, reports (default ./.cvops)
+  CVOPS_DROPS            watched drop source: folder or s3://bucket/prefix (default $CVOPS_HOME/drops)
+  CVOPS_S3_BUCKET        store artifacts in this S3 bucket instead of CVOPS_HOME
+  CVOPS_S3_PREFIX        key prefix inside that bucket
+  CVOPS_S3_REGION        region (default AWS_REGION or us-east-1)
+  CVOPS_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, moto, ...)
+  CVOPS_CONTRACTS_DIR    ontology + GX suites (default ./data_contracts)
+  DAGSTER_HOME           Dagster instance (default ./.dagster_home)
+"""
+
+
+def _dagster_home() -> Path:
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").absolute())))
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(settings.REPO_ROOT / "infra" / "dagster" / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def _progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty() or None)
+    return bar
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from cvops_pipelines.core.demo_data import write_demo_data
+
+    drops = Path(args.drops or settings.drops_uri())
+    holdback = Path(args.holdback or settings.cvops_home() / "holdback")
+    with _progress(1797, "rendering digits") as bar:
+        data = write_demo_data(drops, holdback, seed=args.seed, progress=bar.update)
+    print(f"demo drop 'initial' ({data.counts['initial']} labelled images, marked complete) "
+          f"-> {drops / 'initial'}")
+    print(f"held back for later turns: {', '.join(f'{k} ({v})' for k, v in data.counts.items() if k != 'initial')}"
+          f" -> {holdback}")
+    return 0
+
+
+def _run_ingest(drop: str) -> tuple[bool, dict]:
+    from dagster import DagsterInstance
+
+    from cvops_pipelines.definitions import defs
+    from cvops_pipelines.defs.partitions import drops_partitions
+
+    _dagster_home()
+    instance = DagsterInstance.get()
+    if drop not in instance.get_dynamic_partitions(drops_partitions.name):
+        instance.add_dynamic_partitions(drops_partitions.name, [drop])
+    result = defs.resolve_job_def("ingest_job").execute_in_process(
+        instance=instance, partition_key=drop, raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+    summary: dict = {"run_id": result.run_id}
+    for node in ("raw_images", "annotations"):
+        for mat in result.asset_materializations_for_node(node):
+            summary[node] = {k: v.value for k, v in mat.metadata.items()
+                             if k in ("files_seen", "accepted", "duplicates", "quarantined",
+                                      "labels", "unlabeled_images", "table_uri")}
+    summary["checks"] = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    summary["check_failures"] = {
+        e.check_name: e.metadata["first_failure"].value
+        for e in result.get_asset_check_evaluations() if "first_failure" in e.metadata}
+    return result.success and all(summary["checks"].values()), summary
+
+
+def _print_summary(drop: str, ok: bool, summary: dict) -> None:
+    images, labels = summary.get("raw_images", {}), summary.get("annotations", {})
+    print(f"\n== drop {drop}: {'OK' if ok else 'FAILED'} (Dagster run {summary['run_id']})")
+    if images:
+        print(f"   images : {images['files_seen']} files -> {images['accepted']} accepted, "
+              f"{images['duplicates']} duplicates, {images['quarantined']} quarantined")
+    if labels:
+        print(f"   labels : {labels['labels']} imported, {labels['quarantined']} quarantined, "
+              f"{labels['unlabeled_images']} images unlabelled")
+    for name, passed in summary["checks"].items():
+        print(f"   check  : {name} {'passed' if passed else 'FAILED'}")
+        if name in summary["check_failures"]:
+            print(f"            {summary['check_failures'][name]}")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    ok, summary = _run_ingest(args.drop)
+    _print_summary(args.drop, ok, summary)
+    return 0 if ok else 1
+
+
+def cmd_drops(args: argparse.Namespace) -> int:
+    from cvops_pipelines.core.drops import scan_drops
+    from cvops_pipelines.core.storage import store_from_uri
+
+    s3 = settings.s3_settings()
+    scan = scan_drops(store_from_uri(settings.drops_uri(), region=s3["region"],
+                                     endpoint_url=s3["endpoint_url"]))
+    for status, names in (("complete", scan.complete), ("waiting for _SUCCESS", scan.incomplete),
+                          ("invalid name", scan.invalid)):
+        for name in names:
+            print(f"{name}\t{status}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    home = settings.cvops_home()
+    print(f"cvops demo: data and artifacts under {home}, Dagster instance in {_dagster_home()}")
+    if not (Path(settings.drops_uri()) / "initial").exists():
+        cmd_demo_data(argparse.Namespace(drops=None, holdback=None, seed=args.seed))
+    ok, summary = _run_ingest("initial")
+    _print_summary("initial", ok, summary)
+    print("\nwhere to look:")
+    print(f"   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
+    print(f"   GX reports : {home / 'reports' / 'gx' / 'index.html'}")
+    print(f"   tables     : {home / 'tables'}   quarantine: {home / 'quarantine'}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvops", description="cvops: the Lean AI loop for computer vision on Dagster.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("demo-data", help="render scikit-learn's digits as PNG drops")
+    p.add_argument("--drops", help="drop source folder (default $CVOPS_DROPS)")
+    p.add_argument("--holdback", help="folder for later drops and the production stream "
+                                      "(default $CVOPS_HOME/holdback)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("ingest", help="ingest one drop from the drop source now (no sensor)")
+    p.add_argument("drop", help="the drop's folder name under $CVOPS_DROPS")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("drops", help="list drops in the drop source and whether they are complete")
+    p.set_defaults(func=cmd_drops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Decode and vet one image file, and the single RGB normalisation every stage shares.
+
+Policy (documented in the README):
+- Accepted formats: JPEG (and MPO), PNG, WebP, BMP, TIFF, static GIF. The original bytes are kept
+  untouched; `to_rgb` converts CMYK, 16-bit, palette(+transparency) and alpha images to 8-bit RGB
+  (alpha composited on white, 16-bit scaled, not clipped) when pixels are needed.
+- Animated images (GIF/WebP/APNG with more than one frame) are rejected: which frame carries the
+  label is ambiguous, and silently taking frame 0 would train on the wrong data.
+- EXIF orientation is honoured: width/height are as displayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ACCEPTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
+                    "TIFF": "tiff", "GIF": "gif"}
+
+# Stable reason codes: the quarantine table and dashboards group by these, so never rename one.
+REASONS = {
+    "empty_file": "the file is empty (0 bytes)",
+    "file_too_large": "the file is larger than the configured limit",
+    "not_an_image": "no image decoder recognises this file (wrong extension or not an image)",
+    "unsupported_format": "the image format is not accepted",
+    "decompression_bomb": "the header claims more pixels than the configured limit",
+    "truncated_image": "the image data ends early (incomplete upload or copy)",
+    "corrupt_image": "the image data is corrupt and cannot be decoded",
+    "animated_image": "animated images are rejected: which frame carries the label is ambiguous",
+    "symlink_not_followed": "symbolic links are never followed",
+    "unreadable_file": "the file could not be read",
+}
+
+
+class ImageRejected(Exception):
+    def __init__(self, code: str, detail: str = "") -> None:
+        self.code = code
+        self.message = REASONS[code] + (f": {detail}" if detail else "")
+        super().__init__(f"{code}: {self.message}")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    image_id: str  # sha256 of the original bytes
+    format: str  # file extension used in the store: jpg, png, ...
+    mode: str  # Pillow mode of the original (RGB, L, CMYK, I;16, P, ...)
+    width: int
+    height: int
+    channels: int
+    bytes: int
+    phash: str  # 64-bit perceptual hash as 16 hex chars
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = 40_000_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo:
+    """Verify, fully decode and fingerprint one file; raise `ImageRejected` with a stable code."""
+    if not data:
+        raise ImageRejected("empty_file")
+    if len(data) > limits.max_bytes:
+        raise ImageRejected("file_too_large", f"{len(data)} bytes > {limits.max_bytes}")
+    image, fmt = _open_checked(data, limits)
+    image = ImageOps.exif_transpose(image)
+    rgb = to_rgb(image)
+    return ImageInfo(
+        image_id=sha256_hex(data),
+        format=ACCEPTED_FORMATS[fmt],
+        mode=image.mode,
+        width=rgb.width,
+        height=rgb.height,
+        channels=len(image.getbands()),
+        bytes=len(data),
+        phash=perceptual_hash(rgb),
+    )
+
+
+def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            probe = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageRejected("not_an_image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected("decompression_bomb", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types
+            raise ImageRejected("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        fmt, (width, height) = probe.format, probe.size
+        if fmt not in ACCEPTED_FORMATS:
+            raise ImageRejected("unsupported_format", f"{fmt}; accepted: {', '.join(ACCEPTED_FORMATS)}")
+        if width * height > limits.max_pixels:
+            raise ImageRejected("decompression_bomb", f"{width}x{height} > {limits.max_pixels} pixels")
+        if getattr(probe, "n_frames", 1) > 1 and fmt != "MPO":
+            raise ImageRejected("animated_image", f"{probe.n_frames} frames")
+        try:
+            probe.verify()  # structural check (PNG CRCs, chunk order) before decoding
+            image = Image.open(io.BytesIO(data))
+            image.load()  # full decode: catches truncation verify() cannot see
+        except Exception as exc:  # noqa: BLE001
+            text = f"{type(exc).__name__}: {exc}"
+            code = "truncated_image" if _looks_truncated(exc) else "corrupt_image"
+            raise ImageRejected(code, text) from None
+        return image, fmt
+
+
+def _looks_truncated(exc: Exception) -> bool:
+    return isinstance(exc, EOFError) or "truncated" in str(exc).lower()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, whatever the source mode. The one conversion training and the edge share."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image)
+        scale = 257.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
+        arr8 = np.clip(arr.astype(np.float64) / scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("P", "PA") and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(data: bytes) -> Image.Image:
+    """Decode stored original bytes to the oriented 8-bit RGB image the models see."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def perceptual_hash(rgb: Image.Image) -> str:
+    import imagehash
+
+    return str(imagehash.phash(rgb))
+
+
+def phash_distance(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")

@@ -1,0 +1,38 @@
+"""Parquet tables in a Store, written atomically (temp + rename locally, one PUT on S3)."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+
+from cvops_pipelines.core.storage import Store
+
+
+def table_key(asset: str, partition: str | None) -> str:
+    return f"tables/{asset}/{partition or 'all'}.parquet"
+
+
+def write_table(store: Store, key: str, df: pd.DataFrame) -> str:
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    store.write_bytes(key, buffer.getvalue())
+    return store.uri(key)
+
+
+def read_table(store: Store, key: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(store.read_bytes(key)))
+
+
+def markdown_table(df: pd.DataFrame, max_rows: int = 10) -> str:
+    """A small Markdown table for Dagster metadata (no tabulate dependency)."""
+    if df.empty:
+        return "_none_"
+    shown = df.head(max_rows).astype(str)
+    escape = lambda v: v.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, shown.columns)) + " |",
+             "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    if len(df) > max_rows:
+        lines.append(f"\n… {len(df) - max_rows} more rows")
+    return "\n".join(lines)

@@ -1,0 +1,15 @@
+"""The one Definitions object of the cvops code location."""
+
+from dagster import Definitions
+
+from cvops_pipelines import settings  # noqa: F401  (sets the no-telemetry environment first)
+from cvops_pipelines.defs.ingest.assets import annotations, raw_images
+from cvops_pipelines.defs.ingest.sensors import ingest_job, new_drop_sensor
+from cvops_pipelines.defs.resources import build_resources
+
+defs = Definitions(
+    assets=[raw_images, annotations],
+    jobs=[ingest_job],
+    sensors=[new_drop_sensor],
+    resources=build_resources(),
+)

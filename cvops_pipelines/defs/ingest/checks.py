@@ -1,0 +1,32 @@
+"""Blocking data-contract checks: GX suites from data_contracts/gx/ surfaced as asset checks."""
+
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey,
+                     MetadataValue)
+
+from cvops_pipelines.core.contracts import ContractResult
+
+
+def contract_spec(asset: str) -> AssetCheckSpec:
+    return AssetCheckSpec(
+        name=f"{asset}_contract", asset=AssetKey(asset), blocking=True,
+        description=f"Great Expectations suite data_contracts/gx/{asset}.json; a failure stops "
+                    "every downstream asset in the run.")
+
+
+def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResult:
+    failures = result.failures
+    metadata = {
+        "rows_validated": result.rows,
+        "expectations": len(result.outcomes),
+        "failed_expectations": len(failures),
+        "unexpected_rows": sum(o.unexpected_count or 0 for o in failures),
+        "results": MetadataValue.md(result.markdown()),
+    }
+    if result.docs_uri:
+        metadata["data_docs"] = MetadataValue.url(result.docs_uri)
+    if failures:
+        metadata["first_failure"] = f"{failures[0].expectation} ({failures[0].kwargs}): " \
+                                    f"examples {failures[0].examples[:5]}"
+    return AssetCheckResult(check_name=f"{asset}_contract", asset_key=AssetKey(asset),
+                            passed=result.success, severity=AssetCheckSeverity.ERROR,
+                            metadata=metadata)

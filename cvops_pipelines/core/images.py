@@ -97,7 +97,8 @@ def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("decompression_bomb", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - decoders raise many types
-            raise ImageRejected("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+            code = "truncated_image" if _looks_truncated(exc) else "corrupt_image"
+            raise ImageRejected(code, f"{type(exc).__name__}: {exc}") from None
         fmt, (width, height) = probe.format, probe.size
         if fmt not in ACCEPTED_FORMATS:
             raise ImageRejected("unsupported_format", f"{fmt}; accepted: {', '.join(ACCEPTED_FORMATS)}")

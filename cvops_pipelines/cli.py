@@ -96,7 +96,21 @@ def _print_summary(drop: str, ok: bool, summary: dict) -> None:
             print(f"            {summary['check_failures'][name]}")
 
 
+def _drop_source():
+    from cvops_pipelines.core.storage import store_from_uri
+
+    s3 = settings.s3_settings()
+    return store_from_uri(settings.drops_uri(), region=s3["region"], endpoint_url=s3["endpoint_url"])
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from cvops_pipelines.core.drops import DropNotReady, require_complete
+
+    try:
+        require_complete(_drop_source(), args.drop)
+    except DropNotReady as exc:
+        print(f"cvops ingest: {exc}", file=sys.stderr)
+        return 2
     ok, summary = _run_ingest(args.drop)
     _print_summary(args.drop, ok, summary)
     return 0 if ok else 1
@@ -104,11 +118,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_drops(args: argparse.Namespace) -> int:
     from cvops_pipelines.core.drops import scan_drops
-    from cvops_pipelines.core.storage import store_from_uri
 
-    s3 = settings.s3_settings()
-    scan = scan_drops(store_from_uri(settings.drops_uri(), region=s3["region"],
-                                     endpoint_url=s3["endpoint_url"]))
+    scan = scan_drops(_drop_source())
     for status, names in (("complete", scan.complete), ("waiting for _SUCCESS", scan.incomplete),
                           ("invalid name", scan.invalid)):
         for name in names:

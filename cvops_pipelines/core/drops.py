@@ -35,5 +35,19 @@ def scan_drops(source: Store) -> DropScan:
     return DropScan(complete, incomplete, invalid)
 
 
+class DropNotReady(RuntimeError):
+    """The drop is missing, or its upload has not finished (no marker yet)."""
+
+
+def require_complete(source: Store, drop: str) -> None:
+    if not source.exists(f"{drop}/{MARKER}"):
+        present = drop in source.list_dirs()
+        raise DropNotReady(
+            f"drop {drop!r} under {source.uri()} "
+            + ("has no _SUCCESS marker yet: it is still uploading, or the uploader must write "
+               f"{drop}/{MARKER} after the last file" if present else "does not exist")
+        )
+
+
 def mark_complete(source: Store, drop: str) -> None:
     source.write_bytes(f"{drop}/{MARKER}", b"")

@@ -7,6 +7,7 @@ worker processes rebuild their own S3 client from the config instead of sharing 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 import uuid
@@ -33,8 +34,10 @@ class Entry:
 
 class Store(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
-    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None: ...
+    def sync(self) -> None: ...
     def list(self, prefix: str = "") -> Iterator[Entry]: ...
     def list_dirs(self) -> list[str]: ...
     def uri(self, key: str = "") -> str: ...
@@ -68,15 +71,21 @@ class LocalStore:
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
+        """Temp file + rename: readers see the old or the new file, never half of one.
+
+        `durable=False` skips the per-file fsync for bulk writes; the caller then calls
+        `sync()` once before recording them (see core/ingest.py).
+        """
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -84,6 +93,26 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def sync(self) -> None:
+        """Flush this filesystem's dirty pages once (syncfs), instead of one fsync per file."""
+        if not self.root.exists():
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+                os.sync()
+        except OSError:
+            os.sync()
+        finally:
+            os.close(fd)
 
     def list(self, prefix: str = "") -> Iterator[Entry]:
         """Walk in sorted key order without following symlinks (they are reported, not entered)."""
@@ -192,7 +221,7 @@ class S3Store:
         except Exception as exc:
             raise self._translate(exc, key) from exc
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None:
         # A single PUT is atomic on S3: readers see the old object or the new one, never half.
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -208,6 +237,18 @@ class S3Store:
             if isinstance(translated, FileNotFoundError):
                 return False
             raise translated from exc
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+        except Exception as exc:
+            translated = self._translate(exc, key)
+            if isinstance(translated, FileNotFoundError):
+                return None
+            raise translated from exc
+
+    def sync(self) -> None:
+        """A completed PUT is durable on S3: nothing to flush."""
 
     def list(self, prefix: str = "") -> Iterator[Entry]:
         full = _join(self.prefix, prefix)

@@ -72,3 +72,25 @@ def test_cmyk_16bit_and_palette_alpha_are_converted_not_rejected():
 def test_transparency_is_composited_on_white():
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_perceptual_hash_matches_the_reference_implementation():
+    import imagehash
+
+    from cvops_pipelines.core.images import perceptual_hash
+
+    for i in range(20):
+        image = corpus.digit(i, side=64).convert("RGB")
+        assert perceptual_hash(image) == str(imagehash.phash(image.resize((32, 32))))
+
+
+def test_large_jpeg_size_and_near_duplicate_hash_survive_scaled_decoding():
+    from cvops_pipelines.core.images import phash_distance
+
+    big = corpus.digit(5, side=480).convert("RGB")
+    png, jpg = inspect_image(corpus.encode(big, "PNG")), inspect_image(corpus.encode(big, "JPEG"))
+    assert (jpg.width, jpg.height) == (png.width, png.height) == (480, 480)
+    assert phash_distance(png.phash, jpg.phash) <= 4
+    data = corpus.encode(big, "JPEG")
+    with pytest.raises(ImageRejected, match="truncated_image"):
+        inspect_image(data[: len(data) * 3 // 4])  # truncation is caught at any decode scale

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from cvops_pipelines.core.annotations import import_annotations
 from cvops_pipelines.core.contracts import validate
+from cvops_pipelines.core.drops import require_complete
 from cvops_pipelines.core.images import ImageLimits
 from cvops_pipelines.core.ingest import IngestConfig, ingest_drop
 from cvops_pipelines.core.tables import markdown_table, write_table
@@ -38,6 +39,7 @@ def raw_images(context: AssetExecutionContext, config: RawImagesConfig, storage:
     drop = context.partition_key
     store = storage.store()
     store.check()
+    require_complete(drop_source.store(), drop)
     limits = ImageLimits(int(config.max_megapixels * 1e6), int(config.max_file_mb * 2**20))
     every = 500
 

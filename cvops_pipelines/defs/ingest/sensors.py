@@ -10,7 +10,6 @@ from cvops_pipelines.defs.partitions import drops_partitions
 from cvops_pipelines.defs.resources import DropSource
 
 ingest_job = define_asset_job("ingest_job", selection=["raw_images", "annotations"],
-                              partitions_def=drops_partitions,
                               description="Ingest one drop: images, then labels.")
 
 

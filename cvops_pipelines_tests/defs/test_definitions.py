@@ -1,0 +1,60 @@
+"""What the code location declares, checked through Dagster's own CLI and webserver."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from cvops_pipelines_tests.conftest import free_port, wait_for_port
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_definitions_validate(repo_root, isolated_homes):
+    proc = subprocess.run([str(VENV_BIN / "dagster"), "definitions", "validate", "-w",
+                           "workspace.yaml"], cwd=repo_root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "All code locations passed validation" in proc.stderr + proc.stdout
+
+
+def test_definitions_declare_the_ingest_stage():
+    from cvops_pipelines.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert groups == {"raw_images": "ingest", "annotations": "ingest"}
+    checks = {key.name: graph.get_check_spec(key).blocking for key in graph.asset_check_keys}
+    assert checks == {"raw_images_contract": True, "annotations_contract": True}
+    assert defs.resolve_sensor_def("new_drop_sensor").job_name == "ingest_job"
+
+
+def graphql(port: int, query: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
+                                     data=json.dumps({"query": query}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["data"]
+
+
+def test_webserver_serves_the_ingest_assets_and_blocking_checks(repo_root, isolated_homes):
+    """The real Dagster webserver (what `./dev ui` starts) loading workspace.yaml."""
+    port = free_port()
+    proc = subprocess.Popen([str(VENV_BIN / "dagster-webserver"), "-w", "workspace.yaml",
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=repo_root,
+                            env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=120)
+        data = graphql(port, "{ assetNodes { assetKey { path } groupName assetChecksOrError "
+                             "{ ... on AssetChecks { checks { name blocking } } } } }")
+        nodes = {n["assetKey"]["path"][0]: n for n in data["assetNodes"]}
+        assert {k: n["groupName"] for k, n in nodes.items()} == {"raw_images": "ingest",
+                                                                  "annotations": "ingest"}
+        assert nodes["raw_images"]["assetChecksOrError"]["checks"] == [
+            {"name": "raw_images_contract", "blocking": True}]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

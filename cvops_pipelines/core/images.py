@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ACCEPTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
                     "TIFF": "tiff", "GIF": "gif"}
@@ -39,7 +39,7 @@ REASONS = {
 
 
 ORIENTATION_TAG = 0x0112
-HASH_SOURCE_SIDE = 64  # JPEG DCT scaling stops at the smallest scale still >= this
+HASH_SOURCE_SIDE = 32  # the pHash input side; JPEG DCT scaling stops at the smallest scale >= this
 
 
 class ImageRejected(Exception):
@@ -117,11 +117,14 @@ def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str, s
         if getattr(probe, "n_frames", 1) > 1 and fmt != "MPO":
             raise ImageRejected("animated_image", f"{probe.n_frames} frames")
         try:
-            probe.verify()  # structural check (PNG CRCs, chunk order) before decoding
-            image = Image.open(io.BytesIO(data))
+            if type(probe).verify is not ImageFile.ImageFile.verify:
+                # a real structural check (PNG: CRCs, chunk order); it consumes the file
+                probe.verify()
+                probe = Image.open(io.BytesIO(data))
             if fmt in ("JPEG", "MPO"):
-                image.draft(None, (HASH_SOURCE_SIDE, HASH_SOURCE_SIDE))
-            image.load()  # decode: catches truncation verify() cannot see
+                probe.draft(None, (HASH_SOURCE_SIDE, HASH_SOURCE_SIDE))
+            probe.load()  # decode: catches truncation and corruption verify() cannot see
+            image = probe
         except Exception as exc:  # noqa: BLE001
             text = f"{type(exc).__name__}: {exc}"
             code = "truncated_image" if _looks_truncated(exc) else "corrupt_image"

@@ -8,8 +8,8 @@ worker processes rebuild their own S3 client from the config instead of sharing 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -45,6 +45,10 @@ class Store(Protocol):
     def check(self) -> None: ...
 
 
+_MADE_DIRS: set[Path] = set()  # per process: skip a mkdir syscall per write
+_TMP_COUNTER = itertools.count()
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
@@ -78,8 +82,15 @@ class LocalStore:
         `sync()` once before recording them (see core/ingest.py).
         """
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if path.parent not in _MADE_DIRS:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _MADE_DIRS.add(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # the folder was removed behind our back: recreate it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -88,7 +99,7 @@ class LocalStore:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def exists(self, key: str) -> bool:

@@ -83,6 +83,37 @@ def test_s3_unreachable_endpoint_is_a_clear_error(monkeypatch):
         store.read_bytes("k")
 
 
+@pytest.mark.s3
+def test_s3_access_denied_on_a_real_endpoint_names_bucket_and_endpoint(monkeypatch):
+    """moto with IAM auth on: after the bucket is created, unknown keys are refused (403)."""
+    import subprocess
+    import sys
+
+    from cvops_pipelines_tests.conftest import free_port, wait_for_port
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket="locked")
+        store = S3Store("locked", "", "us-east-1", endpoint)
+        for action in (store.check, lambda: store.write_bytes("k", b"x"), lambda: list(store.list())):
+            with pytest.raises(StorageError) as err:
+                action()
+            assert f"bucket 'locked' at endpoint {endpoint}" in str(err.value)
+            assert "denied access" in str(err.value)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_s3_access_denied_message(monkeypatch):
     client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="x",
                           aws_secret_access_key="x")

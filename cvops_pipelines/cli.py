@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvops_pipelines import settings
@@ -55,7 +56,16 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_ingest(drop: str) -> tuple[bool, dict]:
+@dataclass
+class RunSummary:
+    ok: bool
+    run_id: str
+    assets: dict[str, dict] = field(default_factory=dict)  # asset -> its metadata values
+    checks: dict[str, tuple[bool, str]] = field(default_factory=dict)  # name -> (passed, why)
+
+
+def _run_job(job: str, partition: str | None = None) -> RunSummary:
+    """Run a job of the code location in this process, recorded in the persistent instance."""
     from dagster import DagsterInstance
 
     from cvops_pipelines.definitions import defs
@@ -63,37 +73,55 @@ def _run_ingest(drop: str) -> tuple[bool, dict]:
 
     _dagster_home()
     instance = DagsterInstance.get()
-    if drop not in instance.get_dynamic_partitions(drops_partitions.name):
-        instance.add_dynamic_partitions(drops_partitions.name, [drop])
-    result = defs.resolve_job_def("ingest_job").execute_in_process(
-        instance=instance, partition_key=drop, raise_on_error=False,
+    if partition and partition not in instance.get_dynamic_partitions(drops_partitions.name):
+        instance.add_dynamic_partitions(drops_partitions.name, [partition])
+    result = defs.resolve_job_def(job).execute_in_process(
+        instance=instance, partition_key=partition, raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
-    summary: dict = {"run_id": result.run_id}
-    for node in ("raw_images", "annotations"):
-        for mat in result.asset_materializations_for_node(node):
-            summary[node] = {k: v.value for k, v in mat.metadata.items()
-                             if k in ("files_seen", "accepted", "duplicates", "quarantined",
-                                      "labels", "unlabeled_images", "table_uri")}
-    summary["checks"] = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    summary["check_failures"] = {
-        e.check_name: e.metadata["first_failure"].value
-        for e in result.get_asset_check_evaluations() if "first_failure" in e.metadata}
-    return result.success and all(summary["checks"].values()), summary
+    summary = RunSummary(result.success, result.run_id)
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        summary.assets[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+    for evaluation in result.get_asset_check_evaluations():
+        why = evaluation.metadata.get("first_failure")
+        summary.checks[evaluation.check_name] = (evaluation.passed, why.value if why else "")
+    summary.ok = result.success and all(passed for passed, _ in summary.checks.values())
+    return summary
 
 
-def _print_summary(drop: str, ok: bool, summary: dict) -> None:
-    images, labels = summary.get("raw_images", {}), summary.get("annotations", {})
-    print(f"\n== drop {drop}: {'OK' if ok else 'FAILED'} (Dagster run {summary['run_id']})")
+def _print_checks(summary: RunSummary) -> None:
+    for name, (passed, why) in summary.checks.items():
+        print(f"   check  : {name} {'passed' if passed else 'FAILED'}")
+        if why:
+            print(f"            {why}")
+
+
+def _print_ingest(drop: str, run: RunSummary) -> None:
+    images, labels = run.assets.get("raw_images", {}), run.assets.get("annotations", {})
+    print(f"\n== ingest drop {drop}: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
     if images:
         print(f"   images : {images['files_seen']} files -> {images['accepted']} accepted, "
               f"{images['duplicates']} duplicates, {images['quarantined']} quarantined")
     if labels:
         print(f"   labels : {labels['labels']} imported, {labels['quarantined']} quarantined, "
               f"{labels['unlabeled_images']} images unlabelled")
-    for name, passed in summary["checks"].items():
-        print(f"   check  : {name} {'passed' if passed else 'FAILED'}")
-        if name in summary["check_failures"]:
-            print(f"            {summary['check_failures'][name]}")
+    _print_checks(run)
+
+
+def _print_curate(run: RunSummary) -> None:
+    pool, issues = run.assets.get("labeled_pool", {}), run.assets.get("label_issues", {})
+    dataset = run.assets.get("dataset_version", {})
+    print(f"\n== curate: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
+    if pool:
+        print(f"   pool   : {pool['images']} labeled images from {pool['drops']} drop(s)")
+    if issues:
+        print(f"   QA     : {issues['suspects']} suspect labels {issues['suspects_by_reason']} "
+              f"-> review {issues['review_csv']}")
+    if dataset:
+        print(f"   dataset: {dataset['version']}: {dataset['train_images']} train / "
+              f"{dataset['val_images']} val / {dataset['test_images']} test, "
+              f"{dataset['excluded']} excluded")
+    _print_checks(run)
 
 
 def _drop_source():
@@ -111,9 +139,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     except DropNotReady as exc:
         print(f"cvops ingest: {exc}", file=sys.stderr)
         return 2
-    ok, summary = _run_ingest(args.drop)
-    _print_summary(args.drop, ok, summary)
-    return 0 if ok else 1
+    run = _run_job("ingest_job", args.drop)
+    _print_ingest(args.drop, run)
+    return 0 if run.ok else 1
 
 
 def cmd_drops(args: argparse.Namespace) -> int:
@@ -132,12 +160,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"cvops demo: data and artifacts under {home}, Dagster instance in {_dagster_home()}")
     if not (Path(settings.drops_uri()) / "initial").exists():
         cmd_demo_data(argparse.Namespace(drops=None, holdback=None, seed=args.seed))
-    ok, summary = _run_ingest("initial")
-    _print_summary("initial", ok, summary)
+    ingest = _run_job("ingest_job", "initial")
+    _print_ingest("initial", ingest)
+    curate = _run_job("curate_job") if ingest.ok else None
+    if curate:
+        _print_curate(curate)
+    ok = ingest.ok and curate is not None and curate.ok
     print("\nwhere to look:")
     print(f"   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
     print(f"   GX reports : {home / 'reports' / 'gx' / 'index.html'}")
     print(f"   tables     : {home / 'tables'}   quarantine: {home / 'quarantine'}")
+    print(f"   datasets   : {home / 'datasets'}   label review: {home / 'reports' / 'label_issues'}")
     return 0 if ok else 1
 
 
@@ -147,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest)")
+    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest, curate)")
     p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
     p.set_defaults(func=cmd_demo)
 

@@ -3,13 +3,15 @@
 from dagster import Definitions
 
 from cvops_pipelines import settings  # noqa: F401  (sets the no-telemetry environment first)
+from cvops_pipelines.defs.curate.assets import dataset_version, label_issues, labeled_pool
+from cvops_pipelines.defs.curate.sensors import automation_sensor, curate_job
 from cvops_pipelines.defs.ingest.assets import annotations, raw_images
 from cvops_pipelines.defs.ingest.sensors import ingest_job, new_drop_sensor
 from cvops_pipelines.defs.resources import build_resources
 
 defs = Definitions(
-    assets=[raw_images, annotations],
-    jobs=[ingest_job],
-    sensors=[new_drop_sensor],
+    assets=[raw_images, annotations, labeled_pool, label_issues, dataset_version],
+    jobs=[ingest_job, curate_job],
+    sensors=[new_drop_sensor, automation_sensor],
     resources=build_resources(),
 )

@@ -59,6 +59,7 @@ class ImageInfo:
     channels: int
     bytes: int
     phash: str  # 64-bit perceptual hash as 16 hex chars
+    thumb: bytes  # 32x32 8-bit grey (row-major): near-duplicate checks and fast label QA
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
     if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         width, height = height, width
     ImageOps.exif_transpose(image, in_place=True)
+    small = thumbnail(to_rgb(image))
     return ImageInfo(
         image_id=sha256_hex(data),
         format=ACCEPTED_FORMATS[fmt],
@@ -89,7 +91,8 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
         height=height,
         channels=len(image.getbands()),
         bytes=len(data),
-        phash=perceptual_hash(to_rgb(image)),
+        phash=phash_of_thumbnail(small),
+        thumb=small.tobytes(),
     )
 
 
@@ -163,13 +166,29 @@ def load_rgb(data: bytes) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image))
 
 
-def perceptual_hash(rgb: Image.Image) -> str:
+THUMB_SIDE = 32
+
+
+def thumbnail(rgb: Image.Image) -> Image.Image:
+    """32x32 grey; a reducing gap makes the shrink cheap on large images."""
+    return rgb.convert("L").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS,
+                                   reducing_gap=2.0)
+
+
+def phash_of_thumbnail(small: Image.Image) -> str:
     """pHash as imagehash computes it (32x32 grey, 2-D DCT-II, 8x8 low frequencies vs their
-    median, 64 bits as 16 hex chars), without its per-bit Python overhead; a reducing gap makes
-    the 32x32 shrink cheap on large images."""
-    small = rgb.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    median, 64 bits as 16 hex chars), without its per-bit Python overhead."""
     dct = scipy.fft.dct(scipy.fft.dct(np.asarray(small, dtype=np.float64), axis=0), axis=1)[:8, :8]
     return np.packbits(dct > np.median(dct)).tobytes().hex()
+
+
+def perceptual_hash(rgb: Image.Image) -> str:
+    return phash_of_thumbnail(thumbnail(rgb))
+
+
+def thumb_array(thumb: bytes) -> np.ndarray:
+    """A stored thumbnail as a float array in [0, 1]."""
+    return np.frombuffer(thumb, dtype=np.uint8).reshape(THUMB_SIDE, THUMB_SIDE) / 255.0
 
 
 def phash_distance(a: str, b: str) -> int:

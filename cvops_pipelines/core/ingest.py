@@ -27,7 +27,7 @@ MARKER = "_SUCCESS"
 ANNOTATION_SUFFIXES = (".json", ".csv", ".txt", ".yaml", ".yml")
 
 MANIFEST_COLUMNS = ["image_id", "uri", "key", "source", "original_name", "aliases", "format",
-                    "mode", "width", "height", "channels", "bytes", "phash", "ingested_at"]
+                    "mode", "width", "height", "channels", "bytes", "phash", "thumb", "ingested_at"]
 QUARANTINE_COLUMNS = ["source", "stage", "original_name", "position", "reason_code", "reason",
                       "bytes", "quarantine_uri", "detected_at"]
 
@@ -181,7 +181,7 @@ def ingest_drop(source: Store, store: Store, drop: str, config: IngestConfig = I
             "original_name": result["name"], "aliases": [], "format": info.format,
             "mode": info.mode, "width": info.width, "height": info.height,
             "channels": info.channels, "bytes": info.bytes, "phash": info.phash,
-            "ingested_at": detected_at,
+            "thumb": info.thumb, "ingested_at": detected_at,
         }
     store.sync()  # one flush for the whole drop, before anything records these objects
     manifest = pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS)

@@ -79,8 +79,16 @@ class TablesIOManager(ConfigurableIOManager):
         store = self.storage.store()
         if not context.has_asset_partitions:
             return read_table(store, self._key(context, None))
-        frames = [read_table(store, self._key(context, key))
-                  for key in sorted(context.asset_partition_keys)]
+        frames, missing = [], []
+        for key in sorted(context.asset_partition_keys):
+            table = self._key(context, key)
+            if store.exists(table):
+                frames.append(read_table(store, table))
+            else:
+                missing.append(key)
+        if missing:  # e.g. a drop whose ingest was stopped by a failed contract
+            context.log.warning(f"{context.asset_key.to_user_string()}: partitions not "
+                                f"materialized, left out: {', '.join(missing)}")
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

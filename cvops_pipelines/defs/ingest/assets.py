@@ -10,7 +10,7 @@ from cvops_pipelines.core.drops import require_complete
 from cvops_pipelines.core.images import ImageLimits
 from cvops_pipelines.core.ingest import IngestConfig, ingest_drop
 from cvops_pipelines.core.tables import markdown_table, write_table
-from cvops_pipelines.defs.ingest.checks import contract_check_result, contract_spec
+from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
 from cvops_pipelines.defs.partitions import drops_partitions
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, DropSource
 

@@ -6,11 +6,17 @@ from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Asset
 from cvops_pipelines.core.contracts import ContractResult
 
 
-def contract_spec(asset: str) -> AssetCheckSpec:
+def check_name(asset: str, suite: str) -> str:
+    return f"{asset}_contract" if suite == asset else suite
+
+
+def contract_spec(asset: str, suite: str | None = None, what: str = "") -> AssetCheckSpec:
+    suite = suite or asset
     return AssetCheckSpec(
-        name=f"{asset}_contract", asset=AssetKey(asset), blocking=True,
-        description=f"Great Expectations suite data_contracts/gx/{asset}.json; a failure stops "
-                    "every downstream asset in the run.")
+        name=check_name(asset, suite), asset=AssetKey(asset), blocking=True,
+        description=f"{what + ' ' if what else ''}Great Expectations suite "
+                    f"data_contracts/gx/{suite}.json; a failure stops every downstream asset "
+                    "in the run.")
 
 
 def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResult:
@@ -27,6 +33,6 @@ def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResul
     if failures:
         metadata["first_failure"] = f"{failures[0].expectation} ({failures[0].kwargs}): " \
                                     f"examples {failures[0].examples[:5]}"
-    return AssetCheckResult(check_name=f"{asset}_contract", asset_key=AssetKey(asset),
+    return AssetCheckResult(check_name=check_name(asset, result.suite), asset_key=AssetKey(asset),
                             passed=result.success, severity=AssetCheckSeverity.ERROR,
                             metadata=metadata)

@@ -1,0 +1,153 @@
+"""Curate stage: the labeled pool, label QA, and immutable dataset versions.
+
+All three refresh on their own when a drop lands (eager automation, run by the daemon).
+"""
+
+import json
+
+import pandas as pd
+from dagster import (AssetExecutionContext, AutomationCondition, Config, DataVersion,
+                     MetadataValue, Output, asset)
+from pydantic import Field
+
+from cvops_pipelines.core.contracts import validate
+from cvops_pipelines.core.dataset import DatasetPolicy, build_dataset_version, save_snapshot
+from cvops_pipelines.core.label_qa import (LabelQAConfig, export_json, labelstudio_config,
+                                           labelstudio_tasks, review_label_quality)
+from cvops_pipelines.core.neardup import NearDupConfig
+from cvops_pipelines.core.plots import confused_pairs_png, md_image
+from cvops_pipelines.core.pool import build_labeled_pool
+from cvops_pipelines.core.splits import SplitConfig
+from cvops_pipelines.core.tables import markdown_table
+from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
+from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
+
+EAGER = AutomationCondition.eager()
+
+
+@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
+       automation_condition=EAGER,
+       description="Every labeled image from every drop (and later feedback and the annotation "
+                   "queue), with each annotator's latest vote and the consensus label.")
+def labeled_pool(context: AssetExecutionContext, raw_images: pd.DataFrame,
+                 annotations: pd.DataFrame):
+    pool = build_labeled_pool(raw_images, annotations)
+    per_class = pool.groupby("label").size().rename("images").reset_index()
+    return Output(pool, metadata={
+        "images": len(pool),
+        "drops": int(pool["source"].nunique()),
+        "multi_annotated": int((pool["n_votes"] > 1).sum()),
+        "unlabeled_images_left_out": int(raw_images["image_id"].nunique() - len(pool))
+        if len(raw_images) else 0,
+        "origins": MetadataValue.json(pool["origin"].value_counts().to_dict()),
+        "images_per_class": MetadataValue.md(markdown_table(per_class, 100)),
+    })
+
+
+class LabelIssuesConfig(Config):
+    folds: int = Field(5, description="k for the out-of-fold probabilities.")
+    neighbors: int = Field(10, description="k of the nearest-neighbour label-QA model.")
+    seed: int = 0
+    max_hamming: int = Field(4, description="Near-duplicate candidates: pHash bits that may differ.")
+    max_mad: float = Field(0.018, description="Near-duplicate confirmation: thumbnail difference.")
+
+
+@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
+       automation_condition=EAGER,
+       description="Suspect labels ranked for human review: cleanlab on out-of-fold "
+                   "probabilities, near-duplicate conflicts, annotator disagreement.")
+def label_issues(context: AssetExecutionContext, config: LabelIssuesConfig,
+                 labeled_pool: pd.DataFrame, storage: CvopsStorage):
+    result = review_label_quality(labeled_pool, LabelQAConfig(
+        folds=config.folds, neighbors=config.neighbors, seed=config.seed,
+        neardup=NearDupConfig(config.max_hamming, config.max_mad)))
+    if result.unscored_reason:
+        context.log.warning(result.unscored_reason)
+    store, prefix = storage.store(), f"reports/label_issues/{context.run_id}"
+    review = result.review
+    store.write_bytes(f"{prefix}/review.csv", review.to_csv(index=False).encode())
+    store.write_bytes(f"{prefix}/labelstudio_tasks.json", export_json(labelstudio_tasks(review)))
+    store.write_bytes(f"{prefix}/labelstudio_config.xml", labelstudio_config(
+        sorted(labeled_pool["label"].unique())).encode())
+    png = confused_pairs_png(result.confused_pairs, result.noise_per_class)
+    store.write_bytes(f"{prefix}/confused_pairs.png", png)
+    reasons = review["reasons"].str.split(";").explode().value_counts().to_dict() if len(review) else {}
+    noise = result.noise_per_class.assign(
+        estimated_noise_rate=lambda d: (d["estimated_noise_rate"] * 100).round(1))
+    return Output(review, metadata={
+        "suspects": len(review),
+        "scored_images": result.scored,
+        "suspects_by_reason": MetadataValue.json(reasons),
+        "top_suspects": MetadataValue.md(markdown_table(
+            review[["image_id", "label", "suggested_label", "severity", "reasons", "details"]], 15)),
+        "confused_pairs": MetadataValue.md(markdown_table(result.confused_pairs, 10)),
+        "noise_per_class_percent": MetadataValue.md(markdown_table(noise, 100)),
+        "annotators": MetadataValue.md(markdown_table(result.annotators, 50)),
+        "plot": MetadataValue.md(md_image(png, "confused class pairs and noise per class")),
+        "review_csv": MetadataValue.url(store.uri(f"{prefix}/review.csv")),
+        "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/labelstudio_tasks.json")),
+        "labelstudio_config": MetadataValue.url(store.uri(f"{prefix}/labelstudio_config.xml")),
+    })
+
+
+class DatasetVersionConfig(Config):
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    split_salt: str = Field("cvops-split-v1", description="Changing it reshuffles every split.")
+    flagged: str = Field("exclude", description="'exclude' or 'keep' images label QA flagged.")
+    min_severity: float = Field(0.5, description="Only suspects this severe are excluded.")
+    exclude_cross_split_duplicates: bool = Field(
+        False, description="Drop the evaluation-side copy of a near-duplicate across splits "
+                           "instead of failing the leakage check.")
+    min_per_class: int = Field(2, description="Contract: images per class in every split.")
+    min_class_share: float = Field(0.0, description="Contract: smallest share of a class in a split.")
+    max_class_share: float = Field(1.0, description="Contract: largest share of a class in a split.")
+    max_share_deviation: float = Field(0.1, description="Contract: |class share in split - overall|.")
+    max_hamming: int = 4
+    max_mad: float = 0.018
+
+
+@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
+       automation_condition=EAGER,
+       check_specs=[contract_spec("dataset_version"),
+                    contract_spec("dataset_version", "dataset_version_balance",
+                                  "Every class in every split, in proportion."),
+                    contract_spec("dataset_version", "dataset_version_leakage",
+                                  "No near-duplicate image across splits.")],
+       description="Immutable (image_id, label, split) snapshot named by its content hash; "
+                   "splits by hashing image_id, so they never move as the pool grows.")
+def dataset_version(context: AssetExecutionContext, config: DatasetVersionConfig,
+                    labeled_pool: pd.DataFrame, label_issues: pd.DataFrame,
+                    storage: CvopsStorage, contracts: DataContracts):
+    neardup = NearDupConfig(config.max_hamming, config.max_mad)
+    dataset = build_dataset_version(
+        labeled_pool, label_issues,
+        SplitConfig(config.train, config.val, config.test, config.split_salt),
+        DatasetPolicy(config.flagged, config.min_severity, config.exclude_cross_split_duplicates),
+        neardup)
+    store = storage.store()
+    snapshot = save_snapshot(store, dataset)
+    counts = dataset.class_counts()
+    table = counts.pivot(index="label", columns="split", values="images").reset_index()
+    yield Output(dataset.rows, data_version=DataVersion(dataset.version), metadata={
+        **dataset.summary(),
+        "snapshot": MetadataValue.url(snapshot),
+        "class_counts": MetadataValue.md(markdown_table(table, 100)),
+        "excluded_examples": MetadataValue.md(markdown_table(dataset.excluded, 10)),
+        "leakage_examples": MetadataValue.md(markdown_table(dataset.leakage, 10)),
+        "config": MetadataValue.json(json.loads(json.dumps(dataset.config))),
+    })
+    docs = store if contracts.build_docs else None
+    ontology = contracts.ontology()
+    run = f"dataset_version-{dataset.version}"
+    yield contract_check_result("dataset_version", validate(
+        dataset.rows, contracts.suite("dataset_version"),
+        {"ontology_classes": ontology.names}, docs, run))
+    yield contract_check_result("dataset_version", validate(
+        counts, contracts.suite("dataset_version_balance"),
+        {"min_per_class": config.min_per_class, "min_class_share": config.min_class_share,
+         "max_class_share": config.max_class_share,
+         "max_share_deviation": config.max_share_deviation}, docs, run))
+    yield contract_check_result("dataset_version", validate(
+        dataset.leakage, contracts.suite("dataset_version_leakage"), {}, docs, run))

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["ingest_throughput"]
+BENCHMARKS = ["ingest_throughput", "label_qa"]
 RESULTS = Path(__file__).parent / "results"
 
 

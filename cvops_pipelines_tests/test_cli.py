@@ -16,14 +16,18 @@ def test_help_lists_every_command_and_the_environment():
         assert word in out
 
 
-def test_demo_ingests_the_bundled_drop_into_a_persistent_instance(tmp_path):
+def test_demo_ingests_and_curates_the_bundled_drop_in_a_persistent_instance(tmp_path):
     env = {**os.environ, "CVOPS_HOME": str(tmp_path / "home"),
            "DAGSTER_HOME": str(tmp_path / "dagster")}
     proc = subprocess.run([CVOPS, "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "drop initial: OK" in proc.stdout
+    assert "ingest drop initial: OK" in proc.stdout
     assert "raw_images_contract passed" in proc.stdout
+    assert "== curate: OK" in proc.stdout and "dataset_version_leakage passed" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (version,) = [p.name for p in (tmp_path / "home/datasets").iterdir()]
+    assert f"dataset: {version}" in proc.stdout
     manifest = pd.read_parquet(tmp_path / "home/tables/raw_images/initial.parquet")
     labels = pd.read_parquet(tmp_path / "home/tables/annotations/initial.parquet")
     assert len(manifest) > 700 and len(labels) == len(manifest)

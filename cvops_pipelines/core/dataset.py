@@ -40,15 +40,19 @@ class DatasetVersion:
     config: dict = field(default_factory=dict)
 
     def class_counts(self) -> pd.DataFrame:
-        """Every (split, class) combination, zeros included, with its share of the split."""
+        """Every (split, class) combination, zeros included, with its share of the split and
+        how far that share is from the class's overall share, in binomial standard errors
+        (`share_z`): hash splits of a small pool are noisy, and only a large z is a real skew."""
         classes = sorted(self.rows["label"].unique())
         grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
         counts = self.rows.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
         frame = counts.rename("images").reset_index()
         split_sizes = frame.groupby("split")["images"].transform("sum").clip(lower=1)
         frame["share"] = frame["images"] / split_sizes
-        overall = self.rows["label"].value_counts(normalize=True)
-        frame["share_deviation"] = (frame["share"] - frame["label"].map(overall)).abs()
+        overall = frame["label"].map(self.rows["label"].value_counts(normalize=True))
+        frame["share_deviation"] = (frame["share"] - overall).abs()
+        standard_error = (overall * (1 - overall) / split_sizes).pow(0.5).clip(lower=1e-9)
+        frame["share_z"] = (frame["share"] - overall) / standard_error
         return frame
 
     def summary(self) -> dict:

@@ -114,3 +114,14 @@ def test_pool_keeps_latest_vote_per_annotator_and_majority_wins():
     assert (pool.at[ids[1], "label"], round(pool.at[ids[1], "agreement"], 2)) == ("2", 0.67)
     assert pool.at[ids[2], "label"] == "9"  # tie: the most recent vote wins
     assert list(pool.at[ids[2], "annotators"]) == ["alice", "bob"]
+
+
+def test_share_z_separates_real_skew_from_sampling_noise():
+    dataset = build_dataset_version(corpus.pool_rows(range(600)), NO_REVIEW)
+    assert dataset.class_counts()["share_z"].abs().max() < 4  # hash splits: noise only
+    skewed = dataset.rows.copy()
+    skewed.loc[(skewed["label"] == "0") & (skewed["split"] == "test"), "split"] = "train"
+    dataset.rows = skewed
+    counts = dataset.class_counts().set_index(["split", "label"])
+    assert counts.at[("test", "0"), "images"] == 0
+    assert counts.at[("test", "0"), "share_z"] < -2.5

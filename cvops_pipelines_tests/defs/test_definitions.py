@@ -20,15 +20,28 @@ def test_definitions_validate(repo_root, isolated_homes):
     assert "All code locations passed validation" in proc.stderr + proc.stdout
 
 
-def test_definitions_declare_the_ingest_stage():
+STAGES = {"raw_images": "ingest", "annotations": "ingest", "labeled_pool": "curate",
+          "label_issues": "curate", "dataset_version": "curate"}
+CHECKS = {"raw_images_contract", "annotations_contract", "dataset_version_contract",
+          "dataset_version_balance", "dataset_version_leakage"}
+
+
+def test_definitions_declare_every_stage_with_blocking_contracts():
+    from dagster import AssetKey
+
     from cvops_pipelines.definitions import defs
 
     graph = defs.resolve_asset_graph()
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
-    assert groups == {"raw_images": "ingest", "annotations": "ingest"}
+    assert groups == STAGES
     checks = {key.name: graph.get_check_spec(key).blocking for key in graph.asset_check_keys}
-    assert checks == {"raw_images_contract": True, "annotations_contract": True}
+    assert checks == dict.fromkeys(CHECKS, True)
     assert defs.resolve_sensor_def("new_drop_sensor").job_name == "ingest_job"
+    # lineage: each stage takes the previous one as an input, never "the newest file"
+    assert graph.get(AssetKey("dataset_version")).parent_keys == {AssetKey("labeled_pool"),
+                                                                  AssetKey("label_issues")}
+    assert graph.get(AssetKey("labeled_pool")).parent_keys == {AssetKey("raw_images"),
+                                                               AssetKey("annotations")}
 
 
 def graphql(port: int, query: str) -> dict:
@@ -39,7 +52,7 @@ def graphql(port: int, query: str) -> dict:
         return json.loads(response.read())["data"]
 
 
-def test_webserver_serves_the_ingest_assets_and_blocking_checks(repo_root, isolated_homes):
+def test_webserver_serves_the_assets_and_blocking_checks(repo_root, isolated_homes):
     """The real Dagster webserver (what `./dev ui` starts) loading workspace.yaml."""
     port = free_port()
     proc = subprocess.Popen([str(VENV_BIN / "dagster-webserver"), "-w", "workspace.yaml",
@@ -51,10 +64,10 @@ def test_webserver_serves_the_ingest_assets_and_blocking_checks(repo_root, isola
         data = graphql(port, "{ assetNodes { assetKey { path } groupName assetChecksOrError "
                              "{ ... on AssetChecks { checks { name blocking } } } } }")
         nodes = {n["assetKey"]["path"][0]: n for n in data["assetNodes"]}
-        assert {k: n["groupName"] for k, n in nodes.items()} == {"raw_images": "ingest",
-                                                                  "annotations": "ingest"}
-        assert nodes["raw_images"]["assetChecksOrError"]["checks"] == [
-            {"name": "raw_images_contract", "blocking": True}]
+        assert {k: n["groupName"] for k, n in nodes.items()} == STAGES
+        served = {c["name"]: c["blocking"] for n in nodes.values()
+                  for c in n["assetChecksOrError"]["checks"]}
+        assert served == dict.fromkeys(CHECKS, True)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -63,7 +63,7 @@ def label_issues(context: AssetExecutionContext, config: LabelIssuesConfig,
         neardup=NearDupConfig(config.max_hamming, config.max_mad)))
     if result.unscored_reason:
         context.log.warning(result.unscored_reason)
-    store, prefix = storage.store(), f"reports/label_issues/{context.run_id}"
+    store, prefix = storage.store(), f"reports/label_issues/{context.run.run_id}"
     review = result.review
     store.write_bytes(f"{prefix}/review.csv", review.to_csv(index=False).encode())
     store.write_bytes(f"{prefix}/labelstudio_tasks.json", export_json(labelstudio_tasks(review)))
@@ -103,7 +103,9 @@ class DatasetVersionConfig(Config):
     min_per_class: int = Field(2, description="Contract: images per class in every split.")
     min_class_share: float = Field(0.0, description="Contract: smallest share of a class in a split.")
     max_class_share: float = Field(1.0, description="Contract: largest share of a class in a split.")
-    max_share_deviation: float = Field(0.1, description="Contract: |class share in split - overall|.")
+    max_share_z: float = Field(4.0, description="Contract: a class's share in a split may differ "
+                                                 "from its overall share by this many binomial "
+                                                 "standard errors.")
     max_hamming: int = 4
     max_mad: float = 0.018
 
@@ -148,6 +150,6 @@ def dataset_version(context: AssetExecutionContext, config: DatasetVersionConfig
         counts, contracts.suite("dataset_version_balance"),
         {"min_per_class": config.min_per_class, "min_class_share": config.min_class_share,
          "max_class_share": config.max_class_share,
-         "max_share_deviation": config.max_share_deviation}, docs, run))
+         "min_share_z": -config.max_share_z, "max_share_z": config.max_share_z}, docs, run))
     yield contract_check_result("dataset_version", validate(
         dataset.leakage, contracts.suite("dataset_version_leakage"), {}, docs, run))

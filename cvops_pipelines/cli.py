@@ -23,6 +23,8 @@ EPILOG = """environment:
   CVOPS_S3_REGION        region (default AWS_REGION or us-east-1)
   CVOPS_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, moto, ...)
   CVOPS_CONTRACTS_DIR    ontology + GX suites (default ./data_contracts)
+  MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
+  TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)
   DAGSTER_HOME           Dagster instance (default ./.dagster_home)
 """
 
@@ -124,6 +126,20 @@ def _print_curate(run: RunSummary) -> None:
     _print_checks(run)
 
 
+def _print_train(run: RunSummary) -> None:
+    model, evaluation = run.assets.get("trained_model", {}), run.assets.get("model_evaluation", {})
+    print(f"\n== train + evaluate: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
+    if model:
+        print(f"   model  : {model['model']} on {model['dataset_version']}: best epoch "
+              f"{model['best_epoch']}, val accuracy {model['val_accuracy']}, "
+              f"{model['train_images_per_second']} train img/s (MLflow run {model['mlflow_run_id']})")
+    if evaluation:
+        print(f"   test   : {evaluation['test_images']} images: accuracy {evaluation['accuracy']}, "
+              f"macro-F1 {evaluation['macro_f1']}, ECE {evaluation['ece']} "
+              f"(champion: {evaluation['champion']})")
+    _print_checks(run)
+
+
 def _drop_source():
     from cvops_pipelines.core.storage import store_from_uri
 
@@ -165,13 +181,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     curate = _run_job("curate_job") if ingest.ok else None
     if curate:
         _print_curate(curate)
-    ok = ingest.ok and curate is not None and curate.ok
+    train = _run_job("train_job") if curate and curate.ok else None
+    if train:
+        _print_train(train)
+    ok = ingest.ok and curate is not None and curate.ok and train is not None and train.ok
     print("\nwhere to look:")
     print(f"   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
     print(f"   GX reports : {home / 'reports' / 'gx' / 'index.html'}")
     print(f"   tables     : {home / 'tables'}   quarantine: {home / 'quarantine'}")
     print(f"   datasets   : {home / 'datasets'}   label review: {home / 'reports' / 'label_issues'}")
+    print(f"   MLflow     : {_mlflow_ui_hint()}")
     return 0 if ok else 1
+
+
+def _mlflow_ui_hint() -> str:
+    uri = settings.mlflow_tracking_uri()
+    if uri.startswith("sqlite:"):
+        return f".venv/bin/mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000"
+    return uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest, curate)")
+    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest, curate, train, evaluate)")
     p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
     p.set_defaults(func=cmd_demo)
 

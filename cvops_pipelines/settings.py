@@ -12,7 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Nothing phones home: set before GX / MLflow / albumentations are imported anywhere.
 for _name, _value in (("GX_ANALYTICS_ENABLED", "False"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                      ("NO_ALBUMENTATIONS_UPDATE", "1"), ("DAGSTER_DISABLE_TELEMETRY", "1")):
+                      ("NO_ALBUMENTATIONS_UPDATE", "1"), ("DAGSTER_DISABLE_TELEMETRY", "1"),
+                      ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
     os.environ.setdefault(_name, _value)
 
 
@@ -38,3 +39,20 @@ def s3_settings() -> dict:
         or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         "endpoint_url": os.environ.get("CVOPS_S3_ENDPOINT_URL") or None,
     }
+
+
+def mlflow_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite store under CVOPS_HOME (MLflow's file store is refused)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cvops_home() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Where a new MLflow experiment keeps artifacts: next to the cvops data (the S3 bucket
+    when one is configured, else $CVOPS_HOME/mlartifacts)."""
+    s3 = s3_settings()
+    if s3["bucket"]:
+        if s3["endpoint_url"]:
+            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", s3["endpoint_url"])
+        prefix = "/".join(p for p in (s3["prefix"].strip("/"), "mlartifacts") if p)
+        return f"s3://{s3['bucket']}/{prefix}"
+    return str(cvops_home() / "mlartifacts")

@@ -44,3 +44,39 @@ def confused_pairs_png(confused: pd.DataFrame, noise: pd.DataFrame, top: int = 1
 def md_image(png: bytes, alt: str) -> str:
     """Markdown with the PNG inline: Dagster renders it in the asset's metadata."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def confusion_png(confusion, classes: list[str], title: str = "confusion matrix") -> bytes:
+    """Row-normalised (recall per true class) with raw counts written in each cell."""
+    import numpy as np
+
+    plt, (fig, ax) = _figure(4.6, 4.0)
+    totals = confusion.sum(1, keepdims=True).clip(min=1)
+    ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), count in np.ndenumerate(confusion):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count / totals[i, 0] > 0.5 else "black")
+    return _png(plt, fig)
+
+
+def reliability_png(tables: dict[str, pd.DataFrame], eces: dict[str, float]) -> bytes:
+    """Reliability diagram: accuracy vs confidence per bin, one line per model."""
+    plt, (fig, ax) = _figure(4.2, 3.6)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    for name, table in tables.items():
+        filled = table[table["count"] > 0]
+        ax.plot(filled["confidence"], filled["accuracy"], marker="o",
+                label=f"{name} (ECE {eces[name]:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("reliability")
+    return _png(plt, fig)

@@ -28,8 +28,8 @@ def markdown_table(df: pd.DataFrame, max_rows: int = 10) -> str:
     """A small Markdown table for Dagster metadata (no tabulate dependency)."""
     if df.empty:
         return "_none_"
-    shown = df.head(max_rows).astype(str)
-    escape = lambda v: v.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    shown = df.head(max_rows).astype(object).where(df.head(max_rows).notna(), "")
+    escape = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| " + " | ".join(map(escape, shown.columns)) + " |",
              "|" + "---|" * len(shown.columns)]
     lines += ["| " + " | ".join(escape(v) for v in row) + " |" for row in shown.itertuples(index=False)]

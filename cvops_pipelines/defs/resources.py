@@ -4,16 +4,19 @@ a laptop (local files), in CI and against S3: the environment decides, not the a
 """
 
 
+import json
 from pathlib import Path
 
 import pandas as pd
 from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
 from dagster_aws.s3 import S3Resource
+from pydantic import Field
 
 from cvops_pipelines import settings
 from cvops_pipelines.core.ontology import Ontology, load_ontology
 from cvops_pipelines.core.storage import LocalStore, S3Store, Store, store_from_uri
 from cvops_pipelines.core.tables import read_table, table_key, write_table
+from cvops_pipelines.core.tracking import Tracking
 
 
 class CvopsStorage(ConfigurableResource):
@@ -59,10 +62,10 @@ class DataContracts(ConfigurableResource):
 
 
 class TablesIOManager(ConfigurableIOManager):
-    """DataFrames as Parquet at tables/<asset>/<partition>.parquet in the cvops store.
-
-    Downstream assets receive tables as inputs (visible lineage); a multi-partition input is the
-    concatenation of its partitions.
+    """DataFrames as Parquet at tables/<asset>/<partition>.parquet, and small records (dicts:
+    a trained model's run, version and metrics) as JSON at artifacts/<asset>/<partition>.json, in
+    the cvops store. No pickles. Downstream assets receive these as inputs (visible lineage); a
+    multi-partition input is the concatenation of its partitions.
     """
 
     storage: CvopsStorage
@@ -70,14 +73,25 @@ class TablesIOManager(ConfigurableIOManager):
     def _key(self, context, partition: str | None) -> str:
         return table_key("__".join(context.asset_key.path), partition)
 
-    def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
+    def _json_key(self, context, partition: str | None) -> str:
+        return f"artifacts/{'__'.join(context.asset_key.path)}/{partition or 'all'}.json"
+
+    def handle_output(self, context: OutputContext, obj: pd.DataFrame | dict) -> None:
         partition = context.asset_partition_key if context.has_asset_partitions else None
-        uri = write_table(self.storage.store(), self._key(context, partition), obj)
+        store = self.storage.store()
+        if isinstance(obj, dict):
+            key = self._json_key(context, partition)
+            store.write_bytes(key, json.dumps(obj, indent=2, default=str).encode())
+            context.add_output_metadata({"record_uri": store.uri(key)})
+            return
+        uri = write_table(store, self._key(context, partition), obj)
         context.add_output_metadata({"table_uri": uri, "rows": len(obj)})
 
-    def load_input(self, context: InputContext) -> pd.DataFrame:
+    def load_input(self, context: InputContext) -> pd.DataFrame | dict:
         store = self.storage.store()
         if not context.has_asset_partitions:
+            if store.exists(self._json_key(context, None)):
+                return json.loads(store.read_bytes(self._json_key(context, None)))
             return read_table(store, self._key(context, None))
         frames, missing = [], []
         for key in sorted(context.asset_partition_keys):
@@ -92,6 +106,22 @@ class TablesIOManager(ConfigurableIOManager):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+class MlflowTracking(ConfigurableResource):
+    """MLflow tracking + model registry: a thin resource around mlflow (not dagster-mlflow).
+
+    Default: `sqlite:///$CVOPS_HOME/mlflow.db`, artifacts beside the cvops data; a server from
+    MLFLOW_TRACKING_URI otherwise (checked up front: an unreachable server is a clear error).
+    """
+
+    tracking_uri: str = Field(description="sqlite:///... or http(s)://host:port of `mlflow server`.")
+    artifact_root: str = Field("", description="Artifact location for a newly created experiment.")
+    experiment: str = "cvops"
+    model_name: str = Field("cvops-classifier", description="Registered model name.")
+
+    def tracking(self) -> Tracking:
+        return Tracking(self.tracking_uri, self.artifact_root, self.experiment, self.model_name)
+
+
 def build_resources() -> dict:
     s3 = settings.s3_settings()
     s3_resource = S3Resource(region_name=s3["region"], endpoint_url=s3["endpoint_url"])
@@ -101,9 +131,11 @@ def build_resources() -> dict:
         "storage": storage,
         "drop_source": DropSource(uri=settings.drops_uri(), s3=s3_resource),
         "contracts": DataContracts(contracts_dir=str(settings.contracts_dir())),
+        "mlflow": MlflowTracking(tracking_uri=settings.mlflow_tracking_uri(),
+                                 artifact_root=settings.mlflow_artifact_root()),
         "tables": TablesIOManager(storage=storage),
     }
 
 
-__all__ = ["CvopsStorage", "DataContracts", "DropSource", "LocalStore", "TablesIOManager",
-           "build_resources"]
+__all__ = ["CvopsStorage", "DataContracts", "DropSource", "LocalStore", "MlflowTracking",
+           "TablesIOManager", "build_resources"]

@@ -1,0 +1,149 @@
+"""MLflow tracking and registry, the cvops way: state dict + JSON preprocessing, never a pickle.
+
+Local default: `sqlite:///$CVOPS_HOME/mlflow.db` with artifacts under $CVOPS_HOME/mlartifacts;
+or any tracking server from MLFLOW_TRACKING_URI. Aliases: `challenger` (set by training),
+`champion` (set by promotion after the canary passes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvops_pipelines.core.models import Preprocess, load_model
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+MODEL_DIR = "model"  # artifact folder of a run: state_dict.pt + preprocess.json
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: object
+    preprocess: Preprocess
+    version: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Tracking:
+    tracking_uri: str
+    artifact_root: str = ""  # where a locally created experiment stores artifacts
+    experiment: str = "cvops"
+    model_name: str = "cvops-classifier"
+
+    @property
+    def is_server(self) -> bool:
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+    def check(self, timeout: float = 5.0) -> None:
+        if not self.is_server:
+            return
+        try:
+            with urllib.request.urlopen(f"{self.tracking_uri.rstrip('/')}/health", timeout=timeout):
+                return
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {self.tracking_uri} is unreachable ({exc}); start it, "
+                "fix MLFLOW_TRACKING_URI, or unset it to track into the local sqlite store"
+            ) from None
+
+    def client(self):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.check()
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True,
+                                                                           exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        return MlflowClient(self.tracking_uri, self.tracking_uri)
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root or None
+        if location and "://" not in location:
+            # a local folder only makes sense for a local store; a server keeps its own
+            location = None if self.is_server else Path(location).absolute().as_uri()
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    @contextmanager
+    def start_run(self, name: str, tags: dict, nested: bool = False):
+        """An MLflow run (fluent API, so nested trials attach to it) in the cvops experiment."""
+        import mlflow
+
+        experiment = None if nested else self.experiment_id()
+        if not nested:
+            self.client()
+        with mlflow.start_run(experiment_id=experiment, run_name=name, tags=tags,
+                              nested=nested) as run:
+            yield run
+
+    @staticmethod
+    def log_dataset(rows, version: str, source: str, context: str = "training") -> None:
+        """The dataset version as the run's dataset input (name = version, digest = content)."""
+        import mlflow
+
+        dataset = mlflow.data.from_pandas(rows[["image_id", "label", "split"]], source=source,
+                                          targets="label", name=version,
+                                          digest=version.removeprefix("ds-"))
+        mlflow.log_input(dataset, context=context, tags={"dataset_version": version})
+
+    def log_files(self, run_id: str, folder: str, files: dict[str, bytes]) -> None:
+        """In-memory files as artifacts of a run, under `folder`."""
+        client = self.client()
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                (Path(tmp) / name).write_bytes(content)
+            client.log_artifacts(run_id, tmp, folder)
+
+    def log_model_files(self, run_id: str, state: bytes, preprocess: Preprocess) -> None:
+        self.log_files(run_id, MODEL_DIR, {"state_dict.pt": state,
+                                           "preprocess.json": preprocess.to_json().encode()})
+
+    def register(self, run_id: str, alias: str = "challenger", tags: dict | None = None) -> str:
+        """Register the run's model folder as a new version and point `alias` at it."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.create_registered_model(self.model_name)
+        except MlflowException:
+            pass  # already registered
+        source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
+        version = client.create_model_version(self.model_name, source, run_id, tags=tags or {})
+        client.set_registered_model_alias(self.model_name, alias, version.version)
+        return str(version.version)
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client().set_registered_model_alias(self.model_name, alias, version)
+
+    def load(self, alias: str | None = None, version: str | None = None) -> LoadedModel | None:
+        """A registered version by alias or number; None when the alias is not set yet."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            mv = (client.get_model_version_by_alias(self.model_name, alias) if alias
+                  else client.get_model_version(self.model_name, version))
+        except MlflowException:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
+            preprocess = Preprocess.from_json((local / "preprocess.json").read_text())
+            model = load_model((local / "state_dict.pt").read_bytes(), preprocess)
+        return LoadedModel(model, preprocess, str(mv.version), mv.run_id)

@@ -1,0 +1,268 @@
+"""Transfer-learning training in plain functions: data, augmentation presets, one epoch, fit.
+
+Configuration is one typed object passed down; determinism is explicit (seeds for torch, numpy,
+random and every loader worker); the device is explicit (`auto` picks cuda, then mps, then cpu).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from cvops_pipelines.core.images import load_rgb
+from cvops_pipelines.core.models import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_model,
+                                        set_train_mode)
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+AUGMENTATIONS = ("none", "light", "strong")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    architecture: str = "resnet18"
+    weights: str = "none"  # a torchvision weights enum name (from the local cache) or "none"
+    freeze_backbone: bool = False
+    image_size: int = 64
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    augmentation: str = "light"
+    seed: int = 0
+    patience: int = 3
+    device: str = "auto"
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
+
+
+@dataclass
+class FitResult:
+    model: object
+    preprocess: Preprocess
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+    train_images_per_second: float = 0.0
+
+
+def augmentation(preset: str, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 seed: int | None = 0):
+    """albumentations pipelines; no flips (they change the meaning of digits, text, arrows).
+    Seeded: albumentations 2 draws from its own generators, not numpy's global one."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    steps = []
+    if preset in ("light", "strong"):
+        steps += [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-10, 10),
+                           fill=255, p=0.8),
+                  A.RandomBrightnessContrast(0.2, 0.2, p=0.5)]
+    if preset == "strong":
+        steps += [A.GaussianBlur(blur_limit=(3, 5), p=0.3), A.GaussNoise(std_range=(0.02, 0.08), p=0.3)]
+    steps += [A.Resize(image_size, image_size), A.Normalize(mean=mean, std=std), ToTensorV2()]
+    return A.Compose(steps, seed=seed)
+
+
+def load_images(store, keys: list[str], image_size: int, workers: int = 4,
+                progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Decode stored originals (EXIF-oriented RGB) and shrink them to the model's input size
+    once, so an epoch never decodes and memory is N x size^2 x 3 bytes, not N originals."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def one(key: str) -> np.ndarray:
+        image = load_rgb(store.read_bytes(key))
+        return np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
+
+    out = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for array in pool.map(one, keys):
+            out.append(array)
+            if progress:
+                progress(1)
+    return out
+
+
+class ImageDataset:
+    """In-memory RGB uint8 images + class indices, transformed on access."""
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(image=self.images[index])["image"], int(self.labels[index])
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Each loader worker gets its own reproducible stream (derived from the loader's seed)."""
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info.dataset.transform.set_random_seed(seed)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, workers: int):
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=generator, worker_init_fn=_worker_init,
+                      persistent_workers=workers > 0)
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, device: str) -> dict:
+    import torch
+
+    set_train_mode(model)
+    total_loss, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+    elapsed = time.perf_counter() - started
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
+            "train_images_per_second": seen / elapsed if elapsed else 0.0}
+
+
+def evaluate(model, loader, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, softmax probabilities, labels) without gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    probs, labels, loss = [], [], 0.0
+    with torch.no_grad():
+        for images, targets in loader:
+            logits = model(images.to(device))
+            loss += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
+            probs.append(F.softmax(logits, 1).cpu().numpy())
+            labels.append(targets.numpy())
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    return {"val_loss": loss / len(y), "val_accuracy": float((p.argmax(1) == y).mean())}, p, y
+
+
+def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
+        classes: list[str], config: TrainConfig, device: str = "cpu",
+        on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+    """Train, keep the weights of the best validation epoch, stop after `patience` epochs
+    without improvement in validation loss."""
+    import copy
+
+    import torch
+
+    seed_everything(config.seed)
+    preprocess = Preprocess(config.architecture, config.image_size, IMAGENET_MEAN, IMAGENET_STD,
+                            tuple(classes))
+    model = build_model(config.architecture, len(classes), config.weights,
+                        config.freeze_backbone).to(device)
+    train_loader = make_loader(ImageDataset(*train, augmentation(config.augmentation, config.image_size,
+                                                                 seed=config.seed)),
+                               config.batch_size, True, config.seed, config.workers)
+    val_loader = make_loader(ImageDataset(*val, augmentation("none", config.image_size)),
+                             config.batch_size, False, config.seed, config.workers)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    result = FitResult(model, preprocess)
+    best_loss, best_state, waited, speeds = float("inf"), None, 0, []
+    for epoch in range(1, config.epochs + 1):
+        metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, device)
+        scheduler.step()
+        metrics.update(evaluate(model, val_loader, device)[0])
+        metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        speeds.append(metrics["train_images_per_second"])
+        result.history.append({"epoch": epoch, **metrics})
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if metrics["val_loss"] < best_loss - 1e-6:
+            best_loss, best_state, waited = metrics["val_loss"], copy.deepcopy(model.state_dict()), 0
+            result.best_epoch = epoch
+        else:
+            waited += 1
+            if waited >= config.patience:
+                result.stopped_early = True
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.model = model.eval()
+    result.train_images_per_second = float(np.median(speeds)) if speeds else 0.0
+    return result
+
+
+def predict_probs(model, images: list[np.ndarray], preprocess: Preprocess, device: str = "cpu",
+                  batch_size: int = 128) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    transform = augmentation("none", preprocess.image_size, preprocess.mean, preprocess.std)
+    model = model.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(image=im)["image"] for im in images[start:start + batch_size]])
+            out.append(F.softmax(model(batch.to(device)), 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(preprocess.classes)))
+
+
+def search_space(trials: int, seed: int) -> list[dict]:
+    """Seeded log-uniform samples of learning rate and weight decay (the two that matter most
+    when fine-tuning); trial 0 is always the base configuration's own values."""
+    rng = np.random.default_rng(seed)
+    return [{"learning_rate": float(10 ** rng.uniform(-4, -2)),
+             "weight_decay": float(10 ** rng.uniform(-5, -2))} for _ in range(trials)]
+
+
+def hyperparameter_search(train, val, classes: list[str], base: TrainConfig, trials: int,
+                          epochs_per_trial: int, device: str = "cpu",
+                          on_trial: Callable[[int, dict, FitResult], None] | None = None
+                          ) -> tuple[dict, list[dict]]:
+    """Short runs over `search_space`; returns (best overrides, one row per trial)."""
+    from dataclasses import replace
+
+    rows, candidates = [], [{"learning_rate": base.learning_rate,
+                             "weight_decay": base.weight_decay}]
+    candidates += search_space(max(0, trials - 1), base.seed)
+    for index, overrides in enumerate(candidates):
+        config = replace(base, epochs=epochs_per_trial, **overrides)
+        result = fit(train, val, classes, config, device)
+        best = result.history[result.best_epoch - 1]
+        rows.append({"trial": index, **overrides, "val_loss": best["val_loss"],
+                     "val_accuracy": best["val_accuracy"]})
+        if on_trial:
+            on_trial(index, overrides, result)
+    winner = min(rows, key=lambda r: r["val_loss"])
+    return {"learning_rate": winner["learning_rate"], "weight_decay": winner["weight_decay"]}, rows

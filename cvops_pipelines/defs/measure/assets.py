@@ -1,0 +1,128 @@
+"""Measure stage: the challenger and the champion on the same test images, and the gate."""
+
+import json
+
+import numpy as np
+import pandas as pd
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec,
+                     AssetExecutionContext, AutomationCondition, Config, MetadataValue, Output,
+                     asset)
+from pydantic import Field
+
+from cvops_pipelines.core.gate import GateConfig, decide
+from cvops_pipelines.core.metrics import Evaluation, evaluate_predictions, per_cohort
+from cvops_pipelines.core.plots import confusion_png, md_image, reliability_png
+from cvops_pipelines.core.tables import markdown_table
+from cvops_pipelines.core.training import load_images, predict_probs
+from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
+
+GATE_CHECK = "challenger_not_worse_than_champion"
+
+
+class ModelEvaluationConfig(Config):
+    max_macro_f1_drop: float = Field(0.01, description="Gate ε: macro-F1 may drop this much.")
+    max_class_recall_drop: float = Field(0.05, description="Gate δ: any class's recall may "
+                                                           "drop this much.")
+    max_replay_drop: float = Field(0.01, description="Gate: replay accuracy may drop this much.")
+    cohort_column: str = Field("source", description="Dataset column that defines cohorts.")
+
+
+def _evaluate(loaded, store, test: pd.DataFrame, cache: dict) -> tuple[Evaluation, np.ndarray]:
+    size = loaded.preprocess.image_size
+    if size not in cache:
+        cache[size] = load_images(store, list(test["key"]), size)
+    classes = list(loaded.preprocess.classes)
+    unknown = sorted(set(test["label"]) - set(classes))
+    if unknown:
+        raise ValueError(f"model v{loaded.version} does not know classes {unknown} of the test "
+                         "split (the ontology changed): retrain before comparing")
+    probs = predict_probs(loaded.model, cache[size], loaded.preprocess)
+    labels = test["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return evaluate_predictions(probs, labels, classes), probs
+
+
+def _log_to_mlflow(tracking, run_id: str, prefix: str, evaluation: Evaluation) -> None:
+    client = tracking.client()
+    for name, value in evaluation.headline().items():
+        client.log_metric(run_id, f"{prefix}test_{name}", value)
+
+
+@asset(group_name="measure", io_manager_key="tables", kinds={"pytorch", "mlflow"},
+       automation_condition=AutomationCondition.eager(),
+       check_specs=[AssetCheckSpec(
+           GATE_CHECK, asset="model_evaluation", blocking=True,
+           description="Non-inferiority: the challenger's macro-F1 drops at most ε, no class's "
+                       "recall drops more than δ, replay accuracy holds. The first model "
+                       "passes by definition. Failing stops everything downstream.")],
+       description="Challenger vs champion on the dataset version's test split: accuracy, "
+                   "macro-F1, per-class table, confusion matrix, reliability + ECE, cohorts.")
+def model_evaluation(context: AssetExecutionContext, config: ModelEvaluationConfig,
+                     trained_model: dict, dataset_version: pd.DataFrame, storage: CvopsStorage,
+                     mlflow: MlflowTracking):
+    tracking = mlflow.tracking()
+    store = storage.store()
+    test = dataset_version[dataset_version["split"] == "test"].reset_index(drop=True)
+    challenger = tracking.load(version=trained_model["model_version"])
+    if challenger is None:
+        raise RuntimeError(f"model version {trained_model['model_version']} of "
+                           f"{tracking.model_name} is not in the registry at "
+                           f"{tracking.tracking_uri}")
+    champion = tracking.load(alias="champion")
+    cache: dict = {}
+    mine, probs = _evaluate(challenger, store, test, cache)
+    theirs = _evaluate(champion, store, test, cache)[0] if champion else None
+    gate = decide(mine, theirs, GateConfig(config.max_macro_f1_drop,
+                                           config.max_class_recall_drop, config.max_replay_drop))
+    if champion is None:
+        context.log.info("no champion yet: the challenger passes the gate by definition")
+
+    run_id = trained_model["run_id"]
+    _log_to_mlflow(tracking, run_id, "", mine)
+    if theirs:
+        _log_to_mlflow(tracking, run_id, "champion_", theirs)
+    labels = test["label"].map({c: i for i, c in enumerate(challenger.preprocess.classes)})
+    cohorts = per_cohort(probs, labels.to_numpy(), test[config.cohort_column]) \
+        if config.cohort_column in test else pd.DataFrame()
+    conf_png = confusion_png(mine.confusion, mine.classes,
+                             f"challenger v{challenger.version} on {len(test)} test images")
+    rel_png = reliability_png(
+        {f"challenger v{challenger.version}": mine.reliability,
+         **({f"champion v{champion.version}": theirs.reliability} if theirs else {})},
+        {f"challenger v{challenger.version}": mine.ece,
+         **({f"champion v{champion.version}": theirs.ece} if theirs else {})})
+    tracking.log_files(run_id, "evaluation", {
+        "confusion_matrix.png": conf_png, "reliability.png": rel_png,
+        "per_class.csv": mine.per_class.to_csv(index=False).encode(),
+        "per_cohort.csv": cohorts.to_csv(index=False).encode(),
+        "gate.csv": gate.table.to_csv(index=False).encode()})
+    tracking.client().set_model_version_tag(tracking.model_name, challenger.version, "gate",
+                                 "passed" if gate.passed else "failed")
+
+    record = {"model_name": tracking.model_name, "challenger_version": challenger.version,
+              "champion_version": champion.version if champion else None,
+              "run_id": run_id, "dataset_version": trained_model["dataset_version"],
+              "test_images": len(test), "challenger": mine.headline(),
+              "champion": theirs.headline() if theirs else None,
+              "gate_passed": gate.passed, "gate_reasons": gate.reasons}
+    per_class = mine.per_class.round(4)
+    yield Output(record, metadata={
+        "challenger": f"v{challenger.version}", "champion": f"v{champion.version}" if champion
+        else "none yet",
+        "test_images": len(test),
+        "accuracy": round(mine.accuracy, 4), "macro_f1": round(mine.macro_f1, 4),
+        "ece": round(mine.ece, 4),
+        "per_class": MetadataValue.md(markdown_table(per_class, 100)),
+        "per_cohort": MetadataValue.md(markdown_table(cohorts.round(4), 50)),
+        "confusion_matrix": MetadataValue.md(md_image(conf_png, "confusion matrix")),
+        "reliability": MetadataValue.md(md_image(rel_png, "reliability diagram")),
+        "replay": "no production records yet: the gate compares the test split only",
+    })
+    yield AssetCheckResult(
+        check_name=GATE_CHECK, passed=gate.passed, severity=AssetCheckSeverity.ERROR,
+        metadata={"first_model": gate.first_model, "decision": "; ".join(gate.reasons),
+                  "side_by_side": MetadataValue.md(markdown_table(gate.table, 100)),
+                  "thresholds": MetadataValue.json(json.loads(json.dumps(
+                      {"max_macro_f1_drop": config.max_macro_f1_drop,
+                       "max_class_recall_drop": config.max_class_recall_drop,
+                       "max_replay_drop": config.max_replay_drop})))})
+

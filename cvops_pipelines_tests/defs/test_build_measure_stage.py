@@ -1,0 +1,103 @@
+"""Train + evaluate materialized in-process on real digit images, against a real MLflow server
+over HTTP and against the default local SQLite store; the gate blocks what comes after it."""
+
+import pytest
+from dagster import DagsterInstance, asset, materialize
+from mlflow import MlflowClient
+
+from cvops_pipelines.core.tracking import Tracking
+from cvops_pipelines.defs.build.assets import trained_model
+from cvops_pipelines.defs.measure.assets import GATE_CHECK, model_evaluation
+from cvops_pipelines.defs.resources import build_resources
+from cvops_pipelines_tests.defs.test_curate_stage import (CURATE, INGEST, curate, ingest,
+                                                          metadata, write_drop)
+
+SMALL = {"image_size": 32, "epochs": 3, "batch_size": 32, "learning_rate": 3e-3, "seed": 3}
+
+
+@asset(deps=[model_evaluation])
+def downstream_of_gate() -> None:
+    """Stands in for export: must not run when the gate fails."""
+
+
+def curated(home):
+    instance = DagsterInstance.ephemeral()
+    write_drop(home / "drops", "d1", range(0, 600))
+    ingest(instance, "d1")
+    assert curate(instance).success
+    return instance
+
+
+def train(instance, config=SMALL, extra=()):
+    return materialize([*INGEST, *CURATE, trained_model, model_evaluation, *extra],
+                       selection=[trained_model, model_evaluation, *extra], instance=instance,
+                       resources=build_resources(), raise_on_error=False,
+                       run_config={"ops": {"trained_model": {"config": config}}})
+
+
+def gate(result):
+    (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == GATE_CHECK]
+    return check
+
+
+def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    instance = curated(isolated_homes)
+    result = train(instance)
+    assert result.success, result
+    model = metadata(result, "trained_model")
+    evaluation = metadata(result, "model_evaluation")
+    assert gate(result).passed and gate(result).metadata["first_model"].value is True
+    assert evaluation["accuracy"] > 0.5  # chance is 0.1
+    assert "data:image/png;base64," in evaluation["confusion_matrix"]
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(model["mlflow_run_id"])
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["dagster_asset_key"] == "trained_model"
+    assert run.data.tags["dataset_version"] == model["dataset_version"]
+    assert run.data.params["image_size"] == "32" and run.data.params["architecture"] == "resnet18"
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == list(range(1, len(history) + 1)) and len(history) >= 1
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == model["dataset_version"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts and "evaluation/gate.csv" in artifacts
+
+    version = client.get_model_version_by_alias("cvops-classifier", "challenger")
+    assert version.version == "1" and version.run_id == run.info.run_id
+    assert version.tags["gate"] == "passed"
+    loaded = Tracking(mlflow_server).load(alias="challenger")  # weights_only round trip over HTTP
+    assert loaded.preprocess.classes == tuple(str(d) for d in range(10))
+
+
+def test_an_unreachable_server_is_a_clear_error(isolated_homes, monkeypatch):
+    from cvops_pipelines_tests.conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    instance = curated(isolated_homes)
+    result = train(instance)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.event_specific_data.error.cause.message
+    assert "is unreachable" in message and "MLFLOW_TRACKING_URI" in message
+
+
+def test_gate_blocks_a_worse_challenger_and_passes_an_equal_one(isolated_homes):
+    instance = curated(isolated_homes)
+    first = train(instance)
+    assert first.success
+    tracking = build_resources()["mlflow"].tracking()
+    tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
+
+    worse = train(instance, {**SMALL, "epochs": 1, "learning_rate": 1e-6}, [downstream_of_gate])
+    check = gate(worse)
+    assert not check.passed and "macro_f1" in check.metadata["decision"].value
+    assert "| macro_f1 |" in check.metadata["side_by_side"].value
+    assert not worse.asset_materializations_for_node("downstream_of_gate")
+
+    equal = train(instance, SMALL, [downstream_of_gate])  # same seed, same data: same model
+    assert gate(equal).passed
+    assert metadata(equal, "model_evaluation")["champion"] == "v1"
+    assert equal.asset_materializations_for_node("downstream_of_gate")

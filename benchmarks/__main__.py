@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["ingest_throughput", "label_qa"]
+BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput"]
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -128,7 +128,7 @@ def _print_curate(run: RunSummary) -> None:
 
 def _print_train(run: RunSummary) -> None:
     model, evaluation = run.assets.get("trained_model", {}), run.assets.get("model_evaluation", {})
-    print(f"\n== train + evaluate: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
+    print(f"\n== train + evaluate + export: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
     if model:
         print(f"   model  : {model['model']} on {model['dataset_version']}: best epoch "
               f"{model['best_epoch']}, val accuracy {model['val_accuracy']}, "
@@ -138,6 +138,14 @@ def _print_train(run: RunSummary) -> None:
               f"macro-F1 {evaluation['macro_f1']}, ECE {evaluation['ece']} "
               f"(champion: {evaluation['champion']})")
     _print_checks(run)
+    export = run.assets.get("onnx_model", {})
+    if export:
+        print(f"   export : {export['source_model']} -> ONNX fp32 parity "
+              f"{export['fp32_parity']['max_abs_logit_diff']:.2g} max |logit diff|, "
+              f"int8 top-1 agreement {export['int8_parity']['top1_agreement']}")
+        for line in export["measurements"].splitlines():
+            print(f"            {line}")
+        print(f"   chosen : {export['chosen']}")
 
 
 def _drop_source():
@@ -207,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest, curate, train, evaluate)")
+    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest, curate, train, evaluate, export)")
     p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
     p.set_defaults(func=cmd_demo)
 

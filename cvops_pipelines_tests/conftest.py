@@ -23,6 +23,10 @@ def isolated_homes(tmp_path, monkeypatch):
     monkeypatch.delenv("CVOPS_DROPS", raising=False)
     monkeypatch.delenv("CVOPS_S3_BUCKET", raising=False)
     monkeypatch.delenv("CVOPS_S3_ENDPOINT_URL", raising=False)
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into os.environ; setenv first so
+    # teardown removes whatever a test's MLflow calls left there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

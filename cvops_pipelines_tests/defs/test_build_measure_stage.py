@@ -1,5 +1,5 @@
-"""Train + evaluate materialized in-process on real digit images, against a real MLflow server
-over HTTP and against the default local SQLite store; the gate blocks what comes after it."""
+"""Train + evaluate + export materialized in-process on real digit images, against a real MLflow
+server over HTTP and against the default local SQLite store; the gate blocks what comes after it."""
 
 import pytest
 from dagster import DagsterInstance, asset, materialize
@@ -9,6 +9,7 @@ from cvops_pipelines.core.tracking import Tracking
 from cvops_pipelines.defs.build.assets import trained_model
 from cvops_pipelines.defs.measure.assets import GATE_CHECK, model_evaluation
 from cvops_pipelines.defs.resources import build_resources
+from cvops_pipelines.defs.ship.assets import onnx_model
 from cvops_pipelines_tests.defs.test_curate_stage import (CURATE, INGEST, curate, ingest,
                                                           metadata, write_drop)
 
@@ -28,11 +29,14 @@ def curated(home):
     return instance
 
 
-def train(instance, config=SMALL, extra=()):
-    return materialize([*INGEST, *CURATE, trained_model, model_evaluation, *extra],
+def train(instance, config=SMALL, extra=(), export_config=None):
+    ops = {"trained_model": {"config": config}}
+    if export_config:
+        ops["onnx_model"] = {"config": export_config}
+    return materialize([*INGEST, *CURATE, trained_model, model_evaluation, onnx_model, *extra],
                        selection=[trained_model, model_evaluation, *extra], instance=instance,
                        resources=build_resources(), raise_on_error=False,
-                       run_config={"ops": {"trained_model": {"config": config}}})
+                       run_config={"ops": ops})
 
 
 def gate(result):
@@ -43,7 +47,7 @@ def gate(result):
 def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     instance = curated(isolated_homes)
-    result = train(instance)
+    result = train(instance, extra=[onnx_model], export_config={"latency_repeats": 5})
     assert result.success, result
     model = metadata(result, "trained_model")
     evaluation = metadata(result, "model_evaluation")
@@ -59,7 +63,7 @@ def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_serv
     assert run.data.params["image_size"] == "32" and run.data.params["architecture"] == "resnet18"
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1)) and len(history) >= 1
-    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"], abs=1e-4)
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == model["dataset_version"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
@@ -70,6 +74,15 @@ def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_serv
     assert version.tags["gate"] == "passed"
     loaded = Tracking(mlflow_server).load(alias="challenger")  # weights_only round trip over HTTP
     assert loaded.preprocess.classes == tuple(str(d) for d in range(10))
+
+    export = metadata(result, "onnx_model")
+    assert export["fp32_parity"]["ok"] and export["fp32_parity"]["top1_agreement"] == 1.0
+    assert "| onnx_int8 |" in export["measurements"] and "edge -> onnx_" in export["chosen"]
+    for name in ("cvops-classifier-onnx-fp32", "cvops-classifier-onnx-int8"):
+        onnx_version = client.get_model_version_by_alias(name, "challenger")
+        assert client.get_run(onnx_version.run_id).data.tags["source_model_version"] == "1"
+    export_run = client.get_run(export["mlflow_run_id"])
+    assert export_run.data.metrics["onnx_fp32_accuracy"] == pytest.approx(evaluation["accuracy"], abs=1e-4)
 
 
 def test_an_unreachable_server_is_a_clear_error(isolated_homes, monkeypatch):
@@ -91,13 +104,27 @@ def test_gate_blocks_a_worse_challenger_and_passes_an_equal_one(isolated_homes):
     tracking = build_resources()["mlflow"].tracking()
     tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
 
-    worse = train(instance, {**SMALL, "epochs": 1, "learning_rate": 1e-6}, [downstream_of_gate])
+    worse = train(instance, {**SMALL, "epochs": 1, "learning_rate": 1e-6},
+                  [downstream_of_gate, onnx_model])
     check = gate(worse)
     assert not check.passed and "macro_f1" in check.metadata["decision"].value
     assert "| macro_f1 |" in check.metadata["side_by_side"].value
     assert not worse.asset_materializations_for_node("downstream_of_gate")
+    assert not worse.asset_materializations_for_node("onnx_model")  # nothing ships
 
     equal = train(instance, SMALL, [downstream_of_gate])  # same seed, same data: same model
     assert gate(equal).passed
     assert metadata(equal, "model_evaluation")["champion"] == "v1"
     assert equal.asset_materializations_for_node("downstream_of_gate")
+
+
+def test_export_whose_parity_fails_stops_with_the_numbers(isolated_homes):
+    instance = curated(isolated_homes)
+    result = train(instance, {**SMALL, "epochs": 1}, [onnx_model],
+                   {"parity_tolerance": 0.0, "latency_repeats": 5})
+    assert not result.asset_materializations_for_node("onnx_model")
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "onnx_model"
+    description = failure.event_specific_data.error.message
+    assert "does not behave like the trained model" in description
+    assert "max |logit diff|" in description and "tolerance 0.0" in description

@@ -21,9 +21,11 @@ def test_definitions_validate(repo_root, isolated_homes):
 
 
 STAGES = {"raw_images": "ingest", "annotations": "ingest", "labeled_pool": "curate",
-          "label_issues": "curate", "dataset_version": "curate"}
+          "label_issues": "curate", "dataset_version": "curate", "trained_model": "build",
+          "model_evaluation": "measure", "onnx_model": "ship"}
 CHECKS = {"raw_images_contract", "annotations_contract", "dataset_version_contract",
-          "dataset_version_balance", "dataset_version_leakage"}
+          "dataset_version_balance", "dataset_version_leakage",
+          "challenger_not_worse_than_champion"}
 
 
 def test_definitions_declare_every_stage_with_blocking_contracts():
@@ -42,6 +44,10 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
                                                                   AssetKey("label_issues")}
     assert graph.get(AssetKey("labeled_pool")).parent_keys == {AssetKey("raw_images"),
                                                                AssetKey("annotations")}
+    assert graph.get(AssetKey("model_evaluation")).parent_keys == {AssetKey("trained_model"),
+                                                                   AssetKey("dataset_version")}
+    assert graph.get(AssetKey("onnx_model")).parent_keys == {
+        AssetKey("trained_model"), AssetKey("model_evaluation"), AssetKey("dataset_version")}
 
 
 def graphql(port: int, query: str) -> dict:

@@ -1,0 +1,105 @@
+"""Measure every artifact on this machine and choose one per target profile from the numbers.
+
+Nothing is assumed: on some CPUs int8 is slower than fp32 for small models, so the choice reads
+the latency table. Latency is model time only (inputs prepared beforehand), after warm-up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+REFERENCE = "torch_eager"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    artifact: str  # torch_eager | onnx_fp32 | onnx_int8
+    size_bytes: int
+    accuracy: float
+    macro_f1: float
+    latency_ms: dict[str, float]  # p50_b1, p95_b1, p50_b8, p95_b8
+    deployable: bool  # runs on the edge runtime (onnxruntime)
+
+    def row(self) -> dict:
+        return {"artifact": self.artifact, "size_mb": round(self.size_bytes / 2**20, 2),
+                "accuracy": round(self.accuracy, 4), "macro_f1": round(self.macro_f1, 4),
+                **{k: round(v, 3) for k, v in self.latency_ms.items()},
+                "deployable": self.deployable}
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    max_p95_ms_batch1: float = 50.0
+    max_accuracy_drop_points: float = 1.0  # vs torch eager fp32, in percentage points
+    max_size_mb: float = 100.0
+    prefer: str = "latency"  # among qualifying artifacts: "latency" or "size"
+
+    def __post_init__(self) -> None:
+        if self.prefer not in ("latency", "size"):
+            raise ValueError(f"prefer must be 'latency' or 'size', got {self.prefer!r}")
+
+
+@dataclass
+class Choice:
+    profile: TargetProfile
+    artifact: str | None
+    verdicts: dict[str, str] = field(default_factory=dict)  # artifact -> "ok" or why not
+
+    def as_dict(self) -> dict:
+        return {"profile": asdict(self.profile), "artifact": self.artifact,
+                "verdicts": self.verdicts}
+
+
+def latency_ms(run: Callable[[], object], warmup: int = 5, repeats: int = 50) -> dict[str, float]:
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - started) * 1000)
+    return {"p50": float(np.percentile(samples, 50)), "p95": float(np.percentile(samples, 95))}
+
+
+def choose(measurements: list[Measurement], profile: TargetProfile) -> Choice:
+    by_name = {m.artifact: m for m in measurements}
+    if REFERENCE not in by_name:
+        raise ValueError(f"the {REFERENCE} reference measurement is missing")
+    reference = by_name[REFERENCE]
+    choice, qualifying = Choice(profile, None), []
+    for m in measurements:
+        drop = 100 * (reference.accuracy - m.accuracy)
+        why = []
+        if not m.deployable:
+            why.append("not an edge runtime artifact")
+        if m.latency_ms["p95_b1"] > profile.max_p95_ms_batch1:
+            why.append(f"p95 latency {m.latency_ms['p95_b1']:.2f} ms > "
+                       f"{profile.max_p95_ms_batch1} ms")
+        if drop > profile.max_accuracy_drop_points + 1e-9:
+            why.append(f"accuracy drop {drop:.2f} points > {profile.max_accuracy_drop_points}")
+        if m.size_bytes / 2**20 > profile.max_size_mb:
+            why.append(f"size {m.size_bytes / 2**20:.1f} MB > {profile.max_size_mb} MB")
+        choice.verdicts[m.artifact] = "; ".join(why) or "ok"
+        if not why:
+            qualifying.append(m)
+    if qualifying:
+        key = (lambda m: (m.latency_ms["p50_b1"], m.size_bytes)) if profile.prefer == "latency" \
+            else (lambda m: (m.size_bytes, m.latency_ms["p50_b1"]))
+        choice.artifact = min(qualifying, key=key).artifact
+    return choice
+
+
+def table(measurements: list[Measurement]) -> pd.DataFrame:
+    reference = next((m for m in measurements if m.artifact == REFERENCE), None)
+    frame = pd.DataFrame([m.row() for m in measurements])
+    if reference is not None:
+        frame["speedup_b1_vs_torch"] = (reference.latency_ms["p50_b1"]
+                                        / frame["p50_b1"].clip(lower=1e-9)).round(2)
+        frame["accuracy_drop_points"] = (100 * (reference.accuracy - frame["accuracy"])).round(2)
+    return frame

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput"]
+BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput", "export_latency"]
 RESULTS = Path(__file__).parent / "results"
 
 

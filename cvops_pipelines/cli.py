@@ -23,6 +23,7 @@ EPILOG = """environment:
   CVOPS_S3_REGION        region (default AWS_REGION or us-east-1)
   CVOPS_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, moto, ...)
   CVOPS_CONTRACTS_DIR    ontology + GX suites (default ./data_contracts)
+  CVOPS_SIGNING_KEY      release signing key (default $CVOPS_HOME/keys/release_signing.key)
   MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
   TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)
   DAGSTER_HOME           Dagster instance (default ./.dagster_home)
@@ -148,6 +149,75 @@ def _print_train(run: RunSummary) -> None:
         print(f"   chosen : {export['chosen']}")
 
 
+def _ensure_signing_key() -> Path:
+    from cvops_pipelines.core.release import generate_keypair
+
+    private = settings.signing_key_path()
+    if not private.exists():
+        generate_keypair(private.parent)
+        print(f"created the release signing key pair in {private.parent} (keep "
+              f"{private.name} private; devices pin {private.with_suffix('.pub').name})")
+    return private
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from cvops_pipelines.core.release import generate_keypair
+
+    folder = Path(args.out) if args.out else settings.signing_key_path().parent
+    try:
+        private, public = generate_keypair(folder)
+    except FileExistsError as exc:
+        print(f"cvops keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key (sign releases; never commit): {private}\npublic key (pin on devices): {public}")
+    return 0
+
+
+def production_stream(folder: Path) -> list[tuple[bytes, str]]:
+    import csv
+
+    with open(folder / "ground_truth.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [((folder / "images" / r["filename"]).read_bytes(), r["label"]) for r in rows]
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from cvops_pipelines.edge.remote import DirRemote
+    from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
+
+    if settings.s3_settings()["bucket"]:
+        print("cvops fleet: the simulator drives devices against the local store; unset "
+              "CVOPS_S3_BUCKET (real devices reach S3 over HTTP: cvops-edge --store https://...)",
+              file=sys.stderr)
+        return 2
+    stream_dir = Path(args.stream or settings.cvops_home() / "holdback" / "production")
+    if not (stream_dir / "ground_truth.csv").exists():
+        print(f"cvops fleet: no production stream in {stream_dir} (run `cvops demo-data`)",
+              file=sys.stderr)
+        return 2
+    config = FleetConfig(devices=args.devices, steps=args.steps,
+                         images_per_step=args.images_per_step, p_offline=args.p_offline,
+                         p_crash=args.p_crash, review_share=args.review_share,
+                         shift=Shift(args.brightness, args.blur, args.rotate), seed=args.seed)
+    home = settings.cvops_home()
+    public = settings.signing_key_path().with_suffix(".pub").read_bytes()
+    stream = production_stream(stream_dir)
+    result = run_fleet(DirRemote(home), home / "fleet", public, stream, config)
+    _print_fleet(result, config)
+    return 0
+
+
+def _print_fleet(result, config) -> None:
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(result.syncs.items()))
+    running = sorted({r or "none" for r in result.releases.values()})
+    print(f"\n== fleet: {config.devices} devices, {config.steps} steps, shift {config.shift}")
+    print(f"   field  : {len(result.predictions)} predictions, {result.reviewed} reviewed by the "
+          f"operator, {result.crashes} crashes, {result.offline_steps} offline device-steps")
+    print(f"   syncs  : {statuses}; running {', '.join(running)}")
+    for line in result.events[:5]:
+        print(f"   event  : {line}")
+
+
 def _drop_source():
     from cvops_pipelines.core.storage import store_from_uri
 
@@ -179,6 +249,34 @@ def cmd_drops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_release(args: argparse.Namespace) -> bool:
+    _ensure_signing_key()
+    release = _run_job("release_job")
+    info = release.assets.get("edge_release", {})
+    print(f"\n== release: {'OK' if release.ok else 'FAILED'} (Dagster run {release.run_id})")
+    if info:
+        canary = info["canary"]
+        print(f"   bundle : {info['release']} ({info['artifact']}, {info['model_bytes']} bytes, "
+              f"delta {info['delta_bytes']}) -> canary for {canary['share']:.0%} of devices"
+              f"{' + cohorts ' + ', '.join(canary['cohorts']) if canary['cohorts'] else ''}")
+    if not release.ok:
+        return False
+    cmd_fleet(argparse.Namespace(
+        stream=None, devices=6, steps=30, images_per_step=4, p_offline=0.25, p_crash=0.03,
+        review_share=0.6, brightness=0.2, blur=3, rotate=10.0, seed=args.seed))
+    canary = _run_job("canary_job")
+    feedback, decision = canary.assets.get("fleet_feedback", {}), canary.assets.get("canary_decision", {})
+    print(f"\n== canary: {'OK' if canary.ok else 'FAILED'} (Dagster run {canary.run_id})")
+    if feedback:
+        print(f"   back   : {feedback['records']} records in {feedback['batches']} batches from "
+              f"{feedback['devices']} devices, {feedback['reviewed']} reviewed")
+    if decision:
+        print(f"   verdict: {decision['action']}: {decision.get('why', '')}")
+        for line in decision.get("canary_vs_stable", "").splitlines():
+            print(f"            {line}")
+    return canary.ok
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     home = settings.cvops_home()
     print(f"cvops demo: data and artifacts under {home}, Dagster instance in {_dagster_home()}")
@@ -193,12 +291,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if train:
         _print_train(train)
     ok = ingest.ok and curate is not None and curate.ok and train is not None and train.ok
+    if ok:
+        ok = _demo_release(args)
     print("\nwhere to look:")
     print(f"   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
     print(f"   GX reports : {home / 'reports' / 'gx' / 'index.html'}")
     print(f"   tables     : {home / 'tables'}   quarantine: {home / 'quarantine'}")
     print(f"   datasets   : {home / 'datasets'}   label review: {home / 'reports' / 'label_issues'}")
     print(f"   MLflow     : {_mlflow_ui_hint()}")
+    print(f"   releases   : {home / 'releases'}   fleet state: {home / 'fleet'}   feedback: {home / 'feedback'}")
     return 0 if ok else 1
 
 
@@ -215,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the loop on the bundled demo data (today: ingest, curate, train, evaluate, export)")
+    p = sub.add_parser("demo", help="run the loop on the bundled demo data (ingest, curate, train, evaluate, export, release to a simulated fleet, canary decision)")
     p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
     p.set_defaults(func=cmd_demo)
 
@@ -232,6 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("drops", help="list drops in the drop source and whether they are complete")
     p.set_defaults(func=cmd_drops)
+
+    p = sub.add_parser("keygen", help="create the ed25519 key pair that signs edge releases")
+    p.add_argument("--out", help="folder (default: the folder of $CVOPS_SIGNING_KEY, "
+                                 "$CVOPS_HOME/keys)")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("fleet", help="simulate edge devices running the released model on the "
+                                     "production stream, with outages, crashes and operators")
+    p.add_argument("--stream", help="folder with ground_truth.csv + images/ "
+                                    "(default $CVOPS_HOME/holdback/production)")
+    p.add_argument("--devices", type=int, default=6)
+    p.add_argument("--steps", type=int, default=30, help="rounds of sync, predict, upload")
+    p.add_argument("--images-per-step", type=int, default=4)
+    p.add_argument("--p-offline", type=float, default=0.25, help="chance a device is offline in a step")
+    p.add_argument("--p-crash", type=float, default=0.03, help="chance a store call crashes the device")
+    p.add_argument("--review-share", type=float, default=0.6,
+                   help="share of predictions an operator reviews (top-2 choice)")
+    p.add_argument("--brightness", type=float, default=0.0, help="shift: brightness change limit")
+    p.add_argument("--blur", type=int, default=0, help="shift: max Gaussian blur kernel (odd)")
+    p.add_argument("--rotate", type=float, default=0.0, help="shift: rotation limit in degrees")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fleet)
     return parser
 
 

@@ -56,3 +56,9 @@ def mlflow_artifact_root() -> str:
         prefix = "/".join(p for p in (s3["prefix"].strip("/"), "mlartifacts") if p)
         return f"s3://{s3['bucket']}/{prefix}"
     return str(cvops_home() / "mlartifacts")
+
+
+def signing_key_path() -> Path:
+    """The ed25519 private key that signs releases (CVOPS_SIGNING_KEY); never commit it."""
+    return Path(os.environ.get("CVOPS_SIGNING_KEY")
+                or cvops_home() / "keys" / "release_signing.key").expanduser().absolute()

@@ -97,7 +97,8 @@ def mlflow_server(tmp_path_factory):
          "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts")],
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job workers
         stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, timeout=90)

@@ -67,6 +67,39 @@ def latency_ms(run: Callable[[], object], warmup: int = 5, repeats: int = 50) ->
     return {"p50": float(np.percentile(samples, 50)), "p95": float(np.percentile(samples, 95))}
 
 
+def measure_artifacts(model, artifacts: dict[str, bytes], images: list[np.ndarray],
+                      labels: np.ndarray, preprocess, repeats: int = 50
+                      ) -> tuple[list[Measurement], dict[str, np.ndarray]]:
+    """Accuracy on `images` and latency at batch 1 and 8 of torch eager (the reference) and
+    each ONNX artifact, one after the other in this process; also returns every logit matrix."""
+    import torch
+
+    from cvops_pipelines.core.export import edge_inputs, ort_logits, session, torch_logits
+    from cvops_pipelines.core.metrics import evaluate_predictions
+    from cvops_pipelines.core.models import state_dict_bytes
+
+    sessions = {name: session(data) for name, data in artifacts.items()}
+    logits = {REFERENCE: torch_logits(model, images, preprocess),
+              **{name: ort_logits(s, images, preprocess) for name, s in sessions.items()}}
+    inputs = {b: edge_inputs([images[i % len(images)] for i in range(b)], preprocess)
+              for b in (1, 8)}
+    runners = {REFERENCE: lambda x: model(torch.from_numpy(x)),
+               **{n: (lambda x, s=s: s.run(None, {"input": x})) for n, s in sessions.items()}}
+    sizes = {REFERENCE: len(state_dict_bytes(model)), **{n: len(d) for n, d in artifacts.items()}}
+    measurements = []
+    model.eval()
+    with torch.no_grad():
+        for name, run in runners.items():
+            timings = {}
+            for b, x in inputs.items():
+                t = latency_ms(lambda: run(x), repeats=repeats)
+                timings.update({f"p50_b{b}": t["p50"], f"p95_b{b}": t["p95"]})
+            evaluation = evaluate_predictions(logits[name], labels, list(preprocess.classes))
+            measurements.append(Measurement(name, sizes[name], evaluation.accuracy,
+                                            evaluation.macro_f1, timings, name in artifacts))
+    return measurements, logits
+
+
 def choose(measurements: list[Measurement], profile: TargetProfile) -> Choice:
     by_name = {m.artifact: m for m in measurements}
     if REFERENCE not in by_name:
@@ -101,5 +134,5 @@ def table(measurements: list[Measurement]) -> pd.DataFrame:
     if reference is not None:
         frame["speedup_b1_vs_torch"] = (reference.latency_ms["p50_b1"]
                                         / frame["p50_b1"].clip(lower=1e-9)).round(2)
-        frame["accuracy_drop_points"] = (100 * (reference.accuracy - frame["accuracy"])).round(2)
+        frame["accuracy_drop_points"] = (100 * (reference.accuracy - frame["accuracy"])).round(2) + 0.0
     return frame

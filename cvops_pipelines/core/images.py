@@ -20,6 +20,8 @@ import numpy as np
 import scipy.fft
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from cvops_pipelines.edge.preprocess import load_rgb, to_rgb  # noqa: F401  (one definition)
+
 ACCEPTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp",
                     "TIFF": "tiff", "GIF": "gif"}
 
@@ -137,33 +139,6 @@ def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str, s
 
 def _looks_truncated(exc: Exception) -> bool:
     return isinstance(exc, EOFError) or "truncated" in str(exc).lower()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, whatever the source mode. The one conversion training and the edge share."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(image)
-        scale = 257.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
-        arr8 = np.clip(arr.astype(np.float64) / scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(image)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode in ("P", "PA") and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_rgb(data: bytes) -> Image.Image:
-    """Decode stored original bytes to the oriented 8-bit RGB image the models see."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return to_rgb(ImageOps.exif_transpose(image))
 
 
 THUMB_SIDE = 32

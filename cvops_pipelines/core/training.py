@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from cvops_pipelines.core.images import load_rgb
+from cvops_pipelines.edge.preprocess import load_rgb, resize
 from cvops_pipelines.core.models import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, build_model,
                                         set_train_mode)
 
@@ -78,11 +78,8 @@ def load_images(store, keys: list[str], image_size: int, workers: int = 4,
     once, so an epoch never decodes and memory is N x size^2 x 3 bytes, not N originals."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import Image
-
     def one(key: str) -> np.ndarray:
-        image = load_rgb(store.read_bytes(key))
-        return np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
+        return resize(load_rgb(store.read_bytes(key)), image_size)
 
     out = []
     with ThreadPoolExecutor(max(1, workers)) as pool:

@@ -8,12 +8,10 @@ from dagster import (AssetExecutionContext, AutomationCondition, Config, DataVer
                      MetadataValue, Output, asset)
 from pydantic import Field
 
-from cvops_pipelines.core.artifact_choice import (REFERENCE, Measurement, TargetProfile, choose,
-                                                  latency_ms, table)
-from cvops_pipelines.core.export import (describe, edge_inputs, export_onnx, ort_logits, parity,
-                                         quantize_int8, session, sha256, torch_logits)
-from cvops_pipelines.core.metrics import evaluate_predictions
-from cvops_pipelines.core.models import state_dict_bytes
+from cvops_pipelines.core.artifact_choice import (REFERENCE, TargetProfile, choose,
+                                                  measure_artifacts, table)
+from cvops_pipelines.core.export import (describe, export_onnx, ort_logits, parity, quantize_int8,
+                                         session, sha256, torch_logits)
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.core.training import load_images
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
@@ -50,7 +48,7 @@ def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_
                mlflow: MlflowTracking):
     import mlflow as mlflow_api
     import onnx
-    import torch
+    import onnxruntime
 
     if not model_evaluation["gate_passed"]:
         raise Failure(f"model v{model_evaluation['challenger_version']} did not pass the gate")
@@ -74,31 +72,14 @@ def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_
                       f"test images: max |logit diff| {fp32_parity.max_abs_logit_diff:.3g} "
                       f"(tolerance {config.parity_tolerance}), top-1 agreement "
                       f"{fp32_parity.top1_agreement:.4f}", metadata=fp32_parity.as_dict())
-    context.log.info("calibrating int8 on "
-                     f"{len(calibration)} training images")
+    context.log.info(f"fp32 parity ok ({fp32_parity.max_abs_logit_diff:.2g} max |logit diff|); "
+                     f"calibrating int8 on {len(calibration)} training images")
     int8 = quantize_int8(fp32, calibration, preprocess)
     artifacts = {"onnx_fp32": fp32, "onnx_int8": int8}
-    sessions = {name: session(data) for name, data in artifacts.items()}
-    logits = {REFERENCE: reference,
-              **{name: ort_logits(s, test_images, preprocess) for name, s in sessions.items()}}
-    parities = {name: parity(reference, logits[name], config.parity_tolerance).as_dict()
-                for name in artifacts}
-
-    inputs = {b: edge_inputs([test_images[i % len(test_images)] for i in range(b)], preprocess)
-              for b in (1, 8)}
-    runners = {REFERENCE: lambda x: model(torch.from_numpy(x)),
-               **{n: (lambda x, s=s: s.run(None, {"input": x})) for n, s in sessions.items()}}
-    measurements, torch_size = [], len(state_dict_bytes(model))
-    with torch.no_grad():
-        for name, run in runners.items():
-            timings = {}
-            for b, x in inputs.items():
-                t = latency_ms(lambda: run(x), repeats=config.latency_repeats)
-                timings.update({f"p50_b{b}": t["p50"], f"p95_b{b}": t["p95"]})
-            evaluation = evaluate_predictions(logits[name], labels, list(preprocess.classes))
-            size = len(artifacts[name]) if name in artifacts else torch_size
-            measurements.append(Measurement(name, size, evaluation.accuracy, evaluation.macro_f1,
-                                            timings, deployable=name in artifacts))
+    measurements, logits = measure_artifacts(model, artifacts, test_images, labels, preprocess,
+                                             config.latency_repeats)
+    parities = {name: parity(logits[REFERENCE], logits[name], config.parity_tolerance)
+                .as_dict(verdict=name == "onnx_fp32") for name in artifacts}
     choices = [choose(measurements, TargetProfile(**t.model_dump())) for t in config.targets]
     frame = table(measurements)
     for choice in choices:
@@ -117,7 +98,8 @@ def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_
     tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "onnx_model",
             "dataset_version": trained_model["dataset_version"],
             "source_model_version": loaded.version}
-    registered = {}
+    registered = {}  # explicit requirements: MLflow's inference spawns a slow subprocess
+    requirements = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
     with tracking.start_run(f"export v{loaded.version} to ONNX", tags) as run:
         mlflow_api.log_dict(json.loads(frame.to_json(orient="records")), "measurements.json")
         mlflow_api.log_dict({c.profile.name: c.as_dict() for c in choices}, "choices.json")
@@ -128,7 +110,8 @@ def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_
         for name, data in artifacts.items():
             info = mlflow_api.onnx.log_model(onnx.load_from_string(data), name=name,
                                              registered_model_name=f"{tracking.model_name}-{name.replace('_', '-')}",
-                                             save_as_external_data=False)
+                                             save_as_external_data=False,
+                                             pip_requirements=requirements)
             registered[name] = {"model_name": f"{tracking.model_name}-{name.replace('_', '-')}",
                                 "version": str(info.registered_model_version)}
     for name, reg in registered.items():

@@ -1,0 +1,196 @@
+"""Releases on the server side: signing keys, bundles with deltas, channels, canary decisions.
+
+Channels: `releases/channels/stable.json` and `canary.json` name a release; a device follows
+canary when its cohort is listed or its id hashes into the canary share, stable otherwise. Every
+pointer change is an event in `releases/history/` (who, what, when, why), never edited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from cvops_pipelines.core.storage import Store
+from cvops_pipelines.edge.bundle import BUNDLE_FILES, FORMAT, delta_name, sha256
+
+PREFIX = "releases"
+
+
+class SigningKeyMissing(FileNotFoundError):
+    """No private release key where the configuration says."""
+
+
+def generate_keypair(folder: Path) -> tuple[Path, Path]:
+    """An ed25519 key pair: `release_signing.key` (PKCS8 PEM, mode 0600, never commit it) and
+    `release_signing.pub` (pin it on devices)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / "release_signing.key", folder / "release_signing.pub"
+    if private.exists():
+        raise FileExistsError(f"{private} exists; refusing to overwrite a signing key")
+    key = Ed25519PrivateKey.generate()
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def load_private_key(path: Path):
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if not path.exists():
+        raise SigningKeyMissing(f"no release signing key at {path}: create one with `cvops keygen "
+                                f"--out {path.parent}` (or set CVOPS_SIGNING_KEY)")
+    return load_pem_private_key(path.read_bytes(), password=None)
+
+
+@dataclass
+class Release:
+    id: str
+    manifest: dict
+    files: dict[str, bytes]  # everything to publish, manifest.json and manifest.sig included
+
+
+def build_release(model: bytes, preprocess: dict, meta: dict, key, parent: dict | None = None,
+                  parent_model: bytes | None = None) -> Release:
+    """A signed bundle; with the parent's model, also a bsdiff delta from it."""
+    import bsdiff4
+
+    content = {"model.onnx": model,
+               "preprocess.json": json.dumps(preprocess, indent=2, sort_keys=True).encode(),
+               "classes.json": json.dumps(list(preprocess["classes"])).encode()}
+    release_id = f"rel-{meta['model_version']}-{sha256(model)[:10]}"
+    manifest = {"format": FORMAT, "release": release_id,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **meta, "parent": parent["release"] if parent else None,
+                "files": {n: {"sha256": sha256(d), "size": len(d)} for n, d in content.items()}}
+    files = dict(content)
+    if parent is not None and parent_model is not None:
+        delta = bsdiff4.diff(parent_model, model)
+        manifest["delta"] = {"from": parent["release"], "file": delta_name(parent["release"]),
+                             "base_sha256": sha256(parent_model), "sha256": sha256(delta),
+                             "size": len(delta)}
+        files[delta_name(parent["release"])] = delta
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    files["manifest.json"], files["manifest.sig"] = body, key.sign(body)
+    assert set(BUNDLE_FILES) <= set(files)
+    return Release(release_id, manifest, files)
+
+
+@dataclass
+class CanaryVerdict:
+    action: str  # promote | rollback | wait
+    reasons: list[str]
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+class ReleaseStore:
+    """Publishing and channel pointers over any Store (local folder or S3 prefix)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def publish(self, release: Release) -> str:
+        """Files first, the signed manifest last: a release without manifest.sig is unfinished."""
+        prefix = f"{PREFIX}/{release.id}"
+        for name, data in release.files.items():
+            if name not in ("manifest.json", "manifest.sig"):
+                self.store.write_bytes(f"{prefix}/{name}", data)
+        self.store.write_bytes(f"{prefix}/manifest.json", release.files["manifest.json"])
+        self.store.write_bytes(f"{prefix}/manifest.sig", release.files["manifest.sig"])
+        return self.store.uri(prefix)
+
+    def manifest(self, release_id: str) -> dict:
+        return json.loads(self.store.read_bytes(f"{PREFIX}/{release_id}/manifest.json"))
+
+    def model(self, release_id: str) -> bytes:
+        return self.store.read_bytes(f"{PREFIX}/{release_id}/model.onnx")
+
+    def channel(self, name: str) -> dict | None:
+        key = f"{PREFIX}/channels/{name}.json"
+        return json.loads(self.store.read_bytes(key)) if self.store.exists(key) else None
+
+    def point(self, channel: str, release: str | None, reason: str, actor: str,
+              share: float = 1.0, cohorts: tuple[str, ...] = ()) -> dict:
+        """Move a channel pointer and record the event. `release=None` retires the channel."""
+        if release is not None and not self.store.exists(f"{PREFIX}/{release}/manifest.sig"):
+            raise FileNotFoundError(f"release {release} is not published")
+        previous = self.channel(channel)
+        now = datetime.now(timezone.utc)
+        doc = {"channel": channel, "release": release, "share": share, "cohorts": list(cohorts),
+               "updated_at": now.isoformat(timespec="seconds"),
+               "previous": previous["release"] if previous else None}
+        self.store.write_bytes(f"{PREFIX}/channels/{channel}.json", json.dumps(doc).encode())
+        event = {"at": doc["updated_at"], "actor": actor, "channel": channel,
+                 "from_release": doc["previous"], "to_release": release, "reason": reason}
+        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+        self.store.write_bytes(f"{PREFIX}/history/{stamp}-{channel}.json", json.dumps(event).encode())
+        return doc
+
+    def history(self) -> pd.DataFrame:
+        rows = [json.loads(self.store.read_bytes(e.key))
+                for e in self.store.list(f"{PREFIX}/history/") if e.key.endswith(".json")]
+        frame = pd.DataFrame(rows, columns=["at", "actor", "channel", "from_release",
+                                            "to_release", "reason"])
+        return frame.sort_values("at", kind="stable").reset_index(drop=True)
+
+
+def canary_verdict(feedback: pd.DataFrame, canary: str, stable: str | None, classes: list[str],
+                   min_reviewed: int = 50, max_accuracy_drop: float = 0.02,
+                   max_macro_f1_drop: float = 0.02) -> CanaryVerdict:
+    """Compare reviewed production feedback of the canary release with the stable one.
+
+    Only records a human reviewed count (`corrected_label` set); accuracy is measured on them.
+    Waits until both sides have `min_reviewed`; promotes when the canary is not worse than
+    stable by more than the thresholds; rolls back otherwise. No stable release: promote once
+    the canary has enough reviewed records (nothing to be worse than).
+    """
+    from cvops_pipelines.core.metrics import evaluate_predictions
+
+    reviewed = feedback[feedback["corrected_label"].notna()]
+    index = {c: i for i, c in enumerate(classes)}
+    rows, evaluations = [], {}
+    for name, release in (("canary", canary), ("stable", stable)):
+        part = reviewed[reviewed["release"] == release] if release else reviewed.iloc[:0]
+        part = part[part["predicted"].isin(index) & part["corrected_label"].isin(index)]
+        if len(part):
+            import numpy as np
+
+            probs = np.eye(len(classes))[part["predicted"].map(index).to_numpy()]
+            evaluations[name] = evaluate_predictions(probs, part["corrected_label"].map(index)
+                                                     .to_numpy(), classes)
+        rows.append({"side": name, "release": release, "reviewed": len(part),
+                     "accuracy": round(evaluations[name].accuracy, 4) if name in evaluations else None,
+                     "macro_f1": round(evaluations[name].macro_f1, 4) if name in evaluations else None})
+    table = pd.DataFrame(rows)
+    counts = dict(zip(table["side"], table["reviewed"]))
+    if counts["canary"] < min_reviewed:
+        return CanaryVerdict("wait", [f"canary has {counts['canary']} reviewed records, needs "
+                                      f"{min_reviewed}"], table)
+    if stable is None or stable == canary:
+        return CanaryVerdict("promote", ["no other stable release to compare with: promoted "
+                                         "once the canary had enough reviewed records"], table)
+    if counts["stable"] < min_reviewed:
+        return CanaryVerdict("wait", [f"stable has {counts['stable']} reviewed records, needs "
+                                      f"{min_reviewed}"], table)
+    mine, theirs = evaluations["canary"], evaluations["stable"]
+    reasons = []
+    if theirs.accuracy - mine.accuracy > max_accuracy_drop:
+        reasons.append(f"accuracy {mine.accuracy:.4f} vs stable {theirs.accuracy:.4f} "
+                       f"(drop > {max_accuracy_drop})")
+    if theirs.macro_f1 - mine.macro_f1 > max_macro_f1_drop:
+        reasons.append(f"macro-F1 {mine.macro_f1:.4f} vs stable {theirs.macro_f1:.4f} "
+                       f"(drop > {max_macro_f1_drop})")
+    if reasons:
+        return CanaryVerdict("rollback", reasons, table)
+    return CanaryVerdict("promote", ["canary is not worse than stable on reviewed feedback"], table)

@@ -1,0 +1,123 @@
+"""Edge release: a signed bundle on the canary channel, promoted or rolled back on field feedback."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from dagster import (AssetExecutionContext, AutomationCondition, Config, Failure, MetadataValue,
+                     Output, asset)
+from pydantic import Field
+
+from cvops_pipelines import settings
+from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, build_release,
+                                          canary_verdict, load_private_key)
+from cvops_pipelines.core.tables import markdown_table
+from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
+from cvops_pipelines.edge.bundle import sha256
+
+
+class EdgeReleaseConfig(Config):
+    target: str = Field("edge", description="Target profile of onnx_model whose choice ships.")
+    canary_share: float = Field(0.34, description="Share of devices (by hashed id) on canary.")
+    canary_cohorts: list[str] = Field(default_factory=list,
+                                      description="Cohorts that always follow canary.")
+    signing_key: str = Field("", description="Private key path; default CVOPS_SIGNING_KEY or "
+                                             "$CVOPS_HOME/keys/release_signing.key.")
+
+
+def _history(releases: ReleaseStore) -> MetadataValue:
+    return MetadataValue.md(markdown_table(releases.history().iloc[::-1], 20))
+
+
+@asset(group_name="ship", io_manager_key="tables", kinds={"onnx"},
+       automation_condition=AutomationCondition.eager(),
+       description="The chosen ONNX artifact as a signed release bundle (with a bsdiff delta "
+                   "from the stable release), published and put on the canary channel.")
+def edge_release(context: AssetExecutionContext, config: EdgeReleaseConfig, onnx_model: dict,
+                 storage: CvopsStorage):
+    artifact = onnx_model["choices"].get(config.target)
+    if not artifact:
+        raise Failure(f"no artifact qualifies for target {config.target!r}: see onnx_model's "
+                      "choices table for why each was refused")
+    store = storage.store()
+    entry = onnx_model["artifacts"][artifact]
+    model = store.read_bytes(entry["key"])
+    if sha256(model) != entry["sha256"]:
+        raise Failure(f"{entry['uri']} changed since onnx_model wrote it (sha256 mismatch)")
+    try:
+        key = load_private_key(Path(config.signing_key) if config.signing_key
+                               else settings.signing_key_path())
+    except SigningKeyMissing as exc:
+        raise Failure(str(exc)) from None
+    releases = ReleaseStore(store)
+    stable = releases.channel("stable")
+    parent_id = stable["release"] if stable and stable.get("release") else None
+    meta = {"model_name": onnx_model["model_name"], "model_version": onnx_model["source_model_version"],
+            "dataset_version": onnx_model["dataset_version"], "artifact": artifact,
+            "target": config.target}
+    release = build_release(model, onnx_model["preprocess"], meta, key,
+                            releases.manifest(parent_id) if parent_id else None,
+                            releases.model(parent_id) if parent_id else None)
+    uri = releases.publish(release)
+    actor = f"dagster run {context.run.run_id}"
+    if parent_id is None:
+        canary = releases.point("canary", release.id, "first release: every device runs it on "
+                                "canary until field feedback promotes it", actor, share=1.0)
+    else:
+        canary = releases.point("canary", release.id, f"new model v{meta['model_version']} "
+                                f"({artifact}) against stable {parent_id}", actor,
+                                share=config.canary_share, cohorts=tuple(config.canary_cohorts))
+    delta = release.manifest.get("delta")
+    record = {"release": release.id, "parent": parent_id, "uri": uri, **meta,
+              "model_bytes": len(model), "delta_bytes": delta["size"] if delta else None,
+              "canary": canary}
+    return Output(record, metadata={
+        "release": release.id, "artifact": artifact, "parent": parent_id or "none",
+        "model_bytes": len(model),
+        "delta_bytes": delta["size"] if delta else "no parent",
+        "canary": MetadataValue.json(canary), "bundle": MetadataValue.url(uri),
+        "history": _history(releases)})
+
+
+class CanaryDecisionConfig(Config):
+    min_reviewed: int = Field(50, description="Reviewed field records each side needs first.")
+    max_accuracy_drop: float = Field(0.02, description="Canary vs stable, on reviewed feedback.")
+    max_macro_f1_drop: float = Field(0.02, description="Canary vs stable, on reviewed feedback.")
+
+
+@asset(group_name="ship", io_manager_key="tables", kinds={"python"},
+       description="Promote the canary to stable (and MLflow alias `champion`) when reviewed "
+                   "field feedback shows it is not worse; roll the canary back when it is.")
+def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig,
+                    edge_release: dict, fleet_feedback: pd.DataFrame, storage: CvopsStorage,
+                    mlflow: MlflowTracking):
+    releases = ReleaseStore(storage.store())
+    canary, stable = releases.channel("canary") or {}, releases.channel("stable") or {}
+    release = edge_release["release"]
+    if canary.get("release") != release:
+        return Output({"release": release, "action": "none",
+                       "reasons": [f"{release} is no longer on canary (decided earlier)"]},
+                      metadata={"action": "none", "history": _history(releases)})
+    manifest = releases.manifest(release)
+    classes = json.loads(releases.store.read_bytes(f"releases/{release}/classes.json"))
+    verdict = canary_verdict(fleet_feedback, release, stable.get("release"), classes,
+                             config.min_reviewed, config.max_accuracy_drop,
+                             config.max_macro_f1_drop)
+    actor, why = f"dagster run {context.run.run_id}", "; ".join(verdict.reasons)
+    tracking = mlflow.tracking()
+    if verdict.action == "promote":
+        releases.point("stable", release, why, actor)
+        releases.point("canary", None, f"{release} promoted to stable", actor)
+        tracking.set_alias("champion", manifest["model_version"])
+        context.log.info(f"{release} promoted; model v{manifest['model_version']} is champion")
+    elif verdict.action == "rollback":
+        releases.point("canary", None, f"rolled back: {why}", actor)
+        context.log.warning(f"{release} rolled back: {why}")
+    if verdict.action in ("promote", "rollback"):
+        tracking.client().set_model_version_tag(tracking.model_name, manifest["model_version"],
+                                                "canary", verdict.action)
+    return Output({"release": release, "action": verdict.action, "reasons": verdict.reasons,
+                   "table": verdict.table.to_dict(orient="records")},
+                  metadata={"action": verdict.action, "why": why,
+                            "canary_vs_stable": MetadataValue.md(markdown_table(verdict.table)),
+                            "history": _history(releases)})

@@ -1,0 +1,325 @@
+"""The edge agent: follow a channel, verify, activate atomically, predict, buffer, upload.
+
+State directory of a device:
+    current.json            {"release": ..., "previous": ...}, swapped atomically
+    releases/<id>/          verified, activated bundles (the current and the previous one)
+    staging/<id>/           downloads in progress (`*.part` resume where they stopped)
+    buffer.db               predictions + corrections until the store confirms them
+Whatever fails (network, signature, hash, delta, health check, a crash at any point), the device
+keeps serving the release it had, and no feedback record is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cvops_pipelines.edge.bundle import (BUNDLE_FILES, BundleError, apply_delta, load_public_key,
+                                         verify_file, verify_manifest)
+from cvops_pipelines.edge.buffer import FeedbackBuffer
+from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
+from cvops_pipelines.edge.remote import Offline, Remote
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Prediction:
+    record_id: str
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+    release: str
+
+
+@dataclass
+class SyncResult:
+    status: str  # up-to-date | updated | offline | rejected | no-release
+    release: str | None
+    detail: str = ""
+    downloaded_bytes: int = 0
+    used_delta: bool = False
+
+
+@dataclass
+class UploadResult:
+    batches: list[str] = field(default_factory=list)
+    records: int = 0
+    status: str = "ok"  # ok | offline
+
+
+def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
+    if not canary or not canary.get("release"):
+        return False
+    if cohort in canary.get("cohorts", []):
+        return True
+    bucket = int(hashlib.sha256(device_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < float(canary.get("share", 0.0))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class EdgeAgent:
+    def __init__(self, state_dir: str | Path, remote: Remote, public_key_pem: bytes,
+                 device_id: str, cohort: str = "default", top_k: int = 3, threads: int = 1):
+        self.state = Path(state_dir)
+        (self.state / "releases").mkdir(parents=True, exist_ok=True)
+        (self.state / "staging").mkdir(exist_ok=True)
+        self.remote, self.device_id, self.cohort = remote, device_id, cohort
+        self.public_key = load_public_key(public_key_pem)
+        self.top_k, self.threads = top_k, threads
+        self.buffer = FeedbackBuffer(self.state / "buffer.db", device_id, cohort)
+        self.events: list[str] = []
+        self._session = None
+        self._loaded: str | None = None
+        self.start()
+
+    # -- the active release -------------------------------------------------------------------
+    def _pointer(self) -> dict:
+        path = self.state / "current.json"
+        return json.loads(path.read_text()) if path.exists() else {"release": None, "previous": None}
+
+    @property
+    def release(self) -> str | None:
+        return self._pointer()["release"]
+
+    def _verified_dir(self, release: str) -> dict:
+        """Re-verify an activated release on disk: signature, then every file's hash."""
+        folder = self.state / "releases" / release
+        manifest = verify_manifest((folder / "manifest.json").read_bytes(),
+                                   (folder / "manifest.sig").read_bytes(), self.public_key)
+        for name in BUNDLE_FILES:
+            verify_file(manifest, name, (folder / name).read_bytes())
+        return manifest
+
+    def _health_check(self, folder: Path) -> tuple[object, dict]:
+        """Load the model and run it once; a model that cannot answer is never served."""
+        import onnxruntime as ort
+
+        preprocess = json.loads((folder / "preprocess.json").read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+            size = int(preprocess["image_size"])
+            out = session.run(None, {session.get_inputs()[0].name:
+                                     np.zeros((1, 3, size, size), np.float32)})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError("health", f"model does not load or run: {exc}") from None
+        if out.shape != (1, len(preprocess["classes"])) or not np.isfinite(out).all():
+            raise BundleError("health", f"model answers {out.shape} (finite: "
+                                        f"{bool(np.isfinite(out).all())}) for "
+                                        f"{len(preprocess['classes'])} classes")
+        return session, preprocess
+
+    def start(self) -> None:
+        """On (re)start: verify and health-check the active release; fall back to the previous
+        one if it fails."""
+        pointer = self._pointer()
+        for candidate in (pointer["release"], pointer["previous"]):
+            if not candidate:
+                continue
+            try:
+                self._verified_dir(candidate)
+                self._session, self._preprocess = self._health_check(
+                    self.state / "releases" / candidate)
+            except (BundleError, OSError) as exc:
+                self.events.append(f"release {candidate} failed its startup check: {exc}")
+                continue
+            self._loaded = candidate
+            if candidate != pointer["release"]:
+                self.events.append(f"rolled back locally to {candidate}")
+                _write_atomic(self.state / "current.json",
+                              json.dumps({"release": candidate, "previous": None}).encode())
+            return
+        self._session, self._loaded = None, None
+
+    # -- sync -----------------------------------------------------------------------------------
+    def target(self) -> str | None:
+        channels = {}
+        for name in ("stable", "canary"):
+            try:
+                channels[name] = json.loads(self.remote.get(f"releases/channels/{name}.json"))
+            except FileNotFoundError:
+                channels[name] = None
+        if in_canary(self.device_id, self.cohort, channels["canary"]):
+            return channels["canary"]["release"]
+        return channels["stable"]["release"] if channels["stable"] else None
+
+    def _fetch(self, key: str, part: Path, expected: int) -> int:
+        """Download to `part`, resuming from what is already there; returns new bytes."""
+        have = part.stat().st_size if part.exists() else 0
+        if have > expected:
+            part.unlink()
+            have = 0
+        new = 0
+        with open(part, "ab") as handle:
+            while have < expected:
+                chunk = self.remote.get(key, have, min(CHUNK, expected - have))
+                if not chunk:
+                    break  # the store has fewer bytes than the manifest promises
+                handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+                have += len(chunk)
+                new += len(chunk)
+        return new
+
+    def sync(self) -> SyncResult:
+        try:
+            target = self.target()
+            if target is None:
+                return SyncResult("no-release", self._loaded, "no channel names a release yet")
+            if target == self._loaded:
+                return SyncResult("up-to-date", target)
+            return self._install(target)
+        except Offline as exc:
+            return SyncResult("offline", self._loaded, str(exc))
+        except (BundleError, FileNotFoundError, ValueError) as exc:
+            self.events.append(f"rejected {exc}")
+            return SyncResult("rejected", self._loaded, str(exc))
+
+    def _install(self, release: str) -> SyncResult:
+        prefix = f"releases/{release}"
+        staging = self.state / "staging" / release
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            manifest_bytes = self.remote.get(f"{prefix}/manifest.json")
+            signature = self.remote.get(f"{prefix}/manifest.sig")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"channel names release {release}, which is not in the "
+                                    "store (missing or unfinished)") from None
+        manifest = verify_manifest(manifest_bytes, signature, self.public_key)
+        downloaded, used_delta = 0, False
+        delta = manifest.get("delta")
+        for name in BUNDLE_FILES:
+            final = staging / name
+            if final.exists():
+                try:
+                    verify_file(manifest, name, final.read_bytes())
+                    continue  # finished before a crash
+                except BundleError:
+                    final.unlink()
+            data = self._held_copy(manifest, name)  # unchanged files never travel again
+            if data is None and name == "model.onnx" and delta and delta["from"] == self._loaded:
+                part = staging / f"{delta['file']}.part"
+                downloaded += self._fetch(f"{prefix}/{delta['file']}", part, delta["size"])
+                base = (self.state / "releases" / self._loaded / "model.onnx").read_bytes()
+                try:
+                    data, used_delta = apply_delta(manifest, base, part.read_bytes()), True
+                except BundleError as exc:
+                    part.unlink(missing_ok=True)
+                    self.events.append(f"delta rejected ({exc}); fetching the full model")
+            if data is None:
+                part = staging / f"{name}.part"
+                downloaded += self._fetch(f"{prefix}/{name}", part, manifest["files"][name]["size"])
+                try:
+                    data = verify_file(manifest, name, part.read_bytes())
+                except BundleError:
+                    part.unlink(missing_ok=True)  # never resume from bytes that failed
+                    raise
+            _write_atomic(final, data)
+            for leftover in staging.glob(f"{name}*.part"):
+                leftover.unlink()
+        (staging / "manifest.json").write_bytes(manifest_bytes)
+        (staging / "manifest.sig").write_bytes(signature)
+        for leftover in staging.glob("*.part"):
+            leftover.unlink()
+        session, preprocess = self._health_check(staging)
+        self._activate(release, staging)
+        self._session, self._preprocess, self._loaded = session, preprocess, release
+        return SyncResult("updated", release, downloaded_bytes=downloaded, used_delta=used_delta)
+
+    def _held_copy(self, manifest: dict, name: str) -> bytes | None:
+        if not self._loaded:
+            return None
+        held = self.state / "releases" / self._loaded / name
+        if held.exists():
+            data = held.read_bytes()
+            if len(data) == manifest["files"][name]["size"] and \
+                    hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"]:
+                return data
+        return None
+
+    def _activate(self, release: str, staging: Path) -> None:
+        """New directory in place, then the pointer swap; keep the previous release."""
+        target = self.state / "releases" / release
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        previous = self._loaded
+        _write_atomic(self.state / "current.json",
+                      json.dumps({"release": release, "previous": previous}).encode())
+        for old in (self.state / "releases").iterdir():
+            if old.name not in (release, previous):
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- serving --------------------------------------------------------------------------------
+    def predict(self, image: bytes) -> Prediction:
+        if self._session is None:
+            raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
+        size = int(self._preprocess["image_size"])
+        batch = normalize([resize(load_rgb(image), size)], self._preprocess["mean"],
+                          self._preprocess["std"])
+        logits = self._session.run(None, {self._session.get_inputs()[0].name: batch})[0][0]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        classes = self._preprocess["classes"]
+        order = np.argsort(-probs)[:self.top_k]
+        top = [(classes[i], round(float(probs[i]), 6)) for i in order]
+        image_id = hashlib.sha256(image).hexdigest()
+        record_id = self.buffer.record(self._loaded, image_id, image, top[0][0], top[0][1], top)
+        return Prediction(record_id, top[0][0], top[0][1], top, self._loaded)
+
+    def correct(self, record_id: str, label: str) -> None:
+        self.buffer.correct(record_id, label)
+
+    # -- feedback upload ------------------------------------------------------------------------
+    def upload(self, max_records: int = 256) -> UploadResult:
+        """Seal what waits into batches and send them, oldest first. A batch leaves the device
+        only after the store reports it whole; re-sending one is harmless (same id, same bytes)."""
+        result = UploadResult()
+        while self.buffer.seal(max_records):
+            pass
+        for batch_id in self.buffer.sealed():
+            payload = self.buffer.payload(batch_id)
+            key = f"feedback/batches/{batch_id}.zip"
+            try:
+                self.remote.put(key, payload)
+                if self.remote.size(key) != len(payload):
+                    raise Offline(f"store did not confirm {key}")
+            except Offline:
+                result.status = "offline"
+                return result
+            records = sum(1 for line in _records(payload))
+            self.buffer.forget(batch_id)
+            result.batches.append(batch_id)
+            result.records += records
+        return result
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+def _records(payload: bytes):
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        text = archive.read("records.jsonl").decode()
+    return [line for line in text.splitlines() if line]

@@ -1,0 +1,127 @@
+"""`cvops-edge`: the device agent from the command line (no torch, no Dagster)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """environment (defaults for the options):
+  CVOPS_EDGE_STATE       state directory            CVOPS_EDGE_STORE   release/feedback store
+  CVOPS_EDGE_PUBLIC_KEY  pinned release public key  CVOPS_EDGE_DEVICE  device id
+  CVOPS_EDGE_COHORT      cohort (default: default)
+
+examples:
+  cvops-edge --store .cvops --public-key .cvops/keys/release_signing.pub --device-id cam-1 sync
+  cvops-edge ... predict photo.jpg             # JSON line per image: class, confidence, top-k
+  cvops-edge ... run --watch incoming/ --interval 30
+"""
+
+
+def _agent(args):
+    from cvops_pipelines.edge.agent import EdgeAgent
+    from cvops_pipelines.edge.remote import remote_from
+
+    missing = [n for n in ("state", "store", "public_key", "device_id") if not getattr(args, n)]
+    if missing:
+        raise SystemExit(f"cvops-edge: missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return EdgeAgent(args.state, remote_from(args.store), Path(args.public_key).read_bytes(),
+                     args.device_id, args.cohort)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, default=lambda o: o.__dict__))
+
+
+def cmd_sync(args) -> int:
+    result = _agent(args).sync()
+    _print(result)
+    return 0 if result.status in ("updated", "up-to-date") else 1
+
+
+def cmd_predict(args) -> int:
+    agent = _agent(args)
+    for path in args.images:
+        p = agent.predict(Path(path).read_bytes())
+        _print({"image": path, "record_id": p.record_id, "label": p.label,
+                "confidence": p.confidence, "top_k": p.top_k, "release": p.release})
+    return 0
+
+
+def cmd_correct(args) -> int:
+    _agent(args).correct(args.record_id, args.label)
+    return 0
+
+
+def cmd_upload(args) -> int:
+    result = _agent(args).upload()
+    _print(result)
+    return 0 if result.status == "ok" else 1
+
+
+def cmd_status(args) -> int:
+    agent = _agent(args)
+    _print({"device_id": agent.device_id, "cohort": agent.cohort, "release": agent.release,
+            "pending_feedback": agent.buffer.pending(), "events": agent.events})
+    return 0
+
+
+def cmd_run(args) -> int:
+    agent = _agent(args)
+    seen: set[str] = set()
+    while True:
+        status = agent.sync().status
+        if args.watch:
+            for path in sorted(Path(args.watch).glob("*")):
+                if path.is_file() and path.name not in seen and agent.release:
+                    p = agent.predict(path.read_bytes())
+                    seen.add(path.name)
+                    _print({"image": str(path), "label": p.label, "confidence": p.confidence})
+        uploaded = agent.upload()
+        print(f"sync {status}; uploaded {uploaded.records} records ({uploaded.status})",
+              file=sys.stderr)
+        if args.once:
+            return 0
+        time.sleep(args.interval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="cvops-edge", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state", default=env("CVOPS_EDGE_STATE"), help="state directory")
+    parser.add_argument("--store", default=env("CVOPS_EDGE_STORE"),
+                        help="release/feedback store: a folder or an http(s) URL")
+    parser.add_argument("--public-key", default=env("CVOPS_EDGE_PUBLIC_KEY"),
+                        help="PEM ed25519 public key releases must be signed with")
+    parser.add_argument("--device-id", default=env("CVOPS_EDGE_DEVICE"))
+    parser.add_argument("--cohort", default=env("CVOPS_EDGE_COHORT", "default"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("sync", help="fetch, verify and activate this device's release").set_defaults(func=cmd_sync)
+    p = sub.add_parser("predict", help="predict images and record them for feedback")
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("correct", help="record a human correction of a prediction")
+    p.add_argument("record_id")
+    p.add_argument("label")
+    p.set_defaults(func=cmd_correct)
+    sub.add_parser("upload", help="send buffered feedback batches").set_defaults(func=cmd_upload)
+    sub.add_parser("status", help="active release and buffered feedback").set_defaults(func=cmd_status)
+    p = sub.add_parser("run", help="loop: sync, predict new images in --watch, upload")
+    p.add_argument("--watch", help="folder of incoming images")
+    p.add_argument("--interval", type=float, default=30.0, help="seconds between rounds")
+    p.add_argument("--once", action="store_true", help="one round, then exit")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

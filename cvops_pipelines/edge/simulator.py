@@ -1,0 +1,179 @@
+"""A fleet of edge agents in one process: cohorts, offline periods, crashes (mid-download and
+mid-upload included), a production stream with a configurable shift, and a human corrector.
+
+Not device code (it uses albumentations to shift the stream); the agents it drives are.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cvops_pipelines.edge.agent import EdgeAgent
+from cvops_pipelines.edge.remote import Offline, Remote
+
+
+class Crash(Exception):
+    """The device lost power: the agent object is gone; its state directory is not."""
+
+
+class FaultyRemote:
+    """Wraps a remote with a device's bad days: offline periods and crashes inside calls."""
+
+    def __init__(self, inner: Remote, rng: random.Random, p_crash: float):
+        self.inner, self.rng, self.p_crash = inner, rng, p_crash
+        self.online = True
+
+    def _maybe_crash(self) -> None:
+        if self.rng.random() < self.p_crash:
+            raise Crash()
+
+    def get(self, key, offset=0, length=None):
+        if not self.online:
+            raise Offline("simulated: no connectivity")
+        self._maybe_crash()  # mid-download: earlier chunks are already on disk
+        return self.inner.get(key, offset, length)
+
+    def put(self, key, data):
+        if not self.online:
+            raise Offline("simulated: no connectivity")
+        self._maybe_crash()  # before the store has it
+        self.inner.put(key, data)
+        self._maybe_crash()  # after the store has it, before the device knows
+
+    def size(self, key):
+        if not self.online:
+            raise Offline("simulated: no connectivity")
+        return self.inner.size(key)
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Production conditions the training data did not have (albumentations)."""
+
+    brightness: float = 0.0  # +/- limit
+    blur: int = 0  # max Gaussian kernel (odd, >= 3), 0 = none
+    rotate: float = 0.0  # +/- degrees
+
+    def transform(self, seed: int):
+        import albumentations as A
+
+        steps = []
+        if self.brightness:
+            steps.append(A.RandomBrightnessContrast((-self.brightness, self.brightness), 0, p=1))
+        if self.blur >= 3:
+            steps.append(A.GaussianBlur(blur_limit=(3, self.blur), p=1))
+        if self.rotate:
+            steps.append(A.Affine(rotate=(-self.rotate, self.rotate), fill=255, p=1))
+        return A.Compose(steps, seed=seed) if steps else None
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    devices: int = 6
+    cohorts: tuple[str, ...] = ("site-a", "site-b")
+    steps: int = 30
+    images_per_step: int = 4
+    p_offline: float = 0.25  # chance a device is offline during a step
+    p_crash: float = 0.03  # chance per remote call that the device crashes inside it
+    review_share: float = 0.6  # share of predictions a human looks at (partial correction)
+    operator_top_k: int = 2  # the operator picks among the model's top k ...
+    p_pick_right: float = 0.95  # ... the right class with this probability when it is there
+    upload_every: int = 3
+    shift: Shift = Shift()
+    seed: int = 0
+
+
+@dataclass
+class FleetResult:
+    predictions: dict[str, str] = field(default_factory=dict)  # record_id -> device
+    truth: dict[str, str] = field(default_factory=dict)  # record_id -> true label
+    reviewed: int = 0
+    crashes: int = 0
+    offline_steps: int = 0
+    syncs: dict[str, int] = field(default_factory=dict)  # sync status -> count
+    releases: dict[str, str | None] = field(default_factory=dict)  # device -> release at the end
+    events: list[str] = field(default_factory=list)
+
+    def accuracy(self, labels: dict[str, str]) -> float:
+        hits = [labels[r] == self.truth[r] for r in self.truth if r in labels]
+        return float(np.mean(hits)) if hits else float("nan")
+
+
+def shifted(image: bytes, transform) -> bytes:
+    from PIL import Image
+
+    if transform is None:
+        return image
+    rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    out = io.BytesIO()
+    Image.fromarray(transform(image=rgb)["image"]).save(out, "PNG")
+    return out.getvalue()
+
+
+def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
+              stream: list[tuple[bytes, str]], config: FleetConfig = FleetConfig()) -> FleetResult:
+    """Drive the fleet over `stream` (image bytes, true label), then let every device come back
+    online, sync and upload until its buffer is empty."""
+    rng = random.Random(config.seed)
+    transform = config.shift.transform(config.seed)
+    result = FleetResult()
+    devices = [f"dev-{i:03d}" for i in range(config.devices)]
+    cohort = {d: config.cohorts[i % len(config.cohorts)] for i, d in enumerate(devices)}
+    links = {d: FaultyRemote(remote, random.Random(rng.random()), config.p_crash) for d in devices}
+    agents: dict[str, EdgeAgent | None] = dict.fromkeys(devices)
+
+    def agent(device: str) -> EdgeAgent:
+        if agents[device] is None:  # (re)boot from the state directory
+            agents[device] = EdgeAgent(state_root / device, links[device], public_key, device,
+                                       cohort[device])
+        return agents[device]
+
+    def crashed(device: str) -> None:
+        result.crashes += 1
+        agents[device].close()
+        agents[device] = None
+
+    position = 0
+    for step in range(config.steps):
+        for device in devices:
+            link = links[device]
+            link.online = rng.random() >= config.p_offline
+            result.offline_steps += not link.online
+            try:
+                outcome = agent(device).sync()
+                result.syncs[outcome.status] = result.syncs.get(outcome.status, 0) + 1
+                for _ in range(config.images_per_step):
+                    if position >= len(stream) or agent(device).release is None:
+                        break
+                    image, label = stream[position]
+                    position += 1
+                    prediction = agent(device).predict(shifted(image, transform))
+                    result.predictions[prediction.record_id] = device
+                    result.truth[prediction.record_id] = label
+                    if rng.random() < config.review_share:
+                        offered = [c for c, _ in prediction.top_k[:config.operator_top_k]]
+                        if label in offered and rng.random() < config.p_pick_right:
+                            choice = label
+                        else:  # the operator settles on a wrong offered class
+                            wrong = [c for c in offered if c != label] or offered
+                            choice = rng.choice(wrong)
+                        agent(device).correct(prediction.record_id, choice)
+                        result.reviewed += 1
+                if step % config.upload_every == config.upload_every - 1:
+                    agent(device).upload()
+            except Crash:
+                crashed(device)
+    for device in devices:  # the end of the day: back online, no more faults
+        links[device].online, links[device].p_crash = True, 0.0
+        current = agent(device)
+        current.sync()
+        current.upload()
+        result.releases[device] = current.release
+        result.events += [f"{device}: {e}" for e in current.events]
+        current.close()
+    return result

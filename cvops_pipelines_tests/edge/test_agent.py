@@ -1,0 +1,204 @@
+"""The edge agent against a real release store on disk: every fault leaves the device serving
+the release it had, and no feedback record is lost."""
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from cvops_pipelines.core.release import generate_keypair, load_private_key
+from cvops_pipelines.edge import agent as agent_module
+from cvops_pipelines.edge.agent import EdgeAgent
+from cvops_pipelines.edge.remote import DirRemote
+from cvops_pipelines.edge.simulator import Crash, FaultyRemote
+from cvops_pipelines_tests.corpus import digit_label
+from cvops_pipelines_tests.edge.fleet_kit import central, png, trained_model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return trained_model(quality="good"), trained_model(n=300, quality="good")
+
+
+@pytest.fixture
+def fleet(tmp_path, models):
+    c = central(tmp_path)
+    r1 = c.release(models[0], "1")
+    c.releases.point("stable", r1.id, "first release", "test")
+    return c, r1
+
+
+def new_agent(tmp_path, c, remote=None, device="dev-1"):
+    return EdgeAgent(tmp_path / device, remote or c.remote, c.public_key, device, "site-a")
+
+
+def central_records(c) -> list[dict]:
+    out = []
+    for path in sorted((c.root / "feedback" / "batches").glob("*.zip")):
+        with zipfile.ZipFile(path) as archive:
+            out += [json.loads(line) for line in archive.read("records.jsonl").decode().splitlines()]
+    return out
+
+
+def test_sync_predict_upload(tmp_path, fleet):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    assert device.sync().status == "updated" and device.release == r1.id
+    correct = sum(device.predict(png(i)).label == digit_label(i) for i in range(1000, 1040))
+    assert correct / 40 > 0.7  # a real classifier on real digits, never trained on these
+    prediction = device.predict(png(1041))
+    device.correct(prediction.record_id, "1")
+    assert len(prediction.top_k) == 3 and 0 < prediction.confidence <= 1
+    sent = device.upload()
+    assert sent.records == 41 and device.buffer.pending() == 0
+    records = central_records(c)
+    assert len(records) == 41 and records[-1]["corrected_label"] == "1"
+    assert {r["release"] for r in records} == {r1.id}
+
+
+def test_delta_update_ships_a_fraction_of_the_model(tmp_path, fleet, models):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    r2 = c.release(models[1], "2", parent=r1.id)
+    c.releases.point("stable", r2.id, "better", "test")
+    result = device.sync()
+    assert result.status == "updated" and result.used_delta and device.release == r2.id
+    assert result.downloaded_bytes == r2.manifest["delta"]["size"]
+    assert json.loads((tmp_path / "dev-1" / "current.json").read_text())["previous"] == r1.id
+
+
+@pytest.mark.parametrize("fault", ["tampered_file", "wrong_key", "truncated", "missing_release"])
+def test_bad_releases_are_rejected_and_the_device_keeps_serving(tmp_path, fleet, models, fault):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    key = None
+    if fault == "wrong_key":
+        other, _ = generate_keypair(tmp_path / "attacker")
+        key = load_private_key(other)
+    r2 = c.release(models[1], "2", key=key)
+    model = c.root / "releases" / r2.id / "model.onnx"
+    if fault == "tampered_file":
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif fault == "truncated":
+        model.write_bytes(model.read_bytes()[:-100])
+    elif fault == "missing_release":
+        (c.root / "releases" / r2.id / "manifest.sig").unlink()
+    c.releases.store.write_bytes("releases/channels/stable.json",
+                                 json.dumps({"release": r2.id}).encode())
+    result = device.sync()
+    assert result.status == "rejected" and device.release == r1.id
+    expected = {"tampered_file": "sha256", "wrong_key": "signature", "truncated": "size",
+                "missing_release": "not in the store"}[fault]
+    assert expected in result.detail
+    assert device.predict(png(5)).release == r1.id  # still serving
+
+
+def test_a_delta_that_does_not_apply_falls_back_to_the_full_model(tmp_path, fleet, models):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    r2 = c.release(models[1], "2", parent=r1.id)
+    delta = c.root / "releases" / r2.id / r2.manifest["delta"]["file"]
+    delta.write_bytes(delta.read_bytes()[::-1])
+    c.releases.point("stable", r2.id, "better", "test")
+    result = device.sync()
+    assert result.status == "updated" and not result.used_delta and device.release == r2.id
+    assert any("delta rejected" in e for e in device.events)
+
+
+def test_store_unreachable_during_sync_and_upload(tmp_path, fleet):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    device.predict(png(3))
+    device.remote = DirRemote(tmp_path / "not-mounted")
+    assert device.sync().status == "offline" and device.release == r1.id
+    assert device.upload().status == "offline" and device.buffer.pending() == 1
+    device.remote = c.remote
+    assert device.upload().records == 1 and len(central_records(c)) == 1
+
+
+def test_crash_between_download_and_activation(tmp_path, fleet, models, monkeypatch):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    r2 = c.release(models[1], "2")
+    c.releases.point("stable", r2.id, "better", "test")
+
+    def power_cut(self, release, staging):
+        raise Crash()
+
+    monkeypatch.setattr(EdgeAgent, "_activate", power_cut)
+    with pytest.raises(Crash):
+        device.sync()
+    monkeypatch.undo()
+    rebooted = new_agent(tmp_path, c)
+    assert rebooted.release == r1.id and rebooted.predict(png(4)).release == r1.id
+    result = rebooted.sync()  # the verified staged files are reused, not downloaded again
+    assert result.status == "updated" and result.downloaded_bytes == 0
+
+
+def test_interrupted_download_resumes_where_it_stopped(tmp_path, fleet, monkeypatch):
+    c, r1 = fleet
+    monkeypatch.setattr(agent_module, "CHUNK", 512)
+    size = r1.manifest["files"]["model.onnx"]["size"]
+    link = FaultyRemote(c.remote, __import__("random").Random(3), p_crash=0.02)
+    downloaded, boots = 0, 0
+    while True:
+        boots += 1
+        try:
+            result = new_agent(tmp_path, c, link).sync()
+        except Crash:
+            continue
+        downloaded += result.downloaded_bytes
+        if result.status == "updated":
+            break
+    assert boots > 1  # it did crash mid-download
+    total = sum(p.stat().st_size for p in (tmp_path / "dev-1" / "releases" / r1.id).iterdir())
+    assert total >= size
+
+
+def test_crash_during_upload_loses_nothing_and_duplicates_nothing(tmp_path, fleet, monkeypatch):
+    c, _ = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    ids = [device.predict(png(i)).record_id for i in range(10)]
+    forget = device.buffer.forget
+    monkeypatch.setattr(device.buffer, "forget", lambda batch: (_ for _ in ()).throw(Crash()))
+    with pytest.raises(Crash):
+        device.upload()  # the store has the batch; the device does not know
+    monkeypatch.setattr(device.buffer, "forget", forget)
+    device.close()
+    rebooted = new_agent(tmp_path, c)
+    rebooted.upload()
+    assert sorted(r["record_id"] for r in central_records(c)) == sorted(ids)
+    assert rebooted.buffer.pending() == 0
+
+
+def test_a_release_that_fails_its_startup_check_is_rolled_back_locally(tmp_path, fleet, models):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    r2 = c.release(models[1], "2")
+    c.releases.point("stable", r2.id, "better", "test")
+    device.sync()
+    device.close()
+    (tmp_path / "dev-1" / "releases" / r2.id / "model.onnx").write_bytes(b"not a model")
+    rebooted = new_agent(tmp_path, c)
+    assert rebooted.release == r1.id
+    assert any("rolled back locally" in e for e in rebooted.events)
+
+
+def test_the_agent_imports_no_training_stack():
+    code = ("import sys, cvops_pipelines.edge.agent, cvops_pipelines.edge.cli; "
+            "heavy = [m for m in ('torch', 'dagster', 'mlflow', 'albumentations', 'pandas') "
+            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

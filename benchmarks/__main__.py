@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput", "export_latency"]
+BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput", "export_latency",
+              "release_delta"]
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -131,7 +131,7 @@ class ReleaseStore:
                "updated_at": now.isoformat(timespec="seconds"),
                "previous": previous["release"] if previous else None}
         self.store.write_bytes(f"{PREFIX}/channels/{channel}.json", json.dumps(doc).encode())
-        event = {"at": doc["updated_at"], "actor": actor, "channel": channel,
+        event = {"at": now.isoformat(timespec="microseconds"), "actor": actor, "channel": channel,
                  "from_release": doc["previous"], "to_release": release, "reason": reason}
         stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
         self.store.write_bytes(f"{PREFIX}/history/{stamp}-{channel}.json", json.dumps(event).encode())
@@ -142,7 +142,8 @@ class ReleaseStore:
                 for e in self.store.list(f"{PREFIX}/history/") if e.key.endswith(".json")]
         frame = pd.DataFrame(rows, columns=["at", "actor", "channel", "from_release",
                                             "to_release", "reason"])
-        return frame.sort_values("at", kind="stable").reset_index(drop=True)
+        frame = frame.sort_values("at", kind="stable").reset_index(drop=True)
+        return frame.astype(object).where(frame.notna(), None)  # a retired channel: None
 
 
 def canary_verdict(feedback: pd.DataFrame, canary: str, stable: str | None, classes: list[str],
@@ -194,3 +195,18 @@ def canary_verdict(feedback: pd.DataFrame, canary: str, stable: str | None, clas
     if reasons:
         return CanaryVerdict("rollback", reasons, table)
     return CanaryVerdict("promote", ["canary is not worse than stable on reviewed feedback"], table)
+
+
+def apply_verdict(releases: ReleaseStore, release: str, verdict: CanaryVerdict, actor: str,
+                  on_promote=None) -> None:
+    """Move the pointers a verdict calls for: promote (stable -> release, canary retired, then
+    `on_promote(manifest)`, e.g. the MLflow `champion` alias) or roll back (canary retired, so
+    canary devices return to stable). `wait` changes nothing."""
+    why = "; ".join(verdict.reasons)
+    if verdict.action == "promote":
+        releases.point("stable", release, why, actor)
+        releases.point("canary", None, f"{release} promoted to stable", actor)
+        if on_promote:
+            on_promote(releases.manifest(release))
+    elif verdict.action == "rollback":
+        releases.point("canary", None, f"{release} rolled back: {why}", actor)

@@ -172,9 +172,12 @@ def evaluate(model, loader, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
 
 def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
         classes: list[str], config: TrainConfig, device: str = "cpu",
-        on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[int, dict], None] | None = None,
+        initial_state: dict | None = None) -> FitResult:
     """Train, keep the weights of the best validation epoch, stop after `patience` epochs
-    without improvement in validation loss."""
+    without improvement in validation loss. `initial_state` continues from an earlier model of
+    the same architecture and classes (e.g. the champion: with `freeze_backbone`, only the head
+    changes and the OTA delta stays tiny)."""
     import copy
 
     import torch
@@ -183,7 +186,10 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
     preprocess = Preprocess(config.architecture, config.image_size, IMAGENET_MEAN, IMAGENET_STD,
                             tuple(classes))
     model = build_model(config.architecture, len(classes), config.weights,
-                        config.freeze_backbone).to(device)
+                        config.freeze_backbone)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    model = model.to(device)
     train_loader = make_loader(ImageDataset(*train, augmentation(config.augmentation, config.image_size,
                                                                  seed=config.seed)),
                                config.batch_size, True, config.seed, config.workers)

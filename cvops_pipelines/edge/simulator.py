@@ -98,6 +98,7 @@ class FleetResult:
     syncs: dict[str, int] = field(default_factory=dict)  # sync status -> count
     releases: dict[str, str | None] = field(default_factory=dict)  # device -> release at the end
     events: list[str] = field(default_factory=list)
+    stream_used: int = 0  # images taken from the stream (each one predicted and recorded)
 
     def accuracy(self, labels: dict[str, str]) -> float:
         hits = [labels[r] == self.truth[r] for r in self.truth if r in labels]
@@ -168,6 +169,7 @@ def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
                     agent(device).upload()
             except Crash:
                 crashed(device)
+    result.stream_used = position
     for device in devices:  # the end of the day: back online, no more faults
         links[device].online, links[device].p_crash = True, 0.0
         current = agent(device)

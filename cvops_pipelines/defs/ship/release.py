@@ -9,8 +9,8 @@ from dagster import (AssetExecutionContext, AutomationCondition, Config, Failure
 from pydantic import Field
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, build_release,
-                                          canary_verdict, load_private_key)
+from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, apply_verdict,
+                                          build_release, canary_verdict, load_private_key)
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 from cvops_pipelines.edge.bundle import sha256
@@ -105,14 +105,10 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
                              config.max_macro_f1_drop)
     actor, why = f"dagster run {context.run.run_id}", "; ".join(verdict.reasons)
     tracking = mlflow.tracking()
-    if verdict.action == "promote":
-        releases.point("stable", release, why, actor)
-        releases.point("canary", None, f"{release} promoted to stable", actor)
-        tracking.set_alias("champion", manifest["model_version"])
-        context.log.info(f"{release} promoted; model v{manifest['model_version']} is champion")
-    elif verdict.action == "rollback":
-        releases.point("canary", None, f"rolled back: {why}", actor)
-        context.log.warning(f"{release} rolled back: {why}")
+    apply_verdict(releases, release, verdict, actor,
+                  on_promote=lambda m: tracking.set_alias("champion", m["model_version"]))
+    log = context.log.warning if verdict.action == "rollback" else context.log.info
+    log(f"canary {release}: {verdict.action} ({why})")
     if verdict.action in ("promote", "rollback"):
         tracking.client().set_model_version_tag(tracking.model_name, manifest["model_version"],
                                                 "canary", verdict.action)

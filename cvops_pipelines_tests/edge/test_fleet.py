@@ -1,0 +1,102 @@
+"""A seeded fleet with outages and crashes (mid-download and mid-upload), then the canary loop:
+a worse model is rolled back by field feedback, a better one is promoted and becomes champion."""
+
+import collections
+
+import pytest
+from mlflow import MlflowClient
+
+from cvops_pipelines.core.feedback import batch_keys, feedback_records
+from cvops_pipelines.core.release import apply_verdict, canary_verdict
+from cvops_pipelines.core.tracking import Tracking
+from cvops_pipelines.edge import agent as agent_module
+from cvops_pipelines.edge.agent import EdgeAgent
+from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
+from cvops_pipelines_tests.corpus import digit_label
+from cvops_pipelines_tests.edge.fleet_kit import CLASSES, central, png, trained_model
+
+
+def stream(start: int, n: int):
+    return [(png(i), digit_label(i)) for i in range(start, start + n)]
+
+
+def test_seeded_fleet_loses_and_duplicates_no_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent_module, "CHUNK", 2048)  # several chunks: crashes land mid-download
+    c = central(tmp_path)
+    r1 = c.release(trained_model(), "1")
+    c.releases.point("stable", r1.id, "first", "test")
+    config = FleetConfig(devices=5, steps=16, images_per_step=3, p_offline=0.3, p_crash=0.08,
+                         review_share=0.5, seed=11)
+    first = run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(1000, 200), config)
+    r2 = c.release(trained_model(n=300), "2", parent=r1.id)
+    c.releases.point("canary", r2.id, "try", "test", share=0.5)
+    second = run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(1200, 200),
+                       FleetConfig(**{**config.__dict__, "seed": 12}))
+    assert first.crashes + second.crashes >= 5 and first.offline_steps + second.offline_steps > 10
+
+    made = {**first.predictions, **second.predictions}
+    records = feedback_records(c.releases.store)
+    counts = collections.Counter(records["record_id"])
+    assert set(counts) == set(made) and set(counts.values()) == {1}  # each exactly once
+    assert len(made) == first.stream_used + second.stream_used > 350
+    for device, release in second.releases.items():  # every device runs a verified release
+        agent = EdgeAgent(tmp_path / "fleet" / device, c.remote, c.public_key, device)
+        assert agent.release == release and release in (r1.id, r2.id)
+        assert agent._verified_dir(release)["release"] == release
+        assert release == agent.target()  # and the one its channel names
+    assert {r for r in second.releases.values()} == {r1.id, r2.id}  # canary share reached some
+
+
+def registered(tracking: Tracking, versions: int, tmp_path_source) -> None:
+    """Registry versions 1..n (the models themselves are the ONNX files in the releases)."""
+    client = tracking.client()
+    client.create_registered_model(tracking.model_name)
+    for _ in range(versions):
+        client.create_model_version(tracking.model_name, str(tmp_path_source), None)
+
+
+@pytest.fixture
+def good_and_bad():
+    return trained_model(n=900), trained_model(n=900, quality="bad"), trained_model(n=120)
+
+
+def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
+    good, bad, weak = good_and_bad
+    c = central(tmp_path)
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"))
+    registered(tracking, 3, tmp_path / "artifacts")
+    champion = lambda manifest: tracking.set_alias("champion", manifest["model_version"])  # noqa
+    config = FleetConfig(devices=6, steps=20, images_per_step=4, p_offline=0.1, p_crash=0.0,
+                         review_share=0.8, shift=Shift(brightness=0.1), seed=5)
+
+    def field_round(release, start):
+        run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(start, 480), config)
+        return canary_verdict(feedback_records(c.releases.store), release,
+                              (c.releases.channel("stable") or {}).get("release"), CLASSES,
+                              min_reviewed=40)
+
+    stable = c.release(weak, "1")
+    c.releases.point("stable", stable.id, "first", "test")
+    tracking.set_alias("champion", "1")
+
+    worse = c.release(bad, "2", parent=stable.id)
+    c.releases.point("canary", worse.id, "try v2", "test", share=0.5)
+    verdict = field_round(worse.id, 0)
+    assert verdict.action == "rollback", verdict
+    apply_verdict(c.releases, worse.id, verdict, "test", champion)
+    assert c.releases.channel("canary")["release"] is None
+    assert c.releases.channel("stable")["release"] == stable.id
+    assert str(MlflowClient(tracking.tracking_uri).get_model_version_by_alias(
+        tracking.model_name, "champion").version) == "1"
+
+    better = c.release(good, "3", parent=stable.id)
+    c.releases.point("canary", better.id, "try v3", "test", share=0.5)
+    verdict = field_round(better.id, 480)
+    assert verdict.action == "promote", verdict
+    apply_verdict(c.releases, better.id, verdict, "test", champion)
+    assert c.releases.channel("stable")["release"] == better.id
+    assert str(MlflowClient(tracking.tracking_uri).get_model_version_by_alias(
+        tracking.model_name, "champion").version) == "3"
+    history = c.releases.history()
+    assert list(history["to_release"]) == [stable.id, worse.id, None, better.id, better.id, None]
+    assert "rolled back" in history.iloc[2]["reason"] and len(batch_keys(c.releases.store)) > 0

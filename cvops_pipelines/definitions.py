@@ -1,7 +1,6 @@
 """The one Definitions object of the cvops code location."""
 
-from dagster import (AssetSelection, DefaultScheduleStatus, Definitions, ScheduleDefinition,
-                     define_asset_job)
+from dagster import Definitions
 
 from cvops_pipelines import settings  # noqa: F401  (sets the no-telemetry environment first)
 from cvops_pipelines.defs.build.assets import trained_model
@@ -13,21 +12,8 @@ from cvops_pipelines.defs.learn.assets import fleet_feedback
 from cvops_pipelines.defs.measure.assets import model_evaluation
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines.defs.ship.assets import onnx_model
+from cvops_pipelines.defs.ship.jobs import canary_job, canary_schedule, release_job, train_job
 from cvops_pipelines.defs.ship.release import canary_decision, edge_release
-
-train_job = define_asset_job(
-    "train_job", selection=AssetSelection.assets(trained_model, model_evaluation, onnx_model),
-    description="Train a challenger on the current dataset version, evaluate it against the "
-                "champion, run the gate, and export the ONNX artifacts that pass.")
-release_job = define_asset_job(
-    "release_job", selection=AssetSelection.assets(edge_release),
-    description="Sign and publish the chosen artifact and put it on the canary channel.")
-canary_job = define_asset_job(
-    "canary_job", selection=AssetSelection.assets(fleet_feedback, canary_decision),
-    description="Read the fleet's feedback and promote or roll back the canary.")
-canary_schedule = ScheduleDefinition(
-    job=canary_job, cron_schedule="*/15 * * * *", default_status=DefaultScheduleStatus.RUNNING,
-    description="Every 15 minutes: fresh field feedback, then the canary decision.")
 
 defs = Definitions(
     assets=[raw_images, annotations, labeled_pool, label_issues, dataset_version, trained_model,

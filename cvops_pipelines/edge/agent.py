@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote
 
 CHUNK = 1 << 20
+RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}$")
 
 
 @dataclass(frozen=True)
@@ -159,8 +161,12 @@ class EdgeAgent:
             except FileNotFoundError:
                 channels[name] = None
         if in_canary(self.device_id, self.cohort, channels["canary"]):
-            return channels["canary"]["release"]
-        return channels["stable"]["release"] if channels["stable"] else None
+            release = channels["canary"]["release"]
+        else:
+            release = channels["stable"]["release"] if channels["stable"] else None
+        if release is not None and not RELEASE_ID.match(str(release)):
+            raise ValueError(f"channel names an invalid release id {release!r}")
+        return release
 
     def _fetch(self, key: str, part: Path, expected: int) -> int:
         """Download to `part`, resuming from what is already there; returns new bytes."""
@@ -206,6 +212,9 @@ class EdgeAgent:
             raise FileNotFoundError(f"channel names release {release}, which is not in the "
                                     "store (missing or unfinished)") from None
         manifest = verify_manifest(manifest_bytes, signature, self.public_key)
+        if manifest.get("release") != release:
+            raise BundleError("manifest", f"{prefix}/manifest.json describes "
+                                          f"{manifest.get('release')!r}, not {release}")
         downloaded, used_delta = 0, False
         delta = manifest.get("delta")
         for name in BUNDLE_FILES:

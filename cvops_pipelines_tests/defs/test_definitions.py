@@ -22,7 +22,8 @@ def test_definitions_validate(repo_root, isolated_homes):
 
 STAGES = {"raw_images": "ingest", "annotations": "ingest", "labeled_pool": "curate",
           "label_issues": "curate", "dataset_version": "curate", "trained_model": "build",
-          "model_evaluation": "measure", "onnx_model": "ship"}
+          "model_evaluation": "measure", "onnx_model": "ship", "edge_release": "ship",
+          "canary_decision": "ship", "fleet_feedback": "learn"}
 CHECKS = {"raw_images_contract", "annotations_contract", "dataset_version_contract",
           "dataset_version_balance", "dataset_version_leakage",
           "challenger_not_worse_than_champion"}
@@ -48,6 +49,10 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
                                                                    AssetKey("dataset_version")}
     assert graph.get(AssetKey("onnx_model")).parent_keys == {
         AssetKey("trained_model"), AssetKey("model_evaluation"), AssetKey("dataset_version")}
+    assert graph.get(AssetKey("edge_release")).parent_keys == {AssetKey("onnx_model")}
+    assert graph.get(AssetKey("canary_decision")).parent_keys == {AssetKey("edge_release"),
+                                                                  AssetKey("fleet_feedback")}
+    assert defs.resolve_schedule_def("canary_schedule").job_name == "canary_job"
 
 
 def graphql(port: int, query: str) -> dict:
@@ -77,3 +82,26 @@ def test_webserver_serves_the_assets_and_blocking_checks(repo_root, isolated_hom
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_canary_schedule_runs_only_while_a_release_is_on_canary(isolated_homes):
+    from dagster import RunRequest, SkipReason, build_schedule_context
+
+    from cvops_pipelines.core.release import ReleaseStore
+    from cvops_pipelines.core.storage import LocalStore
+    from cvops_pipelines.defs.resources import build_resources
+    from cvops_pipelines.defs.ship.jobs import canary_schedule
+    from cvops_pipelines_tests.edge.fleet_kit import central, trained_model
+
+    resources = {"storage": build_resources()["storage"]}
+    with build_schedule_context(resources=resources) as context:
+        assert isinstance(canary_schedule(context), SkipReason)
+    c = central(isolated_homes.parent / "kit")
+    release = c.release(trained_model(n=200), "1")
+    mine = ReleaseStore(LocalStore(isolated_homes))
+    for path in (c.root / "releases").rglob("*"):
+        if path.is_file():
+            mine.store.write_bytes(str(path.relative_to(c.root)), path.read_bytes())
+    mine.point("canary", release.id, "test", "test", share=0.5)
+    with build_schedule_context(resources=resources) as context:
+        assert isinstance(canary_schedule(context), RunRequest)

@@ -202,3 +202,29 @@ def test_the_agent_imports_no_training_stack():
             "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("release", ["../../outside", "rel-1/../../x"])
+def test_a_channel_cannot_point_outside_the_release_store(tmp_path, fleet, release):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    c.releases.store.write_bytes("releases/channels/stable.json",
+                                 json.dumps({"release": release}).encode())
+    result = device.sync()
+    assert result.status == "rejected" and "invalid release id" in result.detail
+    assert device.release == r1.id and not (tmp_path / "outside").exists()
+
+
+def test_a_manifest_for_another_release_is_refused(tmp_path, fleet, models):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    r2 = c.release(models[1], "2")
+    alias = c.root / "releases" / "rel-alias"
+    alias.mkdir()
+    for name in ("manifest.json", "manifest.sig"):  # a genuine, signed manifest of r2 ...
+        (alias / name).write_bytes((c.root / "releases" / r2.id / name).read_bytes())
+    c.releases.store.write_bytes("releases/channels/stable.json",
+                                 json.dumps({"release": "rel-alias"}).encode())
+    result = device.sync()  # ... served under another name
+    assert result.status == "rejected" and "describes" in result.detail

@@ -1,0 +1,28 @@
+"""Jobs from training to the fleet, and the schedule that decides canaries hands-off."""
+
+from dagster import (AssetSelection, DefaultScheduleStatus, RunRequest, SkipReason,
+                     define_asset_job, schedule)
+
+from cvops_pipelines.core.release import ReleaseStore
+from cvops_pipelines.defs.resources import CvopsStorage
+
+train_job = define_asset_job(
+    "train_job", selection=AssetSelection.assets("trained_model", "model_evaluation", "onnx_model"),
+    description="Train a challenger on the current dataset version, evaluate it against the "
+                "champion, run the gate, and export the ONNX artifacts that pass.")
+release_job = define_asset_job(
+    "release_job", selection=AssetSelection.assets("edge_release"),
+    description="Sign and publish the chosen artifact and put it on the canary channel.")
+canary_job = define_asset_job(
+    "canary_job", selection=AssetSelection.assets("fleet_feedback", "canary_decision"),
+    description="Read the fleet's feedback and promote or roll back the canary.")
+
+
+@schedule(job=canary_job, cron_schedule="*/15 * * * *",
+          default_status=DefaultScheduleStatus.RUNNING)
+def canary_schedule(context, storage: CvopsStorage):
+    """Every 15 minutes while a release is on canary: fresh field feedback, then the decision."""
+    canary = ReleaseStore(storage.store()).channel("canary") or {}
+    if not canary.get("release"):
+        return SkipReason("no release on the canary channel")
+    return RunRequest()

@@ -26,7 +26,7 @@ from cvops_pipelines.edge.bundle import (BUNDLE_FILES, BundleError, apply_delta,
                                          verify_file, verify_manifest)
 from cvops_pipelines.edge.buffer import FeedbackBuffer
 from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
-from cvops_pipelines.edge.remote import Offline, Remote
+from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 
 CHUNK = 1 << 20
 RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}$")
@@ -64,15 +64,6 @@ def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
         return True
     bucket = int(hashlib.sha256(device_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return bucket < float(canary.get("share", 0.0))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class EdgeAgent:
@@ -147,7 +138,7 @@ class EdgeAgent:
             self._loaded = candidate
             if candidate != pointer["release"]:
                 self.events.append(f"rolled back locally to {candidate}")
-                _write_atomic(self.state / "current.json",
+                write_atomic(self.state / "current.json",
                               json.dumps({"release": candidate, "previous": None}).encode())
             return
         self._session, self._loaded = None, None
@@ -243,7 +234,7 @@ class EdgeAgent:
                 except BundleError:
                     part.unlink(missing_ok=True)  # never resume from bytes that failed
                     raise
-            _write_atomic(final, data)
+            write_atomic(final, data)
             for leftover in staging.glob(f"{name}*.part"):
                 leftover.unlink()
         (staging / "manifest.json").write_bytes(manifest_bytes)
@@ -273,7 +264,7 @@ class EdgeAgent:
             shutil.rmtree(target)
         os.replace(staging, target)
         previous = self._loaded
-        _write_atomic(self.state / "current.json",
+        write_atomic(self.state / "current.json",
                       json.dumps({"release": release, "previous": previous}).encode())
         for old in (self.state / "releases").iterdir():
             if old.name not in (release, previous):

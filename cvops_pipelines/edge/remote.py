@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import Protocol
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename: readers see the old bytes or the new ones, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 class Offline(ConnectionError):
     """The store cannot be reached right now; try again later, lose nothing."""
 
@@ -44,12 +54,7 @@ class DirRemote:
             raise Offline(f"store folder {self.root} is not mounted")
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
 
     def size(self, key: str) -> int | None:
         if not self.root.exists():

@@ -8,8 +8,6 @@ target profile `edge` (the asset's default) picks the artifact; the target is: t
 >= 5x faster than torch eager at batch 1 (p50) with <= 1 point accuracy drop.
 """
 
-import numpy as np
-
 from benchmarks.training_throughput import _data
 from cvops_pipelines.core.artifact_choice import TargetProfile, choose, measure_artifacts, table
 from cvops_pipelines.core.export import export_onnx, parity, quantize_int8

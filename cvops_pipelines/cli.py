@@ -294,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if ok:
         ok = _demo_release(args)
     print("\nwhere to look:")
-    print(f"   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
+    print("   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
     print(f"   GX reports : {home / 'reports' / 'gx' / 'index.html'}")
     print(f"   tables     : {home / 'tables'}   quarantine: {home / 'quarantine'}")
     print(f"   datasets   : {home / 'datasets'}   label review: {home / 'reports' / 'label_issues'}")

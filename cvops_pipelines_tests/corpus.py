@@ -120,7 +120,7 @@ def write_corpus(drop: Path, outside: Path) -> dict[str, str]:
     return dict(EXPECTED)
 
 
-def pool_rows(indices, labels=None, reencode: dict | None = None) -> "pd.DataFrame":
+def pool_rows(indices, labels=None, reencode: dict | None = None):
     """A labeled pool built from demo digits the way ingest + labeled_pool build it."""
     import hashlib
 

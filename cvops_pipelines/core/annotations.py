@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterable, Iterator

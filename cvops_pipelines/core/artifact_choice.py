@@ -68,10 +68,12 @@ def latency_ms(run: Callable[[], object], warmup: int = 5, repeats: int = 50) ->
 
 
 def measure_artifacts(model, artifacts: dict[str, bytes], images: list[np.ndarray],
-                      labels: np.ndarray, preprocess, repeats: int = 50
+                      labels: np.ndarray, preprocess, repeats: int = 50,
+                      reference: np.ndarray | None = None
                       ) -> tuple[list[Measurement], dict[str, np.ndarray]]:
-    """Accuracy on `images` and latency at batch 1 and 8 of torch eager (the reference) and
-    each ONNX artifact, one after the other in this process; also returns every logit matrix."""
+    """Accuracy on `images` and latency at batch 1 and 8 of torch eager (the reference; its
+    logits are computed unless given) and each ONNX artifact, one after the other in this
+    process; also returns every logit matrix."""
     import torch
 
     from cvops_pipelines.core.export import edge_inputs, ort_logits, session, torch_logits
@@ -79,7 +81,7 @@ def measure_artifacts(model, artifacts: dict[str, bytes], images: list[np.ndarra
     from cvops_pipelines.core.models import state_dict_bytes
 
     sessions = {name: session(data) for name, data in artifacts.items()}
-    logits = {REFERENCE: torch_logits(model, images, preprocess),
+    logits = {REFERENCE: torch_logits(model, images, preprocess) if reference is None else reference,
               **{name: ort_logits(s, images, preprocess) for name, s in sessions.items()}}
     inputs = {b: edge_inputs([images[i % len(images)] for i in range(b)], preprocess)
               for b in (1, 8)}

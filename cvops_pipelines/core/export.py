@@ -144,9 +144,6 @@ class _Calibration:
         batch = next(self._batches, None)
         return None if batch is None else {INPUT_NAME: batch}
 
-    def rewind(self):  # pragma: no cover - not used by MinMax
-        raise NotImplementedError
-
 
 def quantize_int8(fp32: bytes, calibration: list[np.ndarray], preprocess: Preprocess,
                   per_channel: bool = True) -> bytes:

@@ -85,9 +85,7 @@ class Tracking:
         """An MLflow run (fluent API, so nested trials attach to it) in the cvops experiment."""
         import mlflow
 
-        experiment = None if nested else self.experiment_id()
-        if not nested:
-            self.client()
+        experiment = None if nested else self.experiment_id()  # also checks the server
         with mlflow.start_run(experiment_id=experiment, run_name=name, tags=tags,
                               nested=nested) as run:
             yield run

@@ -133,8 +133,6 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, device: str) -> dict:
-    import torch
-
     set_train_mode(model)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()

@@ -12,7 +12,6 @@ keeps serving the release it had, and no feedback record is lost.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -307,7 +306,7 @@ class EdgeAgent:
             except Offline:
                 result.status = "offline"
                 return result
-            records = sum(1 for line in _records(payload))
+            records = self.buffer.records_in(batch_id)
             self.buffer.forget(batch_id)
             result.batches.append(batch_id)
             result.records += records
@@ -316,10 +315,3 @@ class EdgeAgent:
     def close(self) -> None:
         self.buffer.close()
 
-
-def _records(payload: bytes):
-    import zipfile
-
-    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-        text = archive.read("records.jsonl").decode()
-    return [line for line in text.splitlines() if line]

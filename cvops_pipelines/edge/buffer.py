@@ -117,6 +117,10 @@ class FeedbackBuffer:
                                  images[image_id])
         return out.getvalue()
 
+    def records_in(self, batch_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM records WHERE batch_id = ?",
+                               (batch_id,)).fetchone()[0]
+
     def forget(self, batch_id: str) -> None:
         """Only after the central store confirmed the batch."""
         with self.db:

@@ -1,7 +1,6 @@
 """The edge agent against a real release store on disk: every fault leaves the device serving
 the release it had, and no feedback record is lost."""
 
-import io
 import json
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """Learn stage (first part): what the fleet sent back."""
 
-import pandas as pd
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from cvops_pipelines.core.feedback import batch_keys, feedback_records

@@ -77,7 +77,7 @@ def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_
     int8 = quantize_int8(fp32, calibration, preprocess)
     artifacts = {"onnx_fp32": fp32, "onnx_int8": int8}
     measurements, logits = measure_artifacts(model, artifacts, test_images, labels, preprocess,
-                                             config.latency_repeats)
+                                             config.latency_repeats, reference)
     parities = {name: parity(logits[REFERENCE], logits[name], config.parity_tolerance)
                 .as_dict(verdict=name == "onnx_fp32") for name in artifacts}
     choices = [choose(measurements, TargetProfile(**t.model_dump())) for t in config.targets]

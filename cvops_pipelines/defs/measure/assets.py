@@ -115,7 +115,8 @@ def model_evaluation(context: AssetExecutionContext, config: ModelEvaluationConf
         "per_cohort": MetadataValue.md(markdown_table(cohorts.round(4), 50)),
         "confusion_matrix": MetadataValue.md(md_image(conf_png, "confusion matrix")),
         "reliability": MetadataValue.md(md_image(rel_png, "reliability diagram")),
-        "replay": "no production records yet: the gate compares the test split only",
+        "replay": "off: replay joins the gate once the learn stage ingests labeled production "
+                  "feedback into the pool; until then the gate compares the test split",
     })
     yield AssetCheckResult(
         check_name=GATE_CHECK, passed=gate.passed, severity=AssetCheckSeverity.ERROR,

@@ -255,10 +255,12 @@ def _demo_release(args: argparse.Namespace) -> bool:
     info = release.assets.get("edge_release", {})
     print(f"\n== release: {'OK' if release.ok else 'FAILED'} (Dagster run {release.run_id})")
     if info:
-        canary = info["canary"]
+        canary = info["canary"] or {}
+        where = (f"canary for {canary['share']:.0%} of devices"
+                 f"{' + cohorts ' + ', '.join(canary['cohorts']) if canary['cohorts'] else ''}"
+                 if canary.get("release") == info["release"] else "not on canary")
         print(f"   bundle : {info['release']} ({info['artifact']}, {info['model_bytes']} bytes, "
-              f"delta {info['delta_bytes']}) -> canary for {canary['share']:.0%} of devices"
-              f"{' + cohorts ' + ', '.join(canary['cohorts']) if canary['cohorts'] else ''}")
+              f"delta {info['delta_bytes']}) -> {where}")
     if not release.ok:
         return False
     cmd_fleet(argparse.Namespace(

@@ -62,6 +62,11 @@ class Release:
     files: dict[str, bytes]  # everything to publish, manifest.json and manifest.sig included
 
 
+def release_id(model: bytes, model_version: str) -> str:
+    """Same model bytes and version -> same release: publishing twice changes nothing."""
+    return f"rel-{model_version}-{sha256(model)[:10]}"
+
+
 def build_release(model: bytes, preprocess: dict, meta: dict, key, parent: dict | None = None,
                   parent_model: bytes | None = None) -> Release:
     """A signed bundle; with the parent's model, also a bsdiff delta from it."""
@@ -70,8 +75,7 @@ def build_release(model: bytes, preprocess: dict, meta: dict, key, parent: dict 
     content = {"model.onnx": model,
                "preprocess.json": json.dumps(preprocess, indent=2, sort_keys=True).encode(),
                "classes.json": json.dumps(list(preprocess["classes"])).encode()}
-    release_id = f"rel-{meta['model_version']}-{sha256(model)[:10]}"
-    manifest = {"format": FORMAT, "release": release_id,
+    manifest = {"format": FORMAT, "release": release_id(model, str(meta["model_version"])),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **meta, "parent": parent["release"] if parent else None,
                 "files": {n: {"sha256": sha256(d), "size": len(d)} for n, d in content.items()}}
@@ -84,7 +88,7 @@ def build_release(model: bytes, preprocess: dict, meta: dict, key, parent: dict 
         files[delta_name(parent["release"])] = delta
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     files["manifest.json"], files["manifest.sig"] = body, key.sign(body)
-    return Release(release_id, manifest, files)
+    return Release(manifest["release"], manifest, files)
 
 
 @dataclass
@@ -110,6 +114,9 @@ class ReleaseStore:
         self.store.write_bytes(f"{prefix}/manifest.sig", release.files["manifest.sig"])
         return self.store.uri(prefix)
 
+    def published(self, release: str) -> bool:
+        return self.store.exists(f"{PREFIX}/{release}/manifest.sig")
+
     def manifest(self, release_id: str) -> dict:
         return json.loads(self.store.read_bytes(f"{PREFIX}/{release_id}/manifest.json"))
 
@@ -123,7 +130,7 @@ class ReleaseStore:
     def point(self, channel: str, release: str | None, reason: str, actor: str,
               share: float = 1.0, cohorts: tuple[str, ...] = ()) -> dict:
         """Move a channel pointer and record the event. `release=None` retires the channel."""
-        if release is not None and not self.store.exists(f"{PREFIX}/{release}/manifest.sig"):
+        if release is not None and not self.published(release):
             raise FileNotFoundError(f"release {release} is not published")
         previous = self.channel(channel)
         now = datetime.now(timezone.utc)

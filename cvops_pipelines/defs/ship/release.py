@@ -10,7 +10,8 @@ from pydantic import Field
 
 from cvops_pipelines import settings
 from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, apply_verdict,
-                                          build_release, canary_verdict, load_private_key)
+                                          build_release, canary_verdict, load_private_key,
+                                          release_id)
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 from cvops_pipelines.edge.bundle import sha256
@@ -55,11 +56,22 @@ def edge_release(context: AssetExecutionContext, config: EdgeReleaseConfig, onnx
     meta = {"model_name": onnx_model["model_name"], "model_version": onnx_model["source_model_version"],
             "dataset_version": onnx_model["dataset_version"], "artifact": artifact,
             "target": config.target}
+    actor = f"dagster run {context.run.run_id}"
+    same = release_id(model, str(meta["model_version"]))
+    if releases.published(same):  # a re-run: the bundle exists; channels stay as they are
+        context.log.info(f"{same} is already published; nothing to do")
+        manifest = releases.manifest(same)
+        delta = manifest.get("delta")
+        return Output({"release": same, "parent": manifest["parent"], **meta,
+                       "uri": releases.store.uri(f"releases/{same}"), "model_bytes": len(model),
+                       "delta_bytes": delta["size"] if delta else None,
+                       "canary": releases.channel("canary")},
+                      metadata={"release": same, "republished": False,
+                                "history": _history(releases)})
     release = build_release(model, onnx_model["preprocess"], meta, key,
                             releases.manifest(parent_id) if parent_id else None,
                             releases.model(parent_id) if parent_id else None)
     uri = releases.publish(release)
-    actor = f"dagster run {context.run.run_id}"
     if parent_id is None:
         canary = releases.point("canary", release.id, "first release: every device runs it on "
                                 "canary until field feedback promotes it", actor, share=1.0)

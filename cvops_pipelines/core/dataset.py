@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from cvops_pipelines.core.neardup import NearDupConfig, near_duplicate_pairs
+from cvops_pipelines.core.neardup import NearDupConfig, pairs_differing_in
 from cvops_pipelines.core.splits import SPLITS, SplitConfig, split_of
 from cvops_pipelines.core.storage import Store
 from cvops_pipelines.core.tables import read_table, write_table
@@ -100,11 +100,7 @@ def build_dataset_version(pool: pd.DataFrame, review: pd.DataFrame,
 
 
 def cross_split_duplicates(data: pd.DataFrame, neardup: NearDupConfig) -> pd.DataFrame:
-    pairs = near_duplicate_pairs(data[["image_id", "phash", "thumb"]], neardup)
-    split = data.set_index("image_id")["split"]
-    pairs["split_a"] = pairs["image_a"].map(split)
-    pairs["split_b"] = pairs["image_b"].map(split)
-    return pairs[pairs["split_a"] != pairs["split_b"]].reset_index(drop=True)
+    return pairs_differing_in(data, "split", neardup)
 
 
 def save_snapshot(store: Store, dataset: DatasetVersion) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cvops_pipelines.core.images import THUMB_SIDE, thumb_array
-from cvops_pipelines.core.neardup import NearDupConfig, near_duplicate_pairs
+from cvops_pipelines.core.neardup import NearDupConfig, pairs_differing_in
 
 REVIEW_COLUMNS = ["image_id", "label", "suggested_label", "severity", "reasons", "label_quality",
                   "details", "source", "original_name", "uri"]
@@ -122,11 +122,7 @@ def annotator_agreement(pool: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def near_duplicate_conflicts(pool: pd.DataFrame, config: NearDupConfig) -> pd.DataFrame:
-    pairs = near_duplicate_pairs(pool[["image_id", "phash", "thumb"]], config)
-    labels = pool.set_index("image_id")["label"]
-    pairs["label_a"] = pairs["image_a"].map(labels)
-    pairs["label_b"] = pairs["image_b"].map(labels)
-    return pairs[pairs["label_a"] != pairs["label_b"]].reset_index(drop=True)
+    return pairs_differing_in(pool, "label", config)
 
 
 def review_label_quality(pool: pd.DataFrame, config: LabelQAConfig = LabelQAConfig()) -> LabelQAResult:

@@ -59,3 +59,14 @@ def near_duplicate_pairs(images: pd.DataFrame, config: NearDupConfig = NearDupCo
         if mad <= config.max_mad:
             rows.append((images.at[i, "image_id"], images.at[j, "image_id"], hamming, round(mad, 4)))
     return pd.DataFrame(rows, columns=["image_a", "image_b", "hamming", "mad"])
+
+
+def pairs_differing_in(frame: pd.DataFrame, column: str,
+                       config: NearDupConfig = NearDupConfig()) -> pd.DataFrame:
+    """Near-duplicate pairs whose members differ in `column` (label: a conflict; split: leakage),
+    with `<column>_a` / `<column>_b`."""
+    pairs = near_duplicate_pairs(frame[["image_id", "phash", "thumb"]], config)
+    values = frame.set_index("image_id")[column]
+    pairs[f"{column}_a"] = pairs["image_a"].map(values)
+    pairs[f"{column}_b"] = pairs["image_b"].map(values)
+    return pairs[pairs[f"{column}_a"] != pairs[f"{column}_b"]].reset_index(drop=True)

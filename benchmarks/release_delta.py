@@ -20,7 +20,8 @@ import numpy as np
 from benchmarks.training_throughput import _data
 from cvops_pipelines.core.artifact_choice import latency_ms
 from cvops_pipelines.core.export import edge_inputs, export_onnx, quantize_int8, session
-from cvops_pipelines.core.release import ReleaseStore, build_release, generate_keypair, load_private_key
+from cvops_pipelines.core.release import (ReleaseStore, build_release, generate_keypair,
+                                          load_private_key, shared_byte_share)
 from cvops_pipelines.core.storage import LocalStore
 from cvops_pipelines.core.training import TrainConfig, fit
 
@@ -75,11 +76,12 @@ def run(quick: bool = False) -> dict:
                 started = time.perf_counter()
                 update = build_release(model, preprocess, {**meta, "model_version": "2",
                                                            "artifact": precision}, key,
-                                       parent.manifest, parent_model)
+                                       parent.manifest, parent_model, min_shared=0.0)
                 bundle = sum(len(v) for k, v in update.files.items() if not k.endswith(".bsdiff"))
                 delta = update.manifest["delta"]["size"]
                 rows.append({"update": name, "precision": precision, "bundle_bytes": bundle,
                              "delta_bytes": delta, "delta_share": round(delta / bundle, 4),
+                             "unchanged_byte_share": round(shared_byte_share(parent_model, model), 4),
                              "bsdiff_seconds": round(time.perf_counter() - started, 1),
                              "val_accuracy": round(result.history[result.best_epoch - 1]
                                                    ["val_accuracy"], 4)})

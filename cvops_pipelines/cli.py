@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,22 +66,59 @@ class RunSummary:
     run_id: str
     assets: dict[str, dict] = field(default_factory=dict)  # asset -> its metadata values
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)  # name -> (passed, why)
+    success: bool = False  # the run itself (ok also needs every check to pass)
+    wall_s: float = 0.0  # the run, start to end, in this process
+    steps_s: float = 0.0  # of which: the steps' own compute (Dagster step durations)
 
 
-def _run_job(job: str, partition: str | None = None) -> RunSummary:
+@dataclass
+class Timings:
+    """Where the demo's time went: stage compute vs everything else (orchestration)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    runs: list[RunSummary] = field(default_factory=list)
+    outside_s: float = 0.0  # stage work outside Dagster: fleet simulation, oracle, demo data
+
+    def stage(self):
+        timings = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings.outside_s += time.perf_counter() - self.t
+
+        return _Stage()
+
+    def report(self) -> dict:
+        wall = time.perf_counter() - self.started
+        compute = sum(r.steps_s for r in self.runs) + self.outside_s
+        return {"wall_s": round(wall, 1), "stage_compute_s": round(compute, 1),
+                "dagster_runs": len(self.runs),
+                "orchestration_s": round(wall - compute, 1),
+                "orchestration_share": round((wall - compute) / wall, 4)}
+
+
+TIMINGS = Timings()
+
+
+def _run_job(job: str, partition: str | None = None, tags: dict | None = None,
+             run_config: dict | None = None) -> RunSummary:
     """Run a job of the code location in this process, recorded in the persistent instance."""
-    from dagster import DagsterInstance
+    from dagster import DagsterEventType, DagsterInstance
 
     from cvops_pipelines.definitions import defs
     from cvops_pipelines.defs.partitions import drops_partitions
 
     _dagster_home()
+    started = time.perf_counter()
     instance = DagsterInstance.get()
     if partition and partition not in instance.get_dynamic_partitions(drops_partitions.name):
         instance.add_dynamic_partitions(drops_partitions.name, [partition])
     result = defs.resolve_job_def(job).execute_in_process(
-        instance=instance, partition_key=partition, raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+        instance=instance, partition_key=partition, raise_on_error=False, tags=tags,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})})
     summary = RunSummary(result.success, result.run_id)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
@@ -88,7 +126,12 @@ def _run_job(job: str, partition: str | None = None) -> RunSummary:
     for evaluation in result.get_asset_check_evaluations():
         why = evaluation.metadata.get("first_failure")
         summary.checks[evaluation.check_name] = (evaluation.passed, why.value if why else "")
+    summary.success = result.success
     summary.ok = result.success and all(passed for passed, _ in summary.checks.values())
+    summary.steps_s = sum(e.event_specific_data.duration_ms for e in result.all_events
+                          if e.event_type == DagsterEventType.STEP_SUCCESS) / 1000
+    summary.wall_s = time.perf_counter() - started
+    TIMINGS.runs.append(summary)
     return summary
 
 
@@ -249,59 +292,244 @@ def cmd_drops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_release(args: argparse.Namespace) -> bool:
+def _tick(sensor_name: str) -> list[RunSummary]:
+    """Evaluate one of the code location's sensors now, as the daemon would, and run what it
+    requests (in this process, recorded in the instance). Prints the sensor's skip reason."""
+    from dagster import (DagsterInstance, RunRequest, SensorResult, SkipReason,
+                         build_sensor_context)
+
+    from cvops_pipelines.definitions import defs
+    from cvops_pipelines.defs.resources import build_resources
+
+    _dagster_home()
+    instance = DagsterInstance.get()
+    sensor = defs.resolve_sensor_def(sensor_name)
+    with build_sensor_context(instance=instance, definitions=defs,
+                              resources=build_resources()) as context:
+        result = sensor(context)
+    requests = []
+    if isinstance(result, SensorResult):
+        for add in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+        requests = list(result.run_requests or [])
+    elif isinstance(result, RunRequest):
+        requests = [result]
+    elif isinstance(result, SkipReason):
+        print(f"   sensor : {sensor_name}: skipped ({result.skip_message})")
+    job = sensor.job_name
+    runs = []
+    for request in requests:
+        why = request.tags.get("cvops/trigger")
+        print(f"   sensor : {sensor_name} -> {job}" + (f" ({why})" if why else ""))
+        runs.append(_run_job(job, request.partition_key, dict(request.tags)))
+    return runs
+
+
+def _print_feedback(runs: list[RunSummary]) -> None:
+    for run in runs:
+        info = run.assets.get("feedback", {})
+        print(f"\n== feedback: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
+        if info:
+            print(f"   back   : {info['records']} records ({info['reviewed']} reviewed) in "
+                  f"{info['accepted_batches']} batches from {info['devices']} devices; "
+                  f"{info['quarantined_batches']} batches quarantined")
+
+
+def _print_canary(run: RunSummary) -> dict:
+    decision = run.assets.get("canary_decision", {})
+    print(f"\n== canary: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
+    if decision:
+        print(f"   verdict: {decision['action']}: {decision.get('why', '')}")
+        for line in decision.get("canary_vs_stable", "").splitlines():
+            print(f"            {line}")
+    return decision
+
+
+def _print_learn(run: RunSummary) -> dict:
+    metrics = run.assets.get("production_metrics", {})
+    queue = run.assets.get("annotation_queue", {})
+    report = run.assets.get("ontology_report", {})
+    print(f"\n== learn: {'OK' if run.success else 'FAILED'} (Dagster run {run.run_id})")
+    if metrics:
+        print(f"   field  : {metrics['records']} records, coverage {metrics['coverage']:.0%} "
+              f"reviewed; missed-event share {metrics['missed_event_share']}")
+        for line in metrics["per_release"].splitlines():
+            print(f"            {line}")
+    for name in ("accuracy_sla", "no_output_drift"):
+        if name in run.checks:
+            passed, why = run.checks[name]
+            print(f"   check  : {name} {'passed' if passed else 'FAILED: ' + why}")
+    if queue:
+        print(f"   queue  : {queue['queued']} images to label {queue['by_reason']} in "
+              f"{queue['distinct_class_pairs']} class pairs -> {queue['labelstudio_import']}")
+    if report:
+        print(f"   classes: {report['suggestions']} ontology suggestion(s) (ontology_report)")
+    return {"metrics": metrics, "queue": queue}
+
+
+def _release(share: float) -> RunSummary:
     _ensure_signing_key()
-    release = _run_job("release_job")
+    release = _run_job("release_job", run_config={
+        "ops": {"edge_release": {"config": {"canary_share": share}}}})
     info = release.assets.get("edge_release", {})
     print(f"\n== release: {'OK' if release.ok else 'FAILED'} (Dagster run {release.run_id})")
     if info:
         canary = info["canary"] or {}
         where = (f"canary for {canary['share']:.0%} of devices"
-                 f"{' + cohorts ' + ', '.join(canary['cohorts']) if canary['cohorts'] else ''}"
                  if canary.get("release") == info["release"] else "not on canary")
+        delta = info["delta_bytes"]
         print(f"   bundle : {info['release']} ({info['artifact']}, {info['model_bytes']} bytes, "
-              f"delta {info['delta_bytes']}) -> {where}")
+              f"delta {delta if isinstance(delta, int) else delta}) -> {where}")
+    return release
+
+
+def _fleet(stream, seed: int, steps: int):
+    from cvops_pipelines.edge.remote import DirRemote
+    from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
+
+    home = settings.cvops_home()
+    config = FleetConfig(devices=6, steps=steps, images_per_step=4, upload_every=10,
+                         shift=Shift(0.2, 3, 10.0), seed=seed)
+    public = settings.signing_key_path().with_suffix(".pub").read_bytes()
+    with TIMINGS.stage():
+        result = run_fleet(DirRemote(home), home / "fleet", public, stream, config)
+    _print_fleet(result, config)
+    return result
+
+
+def _replay(release_ids: list[str], shots: list[tuple[bytes, str]]) -> dict[str, float]:
+    """Each release's model on the same production images (as shot), against the truth."""
+    import json
+
+    import numpy as np
+
+    from cvops_pipelines.core.production import model_outputs
+    from cvops_pipelines.core.release import ReleaseStore
+    from cvops_pipelines.core.storage import LocalStore
+
+    releases = ReleaseStore(LocalStore(settings.cvops_home()))
+    out = {}
+    for release in release_ids:
+        preprocess = json.loads(releases.store.read_bytes(f"releases/{release}/preprocess.json"))
+        with TIMINGS.stage():
+            probs = model_outputs(releases.model(release), preprocess, [b for b, _ in shots])
+        predicted = np.array(preprocess["classes"])[probs.argmax(1)]
+        out[release] = float(np.mean(predicted == np.array([label for _, label in shots])))
+    return out
+
+
+def _annotate(queue_info: dict, truth: dict[str, str]) -> str | None:
+    """The oracle answers the queue; the answers land as a marked drop, like a Label Studio
+    export a team copies back."""
+    from cvops_pipelines.core.demo_data import complete_queue
+
+    queue_id = queue_info["queue_id"]
+    drop = Path(settings.drops_uri()) / f"annotated-{queue_id}"
+    with TIMINGS.stage():
+        answered = complete_queue(settings.cvops_home() / "annotation" / "queues" / queue_id,
+                                  truth, drop)
+    print(f"\n== annotate: the oracle labelled {answered} queued images -> drop {drop.name} "
+          "(Label Studio JSON export + images, marked complete)")
+    return drop.name
+
+
+def _turn(number: int, stream, seed: int, steps: int, share: float) -> dict | None:
+    print(f"\n######## turn {number}: build -> ship -> measure -> learn")
+    trains = _tick("retraining_sensor")
+    for train in trains:
+        _print_train(train)
+    if not trains or not all(t.ok for t in trains):
+        return None
+    release = _release(share)
     if not release.ok:
+        return None
+    released = release.assets["edge_release"]["release"]
+    fleet = _fleet(stream, seed, steps)
+    feedback = _tick("feedback_sensor")
+    _print_feedback(feedback)
+    if not feedback or not all(run.success for run in feedback):
+        return None
+    decision = _print_canary(_run_job("canary_job"))
+    learn = _print_learn(_run_job("learn_job"))
+    return {"release": released, "fleet": fleet, "decision": decision, **learn}
+
+
+def _demo_loop(args: argparse.Namespace) -> bool:
+    from cvops_pipelines.core.release import ReleaseStore
+    from cvops_pipelines.core.storage import LocalStore
+
+    stream = production_stream(settings.cvops_home() / "holdback" / "production")
+    cut = int(len(stream) * 0.4)
+    first = _turn(1, stream[:cut], args.seed, steps=12, share=1.0)
+    if first is None:
         return False
-    cmd_fleet(argparse.Namespace(
-        stream=None, devices=6, steps=30, images_per_step=4, p_offline=0.25, p_crash=0.03,
-        review_share=0.6, brightness=0.2, blur=3, rotate=10.0, seed=args.seed))
-    canary = _run_job("canary_job")
-    feedback, decision = canary.assets.get("fleet_feedback", {}), canary.assets.get("canary_decision", {})
-    print(f"\n== canary: {'OK' if canary.ok else 'FAILED'} (Dagster run {canary.run_id})")
-    if feedback:
-        print(f"   back   : {feedback['records']} records in {feedback['batches']} batches from "
-              f"{feedback['devices']} devices, {feedback['reviewed']} reviewed")
-    if decision:
-        print(f"   verdict: {decision['action']}: {decision.get('why', '')}")
-        for line in decision.get("canary_vs_stable", "").splitlines():
-            print(f"            {line}")
-    return canary.ok
+    truth = dict(first["fleet"].image_truth)
+    drop = _annotate(first["queue"], truth)
+    print(f"\n== ingest drop {drop} (new_drop_sensor)")
+    for run in _tick("new_drop_sensor"):
+        _print_ingest(drop, run)
+    _print_curate(_run_job("curate_job"))
+    second = _turn(2, stream[cut:], args.seed + 1, steps=20, share=0.5)
+    if second is None:
+        return False
+    stable = (ReleaseStore(LocalStore(settings.cvops_home())).channel("stable") or {}).get("release")
+    replay = _replay([first["release"], second["release"]], second["fleet"].shots)
+    print("\n######## summary")
+    print(f"   turn 1 : {first['release']} -> field accuracy "
+          f"{_field_accuracy(first['metrics'], first['release'])}; SLA/drift: "
+          f"{first['metrics'].get('sla_ok')}/{first['metrics'].get('drift_flagged')} "
+          "(ok / drift flagged)")
+    print(f"   turn 2 : {second['release']} -> canary verdict "
+          f"{second['decision'].get('action')}; stable is now {stable}")
+    print(f"   replay : every turn-2 production image ({len(second['fleet'].shots)}, as shot, "
+          "true labels from the oracle):")
+    for release, accuracy in replay.items():
+        print(f"            {release}: accuracy {accuracy:.4f}")
+    better = replay[second["release"]] > replay[first["release"]]
+    print(f"   result : turn-2 champion {'beats' if better else 'does NOT beat'} turn 1 on the "
+          "production stream" + ("" if stable == second["release"] else
+                                 " (but it was not promoted)"))
+    return better and stable == second["release"]
+
+
+def _field_accuracy(metrics: dict, release: str) -> str:
+    for line in metrics.get("per_release", "").splitlines():
+        if release in line:
+            return line.strip()
+    return "n/a"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
     home = settings.cvops_home()
     print(f"cvops demo: data and artifacts under {home}, Dagster instance in {_dagster_home()}")
     if not (Path(settings.drops_uri()) / "initial").exists():
-        cmd_demo_data(argparse.Namespace(drops=None, holdback=None, seed=args.seed))
-    ingest = _run_job("ingest_job", "initial")
-    _print_ingest("initial", ingest)
-    curate = _run_job("curate_job") if ingest.ok else None
+        with TIMINGS.stage():
+            cmd_demo_data(argparse.Namespace(drops=None, holdback=None, seed=args.seed))
+    print("\n== ingest drop initial (new_drop_sensor)")
+    ingests = _tick("new_drop_sensor")
+    for run in ingests:
+        _print_ingest("initial", run)
+    curate = _run_job("curate_job") if ingests and all(r.ok for r in ingests) else None
     if curate:
         _print_curate(curate)
-    train = _run_job("train_job") if curate and curate.ok else None
-    if train:
-        _print_train(train)
-    ok = ingest.ok and curate is not None and curate.ok and train is not None and train.ok
-    if ok:
-        ok = _demo_release(args)
+    ok = curate is not None and curate.ok and _demo_loop(args)
+    timing = TIMINGS.report()
+    print(f"\n   time   : {timing['wall_s']} s in all, {timing['stage_compute_s']} s stage compute, "
+          f"{timing['orchestration_s']} s orchestration ({timing['orchestration_share']:.1%}) over "
+          f"{timing['dagster_runs']} Dagster runs")
+    if args.timings:
+        Path(args.timings).write_text(json.dumps(timing, indent=2))
     print("\nwhere to look:")
     print("   Dagster UI : ./dev ui   then http://127.0.0.1:3000 (runs, asset metadata, checks)")
     print(f"   GX reports : {home / 'reports' / 'gx' / 'index.html'}")
-    print(f"   tables     : {home / 'tables'}   quarantine: {home / 'quarantine'}")
+    print(f"   field      : {home / 'reports' / 'production_metrics'}   annotation queues: "
+          f"{home / 'annotation' / 'queues'}")
     print(f"   datasets   : {home / 'datasets'}   label review: {home / 'reports' / 'label_issues'}")
     print(f"   MLflow     : {_mlflow_ui_hint()}")
-    print(f"   releases   : {home / 'releases'}   fleet state: {home / 'fleet'}   feedback: {home / 'feedback'}")
+    print(f"   releases   : {home / 'releases'}   fleet state: {home / 'fleet'}   feedback: "
+          f"{home / 'feedback'}   quarantine: {home / 'quarantine'}")
     return 0 if ok else 1
 
 
@@ -318,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="run the loop on the bundled demo data (ingest, curate, train, evaluate, export, release to a simulated fleet, canary decision)")
+    p = sub.add_parser("demo", help="two turns of the loop on the bundled demo data: ingest, curate, train, evaluate, export, release to a simulated fleet, feedback, canary decision, production metrics and drift, annotation queue answered by an oracle, retrain, release again")
     p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
+    p.add_argument("--timings", help="write where the time went (JSON) to this file")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("demo-data", help="render scikit-learn's digits as PNG drops")

@@ -8,7 +8,10 @@ from cvops_pipelines.defs.curate.assets import dataset_version, label_issues, la
 from cvops_pipelines.defs.curate.sensors import automation_sensor, curate_job
 from cvops_pipelines.defs.ingest.assets import annotations, raw_images
 from cvops_pipelines.defs.ingest.sensors import ingest_job, new_drop_sensor
-from cvops_pipelines.defs.learn.assets import fleet_feedback
+from cvops_pipelines.defs.learn.assets import (annotation_queue, feedback, ontology_report,
+                                               production_metrics)
+from cvops_pipelines.defs.learn.sensors import (feedback_job, feedback_sensor, learn_job,
+                                                learn_schedule, retraining_sensor)
 from cvops_pipelines.defs.measure.assets import model_evaluation
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines.defs.ship.assets import onnx_model
@@ -17,9 +20,10 @@ from cvops_pipelines.defs.ship.release import canary_decision, edge_release
 
 defs = Definitions(
     assets=[raw_images, annotations, labeled_pool, label_issues, dataset_version, trained_model,
-            model_evaluation, onnx_model, edge_release, fleet_feedback, canary_decision],
-    jobs=[ingest_job, curate_job, train_job, release_job, canary_job],
-    sensors=[new_drop_sensor, automation_sensor],
-    schedules=[canary_schedule],
+            model_evaluation, onnx_model, edge_release, canary_decision, feedback,
+            production_metrics, annotation_queue, ontology_report],
+    jobs=[ingest_job, curate_job, train_job, release_job, canary_job, feedback_job, learn_job],
+    sensors=[new_drop_sensor, automation_sensor, feedback_sensor, retraining_sensor],
+    schedules=[canary_schedule, learn_schedule],
     resources=build_resources(),
 )

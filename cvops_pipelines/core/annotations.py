@@ -203,7 +203,7 @@ def import_annotations(source: Store, store: Store, drop: str, manifest: pd.Data
             "image_id": image.image_id, "label": item.label, "x_min": box[0], "y_min": box[1],
             "x_max": box[2], "y_max": box[3], "annotator": item.annotator,
             "labeled_at": pd.Timestamp(item.labeled_at) if item.labeled_at else detected_at,
-            "origin": "drop", "source": drop, "original_name": name,
+            "origin": item.origin, "source": drop, "original_name": name,
             "annotation_file": item.annotation_file, "position": item.position,
             "image_width": image.width, "image_height": image.height,
         })

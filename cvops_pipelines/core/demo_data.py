@@ -79,3 +79,34 @@ def write_demo_data(drops: Path, holdback: Path, seed: int = 0,
 def _save(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, "PNG", optimize=False)
+
+
+def complete_queue(queue: Path, truth: dict[str, str], drop: Path,
+                   annotator: str = "oracle@demo") -> int:
+    """The demo's stand-in for annotators: answer an annotation-queue folder (tasks.json +
+    images/) with the true labels and write it as a Label Studio JSON export into a new drop
+    (images/ beside export.json, then the marker). Tasks without a known truth stay unanswered.
+    Returns the number of answered tasks."""
+    import json
+    import shutil
+    from datetime import datetime, timezone
+
+    tasks = json.loads((queue / "tasks.json").read_text())
+    when = datetime.now(timezone.utc).isoformat()
+    answered = 0
+    for i, task in enumerate(tasks):
+        task["id"] = i + 1
+        label = truth.get(task["data"]["image_id"])
+        if label is None:
+            continue
+        task["annotations"] = [{"id": i + 1, "completed_by": annotator, "created_at": when,
+                                "updated_at": when, "was_cancelled": False, "result": [{
+                                    "from_name": "label", "to_name": "image", "type": "choices",
+                                    "value": {"choices": [label]}}]}]
+        answered += 1
+    (drop / "images").mkdir(parents=True, exist_ok=True)
+    if (queue / "images").exists():
+        shutil.copytree(queue / "images", drop / "images", dirs_exist_ok=True)
+    (drop / "export.json").write_text(json.dumps(tasks, indent=1))
+    (drop / MARKER).write_text("")
+    return answered

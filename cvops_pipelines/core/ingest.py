@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Iterator
 
 import pandas as pd
 
-from cvops_pipelines.core.images import ImageLimits, ImageRejected, REASONS, inspect_image
+from cvops_pipelines.core.images import (REASONS, ImageInfo, ImageLimits, ImageRejected,
+                                         inspect_image)
 from cvops_pipelines.core.storage import Entry, Store
 
 MARKER = "_SUCCESS"
@@ -58,6 +59,18 @@ class IngestResult:
 
 def image_key(image_id: str, fmt: str) -> str:
     return f"images/{image_id[:2]}/{image_id}.{fmt}"
+
+
+def store_original(store: Store, info: ImageInfo, data: bytes) -> tuple[str, bool]:
+    """Write a vetted image under its content address; (key, whether it was written).
+
+    Same key means same bytes, so only the size needs checking. A size mismatch is a leftover of
+    a crash before the caller's `store.sync()`, and is rewritten."""
+    key = image_key(info.image_id, info.format)
+    if store.size(key) == len(data):
+        return key, False
+    store.write_bytes(key, data, durable=False)
+    return key, True
 
 
 def is_image_candidate(key: str) -> bool:
@@ -102,13 +115,7 @@ def _process_one(entry: Entry, source: Store, store: Store, drop: str, config: I
             store.write_bytes(qkey, data)
             out["quarantine_uri"] = store.uri(qkey)
         return out
-    key = image_key(info.image_id, info.format)
-    written = False
-    # Content-addressed: same key means same bytes, so only the size needs checking. A size
-    # mismatch is a leftover of a crash before the drop's sync, and is rewritten.
-    if store.size(key) != len(data):
-        store.write_bytes(key, data, durable=False)
-        written = True
+    key, written = store_original(store, info, data)
     return result | {"status": "accepted", "info": info, "key": key, "uri": store.uri(key),
                      "written": written}
 

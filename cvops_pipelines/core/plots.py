@@ -80,3 +80,55 @@ def reliability_png(tables: dict[str, pd.DataFrame], eces: dict[str, float]) -> 
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("reliability")
     return _png(plt, fig)
+
+
+def production_png(table: pd.DataFrame, outputs: dict, min_accuracy: float) -> bytes:
+    """Left: field accuracy per release x cohort (reviewed records, coverage in the label) with
+    the SLA line. Right: top-probability distributions, training reference vs field window."""
+    import numpy as np
+
+    plt, (fig, _) = _figure(9.5, 3.4)
+    fig.clf()
+    left, right = fig.subplots(1, 2)
+    grouped = table.groupby(["release", "cohort"], sort=True).agg(
+        records=("records", "sum"), reviewed=("reviewed", "sum")).reset_index() if len(table) else table
+    if len(grouped):
+        hits = table.assign(hits=table["accuracy"].fillna(0) * table["reviewed"]).groupby(
+            ["release", "cohort"], sort=True)["hits"].sum().to_numpy()
+        accuracy = np.divide(hits, grouped["reviewed"].to_numpy(),
+                             out=np.zeros(len(grouped)), where=grouped["reviewed"].to_numpy() > 0)
+        names = [f"{r[-10:]}\n{c}" for r, c in zip(grouped["release"], grouped["cohort"])]
+        bars = left.bar(names, accuracy, color="#1f77b4")
+        for bar, n, total in zip(bars, grouped["reviewed"], grouped["records"]):
+            left.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{n}/{total}", ha="center",
+                      color="white", fontsize=7, rotation=90)
+        left.tick_params(axis="x", labelsize=6)
+    left.axhline(min_accuracy, ls="--", color="#d62728", lw=1, label=f"SLA {min_accuracy}")
+    left.set_ylim(0, 1.02)
+    left.set_title("field accuracy (reviewed / records)")
+    left.legend(fontsize=7, loc="lower right")
+    bins = np.linspace(0, 1, 21)
+    for release, (ref, prod) in outputs.items():
+        right.hist(ref.max(1), bins=bins, density=True, alpha=0.4, label=f"{release[-10:]} reference")
+        right.hist(prod.max(1), bins=bins, density=True, histtype="step", lw=2,
+                   label=f"{release[-10:]} field")
+    right.set_title("top-probability: reference vs latest field window")
+    right.set_xlabel("confidence")
+    if outputs:
+        right.legend(fontsize=6, loc="upper left")
+    return _png(plt, fig)
+
+
+def ontology_png(per_class: pd.DataFrame) -> bytes:
+    """Predicted share vs the share among reviewed records, per class."""
+    import numpy as np
+
+    plt, (fig, ax) = _figure(6.0, 3.0)
+    x = np.arange(len(per_class))
+    ax.bar(x - 0.2, per_class["predicted_share"], 0.4, label="predicted (all records)")
+    ax.bar(x + 0.2, per_class["true_share_reviewed"], 0.4, label="true (reviewed records)")
+    ax.set_xticks(x, per_class["label"].astype(str))
+    ax.set_ylabel("share")
+    ax.set_title("class mix in the field")
+    ax.legend(fontsize=7)
+    return _png(plt, fig)

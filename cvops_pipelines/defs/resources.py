@@ -65,7 +65,8 @@ class TablesIOManager(ConfigurableIOManager):
     """DataFrames as Parquet at tables/<asset>/<partition>.parquet, and small records (dicts:
     a trained model's run, version and metrics) as JSON at artifacts/<asset>/<partition>.json, in
     the cvops store. No pickles. Downstream assets receive these as inputs (visible lineage); a
-    multi-partition input is the concatenation of its partitions.
+    multi-partition input is the concatenation of its partitions, and a run over several
+    partitions (single-run backfill) returns one table per partition key.
     """
 
     storage: CvopsStorage
@@ -77,8 +78,20 @@ class TablesIOManager(ConfigurableIOManager):
         return f"artifacts/{'__'.join(context.asset_key.path)}/{partition or 'all'}.json"
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame | dict) -> None:
-        partition = context.asset_partition_key if context.has_asset_partitions else None
         store = self.storage.store()
+        if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
+            # a single run over many partitions returns {partition key: table}
+            if not isinstance(obj, dict) or set(obj) != set(context.asset_partition_keys):
+                raise TypeError("an asset run over several partitions must return a dict "
+                                "with one DataFrame per partition key")
+            for partition, frame in obj.items():
+                write_table(store, self._key(context, partition), frame)
+            context.add_output_metadata({"partitions_written": len(obj),
+                                         "rows": sum(len(f) for f in obj.values())})
+            return
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        if context.has_asset_partitions and isinstance(obj, dict) and set(obj) == {partition}:
+            obj = obj[partition]
         if isinstance(obj, dict):
             key = self._json_key(context, partition)
             store.write_bytes(key, json.dumps(obj, indent=2, default=str).encode())

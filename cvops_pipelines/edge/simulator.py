@@ -6,6 +6,7 @@ Not device code (it uses albumentations to shift the stream); the agents it driv
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class FleetResult:
     releases: dict[str, str | None] = field(default_factory=dict)  # device -> release at the end
     events: list[str] = field(default_factory=list)
     stream_used: int = 0  # images taken from the stream (each one predicted and recorded)
+    image_truth: dict[str, str] = field(default_factory=dict)  # image_id (as shot) -> true label
+    shots: list[tuple[bytes, str]] = field(default_factory=list)  # (image as shot, true label)
 
     def accuracy(self, labels: dict[str, str]) -> float:
         hits = [labels[r] == self.truth[r] for r in self.truth if r in labels]
@@ -153,7 +156,10 @@ def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
                         break
                     image, label = stream[position]
                     position += 1
-                    prediction = agent(device).predict(shifted(image, transform))
+                    shot = shifted(image, transform)
+                    prediction = agent(device).predict(shot)
+                    result.image_truth[hashlib.sha256(shot).hexdigest()] = label
+                    result.shots.append((shot, label))
                     result.predictions[prediction.record_id] = device
                     result.truth[prediction.record_id] = label
                     if rng.random() < config.review_share:

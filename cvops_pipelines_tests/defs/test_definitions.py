@@ -23,10 +23,14 @@ def test_definitions_validate(repo_root, isolated_homes):
 STAGES = {"raw_images": "ingest", "annotations": "ingest", "labeled_pool": "curate",
           "label_issues": "curate", "dataset_version": "curate", "trained_model": "build",
           "model_evaluation": "measure", "onnx_model": "ship", "edge_release": "ship",
-          "canary_decision": "ship", "fleet_feedback": "learn"}
-CHECKS = {"raw_images_contract", "annotations_contract", "dataset_version_contract",
-          "dataset_version_balance", "dataset_version_leakage",
-          "challenger_not_worse_than_champion"}
+          "canary_decision": "ship", "feedback": "learn", "production_metrics": "learn",
+          "annotation_queue": "learn", "ontology_report": "learn"}
+CHECKS = {"raw_images_contract": True, "annotations_contract": True,
+          "dataset_version_contract": True, "dataset_version_balance": True,
+          "dataset_version_leakage": True, "challenger_not_worse_than_champion": True,
+          "feedback_contract": True,
+          # field alerts do not block: a failing SLA is exactly when the queue is needed
+          "accuracy_sla": False, "no_output_drift": False}
 
 
 def test_definitions_declare_every_stage_with_blocking_contracts():
@@ -38,21 +42,26 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups == STAGES
     checks = {key.name: graph.get_check_spec(key).blocking for key in graph.asset_check_keys}
-    assert checks == dict.fromkeys(CHECKS, True)
+    assert checks == CHECKS
     assert defs.resolve_sensor_def("new_drop_sensor").job_name == "ingest_job"
     # lineage: each stage takes the previous one as an input, never "the newest file"
     assert graph.get(AssetKey("dataset_version")).parent_keys == {AssetKey("labeled_pool"),
                                                                   AssetKey("label_issues")}
-    assert graph.get(AssetKey("labeled_pool")).parent_keys == {AssetKey("raw_images"),
-                                                               AssetKey("annotations")}
+    assert graph.get(AssetKey("labeled_pool")).parent_keys == {
+        AssetKey("raw_images"), AssetKey("annotations"), AssetKey("feedback")}  # the loop closes
     assert graph.get(AssetKey("model_evaluation")).parent_keys == {AssetKey("trained_model"),
                                                                    AssetKey("dataset_version")}
     assert graph.get(AssetKey("onnx_model")).parent_keys == {
         AssetKey("trained_model"), AssetKey("model_evaluation"), AssetKey("dataset_version")}
     assert graph.get(AssetKey("edge_release")).parent_keys == {AssetKey("onnx_model")}
     assert graph.get(AssetKey("canary_decision")).parent_keys == {AssetKey("edge_release"),
-                                                                  AssetKey("fleet_feedback")}
+                                                                  AssetKey("feedback")}
+    for learned in ("production_metrics", "annotation_queue", "ontology_report"):
+        assert AssetKey("feedback") in graph.get(AssetKey(learned)).parent_keys
     assert defs.resolve_schedule_def("canary_schedule").job_name == "canary_job"
+    assert defs.resolve_schedule_def("learn_schedule").job_name == "learn_job"
+    assert defs.resolve_sensor_def("feedback_sensor").job_name == "feedback_job"
+    assert defs.resolve_sensor_def("retraining_sensor").job_name == "train_job"
 
 
 def graphql(port: int, query: str) -> dict:

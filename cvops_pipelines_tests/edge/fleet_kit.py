@@ -84,9 +84,20 @@ class Central:
         release = build_release(model, PREPROCESS, {"model_name": "digits", "model_version": version,
                                                     "dataset_version": "ds-test",
                                                     "artifact": "onnx_fp32"},
-                                key, parent_manifest, parent_model)
+                                key, parent_manifest, parent_model, min_shared=0.0)  # always a delta
         self.releases.publish(release)
         return release
+
+
+def field_records(store) -> "pd.DataFrame":
+    """Every uploaded record, corrections applied: what the feedback asset makes of the store."""
+    import pandas as pd
+
+    from cvops_pipelines.core.feedback import (batch_frame, batch_ids, batch_key, parse_batch,
+                                               resolve_records)
+
+    frames = [batch_frame(parse_batch(store.read_bytes(batch_key(b)), b)) for b in batch_ids(store)]
+    return resolve_records(pd.concat(frames, ignore_index=True))
 
 
 def central(tmp: Path) -> Central:

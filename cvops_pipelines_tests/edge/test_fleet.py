@@ -6,14 +6,14 @@ import collections
 import pytest
 from mlflow import MlflowClient
 
-from cvops_pipelines.core.feedback import batch_keys, feedback_records
+from cvops_pipelines.core.feedback import batch_ids
 from cvops_pipelines.core.release import apply_verdict, canary_verdict
 from cvops_pipelines.core.tracking import Tracking
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 from cvops_pipelines_tests.corpus import digit_label
-from cvops_pipelines_tests.edge.fleet_kit import CLASSES, central, png, trained_model
+from cvops_pipelines_tests.edge.fleet_kit import CLASSES, central, field_records, png, trained_model
 
 
 def stream(start: int, n: int):
@@ -35,7 +35,7 @@ def test_seeded_fleet_loses_and_duplicates_no_record(tmp_path, monkeypatch):
     assert first.crashes + second.crashes >= 5 and first.offline_steps + second.offline_steps > 10
 
     made = {**first.predictions, **second.predictions}
-    records = feedback_records(c.releases.store)
+    records = field_records(c.releases.store)
     counts = collections.Counter(records["record_id"])
     assert set(counts) == set(made) and set(counts.values()) == {1}  # each exactly once
     assert len(made) == first.stream_used + second.stream_used > 350
@@ -71,7 +71,7 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
 
     def field_round(release, start):
         run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(start, 480), config)
-        return canary_verdict(feedback_records(c.releases.store), release,
+        return canary_verdict(field_records(c.releases.store), release,
                               (c.releases.channel("stable") or {}).get("release"), CLASSES,
                               min_reviewed=40)
 
@@ -99,4 +99,4 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
         tracking.model_name, "champion").version) == "3"
     history = c.releases.history()
     assert list(history["to_release"]) == [stable.id, worse.id, None, better.id, better.id, None]
-    assert "rolled back" in history.iloc[2]["reason"] and len(batch_keys(c.releases.store)) > 0
+    assert "rolled back" in history.iloc[2]["reason"] and len(batch_ids(c.releases.store)) > 0

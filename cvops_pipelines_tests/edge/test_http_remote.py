@@ -4,12 +4,12 @@
 import boto3
 import pytest
 
-from cvops_pipelines.core.feedback import feedback_records
 from cvops_pipelines.core.storage import S3Store
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.remote import HttpRemote, Offline
 from cvops_pipelines_tests.conftest import free_port
+from cvops_pipelines_tests.edge.fleet_kit import field_records
 from cvops_pipelines_tests.edge.fleet_kit import central, png, trained_model
 
 
@@ -34,7 +34,7 @@ def test_agent_syncs_and_uploads_over_http(tmp_path, s3_env, monkeypatch):
     prediction = device.predict(png(7))
     device.correct(prediction.record_id, "7")
     assert device.upload().records == 1
-    records = feedback_records(S3Store("fleet-http", "", "us-east-1", s3_env))
+    records = field_records(S3Store("fleet-http", "", "us-east-1", s3_env))
     assert list(records["record_id"]) == [prediction.record_id]
     assert records["corrected_label"].iloc[0] == "7"
 

@@ -30,6 +30,7 @@ class LabelRecord:
     box: tuple[float, float, float, float] | None = None
     box_units: str = PIXELS
     labeled_at: str | None = None  # ISO time when the tool recorded one
+    origin: str = "drop"  # "annotation_queue" when the file answers a cvops queue
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def parse_labelstudio(name: str, tasks: list) -> Iterator[LabelRecord | LabelPro
             yield LabelProblem("malformed_record", "task has no image URL in 'data'", name, where)
             continue
         ref = image_ref_from_task(value)
+        origin = "annotation_queue" if data.get("cvops_queue") else "drop"
         for a, annotation in enumerate(task.get("annotations") or []):
             if annotation.get("was_cancelled"):
                 continue
@@ -49,11 +50,11 @@ def parse_labelstudio(name: str, tasks: list) -> Iterator[LabelRecord | LabelPro
             labeled_at = annotation.get("updated_at") or annotation.get("created_at")
             for r, result in enumerate(annotation.get("result") or []):
                 position = f"{where} annotations[{a}] result[{r}]"
-                yield from _result(result, ref, name, position, str(annotator), labeled_at)
+                yield from _result(result, ref, name, position, str(annotator), labeled_at, origin)
 
 
 def _result(result: dict, ref: str, name: str, position: str, annotator: str,
-            labeled_at: str | None) -> Iterator[LabelRecord | LabelProblem]:
+            labeled_at: str | None, origin: str) -> Iterator[LabelRecord | LabelProblem]:
     kind, value = result.get("type"), result.get("value") or {}
     if kind == "choices":
         choices = value.get("choices") or []
@@ -61,7 +62,8 @@ def _result(result: dict, ref: str, name: str, position: str, annotator: str,
             yield LabelProblem("malformed_record",
                                f"expected exactly one choice, got {choices!r}", name, position, ref)
             return
-        yield LabelRecord(ref, str(choices[0]), name, position, annotator, labeled_at=labeled_at)
+        yield LabelRecord(ref, str(choices[0]), name, position, annotator, labeled_at=labeled_at,
+                          origin=origin)
     elif kind == "rectanglelabels":
         labels = value.get("rectanglelabels") or []
         try:
@@ -75,7 +77,7 @@ def _result(result: dict, ref: str, name: str, position: str, annotator: str,
                                name, position, ref)
             return
         yield LabelRecord(ref, str(labels[0]), name, position, annotator, (x, y, x + w, y + h),
-                          FRACTION, labeled_at)
+                          FRACTION, labeled_at, origin)
     else:
         yield LabelProblem("malformed_record", f"unsupported result type {kind!r}", name,
                            position, ref)

@@ -3,7 +3,7 @@
 from dataclasses import asdict
 
 import pandas as pd
-from dagster import (AssetExecutionContext, AutomationCondition, Config, DataVersion,
+from dagster import (AssetExecutionContext, Config, DataVersion,
                      MetadataValue, Output, asset)
 from pydantic import Field
 
@@ -67,9 +67,9 @@ def _split(rows: pd.DataFrame, split: str, classes: list[str]) -> pd.DataFrame:
 
 
 @asset(group_name="build", io_manager_key="tables", kinds={"pytorch", "mlflow"},
-       automation_condition=AutomationCondition.eager(),
        description="A torchvision classifier fine-tuned on the dataset version's train split, "
-                   "tracked as an MLflow run and registered with alias `challenger`.")
+                   "tracked as an MLflow run and registered with alias `challenger`. Not eager: "
+                   "retraining_sensor decides when new labels or field alerts are worth a run.")
 def trained_model(context: AssetExecutionContext, config: TrainedModelConfig,
                   dataset_version: pd.DataFrame, storage: CvopsStorage, mlflow: MlflowTracking):
     import mlflow as mlflow_api
@@ -137,6 +137,7 @@ def trained_model(context: AssetExecutionContext, config: TrainedModelConfig,
         "model_version": model_version,
         "mlflow_run_id": run.info.run_id,
         "dataset_version": version,
+        "dataset_images": len(dataset_version),
         "val_accuracy": round(best["val_accuracy"], 4),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from cvops_pipelines.core.contracts import validate
 from cvops_pipelines.core.dataset import DatasetPolicy, build_dataset_version, save_snapshot
+from cvops_pipelines.core.feedback import feedback_labels, feedback_manifest, resolve_records
 from cvops_pipelines.core.label_qa import (LabelQAConfig, export_json, labelstudio_config,
                                            labelstudio_tasks, review_label_quality)
 from cvops_pipelines.core.neardup import NearDupConfig
@@ -30,12 +31,17 @@ EAGER = AutomationCondition.eager()
        description="Every labeled image from every drop (and later feedback and the annotation "
                    "queue), with each annotator's latest vote and the consensus label.")
 def labeled_pool(context: AssetExecutionContext, raw_images: pd.DataFrame,
-                 annotations: pd.DataFrame):
+                 annotations: pd.DataFrame, feedback: pd.DataFrame):
+    records = resolve_records(feedback)
+    if len(records):
+        raw_images = pd.concat([raw_images, feedback_manifest(records)], ignore_index=True)
+        annotations = pd.concat([annotations, feedback_labels(records)], ignore_index=True)
     pool = build_labeled_pool(raw_images, annotations)
     per_class = pool.groupby("label").size().rename("images").reset_index()
     return Output(pool, metadata={
         "images": len(pool),
-        "drops": int(pool["source"].nunique()),
+        "drops": int(pool.loc[~pool["source"].str.startswith("feedback/"), "source"].nunique()),
+        "feedback_labeled": int((pool["origin"] == "feedback").sum()),
         "multi_annotated": int((pool["n_votes"] > 1).sum()),
         "unlabeled_images_left_out": int(raw_images["image_id"].nunique() - len(pool))
         if len(raw_images) else 0,

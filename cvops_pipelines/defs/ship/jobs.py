@@ -14,14 +14,14 @@ release_job = define_asset_job(
     "release_job", selection=AssetSelection.assets("edge_release"),
     description="Sign and publish the chosen artifact and put it on the canary channel.")
 canary_job = define_asset_job(
-    "canary_job", selection=AssetSelection.assets("fleet_feedback", "canary_decision"),
-    description="Read the fleet's feedback and promote or roll back the canary.")
+    "canary_job", selection=AssetSelection.assets("canary_decision"),
+    description="Promote or roll back the canary on the fleet's reviewed feedback.")
 
 
 @schedule(job=canary_job, cron_schedule="*/15 * * * *",
           default_status=DefaultScheduleStatus.RUNNING)
 def canary_schedule(context, storage: CvopsStorage):
-    """Every 15 minutes while a release is on canary: fresh field feedback, then the decision."""
+    """Every 15 minutes while a release is on canary: decide on the feedback ingested so far."""
     canary = ReleaseStore(storage.store()).channel("canary") or {}
     if not canary.get("release"):
         return SkipReason("no release on the canary channel")

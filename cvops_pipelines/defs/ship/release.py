@@ -12,6 +12,7 @@ from cvops_pipelines import settings
 from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, apply_verdict,
                                           build_release, canary_verdict, load_private_key,
                                           release_id)
+from cvops_pipelines.core.feedback import resolve_records
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 from cvops_pipelines.edge.bundle import sha256
@@ -101,7 +102,7 @@ class CanaryDecisionConfig(Config):
        description="Promote the canary to stable (and MLflow alias `champion`) when reviewed "
                    "field feedback shows it is not worse; roll the canary back when it is.")
 def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig,
-                    edge_release: dict, fleet_feedback: pd.DataFrame, storage: CvopsStorage,
+                    edge_release: dict, feedback: pd.DataFrame, storage: CvopsStorage,
                     mlflow: MlflowTracking):
     releases = ReleaseStore(storage.store())
     canary, stable = releases.channel("canary") or {}, releases.channel("stable") or {}
@@ -112,7 +113,7 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
                       metadata={"action": "none", "history": _history(releases)})
     manifest = releases.manifest(release)
     classes = json.loads(releases.store.read_bytes(f"releases/{release}/classes.json"))
-    verdict = canary_verdict(fleet_feedback, release, stable.get("release"), classes,
+    verdict = canary_verdict(resolve_records(feedback), release, stable.get("release"), classes,
                              config.min_reviewed, config.max_accuracy_drop,
                              config.max_macro_f1_drop)
     actor, why = f"dagster run {context.run.run_id}", "; ".join(verdict.reasons)

@@ -1,0 +1,115 @@
+"""What to annotate next: field errors first, then the most uncertain, kept diverse.
+
+Order of the queue:
+1. records the model got wrong (an operator's correction differs from the prediction), most
+   confident first: confidently wrong images teach the most, and an expert confirms the
+   operator's quick fix before it weighs on training;
+2. unreviewed records by uncertainty, the margin between the top two probabilities (small
+   margin = the model hesitates between two classes).
+Diversity: a candidate's score is multiplied by `decay` for every image already queued with the
+same (top-1, top-2) class pair, and near-duplicates (pHash) of queued images are skipped, so the
+queue is not 50 copies of one confusion.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.images import phash_distance
+
+QUEUE_COLUMNS = ["rank", "image_id", "reason", "score", "predicted", "second", "confidence",
+                 "margin", "corrected_label", "record_id", "release", "device_id", "uri", "key"]
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    size: int = 100
+    decay: float = 0.5  # score factor per already-queued image with the same class pair
+    max_hamming: int = 4  # pHash bits: closer than this to a queued image = near-duplicate
+
+
+def margins(top_k: pd.Series) -> pd.DataFrame:
+    """top-1, top-2 class and the margin between their probabilities, from top-k JSON text."""
+    rows = []
+    for text in top_k:
+        top = json.loads(text) if isinstance(text, str) else list(text)
+        first = top[0] if top else (None, 0.0)
+        second = top[1] if len(top) > 1 else (None, 0.0)
+        rows.append((first[0], second[0], float(first[1]) - float(second[1])))
+    return pd.DataFrame(rows, columns=["predicted", "second", "margin"], index=top_k.index)
+
+
+def candidates(records: pd.DataFrame, labeled_elsewhere: set[str]) -> pd.DataFrame:
+    """Field records worth an expert's time, one per image, with `reason` and a raw `score`."""
+    frame = records[~records["image_id"].isin(labeled_elsewhere)]
+    frame = pd.concat([frame.drop(columns=["predicted"]), margins(frame["top_k"])], axis=1)
+    wrong = frame["corrected_label"].notna() & (frame["corrected_label"] != frame["predicted"])
+    unreviewed = frame["corrected_label"].isna()
+    out = pd.concat([
+        frame[wrong].assign(reason="wrong", score=2.0 + frame.loc[wrong, "confidence"]),
+        frame[unreviewed].assign(reason="uncertain", score=1.0 - frame.loc[unreviewed, "margin"]),
+    ])
+    return out.sort_values("score", ascending=False, kind="stable").drop_duplicates("image_id")
+
+
+def diverse_top(frame: pd.DataFrame, policy: QueuePolicy) -> pd.DataFrame:
+    """Greedy: take the best adjusted score, then discount its class pair and skip its
+    near-duplicates. `frame` needs score, predicted, second, phash."""
+    score = frame["score"].to_numpy(dtype=float).copy()
+    pairs = list(zip(frame["predicted"], frame["second"]))
+    hashes = list(frame["phash"])
+    taken_per_pair: dict = {}
+    chosen: list[int] = []
+    alive = np.ones(len(frame), bool)
+    while len(chosen) < policy.size and alive.any():
+        adjusted = np.where(alive, score * np.array(
+            [policy.decay ** taken_per_pair.get(p, 0) for p in pairs]), -np.inf)
+        best = int(adjusted.argmax())
+        alive[best] = False
+        if any(phash_distance(hashes[best], hashes[c]) <= policy.max_hamming for c in chosen):
+            continue
+        chosen.append(best)
+        taken_per_pair[pairs[best]] = taken_per_pair.get(pairs[best], 0) + 1
+    return frame.iloc[chosen].reset_index(drop=True)
+
+
+def annotation_queue(records: pd.DataFrame, labeled_elsewhere: set[str],
+                     policy: QueuePolicy = QueuePolicy()) -> pd.DataFrame:
+    queue = diverse_top(candidates(records, labeled_elsewhere), policy)
+    queue["rank"] = np.arange(1, len(queue) + 1)
+    queue["score"] = queue["score"].round(4)
+    queue["margin"] = queue["margin"].round(4)
+    return queue[QUEUE_COLUMNS]
+
+
+def labelstudio_queue_tasks(queue: pd.DataFrame, queue_id: str) -> list[dict]:
+    """Tasks for Label Studio's local-files storage pointed at the queue folder (images/ beside
+    the JSON). The model's guess is a pre-filled prediction; `cvops_queue` marks the labels that
+    come back as annotation-queue labels."""
+    tasks = []
+    for r in queue.itertuples():
+        guess = r.corrected_label if isinstance(r.corrected_label, str) else r.predicted
+        tasks.append({
+            "data": {"image": f"/data/local-files/?d=images/{r.image_id}.png",
+                     "image_id": r.image_id, "cvops_queue": queue_id, "reason": r.reason,
+                     "predicted": r.predicted, "second": r.second,
+                     "operator_label": r.corrected_label if isinstance(r.corrected_label, str) else "",
+                     "rank": int(r.rank)},
+            "predictions": [{"model_version": str(r.release), "score": float(r.score),
+                             "result": [{"from_name": "label", "to_name": "image",
+                                         "type": "choices", "value": {"choices": [guess]}}]}],
+        })
+    return tasks
+
+
+def labelstudio_queue_config(classes: list[str]) -> str:
+    choices = "\n".join(f'    <Choice value="{c}"/>' for c in classes)
+    return ("<View>\n  <Image name=\"image\" value=\"$image\"/>\n"
+            "  <Header value=\"#$rank ($reason) · model: $predicted or $second · operator: "
+            "$operator_label\"/>\n"
+            "  <Choices name=\"label\" toName=\"image\" choice=\"single\" showInline=\"true\">\n"
+            f"{choices}\n  </Choices>\n</View>\n")

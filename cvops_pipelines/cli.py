@@ -64,6 +64,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 class RunSummary:
     ok: bool
     run_id: str
+    job: str = ""
     assets: dict[str, dict] = field(default_factory=dict)  # asset -> its metadata values
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)  # name -> (passed, why)
     success: bool = False  # the run itself (ok also needs every check to pass)
@@ -97,7 +98,9 @@ class Timings:
         return {"wall_s": round(wall, 1), "stage_compute_s": round(compute, 1),
                 "dagster_runs": len(self.runs),
                 "orchestration_s": round(wall - compute, 1),
-                "orchestration_share": round((wall - compute) / wall, 4)}
+                "orchestration_share": round((wall - compute) / wall, 4),
+                "runs": [{"job": r.job, "run_id": r.run_id, "wall_s": round(r.wall_s, 1),
+                          "steps_s": round(r.steps_s, 1)} for r in self.runs]}
 
 
 TIMINGS = Timings()
@@ -119,7 +122,7 @@ def _run_job(job: str, partition: str | None = None, tags: dict | None = None,
     result = defs.resolve_job_def(job).execute_in_process(
         instance=instance, partition_key=partition, raise_on_error=False, tags=tags,
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})})
-    summary = RunSummary(result.success, result.run_id)
+    summary = RunSummary(result.success, result.run_id, job=job)
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         summary.assets[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
@@ -321,7 +324,8 @@ def _tick(sensor_name: str) -> list[RunSummary]:
     for request in requests:
         why = request.tags.get("cvops/trigger")
         print(f"   sensor : {sensor_name} -> {job}" + (f" ({why})" if why else ""))
-        runs.append(_run_job(job, request.partition_key, dict(request.tags)))
+        runs.append(_run_job(job, request.partition_key, dict(request.tags),
+                             request.run_config or None))
     return runs
 
 
@@ -367,15 +371,16 @@ def _print_learn(run: RunSummary) -> dict:
     return {"metrics": metrics, "queue": queue}
 
 
-def _release(share: float) -> RunSummary:
+def _release(cohorts: list[str]) -> RunSummary:
     _ensure_signing_key()
-    release = _run_job("release_job", run_config={
-        "ops": {"edge_release": {"config": {"canary_share": share}}}})
+    release = _run_job("release_job", run_config={"ops": {"edge_release": {"config": {
+        "canary_share": 0.0 if cohorts else 1.0, "canary_cohorts": cohorts}}}})
     info = release.assets.get("edge_release", {})
     print(f"\n== release: {'OK' if release.ok else 'FAILED'} (Dagster run {release.run_id})")
     if info:
         canary = info["canary"] or {}
         where = (f"canary for {canary['share']:.0%} of devices"
+                 + (f" + cohorts {', '.join(canary['cohorts'])}" if canary.get("cohorts") else "")
                  if canary.get("release") == info["release"] else "not on canary")
         delta = info["delta_bytes"]
         print(f"   bundle : {info['release']} ({info['artifact']}, {info['model_bytes']} bytes, "
@@ -383,13 +388,18 @@ def _release(share: float) -> RunSummary:
     return release
 
 
+DEMO_SHIFT = (0.3, 5, 30.0)  # brightness, blur, rotate
+
+
 def _fleet(stream, seed: int, steps: int):
     from cvops_pipelines.edge.remote import DirRemote
     from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 
     home = settings.cvops_home()
+    # The field rotates up to 30 degrees (training augments up to 10) and is blurrier and
+    # darker: a shift the first model was not built for, which field labels can teach.
     config = FleetConfig(devices=6, steps=steps, images_per_step=4, upload_every=10,
-                         shift=Shift(0.2, 3, 10.0), seed=seed)
+                         shift=Shift(*DEMO_SHIFT), seed=seed)
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
     with TIMINGS.stage():
         result = run_fleet(DirRemote(home), home / "fleet", public, stream, config)
@@ -433,14 +443,14 @@ def _annotate(queue_info: dict, truth: dict[str, str]) -> str | None:
     return drop.name
 
 
-def _turn(number: int, stream, seed: int, steps: int, share: float) -> dict | None:
+def _turn(number: int, stream, seed: int, steps: int, cohorts: list[str]) -> dict | None:
     print(f"\n######## turn {number}: build -> ship -> measure -> learn")
     trains = _tick("retraining_sensor")
     for train in trains:
         _print_train(train)
     if not trains or not all(t.ok for t in trains):
         return None
-    release = _release(share)
+    release = _release(cohorts)
     if not release.ok:
         return None
     released = release.assets["edge_release"]["release"]
@@ -460,7 +470,7 @@ def _demo_loop(args: argparse.Namespace) -> bool:
 
     stream = production_stream(settings.cvops_home() / "holdback" / "production")
     cut = int(len(stream) * 0.4)
-    first = _turn(1, stream[:cut], args.seed, steps=12, share=1.0)
+    first = _turn(1, stream[:cut], args.seed, steps=12, cohorts=[])
     if first is None:
         return False
     truth = dict(first["fleet"].image_truth)
@@ -469,18 +479,20 @@ def _demo_loop(args: argparse.Namespace) -> bool:
     for run in _tick("new_drop_sensor"):
         _print_ingest(drop, run)
     _print_curate(_run_job("curate_job"))
-    second = _turn(2, stream[cut:], args.seed + 1, steps=20, share=0.5)
+    second = _turn(2, stream[cut:], args.seed + 1, steps=20, cohorts=["site-b"])
     if second is None:
         return False
     stable = (ReleaseStore(LocalStore(settings.cvops_home())).channel("stable") or {}).get("release")
     replay = _replay([first["release"], second["release"]], second["fleet"].shots)
     print("\n######## summary")
-    print(f"   turn 1 : {first['release']} -> field accuracy "
-          f"{_field_accuracy(first['metrics'], first['release'])}; SLA/drift: "
-          f"{first['metrics'].get('sla_ok')}/{first['metrics'].get('drift_flagged')} "
-          "(ok / drift flagged)")
-    print(f"   turn 2 : {second['release']} -> canary verdict "
-          f"{second['decision'].get('action')}; stable is now {stable}")
+    for number, turn in ((1, first), (2, second)):
+        metrics = turn["metrics"]
+        print(f"   turn {number} : {turn['release']}: field accuracy "
+              f"{_field_accuracy(metrics, turn['release'])}; SLA "
+              f"{'met' if metrics.get('sla_ok') else 'missed'}, drift "
+              f"{'flagged' if metrics.get('drift_flagged') else 'not flagged'}; canary "
+              f"{turn['decision'].get('action')}")
+    print(f"   stable : {stable} (MLflow alias champion)")
     print(f"   replay : every turn-2 production image ({len(second['fleet'].shots)}, as shot, "
           "true labels from the oracle):")
     for release, accuracy in replay.items():
@@ -489,14 +501,18 @@ def _demo_loop(args: argparse.Namespace) -> bool:
     print(f"   result : turn-2 champion {'beats' if better else 'does NOT beat'} turn 1 on the "
           "production stream" + ("" if stable == second["release"] else
                                  " (but it was not promoted)"))
+    if not second["metrics"].get("sla_ok"):
+        print("            the SLA is still missed: the next turn starts from the new queue "
+              f"({second['queue'].get('queued')} images)")
     return better and stable == second["release"]
 
 
 def _field_accuracy(metrics: dict, release: str) -> str:
-    for line in metrics.get("per_release", "").splitlines():
-        if release in line:
-            return line.strip()
-    return "n/a"
+    row = (metrics.get("accuracy_by_release") or {}).get(release)
+    if not row or row["accuracy"] is None:
+        return "n/a (nothing reviewed)"
+    return (f"{row['accuracy']:.4f} on {row['reviewed']} reviewed of {row['records']} records "
+            f"(coverage {row['coverage']:.0%})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -30,31 +30,42 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
 
 
-def test_demo_runs_the_loop_from_drop_to_fleet_in_a_persistent_instance(tmp_path):
+def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(tmp_path):
     env = {**os.environ, "CVOPS_HOME": str(tmp_path / "home"),
            "DAGSTER_HOME": str(tmp_path / "dagster")}
-    proc = subprocess.run([CVOPS, "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "ingest drop initial: OK" in proc.stdout
-    assert "raw_images_contract passed" in proc.stdout
-    assert "== curate: OK" in proc.stdout and "dataset_version_leakage passed" in proc.stdout
-    assert "Traceback" not in proc.stdout + proc.stderr
-    (version,) = [p.name for p in (tmp_path / "home/datasets").iterdir()]
-    assert f"dataset: {version}" in proc.stdout
-    assert "== train + evaluate + export: OK" in proc.stdout
-    assert "challenger_not_worse_than_champion passed" in proc.stdout
-    assert "edge -> onnx_" in proc.stdout
-    assert "== release: OK" in proc.stdout and "== canary: OK" in proc.stdout
-    assert "verdict: promote" in proc.stdout  # the first release, after field feedback
+    timings = tmp_path / "timings.json"
+    proc = subprocess.run([CVOPS, "demo", "--timings", str(timings)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "ingest drop initial: OK" in out and "raw_images_contract passed" in out
+    assert "== curate: OK" in out and "dataset_version_leakage passed" in out
+    assert "Traceback" not in out + proc.stderr
+    versions = {p.name for p in (tmp_path / "home/datasets").iterdir()}
+    assert len(versions) == 2 and all(f"dataset: {v}" in out for v in versions)
+    # turn 1: first model, released, fleet feedback, SLA and drift fire, queue answered
+    assert out.count("== train + evaluate + export: OK") == 2
+    assert "retraining_sensor -> train_job (first model)" in out
+    assert "feedback_sensor -> feedback_job" in out and "0 batches quarantined" in out
+    assert "check  : accuracy_sla FAILED" in out and "check  : no_output_drift FAILED" in out
+    assert "new_drop_sensor -> ingest_job" in out
+    # turn 2: the alerts + the new labels retrain; the canary is promoted and beats turn 1
+    assert "retraining_sensor -> train_job (accuracy_sla and no_output_drift failed" in out
+    assert "verdict: promote: canary is not worse than stable" in out
+    assert "turn-2 champion beats turn 1 on the production stream" in out
     stable = json.loads((tmp_path / "home/releases/channels/stable.json").read_text())
-    assert stable["release"].startswith("rel-1-")
+    assert stable["release"].startswith("rel-2-")
     assert oct((tmp_path / "home/keys/release_signing.key").stat().st_mode & 0o777) == "0o600"
-    manifest = pd.read_parquet(tmp_path / "home/tables/raw_images/initial.parquet")
-    labels = pd.read_parquet(tmp_path / "home/tables/annotations/initial.parquet")
-    assert len(manifest) > 700 and len(labels) == len(manifest)
+    (annotated,) = [p for p in (tmp_path / "home/tables/annotations").iterdir()
+                    if p.name.startswith("annotated-")]
+    labels = pd.read_parquet(annotated)
+    assert len(labels) > 50 and set(labels["origin"]) == {"annotation_queue"}
+    pool = pd.read_parquet(tmp_path / "home/tables/labeled_pool/all.parquet")
+    assert {"drop", "feedback", "annotation_queue"} <= set(pool["origin"])
     assert (tmp_path / "dagster/dagster.yaml").exists()  # runs land in a real instance
     assert "telemetry" in (tmp_path / "dagster/dagster.yaml").read_text()
+    report = json.loads(timings.read_text())
+    assert report["dagster_runs"] >= 12 and 0 < report["orchestration_share"] < 1
 
     drops = subprocess.run([CVOPS, "drops"], env=env, capture_output=True, text=True, check=True)
     assert "initial\tcomplete" in drops.stdout

@@ -94,7 +94,7 @@ def labelstudio_queue_tasks(queue: pd.DataFrame, queue_id: str) -> list[dict]:
     for r in queue.itertuples():
         guess = r.corrected_label if isinstance(r.corrected_label, str) else r.predicted
         tasks.append({
-            "data": {"image": f"/data/local-files/?d=images/{r.image_id}.png",
+            "data": {"image": f"/data/local-files/?d=images/{r.key.rsplit('/', 1)[-1]}",
                      "image_id": r.image_id, "cvops_queue": queue_id, "reason": r.reason,
                      "predicted": r.predicted, "second": r.second,
                      "operator_label": r.corrected_label if isinstance(r.corrected_label, str) else "",

@@ -133,7 +133,8 @@ def queue_records(n_uncertain=60):
     frame = pd.DataFrame(rows, columns=["record_id", "image_id", "predicted", "confidence",
                                         "corrected_label", "top_k", "phash"])
     frame["top_k"] = frame["top_k"].map(json.dumps)
-    return frame.assign(release="rel-1", device_id="d", uri="u", key="k")
+    return frame.assign(release="rel-1", device_id="d", uri="u",
+                        key="images/ab/" + frame["image_id"] + ".png")
 
 
 def test_queue_puts_errors_first_then_uncertain_and_stays_diverse():

@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 
 from cvops_pipelines.core.tracking import Tracking
 from cvops_pipelines.defs.build.assets import trained_model
+from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.measure.assets import GATE_CHECK, model_evaluation
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines.defs.ship.assets import onnx_model
@@ -33,7 +34,8 @@ def train(instance, config=SMALL, extra=(), export_config=None):
     ops = {"trained_model": {"config": config}}
     if export_config:
         ops["onnx_model"] = {"config": export_config}
-    return materialize([*INGEST, *CURATE, trained_model, model_evaluation, onnx_model, *extra],
+    return materialize([*INGEST, feedback, *CURATE, trained_model, model_evaluation, onnx_model,
+                        *extra],
                        selection=[trained_model, model_evaluation, *extra], instance=instance,
                        resources=build_resources(), raise_on_error=False,
                        run_config={"ops": ops})

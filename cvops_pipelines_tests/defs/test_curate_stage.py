@@ -7,6 +7,7 @@ from cvops_pipelines.core.images import inspect_image
 from cvops_pipelines.core.splits import split_of
 from cvops_pipelines.defs.curate.assets import dataset_version, label_issues, labeled_pool
 from cvops_pipelines.defs.ingest.assets import annotations, raw_images
+from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines_tests import corpus
 
@@ -39,7 +40,8 @@ def ingest(instance, drop):
 
 
 def curate(instance, extra_assets=(), run_config=None):
-    return materialize([*INGEST, *CURATE, *extra_assets], instance=instance, resources=build_resources(),
+    # feedback (no batches yet) is an input of labeled_pool: loaded empty
+    return materialize([*INGEST, feedback, *CURATE, *extra_assets], instance=instance, resources=build_resources(),
                        selection=[*CURATE, *extra_assets], raise_on_error=False,
                        run_config=run_config)
 

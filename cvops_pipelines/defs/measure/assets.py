@@ -24,6 +24,8 @@ class ModelEvaluationConfig(Config):
     max_class_recall_drop: float = Field(0.05, description="Gate δ: any class's recall may "
                                                            "drop this much.")
     max_replay_drop: float = Field(0.01, description="Gate: replay accuracy may drop this much.")
+    min_net_images: int = Field(2, description="Gate noise floor: a drop worth fewer net test "
+                                               "images than this does not block.")
     cohort_column: str = Field("source", description="Dataset column that defines cohorts.")
 
 
@@ -72,7 +74,8 @@ def model_evaluation(context: AssetExecutionContext, config: ModelEvaluationConf
     mine, probs = _evaluate(challenger, store, test, cache)
     theirs = _evaluate(champion, store, test, cache)[0] if champion else None
     gate = decide(mine, theirs, GateConfig(config.max_macro_f1_drop,
-                                           config.max_class_recall_drop, config.max_replay_drop))
+                                           config.max_class_recall_drop, config.max_replay_drop,
+                                           config.min_net_images))
     if champion is None:
         context.log.info("no champion yet: the challenger passes the gate by definition")
 

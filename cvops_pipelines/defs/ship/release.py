@@ -87,7 +87,8 @@ def edge_release(context: AssetExecutionContext, config: EdgeReleaseConfig, onnx
     return Output(record, metadata={
         "release": release.id, "artifact": artifact, "parent": parent_id or "none",
         "model_bytes": len(model),
-        "delta_bytes": delta["size"] if delta else "no parent",
+        "delta_bytes": delta["size"] if delta else
+        release.manifest.get("delta_note", "no parent: devices download the full model"),
         "canary": MetadataValue.json(canary), "bundle": MetadataValue.url(uri),
         "history": _history(releases)})
 

@@ -1,0 +1,132 @@
+"""The Learn stage through Dagster on real parts: devices upload real batches, feedback_sensor turns
+them into partitions and one range run; a malformed batch and one with an unknown class are
+quarantined whole while the good one is ingested; production_metrics fails its SLA on a shifted
+stream and retraining_sensor then requests a training run."""
+
+import json
+
+import numpy as np
+import pandas as pd
+from dagster import (AssetKey, AssetMaterialization, DagsterInstance, RunRequest, SensorResult,
+                     SkipReason, build_sensor_context, materialize)
+
+from cvops_pipelines import settings
+from cvops_pipelines.core.release import ReleaseStore, build_release, generate_keypair, load_private_key
+from cvops_pipelines.core.storage import LocalStore
+from cvops_pipelines.core.tables import read_table, write_table
+from cvops_pipelines.defs.learn.assets import feedback, production_metrics
+from cvops_pipelines.defs.learn.sensors import feedback_sensor, retraining_decision, retraining_sensor
+from cvops_pipelines.defs.resources import build_resources
+from cvops_pipelines.edge.remote import DirRemote
+from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
+from cvops_pipelines_tests.corpus import digit_label
+from cvops_pipelines_tests.edge.fleet_kit import PREPROCESS, png, trained_model
+from cvops_pipelines_tests.core.test_learn import rezip
+
+
+def published_release(home) -> str:
+    """The LR digit model released into the cvops store, with the dataset snapshot it names
+    (held-out digits as the drift reference)."""
+    store = LocalStore(home)
+    generate_keypair(settings.signing_key_path().parent)
+    key = load_private_key(settings.signing_key_path())
+    rows = []
+    for i in range(600, 900):
+        data = png(i)
+        store.write_bytes(f"images/ref/{i}.png", data)
+        rows.append({"image_id": f"{i:064x}", "label": digit_label(i), "split": "test",
+                     "key": f"images/ref/{i}.png"})
+    write_table(store, "datasets/ds-test/dataset.parquet", pd.DataFrame(rows))
+    release = build_release(trained_model(n=600), PREPROCESS, {
+        "model_name": "digits", "model_version": "1", "dataset_version": "ds-test",
+        "artifact": "onnx_fp32"}, key)
+    releases = ReleaseStore(store)
+    releases.publish(release)
+    releases.point("stable", release.id, "test", "test")
+    return release.id
+
+
+def fleet(home, shift=Shift(), steps=6, seed=0):
+    public = settings.signing_key_path().with_suffix(".pub").read_bytes()
+    stream = [(png(i), digit_label(i)) for i in range(900, 1300)]
+    return run_fleet(DirRemote(home), home / "fleet", public, stream, FleetConfig(
+        devices=3, steps=steps, images_per_step=4, p_offline=0.0, p_crash=0.0, upload_every=2,
+        shift=shift, review_share=0.8, seed=seed))
+
+
+def tick(instance, sensor):
+    with build_sensor_context(instance=instance, resources=build_resources()) as context:
+        result = sensor(context)
+    if isinstance(result, SensorResult):
+        for add in result.dynamic_partitions_requests:
+            instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    return result
+
+
+def test_feedback_range_run_quarantines_bad_batches_whole(isolated_homes):
+    instance = DagsterInstance.ephemeral()
+    release = published_release(isolated_homes)
+    fleet(isolated_homes, steps=2)
+    store = LocalStore(isolated_homes)
+    good = sorted(e.key for e in store.list("feedback/batches/"))
+    payload = store.read_bytes(good[0])
+    store.write_bytes("feedback/batches/dev-900-b000001.zip", b"this is not a zip")
+    unknown = rezip(payload, lambda f: f.update({"records.jsonl": f["records.jsonl"].replace(
+        b'"predicted": "', b'"predicted": "cat').replace(good[0].split("/")[-1][:-4].encode(),
+                                                          b"dev-901-b000001")}))
+    store.write_bytes("feedback/batches/dev-901-b000001.zip", unknown)
+
+    result = tick(instance, feedback_sensor)
+    (request,) = result.run_requests
+    assert len(instance.get_dynamic_partitions("feedback_batches")) == len(good) + 2
+    run = materialize([feedback], instance=instance, resources=build_resources(),
+                      tags=request.tags, raise_on_error=False)
+    assert run.success
+    checks = {c.check_name: c for c in run.get_asset_check_evaluations()}
+    assert checks["feedback_contract"].passed  # what was accepted meets the contract
+    warning = checks["no_quarantined_batches"]
+    assert not warning.passed and warning.metadata["quarantined_batches"].value == 2
+    assert "dev-90" in warning.metadata["first_failure"].value
+    for bad, code in (("dev-900-b000001", "malformed_batch"), ("dev-901-b000001", "contract_failed")):
+        note = json.loads(store.read_bytes(f"quarantine/feedback/{bad}.json"))
+        assert note["reason_code"] == code and note["reason"]
+        assert store.exists(f"quarantine/feedback/{bad}.zip")  # kept, not dropped
+        assert read_table(store, f"tables/feedback/{bad}.parquet").empty
+    accepted = pd.concat([read_table(store, f"tables/feedback/{k.split('/')[-1][:-4]}.parquet")
+                          for k in good])
+    assert len(accepted) > 0 and set(accepted["release"].dropna()) == {release}
+    assert all(store.exists(k) for k in accepted["key"].dropna())  # images content-addressed
+    assert isinstance(tick(instance, feedback_sensor), SkipReason)  # nothing new: no second run
+
+
+def report(instance, asset: str, **metadata):
+    instance.report_runless_asset_event(AssetMaterialization(asset, metadata=metadata))
+
+
+def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
+    instance = DagsterInstance.ephemeral()
+    published_release(isolated_homes)
+    report(instance, "dataset_version", version="ds-test", images=300)
+    report(instance, "trained_model", dataset_version="ds-test", dataset_images=300)
+    decision, why = retraining_decision(instance)
+    assert decision is None and "already" in why
+
+    fleet(isolated_homes, shift=Shift(brightness=0.3, blur=5, rotate=20), steps=8)
+    materialize([feedback], instance=instance, resources=build_resources(),
+                tags=tick(instance, feedback_sensor).run_requests[0].tags)
+    metrics = materialize([feedback.to_source_asset(), production_metrics], instance=instance,
+                          resources=build_resources(), raise_on_error=False,
+                          selection=["production_metrics"],
+                          run_config={"ops": {"production_metrics": {"config": {
+                              "min_accuracy": 0.95, "min_reviewed": 20}}}})
+    checks = {c.check_name: c for c in metrics.get_asset_check_evaluations()}
+    assert not checks["accuracy_sla"].passed and not checks["no_output_drift"].passed
+    (mat,) = metrics.asset_materializations_for_node("production_metrics")
+    assert mat.metadata["coverage"].value > 0.5 and mat.metadata["sla_ok"].value is False
+
+    report(instance, "dataset_version", version="ds-new", images=310)  # 10 new labels: too few
+    assert isinstance(tick(instance, retraining_sensor), SkipReason)
+    report(instance, "dataset_version", version="ds-newer", images=340)
+    request = tick(instance, retraining_sensor)
+    assert isinstance(request, RunRequest) and request.run_key == "train:ds-newer"
+    assert "accuracy_sla" in request.tags["cvops/trigger"]

@@ -130,3 +130,19 @@ def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
     request = tick(instance, retraining_sensor)
     assert isinstance(request, RunRequest) and request.run_key == "train:ds-newer"
     assert "accuracy_sla" in request.tags["cvops/trigger"]
+
+
+def test_no_training_on_a_dataset_version_its_contracts_refused(isolated_homes):
+    from dagster import AssetCheckEvaluation
+
+    instance = DagsterInstance.ephemeral()
+    report(instance, "dataset_version", version="ds-bad", images=30)
+    instance.report_runless_asset_event(AssetCheckEvaluation(
+        asset_key=AssetKey("dataset_version"), check_name="dataset_version_balance",
+        passed=False))
+    request, why = retraining_decision(instance)
+    assert request is None and why == "dataset version ds-bad failed dataset_version_balance"
+    instance2 = DagsterInstance.ephemeral()
+    report(instance2, "dataset_version", version="ds-good", images=30)
+    request, why = retraining_decision(instance2)
+    assert request is not None and why == "no model yet"

@@ -25,6 +25,8 @@ learn_schedule = ScheduleDefinition(
     description="Hourly: production metrics and their checks (which the retraining sensor "
                 "reads), the annotation queue and the ontology report.")
 
+DATASET_CHECKS = tuple(AssetCheckKey(AssetKey("dataset_version"), name) for name in (
+    "dataset_version_contract", "dataset_version_balance", "dataset_version_leakage"))
 # Checks whose failure asks for a retraining run (when there is something new to learn from).
 ALERT_CHECKS = (AssetCheckKey(AssetKey("production_metrics"), "accuracy_sla"),
                 AssetCheckKey(AssetKey("production_metrics"), "no_output_drift"))
@@ -65,6 +67,12 @@ def retraining_decision(instance, min_new_labels: int = 200,
     if dataset_entry is None:
         return None, "no dataset version yet"
     dataset = _metadata(dataset_entry)
+    for key in DATASET_CHECKS:  # never train on a version its blocking contracts refused
+        record = instance.get_latest_asset_check_evaluation_record(key)
+        evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
+        if evaluation is not None and not evaluation.passed and \
+                record.run_id == dataset_entry.run_id:
+            return None, f"dataset version {dataset['version']} failed {key.name}"
     model_entry = instance.get_latest_materialization_event(AssetKey("trained_model"))
     model = _metadata(model_entry)
     version = dataset["version"]

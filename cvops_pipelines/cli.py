@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,17 +81,13 @@ class Timings:
     runs: list[RunSummary] = field(default_factory=list)
     outside_s: float = 0.0  # stage work outside Dagster: fleet simulation, oracle, demo data
 
+    @contextmanager
     def stage(self):
-        timings = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings.outside_s += time.perf_counter() - self.t
-
-        return _Stage()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.outside_s += time.perf_counter() - started
 
     def report(self) -> dict:
         wall = time.perf_counter() - self.started

@@ -5,7 +5,6 @@ stream and retraining_sensor then requests a training run."""
 
 import json
 
-import numpy as np
 import pandas as pd
 from dagster import (AssetKey, AssetMaterialization, DagsterInstance, RunRequest, SensorResult,
                      SkipReason, build_sensor_context, materialize)

@@ -89,7 +89,7 @@ class Central:
         return release
 
 
-def field_records(store) -> "pd.DataFrame":
+def field_records(store):
     """Every uploaded record, corrections applied: what the feedback asset makes of the store."""
     import pandas as pd
 

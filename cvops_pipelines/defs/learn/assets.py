@@ -89,8 +89,7 @@ def feedback(context: AssetExecutionContext, storage: CvopsStorage, contracts: D
                             params, docs, run_name=f"feedback-{context.run.run_id[:8]}-accepted")
     quarantined = []
     for batch, (code, reason) in rejected.items():
-        uri = quarantine_batch(store, batch, payloads.get(batch, b""), code, reason) \
-            if batch in payloads else ""
+        uri = quarantine_batch(store, batch, payloads.get(batch, b""), code, reason)
         context.log.error(f"feedback batch {batch} quarantined whole: {code}: {reason}")
         quarantined.append({"batch_id": batch, "reason_code": code, "reason": reason,
                             "quarantine": uri})

@@ -114,3 +114,27 @@ def test_canary_schedule_runs_only_while_a_release_is_on_canary(isolated_homes):
     mine.point("canary", release.id, "test", "test", share=0.5)
     with build_schedule_context(resources=resources) as context:
         assert isinstance(canary_schedule(context), RunRequest)
+
+
+def test_a_new_dataset_version_alone_does_not_evaluate_or_export_again():
+    """Only retraining_sensor starts training; evaluation and export follow a new model, not a
+    new dataset version (which would re-export the same model on every feedback batch)."""
+    import dagster as dg
+    from dagster import AssetKey, AssetMaterialization, DagsterInstance
+
+    from cvops_pipelines.definitions import defs
+
+    instance = DagsterInstance.ephemeral()
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    for key in ("labeled_pool", "label_issues", "dataset_version", "trained_model",
+                "model_evaluation", "onnx_model", "edge_release"):
+        instance.report_runless_asset_event(AssetMaterialization(key))
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    instance.report_runless_asset_event(AssetMaterialization("dataset_version"))
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    assert result.total_requested == 0
+    instance.report_runless_asset_event(AssetMaterialization("trained_model"))
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    requested = {k: result.get_num_requested(AssetKey(k))
+                 for k in ("trained_model", "model_evaluation", "onnx_model")}
+    assert requested == {"trained_model": 0, "model_evaluation": 1, "onnx_model": 1}

@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pandas as pd
-from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec,
-                     AssetExecutionContext, AutomationCondition, Config, MetadataValue, Output,
-                     asset)
+from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
+                     AssetSelection, AutomationCondition, Config, MetadataValue, Output, asset)
 from pydantic import Field
 
 from cvops_pipelines.core.gate import GateConfig, decide
@@ -50,7 +49,9 @@ def _log_to_mlflow(tracking, run_id: str, prefix: str, evaluation: Evaluation) -
 
 
 @asset(group_name="measure", io_manager_key="tables", kinds={"pytorch", "mlflow"},
-       automation_condition=AutomationCondition.eager(),
+       # after a new model only: a new dataset version alone waits for retraining_sensor
+       automation_condition=AutomationCondition.eager().ignore(
+           AssetSelection.assets("dataset_version")),
        check_specs=[AssetCheckSpec(
            GATE_CHECK, asset="model_evaluation", blocking=True,
            description="Non-inferiority: the challenger's macro-F1 drops at most ε, no class's "

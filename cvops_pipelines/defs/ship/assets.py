@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pandas as pd
-from dagster import (AssetExecutionContext, AutomationCondition, Config, DataVersion, Failure,
-                     MetadataValue, Output, asset)
+from dagster import (AssetExecutionContext, AssetSelection, AutomationCondition, Config,
+                     DataVersion, Failure, MetadataValue, Output, asset)
 from pydantic import Field
 
 from cvops_pipelines.core.artifact_choice import (REFERENCE, TargetProfile, choose,
@@ -40,7 +40,9 @@ def _labels(frame: pd.DataFrame, classes) -> np.ndarray:
 
 
 @asset(group_name="ship", io_manager_key="tables", kinds={"onnx", "mlflow"},
-       automation_condition=AutomationCondition.eager(),
+       # after a new model only: a new dataset version alone waits for retraining_sensor
+       automation_condition=AutomationCondition.eager().ignore(
+           AssetSelection.assets("dataset_version")),
        description="The gated challenger exported to ONNX fp32 and calibrated int8, each proven on "
                    "real test images, measured on this machine, and chosen per target profile.")
 def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_model: dict,

@@ -352,7 +352,7 @@ def _print_learn(run: RunSummary) -> dict:
     report = run.assets.get("ontology_report", {})
     print(f"\n== learn: {'OK' if run.success else 'FAILED'} (Dagster run {run.run_id})")
     if metrics:
-        print(f"   field  : {metrics['records']} records, coverage {metrics['coverage']:.0%} "
+        print(f"   field     : {metrics['records']} records, coverage {metrics['coverage']:.0%} "
               f"reviewed; missed-event share {metrics['missed_event_share']}")
         for line in metrics["per_release"].splitlines():
             print(f"            {line}")
@@ -546,6 +546,86 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The operator's one-screen view: what runs where, how it does, what waits for people."""
+    import json
+
+    import pandas as pd
+
+    from cvops_pipelines.core.release import ReleaseStore
+    from cvops_pipelines.core.storage import LocalStore, S3Store
+    from cvops_pipelines.core.tables import read_table
+    from cvops_pipelines.core.tracking import Tracking, TrackingUnavailable
+
+    s3 = settings.s3_settings()
+    store = (S3Store(s3["bucket"], s3["prefix"], s3["region"], s3["endpoint_url"]) if s3["bucket"]
+             else LocalStore(settings.cvops_home()))
+    releases = ReleaseStore(store)
+    print(f"cvops status ({store.uri()})")
+    for channel in ("stable", "canary"):
+        pointer = releases.channel(channel) or {}
+        release = pointer.get("release")
+        if not release:
+            print(f"   {channel:<10}: none")
+            continue
+        manifest = releases.manifest(release)
+        extra = (f", {pointer.get('share', 0):.0%} of devices"
+                 + (f" + cohorts {', '.join(pointer['cohorts'])}" if pointer.get("cohorts") else "")
+                 if channel == "canary" else "")
+        print(f"   {channel:<10}: {release} (model v{manifest['model_version']}, "
+              f"{manifest['artifact']}, dataset {manifest['dataset_version']}{extra}; "
+              f"since {pointer.get('updated_at', '?')})")
+    tracking = Tracking(settings.mlflow_tracking_uri())
+    local_db = tracking.tracking_uri.removeprefix("sqlite:///")
+    if tracking.tracking_uri.startswith("sqlite:///") and not Path(local_db).exists():
+        print(f"   MLflow    : no tracking database yet ({local_db})")
+    else:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client = tracking.client()
+            for alias in ("champion", "challenger"):
+                try:
+                    version = client.get_model_version_by_alias(tracking.model_name, alias)
+                    print(f"   {alias:<10}: {tracking.model_name} v{version.version} "
+                          f"(MLflow run {version.run_id})")
+                except MlflowException:  # the alias is not set yet
+                    print(f"   {alias:<10}: not set")
+        except TrackingUnavailable as exc:
+            print(f"   MLflow    : {exc}")
+    metrics_key = "artifacts/production_metrics/all.json"
+    if store.exists(metrics_key):
+        metrics = json.loads(store.read_bytes(metrics_key))
+        print(f"   field     : {metrics['records']} records, {metrics['reviewed']} reviewed; SLA "
+              f"{'met' if metrics['sla_ok'] else 'MISSED'}, drift "
+              f"{'FLAGGED' if metrics['drift_flagged'] else 'not flagged'}")
+        for row in metrics["per_release"]:
+            accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+            print(f"               {row['release']}: accuracy {accuracy} on {row['reviewed']} "
+                  f"reviewed of {row['records']} (coverage {row['coverage']:.0%})")
+    else:
+        print("   field     : no production_metrics yet (learn_job / learn_schedule)")
+    queue_key = "tables/annotation_queue/all.parquet"
+    if store.exists(queue_key):
+        queue = read_table(store, queue_key)
+        pool_key = "tables/labeled_pool/all.parquet"
+        done: set = set()
+        if store.exists(pool_key):
+            pool = read_table(store, pool_key)
+            expert = pool["annotators"].map(
+                lambda names: any(not str(n).startswith("operator@") for n in names))
+            done = set(pool.loc[expert, "image_id"])
+        pending = queue[~queue["image_id"].isin(done)]
+        queue_id = queue["queue_id"].iloc[0] if len(queue) else "-"
+        print(f"   labels    : {len(pending)} of {len(queue)} queued images still to annotate "
+              f"(queue {queue_id}: {store.uri(f'annotation/queues/{queue_id}/tasks.json')})")
+        if len(pending):
+            print(f"               by reason: {pd.Series(pending['reason']).value_counts().to_dict()}")
+    else:
+        print("   labels    : no annotation queue yet")
+    return 0
+
+
 def _mlflow_ui_hint() -> str:
     uri = settings.mlflow_tracking_uri()
     if uri.startswith("sqlite:"):
@@ -577,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("drops", help="list drops in the drop source and whether they are complete")
     p.set_defaults(func=cmd_drops)
+
+    p = sub.add_parser("status", help="champion, stable and canary releases, the latest "
+                                      "production metrics and pending annotation work")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("keygen", help="create the ed25519 key pair that signs edge releases")
     p.add_argument("--out", help="folder (default: the folder of $CVOPS_SIGNING_KEY, "

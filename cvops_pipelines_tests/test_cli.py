@@ -13,7 +13,7 @@ CVOPS = str(Path(sys.executable).parent / "cvops")
 
 def test_help_lists_every_command_and_the_environment():
     out = subprocess.run([CVOPS, "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("demo", "demo-data", "ingest", "drops", "keygen", "fleet", "CVOPS_HOME",
+    for word in ("demo", "demo-data", "ingest", "drops", "status", "keygen", "fleet", "CVOPS_HOME",
                  "CVOPS_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "CVOPS_SIGNING_KEY"):
         assert word in out
     edge = subprocess.run([str(Path(CVOPS).parent / "cvops-edge"), "--help"], capture_output=True,
@@ -66,6 +66,12 @@ def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(tmp_path):
     assert "telemetry" in (tmp_path / "dagster/dagster.yaml").read_text()
     report = json.loads(timings.read_text())
     assert report["dagster_runs"] >= 12 and 0 < report["orchestration_share"] < 1
+
+    status = subprocess.run([CVOPS, "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"stable    : {stable['release']}" in status.stdout and "canary    : none" in status.stdout
+    assert "champion  : cvops-classifier v2" in status.stdout
+    assert "SLA " in status.stdout and "queued images still to annotate" in status.stdout
 
     drops = subprocess.run([CVOPS, "drops"], env=env, capture_output=True, text=True, check=True)
     assert "initial\tcomplete" in drops.stdout

@@ -553,13 +553,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from cvops_pipelines.core.release import ReleaseStore
-    from cvops_pipelines.core.storage import LocalStore, S3Store
     from cvops_pipelines.core.tables import read_table
     from cvops_pipelines.core.tracking import Tracking, TrackingUnavailable
 
-    s3 = settings.s3_settings()
-    store = (S3Store(s3["bucket"], s3["prefix"], s3["region"], s3["endpoint_url"]) if s3["bucket"]
-             else LocalStore(settings.cvops_home()))
+    store = settings.cvops_store()
     releases = ReleaseStore(store)
     print(f"cvops status ({store.uri()})")
     for channel in ("stable", "canary"):

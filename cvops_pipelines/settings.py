@@ -62,3 +62,13 @@ def signing_key_path() -> Path:
     """The ed25519 private key that signs releases (CVOPS_SIGNING_KEY); never commit it."""
     return Path(os.environ.get("CVOPS_SIGNING_KEY")
                 or cvops_home() / "keys" / "release_signing.key").expanduser().absolute()
+
+
+def cvops_store():
+    """The cvops store the environment names: the S3 bucket when set, else CVOPS_HOME."""
+    from cvops_pipelines.core.storage import LocalStore, S3Store
+
+    s3 = s3_settings()
+    if s3["bucket"]:
+        return S3Store(s3["bucket"], s3["prefix"], s3["region"], s3["endpoint_url"])
+    return LocalStore(cvops_home())

@@ -122,20 +122,36 @@ def _worker_init(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(seed)
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, workers: int):
+def distributed() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed was initialised (e.g. by torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, workers: int,
+                shard: bool = False):
+    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler)."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler
 
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=generator, worker_init_fn=_worker_init,
-                      persistent_workers=workers > 0)
+    rank, world = distributed()
+    sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed) \
+        if shard and world > 1 else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, generator=generator,
+                      worker_init_fn=_worker_init, persistent_workers=workers > 0)
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, device: str) -> dict:
+def train_one_epoch(model, loader, optimizer, loss_fn, device: str, epoch: int = 0) -> dict:
     set_train_mode(model)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
+    if hasattr(loader.sampler, "set_epoch"):  # DDP: a new shuffle per epoch, the same on every rank
+        loader.sampler.set_epoch(epoch)
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -147,8 +163,15 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device: str) -> dict:
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
     elapsed = time.perf_counter() - started
+    if distributed()[1] > 1:  # every rank saw a shard: report the whole epoch
+        import torch
+        import torch.distributed as dist
+
+        totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+        dist.all_reduce(totals)
+        total_loss, correct, seen = totals[0].item(), int(totals[1]), int(totals[2])
     return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
-            "train_images_per_second": seen / elapsed if elapsed else 0.0}
+            "train_images": seen, "train_images_per_second": seen / elapsed if elapsed else 0.0}
 
 
 def evaluate(model, loader, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -188,9 +211,16 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
     if initial_state is not None:
         model.load_state_dict(initial_state)
     model = model.to(device)
+    rank, world = distributed()
+    trained = model
+    if world > 1:  # torchrun: gradients averaged across ranks; validation is the same on each
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda")
+                                          else None)
     train_loader = make_loader(ImageDataset(*train, augmentation(config.augmentation, config.image_size,
-                                                                 seed=config.seed)),
-                               config.batch_size, True, config.seed, config.workers)
+                                                                 seed=config.seed + rank)),
+                               config.batch_size, True, config.seed, config.workers, shard=True)
     val_loader = make_loader(ImageDataset(*val, augmentation("none", config.image_size)),
                              config.batch_size, False, config.seed, config.workers)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -201,7 +231,7 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
     result = FitResult(model, preprocess)
     best_loss, best_state, waited, speeds = float("inf"), None, 0, []
     for epoch in range(1, config.epochs + 1):
-        metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, device)
+        metrics = train_one_epoch(trained, train_loader, optimizer, loss_fn, device, epoch)
         scheduler.step()
         metrics.update(evaluate(model, val_loader, device)[0])
         metrics["learning_rate"] = scheduler.get_last_lr()[0]

@@ -1,0 +1,88 @@
+"""Training beyond one process: DistributedDataParallel under torchrun.
+
+    torchrun --nproc_per_node 2 -m cvops_pipelines.train_ddp --dataset-version ds-… --out DIR
+
+Every process reads the dataset snapshot and its images from the cvops store the environment
+names (CVOPS_HOME or the S3 bucket), trains its shard of each epoch (gradients averaged across
+processes; gloo on CPU, nccl on CUDA, one GPU per process), and evaluates the whole validation
+split, so early stopping decides the same everywhere. Rank 0 writes state_dict.pt,
+preprocess.json and history.json to --out — the files `trained_model` logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cvops_pipelines.train_ddp",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-version", required=True, help="a snapshot under datasets/")
+    parser.add_argument("--out", required=True, help="folder for rank 0's model files")
+    parser.add_argument("--architecture", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from cvops_pipelines import settings
+    from cvops_pipelines.core.dataset import load_snapshot
+    from cvops_pipelines.core.models import pick_device, state_dict_bytes
+    from cvops_pipelines.core.training import TrainConfig, fit, load_images
+
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        rank = dist.get_rank()
+        store = settings.cvops_store()
+        rows = load_snapshot(store, args.dataset_version)
+        classes = sorted(rows["label"].unique())
+        index = {c: i for i, c in enumerate(classes)}
+        data = {}
+        for split in ("train", "val"):
+            part = rows[rows["split"] == split]
+            data[split] = (load_images(store, list(part["key"]), args.image_size),
+                           part["label"].map(index).to_numpy())
+        config = TrainConfig(architecture=args.architecture, image_size=args.image_size,
+                             epochs=args.epochs, batch_size=args.batch_size,
+                             learning_rate=args.learning_rate, seed=args.seed)
+
+        def report(epoch: int, metrics: dict) -> None:
+            if rank == 0:
+                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                      flush=True)
+
+        result = fit(data["train"], data["val"], classes, config, device, report)
+        if rank == 0:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "state_dict.pt").write_bytes(state_dict_bytes(result.model))
+            (out / "preprocess.json").write_text(result.preprocess.to_json())
+            (out / "history.json").write_text(json.dumps(
+                {"world_size": dist.get_world_size(), "best_epoch": result.best_epoch,
+                 "history": result.history}, indent=2))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

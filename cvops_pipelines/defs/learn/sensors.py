@@ -59,19 +59,25 @@ def _metadata(entry) -> dict:
     return {k: v.value for k, v in mat.metadata.items()} if mat else {}
 
 
+def _latest_failure(instance, key: AssetCheckKey):
+    """The check's latest evaluation record when that evaluation failed, else None."""
+    record = instance.get_latest_asset_check_evaluation_record(key)
+    evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
+    return record if evaluation is not None and not evaluation.passed else None
+
+
 def retraining_decision(instance, min_new_labels: int = 200,
                         min_labels_after_alert: int = 20) -> tuple[RunRequest | None, str]:
     """(run request or None, why). Reads only the instance: what the current dataset version
-    holds, what the latest model was trained on, and the latest alert checks."""
+    holds, what the latest model was trained on, and the latest alert checks. New labels are
+    counted as labeled images added since the model's dataset version."""
     dataset_entry = instance.get_latest_materialization_event(AssetKey("dataset_version"))
     if dataset_entry is None:
         return None, "no dataset version yet"
     dataset = _metadata(dataset_entry)
     for key in DATASET_CHECKS:  # never train on a version its blocking contracts refused
-        record = instance.get_latest_asset_check_evaluation_record(key)
-        evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
-        if evaluation is not None and not evaluation.passed and \
-                record.run_id == dataset_entry.run_id:
+        record = _latest_failure(instance, key)
+        if record is not None and record.run_id == dataset_entry.run_id:
             return None, f"dataset version {dataset['version']} failed {key.name}"
     model_entry = instance.get_latest_materialization_event(AssetKey("trained_model"))
     model = _metadata(model_entry)
@@ -85,10 +91,8 @@ def retraining_decision(instance, min_new_labels: int = 200,
     new_labels = int(dataset["images"]) - int(model.get("dataset_images", 0))
     alerts = []
     for key in ALERT_CHECKS:
-        record = instance.get_latest_asset_check_evaluation_record(key)
-        evaluation = record.event.dagster_event.event_specific_data if record and record.event else None
-        if evaluation is not None and not evaluation.passed and \
-                record.event.timestamp > model_entry.timestamp:
+        record = _latest_failure(instance, key)
+        if record is not None and record.event.timestamp > model_entry.timestamp:
             alerts.append(key.name)
     if alerts and new_labels >= min_labels_after_alert:
         why = f"{' and '.join(alerts)} failed; {new_labels} new labels since the last model"

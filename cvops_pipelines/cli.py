@@ -1,4 +1,4 @@
-"""`cvops`: run the demo loop, make the demo data, ingest a drop, list drops.
+"""`cvops`: run the demo loop, make the demo data, ingest a drop, list drops, show status.
 
 Runs go through a persistent Dagster instance ($DAGSTER_HOME, default ./.dagster_home), so every
 run started here shows up in the Dagster UI (`./dev ui`).
@@ -159,7 +159,8 @@ def _print_curate(run: RunSummary) -> None:
     dataset = run.assets.get("dataset_version", {})
     print(f"\n== curate: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
     if pool:
-        print(f"   pool   : {pool['images']} labeled images from {pool['drops']} drop(s)")
+        origins = ", ".join(f"{k} {v}" for k, v in (pool.get("origins") or {}).items())
+        print(f"   pool   : {pool['images']} labeled images by origin: {origins}")
     if issues:
         print(f"   QA     : {issues['suspects']} suspect labels {issues['suspects_by_reason']} "
               f"-> review {issues['review_csv']}")

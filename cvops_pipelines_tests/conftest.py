@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                  log: Path | None = None) -> None:
+    """Until something listens on the port; fails at once if `proc` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on "
+                               f"{port}:\n{tail}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -87,22 +94,53 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` over HTTP on loopback (SQLite backend, proxied artifacts)."""
-    root = tmp_path_factory.mktemp("mlflow_server")
+@contextmanager
+def mlflow_server_process(root: Path, backend_uri: str, artifacts: str, env: dict | None = None):
+    """`mlflow server` on a free loopback port, proxying artifacts to `artifacts`; yields its URL."""
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
+         "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts],
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job workers
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},  # no GenAI job workers
         stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
     try:
-        wait_for_port(port, timeout=90)
+        wait_for_port(port, timeout=90, proc=proc, log=root / "server.log")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` over HTTP on loopback (SQLite backend, proxied artifacts)."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with mlflow_server_process(root, f"sqlite:///{root / 'mlflow.db'}",
+                               str(root / "artifacts")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian's postgresql) on a loopback port, started for the session.
+
+    initdb refuses to run as root, so as root the cluster belongs to the `postgres` user."""
+    from cvops_pipelines_tests.postgres import PostgresServer
+
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`cvops demo` run once per session, as the README runs it, in homes of its own: the CLI test
+    checks its output, the browser test opens the Dagster UI on the instance it leaves behind."""
+    root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
+    timings = root / "timings.json"
+    proc = subprocess.run([str(Path(sys.executable).parent / "cvops"), "demo", "--timings",
+                           str(timings)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900)
+    return {"root": root, "env": env, "proc": proc, "timings": timings}

@@ -30,12 +30,8 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
 
 
-def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(tmp_path):
-    env = {**os.environ, "CVOPS_HOME": str(tmp_path / "home"),
-           "DAGSTER_HOME": str(tmp_path / "dagster")}
-    timings = tmp_path / "timings.json"
-    proc = subprocess.run([CVOPS, "demo", "--timings", str(timings)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
+    tmp_path, env, proc, timings = (demo_run[k] for k in ("root", "env", "proc", "timings"))
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert "ingest drop initial: OK" in out and "raw_images_contract passed" in out

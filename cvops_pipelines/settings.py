@@ -46,6 +46,12 @@ def mlflow_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cvops_home() / 'mlflow.db'}"
 
 
+def mlflow_ui_url() -> str:
+    """Where people open the MLflow UI (CVOPS_MLFLOW_UI_URL, e.g. behind an ingress); empty: the
+    tracking server itself, or `mlflow ui`'s http://127.0.0.1:5000 for the local store."""
+    return os.environ.get("CVOPS_MLFLOW_UI_URL", "")
+
+
 def mlflow_artifact_root() -> str:
     """Where a new MLflow experiment keeps artifacts: next to the cvops data (the S3 bucket
     when one is configured, else $CVOPS_HOME/mlartifacts)."""

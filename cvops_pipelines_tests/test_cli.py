@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 CVOPS = str(Path(sys.executable).parent / "cvops")
 
@@ -30,6 +31,7 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
 
 
+@pytest.mark.xdist_group("demo")  # shares the session's demo run with the browser test
 def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
     tmp_path, env, proc, timings = (demo_run[k] for k in ("root", "env", "proc", "timings"))
     out = proc.stdout

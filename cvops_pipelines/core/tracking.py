@@ -40,6 +40,7 @@ class Tracking:
     artifact_root: str = ""  # where a locally created experiment stores artifacts
     experiment: str = "cvops"
     model_name: str = "cvops-classifier"
+    ui_url: str = ""  # where people open MLflow; default: the server, or `mlflow ui` locally
 
     @property
     def is_server(self) -> bool:
@@ -79,6 +80,17 @@ class Tracking:
             # a local folder only makes sense for a local store; a server keeps its own
             location = None if self.is_server else Path(location).absolute().as_uri()
         return client.create_experiment(self.experiment, artifact_location=location)
+
+    def _ui(self) -> str:
+        return (self.ui_url or (self.tracking_uri if self.is_server
+                                else "http://127.0.0.1:5000")).rstrip("/")
+
+    def run_url(self, run_id: str) -> str:
+        """A link for Dagster metadata: the run's page in the MLflow UI."""
+        return f"{self._ui()}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+
+    def model_version_url(self, version: str, name: str | None = None) -> str:
+        return f"{self._ui()}/#/models/{name or self.model_name}/versions/{version}"
 
     @contextmanager
     def start_run(self, name: str, tags: dict, nested: bool = False):

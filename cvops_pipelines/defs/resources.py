@@ -130,9 +130,11 @@ class MlflowTracking(ConfigurableResource):
     artifact_root: str = Field("", description="Artifact location for a newly created experiment.")
     experiment: str = "cvops"
     model_name: str = Field("cvops-classifier", description="Registered model name.")
+    ui_url: str = Field("", description="MLflow UI base URL for links in asset metadata.")
 
     def tracking(self) -> Tracking:
-        return Tracking(self.tracking_uri, self.artifact_root, self.experiment, self.model_name)
+        return Tracking(self.tracking_uri, self.artifact_root, self.experiment, self.model_name,
+                        self.ui_url)
 
 
 def build_resources() -> dict:
@@ -145,7 +147,8 @@ def build_resources() -> dict:
         "drop_source": DropSource(uri=settings.drops_uri(), s3=s3_resource),
         "contracts": DataContracts(contracts_dir=str(settings.contracts_dir())),
         "mlflow": MlflowTracking(tracking_uri=settings.mlflow_tracking_uri(),
-                                 artifact_root=settings.mlflow_artifact_root()),
+                                 artifact_root=settings.mlflow_artifact_root(),
+                                 ui_url=settings.mlflow_ui_url()),
         "tables": TablesIOManager(storage=storage),
     }
 

@@ -1,6 +1,8 @@
 """Train + evaluate + export materialized in-process on real digit images, against a real MLflow
 server over HTTP and against the default local SQLite store; the gate blocks what comes after it."""
 
+import urllib.request
+
 import pytest
 from dagster import DagsterInstance, asset, materialize
 from mlflow import MlflowClient
@@ -66,6 +68,12 @@ def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_serv
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1)) and len(history) >= 1
     assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"], abs=1e-4)
+    # links from Dagster metadata to the run's page in this server's UI
+    page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert model["mlflow_run"] == evaluation["mlflow_run"] == page
+    assert model["mlflow_model"] == f"{mlflow_server}/#/models/cvops-classifier/versions/1"
+    with urllib.request.urlopen(page.split("#")[0], timeout=30) as ui:
+        assert ui.status == 200 and b"<html" in ui.read(2000).lower()
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == model["dataset_version"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}

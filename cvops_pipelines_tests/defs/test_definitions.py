@@ -138,3 +138,25 @@ def test_a_new_dataset_version_alone_does_not_evaluate_or_export_again():
     requested = {k: result.get_num_requested(AssetKey(k))
                  for k in ("trained_model", "model_evaluation", "onnx_model")}
     assert requested == {"trained_model": 0, "model_evaluation": 1, "onnx_model": 1}
+
+
+def test_a_challenger_the_gate_refused_is_not_exported():
+    import dagster as dg
+    from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance
+
+    from cvops_pipelines.definitions import defs
+    from cvops_pipelines.defs.measure.assets import GATE_CHECK
+
+    instance = DagsterInstance.ephemeral()
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    for key in ("labeled_pool", "label_issues", "dataset_version", "trained_model",
+                "model_evaluation", "onnx_model", "edge_release"):
+        instance.report_runless_asset_event(AssetMaterialization(key))
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    for passed in (False, True):
+        instance.report_runless_asset_event(AssetMaterialization("model_evaluation"))
+        instance.report_runless_asset_event(AssetCheckEvaluation(
+            asset_key=AssetKey("model_evaluation"), check_name=GATE_CHECK, passed=passed))
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
+                                                   cursor=result.cursor)
+        assert result.get_num_requested(AssetKey("onnx_model")) == int(passed)

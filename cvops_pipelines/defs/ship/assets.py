@@ -40,9 +40,12 @@ def _labels(frame: pd.DataFrame, classes) -> np.ndarray:
 
 
 @asset(group_name="ship", io_manager_key="tables", kinds={"onnx", "mlflow"},
-       # after a new model only: a new dataset version alone waits for retraining_sensor
+       # after a new model only (a new dataset version alone waits for retraining_sensor), and
+       # only once the gate passed: a refused challenger is not exported
        automation_condition=AutomationCondition.eager().ignore(
-           AssetSelection.assets("dataset_version")),
+           AssetSelection.assets("dataset_version"))
+       & ~AutomationCondition.any_deps_match(AutomationCondition.any_checks_match(
+           AutomationCondition.check_failed(), blocking_only=True)),
        description="The gated challenger exported to ONNX fp32 and calibrated int8, each proven on "
                    "real test images, measured on this machine, and chosen per target profile.")
 def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_model: dict,
@@ -136,6 +139,7 @@ def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_
               **{a: v for a, v in c.verdicts.items()}} for c in choices]), 20)),
         "chosen": ", ".join(f"{c.profile.name} -> {c.artifact or 'none'}" for c in choices),
         "mlflow_run_id": run.info.run_id,
+        "mlflow_run": MetadataValue.url(tracking.run_url(run.info.run_id)),
         "artifacts": MetadataValue.json({n: f["uri"] for n, f in files.items()}),
     })
 

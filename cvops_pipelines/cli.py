@@ -40,11 +40,11 @@ def _dagster_home() -> Path:
     return home
 
 
-def _progress(total: int | None, desc: str):
+def _progress(total: int | None, desc: str, unit: str = "img"):
+    """A tqdm bar on stderr when it is a terminal (quiet in logs and tests)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty() or None)
-    return bar
+    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty() or None)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -246,7 +246,8 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     home = settings.cvops_home()
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
     stream = production_stream(stream_dir)
-    result = run_fleet(DirRemote(home), home / "fleet", public, stream, config)
+    with _progress(config.steps, "fleet", "step") as bar:
+        result = run_fleet(DirRemote(home), home / "fleet", public, stream, config, bar.update)
     _print_fleet(result, config)
     return 0
 
@@ -399,8 +400,8 @@ def _fleet(stream, seed: int, steps: int):
     config = FleetConfig(devices=6, steps=steps, images_per_step=4, upload_every=10,
                          shift=Shift(*DEMO_SHIFT), seed=seed)
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
-    with TIMINGS.stage():
-        result = run_fleet(DirRemote(home), home / "fleet", public, stream, config)
+    with TIMINGS.stage(), _progress(config.steps, "fleet", "step") as bar:
+        result = run_fleet(DirRemote(home), home / "fleet", public, stream, config, bar.update)
     _print_fleet(result, config)
     return result
 

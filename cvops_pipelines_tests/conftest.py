@@ -16,6 +16,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 
+def pytest_collection_modifyitems(items):
+    """The demo-based tests (minutes, one module) first, so the other worker's many short tests
+    run beside them instead of after them."""
+    items.sort(key=lambda item: "demo_run" not in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(autouse=True)
 def isolated_homes(tmp_path, monkeypatch):
     """Nothing a test does lands in the developer's ./.cvops or ./.dagster_home."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def shifted(image: bytes, transform) -> bytes:
 
 
 def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
-              stream: list[tuple[bytes, str]], config: FleetConfig = FleetConfig()) -> FleetResult:
+              stream: list[tuple[bytes, str]], config: FleetConfig = FleetConfig(),
+              progress: Callable[[int], None] | None = None) -> FleetResult:
     """Drive the fleet over `stream` (image bytes, true label), then let every device come back
     online, sync and upload until its buffer is empty."""
     rng = random.Random(config.seed)
@@ -175,6 +177,8 @@ def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
                     agent(device).upload()
             except Crash:
                 crashed(device)
+        if progress is not None:
+            progress(1)
     result.stream_used = position
     for device in devices:  # the end of the day: back online, no more faults
         links[device].online, links[device].p_crash = True, 0.0

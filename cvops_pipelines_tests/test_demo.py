@@ -1,7 +1,10 @@
-"""The Dagster UI in a real browser (Debian's chromium, driven by Playwright), on the instance the
-README's demo leaves behind: what an operator sees after `./dev demo` and `./dev ui`.
-Screenshots land in $CVOPS_TEST_ARTIFACTS (default: test-artifacts/ui/ in the repository)."""
+"""The README's first command and what comes after it: `cvops demo` runs two turns of the loop
+(its output checked here), then the Dagster UI is opened on the instance it left behind, in a real
+browser (Debian's chromium driven by Playwright): what an operator sees after `./dev demo` and
+`./dev ui`. Screenshots land in $CVOPS_TEST_ARTIFACTS (default: test-artifacts/ui/).
+One module, so pytest-xdist runs both on the worker that ran the demo (`--dist loadscope`)."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,16 +14,61 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from cvops_pipelines_tests.conftest import free_port, wait_for_port
 
+CVOPS = str(Path(sys.executable).parent / "cvops")
 GROUPS = ("ingest", "curate", "build", "measure", "ship", "learn")
 # Offline and quiet: no first-run UI, no update checks, no background connections to the internet
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
+    tmp_path, env, proc, timings = (demo_run[k] for k in ("root", "env", "proc", "timings"))
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "ingest drop initial: OK" in out and "raw_images_contract passed" in out
+    assert "== curate: OK" in out and "dataset_version_leakage passed" in out
+    assert "Traceback" not in out + proc.stderr
+    versions = {p.name for p in (tmp_path / "home/datasets").iterdir()}
+    assert len(versions) == 2 and all(f"dataset: {v}" in out for v in versions)
+    # turn 1: first model, released, fleet feedback, SLA and drift fire, queue answered
+    assert out.count("== train + evaluate + export: OK") == 2
+    assert "retraining_sensor -> train_job (first model)" in out
+    assert "feedback_sensor -> feedback_job" in out and "0 batches quarantined" in out
+    assert "check  : accuracy_sla FAILED" in out and "check  : no_output_drift FAILED" in out
+    assert "new_drop_sensor -> ingest_job" in out
+    # turn 2: the alerts + the new labels retrain; the canary is promoted and beats turn 1
+    assert "retraining_sensor -> train_job (accuracy_sla and no_output_drift failed" in out
+    assert "verdict: promote: canary is not worse than stable" in out
+    assert "turn-2 champion beats turn 1 on the production stream" in out
+    stable = json.loads((tmp_path / "home/releases/channels/stable.json").read_text())
+    assert stable["release"].startswith("rel-2-")
+    assert oct((tmp_path / "home/keys/release_signing.key").stat().st_mode & 0o777) == "0o600"
+    (annotated,) = [p for p in (tmp_path / "home/tables/annotations").iterdir()
+                    if p.name.startswith("annotated-")]
+    labels = pd.read_parquet(annotated)
+    assert len(labels) > 50 and set(labels["origin"]) == {"annotation_queue"}
+    pool = pd.read_parquet(tmp_path / "home/tables/labeled_pool/all.parquet")
+    assert {"drop", "feedback", "annotation_queue"} <= set(pool["origin"])
+    assert (tmp_path / "dagster/dagster.yaml").exists()  # runs land in a real instance
+    assert "telemetry" in (tmp_path / "dagster/dagster.yaml").read_text()
+    report = json.loads(timings.read_text())
+    assert report["dagster_runs"] >= 12 and 0 < report["orchestration_share"] < 1
+
+    status = subprocess.run([CVOPS, "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"stable    : {stable['release']}" in status.stdout and "canary    : none" in status.stdout
+    assert "champion  : cvops-classifier v2" in status.stdout
+    assert "SLA " in status.stdout and "queued images still to annotate" in status.stdout
+
+    drops = subprocess.run([CVOPS, "drops"], env=env, capture_output=True, text=True, check=True)
+    assert "initial\tcomplete" in drops.stdout
 
 
 def chromium() -> str:
@@ -95,7 +143,6 @@ def wait_for_ui_run(instance: DagsterInstance, partition: str, after: float, tim
     raise TimeoutError(f"the run launched from the UI did not finish in {timeout}s")
 
 
-@pytest.mark.xdist_group("demo")
 def test_operator_sees_the_loop_and_launches_ingest_from_the_ui(demo_run, dagster_ui, page,
                                                                   shots, monkeypatch):
     from playwright.sync_api import expect

@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):  # bound to this rank's GPU: NCCL need not guess it
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
         store = settings.cvops_store()

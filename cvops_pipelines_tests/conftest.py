@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one torch/OpenMP thread each, or their thread pools fight
+    # (set before anything imports torch; the demo's own process gets the default back)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
@@ -145,6 +149,7 @@ def demo_run(tmp_path_factory):
     checks its output, the browser test opens the Dagster UI on the instance it leaves behind."""
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
+    env.pop("OMP_NUM_THREADS", None)  # the README's command, as a user runs it
     timings = root / "timings.json"
     proc = subprocess.run([str(Path(sys.executable).parent / "cvops"), "demo", "--timings",
                            str(timings)], cwd=root, env=env, capture_output=True, text=True,

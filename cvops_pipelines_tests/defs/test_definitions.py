@@ -116,11 +116,11 @@ def test_canary_schedule_runs_only_while_a_release_is_on_canary(isolated_homes):
         assert isinstance(canary_schedule(context), RunRequest)
 
 
-def test_a_new_dataset_version_alone_does_not_evaluate_or_export_again():
-    """Only retraining_sensor starts training; evaluation and export follow a new model, not a
-    new dataset version (which would re-export the same model on every feedback batch)."""
+def _settled_loop():
+    """An instance where every curate..release asset is materialized and automation has seen it:
+    (evaluate(instance, cursor) -> result, instance, cursor)."""
     import dagster as dg
-    from dagster import AssetKey, AssetMaterialization, DagsterInstance
+    from dagster import AssetMaterialization, DagsterInstance
 
     from cvops_pipelines.definitions import defs
 
@@ -130,33 +130,38 @@ def test_a_new_dataset_version_alone_does_not_evaluate_or_export_again():
                 "model_evaluation", "onnx_model", "edge_release"):
         instance.report_runless_asset_event(AssetMaterialization(key))
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+
+    def evaluate(cursor):
+        return dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    return evaluate, instance, result.cursor
+
+
+def test_a_new_dataset_version_alone_does_not_evaluate_or_export_again():
+    """Only retraining_sensor starts training; evaluation and export follow a new model, not a
+    new dataset version (which would re-export the same model on every feedback batch)."""
+    from dagster import AssetKey, AssetMaterialization
+
+    evaluate, instance, cursor = _settled_loop()
     instance.report_runless_asset_event(AssetMaterialization("dataset_version"))
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    result = evaluate(cursor)
     assert result.total_requested == 0
     instance.report_runless_asset_event(AssetMaterialization("trained_model"))
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    result = evaluate(result.cursor)
     requested = {k: result.get_num_requested(AssetKey(k))
                  for k in ("trained_model", "model_evaluation", "onnx_model")}
     assert requested == {"trained_model": 0, "model_evaluation": 1, "onnx_model": 1}
 
 
 def test_a_challenger_the_gate_refused_is_not_exported():
-    import dagster as dg
-    from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance
+    from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization
 
-    from cvops_pipelines.definitions import defs
     from cvops_pipelines.defs.measure.assets import GATE_CHECK
 
-    instance = DagsterInstance.ephemeral()
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    for key in ("labeled_pool", "label_issues", "dataset_version", "trained_model",
-                "model_evaluation", "onnx_model", "edge_release"):
-        instance.report_runless_asset_event(AssetMaterialization(key))
-    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    evaluate, instance, cursor = _settled_loop()
     for passed in (False, True):
         instance.report_runless_asset_event(AssetMaterialization("model_evaluation"))
         instance.report_runless_asset_event(AssetCheckEvaluation(
             asset_key=AssetKey("model_evaluation"), check_name=GATE_CHECK, passed=passed))
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance,
-                                                   cursor=result.cursor)
+        result = evaluate(cursor)
+        cursor = result.cursor
         assert result.get_num_requested(AssetKey("onnx_model")) == int(passed)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput", "export_latency",
-              "release_delta", "active_learning", "drift_detection", "demo_wall"]
+              "release_delta", "active_learning", "drift_detection", "demo_wall", "loop_gain"]
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -135,6 +135,12 @@ def _run_job(job: str, partition: str | None = None, tags: dict | None = None,
     return summary
 
 
+def gate_refused(run: RunSummary) -> bool:
+    from cvops_pipelines.defs.measure.assets import GATE_CHECK
+
+    return GATE_CHECK in run.checks and not run.checks[GATE_CHECK][0]
+
+
 def _print_checks(summary: RunSummary) -> None:
     for name, (passed, why) in summary.checks.items():
         print(f"   check  : {name} {'passed' if passed else 'FAILED'}")
@@ -182,7 +188,11 @@ def _print_train(run: RunSummary) -> None:
         print(f"   test   : {evaluation['test_images']} images: accuracy {evaluation['accuracy']}, "
               f"macro-F1 {evaluation['macro_f1']}, ECE {evaluation['ece']} "
               f"(champion: {evaluation['champion']})")
+        for line in str(evaluation.get("replay", "")).splitlines():
+            print(f"   replay : {line}")
     _print_checks(run)
+    if gate_refused(run):
+        print("   refused: the gate kept the champion; nothing was exported or released")
     export = run.assets.get("onnx_model", {})
     if export:
         print(f"   export : {export['source_model']} -> ONNX fp32 parity "
@@ -294,9 +304,17 @@ def cmd_drops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tick(sensor_name: str) -> list[RunSummary]:
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def _tick(sensor_name: str, run_config: dict | None = None) -> list[RunSummary]:
     """Evaluate one of the code location's sensors now, as the daemon would, and run what it
-    requests (in this process, recorded in the instance). Prints the sensor's skip reason."""
+    requests (in this process, recorded in the instance), with `run_config` merged into the
+    request's. Prints the sensor's skip reason."""
     from dagster import (DagsterInstance, RunRequest, SensorResult, SkipReason,
                          build_sensor_context)
 
@@ -324,7 +342,7 @@ def _tick(sensor_name: str) -> list[RunSummary]:
         why = request.tags.get("cvops/trigger")
         print(f"   sensor : {sensor_name} -> {job}" + (f" ({why})" if why else ""))
         runs.append(_run_job(job, request.partition_key, dict(request.tags),
-                             request.run_config or None))
+                             _merge(request.run_config or {}, run_config or {}) or None))
     return runs
 
 
@@ -406,24 +424,24 @@ def _fleet(stream, seed: int, steps: int):
     return result
 
 
-def _replay(release_ids: list[str], shots: list[tuple[bytes, str]]) -> dict[str, float]:
-    """Each release's model on the same production images (as shot), against the truth."""
-    import json
-
+def _audit(versions: list[str], shots: list[tuple[bytes, str]]) -> dict[str, float]:
+    """Each registered model version on the same production images (as shot), against the
+    oracle's truth: what the demo can know and a real site cannot."""
     import numpy as np
 
-    from cvops_pipelines.core.production import model_outputs
-    from cvops_pipelines.core.release import ReleaseStore
-    from cvops_pipelines.core.storage import LocalStore
+    from cvops_pipelines.core.tracking import Tracking
+    from cvops_pipelines.core.training import predict_probs
+    from cvops_pipelines.edge.preprocess import load_rgb, resize
 
-    releases = ReleaseStore(LocalStore(settings.cvops_home()))
+    tracking = Tracking(settings.mlflow_tracking_uri())
     out = {}
-    for release in release_ids:
-        preprocess = json.loads(releases.store.read_bytes(f"releases/{release}/preprocess.json"))
+    for version in versions:
+        loaded = tracking.load(version=version)
         with TIMINGS.stage():
-            probs = model_outputs(releases.model(release), preprocess, [b for b, _ in shots])
-        predicted = np.array(preprocess["classes"])[probs.argmax(1)]
-        out[release] = float(np.mean(predicted == np.array([label for _, label in shots])))
+            images = [resize(load_rgb(b), loaded.preprocess.image_size) for b, _ in shots]
+            probs = predict_probs(loaded.model, images, loaded.preprocess)
+        predicted = np.array(loaded.preprocess.classes)[probs.argmax(1)]
+        out[version] = float(np.mean(predicted == np.array([label for _, label in shots])))
     return out
 
 
@@ -442,68 +460,114 @@ def _annotate(queue_info: dict, truth: dict[str, str]) -> str | None:
     return drop.name
 
 
+def _channels() -> dict:
+    from cvops_pipelines.core.release import ReleaseStore
+    from cvops_pipelines.core.storage import LocalStore
+
+    releases = ReleaseStore(LocalStore(settings.cvops_home()))
+    return {c: (releases.channel(c) or {}).get("release") for c in ("stable", "canary")}
+
+
+def _champion() -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    from cvops_pipelines.core.tracking import Tracking
+
+    tracking = Tracking(settings.mlflow_tracking_uri())
+    try:
+        return tracking.client().get_model_version_by_alias(tracking.model_name,
+                                                            "champion").version
+    except MlflowException:
+        return None
+
+
 def _turn(number: int, stream, seed: int, steps: int, cohorts: list[str]) -> dict | None:
+    """One turn; None when the pipeline itself failed. A refusal (gate, canary) is an outcome."""
     print(f"\n######## turn {number}: build -> ship -> measure -> learn")
-    trains = _tick("retraining_sensor")
+    before = {**_channels(), "champion": _champion()}
+    train_seed = {"ops": {"trained_model": {"config": {"seed": seed}}}}
+    trains = _tick("retraining_sensor", train_seed)
     for train in trains:
         _print_train(train)
-    if not trains or not all(t.ok for t in trains):
+    refused = any(gate_refused(t) for t in trains)
+    if any(not t.success and not gate_refused(t) for t in trains):
         return None
-    release = _release(cohorts)
-    if not release.ok:
-        return None
-    released = release.assets["edge_release"]["release"]
+    evaluation = trains[-1].assets.get("model_evaluation", {}) if trains else {}
+    gate = {"trained": bool(trains), "refused": refused,
+            "model_version": evaluation.get("challenger"),
+            "checks": {k: v[0] for t in trains for k, v in t.checks.items()},
+            "replay": evaluation.get("replay"), "replay_verdict": evaluation.get("replay_verdict")}
+    released = None
+    if trains and not refused:
+        release = _release(cohorts)
+        if not release.ok:
+            return None
+        released = release.assets["edge_release"]["release"]
     fleet = _fleet(stream, seed, steps)
     feedback = _tick("feedback_sensor")
     _print_feedback(feedback)
     if not feedback or not all(run.success for run in feedback):
         return None
-    decision = _print_canary(_run_job("canary_job"))
+    decision = _print_canary(_run_job("canary_job")) if released else {}
     learn = _print_learn(_run_job("learn_job"))
-    return {"release": released, "fleet": fleet, "decision": decision, **learn}
+    return {"release": released, "fleet": fleet, "decision": decision, "gate": gate,
+            "before": before, "after": {**_channels(), "champion": _champion()}, **learn}
 
 
-def _demo_loop(args: argparse.Namespace) -> bool:
-    from cvops_pipelines.core.release import ReleaseStore
-    from cvops_pipelines.core.storage import LocalStore
+def _report_turn(turn: dict) -> dict:
+    decision = turn["decision"] or {}
+    return {"release": turn["release"], "gate": turn["gate"], "before": turn["before"],
+            "after": turn["after"],
+            "canary": {k: decision.get(k) for k in ("action", "why", "paired_records")},
+            "canary_table": decision.get("canary_vs_stable"),
+            "field_records": turn["fleet"].stream_used}
 
+
+def _demo_loop(args: argparse.Namespace, report: dict) -> bool:
     stream = production_stream(settings.cvops_home() / "holdback" / "production")
     cut = int(len(stream) * 0.4)
     first = _turn(1, stream[:cut], args.seed, steps=12, cohorts=[])
     if first is None:
         return False
+    report["turns"].append(_report_turn(first))
     truth = dict(first["fleet"].image_truth)
     drop = _annotate(first["queue"], truth)
     print(f"\n== ingest drop {drop} (new_drop_sensor)")
     for run in _tick("new_drop_sensor"):
         _print_ingest(drop, run)
-    _print_curate(_run_job("curate_job"))
+    curate = _run_job("curate_job")
+    _print_curate(curate)
+    if not curate.success:
+        return False
     second = _turn(2, stream[cut:], args.seed + 1, steps=20, cohorts=["site-b"])
     if second is None:
         return False
-    stable = (ReleaseStore(LocalStore(settings.cvops_home())).channel("stable") or {}).get("release")
-    replay = _replay([first["release"], second["release"]], second["fleet"].shots)
+    report["turns"].append(_report_turn(second))
+    stable, champion = _channels()["stable"], _champion()
+    versions = [v.lstrip("v") for v in (first["gate"]["model_version"],
+                                       second["gate"]["model_version"]) if v]
+    audit = _audit(versions, second["fleet"].shots)
     print("\n######## summary")
     for number, turn in ((1, first), (2, second)):
-        metrics = turn["metrics"]
-        print(f"   turn {number} : {turn['release']}: field accuracy "
-              f"{_field_accuracy(metrics, turn['release'])}; SLA "
+        metrics, gate = turn["metrics"], turn["gate"]
+        verdict = ("refused by the gate" if gate["refused"] else
+                   f"canary {turn['decision'].get('action')}" if turn["release"] else "no model")
+        print(f"   turn {number} : {turn['release'] or 'no release'}: field accuracy "
+              f"{_field_accuracy(metrics, turn['release'] or turn['before']['stable'])}; SLA "
               f"{'met' if metrics.get('sla_ok') else 'missed'}, drift "
-              f"{'flagged' if metrics.get('drift_flagged') else 'not flagged'}; canary "
-              f"{turn['decision'].get('action')}")
-    print(f"   stable : {stable} (MLflow alias champion)")
-    print(f"   replay : every turn-2 production image ({len(second['fleet'].shots)}, as shot, "
-          "true labels from the oracle):")
-    for release, accuracy in replay.items():
-        print(f"            {release}: accuracy {accuracy:.4f}")
-    better = replay[second["release"]] > replay[first["release"]]
-    print(f"   result : turn-2 champion {'beats' if better else 'does NOT beat'} turn 1 on the "
-          "production stream" + ("" if stable == second["release"] else
-                                 " (but it was not promoted)"))
+              f"{'flagged' if metrics.get('drift_flagged') else 'not flagged'}; {verdict}")
+    print(f"   stable : {stable} (MLflow alias champion: v{champion})")
+    print(f"   audit  : every turn-2 production image ({len(second['fleet'].shots)}, as shot) "
+          "against the oracle's true labels, which the pipeline never saw:")
+    for number, version in enumerate(versions, 1):
+        print(f"            turn {number}'s model v{version}: accuracy {audit[version]:.4f}"
+              + ("   <- shipped (stable)" if version == champion else ""))
+    report.update({"stable": stable, "champion": champion, "audit": audit,
+                   "turn_models": versions, "audit_images": len(second["fleet"].shots)})
     if not second["metrics"].get("sla_ok"):
         print("            the SLA is still missed: the next turn starts from the new queue "
               f"({second['queue'].get('queued')} images)")
-    return better and stable == second["release"]
+    return True
 
 
 def _field_accuracy(metrics: dict, release: str) -> str:
@@ -529,8 +593,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     curate = _run_job("curate_job") if ingests and all(r.ok for r in ingests) else None
     if curate:
         _print_curate(curate)
-    ok = curate is not None and curate.ok and _demo_loop(args)
+    report: dict = {"seed": args.seed, "turns": []}
+    ok = curate is not None and curate.ok and _demo_loop(args, report)
     timing = TIMINGS.report()
+    report.update({"ok": ok, "timings": timing})
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print(f"\n   time   : {timing['wall_s']} s in all, {timing['stage_compute_s']} s stage compute, "
           f"{timing['orchestration_s']} s orchestration ({timing['orchestration_share']:.1%}) over "
           f"{timing['dagster_runs']} Dagster runs")
@@ -639,8 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="two turns of the loop on the bundled demo data: ingest, curate, train, evaluate, export, release to a simulated fleet, feedback, canary decision, production metrics and drift, annotation queue answered by an oracle, retrain, release again")
-    p.add_argument("--seed", type=int, default=0, help="seed for the demo data split")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the demo data split, the training runs and the fleet")
     p.add_argument("--timings", help="write where the time went (JSON) to this file")
+    p.add_argument("--report", help="write every turn's decisions and figures (JSON) to this "
+                                    "file: gate and canary verdicts, channels before and after, "
+                                    "the oracle's audit of the releases")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("demo-data", help="render scikit-learn's digits as PNG drops")

@@ -4,7 +4,8 @@ from dagster import Definitions
 
 from cvops_pipelines import settings  # noqa: F401  (sets the no-telemetry environment first)
 from cvops_pipelines.defs.build.assets import trained_model
-from cvops_pipelines.defs.curate.assets import dataset_version, label_issues, labeled_pool
+from cvops_pipelines.defs.curate.assets import (dataset_version, label_issues, labeled_pool,
+                                               replay_set)
 from cvops_pipelines.defs.curate.sensors import automation_sensor, curate_job
 from cvops_pipelines.defs.ingest.assets import annotations, raw_images
 from cvops_pipelines.defs.ingest.sensors import ingest_job, new_drop_sensor
@@ -19,7 +20,8 @@ from cvops_pipelines.defs.ship.jobs import canary_job, canary_schedule, release_
 from cvops_pipelines.defs.ship.release import canary_decision, edge_release
 
 defs = Definitions(
-    assets=[raw_images, annotations, labeled_pool, label_issues, dataset_version, trained_model,
+    assets=[raw_images, annotations, labeled_pool, replay_set, label_issues, dataset_version,
+            trained_model,
             model_evaluation, onnx_model, edge_release, canary_decision, feedback,
             production_metrics, annotation_queue, ontology_report],
     jobs=[ingest_job, curate_job, train_job, release_job, canary_job, feedback_job, learn_job],

@@ -71,16 +71,24 @@ def content_version(rows: pd.DataFrame) -> str:
 def build_dataset_version(pool: pd.DataFrame, review: pd.DataFrame,
                           splits: SplitConfig = SplitConfig(),
                           policy: DatasetPolicy = DatasetPolicy(),
-                          neardup: NearDupConfig = NearDupConfig()) -> DatasetVersion:
+                          neardup: NearDupConfig = NearDupConfig(),
+                          holdout: set[str] = frozenset()) -> DatasetVersion:
+    """`holdout`: image ids of the production holdout (core.replay_set), never in any split."""
     data = pool.copy()
     data["split"] = [split_of(i, splits) for i in data["image_id"]]
-    excluded = pd.DataFrame(columns=["image_id", "label", "reason"])
+    reserved = data["image_id"].isin(holdout)
+    excluded = pd.DataFrame({"image_id": data.loc[reserved, "image_id"],
+                             "label": data.loc[reserved, "label"],
+                             "reason": "production holdout: replayed, never trained on"})
+    data = data[~reserved]
     if policy.flagged == "exclude" and len(review):
         severe = review[review["severity"] >= policy.min_severity]
-        excluded = pd.DataFrame({"image_id": severe["image_id"], "label": severe["label"],
-                                 "reason": "label QA: " + severe["reasons"] + " (severity "
-                                           + severe["severity"].round(2).astype(str) + ")"})
-        data = data[~data["image_id"].isin(excluded["image_id"])]
+        flagged = pd.DataFrame({"image_id": severe["image_id"], "label": severe["label"],
+                                "reason": "label QA: " + severe["reasons"] + " (severity "
+                                          + severe["severity"].round(2).astype(str) + ")"})
+        flagged = flagged[flagged["image_id"].isin(data["image_id"])]
+        excluded = pd.concat([excluded, flagged], ignore_index=True)
+        data = data[~data["image_id"].isin(flagged["image_id"])]
     leakage = cross_split_duplicates(data, neardup)
     if policy.exclude_cross_split_duplicates and len(leakage):
         # keep the training copy; drop the evaluation-side one so metrics stay honest

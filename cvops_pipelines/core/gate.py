@@ -1,4 +1,5 @@
-"""Champion/challenger gate: a new model must be at least as good as the one in production."""
+"""Champion/challenger gate: a new model must be at least as good as the one in production, on
+the dataset version's test split and, paired, on replayed production records (core.replay)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from cvops_pipelines.core.metrics import Evaluation
-from cvops_pipelines.core.replay import ReplayResult
+from cvops_pipelines.core.replay import (INCONCLUSIVE, INSUFFICIENT, NON_INFERIOR,
+                                        ReplayComparison)
 
 
 @dataclass(frozen=True)
 class GateConfig:
     max_macro_f1_drop: float = 0.01  # epsilon
     max_class_recall_drop: float = 0.05  # delta
-    max_replay_drop: float = 0.01
+    # Replay: a challenger shown worse on production records is always refused. Strict: pass
+    # only one shown non-inferior. Not strict (default): an inconclusive replay or too few
+    # records passes with a note, and the paired canary must show non-inferiority before the
+    # release is promoted (the gate's holdout is usually far smaller than a canary's sample).
+    require_field_evidence: bool = False
     # A drop that amounts to fewer net test images than this is noise, not a regression: on a
     # 100-image test split one image moves accuracy by 0.01 and a 10-image class's recall by 0.1.
     min_net_images: int = 2
@@ -27,11 +33,13 @@ class GateDecision:
     table: pd.DataFrame  # side by side: metric, challenger, champion, delta, limit, ok
     first_model: bool = False
     notes: list[str] = field(default_factory=list)
+    replay: ReplayComparison | None = None
 
 
 def decide(challenger: Evaluation, champion: Evaluation | None, config: GateConfig = GateConfig(),
-           replay_challenger: ReplayResult | None = None,
-           replay_champion: ReplayResult | None = None) -> GateDecision:
+           replay: ReplayComparison | None = None) -> GateDecision:
+    """Test-split rules (macro-F1 and per-class recall within their limits beyond a noise floor)
+    and, when a replay comparison is given, its paired non-inferiority verdicts."""
     if champion is None:
         table = pd.DataFrame([{"metric": "macro_f1", "challenger": challenger.macro_f1,
                                "champion": None, "delta": None, "limit": None, "ok": True}])
@@ -48,16 +56,22 @@ def decide(challenger: Evaluation, champion: Evaluation | None, config: GateConf
         lost = round((float(theirs[label]) - float(mine.get(label, 0.0))) * float(support[label]))
         rows.append(_row(f"recall[{label}]", float(mine.get(label, 0.0)), float(theirs[label]),
                          config.max_class_recall_drop, lost, config.min_net_images))
-    if replay_challenger is not None and replay_champion is not None:
-        for metric in ("automatic_accuracy", "assisted_accuracy"):
-            a, b = getattr(replay_challenger, metric), getattr(replay_champion, metric)
-            if a is not None and b is not None:
-                rows.append(_row(f"replay {metric}", a, b, config.max_replay_drop))
     table = pd.DataFrame(rows)
     failed = table[~table["ok"]]
     reasons = [f"{r.metric}: {r.challenger:.4f} vs champion {r.champion:.4f} "
                f"(drop {-r.delta:.4f} > allowed {r.limit})" for r in failed.itertuples()]
-    return GateDecision(failed.empty, reasons or ["challenger is not worse than champion"], table)
+    notes = []
+    if replay is not None:
+        accepted = (NON_INFERIOR,) + (() if config.require_field_evidence
+                                      else (INCONCLUSIVE, INSUFFICIENT))
+        for outcome in replay.outcomes:
+            line = "replay " + outcome.sentence(replay.rule)
+            (notes if outcome.verdict in accepted else reasons).append(line)
+        if replay.verdict in (INCONCLUSIVE, INSUFFICIENT) and not config.require_field_evidence:
+            notes.append("replay did not show non-inferiority (nor a regression): the paired "
+                         "canary must show it before promotion")
+    return GateDecision(not reasons, reasons or ["challenger is not worse than champion"], table,
+                        notes=notes, replay=replay)
 
 
 def _row(metric: str, challenger: float, champion: float, limit: float | None,

@@ -18,6 +18,7 @@ class OntologyClass:
     name: str
     description: str = ""
     parent: str | None = None
+    event: bool = False  # an event the business counts (missed events, false alarms)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class Ontology:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def event_classes(self) -> list[str]:
+        return [c.name for c in self.classes if c.event]
 
     def __contains__(self, label: object) -> bool:
         return label in self._name_set
@@ -60,7 +65,8 @@ def load_ontology(path: str | Path) -> Ontology:
         if not isinstance(item, dict) or "name" not in item or "id" not in item:
             raise OntologyError(f"{path}: classes[{i}] needs 'id' and 'name'")
         classes.append(OntologyClass(int(item["id"]), str(item["name"]),
-                                     str(item.get("description", "")), item.get("parent")))
+                                     str(item.get("description", "")), item.get("parent"),
+                                     bool(item.get("event", False))))
     for attr in ("id", "name"):
         values = [getattr(c, attr) for c in classes]
         dupes = sorted({str(v) for v in values if values.count(v) > 1})

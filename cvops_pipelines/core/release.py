@@ -176,55 +176,6 @@ class ReleaseStore:
         return frame.astype(object).where(frame.notna(), None)  # a retired channel: None
 
 
-def canary_verdict(feedback: pd.DataFrame, canary: str, stable: str | None, classes: list[str],
-                   min_reviewed: int = 50, max_accuracy_drop: float = 0.02,
-                   max_macro_f1_drop: float = 0.02) -> CanaryVerdict:
-    """Compare reviewed production feedback of the canary release with the stable one.
-
-    Only records a human reviewed count (`corrected_label` set); accuracy is measured on them.
-    Waits until both sides have `min_reviewed`; promotes when the canary is not worse than
-    stable by more than the thresholds; rolls back otherwise. No stable release: promote once
-    the canary has enough reviewed records (nothing to be worse than).
-    """
-    from cvops_pipelines.core.metrics import evaluate_predictions
-
-    reviewed = feedback[feedback["corrected_label"].notna()]
-    index = {c: i for i, c in enumerate(classes)}
-    rows, evaluations = [], {}
-    for name, release in (("canary", canary), ("stable", stable)):
-        part = reviewed[reviewed["release"] == release] if release else reviewed.iloc[:0]
-        part = part[part["predicted"].isin(index) & part["corrected_label"].isin(index)]
-        if len(part):
-            probs = np.eye(len(classes))[part["predicted"].map(index).to_numpy()]
-            evaluations[name] = evaluate_predictions(probs, part["corrected_label"].map(index)
-                                                     .to_numpy(), classes)
-        rows.append({"side": name, "release": release, "reviewed": len(part),
-                     "accuracy": round(evaluations[name].accuracy, 4) if name in evaluations else None,
-                     "macro_f1": round(evaluations[name].macro_f1, 4) if name in evaluations else None})
-    table = pd.DataFrame(rows)
-    counts = dict(zip(table["side"], table["reviewed"]))
-    if counts["canary"] < min_reviewed:
-        return CanaryVerdict("wait", [f"canary has {counts['canary']} reviewed records, needs "
-                                      f"{min_reviewed}"], table)
-    if stable is None or stable == canary:
-        return CanaryVerdict("promote", ["no other stable release to compare with: promoted "
-                                         "once the canary had enough reviewed records"], table)
-    if counts["stable"] < min_reviewed:
-        return CanaryVerdict("wait", [f"stable has {counts['stable']} reviewed records, needs "
-                                      f"{min_reviewed}"], table)
-    mine, theirs = evaluations["canary"], evaluations["stable"]
-    reasons = []
-    if theirs.accuracy - mine.accuracy > max_accuracy_drop:
-        reasons.append(f"accuracy {mine.accuracy:.4f} vs stable {theirs.accuracy:.4f} "
-                       f"(drop > {max_accuracy_drop})")
-    if theirs.macro_f1 - mine.macro_f1 > max_macro_f1_drop:
-        reasons.append(f"macro-F1 {mine.macro_f1:.4f} vs stable {theirs.macro_f1:.4f} "
-                       f"(drop > {max_macro_f1_drop})")
-    if reasons:
-        return CanaryVerdict("rollback", reasons, table)
-    return CanaryVerdict("promote", ["canary is not worse than stable on reviewed feedback"], table)
-
-
 def apply_verdict(releases: ReleaseStore, release: str, verdict: CanaryVerdict, actor: str,
                   on_promote=None) -> None:
     """Move the pointers a verdict calls for: promote (stable -> release, canary retired, then

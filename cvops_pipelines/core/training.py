@@ -38,10 +38,28 @@ class TrainConfig:
     patience: int = 3
     device: str = "auto"
     workers: int = 0
+    # Share of each epoch's draws taken from field images (reviewed production records) when
+    # the train split has any: the production distribution the model is deployed into, which
+    # a few hundred field images among the drops' thousands would otherwise barely move.
+    field_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
+        if not 0 <= self.field_share < 1:
+            raise ValueError(f"field_share must be within [0, 1), got {self.field_share}")
+
+
+def domain_weights(is_field: np.ndarray, field_share: float) -> np.ndarray | None:
+    """Per-image sampling weights under which field images make up `field_share` of the draws
+    (None: uniform, when there are no field images, no drop images, or they already weigh that
+    much)."""
+    is_field = np.asarray(is_field, bool)
+    n_field = int(is_field.sum())
+    if field_share <= 0 or n_field == 0 or n_field == len(is_field) \
+            or n_field / len(is_field) >= field_share:
+        return None
+    return np.where(is_field, field_share / n_field, (1 - field_share) / (len(is_field) - n_field))
 
 
 @dataclass
@@ -132,15 +150,21 @@ def distributed() -> tuple[int, int]:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, workers: int,
-                shard: bool = False):
-    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler)."""
+                shard: bool = False, weights: np.ndarray | None = None):
+    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler).
+    `weights`: draw with replacement by these weights (each rank its own 1/world of an epoch)."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-    generator = torch.Generator().manual_seed(seed)
     rank, world = distributed()
-    sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed) \
-        if shard and world > 1 else None
+    generator = torch.Generator().manual_seed(seed + (rank if weights is not None else 0))
+    if weights is not None:
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
+                                        -(-len(dataset) // world), generator=generator)
+    elif shard and world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
+    else:
+        sampler = None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, generator=generator,
                       worker_init_fn=_worker_init, persistent_workers=workers > 0)
@@ -174,31 +198,38 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device: str, epoch: int =
             "train_images": seen, "train_images_per_second": seen / elapsed if elapsed else 0.0}
 
 
-def evaluate(model, loader, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics, softmax probabilities, labels) without gradient."""
+def evaluate(model, loader, device: str,
+             weights: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, softmax probabilities, labels) without gradient. `weights` (one per image, in
+    loader order) weigh the loss and accuracy, e.g. toward the production domain."""
     import torch
     import torch.nn.functional as F
 
     model.eval()
-    probs, labels, loss = [], [], 0.0
+    probs, labels, losses = [], [], []
     with torch.no_grad():
         for images, targets in loader:
             logits = model(images.to(device))
-            loss += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
+            losses.append(F.cross_entropy(logits, targets.to(device), reduction="none").cpu().numpy())
             probs.append(F.softmax(logits, 1).cpu().numpy())
             labels.append(targets.numpy())
-    p, y = np.concatenate(probs), np.concatenate(labels)
-    return {"val_loss": loss / len(y), "val_accuracy": float((p.argmax(1) == y).mean())}, p, y
+    p, y, loss = np.concatenate(probs), np.concatenate(labels), np.concatenate(losses)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, float)
+    return {"val_loss": float(np.average(loss, weights=w)),
+            "val_accuracy": float(np.average(p.argmax(1) == y, weights=w))}, p, y
 
 
 def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
         classes: list[str], config: TrainConfig, device: str = "cpu",
         on_epoch: Callable[[int, dict], None] | None = None,
-        initial_state: dict | None = None) -> FitResult:
+        initial_state: dict | None = None, train_is_field: np.ndarray | None = None,
+        val_is_field: np.ndarray | None = None) -> FitResult:
     """Train, keep the weights of the best validation epoch, stop after `patience` epochs
     without improvement in validation loss. `initial_state` continues from an earlier model of
     the same architecture and classes (e.g. the champion: with `freeze_backbone`, only the head
-    changes and the OTA delta stays tiny)."""
+    changes and the OTA delta stays tiny). `train_is_field` / `val_is_field` mark field images:
+    they make up `config.field_share` of the training draws and of the validation loss that
+    picks the best epoch, so the model is fitted and chosen for where it will run."""
     import copy
 
     import torch
@@ -220,9 +251,13 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
                                           else None)
     train_loader = make_loader(ImageDataset(*train, augmentation(config.augmentation, config.image_size,
                                                                  seed=config.seed + rank)),
-                               config.batch_size, True, config.seed, config.workers, shard=True)
+                               config.batch_size, True, config.seed, config.workers, shard=True,
+                               weights=None if train_is_field is None else
+                               domain_weights(train_is_field, config.field_share))
     val_loader = make_loader(ImageDataset(*val, augmentation("none", config.image_size)),
                              config.batch_size, False, config.seed, config.workers)
+    val_weights = None if val_is_field is None else \
+        domain_weights(val_is_field, config.field_share)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -233,7 +268,7 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
     for epoch in range(1, config.epochs + 1):
         metrics = train_one_epoch(trained, train_loader, optimizer, loss_fn, device, epoch)
         scheduler.step()
-        metrics.update(evaluate(model, val_loader, device)[0])
+        metrics.update(evaluate(model, val_loader, device, val_weights)[0])
         metrics["learning_rate"] = scheduler.get_last_lr()[0]
         speeds.append(metrics["train_images_per_second"])
         result.history.append({"epoch": epoch, **metrics})

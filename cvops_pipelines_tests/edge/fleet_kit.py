@@ -90,13 +90,18 @@ class Central:
 
 
 def field_records(store):
-    """Every uploaded record, corrections applied: what the feedback asset makes of the store."""
+    """Every uploaded record, corrections applied, images stored: what the feedback asset makes
+    of the store."""
     import pandas as pd
 
     from cvops_pipelines.core.feedback import (batch_frame, batch_ids, batch_key, parse_batch,
-                                               resolve_records)
+                                               resolve_records, store_images)
 
-    frames = [batch_frame(parse_batch(store.read_bytes(batch_key(b)), b)) for b in batch_ids(store)]
+    frames = []
+    for batch_id in batch_ids(store):
+        batch = parse_batch(store.read_bytes(batch_key(batch_id)), batch_id)
+        frames.append(batch_frame(batch))
+        store_images(store, batch, frames[-1])
     return resolve_records(pd.concat(frames, ignore_index=True))
 
 

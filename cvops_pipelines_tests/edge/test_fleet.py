@@ -1,5 +1,6 @@
-"""A seeded fleet with outages and crashes (mid-download and mid-upload), then the canary loop:
-a worse model is rolled back by field feedback, a better one is promoted and becomes champion."""
+"""A seeded fleet with outages and crashes (mid-download and mid-upload), then the paired canary
+loop: a worse model is rolled back by a shadow replay on the field's reviewed images, a better one
+is promoted and becomes champion."""
 
 import collections
 
@@ -7,13 +8,15 @@ import pytest
 from mlflow import MlflowClient
 
 from cvops_pipelines.core.feedback import batch_ids
-from cvops_pipelines.core.release import apply_verdict, canary_verdict
+from cvops_pipelines.core.canary import decide_canary
+from cvops_pipelines.core.release import apply_verdict
+from cvops_pipelines.core.replay import NonInferiority
 from cvops_pipelines.core.tracking import Tracking
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 from cvops_pipelines_tests.corpus import digit_label
-from cvops_pipelines_tests.edge.fleet_kit import CLASSES, central, field_records, png, trained_model
+from cvops_pipelines_tests.edge.fleet_kit import central, field_records, png, trained_model
 
 
 def stream(start: int, n: int):
@@ -71,9 +74,14 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
 
     def field_round(release, start):
         run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(start, 480), config)
-        return canary_verdict(field_records(c.releases.store), release,
-                              (c.releases.channel("stable") or {}).get("release"), CLASSES,
-                              min_reviewed=40)
+        verdict, comparison = decide_canary(
+            c.releases, field_records(c.releases.store), release,
+            (c.releases.channel("stable") or {}).get("release"),
+            c.releases.channel("canary")["updated_at"], NonInferiority(min_records=40))
+        # paired: both releases scored on every reviewed record since the canary went live
+        assert comparison.records >= 40 and set(comparison.table()["records"]) == \
+            {comparison.records}
+        return verdict
 
     stable = c.release(weak, "1")
     c.releases.point("stable", stable.id, "first", "test")
@@ -92,7 +100,7 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
     better = c.release(good, "3", parent=stable.id)
     c.releases.point("canary", better.id, "try v3", "test", share=0.5)
     verdict = field_round(better.id, 480)
-    assert verdict.action == "promote", verdict
+    assert verdict.action == "promote", (verdict.reasons, verdict.table.to_dict("records"))
     apply_verdict(c.releases, better.id, verdict, "test", champion)
     assert c.releases.channel("stable")["release"] == better.id
     assert str(MlflowClient(tracking.tracking_uri).get_model_version_by_alias(

@@ -18,6 +18,7 @@ from cvops_pipelines.core.label_qa import (LabelQAConfig, export_json, labelstud
 from cvops_pipelines.core.neardup import NearDupConfig
 from cvops_pipelines.core.plots import confused_pairs_png, md_image
 from cvops_pipelines.core.pool import build_labeled_pool
+from cvops_pipelines.core.replay_set import HoldoutPolicy, build_replay_set, save_replay_set
 from cvops_pipelines.core.splits import SplitConfig
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
@@ -48,6 +49,41 @@ def labeled_pool(context: AssetExecutionContext, raw_images: pd.DataFrame,
         "origins": MetadataValue.json(pool["origin"].value_counts().to_dict()),
         "images_per_class": MetadataValue.md(markdown_table(per_class, 100)),
     })
+
+
+class ReplaySetConfig(Config):
+    holdout_share: float = Field(0.3, description="Share of field images (by hash of the image "
+                                                  "id) reserved as the production holdout: "
+                                                  "never trained or validated on; the gate "
+                                                  "replays models on it.")
+    holdout_salt: str = Field("cvops-holdout-v1", description="Changing it reshuffles the "
+                                                              "holdout (old holdout images may "
+                                                              "then have been trained on).")
+
+
+@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
+       automation_condition=EAGER, check_specs=[contract_spec(
+           "replay_set", what="Unique records, labels in the ontology, a label source each.")],
+       description="Every reviewed field record (an expert's label from the annotation queue "
+                   "outranks the operator's), as an immutable versioned set, with the "
+                   "production holdout marked: the records the gate and canary replay models on.")
+def replay_set(context: AssetExecutionContext, config: ReplaySetConfig, feedback: pd.DataFrame,
+               labeled_pool: pd.DataFrame, storage: CvopsStorage, contracts: DataContracts):
+    replay = build_replay_set(resolve_records(feedback), labeled_pool,
+                              HoldoutPolicy(config.holdout_share, config.holdout_salt))
+    store = storage.store()
+    uri = save_replay_set(store, replay)
+    rows = replay.rows.assign(replay_set=replay.version)
+    by_source = replay.rows.groupby(["label_source", "holdout"]).size().rename("records")
+    yield Output(rows, data_version=DataVersion(replay.version), metadata={
+        **replay.summary(), "snapshot": MetadataValue.url(uri),
+        "by_source_and_holdout": MetadataValue.md(markdown_table(by_source.reset_index(), 10)),
+        "by_cohort": MetadataValue.json(replay.rows["cohort"].value_counts().to_dict()),
+    })
+    docs = store if contracts.build_docs else None
+    yield contract_check_result("replay_set", validate(
+        replay.rows, contracts.suite("replay_set"), {"classes": contracts.ontology().names},
+        docs, f"replay_set-{replay.version}"))
 
 
 class LabelIssuesConfig(Config):
@@ -124,16 +160,18 @@ class DatasetVersionConfig(Config):
                     contract_spec("dataset_version", "dataset_version_leakage",
                                   "No near-duplicate image across splits.")],
        description="Immutable (image_id, label, split) snapshot named by its content hash; "
-                   "splits by hashing image_id, so they never move as the pool grows.")
+                   "splits by hashing image_id, so they never move as the pool grows; the "
+                   "replay set's production holdout is left out.")
 def dataset_version(context: AssetExecutionContext, config: DatasetVersionConfig,
                     labeled_pool: pd.DataFrame, label_issues: pd.DataFrame,
-                    storage: CvopsStorage, contracts: DataContracts):
+                    replay_set: pd.DataFrame, storage: CvopsStorage, contracts: DataContracts):
     neardup = NearDupConfig(config.max_hamming, config.max_mad)
     dataset = build_dataset_version(
         labeled_pool, label_issues,
         SplitConfig(config.train, config.val, config.test, config.split_salt),
         DatasetPolicy(config.flagged, config.min_severity, config.exclude_cross_split_duplicates),
-        neardup)
+        neardup, holdout=set(replay_set.loc[replay_set["holdout"].astype(bool), "image_id"])
+        if len(replay_set) else set())
     store = storage.store()
     snapshot = save_snapshot(store, dataset)
     counts = dataset.class_counts()

@@ -9,10 +9,11 @@ from dagster import (AssetExecutionContext, AutomationCondition, Config, Failure
 from pydantic import Field
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, apply_verdict,
-                                          build_release, canary_verdict, load_private_key,
-                                          release_id)
+from cvops_pipelines.core.canary import decide_canary
 from cvops_pipelines.core.feedback import resolve_records
+from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, apply_verdict,
+                                          build_release, load_private_key, release_id)
+from cvops_pipelines.core.replay import NonInferiority, Operator
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 from cvops_pipelines.edge.bundle import sha256
@@ -94,14 +95,19 @@ def edge_release(context: AssetExecutionContext, config: EdgeReleaseConfig, onnx
 
 
 class CanaryDecisionConfig(Config):
-    min_reviewed: int = Field(50, description="Reviewed field records each side needs first.")
-    max_accuracy_drop: float = Field(0.02, description="Canary vs stable, on reviewed feedback.")
-    max_macro_f1_drop: float = Field(0.02, description="Canary vs stable, on reviewed feedback.")
+    min_records: int = Field(50, description="Paired reviewed records needed before deciding.")
+    margin: float = Field(0.02, description="Non-inferiority margin: the canary may be this "
+                                            "much less accurate than stable.")
+    alpha: float = Field(0.05, description="One-sided error rate of the exact paired tests.")
+    operator_top_k: int = Field(2, description="Operator model: suggestions shown.")
+    operator_p_right: float = Field(0.95, description="Operator model: chance of picking the "
+                                                      "right suggestion when it is shown.")
 
 
-@asset(group_name="ship", io_manager_key="tables", kinds={"python"},
-       description="Promote the canary to stable (and MLflow alias `champion`) when reviewed "
-                   "field feedback shows it is not worse; roll the canary back when it is.")
+@asset(group_name="ship", io_manager_key="tables", kinds={"python", "onnx"},
+       description="Promote the canary to stable (and MLflow alias `champion`) when a shadow "
+                   "replay of canary and stable on the same reviewed field images shows it is "
+                   "not worse; roll it back when it shows it is worse; else keep collecting.")
 def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig,
                     edge_release: dict, feedback: pd.DataFrame, storage: CvopsStorage,
                     mlflow: MlflowTracking):
@@ -113,10 +119,10 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
                        "reasons": [f"{release} is no longer on canary (decided earlier)"]},
                       metadata={"action": "none", "history": _history(releases)})
     manifest = releases.manifest(release)
-    classes = json.loads(releases.store.read_bytes(f"releases/{release}/classes.json"))
-    verdict = canary_verdict(resolve_records(feedback), release, stable.get("release"), classes,
-                             config.min_reviewed, config.max_accuracy_drop,
-                             config.max_macro_f1_drop)
+    verdict, comparison = decide_canary(
+        releases, resolve_records(feedback), release, stable.get("release"),
+        canary.get("updated_at"), NonInferiority(config.margin, config.alpha, config.min_records),
+        Operator(config.operator_top_k, config.operator_p_right))
     actor, why = f"dagster run {context.run.run_id}", "; ".join(verdict.reasons)
     tracking = mlflow.tracking()
     apply_verdict(releases, release, verdict, actor,
@@ -126,8 +132,23 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
     if verdict.action in ("promote", "rollback"):
         tracking.client().set_model_version_tag(tracking.model_name, manifest["model_version"],
                                                 "canary", verdict.action)
-    return Output({"release": release, "action": verdict.action, "reasons": verdict.reasons,
+    extra = {}
+    if comparison is not None:
+        run_id = tracking.client().get_model_version(tracking.model_name,
+                                                     str(manifest["model_version"])).run_id
+        tracking.log_files(run_id, f"canary/{release}", {
+            "paired.csv": comparison.table().to_csv(index=False).encode(),
+            "per_class.csv": comparison.per_class.to_csv(index=False).encode(),
+            "per_cohort.csv": comparison.per_cohort.to_csv(index=False).encode(),
+            "decision.json": json.dumps({"action": verdict.action,
+                                         "reasons": verdict.reasons}).encode()})
+        extra = {"paired_records": comparison.records,
+                 "per_class": MetadataValue.md(markdown_table(comparison.per_class, 100)),
+                 "per_cohort": MetadataValue.md(markdown_table(comparison.per_cohort, 50)),
+                 "mlflow_run": MetadataValue.url(tracking.run_url(run_id))}
+    return Output({"release": release, "stable": stable.get("release"),
+                   "action": verdict.action, "reasons": verdict.reasons,
                    "table": verdict.table.to_dict(orient="records")},
                   metadata={"action": verdict.action, "why": why,
                             "canary_vs_stable": MetadataValue.md(markdown_table(verdict.table)),
-                            "history": _history(releases)})
+                            **extra, "history": _history(releases)})

@@ -4,8 +4,9 @@ Data: all 1,797 demo digits rendered as the demo renders them (32x32 PNG), a str
 out for testing. Model: logistic regression on the 16x16 grey image (cheap enough to retrain at
 every round; the point is the selection policy, not the model). Both strategies start from the
 same 20 random labels and buy 20 more per round up to the budget; cvops selects with the
-annotation queue's policy (`core.active.diverse_top`: smallest top-2 margin, discounted per
-already-chosen class pair, near-duplicates skipped). Labels needed = the first budget at which
+annotation queue's policy (`core.active.choose`: smallest top-2 margin, discounted per
+already-chosen class pair, near-duplicates skipped; a fifth of each batch a seeded random sample,
+`explore_share`). Labels needed = the first budget at which
 active learning reaches the accuracy random selection has at the full budget.
 """
 
@@ -14,7 +15,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.active import QueuePolicy, diverse_top
+from cvops_pipelines.core.active import QueuePolicy, choose
 from cvops_pipelines.core.demo_data import render_digit
 from cvops_pipelines.core.images import inspect_image
 
@@ -53,7 +54,7 @@ def _select(model, x, phash, labeled, size, policy_seed) -> np.ndarray:
     margin = probs[np.arange(len(pool)), top] - probs[np.arange(len(pool)), second]
     frame = pd.DataFrame({"i": pool, "score": 1 - margin, "predicted": top, "second": second,
                           "phash": phash[pool]}).sort_values("score", ascending=False)
-    picked = diverse_top(frame.head(size * 10), QueuePolicy(size=size))
+    picked = choose(frame, QueuePolicy(size=size, seed=policy_seed * 1000 + int(labeled.sum())))
     return picked["i"].to_numpy()
 
 

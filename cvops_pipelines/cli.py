@@ -360,8 +360,9 @@ def _print_canary(run: RunSummary) -> dict:
     decision = run.assets.get("canary_decision", {})
     print(f"\n== canary: {'OK' if run.ok else 'FAILED'} (Dagster run {run.run_id})")
     if decision:
-        print(f"   verdict: {decision['action']}: {decision.get('why', '')}")
-        for line in decision.get("canary_vs_stable", "").splitlines():
+        reasons = str(decision.get("why", "")).splitlines() or [""]
+        print(f"   verdict: {decision['action']}: {reasons[0]}")
+        for line in reasons[1:]:
             print(f"            {line}")
     return decision
 
@@ -406,6 +407,7 @@ def _release(cohorts: list[str]) -> RunSummary:
 
 
 DEMO_SHIFT = (0.3, 5, 30.0)  # brightness, blur, rotate
+CANARY_LOOKS = 3  # fleet rounds a canary may take to decide (canary_decision's max_looks is 4)
 
 
 def _fleet(stream, seed: int, steps: int):
@@ -475,8 +477,8 @@ def _champion() -> str | None:
 
     tracking = Tracking(settings.mlflow_tracking_uri())
     try:
-        return tracking.client().get_model_version_by_alias(tracking.model_name,
-                                                            "champion").version
+        return str(tracking.client().get_model_version_by_alias(tracking.model_name,
+                                                                "champion").version)
     except MlflowException:
         return None
 
@@ -496,21 +498,31 @@ def _turn(number: int, stream, seed: int, steps: int, cohorts: list[str]) -> dic
     gate = {"trained": bool(trains), "refused": refused,
             "model_version": evaluation.get("challenger"),
             "checks": {k: v[0] for t in trains for k, v in t.checks.items()},
-            "replay": evaluation.get("replay"), "replay_verdict": evaluation.get("replay_verdict")}
+            "replay": evaluation.get("replay"), "replay_verdict": evaluation.get("replay_verdict"),
+            "replay_outcomes": evaluation.get("replay_outcomes")}
     released = None
     if trains and not refused:
         release = _release(cohorts)
         if not release.ok:
             return None
         released = release.assets["edge_release"]["release"]
-    fleet = _fleet(stream, seed, steps)
-    feedback = _tick("feedback_sensor")
-    _print_feedback(feedback)
-    if not feedback or not all(run.success for run in feedback):
-        return None
-    decision = _print_canary(_run_job("canary_job")) if released else {}
+    fleet, shots, decision, looks = None, [], {}, 0
+    while fleet is None or (released and decision.get("action") == "wait"
+                            and looks < CANARY_LOOKS):
+        if fleet is not None:
+            print("\n   canary : keeps collecting: the fleet runs on (the simulator shoots the "
+                  "turn's stream again, with new shifts)")
+        fleet = _fleet(stream, seed + 1000 * looks, steps)
+        shots += fleet.shots
+        feedback = _tick("feedback_sensor")
+        _print_feedback(feedback)
+        if not feedback or not all(run.success for run in feedback):
+            return None
+        if released:
+            decision, looks = _print_canary(_run_job("canary_job")), looks + 1
     learn = _print_learn(_run_job("learn_job"))
-    return {"release": released, "fleet": fleet, "decision": decision, "gate": gate,
+    return {"release": released, "fleet": fleet, "shots": shots, "decision": decision,
+            "gate": gate, "looks": looks,
             "before": before, "after": {**_channels(), "champion": _champion()}, **learn}
 
 
@@ -518,15 +530,14 @@ def _report_turn(turn: dict) -> dict:
     decision = turn["decision"] or {}
     return {"release": turn["release"], "gate": turn["gate"], "before": turn["before"],
             "after": turn["after"],
-            "canary": {k: decision.get(k) for k in ("action", "why", "paired_records")},
-            "canary_table": decision.get("canary_vs_stable"),
-            "field_records": turn["fleet"].stream_used}
+            "canary": {k: decision.get(k) for k in ("action", "why", "paired_records", "paired")},
+            "canary_looks": turn["looks"], "field_images": len(turn["shots"])}
 
 
 def _demo_loop(args: argparse.Namespace, report: dict) -> bool:
     stream = production_stream(settings.cvops_home() / "holdback" / "production")
     cut = int(len(stream) * 0.4)
-    first = _turn(1, stream[:cut], args.seed, steps=12, cohorts=[])
+    first = _turn(1, stream[:cut], args.seed, steps=20, cohorts=[])
     if first is None:
         return False
     report["turns"].append(_report_turn(first))
@@ -539,14 +550,14 @@ def _demo_loop(args: argparse.Namespace, report: dict) -> bool:
     _print_curate(curate)
     if not curate.success:
         return False
-    second = _turn(2, stream[cut:], args.seed + 1, steps=20, cohorts=["site-b"])
+    second = _turn(2, stream[cut:], args.seed + 1, steps=30, cohorts=["site-b"])
     if second is None:
         return False
     report["turns"].append(_report_turn(second))
     stable, champion = _channels()["stable"], _champion()
     versions = [v.lstrip("v") for v in (first["gate"]["model_version"],
                                        second["gate"]["model_version"]) if v]
-    audit = _audit(versions, second["fleet"].shots)
+    audit = _audit(versions, second["shots"])
     print("\n######## summary")
     for number, turn in ((1, first), (2, second)):
         metrics, gate = turn["metrics"], turn["gate"]
@@ -557,13 +568,13 @@ def _demo_loop(args: argparse.Namespace, report: dict) -> bool:
               f"{'met' if metrics.get('sla_ok') else 'missed'}, drift "
               f"{'flagged' if metrics.get('drift_flagged') else 'not flagged'}; {verdict}")
     print(f"   stable : {stable} (MLflow alias champion: v{champion})")
-    print(f"   audit  : every turn-2 production image ({len(second['fleet'].shots)}, as shot) "
+    print(f"   audit  : every turn-2 production image ({len(second['shots'])}, as shot) "
           "against the oracle's true labels, which the pipeline never saw:")
     for number, version in enumerate(versions, 1):
         print(f"            turn {number}'s model v{version}: accuracy {audit[version]:.4f}"
               + ("   <- shipped (stable)" if version == champion else ""))
     report.update({"stable": stable, "champion": champion, "audit": audit,
-                   "turn_models": versions, "audit_images": len(second["fleet"].shots)})
+                   "turn_models": versions, "audit_images": len(second["shots"])})
     if not second["metrics"].get("sla_ok"):
         print("            the SLA is still missed: the next turn starts from the new queue "
               f"({second['queue'].get('queued')} images)")

@@ -150,8 +150,8 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
     env.pop("OMP_NUM_THREADS", None)  # the README's command, as a user runs it
-    timings = root / "timings.json"
+    timings, report = root / "timings.json", root / "report.json"
     proc = subprocess.run([str(Path(sys.executable).parent / "cvops"), "demo", "--timings",
-                           str(timings)], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=900)
-    return {"root": root, "env": env, "proc": proc, "timings": timings}
+                           str(timings), "--report", str(report)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return {"root": root, "env": env, "proc": proc, "timings": timings, "report": report}

@@ -9,12 +9,16 @@ Order of the queue:
 Diversity: a candidate's score is multiplied by `decay` for every image already queued with the
 same (top-1, top-2) class pair, and near-duplicates (pHash) of queued images are skipped, so the
 queue is not 50 copies of one confusion.
+Exploration: `explore_share` of the queue is a seeded random sample of the other candidates. A
+young model's uncertainty is least reliable exactly when labels are scarce (measured in
+benchmarks/active_learning.py: without it the worst seed needed 0.60x random's labels, with a
+fifth of the queue random 0.50x), and random picks are an unbiased sample of the field.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -30,6 +34,8 @@ class QueuePolicy:
     size: int = 100
     decay: float = 0.5  # score factor per already-queued image with the same class pair
     max_hamming: int = 4  # pHash bits: closer than this to a queued image = near-duplicate
+    explore_share: float = 0.2  # of the queue: a seeded random sample of the other candidates
+    seed: int = 0
 
 
 def margins(top_k: pd.Series) -> pd.DataFrame:
@@ -57,6 +63,10 @@ def candidates(records: pd.DataFrame, labeled_elsewhere: set[str]) -> pd.DataFra
 
 
 def diverse_top(frame: pd.DataFrame, policy: QueuePolicy) -> pd.DataFrame:
+    return frame.iloc[diverse_positions(frame, policy)].reset_index(drop=True)
+
+
+def diverse_positions(frame: pd.DataFrame, policy: QueuePolicy) -> list[int]:
     """Greedy: take the best adjusted score, then discount its class pair and skip its
     near-duplicates. `frame` needs score, predicted, second, phash."""
     score = frame["score"].to_numpy(dtype=float).copy()
@@ -74,12 +84,29 @@ def diverse_top(frame: pd.DataFrame, policy: QueuePolicy) -> pd.DataFrame:
             continue
         chosen.append(best)
         taken_per_pair[pairs[best]] = taken_per_pair.get(pairs[best], 0) + 1
-    return frame.iloc[chosen].reset_index(drop=True)
+    return chosen
+
+
+def choose(ranked: pd.DataFrame, policy: QueuePolicy) -> pd.DataFrame:
+    """`policy.size` rows of `ranked` (best score first): the diverse top, then the exploration
+    sample (reason `explore`) from the rest."""
+    explore = min(round(policy.size * policy.explore_share), policy.size)
+    chosen = diverse_positions(ranked, replace(policy, size=policy.size - explore))
+    hashes, sample = list(ranked["phash"]), []
+    rest = np.setdiff1d(np.arange(len(ranked)), chosen)
+    for position in np.random.default_rng(policy.seed).permutation(rest):
+        if len(sample) == explore:
+            break
+        if all(phash_distance(hashes[position], hashes[c]) > policy.max_hamming
+               for c in chosen + sample):
+            sample.append(int(position))
+    return pd.concat([ranked.iloc[chosen], ranked.iloc[sorted(sample)].assign(reason="explore")],
+                     ignore_index=True)
 
 
 def annotation_queue(records: pd.DataFrame, labeled_elsewhere: set[str],
                      policy: QueuePolicy = QueuePolicy()) -> pd.DataFrame:
-    queue = diverse_top(candidates(records, labeled_elsewhere), policy)
+    queue = choose(candidates(records, labeled_elsewhere), policy)
     queue["rank"] = np.arange(1, len(queue) + 1)
     queue["score"] = queue["score"].round(4)
     queue["margin"] = queue["margin"].round(4)

@@ -26,6 +26,15 @@ from cvops_pipelines.core.replay import (INCONCLUSIVE, INSUFFICIENT, NON_INFERIO
                                          NonInferiority, Operator, compare_on_replay)
 
 
+def next_look(releases: ReleaseStore, release: str) -> int:
+    """Count one more decision taken on this canary (1 for the first) and return the count."""
+    key = f"releases/looks/{release}.json"
+    looks = json.loads(releases.store.read_bytes(key))["looks"] + 1 \
+        if releases.store.exists(key) else 1
+    releases.store.write_bytes(key, json.dumps({"release": release, "looks": looks}).encode())
+    return looks
+
+
 def paired_records(records: pd.DataFrame, canary: str, stable: str | None,
                    since: str | None = None) -> pd.DataFrame:
     """Reviewed records of either release captured since the canary went live (earlier images

@@ -38,28 +38,13 @@ class TrainConfig:
     patience: int = 3
     device: str = "auto"
     workers: int = 0
-    # Share of each epoch's draws taken from field images (reviewed production records) when
-    # the train split has any: the production distribution the model is deployed into, which
-    # a few hundred field images among the drops' thousands would otherwise barely move.
-    field_share: float = 0.5
+    # Exponential moving average of the weights over about this many epochs (per step, from the
+    # end of the first epoch); the average is what validation judges and what is kept. 0 = off.
+    ema_epochs: float = 4.0
 
     def __post_init__(self) -> None:
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
-        if not 0 <= self.field_share < 1:
-            raise ValueError(f"field_share must be within [0, 1), got {self.field_share}")
-
-
-def domain_weights(is_field: np.ndarray, field_share: float) -> np.ndarray | None:
-    """Per-image sampling weights under which field images make up `field_share` of the draws
-    (None: uniform, when there are no field images, no drop images, or they already weigh that
-    much)."""
-    is_field = np.asarray(is_field, bool)
-    n_field = int(is_field.sum())
-    if field_share <= 0 or n_field == 0 or n_field == len(is_field) \
-            or n_field / len(is_field) >= field_share:
-        return None
-    return np.where(is_field, field_share / n_field, (1 - field_share) / (len(is_field) - n_field))
 
 
 @dataclass
@@ -150,27 +135,22 @@ def distributed() -> tuple[int, int]:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, seed: int, workers: int,
-                shard: bool = False, weights: np.ndarray | None = None):
-    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler).
-    `weights`: draw with replacement by these weights (each rank its own 1/world of an epoch)."""
+                shard: bool = False):
+    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler)."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+    from torch.utils.data import DataLoader, DistributedSampler
 
+    generator = torch.Generator().manual_seed(seed)
     rank, world = distributed()
-    generator = torch.Generator().manual_seed(seed + (rank if weights is not None else 0))
-    if weights is not None:
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
-                                        -(-len(dataset) // world), generator=generator)
-    elif shard and world > 1:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
-    else:
-        sampler = None
+    sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed) \
+        if shard and world > 1 else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, generator=generator,
                       worker_init_fn=_worker_init, persistent_workers=workers > 0)
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, device: str, epoch: int = 0) -> dict:
+def train_one_epoch(model, loader, optimizer, loss_fn, device: str, epoch: int = 0,
+                    after_step: Callable[[], None] | None = None) -> dict:
     set_train_mode(model)
     total_loss, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
@@ -183,6 +163,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device: str, epoch: int =
         loss = loss_fn(logits, labels)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
@@ -198,38 +180,31 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device: str, epoch: int =
             "train_images": seen, "train_images_per_second": seen / elapsed if elapsed else 0.0}
 
 
-def evaluate(model, loader, device: str,
-             weights: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics, softmax probabilities, labels) without gradient. `weights` (one per image, in
-    loader order) weigh the loss and accuracy, e.g. toward the production domain."""
+def evaluate(model, loader, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, softmax probabilities, labels) without gradient."""
     import torch
     import torch.nn.functional as F
 
     model.eval()
-    probs, labels, losses = [], [], []
+    probs, labels, loss = [], [], 0.0
     with torch.no_grad():
         for images, targets in loader:
             logits = model(images.to(device))
-            losses.append(F.cross_entropy(logits, targets.to(device), reduction="none").cpu().numpy())
+            loss += F.cross_entropy(logits, targets.to(device), reduction="sum").item()
             probs.append(F.softmax(logits, 1).cpu().numpy())
             labels.append(targets.numpy())
-    p, y, loss = np.concatenate(probs), np.concatenate(labels), np.concatenate(losses)
-    w = np.ones(len(y)) if weights is None else np.asarray(weights, float)
-    return {"val_loss": float(np.average(loss, weights=w)),
-            "val_accuracy": float(np.average(p.argmax(1) == y, weights=w))}, p, y
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    return {"val_loss": loss / len(y), "val_accuracy": float((p.argmax(1) == y).mean())}, p, y
 
 
 def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray], np.ndarray],
         classes: list[str], config: TrainConfig, device: str = "cpu",
         on_epoch: Callable[[int, dict], None] | None = None,
-        initial_state: dict | None = None, train_is_field: np.ndarray | None = None,
-        val_is_field: np.ndarray | None = None) -> FitResult:
+        initial_state: dict | None = None) -> FitResult:
     """Train, keep the weights of the best validation epoch, stop after `patience` epochs
     without improvement in validation loss. `initial_state` continues from an earlier model of
     the same architecture and classes (e.g. the champion: with `freeze_backbone`, only the head
-    changes and the OTA delta stays tiny). `train_is_field` / `val_is_field` mark field images:
-    they make up `config.field_share` of the training draws and of the validation loss that
-    picks the best epoch, so the model is fitted and chosen for where it will run."""
+    changes and the OTA delta stays tiny)."""
     import copy
 
     import torch
@@ -251,13 +226,9 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
                                           else None)
     train_loader = make_loader(ImageDataset(*train, augmentation(config.augmentation, config.image_size,
                                                                  seed=config.seed + rank)),
-                               config.batch_size, True, config.seed, config.workers, shard=True,
-                               weights=None if train_is_field is None else
-                               domain_weights(train_is_field, config.field_share))
+                               config.batch_size, True, config.seed, config.workers, shard=True)
     val_loader = make_loader(ImageDataset(*val, augmentation("none", config.image_size)),
                              config.batch_size, False, config.seed, config.workers)
-    val_weights = None if val_is_field is None else \
-        domain_weights(val_is_field, config.field_share)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -265,17 +236,32 @@ def fit(train: tuple[list[np.ndarray], np.ndarray], val: tuple[list[np.ndarray],
     loss_fn = torch.nn.CrossEntropyLoss()
     result = FitResult(model, preprocess)
     best_loss, best_state, waited, speeds = float("inf"), None, 0, []
+    averaged = None
+    if config.ema_epochs > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # never longer than 40% of the run: a short run's early weights are not worth keeping
+        horizon = min(config.ema_epochs, 0.4 * config.epochs) * max(1, len(train_loader))
+        decay = 1 - 1 / max(1.0, horizon)
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                 use_buffers=True)
     for epoch in range(1, config.epochs + 1):
-        metrics = train_one_epoch(trained, train_loader, optimizer, loss_fn, device, epoch)
+        averaging = averaged is not None and epoch > 1  # the first epoch's weights start it
+        metrics = train_one_epoch(trained, train_loader, optimizer, loss_fn, device, epoch,
+                                  (lambda: averaged.update_parameters(model)) if averaging
+                                  else None)
+        if averaged is not None and epoch == 1:
+            averaged.update_parameters(model)
+        judged = averaged.module if averaged is not None else model
         scheduler.step()
-        metrics.update(evaluate(model, val_loader, device, val_weights)[0])
+        metrics.update(evaluate(judged, val_loader, device)[0])
         metrics["learning_rate"] = scheduler.get_last_lr()[0]
         speeds.append(metrics["train_images_per_second"])
         result.history.append({"epoch": epoch, **metrics})
         if on_epoch:
             on_epoch(epoch, metrics)
         if metrics["val_loss"] < best_loss - 1e-6:
-            best_loss, best_state, waited = metrics["val_loss"], copy.deepcopy(model.state_dict()), 0
+            best_loss, best_state, waited = metrics["val_loss"], copy.deepcopy(judged.state_dict()), 0
             result.best_epoch = epoch
         else:
             waited += 1

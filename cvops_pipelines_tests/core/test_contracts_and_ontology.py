@@ -56,3 +56,11 @@ def test_ontology_rejects_duplicates_and_bad_files(tmp_path):
         load_ontology(path)
     with pytest.raises(OntologyError, match="not found"):
         load_ontology(tmp_path / "missing.yaml")
+
+
+def test_ontology_marks_event_classes(repo_root, tmp_path):
+    path = tmp_path / "ontology.yaml"
+    path.write_text("name: line\nversion: 1\nclasses:\n  - {id: 0, name: ok}\n"
+                    "  - {id: 1, name: crack, event: true}\n  - {id: 2, name: dent, event: true}\n")
+    assert load_ontology(path).event_classes == ["crack", "dent"]
+    assert load_ontology(repo_root / "data_contracts/ontology.yaml").event_classes == []

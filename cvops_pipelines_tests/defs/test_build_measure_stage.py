@@ -13,6 +13,7 @@ from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.measure.assets import GATE_CHECK, model_evaluation
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines.defs.ship.assets import onnx_model
+from cvops_pipelines_tests import corpus
 from cvops_pipelines_tests.defs.test_curate_stage import (CURATE, INGEST, curate, ingest,
                                                           metadata, write_drop)
 
@@ -126,6 +127,77 @@ def test_gate_blocks_a_worse_challenger_and_passes_an_equal_one(isolated_homes):
     assert gate(equal).passed
     assert metadata(equal, "model_evaluation")["champion"] == "v1"
     assert equal.asset_materializations_for_node("downstream_of_gate")
+
+
+def field_shots(indices, degrees: float = 35.0) -> list[bytes]:
+    """Digits as a tilted field camera shot them (the test split has none of these)."""
+    return [corpus.encode(corpus.digit(i).convert("RGB").rotate(degrees, fillcolor="white"), "PNG")
+            for i in indices]
+
+
+def test_replay_refuses_a_challenger_the_test_split_would_pass(isolated_homes):
+    """The champion and a challenger both pass the test-split rules; on the production holdout,
+    replayed paired, the challenger is clearly worse: refused, nothing downstream runs."""
+    import hashlib
+
+    import pandas as pd
+
+    from cvops_pipelines.core.storage import LocalStore
+    from cvops_pipelines.core.tables import table_key, write_table
+    from cvops_pipelines.core.training import load_images, predict_probs
+
+    instance = curated(isolated_homes)
+    first = train(instance)
+    tracking = build_resources()["mlflow"].tracking()
+    tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
+    challenger = materialize([*INGEST, feedback, *CURATE, trained_model], instance=instance,
+                             selection=[trained_model], resources=build_resources(),
+                             run_config={"ops": {"trained_model": {"config": {**SMALL,
+                                                                              "seed": 11}}}})
+    assert challenger.success
+    # production records: tilted digits, labelled (as an expert would) with what the champion
+    # sees in them, so wherever the challenger disagrees it is wrong
+    store = LocalStore(isolated_homes)
+    shots = field_shots(range(600, 760))
+    keys = []
+    for shot in shots:
+        digest = hashlib.sha256(shot).hexdigest()
+        keys.append(f"images/{digest[:2]}/{digest}.png")
+        store.write_bytes(keys[-1], shot)
+    champion, new = tracking.load(alias="champion"), tracking.load(version="2")
+    images = load_images(store, keys, champion.preprocess.image_size)
+    seen = predict_probs(champion.model, images, champion.preprocess).argmax(1)
+    other = predict_probs(new.model, images, new.preprocess).argmax(1)
+    assert (seen != other).sum() >= 10  # enough disagreement to be clearly worse
+    records = pd.DataFrame({
+        "record_id": [f"dev-1-{i:04d}" for i in range(len(keys))], "device_id": "dev-1",
+        "cohort": "site-a", "release": "rel-1-x", "image_id": [k.split("/")[-1][:-4] for k in keys],
+        "key": keys, "label": [champion.preprocess.classes[i] for i in seen],
+        "label_source": "expert", "labeled_by": "ann@lab", "predicted": "0",
+        "captured_at": "2026-12-01T10:00:00+00:00", "holdout": True, "replay_set": "rs-test"})
+    write_table(store, table_key("replay_set", None), records)
+
+    loose = {"max_macro_f1_drop": 1.0, "max_class_recall_drop": 1.0}
+    result = materialize([*INGEST, feedback, *CURATE, trained_model, model_evaluation,
+                          onnx_model, downstream_of_gate], instance=instance,
+                         selection=[model_evaluation, onnx_model, downstream_of_gate],
+                         resources=build_resources(), raise_on_error=False,
+                         run_config={"ops": {"model_evaluation": {"config": loose}}})
+    check = gate(result)
+    assert not check.passed
+    decision = check.metadata["decision"].value
+    assert decision.startswith("replay automatic accuracy (top-1): worse")
+    assert "macro_f1" not in decision and "recall[" not in decision  # the test split passed it
+    evaluation = metadata(result, "model_evaluation")
+    assert evaluation["replay_records"] == len(keys) and evaluation["replay_verdict"] == "worse"
+    (automatic, _) = evaluation["replay_outcomes"]
+    assert automatic["old"] == 1.0 and automatic["only_old_right"] == (seen != other).sum()
+    assert not result.asset_materializations_for_node("downstream_of_gate")
+    assert not result.asset_materializations_for_node("onnx_model")  # nothing ships
+    run_id = metadata(challenger, "trained_model")["mlflow_run_id"]
+    artifacts = {a.path for a in tracking.client().list_artifacts(run_id, "evaluation")}
+    assert "evaluation/replay.csv" in artifacts and "evaluation/replay_per_class.csv" in artifacts
+    assert tracking.client().get_run(run_id).data.metrics["replay_records"] == len(keys)
 
 
 def test_export_whose_parity_fails_stops_with_the_numbers(isolated_homes):

@@ -5,14 +5,15 @@ from dagster import AssetKey, DagsterInstance, asset, materialize
 
 from cvops_pipelines.core.images import inspect_image
 from cvops_pipelines.core.splits import split_of
-from cvops_pipelines.defs.curate.assets import dataset_version, label_issues, labeled_pool
+from cvops_pipelines.defs.curate.assets import (dataset_version, label_issues, labeled_pool,
+                                               replay_set)
 from cvops_pipelines.defs.ingest.assets import annotations, raw_images
 from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines_tests import corpus
 
 INGEST = [raw_images, annotations]
-CURATE = [labeled_pool, label_issues, dataset_version]
+CURATE = [labeled_pool, replay_set, label_issues, dataset_version]
 
 
 @asset(deps=[dataset_version])

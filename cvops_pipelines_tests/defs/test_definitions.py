@@ -21,13 +21,14 @@ def test_definitions_validate(repo_root, isolated_homes):
 
 
 STAGES = {"raw_images": "ingest", "annotations": "ingest", "labeled_pool": "curate",
-          "label_issues": "curate", "dataset_version": "curate", "trained_model": "build",
+          "replay_set": "curate", "label_issues": "curate", "dataset_version": "curate", "trained_model": "build",
           "model_evaluation": "measure", "onnx_model": "ship", "edge_release": "ship",
           "canary_decision": "ship", "feedback": "learn", "production_metrics": "learn",
           "annotation_queue": "learn", "ontology_report": "learn"}
 CHECKS = {"raw_images_contract": True, "annotations_contract": True,
           "dataset_version_contract": True, "dataset_version_balance": True,
           "dataset_version_leakage": True, "challenger_not_worse_than_champion": True,
+          "replay_set_contract": True,
           "feedback_contract": True, "no_quarantined_batches": False,
           # field alerts do not block: a failing SLA is exactly when the queue is needed
           "accuracy_sla": False, "no_output_drift": False}
@@ -45,12 +46,14 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
     assert checks == CHECKS
     assert defs.resolve_sensor_def("new_drop_sensor").job_name == "ingest_job"
     # lineage: each stage takes the previous one as an input, never "the newest file"
-    assert graph.get(AssetKey("dataset_version")).parent_keys == {AssetKey("labeled_pool"),
-                                                                  AssetKey("label_issues")}
+    assert graph.get(AssetKey("dataset_version")).parent_keys == {
+        AssetKey("labeled_pool"), AssetKey("label_issues"), AssetKey("replay_set")}
+    assert graph.get(AssetKey("replay_set")).parent_keys == {AssetKey("feedback"),
+                                                             AssetKey("labeled_pool")}
     assert graph.get(AssetKey("labeled_pool")).parent_keys == {
         AssetKey("raw_images"), AssetKey("annotations"), AssetKey("feedback")}  # the loop closes
-    assert graph.get(AssetKey("model_evaluation")).parent_keys == {AssetKey("trained_model"),
-                                                                   AssetKey("dataset_version")}
+    assert graph.get(AssetKey("model_evaluation")).parent_keys == {
+        AssetKey("trained_model"), AssetKey("dataset_version"), AssetKey("replay_set")}
     assert graph.get(AssetKey("onnx_model")).parent_keys == {
         AssetKey("trained_model"), AssetKey("model_evaluation"), AssetKey("dataset_version")}
     assert graph.get(AssetKey("edge_release")).parent_keys == {AssetKey("onnx_model")}
@@ -126,7 +129,7 @@ def _settled_loop():
 
     instance = DagsterInstance.ephemeral()
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    for key in ("labeled_pool", "label_issues", "dataset_version", "trained_model",
+    for key in ("labeled_pool", "replay_set", "label_issues", "dataset_version", "trained_model",
                 "model_evaluation", "onnx_model", "edge_release"):
         instance.report_runless_asset_event(AssetMaterialization(key))
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)

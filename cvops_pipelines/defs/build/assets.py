@@ -29,6 +29,9 @@ class TrainedModelConfig(Config):
     augmentation: str = Field("light", description=f"albumentations preset: {', '.join(AUGMENTATIONS)}.")
     seed: int = 0
     patience: int = Field(3, description="Early stopping: epochs without a better validation loss.")
+    ema_epochs: float = Field(4.0, description="Keep an exponential moving average of the weights "
+                                               "over about this many epochs (it is what "
+                                               "validation judges and what ships); 0 = off.")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")
     workers: int = Field(0, description="DataLoader worker processes (0 = in the training process).")
     init_from: str = Field("none", description="Start from a registered model: 'champion', "

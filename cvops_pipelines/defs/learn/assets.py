@@ -246,11 +246,13 @@ class AnnotationQueueConfig(Config):
                                                      "same top-2 class pair.")
     max_hamming: int = Field(4, description="pHash bits within which an image is a near-duplicate "
                                             "of one already queued.")
+    explore_share: float = Field(0.2, description="Share of the queue filled with a seeded random "
+                                                  "sample of the other candidates (exploration).")
 
 
 @asset(group_name="learn", io_manager_key="tables", kinds={"python", "labelstudio"},
        description="What to label next: field errors first, then the most uncertain, kept "
-                   "diverse; a Label Studio import (+ images) and a CSV. Drop the completed "
+                   "diverse, plus a random share; a Label Studio import (+ images) and a CSV. Drop the completed "
                    "export back as a marked drop and it flows through ingest into the pool.")
 def annotation_queue(context: AssetExecutionContext, config: AnnotationQueueConfig,
                      feedback: pd.DataFrame, labeled_pool: pd.DataFrame,
@@ -263,7 +265,7 @@ def annotation_queue(context: AssetExecutionContext, config: AnnotationQueueConf
             lambda names: any(not str(n).startswith("operator@") for n in names))
         experts = set(labeled_pool.loc[expert, "image_id"])
     queue = build_queue(records, experts, QueuePolicy(config.size, config.diversity_decay,
-                                                      config.max_hamming))
+                                                      config.max_hamming, config.explore_share))
     queue_id = "q-" + hashlib.sha256("".join(queue["image_id"]).encode()).hexdigest()[:12]
     prefix = f"annotation/queues/{queue_id}"
     for key in queue["key"]:  # images/<aa>/<sha256>.<ext> -> <queue>/images/<sha256>.<ext>

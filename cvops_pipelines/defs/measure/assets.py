@@ -6,22 +6,23 @@ import json
 import numpy as np
 import pandas as pd
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
-                     AssetSelection, AutomationCondition, Config, MetadataValue, Output, asset)
+                     AssetSelection, AutomationCondition, MetadataValue, Output, asset)
 from pydantic import Field
 
 from cvops_pipelines.core.gate import GateConfig, decide
 from cvops_pipelines.core.metrics import Evaluation, evaluate_predictions, per_cohort
 from cvops_pipelines.core.plots import confusion_png, md_image, reliability_png
-from cvops_pipelines.core.replay import (NonInferiority, Operator, ReplayComparison,
+from cvops_pipelines.core.replay import (NonInferiority, ReplayComparison,
                                          compare_on_replay)
 from cvops_pipelines.core.tables import markdown_table
 from cvops_pipelines.core.training import load_images, predict_probs
+from cvops_pipelines.defs.operator import OperatorConfig
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
 
 GATE_CHECK = "challenger_not_worse_than_champion"
 
 
-class ModelEvaluationConfig(Config):
+class ModelEvaluationConfig(OperatorConfig):
     max_macro_f1_drop: float = Field(0.01, description="Gate ε: macro-F1 may drop this much.")
     max_class_recall_drop: float = Field(0.05, description="Gate δ: any class's recall may "
                                                            "drop this much.")
@@ -37,9 +38,6 @@ class ModelEvaluationConfig(Config):
     require_field_evidence: bool = Field(False, description="Pass only a challenger the replay "
                                          "shows non-inferior (default: refuse one it shows "
                                          "worse; the paired canary decides the rest).")
-    operator_top_k: int = Field(2, description="Operator model: suggestions shown.")
-    operator_p_right: float = Field(0.95, description="Operator model: chance of picking the "
-                                                      "right suggestion when it is shown.")
 
 
 def _evaluate(loaded, store, test: pd.DataFrame, cache: dict) -> tuple[Evaluation, np.ndarray]:
@@ -75,7 +73,7 @@ def _replay(challenger, champion, store, holdout: pd.DataFrame, config: ModelEva
     labels = records["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=int)
     comparison = compare_on_replay(
         probs["new"], probs["old"], labels, classes, records["cohort"].to_numpy(),
-        Operator(config.operator_top_k, config.operator_p_right),
+        config.operator(),
         NonInferiority(config.replay_margin, config.replay_alpha, config.replay_min_records),
         [c for c in event_classes if c in classes],
         # the holdout's operator labels were chosen among the champion's own suggestions
@@ -92,9 +90,10 @@ def _log_to_mlflow(tracking, run_id: str, prefix: str, evaluation: Evaluation) -
 
 
 @asset(group_name="measure", io_manager_key="tables", kinds={"pytorch", "mlflow"},
-       # after a new model only: a new dataset version alone waits for retraining_sensor
+       # after a new model only: a new dataset version (or replay set) alone waits for
+       # retraining_sensor
        automation_condition=AutomationCondition.eager().ignore(
-           AssetSelection.assets("dataset_version")),
+           AssetSelection.assets("dataset_version", "replay_set")),
        check_specs=[AssetCheckSpec(
            GATE_CHECK, asset="model_evaluation", blocking=True,
            description="Non-inferiority: on the test split the challenger's macro-F1 drops at "
@@ -168,6 +167,8 @@ def model_evaluation(context: AssetExecutionContext, config: ModelEvaluationConf
             "replay_set": str(replay_set["replay_set"].iloc[0]) if len(replay_set) else "none",
             "replay_records": replayed.records, "replay_verdict": replayed.verdict,
             "replay_paired": MetadataValue.md(markdown_table(replayed.table(), 10)),
+            "replay_outcomes": MetadataValue.json(json.loads(
+                replayed.table().to_json(orient="records"))),
             "replay_per_class": MetadataValue.md(markdown_table(replayed.per_class, 100)),
             "replay_per_cohort": MetadataValue.md(markdown_table(replayed.per_cohort, 50)),
             "replay_business": MetadataValue.md(markdown_table(replayed.business, 10))})

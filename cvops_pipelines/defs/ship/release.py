@@ -9,12 +9,13 @@ from dagster import (AssetExecutionContext, AutomationCondition, Config, Failure
 from pydantic import Field
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.canary import decide_canary
+from cvops_pipelines.core.canary import decide_canary, next_look
 from cvops_pipelines.core.feedback import resolve_records
 from cvops_pipelines.core.release import (ReleaseStore, SigningKeyMissing, apply_verdict,
                                           build_release, load_private_key, release_id)
-from cvops_pipelines.core.replay import NonInferiority, Operator
+from cvops_pipelines.core.replay import NonInferiority
 from cvops_pipelines.core.tables import markdown_table
+from cvops_pipelines.defs.operator import OperatorConfig
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 from cvops_pipelines.edge.bundle import sha256
 
@@ -94,14 +95,15 @@ def edge_release(context: AssetExecutionContext, config: EdgeReleaseConfig, onnx
         "history": _history(releases)})
 
 
-class CanaryDecisionConfig(Config):
+class CanaryDecisionConfig(OperatorConfig):
     min_records: int = Field(50, description="Paired reviewed records needed before deciding.")
     margin: float = Field(0.02, description="Non-inferiority margin: the canary may be this "
                                             "much less accurate than stable.")
-    alpha: float = Field(0.05, description="One-sided error rate of the exact paired tests.")
-    operator_top_k: int = Field(2, description="Operator model: suggestions shown.")
-    operator_p_right: float = Field(0.95, description="Operator model: chance of picking the "
-                                                      "right suggestion when it is shown.")
+    alpha: float = Field(0.05, description="One-sided error rate of the exact paired tests, "
+                                           "over all looks at one canary.")
+    max_looks: int = Field(4, description="Decisions a canary may take (the schedule looks "
+                                          "again while it keeps collecting): each look tests "
+                                          "at alpha / max_looks (Bonferroni).")
 
 
 @asset(group_name="ship", io_manager_key="tables", kinds={"python", "onnx"},
@@ -119,11 +121,20 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
                        "reasons": [f"{release} is no longer on canary (decided earlier)"]},
                       metadata={"action": "none", "history": _history(releases)})
     manifest = releases.manifest(release)
+    look = next_look(releases, release)
+    if look > config.max_looks:  # the error-rate budget is spent: people decide now
+        why = (f"{release} was looked at {config.max_looks} times without a decision (the "
+               f"budget of alpha {config.alpha}); promote or roll it back by hand")
+        context.log.warning(why)
+        return Output({"release": release, "action": "undecided", "reasons": [why]},
+                      metadata={"action": "undecided", "why": why, "look": look,
+                                "history": _history(releases)})
     verdict, comparison = decide_canary(
         releases, resolve_records(feedback), release, stable.get("release"),
-        canary.get("updated_at"), NonInferiority(config.margin, config.alpha, config.min_records),
-        Operator(config.operator_top_k, config.operator_p_right))
-    actor, why = f"dagster run {context.run.run_id}", "; ".join(verdict.reasons)
+        canary.get("updated_at"),
+        NonInferiority(config.margin, config.alpha / config.max_looks, config.min_records),
+        config.operator())
+    actor, why = f"dagster run {context.run.run_id}", "\n".join(verdict.reasons)
     tracking = mlflow.tracking()
     apply_verdict(releases, release, verdict, actor,
                   on_promote=lambda m: tracking.set_alias("champion", m["model_version"]))
@@ -143,12 +154,14 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
             "decision.json": json.dumps({"action": verdict.action,
                                          "reasons": verdict.reasons}).encode()})
         extra = {"paired_records": comparison.records,
+                 "paired": MetadataValue.json(json.loads(
+                     comparison.table().to_json(orient="records"))),
                  "per_class": MetadataValue.md(markdown_table(comparison.per_class, 100)),
                  "per_cohort": MetadataValue.md(markdown_table(comparison.per_cohort, 50)),
                  "mlflow_run": MetadataValue.url(tracking.run_url(run_id))}
     return Output({"release": release, "stable": stable.get("release"),
                    "action": verdict.action, "reasons": verdict.reasons,
                    "table": verdict.table.to_dict(orient="records")},
-                  metadata={"action": verdict.action, "why": why,
+                  metadata={"action": verdict.action, "why": why, "look": look,
                             "canary_vs_stable": MetadataValue.md(markdown_table(verdict.table)),
                             **extra, "history": _history(releases)})

@@ -110,6 +110,5 @@ def decide_canary(releases: ReleaseStore, records: pd.DataFrame, canary: str,
         action, reasons = "wait", [f"keep collecting: {where}; needs {rule.min_records}"]
     else:
         assert verdict == INCONCLUSIVE
-        action, reasons = "wait", [f"keep collecting: {where}"] + \
-            [s for s, o in zip(lines, comparison.outcomes) if o.verdict == INCONCLUSIVE]
+        action, reasons = "wait", [f"keep collecting: {where}"] + lines
     return CanaryVerdict(action, reasons, comparison.table()), comparison

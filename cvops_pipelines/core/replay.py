@@ -97,7 +97,7 @@ class PairedOutcome:
         counts = (f"{self.records} paired records, {self.new_only + self.old_only} discordant "
                   f"({self.new_only} only new right, {self.old_only} only old right)")
         figures = (f"{self.new_accuracy:.4f} vs {self.old_accuracy:.4f}, difference "
-                   f"{self.difference:+.4f}, {1 - rule.alpha:.0%} lower bound "
+                   f"{self.difference:+.4f}, {(1 - rule.alpha) * 100:g}% lower bound "
                    f"{self.lower_bound:+.4f}")
         if self.verdict == INSUFFICIENT:
             return (f"{self.metric}: not enough field data to judge: {counts}; needs "

@@ -37,27 +37,6 @@ class Operator:
             raise ValueError("top_k must be >= 1 and p_pick_right within (0, 1]")
 
 
-@dataclass(frozen=True)
-class ReplayResult:
-    records: int
-    automatic_accuracy: float  # top-1, no human
-    top_k_coverage: float | None  # share of records whose true class is in the top k
-    assisted_accuracy: float | None  # expected accuracy with the operator choosing among top k
-
-    def as_dict(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-def replay(probs: np.ndarray, labels: np.ndarray, operator: Operator | None = None) -> ReplayResult:
-    if len(labels) == 0:
-        raise ValueError("no records to replay")
-    automatic = float((probs.argmax(1) == labels).mean())
-    if operator is None:
-        return ReplayResult(len(labels), automatic, None, None)
-    coverage = float(top_k_hits(probs, labels, operator.top_k).mean())
-    return ReplayResult(len(labels), automatic, coverage, coverage * operator.p_pick_right)
-
-
 def top_k_hits(probs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return (top == labels[:, None]).any(axis=1)

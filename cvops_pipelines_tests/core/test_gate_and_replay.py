@@ -7,8 +7,7 @@ import pytest
 from cvops_pipelines.core.gate import GateConfig, decide
 from cvops_pipelines.core.metrics import evaluate_predictions, per_cohort
 from cvops_pipelines.core.replay import (INCONCLUSIVE, INSUFFICIENT, NON_INFERIOR, WORSE,
-                                         NonInferiority, Operator, compare_on_replay, paired_test,
-                                         replay)
+                                         NonInferiority, Operator, compare_on_replay, paired_test)
 
 CLASSES = ["a", "b", "c"]
 
@@ -84,14 +83,15 @@ def test_top2_operator_replay():
     # 4 records, true class 0. Model ranks: right first; right second; right third; right first.
     probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
     labels = np.zeros(4, dtype=int)
-    alone = replay(probs, labels)
-    assert alone.automatic_accuracy == 0.5 and alone.assisted_accuracy is None
-    assisted = replay(probs, labels, Operator(top_k=2, p_pick_right=0.9))
-    assert assisted.top_k_coverage == 0.75
-    assert assisted.assisted_accuracy == pytest.approx(0.75 * 0.9)
-    assert replay(probs, labels, Operator(top_k=3, p_pick_right=1.0)).assisted_accuracy == 1.0
-    with pytest.raises(ValueError, match="no records"):
-        replay(probs[:0], labels[:0])
+    automatic, assisted = compare_on_replay(probs, probs, labels, CLASSES,
+                                            operator=Operator(top_k=2, p_pick_right=0.9)).outcomes
+    assert automatic.new_accuracy == 0.5
+    assert assisted.new_accuracy == pytest.approx(0.75 * 0.9)  # top-2 covers 3 of 4
+    wide = compare_on_replay(probs, probs, labels, CLASSES,
+                             operator=Operator(top_k=3, p_pick_right=1.0)).outcomes[1]
+    assert wide.new_accuracy == 1.0
+    with pytest.raises(ValueError, match="top_k"):
+        Operator(top_k=0)
 
 
 def compare(new_right: list[bool], old_right: list[bool], rule=None, **kw):

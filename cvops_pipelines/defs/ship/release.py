@@ -147,7 +147,7 @@ def canary_decision(context: AssetExecutionContext, config: CanaryDecisionConfig
     if comparison is not None:
         run_id = tracking.client().get_model_version(tracking.model_name,
                                                      str(manifest["model_version"])).run_id
-        tracking.log_files(run_id, f"canary/{release}", {
+        tracking.log_files(run_id, f"canary/{release}/look-{look}", {
             "paired.csv": comparison.table().to_csv(index=False).encode(),
             "per_class.csv": comparison.per_class.to_csv(index=False).encode(),
             "per_cohort.csv": comparison.per_cohort.to_csv(index=False).encode(),

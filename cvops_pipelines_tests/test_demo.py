@@ -230,7 +230,8 @@ def test_operator_sees_the_loop_and_launches_ingest_from_the_ui(demo_run, dagste
     expect(image).to_be_visible()
     assert image.evaluate("img => img.naturalWidth") > 200
     page.screenshot(path=shots / "confusion_matrix.png")
-    page.keyboard.press("Escape")
+    page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)
     # the paired replay on the production holdout, a table in the same metadata (short enough
     # to be rendered inline)
     row = page.locator("tr", has_text="replay_paired").first

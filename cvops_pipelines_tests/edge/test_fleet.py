@@ -100,7 +100,7 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
     better = c.release(good, "3", parent=stable.id)
     c.releases.point("canary", better.id, "try v3", "test", share=0.5)
     verdict = field_round(better.id, 480)
-    assert verdict.action == "promote", (verdict.reasons, verdict.table.to_dict("records"))
+    assert verdict.action == "promote", verdict
     apply_verdict(c.releases, better.id, verdict, "test", champion)
     assert c.releases.channel("stable")["release"] == better.id
     assert str(MlflowClient(tracking.tracking_uri).get_model_version_by_alias(

@@ -633,6 +633,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
+    from cvops_pipelines.core.feedback import OPERATOR_PREFIX
     from cvops_pipelines.core.release import ReleaseStore
     from cvops_pipelines.core.tables import read_table
     from cvops_pipelines.core.tracking import Tracking, TrackingUnavailable
@@ -691,7 +692,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if store.exists(pool_key):
             pool = read_table(store, pool_key)
             expert = pool["annotators"].map(
-                lambda names: any(not str(n).startswith("operator@") for n in names))
+                lambda names: any(not str(n).startswith(OPERATOR_PREFIX) for n in names))
             done = set(pool.loc[expert, "image_id"])
         pending = queue[~queue["image_id"].isin(done)]
         queue_id = queue["queue_id"].iloc[0] if len(queue) else "-"

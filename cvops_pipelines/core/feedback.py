@@ -35,6 +35,7 @@ FEEDBACK_COLUMNS = ["kind", "record_id", "device_id", "cohort", "release", "imag
                     "captured_at", "batch_id", "uri", "key", "format", "width", "height",
                     "phash", "thumb", "ingested_at"]
 RECORD_COLUMNS = [c for c in FEEDBACK_COLUMNS if c != "kind"]
+OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device>
 
 
 class BatchRejected(Exception):
@@ -213,7 +214,7 @@ def feedback_labels(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "image_id": done["image_id"], "label": done["corrected_label"].astype(str),
         "x_min": float("nan"), "y_min": float("nan"), "x_max": float("nan"),
-        "y_max": float("nan"), "annotator": "operator@" + done["device_id"],
+        "y_max": float("nan"), "annotator": OPERATOR_PREFIX + done["device_id"],
         "labeled_at": pd.to_datetime(done["corrected_at"], utc=True, format="ISO8601"),
         "origin": "feedback", "source": "feedback/" + done["batch_id"],
         "original_name": done["record_id"], "annotation_file": "", "position": "",

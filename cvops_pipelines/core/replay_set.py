@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from cvops_pipelines.core.feedback import OPERATOR_PREFIX
 from cvops_pipelines.core.storage import Store
 from cvops_pipelines.core.tables import read_table, write_table
 
-OPERATOR_PREFIX = "operator@"
 LABEL_SOURCES = ("expert", "operator")
 REPLAY_COLUMNS = ["record_id", "device_id", "cohort", "release", "image_id", "key", "label",
                   "label_source", "labeled_by", "predicted", "captured_at", "holdout"]

@@ -14,9 +14,9 @@ from cvops_pipelines.core.active import (QueuePolicy, annotation_queue as build_
 from cvops_pipelines.core.contracts import validate
 from cvops_pipelines.core.dataset import load_snapshot
 from cvops_pipelines.core.drift import output_drift
-from cvops_pipelines.core.feedback import (FEEDBACK_COLUMNS, BatchRejected, batch_frame,
-                                           batch_key, parse_batch, quarantine_batch,
-                                           resolve_records, store_images)
+from cvops_pipelines.core.feedback import (FEEDBACK_COLUMNS, OPERATOR_PREFIX, BatchRejected,
+                                           batch_frame, batch_key, parse_batch,
+                                           quarantine_batch, resolve_records, store_images)
 from cvops_pipelines.core.images import ImageLimits
 from cvops_pipelines.core.label_qa import export_json
 from cvops_pipelines.core.ontology_report import OntologyPolicy, ontology_report as build_report
@@ -262,7 +262,7 @@ def annotation_queue(context: AssetExecutionContext, config: AnnotationQueueConf
     experts = set()
     if len(labeled_pool):
         expert = labeled_pool["annotators"].map(
-            lambda names: any(not str(n).startswith("operator@") for n in names))
+            lambda names: any(not str(n).startswith(OPERATOR_PREFIX) for n in names))
         experts = set(labeled_pool.loc[expert, "image_id"])
     queue = build_queue(records, experts, QueuePolicy(config.size, config.diversity_decay,
                                                       config.max_hamming, config.explore_share))

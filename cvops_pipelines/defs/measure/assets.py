@@ -64,10 +64,12 @@ def _replay(challenger, champion, store, holdout: pd.DataFrame, config: ModelEva
     records = holdout[known].reset_index(drop=True)
     note = f"{int((~known).sum())} holdout records with classes a model lacks left out" \
         if (~known).any() else ""
-    probs = {}
+    probs, cache = {}, {}
     for side, loaded in (("new", challenger), ("old", champion)):
-        images = load_images(store, list(records["key"]), loaded.preprocess.image_size)
-        out = predict_probs(loaded.model, images, loaded.preprocess)
+        size = loaded.preprocess.image_size
+        if size not in cache:  # decoded once per input size, as for the test split
+            cache[size] = load_images(store, list(records["key"]), size)
+        out = predict_probs(loaded.model, cache[size], loaded.preprocess)
         order = [list(loaded.preprocess.classes).index(c) for c in classes]
         probs[side] = out[:, order] if len(out) else np.zeros((0, len(classes)))
     labels = records["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=int)

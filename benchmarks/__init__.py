@@ -1,1 +1,2 @@
-"""Benchmarks: `./dev bench` (or `python -m benchmarks [name ...]`) writes JSON to benchmarks/results/."""
+"""Benchmarks: `./dev bench` (or `python -m benchmarks [name ...]`) writes JSON to
+benchmarks/results/."""

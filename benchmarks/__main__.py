@@ -3,14 +3,23 @@
 import argparse
 import importlib
 import json
-import platform
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["ingest_throughput", "label_qa", "training_throughput", "export_latency",
-              "release_delta", "active_learning", "drift_detection", "demo_wall", "loop_gain"]
+BENCHMARKS = [
+    "ingest_throughput",
+    "label_qa",
+    "training_throughput",
+    "export_latency",
+    "release_delta",
+    "active_learning",
+    "drift_detection",
+    "demo_wall",
+    "loop_gain",
+]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -25,8 +34,11 @@ def main() -> int:
         print(f"== {name}", flush=True)
         started = time.time()
         result = module.run(quick=args.quick)
-        result["machine"] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                             "cpus": os.cpu_count()}
+        result["machine"] = {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        }
         result["wall_s"] = round(time.time() - started, 1)
         out = RESULTS / f"{name}.json"
         out.write_text(json.dumps(result, indent=2))

@@ -15,9 +15,9 @@ import io
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.active import QueuePolicy, choose
-from cvops_pipelines.core.demo_data import render_digit
-from cvops_pipelines.core.images import inspect_image
+from cvops_pipelines.core.base.images import inspect_image
+from cvops_pipelines.core.learn.active import QueuePolicy, choose
+from cvops_pipelines.demo.data import render_digit
 
 
 def _data():
@@ -52,8 +52,9 @@ def _select(model, x, phash, labeled, size, policy_seed) -> np.ndarray:
     order = np.argsort(-probs, 1)
     top, second = order[:, 0], order[:, 1]
     margin = probs[np.arange(len(pool)), top] - probs[np.arange(len(pool)), second]
-    frame = pd.DataFrame({"i": pool, "score": 1 - margin, "predicted": top, "second": second,
-                          "phash": phash[pool]}).sort_values("score", ascending=False)
+    frame = pd.DataFrame(
+        {"i": pool, "score": 1 - margin, "predicted": top, "second": second, "phash": phash[pool]}
+    ).sort_values("score", ascending=False)
     picked = choose(frame, QueuePolicy(size=size, seed=policy_seed * 1000 + int(labeled.sum())))
     return picked["i"].to_numpy()
 
@@ -66,8 +67,9 @@ def run(quick: bool = False) -> dict:
     start, step, budget = 20, 20, (200 if quick else 400)
     rows, curves = [], {}
     for seed in seeds:
-        train, test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y,
-                                       random_state=seed)
+        train, test = train_test_split(
+            np.arange(len(y)), test_size=0.3, stratify=y, random_state=seed
+        )
         xs, ys, hs = x[train], y[train], phash[train]
         rng = np.random.default_rng(seed)
         initial = rng.choice(len(train), start, replace=False)
@@ -88,14 +90,23 @@ def run(quick: bool = False) -> dict:
                 labeled[new] = True
         target = curve["random"][-1][1]
         needed = next((n for n, acc in curve["active"] if acc >= target), None)
-        rows.append({"seed": seed, "random_final_accuracy": round(target, 4),
-                     "active_final_accuracy": round(curve["active"][-1][1], 4),
-                     "labels_random": budget, "labels_active_to_match": needed,
-                     "ratio": round(needed / budget, 3) if needed else None})
+        rows.append(
+            {
+                "seed": seed,
+                "random_final_accuracy": round(target, 4),
+                "active_final_accuracy": round(curve["active"][-1][1], 4),
+                "labels_random": budget,
+                "labels_active_to_match": needed,
+                "ratio": round(needed / budget, 3) if needed else None,
+            }
+        )
         curves[seed] = {k: [(n, round(a, 4)) for n, a in v] for k, v in curve.items()}
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    return {"schedule": {"start": start, "step": step, "budget": budget},
-            "per_seed": rows,
-            "ratio_mean": round(float(np.mean(ratios)), 3) if ratios else None,
-            "ratio_worst": max(ratios) if len(ratios) == len(rows) else None,
-            "target_ratio": 0.5, "curves": curves}
+    return {
+        "schedule": {"start": start, "step": step, "budget": budget},
+        "per_seed": rows,
+        "ratio_mean": round(float(np.mean(ratios)), 3) if ratios else None,
+        "ratio_worst": max(ratios) if len(ratios) == len(rows) else None,
+        "target_ratio": 0.5,
+        "curves": curves,
+    }

@@ -9,11 +9,13 @@ at random (seeded) from the field; `core.drift.output_drift` at alpha 0.05.
 
 import numpy as np
 
-from cvops_pipelines.core.drift import output_drift
-from cvops_pipelines.core.production import model_outputs
-from cvops_pipelines.edge.simulator import shifted
-from cvops_pipelines_tests.core.test_drift import BATCH, SHIFT
-from cvops_pipelines_tests.edge.fleet_kit import CLASSES, PREPROCESS, png, trained_model
+from cvops_pipelines.core.learn.drift import output_drift
+from cvops_pipelines.core.learn.production import model_outputs
+from cvops_pipelines.demo.digit_model import CLASSES, PREPROCESS, png, trained_model
+from cvops_pipelines.edge.simulator import Shift, shifted
+
+BATCH = 24  # records per feedback batch (a device uploading every few steps), as in test_drift
+SHIFT = Shift(brightness=0.3, blur=5, rotate=20)  # the shift test_drift detects
 
 
 def run(quick: bool = False) -> dict:
@@ -27,12 +29,16 @@ def run(quick: bool = False) -> dict:
     out = {"alpha": 0.05, "windows_per_setting": seeds, "shift": SHIFT.__dict__}
     for batches in (1, 2):
         size = batches * BATCH
-        draws = [np.random.default_rng(s).choice(len(clean), size, replace=False)
-                 for s in range(seeds)]
+        draws = [
+            np.random.default_rng(s).choice(len(clean), size, replace=False) for s in range(seeds)
+        ]
         out[f"{batches}_batch"] = {
             "records": size,
-            "false_alarm_rate": float(np.mean([output_drift(reference, clean[d], CLASSES).flagged
-                                               for d in draws])),
-            "detection_rate": float(np.mean([output_drift(reference, moved[d], CLASSES).flagged
-                                             for d in draws]))}
+            "false_alarm_rate": float(
+                np.mean([output_drift(reference, clean[d], CLASSES).flagged for d in draws])
+            ),
+            "detection_rate": float(
+                np.mean([output_drift(reference, moved[d], CLASSES).flagged for d in draws])
+            ),
+        }
     return out

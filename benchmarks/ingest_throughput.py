@@ -1,11 +1,11 @@
 """Ingestion wall time vs a bare loop (read + sha256 + Pillow full decode), same files and workers.
 
 Images: 640x480 JPEGs made from scikit-learn's digits (each digit scaled onto a tinted, unevenly
-lit page with sensor noise), so file size and decode cost are those of camera-sized photos. Each side runs `repeats` times alternately and
-the best time counts (the machine is shared and noisy); the figure is the ratio, with the ratio
-of medians beside it. cvops' time includes copying every original into the store and one
-filesystem sync at the end; the disk is synced before each timed run.
-"""
+lit page with sensor noise), so file size and decode cost are those of camera-sized photos. Each
+side runs `repeats` times alternately and the best time counts (the machine is shared and noisy);
+the figure is the ratio, with the ratio of medians beside it. cvops' time includes copying every
+original into the store and one filesystem sync at the end; the disk is synced before each timed
+run."""
 
 import hashlib
 import io
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvops_pipelines.core.ingest import IngestConfig, ingest_drop
-from cvops_pipelines.core.storage import LocalStore
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
 
 WIDTH, HEIGHT = 640, 480
 
@@ -69,8 +69,9 @@ def cvops_ingest(drop: Path, store_root: Path, workers: int) -> float:
     shutil.rmtree(store_root, ignore_errors=True)
     os.sync()
     started = time.perf_counter()
-    result = ingest_drop(LocalStore(drop), LocalStore(store_root), "bench",
-                         IngestConfig(workers=workers))
+    result = ingest_drop(
+        LocalStore(drop), LocalStore(store_root), "bench", IngestConfig(workers=workers)
+    )
     elapsed = time.perf_counter() - started
     assert len(result.manifest) + result.duplicates == result.files_seen, "images were rejected"
     return elapsed
@@ -93,9 +94,13 @@ def run(quick: bool = False) -> dict:
             ours.append(cvops_ingest(drop, store, workers))
     return {
         "benchmark": "ingest_throughput",
-        "images": n, "width": WIDTH, "height": HEIGHT, "format": "JPEG q90",
+        "images": n,
+        "width": WIDTH,
+        "height": HEIGHT,
+        "format": "JPEG q90",
         "mean_file_kb": round(float(np.mean(sizes)) / 1024, 1),
-        "workers": workers, "repeats": repeats,
+        "workers": workers,
+        "repeats": repeats,
         "bare_loop_s": [round(t, 2) for t in bare],
         "cvops_ingest_s": [round(t, 2) for t in ours],
         "bare_images_per_s": round(n / min(bare), 1),

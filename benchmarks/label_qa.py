@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.demo_data import render_digit
-from cvops_pipelines.core.images import phash_of_thumbnail, thumbnail
-from cvops_pipelines.core.label_qa import review_label_quality
+from cvops_pipelines.core.base.images import phash_of_thumbnail, thumbnail
+from cvops_pipelines.core.curate.label_qa import review_label_quality
+from cvops_pipelines.demo.data import render_digit
 
 
 def _scores(flagged: np.ndarray, truth: np.ndarray) -> dict:
@@ -23,8 +23,12 @@ def _scores(flagged: np.ndarray, truth: np.ndarray) -> dict:
     precision = tp / max(int(flagged.sum()), 1)
     recall = tp / max(int(truth.sum()), 1)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"flagged": int(flagged.sum()), "precision": round(precision, 4),
-            "recall": round(recall, 4), "f1": round(f1, 4)}
+    return {
+        "flagged": int(flagged.sum()),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "f1": round(f1, 4),
+    }
 
 
 def _flip(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,19 +48,30 @@ def baseline(pixels: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     cv = StratifiedKFold(5, shuffle=True, random_state=seed)
-    probs = cross_val_predict(LogisticRegression(max_iter=1000), pixels, labels, cv=cv,
-                              method="predict_proba")
+    probs = cross_val_predict(
+        LogisticRegression(max_iter=1000), pixels, labels, cv=cv, method="predict_proba"
+    )
     return find_label_issues(labels, probs, n_jobs=1)
 
 
 def cvops(thumbs: list, labels: np.ndarray, seed: int) -> np.ndarray:
     ids = [f"{i:064x}" for i in range(len(labels))]
-    pool = pd.DataFrame({
-        "image_id": ids, "label": labels.astype(str), "n_votes": 1, "agreement": 1.0,
-        "annotators": [[""]] * len(ids), "votes": [[str(v)] for v in labels], "source": "demo",
-        "original_name": ids, "uri": ids, "phash": [phash_of_thumbnail(t) for t in thumbs],
-        "thumb": [t.tobytes() for t in thumbs]})
-    from cvops_pipelines.core.label_qa import LabelQAConfig
+    pool = pd.DataFrame(
+        {
+            "image_id": ids,
+            "label": labels.astype(str),
+            "n_votes": 1,
+            "agreement": 1.0,
+            "annotators": [[""]] * len(ids),
+            "votes": [[str(v)] for v in labels],
+            "source": "demo",
+            "original_name": ids,
+            "uri": ids,
+            "phash": [phash_of_thumbnail(t) for t in thumbs],
+            "thumb": [t.tobytes() for t in thumbs],
+        }
+    )
+    from cvops_pipelines.core.curate.label_qa import LabelQAConfig
 
     review = review_label_quality(pool, LabelQAConfig(seed=seed)).review
     return np.isin(ids, review["image_id"])
@@ -70,7 +85,9 @@ def run(quick: bool = False) -> dict:
     seeds = [0] if quick else [0, 1, 2]
     images = [render_digit(im).convert("RGB") for im in digits.images[:n]]
     thumbs = [thumbnail(im) for im in images]
-    pixels = np.stack([np.asarray(im.convert("L"), dtype=np.float64).ravel() / 255 for im in images])
+    pixels = np.stack(
+        [np.asarray(im.convert("L"), dtype=np.float64).ravel() / 255 for im in images]
+    )
     labels = digits.target[:n]
     per_seed = []
     for seed in seeds:
@@ -85,9 +102,14 @@ def run(quick: bool = False) -> dict:
         print(per_seed[-1], flush=True)
     mean = lambda key, metric: round(float(np.mean([s[key][metric] for s in per_seed])), 4)  # noqa: E731
     return {
-        "benchmark": "label_qa", "images": n, "noise": 0.10, "seeds": seeds,
-        "baseline_logreg_raw_pixels": {m: mean("baseline_logreg_raw_pixels", m)
-                                       for m in ("precision", "recall", "f1", "seconds")},
+        "benchmark": "label_qa",
+        "images": n,
+        "noise": 0.10,
+        "seeds": seeds,
+        "baseline_logreg_raw_pixels": {
+            m: mean("baseline_logreg_raw_pixels", m)
+            for m in ("precision", "recall", "f1", "seconds")
+        },
         "cvops": {m: mean("cvops", m) for m in ("precision", "recall", "f1", "seconds")},
         "per_seed": per_seed,
         "target": "cvops f1 >= baseline f1",

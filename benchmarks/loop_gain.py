@@ -1,6 +1,6 @@
 """Does the loop learn from the field, and do its guards ship only what is not worse?
 
-Runs `cvops demo --seed S` (two turns: train, gate, release, fleet, feedback, annotation queue,
+Runs `cvops-demo --seed S` (two turns: train, gate, release, fleet, feedback, annotation queue,
 retrain, replay gate, paired canary) in a fresh CVOPS_HOME and DAGSTER_HOME for each seed; the
 seed changes the demo data split, both trainings and both fleets. Per seed, the demo's audit
 scores turn 1's model and turn 2's challenger on every turn-2 production image (as shot, shifted)
@@ -27,30 +27,50 @@ def one_seed(seed: int) -> dict:
         env.pop("CVOPS_DROPS", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         report_path = Path(tmp) / "report.json"
-        proc = subprocess.run([sys.executable, "-m", "cvops_pipelines.cli", "demo", "--seed",
-                               str(seed), "--report", str(report_path)], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cvops_pipelines.demo",
+                "--seed",
+                str(seed),
+                "--report",
+                str(report_path),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0 or not report_path.exists():
-            return {"seed": seed, "exit_code": proc.returncode, "error": proc.stdout[-1500:]
-                    + proc.stderr[-1500:]}
+            return {
+                "seed": seed,
+                "exit_code": proc.returncode,
+                "error": proc.stdout[-1500:] + proc.stderr[-1500:],
+            }
         report = json.loads(report_path.read_text())
     audit, models = report["audit"], report["turn_models"]
     first = models[0]
     second = models[1] if len(models) > 1 else None
     shipped = report["champion"]
     gate, canary = report["turns"][1]["gate"], report["turns"][1]["canary"]
-    return {"seed": seed, "exit_code": proc.returncode, "audit_images": report["audit_images"],
-            "turn1_model": first, "turn1_accuracy": round(audit[first], 4),
-            "turn2_model": second,
-            "turn2_accuracy": round(audit[second], 4) if second else None,
-            "turn2_minus_turn1": round(audit[second] - audit[first], 4) if second else None,
-            "gate": "refused" if gate["refused"] else "passed" if gate["trained"] else "no model",
-            "gate_replay": gate.get("replay_verdict"),
-            "canary": canary.get("action"), "canary_why": canary.get("why"),
-            "shipped_model": shipped,
-            "shipped_gain": round(audit[shipped] - audit[first], 4),
-            "worse_shipped": shipped != first and audit[shipped] < audit[first] - MARGIN,
-            "wall_s": report["timings"]["wall_s"]}
+    return {
+        "seed": seed,
+        "exit_code": proc.returncode,
+        "audit_images": report["audit_images"],
+        "turn1_model": first,
+        "turn1_accuracy": round(audit[first], 4),
+        "turn2_model": second,
+        "turn2_accuracy": round(audit[second], 4) if second else None,
+        "turn2_minus_turn1": round(audit[second] - audit[first], 4) if second else None,
+        "gate": "refused" if gate["refused"] else "passed" if gate["trained"] else "no model",
+        "gate_replay": gate.get("replay_verdict"),
+        "canary": canary.get("action"),
+        "canary_why": canary.get("why"),
+        "shipped_model": shipped,
+        "shipped_gain": round(audit[shipped] - audit[first], 4),
+        "worse_shipped": shipped != first and audit[shipped] < audit[first] - MARGIN,
+        "wall_s": report["timings"]["wall_s"],
+    }
 
 
 def run(quick: bool = False) -> dict:
@@ -61,8 +81,12 @@ def run(quick: bool = False) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     done = [r for r in rows if "error" not in r]
     gains = [r["shipped_gain"] for r in done]
-    return {"seeds": seeds, "per_seed": rows, "margin": MARGIN,
-            "mean_shipped_gain": round(sum(gains) / len(gains), 4) if gains else None,
-            "worse_shipped_seeds": [r["seed"] for r in done if r["worse_shipped"]],
-            "failed_seeds": [r["seed"] for r in rows if "error" in r],
-            "targets": {"mean_shipped_gain": ">= 0.02", "worse_shipped_seeds": "none"}}
+    return {
+        "seeds": seeds,
+        "per_seed": rows,
+        "margin": MARGIN,
+        "mean_shipped_gain": round(sum(gains) / len(gains), 4) if gains else None,
+        "worse_shipped_seeds": [r["seed"] for r in done if r["worse_shipped"]],
+        "failed_seeds": [r["seed"] for r in rows if "error" in r],
+        "targets": {"mean_shipped_gain": ">= 0.02", "worse_shipped_seeds": "none"},
+    }

@@ -18,12 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.training_throughput import _data
-from cvops_pipelines.core.artifact_choice import latency_ms
-from cvops_pipelines.core.export import edge_inputs, export_onnx, quantize_int8, session
-from cvops_pipelines.core.release import (ReleaseStore, build_release, generate_keypair,
-                                          load_private_key, shared_byte_share)
-from cvops_pipelines.core.storage import LocalStore
-from cvops_pipelines.core.training import TrainConfig, fit
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.build.training import TrainConfig, fit
+from cvops_pipelines.core.ship.artifact_choice import latency_ms
+from cvops_pipelines.core.ship.export import edge_inputs, export_onnx, quantize_int8, session
+from cvops_pipelines.core.ship.release import (
+    ReleaseStore,
+    build_release,
+    generate_keypair,
+    load_private_key,
+    shared_byte_share,
+)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -47,10 +52,20 @@ def run(quick: bool = False) -> dict:
     base = fit((images[first], labels[first]), (images[val], labels[val]), classes, base_config)
     start = {k: v.clone() for k, v in base.model.state_dict().items()}
     updates = {
-        "head_only": fit((images[more], labels[more]), (images[val], labels[val]), classes,
-                         replace(base_config, freeze_backbone=True), initial_state=start),
-        "full_fine_tune": fit((images[more], labels[more]), (images[val], labels[val]), classes,
-                              base_config, initial_state=start),
+        "head_only": fit(
+            (images[more], labels[more]),
+            (images[val], labels[val]),
+            classes,
+            replace(base_config, freeze_backbone=True),
+            initial_state=start,
+        ),
+        "full_fine_tune": fit(
+            (images[more], labels[more]),
+            (images[val], labels[val]),
+            classes,
+            base_config,
+            initial_state=start,
+        ),
     }
     calibration = images[:256]
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,34 +76,55 @@ def run(quick: bool = False) -> dict:
         meta = {"model_name": "bench", "dataset_version": "ds-bench"}
         rows, parents = [], {}
         for precision in ("fp32", "int8"):
-            def artifact(result):
+
+            def artifact(result, precision=precision):
                 fp32 = export_onnx(result.model, result.preprocess)
-                return fp32 if precision == "fp32" else quantize_int8(fp32, calibration,
-                                                                      result.preprocess)
+                return (
+                    fp32
+                    if precision == "fp32"
+                    else quantize_int8(fp32, calibration, result.preprocess)
+                )
+
             preprocess = base.preprocess.__dict__ | {"classes": list(classes)}
             parent_model = artifact(base)
-            parent = build_release(parent_model, preprocess, {**meta, "model_version": "1",
-                                                              "artifact": precision}, key)
+            parent = build_release(
+                parent_model, preprocess, {**meta, "model_version": "1", "artifact": precision}, key
+            )
             releases.publish(parent)
             parents[precision] = (parent, parent_model)
             for name, result in updates.items():
                 model = artifact(result)
                 started = time.perf_counter()
-                update = build_release(model, preprocess, {**meta, "model_version": "2",
-                                                           "artifact": precision}, key,
-                                       parent.manifest, parent_model, min_shared=0.0)
+                update = build_release(
+                    model,
+                    preprocess,
+                    {**meta, "model_version": "2", "artifact": precision},
+                    key,
+                    parent.manifest,
+                    parent_model,
+                    min_shared=0.0,
+                )
                 bundle = sum(len(v) for k, v in update.files.items() if not k.endswith(".bsdiff"))
                 delta = update.manifest["delta"]["size"]
-                rows.append({"update": name, "precision": precision, "bundle_bytes": bundle,
-                             "delta_bytes": delta, "delta_share": round(delta / bundle, 4),
-                             "unchanged_byte_share": round(shared_byte_share(parent_model, model), 4),
-                             "bsdiff_seconds": round(time.perf_counter() - started, 1),
-                             "val_accuracy": round(result.history[result.best_epoch - 1]
-                                                   ["val_accuracy"], 4)})
+                rows.append(
+                    {
+                        "update": name,
+                        "precision": precision,
+                        "bundle_bytes": bundle,
+                        "delta_bytes": delta,
+                        "delta_share": round(delta / bundle, 4),
+                        "unchanged_byte_share": round(shared_byte_share(parent_model, model), 4),
+                        "bsdiff_seconds": round(time.perf_counter() - started, 1),
+                        "val_accuracy": round(
+                            result.history[result.best_epoch - 1]["val_accuracy"], 4
+                        ),
+                    }
+                )
         parent, parent_model = parents["int8"]
         releases.point("stable", parent.id, "bench", "bench")
-        device = EdgeAgent(root / "device", DirRemote(root / "central"), public.read_bytes(),
-                           "bench-device")
+        device = EdgeAgent(
+            root / "device", DirRemote(root / "central"), public.read_bytes(), "bench-device"
+        )
         device.sync()
         pngs = [_png(images[i]) for i in range(val.start, val.start + 50)]
         position = iter(range(10**9))
@@ -99,9 +135,13 @@ def run(quick: bool = False) -> dict:
         device.close()
     head = next(r for r in rows if r["update"] == "head_only" and r["precision"] == "int8")
     return {
-        "benchmark": "release_delta", "model": "resnet18", "image_size": 64, "epochs": epochs,
+        "benchmark": "release_delta",
+        "model": "resnet18",
+        "image_size": 64,
+        "epochs": epochs,
         "updates": rows,
-        "head_only_int8_delta_share": head["delta_share"], "target": "<= 0.10 for head-only",
+        "head_only_int8_delta_share": head["delta_share"],
+        "target": "<= 0.10 for head-only",
         "met": all(r["delta_share"] <= 0.10 for r in rows if r["update"] == "head_only"),
         "agent_predict_ms": {k: round(v, 3) for k, v in agent.items()},
         "bare_ort_run_ms_one_thread": {k: round(v, 3) for k, v in bare.items()},

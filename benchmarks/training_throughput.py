@@ -12,17 +12,26 @@ import time
 
 import numpy as np
 
-from cvops_pipelines.core.demo_data import render_digit
-from cvops_pipelines.core.training import (ImageDataset, TrainConfig, augmentation, fit,
-                                           make_loader, seed_everything, train_one_epoch)
+from cvops_pipelines.core.build.training import (
+    ImageDataset,
+    TrainConfig,
+    augmentation,
+    fit,
+    make_loader,
+    seed_everything,
+    train_one_epoch,
+)
+from cvops_pipelines.demo.data import render_digit
 
 
 def _data(n: int, size: int):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = [np.asarray(render_digit(digits.images[i]).convert("RGB").resize((size, size)))
-              for i in range(n)]
+    images = [
+        np.asarray(render_digit(digits.images[i]).convert("RGB").resize((size, size)))
+        for i in range(n)
+    ]
     return images, digits.target[:n].astype(int)
 
 
@@ -53,7 +62,7 @@ def run(quick: bool = False) -> dict:
         dataset = ImageDataset(images, labels, augmentation(config.augmentation, config.image_size))
         return make_loader(dataset, config.batch_size, True, config.seed, config.workers)
 
-    from cvops_pipelines.core.models import build_model
+    from cvops_pipelines.core.build.models import build_model
 
     asset_model = build_model(config.architecture, 10)
     plain_model = torchvision.models.resnet18(num_classes=10)
@@ -65,23 +74,35 @@ def run(quick: bool = False) -> dict:
     _plain_epoch(plain_model, plain_loader, plain_opt)
     asset, plain = [], []
     for _ in range(rounds):
-        asset.append(train_one_epoch(asset_model, asset_loader, asset_opt, loss_fn, "cpu")
-                     ["train_images_per_second"])
+        asset.append(
+            train_one_epoch(asset_model, asset_loader, asset_opt, loss_fn, "cpu")[
+                "train_images_per_second"
+            ]
+        )
         plain.append(_plain_epoch(plain_model, plain_loader, plain_opt))
     split = int(0.85 * n)
     started = time.perf_counter()
-    result = fit((images[:split], labels[:split]), (images[split:], labels[split:]),
-                 [str(c) for c in range(10)], config)
+    result = fit(
+        (images[:split], labels[:split]),
+        (images[split:], labels[split:]),
+        [str(c) for c in range(10)],
+        config,
+    )
     fit_wall = time.perf_counter() - started
     ratio = float(np.median(asset) / np.median(plain))
     return {
         "benchmark": "training_throughput",
-        "images": n, "rounds": rounds, "model": "resnet18", "image_size": config.image_size,
-        "batch_size": config.batch_size, "augmentation": config.augmentation,
+        "images": n,
+        "rounds": rounds,
+        "model": "resnet18",
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "augmentation": config.augmentation,
         "torch_threads": torch.get_num_threads(),
         "asset_loop_images_per_second": [round(x, 1) for x in asset],
         "plain_loop_images_per_second": [round(x, 1) for x in plain],
-        "ratio_of_medians": round(ratio, 3), "target": ">= 0.9", "met": ratio >= 0.9,
-        "fit_images_per_second_incl_validation": round(
-            split * len(result.history) / fit_wall, 1),
+        "ratio_of_medians": round(ratio, 3),
+        "target": ">= 0.9",
+        "met": ratio >= 0.9,
+        "fit_images_per_second_incl_validation": round(split * len(result.history) / fit_wall, 1),
     }

@@ -11,9 +11,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Nothing phones home: set before GX / MLflow / albumentations are imported anywhere.
-for _name, _value in (("GX_ANALYTICS_ENABLED", "False"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                      ("NO_ALBUMENTATIONS_UPDATE", "1"), ("DAGSTER_DISABLE_TELEMETRY", "1"),
-                      ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
+for _name, _value in (
+    ("GX_ANALYTICS_ENABLED", "False"),
+    ("MLFLOW_DISABLE_TELEMETRY", "true"),
+    ("NO_ALBUMENTATIONS_UPDATE", "1"),
+    ("DAGSTER_DISABLE_TELEMETRY", "1"),
+    ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+):
     os.environ.setdefault(_name, _value)
 
 
@@ -35,14 +39,17 @@ def s3_settings() -> dict:
     return {
         "bucket": os.environ.get("CVOPS_S3_BUCKET", ""),
         "prefix": os.environ.get("CVOPS_S3_PREFIX", ""),
-        "region": os.environ.get("CVOPS_S3_REGION") or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": os.environ.get("CVOPS_S3_REGION")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1",
         "endpoint_url": os.environ.get("CVOPS_S3_ENDPOINT_URL") or None,
     }
 
 
 def mlflow_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else a SQLite store under CVOPS_HOME (MLflow's file store is refused)."""
+    """MLFLOW_TRACKING_URI, else a SQLite store under CVOPS_HOME (MLflow's file store is
+    refused)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cvops_home() / 'mlflow.db'}"
 
 
@@ -66,15 +73,35 @@ def mlflow_artifact_root() -> str:
 
 def signing_key_path() -> Path:
     """The ed25519 private key that signs releases (CVOPS_SIGNING_KEY); never commit it."""
-    return Path(os.environ.get("CVOPS_SIGNING_KEY")
-                or cvops_home() / "keys" / "release_signing.key").expanduser().absolute()
+    return (
+        Path(os.environ.get("CVOPS_SIGNING_KEY") or cvops_home() / "keys" / "release_signing.key")
+        .expanduser()
+        .absolute()
+    )
 
 
 def cvops_store():
     """The cvops store the environment names: the S3 bucket when set, else CVOPS_HOME."""
-    from cvops_pipelines.core.storage import LocalStore, S3Store
+    from cvops_pipelines.core.base.store import LocalStore, S3Store
 
     s3 = s3_settings()
     if s3["bucket"]:
         return S3Store(s3["bucket"], s3["prefix"], s3["region"], s3["endpoint_url"])
     return LocalStore(cvops_home())
+
+
+# What --help of every command says about the environment it reads.
+ENVIRONMENT_HELP = """environment:
+  CVOPS_HOME             local root for images, tables, quarantine, reports (default ./.cvops)
+  CVOPS_DROPS            watched drop source: folder or s3://bucket/prefix
+                         (default $CVOPS_HOME/drops)
+  CVOPS_S3_BUCKET        store artifacts in this S3 bucket instead of CVOPS_HOME
+  CVOPS_S3_PREFIX        key prefix inside that bucket
+  CVOPS_S3_REGION        region (default AWS_REGION or us-east-1)
+  CVOPS_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, moto, ...)
+  CVOPS_CONTRACTS_DIR    ontology + GX suites (default ./data_contracts)
+  CVOPS_SIGNING_KEY      release signing key (default $CVOPS_HOME/keys/release_signing.key)
+  MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
+  TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)
+  DAGSTER_HOME           Dagster instance (default ./.dagster_home)
+"""

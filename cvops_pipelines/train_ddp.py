@@ -19,9 +19,11 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cvops_pipelines.train_ddp",
-                                     description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cvops_pipelines.train_ddp",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dataset-version", required=True, help="a snapshot under datasets/")
     parser.add_argument("--out", required=True, help="folder for rank 0's model files")
     parser.add_argument("--architecture", default="resnet18")
@@ -39,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from cvops_pipelines import settings
-    from cvops_pipelines.core.dataset import load_snapshot
-    from cvops_pipelines.core.models import pick_device, state_dict_bytes
-    from cvops_pipelines.core.training import TrainConfig, fit, load_images
+    from cvops_pipelines.core.base.images import load_images
+    from cvops_pipelines.core.build.models import pick_device, state_dict_bytes
+    from cvops_pipelines.core.build.training import TrainConfig, fit
+    from cvops_pipelines.core.curate.dataset import load_snapshot
 
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
@@ -61,16 +64,25 @@ def main(argv: list[str] | None = None) -> int:
         data = {}
         for split in ("train", "val"):
             part = rows[rows["split"] == split]
-            data[split] = (load_images(store, list(part["key"]), args.image_size),
-                           part["label"].map(index).to_numpy())
-        config = TrainConfig(architecture=args.architecture, image_size=args.image_size,
-                             epochs=args.epochs, batch_size=args.batch_size,
-                             learning_rate=args.learning_rate, seed=args.seed)
+            data[split] = (
+                load_images(store, list(part["key"]), args.image_size),
+                part["label"].map(index).to_numpy(),
+            )
+        config = TrainConfig(
+            architecture=args.architecture,
+            image_size=args.image_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+        )
 
         def report(epoch: int, metrics: dict) -> None:
             if rank == 0:
-                print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                      flush=True)
+                print(
+                    f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                    flush=True,
+                )
 
         result = fit(data["train"], data["val"], classes, config, device, report)
         if rank == 0:
@@ -78,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "state_dict.pt").write_bytes(state_dict_bytes(result.model))
             (out / "preprocess.json").write_text(result.preprocess.to_json())
-            (out / "history.json").write_text(json.dumps(
-                {"world_size": dist.get_world_size(), "best_epoch": result.best_epoch,
-                 "history": result.history}, indent=2))
+            (out / "history.json").write_text(
+                json.dumps(
+                    {
+                        "world_size": dist.get_world_size(),
+                        "best_epoch": result.best_epoch,
+                        "history": result.history,
+                    },
+                    indent=2,
+                )
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from cvops_pipelines_tests.helpers import free_port, mlflow_server_process, wait_for_port
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers on two cores: one torch/OpenMP thread each, or their thread pools fight
@@ -45,35 +45,17 @@ def isolated_homes(tmp_path, monkeypatch):
     return home
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None,
-                  log: Path | None = None) -> None:
-    """Until something listens on the port; fails at once if `proc` (the server) exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log else ""
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on "
-                               f"{port}:\n{tail}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint: moto in server mode, as its own process on loopback."""
     port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port)
         yield f"http://127.0.0.1:{port}"
@@ -94,7 +76,9 @@ def s3_env(s3_endpoint, monkeypatch):
 def s3_bucket(s3_env, request):
     import boto3
 
-    name = f"cvops-{request.node.name.lower().replace('_', '-')[:40]}-{int(time.time() * 1e6) % 10**6}"
+    name = (
+        f"cvops-{request.node.name.lower().replace('_', '-')[:40]}-{int(time.time() * 1e6) % 10**6}"
+    )
     boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 
@@ -104,31 +88,13 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-@contextmanager
-def mlflow_server_process(root: Path, backend_uri: str, artifacts: str, env: dict | None = None):
-    """`mlflow server` on a free loopback port, proxying artifacts to `artifacts`; yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts],
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},  # no GenAI job workers
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, timeout=90, proc=proc, log=root / "server.log")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` over HTTP on loopback (SQLite backend, proxied artifacts)."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    with mlflow_server_process(root, f"sqlite:///{root / 'mlflow.db'}",
-                               str(root / "artifacts")) as url:
+    with mlflow_server_process(
+        root, f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts")
+    ) as url:
         yield url
 
 
@@ -145,13 +111,24 @@ def postgres_server():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """`cvops demo` run once per session, as the README runs it, in homes of its own: the CLI test
+    """`cvops-demo` run once per session, as the README runs it, in homes of its own: the CLI test
     checks its output, the browser test opens the Dagster UI on the instance it leaves behind."""
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
     env.pop("OMP_NUM_THREADS", None)  # the README's command, as a user runs it
     timings, report = root / "timings.json", root / "report.json"
-    proc = subprocess.run([str(Path(sys.executable).parent / "cvops"), "demo", "--timings",
-                           str(timings), "--report", str(report)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cvops-demo"),
+            "--timings",
+            str(timings),
+            "--report",
+            str(report),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return {"root": root, "env": env, "proc": proc, "timings": timings, "report": report}

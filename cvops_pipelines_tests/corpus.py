@@ -6,28 +6,12 @@ import io
 import os
 import struct
 import zlib
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cvops_pipelines.core.demo_data import render_digit
-
-
-@lru_cache(maxsize=1)
-def _digits():
-    from sklearn.datasets import load_digits
-
-    return load_digits()
-
-
-def digit(i: int, side: int = 32) -> Image.Image:
-    return render_digit(_digits().images[i], side)
-
-
-def digit_label(i: int) -> str:
-    return str(_digits().target[i])
+from cvops_pipelines.demo.digit_model import digit, digit_label
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -39,8 +23,12 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature + IHDR claiming huge dimensions: the decompression-bomb shape."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data  # noqa: E731
-                               + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+    chunk = lambda tag, data: (
+        struct.pack(">I", len(data))
+        + tag
+        + data  # noqa: E731
+        + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    )
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
@@ -53,7 +41,7 @@ def rotated_jpeg() -> bytes:
 
 
 def sixteen_bit_png() -> bytes:
-    arr = (np.asarray(digit(4), dtype=np.uint16) * 257)  # full 16-bit range
+    arr = np.asarray(digit(4), dtype=np.uint16) * 257  # full 16-bit range
     return encode(Image.fromarray(arr), "PNG")
 
 
@@ -126,18 +114,32 @@ def pool_rows(indices, labels=None, reencode: dict | None = None):
 
     import pandas as pd
 
-    from cvops_pipelines.core.images import inspect_image
+    from cvops_pipelines.core.base.images import inspect_image
 
     rows = []
     for n, i in enumerate(indices):
         data = encode(digit(i), "PNG")
         info = inspect_image(data)
         label = labels[n] if labels is not None else digit_label(i)
-        rows.append({"image_id": info.image_id, "label": label, "n_votes": 1, "agreement": 1.0,
-                     "annotators": [""], "votes": [label], "origin": "drop",
-                     "labeled_at": pd.Timestamp("2026-11-01", tz="UTC"), "source": "demo",
-                     "original_name": f"{i}.png", "uri": f"file:///{i}.png",
-                     "key": f"images/{info.image_id[:2]}/{info.image_id}.png",
-                     "phash": info.phash, "thumb": info.thumb, "width": 32, "height": 32})
+        rows.append(
+            {
+                "image_id": info.image_id,
+                "label": label,
+                "n_votes": 1,
+                "agreement": 1.0,
+                "annotators": [""],
+                "votes": [label],
+                "origin": "drop",
+                "labeled_at": pd.Timestamp("2026-11-01", tz="UTC"),
+                "source": "demo",
+                "original_name": f"{i}.png",
+                "uri": f"file:///{i}.png",
+                "key": f"images/{info.image_id[:2]}/{info.image_id}.png",
+                "phash": info.phash,
+                "thumb": info.thumb,
+                "width": 32,
+                "height": 32,
+            }
+        )
         assert hashlib.sha256(data).hexdigest() == info.image_id
     return pd.DataFrame(rows)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvops_pipelines_tests.conftest import free_port, wait_for_port
+from cvops_pipelines_tests.helpers import free_port, wait_for_port
 
 USER, PASSWORD = "cvops", "cvops-test-password"
 
@@ -22,12 +22,15 @@ def server_bindir() -> Path:
     """Where initdb and postgres live (CVOPS_PG_BINDIR, PATH, or Debian's versioned folders)."""
     if os.environ.get("CVOPS_PG_BINDIR"):
         return Path(os.environ["CVOPS_PG_BINDIR"])
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                        key=lambda p: int(Path(p).parts[-3]))
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3])
+    )
     found = shutil.which("initdb") or (candidates[-1] if candidates else None)
     if not found:
-        raise RuntimeError("PostgreSQL server binaries not found: `apt-get install postgresql` "
-                           "(./dev test does this when run as root) or set CVOPS_PG_BINDIR")
+        raise RuntimeError(
+            "PostgreSQL server binaries not found: `apt-get install postgresql` "
+            "(./dev test does this when run as root) or set CVOPS_PG_BINDIR"
+        )
     return Path(os.path.realpath(found)).parent
 
 
@@ -89,16 +92,45 @@ class PostgresServer:
             shutil.chown(root, "postgres")
             shutil.chown(root / "pwfile", "postgres")
         data = root / "data"
-        subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", USER,
-                        "--pwfile", str(root / "pwfile"), "--auth-host=scram-sha-256",
-                        "--auth-local=peer", "-E", "UTF8", "--no-sync"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                *prefix,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                USER,
+                "--pwfile",
+                str(root / "pwfile"),
+                "--auth-host=scram-sha-256",
+                "--auth-local=peer",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+        )
         port = free_port()
         log = open(root / "server.log", "wb")
-        proc = subprocess.Popen([*prefix, str(bindir / "postgres"), "-D", str(data),
-                                 "-p", str(port), "-c", "listen_addresses=127.0.0.1",
-                                 "-c", f"unix_socket_directories={root}", "-c", "fsync=off"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                *prefix,
+                str(bindir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={root}",
+                "-c",
+                "fsync=off",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for_port(port, timeout=30)
             server = cls(port, data)

@@ -5,17 +5,38 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 CVOPS = str(Path(sys.executable).parent / "cvops")
 
 
 def test_help_lists_every_command_and_the_environment():
     out = subprocess.run([CVOPS, "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("demo", "demo-data", "ingest", "drops", "status", "keygen", "fleet", "CVOPS_HOME",
-                 "CVOPS_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "CVOPS_SIGNING_KEY"):
+    for word in (
+        "ingest",
+        "drops",
+        "status",
+        "keygen",
+        "fleet",
+        "CVOPS_HOME",
+        "CVOPS_S3_ENDPOINT_URL",
+        "MLFLOW_TRACKING_URI",
+        "CVOPS_SIGNING_KEY",
+    ):
         assert word in out
-    edge = subprocess.run([str(Path(CVOPS).parent / "cvops-edge"), "--help"], capture_output=True,
-                          text=True, check=True).stdout
+    assert " demo " not in out  # the demo is not an operator command
+    demo = subprocess.run(
+        [str(Path(CVOPS).parent / "cvops-demo"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for word in ("--seed", "--report", "--timings", "--data-only", "CVOPS_HOME"):
+        assert word in demo
+    edge = subprocess.run(
+        [str(Path(CVOPS).parent / "cvops-edge"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for word in ("sync", "predict", "upload", "run", "--public-key", "CVOPS_EDGE_STORE"):
         assert word in edge
 
@@ -29,13 +50,28 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
 
 
 def test_ingest_of_a_missing_drop_fails_clearly(tmp_path):
-    env = {**os.environ, "CVOPS_HOME": str(tmp_path / "home"),
-           "DAGSTER_HOME": str(tmp_path / "dagster")}
-    proc = subprocess.run([CVOPS, "ingest", "nope"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "CVOPS_HOME": str(tmp_path / "home"),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+    }
+    proc = subprocess.run(
+        [CVOPS, "ingest", "nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "drop 'nope'" in proc.stderr and "does not exist" in proc.stderr
     (tmp_path / "home/drops/half").mkdir(parents=True)
-    proc = subprocess.run([CVOPS, "ingest", "half"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [CVOPS, "ingest", "half"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "no _SUCCESS marker yet" in proc.stderr

@@ -1,4 +1,4 @@
-"""The README's first command and what comes after it: `cvops demo` runs two turns of the loop
+"""The README's first command and what comes after it: `cvops-demo` runs two turns of the loop
 (its output checked here), then the Dagster UI is opened on the instance it left behind, in a real
 browser (Debian's chromium driven by Playwright): what an operator sees after `./dev demo` and
 `./dev ui`. Screenshots land in $CVOPS_TEST_ARTIFACTS (default: test-artifacts/ui/).
@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,23 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from cvops_pipelines.core.replay import NonInferiority, Operator, paired_test
-from cvops_pipelines_tests.conftest import free_port, wait_for_port
+from cvops_pipelines.core.measure.replay import NonInferiority, Operator, paired_test
+from cvops_pipelines_tests.helpers import free_port, wait_for_port
 
 CVOPS = str(Path(sys.executable).parent / "cvops")
 GROUPS = ("ingest", "curate", "build", "measure", "ship", "learn")
 # Offline and quiet: no first-run UI, no update checks, no background connections to the internet
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 # the defaults the demo runs with: the gate's, and the canary's (alpha spread over 4 looks)
@@ -95,8 +104,13 @@ def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
         verdicts = [verdict_from_counts(row, CANARY_RULE) for row in paired]
         assert verdicts == [row["verdict"] for row in paired]
         assert paired[0]["records"] % 2 == 0  # as many records from each side
-        expected = ("rollback" if "worse" in verdicts else
-                    "promote" if set(verdicts) == {"non_inferior"} else "wait")
+        expected = (
+            "rollback"
+            if "worse" in verdicts
+            else "promote"
+            if set(verdicts) == {"non_inferior"}
+            else "wait"
+        )
         assert action == expected, (action, paired)
         after = second["after"]
         if action == "promote":
@@ -110,8 +124,11 @@ def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
     assert "<- shipped (stable)" in out
 
     assert oct((tmp_path / "home/keys/release_signing.key").stat().st_mode & 0o777) == "0o600"
-    (annotated,) = [p for p in (tmp_path / "home/tables/annotations").iterdir()
-                    if p.name.startswith("annotated-")]
+    (annotated,) = [
+        p
+        for p in (tmp_path / "home/tables/annotations").iterdir()
+        if p.name.startswith("annotated-")
+    ]
     labels = pd.read_parquet(annotated)
     assert len(labels) > 50 and set(labels["origin"]) == {"annotation_queue"}
     pool = pd.read_parquet(tmp_path / "home/tables/labeled_pool/all.parquet")
@@ -138,11 +155,16 @@ def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
 
 
 def chromium() -> str:
-    path = os.environ.get("CVOPS_CHROMIUM") or shutil.which("chromium") or \
-        shutil.which("chromium-browser")
+    path = (
+        os.environ.get("CVOPS_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
     if not path:
-        pytest.fail("no chromium: `apt-get install chromium` (./dev test does this as root) or "
-                    "set CVOPS_CHROMIUM to a Chromium/Chrome binary")
+        pytest.fail(
+            "no chromium: `apt-get install chromium` (./dev test does this as root) or "
+            "set CVOPS_CHROMIUM to a Chromium/Chrome binary"
+        )
     return path
 
 
@@ -159,10 +181,23 @@ def dagster_ui(demo_run, repo_root):
     assert demo_run["proc"].returncode == 0, demo_run["proc"].stdout[-2000:]
     port = free_port()
     log = demo_run["root"] / "dagster_dev.log"
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w",
-                             "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=repo_root, env=demo_run["env"], start_new_session=True,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=repo_root,
+        env=demo_run["env"],
+        start_new_session=True,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for_port(port, timeout=120, proc=proc, log=log)
         base = f"http://127.0.0.1:{port}"
@@ -200,10 +235,12 @@ def page(dagster_ui):
 
 def wait_for_ui_run(instance: DagsterInstance, partition: str, after: float, timeout: float = 300):
     """The run the UI launched (tagged from_ui), once it has finished."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    runs_filter = RunsFilter(tags={"dagster/from_ui": "true", "dagster/partition": partition},
-                             created_after=datetime.fromtimestamp(after, timezone.utc))
+    runs_filter = RunsFilter(
+        tags={"dagster/from_ui": "true", "dagster/partition": partition},
+        created_after=datetime.fromtimestamp(after, UTC),
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = instance.get_runs(runs_filter, limit=1)
@@ -213,8 +250,9 @@ def wait_for_ui_run(instance: DagsterInstance, partition: str, after: float, tim
     raise TimeoutError(f"the run launched from the UI did not finish in {timeout}s")
 
 
-def test_operator_sees_the_loop_and_launches_ingest_from_the_ui(demo_run, dagster_ui, page,
-                                                                  shots, monkeypatch):
+def test_operator_sees_the_loop_and_launches_ingest_from_the_ui(
+    demo_run, dagster_ui, page, shots, monkeypatch
+):
     from playwright.sync_api import expect
 
     # the asset graph: every stage of the loop is a group, and the graph renders them all

@@ -10,7 +10,7 @@ from dagster import DagsterInstance, materialize
 
 from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.resources import build_resources
-from cvops_pipelines_tests.defs.test_curate_stage import CURATE, INGEST, ingest, write_drop
+from cvops_pipelines_tests.stages import CURATE, INGEST, ingest, write_drop
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,9 +36,19 @@ def test_the_readme_example_adds_a_blocking_check_and_an_asset(isolated_homes, t
     example, path = load_example(tmp_path)
     workspace = readme_block("instead of `cvops_pipelines.definitions`", "yaml")
     (tmp_path / "workspace.yaml").write_text(workspace)
-    validate = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions",
-                               "validate", "-w", "workspace.yaml"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=180)
+    validate = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "definitions",
+            "validate",
+            "-w",
+            "workspace.yaml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert validate.returncode == 0, validate.stdout[-2000:] + validate.stderr[-2000:]
 
     defs = example.defs
@@ -51,18 +61,30 @@ def test_the_readme_example_adds_a_blocking_check_and_an_asset(isolated_homes, t
     assert set(resources) <= set(defs.resources)
 
     def curate_with_example(instance):
-        return materialize([*INGEST, feedback, *CURATE, example.class_balance,
-                            example.every_source_in_the_test_split],
-                           selection=[*CURATE, example.class_balance], instance=instance,
-                           resources=resources, raise_on_error=False)
+        return materialize(
+            [
+                *INGEST,
+                feedback,
+                *CURATE,
+                example.class_balance,
+                example.every_source_in_the_test_split,
+            ],
+            selection=[*CURATE, example.class_balance],
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
 
     instance = DagsterInstance.ephemeral()
     write_drop(isolated_homes / "drops", "site-a", range(0, 600))
     ingest(instance, "site-a")
     first = curate_with_example(instance)
     assert first.success
-    (check,) = [e for e in first.get_asset_check_evaluations()
-                if e.check_name == "every_source_in_the_test_split"]
+    (check,) = [
+        e
+        for e in first.get_asset_check_evaluations()
+        if e.check_name == "every_source_in_the_test_split"
+    ]
     assert check.passed and check.metadata["too_few"].value == "none"
     (balance,) = first.asset_materializations_for_node("class_balance")
     assert balance.metadata["classes"].value == 10
@@ -72,8 +94,11 @@ def test_the_readme_example_adds_a_blocking_check_and_an_asset(isolated_homes, t
     ingest(instance, "site-b")
     second = curate_with_example(instance)
     assert not second.success  # the blocking check stops the run
-    (check,) = [e for e in second.get_asset_check_evaluations()
-                if e.check_name == "every_source_in_the_test_split"]
+    (check,) = [
+        e
+        for e in second.get_asset_check_evaluations()
+        if e.check_name == "every_source_in_the_test_split"
+    ]
     assert not check.passed and check.metadata["too_few"].value == "site-b"
     assert check.metadata["test_images_per_source"].value["site-b"] < 5
     assert not second.asset_materializations_for_node("class_balance")  # blocked downstream

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cvops_pipelines.core.storage import LocalStore
-from cvops_pipelines.core.tables import write_table
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.base.tables import write_table
+from cvops_pipelines.demo import digit_model
 from cvops_pipelines_tests import corpus
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -21,19 +22,45 @@ def snapshot(home: Path) -> str:
     rows = []
     for i in range(240):
         key = f"images/ddp/{i}.png"
-        store.write_bytes(key, corpus.encode(corpus.digit(i), "PNG"))
-        rows.append({"image_id": f"{i:064x}", "label": corpus.digit_label(i),
-                     "split": "val" if i % 6 == 0 else "train", "key": key})
+        store.write_bytes(key, corpus.encode(digit_model.digit(i), "PNG"))
+        rows.append(
+            {
+                "image_id": f"{i:064x}",
+                "label": digit_model.digit_label(i),
+                "split": "val" if i % 6 == 0 else "train",
+                "key": key,
+            }
+        )
     write_table(store, "datasets/ds-ddp/dataset.parquet", pd.DataFrame(rows))
     return "ds-ddp"
 
 
 def train(processes: int, out: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [TORCHRUN, "--standalone", f"--nproc_per_node={processes}", "-m",
-         "cvops_pipelines.train_ddp", "--dataset-version", "ds-ddp", "--out", str(out),
-         "--image-size", "32", "--epochs", "2", "--batch-size", "32", "--device", "cpu"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            TORCHRUN,
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "cvops_pipelines.train_ddp",
+            "--dataset-version",
+            "ds-ddp",
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_two_gloo_processes_train_what_one_process_trains(isolated_homes, tmp_path):
@@ -51,10 +78,13 @@ def test_two_gloo_processes_train_what_one_process_trains(isolated_homes, tmp_pa
         runs[processes] = {
             "state": torch.load(out / "state_dict.pt", weights_only=True),
             "preprocess": json.loads((out / "preprocess.json").read_text()),
-            "history": json.loads((out / "history.json").read_text())}
+            "history": json.loads((out / "history.json").read_text()),
+        }
     one, two = runs[1], runs[2]
     assert two["history"]["world_size"] == 2 and one["history"]["world_size"] == 1
-    assert {k: v.shape for k, v in one["state"].items()} == {k: v.shape for k, v in two["state"].items()}
+    assert {k: v.shape for k, v in one["state"].items()} == {
+        k: v.shape for k, v in two["state"].items()
+    }
     assert one["preprocess"] == two["preprocess"]
     assert len(one["history"]["history"]) == len(two["history"]["history"]) == 2
     for run in (one, two):  # validation over the whole split on every rank: 40 images

@@ -1,9 +1,8 @@
 """Blocking data-contract checks: GX suites from data_contracts/gx/ surfaced as asset checks."""
 
-from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey,
-                     MetadataValue)
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
 
-from cvops_pipelines.core.contracts import ContractResult
+from cvops_pipelines.core.base.contracts import ContractResult
 
 
 def check_name(asset: str, suite: str) -> str:
@@ -13,10 +12,13 @@ def check_name(asset: str, suite: str) -> str:
 def contract_spec(asset: str, suite: str | None = None, what: str = "") -> AssetCheckSpec:
     suite = suite or asset
     return AssetCheckSpec(
-        name=check_name(asset, suite), asset=AssetKey(asset), blocking=True,
+        name=check_name(asset, suite),
+        asset=AssetKey(asset),
+        blocking=True,
         description=f"{what + ' ' if what else ''}Great Expectations suite "
-                    f"data_contracts/gx/{suite}.json; a failure stops every downstream asset "
-                    "in the run.")
+        f"data_contracts/gx/{suite}.json; a failure stops every downstream asset "
+        "in the run.",
+    )
 
 
 def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResult:
@@ -31,8 +33,13 @@ def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResul
     if result.docs_uri:
         metadata["data_docs"] = MetadataValue.url(result.docs_uri)
     if failures:
-        metadata["first_failure"] = f"{failures[0].expectation} ({failures[0].kwargs}): " \
-                                    f"examples {failures[0].examples[:5]}"
-    return AssetCheckResult(check_name=check_name(asset, result.suite), asset_key=AssetKey(asset),
-                            passed=result.success, severity=AssetCheckSeverity.ERROR,
-                            metadata=metadata)
+        metadata["first_failure"] = (
+            f"{failures[0].expectation} ({failures[0].kwargs}): examples {failures[0].examples[:5]}"
+        )
+    return AssetCheckResult(
+        check_name=check_name(asset, result.suite),
+        asset_key=AssetKey(asset),
+        passed=result.success,
+        severity=AssetCheckSeverity.ERROR,
+        metadata=metadata,
+    )

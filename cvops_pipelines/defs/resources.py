@@ -3,7 +3,6 @@ Built from environment variables at definition time (`build_resources`), so the 
 a laptop (local files), in CI and against S3: the environment decides, not the assets.
 """
 
-
 import json
 from pathlib import Path
 
@@ -13,10 +12,10 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.ontology import Ontology, load_ontology
-from cvops_pipelines.core.storage import LocalStore, S3Store, Store, store_from_uri
-from cvops_pipelines.core.tables import read_table, table_key, write_table
-from cvops_pipelines.core.tracking import Tracking
+from cvops_pipelines.core.base.ontology import Ontology, load_ontology
+from cvops_pipelines.core.base.store import LocalStore, S3Store, Store, store_from_uri
+from cvops_pipelines.core.base.tables import read_table, record_key, table_key, write_table
+from cvops_pipelines.core.base.tracking import Tracking
 
 
 class CvopsStorage(ConfigurableResource):
@@ -29,8 +28,9 @@ class CvopsStorage(ConfigurableResource):
 
     def store(self) -> Store:
         if self.s3_bucket:
-            return S3Store(self.s3_bucket, self.s3_prefix, self.s3.region_name,
-                           self.s3.endpoint_url)
+            return S3Store(
+                self.s3_bucket, self.s3_prefix, self.s3.region_name, self.s3.endpoint_url
+            )
         return LocalStore(Path(self.local_root))
 
 
@@ -41,8 +41,9 @@ class DropSource(ConfigurableResource):
     s3: S3Resource
 
     def store(self) -> Store:
-        return store_from_uri(self.uri, region=self.s3.region_name,
-                              endpoint_url=self.s3.endpoint_url)
+        return store_from_uri(
+            self.uri, region=self.s3.region_name, endpoint_url=self.s3.endpoint_url
+        )
 
     def drop(self, name: str) -> Store:
         return self.store().child(name)
@@ -75,19 +76,22 @@ class TablesIOManager(ConfigurableIOManager):
         return table_key("__".join(context.asset_key.path), partition)
 
     def _json_key(self, context, partition: str | None) -> str:
-        return f"artifacts/{'__'.join(context.asset_key.path)}/{partition or 'all'}.json"
+        return record_key("__".join(context.asset_key.path), partition)
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame | dict) -> None:
         store = self.storage.store()
         if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
             # a single run over many partitions returns {partition key: table}
             if not isinstance(obj, dict) or set(obj) != set(context.asset_partition_keys):
-                raise TypeError("an asset run over several partitions must return a dict "
-                                "with one DataFrame per partition key")
+                raise TypeError(
+                    "an asset run over several partitions must return a dict "
+                    "with one DataFrame per partition key"
+                )
             for partition, frame in obj.items():
                 write_table(store, self._key(context, partition), frame)
-            context.add_output_metadata({"partitions_written": len(obj),
-                                         "rows": sum(len(f) for f in obj.values())})
+            context.add_output_metadata(
+                {"partitions_written": len(obj), "rows": sum(len(f) for f in obj.values())}
+            )
             return
         partition = context.asset_partition_key if context.has_asset_partitions else None
         if context.has_asset_partitions and isinstance(obj, dict) and set(obj) == {partition}:
@@ -114,8 +118,10 @@ class TablesIOManager(ConfigurableIOManager):
             else:
                 missing.append(key)
         if missing:  # e.g. a drop whose ingest was stopped by a failed contract
-            context.log.warning(f"{context.asset_key.to_user_string()}: partitions not "
-                                f"materialized, left out: {', '.join(missing)}")
+            context.log.warning(
+                f"{context.asset_key.to_user_string()}: partitions not "
+                f"materialized, left out: {', '.join(missing)}"
+            )
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -126,32 +132,37 @@ class MlflowTracking(ConfigurableResource):
     MLFLOW_TRACKING_URI otherwise (checked up front: an unreachable server is a clear error).
     """
 
-    tracking_uri: str = Field(description="sqlite:///... or http(s)://host:port of `mlflow server`.")
+    tracking_uri: str = Field(
+        description="sqlite:///... or http(s)://host:port of `mlflow server`."
+    )
     artifact_root: str = Field("", description="Artifact location for a newly created experiment.")
     experiment: str = "cvops"
     model_name: str = Field("cvops-classifier", description="Registered model name.")
     ui_url: str = Field("", description="MLflow UI base URL for links in asset metadata.")
 
-    def tracking(self) -> Tracking:
-        return Tracking(self.tracking_uri, self.artifact_root, self.experiment, self.model_name,
-                        self.ui_url)
+    def open(self) -> Tracking:
+        return Tracking(
+            self.tracking_uri, self.artifact_root, self.experiment, self.model_name, self.ui_url
+        )
 
 
 def build_resources() -> dict:
     s3 = settings.s3_settings()
     s3_resource = S3Resource(region_name=s3["region"], endpoint_url=s3["endpoint_url"])
-    storage = CvopsStorage(local_root=str(settings.cvops_home()), s3_bucket=s3["bucket"],
-                           s3_prefix=s3["prefix"], s3=s3_resource)
+    storage = CvopsStorage(
+        local_root=str(settings.cvops_home()),
+        s3_bucket=s3["bucket"],
+        s3_prefix=s3["prefix"],
+        s3=s3_resource,
+    )
     return {
         "storage": storage,
         "drop_source": DropSource(uri=settings.drops_uri(), s3=s3_resource),
         "contracts": DataContracts(contracts_dir=str(settings.contracts_dir())),
-        "mlflow": MlflowTracking(tracking_uri=settings.mlflow_tracking_uri(),
-                                 artifact_root=settings.mlflow_artifact_root(),
-                                 ui_url=settings.mlflow_ui_url()),
+        "tracking": MlflowTracking(
+            tracking_uri=settings.mlflow_tracking_uri(),
+            artifact_root=settings.mlflow_artifact_root(),
+            ui_url=settings.mlflow_ui_url(),
+        ),
         "tables": TablesIOManager(storage=storage),
     }
-
-
-__all__ = ["CvopsStorage", "DataContracts", "DropSource", "LocalStore", "MlflowTracking",
-           "TablesIOManager", "build_resources"]

@@ -21,9 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cvops_pipelines.edge.bundle import (BUNDLE_FILES, BundleError, apply_delta, load_public_key,
-                                         verify_file, verify_manifest)
 from cvops_pipelines.edge.buffer import FeedbackBuffer
+from cvops_pipelines.edge.bundle import (
+    BUNDLE_FILES,
+    BundleError,
+    apply_delta,
+    load_public_key,
+    verify_file,
+    verify_manifest,
+)
 from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 
@@ -66,8 +72,16 @@ def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
 
 
 class EdgeAgent:
-    def __init__(self, state_dir: str | Path, remote: Remote, public_key_pem: bytes,
-                 device_id: str, cohort: str = "default", top_k: int = 3, threads: int = 1):
+    def __init__(
+        self,
+        state_dir: str | Path,
+        remote: Remote,
+        public_key_pem: bytes,
+        device_id: str,
+        cohort: str = "default",
+        top_k: int = 3,
+        threads: int = 1,
+    ):
         self.state = Path(state_dir)
         (self.state / "releases").mkdir(parents=True, exist_ok=True)
         (self.state / "staging").mkdir(exist_ok=True)
@@ -83,7 +97,9 @@ class EdgeAgent:
     # -- the active release -------------------------------------------------------------------
     def _pointer(self) -> dict:
         path = self.state / "current.json"
-        return json.loads(path.read_text()) if path.exists() else {"release": None, "previous": None}
+        return (
+            json.loads(path.read_text()) if path.exists() else {"release": None, "previous": None}
+        )
 
     @property
     def release(self) -> str | None:
@@ -92,8 +108,11 @@ class EdgeAgent:
     def _verified_dir(self, release: str) -> dict:
         """Re-verify an activated release on disk: signature, then every file's hash."""
         folder = self.state / "releases" / release
-        manifest = verify_manifest((folder / "manifest.json").read_bytes(),
-                                   (folder / "manifest.sig").read_bytes(), self.public_key)
+        manifest = verify_manifest(
+            (folder / "manifest.json").read_bytes(),
+            (folder / "manifest.sig").read_bytes(),
+            self.public_key,
+        )
         for name in BUNDLE_FILES:
             verify_file(manifest, name, (folder / name).read_bytes())
         return manifest
@@ -107,17 +126,22 @@ class EdgeAgent:
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(folder / "model.onnx"), options,
-                                           providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            )
             size = int(preprocess["image_size"])
-            out = session.run(None, {session.get_inputs()[0].name:
-                                     np.zeros((1, 3, size, size), np.float32)})[0]
+            out = session.run(
+                None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)}
+            )[0]
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError("health", f"model does not load or run: {exc}") from None
         if out.shape != (1, len(preprocess["classes"])) or not np.isfinite(out).all():
-            raise BundleError("health", f"model answers {out.shape} (finite: "
-                                        f"{bool(np.isfinite(out).all())}) for "
-                                        f"{len(preprocess['classes'])} classes")
+            raise BundleError(
+                "health",
+                f"model answers {out.shape} (finite: "
+                f"{bool(np.isfinite(out).all())}) for "
+                f"{len(preprocess['classes'])} classes",
+            )
         return session, preprocess
 
     def start(self) -> None:
@@ -130,15 +154,18 @@ class EdgeAgent:
             try:
                 self._verified_dir(candidate)
                 self._session, self._preprocess = self._health_check(
-                    self.state / "releases" / candidate)
+                    self.state / "releases" / candidate
+                )
             except (BundleError, OSError) as exc:
                 self.events.append(f"release {candidate} failed its startup check: {exc}")
                 continue
             self._loaded = candidate
             if candidate != pointer["release"]:
                 self.events.append(f"rolled back locally to {candidate}")
-                write_atomic(self.state / "current.json",
-                              json.dumps({"release": candidate, "previous": None}).encode())
+                write_atomic(
+                    self.state / "current.json",
+                    json.dumps({"release": candidate, "previous": None}).encode(),
+                )
             return
         self._session, self._loaded = None, None
 
@@ -199,12 +226,16 @@ class EdgeAgent:
             manifest_bytes = self.remote.get(f"{prefix}/manifest.json")
             signature = self.remote.get(f"{prefix}/manifest.sig")
         except FileNotFoundError:
-            raise FileNotFoundError(f"channel names release {release}, which is not in the "
-                                    "store (missing or unfinished)") from None
+            raise FileNotFoundError(
+                f"channel names release {release}, which is not in the "
+                "store (missing or unfinished)"
+            ) from None
         manifest = verify_manifest(manifest_bytes, signature, self.public_key)
         if manifest.get("release") != release:
-            raise BundleError("manifest", f"{prefix}/manifest.json describes "
-                                          f"{manifest.get('release')!r}, not {release}")
+            raise BundleError(
+                "manifest",
+                f"{prefix}/manifest.json describes {manifest.get('release')!r}, not {release}",
+            )
         downloaded, used_delta = 0, False
         delta = manifest.get("delta")
         for name in BUNDLE_FILES:
@@ -251,8 +282,10 @@ class EdgeAgent:
         held = self.state / "releases" / self._loaded / name
         if held.exists():
             data = held.read_bytes()
-            if len(data) == manifest["files"][name]["size"] and \
-                    hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"]:
+            if (
+                len(data) == manifest["files"][name]["size"]
+                and hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"]
+            ):
                 return data
         return None
 
@@ -263,8 +296,10 @@ class EdgeAgent:
             shutil.rmtree(target)
         os.replace(staging, target)
         previous = self._loaded
-        write_atomic(self.state / "current.json",
-                      json.dumps({"release": release, "previous": previous}).encode())
+        write_atomic(
+            self.state / "current.json",
+            json.dumps({"release": release, "previous": previous}).encode(),
+        )
         for old in (self.state / "releases").iterdir():
             if old.name not in (release, previous):
                 shutil.rmtree(old, ignore_errors=True)
@@ -274,13 +309,14 @@ class EdgeAgent:
         if self._session is None:
             raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
         size = int(self._preprocess["image_size"])
-        batch = normalize([resize(load_rgb(image), size)], self._preprocess["mean"],
-                          self._preprocess["std"])
+        batch = normalize(
+            [resize(load_rgb(image), size)], self._preprocess["mean"], self._preprocess["std"]
+        )
         logits = self._session.run(None, {self._session.get_inputs()[0].name: batch})[0][0]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         classes = self._preprocess["classes"]
-        order = np.argsort(-probs)[:self.top_k]
+        order = np.argsort(-probs)[: self.top_k]
         top = [(classes[i], round(float(probs[i]), 6)) for i in order]
         image_id = hashlib.sha256(image).hexdigest()
         record_id = self.buffer.record(self._loaded, image_id, image, top[0][0], top[0][1], top)
@@ -314,4 +350,3 @@ class EdgeAgent:
 
     def close(self) -> None:
         self.buffer.close()
-

@@ -7,7 +7,7 @@ import io
 import json
 import sqlite3
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 SCHEMA = """
@@ -24,7 +24,7 @@ ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed: a re-sent batch is byte-identical
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class FeedbackBuffer:
@@ -38,32 +38,48 @@ class FeedbackBuffer:
     def close(self) -> None:
         self.db.close()
 
-    def record(self, release: str, image_id: str, image: bytes, predicted: str,
-               confidence: float, top_k: list[tuple[str, float]]) -> str:
+    def record(
+        self,
+        release: str,
+        image_id: str,
+        image: bytes,
+        predicted: str,
+        confidence: float,
+        top_k: list[tuple[str, float]],
+    ) -> str:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cursor = self.db.execute(
                 "INSERT INTO records (release, image_id, image, predicted, confidence, top_k, "
                 "captured_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (release, image_id, image, predicted, confidence, json.dumps(top_k), now()))
+                (release, image_id, image, predicted, confidence, json.dumps(top_k), now()),
+            )
             record_id = f"{self.device_id}-{cursor.lastrowid:08d}"
-            self.db.execute("UPDATE records SET record_id = ? WHERE seq = ?",
-                            (record_id, cursor.lastrowid))
+            self.db.execute(
+                "UPDATE records SET record_id = ? WHERE seq = ?", (record_id, cursor.lastrowid)
+            )
         return record_id
 
     def correct(self, record_id: str, label: str) -> None:
         """In the record while it waits; as a separate correction once its batch is sealed."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            updated = self.db.execute("UPDATE records SET corrected_label = ? WHERE record_id = ? "
-                                      "AND batch_id IS NULL", (label, record_id)).rowcount
+            updated = self.db.execute(
+                "UPDATE records SET corrected_label = ? WHERE record_id = ? AND batch_id IS NULL",
+                (label, record_id),
+            ).rowcount
             if not updated:
-                self.db.execute("INSERT INTO corrections (record_id, corrected_label, "
-                                "corrected_at) VALUES (?, ?, ?)", (record_id, label, now()))
+                self.db.execute(
+                    "INSERT INTO corrections (record_id, corrected_label, "
+                    "corrected_at) VALUES (?, ?, ?)",
+                    (record_id, label, now()),
+                )
 
     def pending(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM records").fetchone()[0] + \
-            self.db.execute("SELECT COUNT(*) FROM corrections").fetchone()[0]
+        return (
+            self.db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            + self.db.execute("SELECT COUNT(*) FROM corrections").fetchone()[0]
+        )
 
     def seal(self, max_records: int = 256) -> str | None:
         """Assign waiting rows to a new batch (atomically); None when nothing waits."""
@@ -74,19 +90,25 @@ class FeedbackBuffer:
             batch_id = f"{self.device_id}-b{number:06d}"
             moved = self.db.execute(
                 "UPDATE records SET batch_id = ? WHERE seq IN (SELECT seq FROM records WHERE "
-                "batch_id IS NULL ORDER BY seq LIMIT ?)", (batch_id, max_records)).rowcount
+                "batch_id IS NULL ORDER BY seq LIMIT ?)",
+                (batch_id, max_records),
+            ).rowcount
             moved += self.db.execute(
-                "UPDATE corrections SET batch_id = ? WHERE batch_id IS NULL", (batch_id,)).rowcount
+                "UPDATE corrections SET batch_id = ? WHERE batch_id IS NULL", (batch_id,)
+            ).rowcount
             if not moved:
                 self.db.execute("ROLLBACK")
                 return None
-            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('batch', ?)",
-                            (number,))
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('batch', ?)", (number,)
+            )
         return batch_id
 
     def sealed(self) -> list[str]:
-        rows = self.db.execute("SELECT batch_id FROM records WHERE batch_id IS NOT NULL UNION "
-                               "SELECT batch_id FROM corrections WHERE batch_id IS NOT NULL")
+        rows = self.db.execute(
+            "SELECT batch_id FROM records WHERE batch_id IS NOT NULL UNION "
+            "SELECT batch_id FROM corrections WHERE batch_id IS NOT NULL"
+        )
         return sorted(r[0] for r in rows)
 
     def payload(self, batch_id: str) -> bytes:
@@ -94,32 +116,60 @@ class FeedbackBuffer:
         records = self.db.execute(
             "SELECT record_id, release, image_id, image, predicted, confidence, top_k, "
             "corrected_label, captured_at FROM records WHERE batch_id = ? ORDER BY seq",
-            (batch_id,)).fetchall()
+            (batch_id,),
+        ).fetchall()
         corrections = self.db.execute(
             "SELECT record_id, corrected_label, corrected_at FROM corrections WHERE batch_id = ? "
-            "ORDER BY seq", (batch_id,)).fetchall()
+            "ORDER BY seq",
+            (batch_id,),
+        ).fetchall()
         lines, images = [], {}
         for rid, release, image_id, image, predicted, confidence, top_k, label, at in records:
-            lines.append(json.dumps({
-                "record_id": rid, "device_id": self.device_id, "cohort": self.cohort,
-                "release": release, "image_id": image_id, "predicted": predicted,
-                "confidence": confidence, "top_k": json.loads(top_k), "corrected_label": label,
-                "captured_at": at, "batch_id": batch_id}, sort_keys=True))
+            lines.append(
+                json.dumps(
+                    {
+                        "record_id": rid,
+                        "device_id": self.device_id,
+                        "cohort": self.cohort,
+                        "release": release,
+                        "image_id": image_id,
+                        "predicted": predicted,
+                        "confidence": confidence,
+                        "top_k": json.loads(top_k),
+                        "corrected_label": label,
+                        "captured_at": at,
+                        "batch_id": batch_id,
+                    },
+                    sort_keys=True,
+                )
+            )
             images[image_id] = image
-        fixes = [json.dumps({"record_id": r, "corrected_label": label, "corrected_at": at,
-                             "batch_id": batch_id}, sort_keys=True) for r, label, at in corrections]
+        fixes = [
+            json.dumps(
+                {
+                    "record_id": r,
+                    "corrected_label": label,
+                    "corrected_at": at,
+                    "batch_id": batch_id,
+                },
+                sort_keys=True,
+            )
+            for r, label, at in corrections
+        ]
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
             for name, text in (("records.jsonl", lines), ("corrections.jsonl", fixes)):
                 archive.writestr(zipfile.ZipInfo(name, ZIP_TIME), "\n".join(text))
             for image_id in sorted(images):
-                archive.writestr(zipfile.ZipInfo(f"images/{image_id}.bin", ZIP_TIME),
-                                 images[image_id])
+                archive.writestr(
+                    zipfile.ZipInfo(f"images/{image_id}.bin", ZIP_TIME), images[image_id]
+                )
         return out.getvalue()
 
     def records_in(self, batch_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM records WHERE batch_id = ?",
-                               (batch_id,)).fetchone()[0]
+        return self.db.execute(
+            "SELECT COUNT(*) FROM records WHERE batch_id = ?", (batch_id,)
+        ).fetchone()[0]
 
     def forget(self, batch_id: str) -> None:
         """Only after the central store confirmed the batch."""

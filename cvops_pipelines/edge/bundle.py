@@ -46,26 +46,35 @@ def verify_manifest(manifest: bytes, signature: bytes, public_key) -> dict:
     try:
         public_key.verify(signature, manifest)
     except InvalidSignature:
-        raise BundleError("signature", "manifest.sig is not a signature of manifest.json by the "
-                                       "pinned release key") from None
+        raise BundleError(
+            "signature",
+            "manifest.sig is not a signature of manifest.json by the pinned release key",
+        ) from None
     try:
         doc = json.loads(manifest)
     except ValueError as exc:
         raise BundleError("manifest", f"manifest.json is not JSON: {exc}") from None
     if doc.get("format") != FORMAT or set(doc.get("files", {})) != set(BUNDLE_FILES):
-        raise BundleError("manifest", f"unsupported manifest (format {doc.get('format')!r}, "
-                                      f"files {sorted(doc.get('files', {}))})")
+        raise BundleError(
+            "manifest",
+            f"unsupported manifest (format {doc.get('format')!r}, "
+            f"files {sorted(doc.get('files', {}))})",
+        )
     return doc
 
 
 def verify_file(manifest: dict, name: str, data: bytes) -> bytes:
     expected = manifest["files"][name]
     if len(data) != expected["size"]:
-        raise BundleError("size", f"{name} is {len(data)} bytes, manifest says {expected['size']} "
-                                  "(truncated or padded download)")
+        raise BundleError(
+            "size",
+            f"{name} is {len(data)} bytes, manifest says {expected['size']} "
+            "(truncated or padded download)",
+        )
     if sha256(data) != expected["sha256"]:
-        raise BundleError("sha256", f"{name} does not match its sha256 in the manifest (tampered "
-                                    "or corrupted)")
+        raise BundleError(
+            "sha256", f"{name} does not match its sha256 in the manifest (tampered or corrupted)"
+        )
     return data
 
 
@@ -77,7 +86,9 @@ def apply_delta(manifest: dict, base: bytes, delta: bytes) -> bytes:
     if not entry:
         raise BundleError("delta", "this release carries no delta")
     if sha256(base) != entry["base_sha256"]:
-        raise BundleError("delta", f"the delta applies to {entry['from']}'s model, not the one held")
+        raise BundleError(
+            "delta", f"the delta applies to {entry['from']}'s model, not the one held"
+        )
     if sha256(delta) != entry["sha256"]:
         raise BundleError("sha256", "the delta does not match its sha256 in the manifest")
     try:

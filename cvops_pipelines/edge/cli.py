@@ -27,9 +27,16 @@ def _agent(args):
 
     missing = [n for n in ("state", "store", "public_key", "device_id") if not getattr(args, n)]
     if missing:
-        raise SystemExit(f"cvops-edge: missing {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    return EdgeAgent(args.state, remote_from(args.store), Path(args.public_key).read_bytes(),
-                     args.device_id, args.cohort)
+        raise SystemExit(
+            f"cvops-edge: missing {', '.join('--' + m.replace('_', '-') for m in missing)}"
+        )
+    return EdgeAgent(
+        args.state,
+        remote_from(args.store),
+        Path(args.public_key).read_bytes(),
+        args.device_id,
+        args.cohort,
+    )
 
 
 def _print(obj) -> None:
@@ -46,8 +53,16 @@ def cmd_predict(args) -> int:
     agent = _agent(args)
     for path in args.images:
         p = agent.predict(Path(path).read_bytes())
-        _print({"image": path, "record_id": p.record_id, "label": p.label,
-                "confidence": p.confidence, "top_k": p.top_k, "release": p.release})
+        _print(
+            {
+                "image": path,
+                "record_id": p.record_id,
+                "label": p.label,
+                "confidence": p.confidence,
+                "top_k": p.top_k,
+                "release": p.release,
+            }
+        )
     return 0
 
 
@@ -64,8 +79,15 @@ def cmd_upload(args) -> int:
 
 def cmd_status(args) -> int:
     agent = _agent(args)
-    _print({"device_id": agent.device_id, "cohort": agent.cohort, "release": agent.release,
-            "pending_feedback": agent.buffer.pending(), "events": agent.events})
+    _print(
+        {
+            "device_id": agent.device_id,
+            "cohort": agent.cohort,
+            "release": agent.release,
+            "pending_feedback": agent.buffer.pending(),
+            "events": agent.events,
+        }
+    )
     return 0
 
 
@@ -81,8 +103,10 @@ def cmd_run(args) -> int:
                     seen.add(path.name)
                     _print({"image": str(path), "label": p.label, "confidence": p.confidence})
         uploaded = agent.upload()
-        print(f"sync {status}; uploaded {uploaded.records} records ({uploaded.status})",
-              file=sys.stderr)
+        print(
+            f"sync {status}; uploaded {uploaded.records} records ({uploaded.status})",
+            file=sys.stderr,
+        )
         if args.once:
             return 0
         time.sleep(args.interval)
@@ -90,17 +114,29 @@ def cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="cvops-edge", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cvops-edge",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--state", default=env("CVOPS_EDGE_STATE"), help="state directory")
-    parser.add_argument("--store", default=env("CVOPS_EDGE_STORE"),
-                        help="release/feedback store: a folder or an http(s) URL")
-    parser.add_argument("--public-key", default=env("CVOPS_EDGE_PUBLIC_KEY"),
-                        help="PEM ed25519 public key releases must be signed with")
+    parser.add_argument(
+        "--store",
+        default=env("CVOPS_EDGE_STORE"),
+        help="release/feedback store: a folder or an http(s) URL",
+    )
+    parser.add_argument(
+        "--public-key",
+        default=env("CVOPS_EDGE_PUBLIC_KEY"),
+        help="PEM ed25519 public key releases must be signed with",
+    )
     parser.add_argument("--device-id", default=env("CVOPS_EDGE_DEVICE"))
     parser.add_argument("--cohort", default=env("CVOPS_EDGE_COHORT", "default"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("sync", help="fetch, verify and activate this device's release").set_defaults(func=cmd_sync)
+    sub.add_parser("sync", help="fetch, verify and activate this device's release").set_defaults(
+        func=cmd_sync
+    )
     p = sub.add_parser("predict", help="predict images and record them for feedback")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_predict)
@@ -109,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("label")
     p.set_defaults(func=cmd_correct)
     sub.add_parser("upload", help="send buffered feedback batches").set_defaults(func=cmd_upload)
-    sub.add_parser("status", help="active release and buffered feedback").set_defaults(func=cmd_status)
+    sub.add_parser("status", help="active release and buffered feedback").set_defaults(
+        func=cmd_status
+    )
     p = sub.add_parser("run", help="loop: sync, predict new images in --watch, upload")
     p.add_argument("--watch", help="folder of incoming images")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between rounds")

@@ -94,12 +94,16 @@ class HttpRemote:
                 return b""
             raise
         if offset and response.status == 200:  # server ignored Range: cut it ourselves
-            data = data[offset:] if length is None else data[offset:offset + length]
+            data = data[offset:] if length is None else data[offset : offset + length]
         return data
 
     def put(self, key: str, data: bytes) -> None:
-        request = urllib.request.Request(f"{self.base_url}/{key}", data=data, method="PUT",
-                                         headers={"Content-Type": "application/octet-stream"})
+        request = urllib.request.Request(
+            f"{self.base_url}/{key}",
+            data=data,
+            method="PUT",
+            headers={"Content-Type": "application/octet-stream"},
+        )
         with self._open(request):
             pass
 
@@ -112,4 +116,8 @@ class HttpRemote:
 
 
 def remote_from(location: str) -> Remote:
-    return HttpRemote(location) if location.startswith(("http://", "https://")) else DirRemote(location)
+    return (
+        HttpRemote(location)
+        if location.startswith(("http://", "https://"))
+        else DirRemote(location)
+    )

@@ -120,9 +120,14 @@ def shifted(image: bytes, transform) -> bytes:
     return out.getvalue()
 
 
-def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
-              stream: list[tuple[bytes, str]], config: FleetConfig = FleetConfig(),
-              progress: Callable[[int], None] | None = None) -> FleetResult:
+def run_fleet(
+    remote: Remote,
+    state_root: Path,
+    public_key: bytes,
+    stream: list[tuple[bytes, str]],
+    config: FleetConfig = FleetConfig(),
+    progress: Callable[[int], None] | None = None,
+) -> FleetResult:
     """Drive the fleet over `stream` (image bytes, true label), then let every device come back
     online, sync and upload until its buffer is empty."""
     rng = random.Random(config.seed)
@@ -135,8 +140,9 @@ def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
 
     def agent(device: str) -> EdgeAgent:
         if agents[device] is None:  # (re)boot from the state directory
-            agents[device] = EdgeAgent(state_root / device, links[device], public_key, device,
-                                       cohort[device])
+            agents[device] = EdgeAgent(
+                state_root / device, links[device], public_key, device, cohort[device]
+            )
         return agents[device]
 
     def crashed(device: str) -> None:
@@ -165,7 +171,7 @@ def run_fleet(remote: Remote, state_root: Path, public_key: bytes,
                     result.predictions[prediction.record_id] = device
                     result.truth[prediction.record_id] = label
                     if rng.random() < config.review_share:
-                        offered = [c for c, _ in prediction.top_k[:config.operator_top_k]]
+                        offered = [c for c, _ in prediction.top_k[: config.operator_top_k]]
                         if label in offered and rng.random() < config.p_pick_right:
                             choice = label
                         else:  # the operator settles on a wrong offered class

@@ -4,49 +4,23 @@ server over HTTP and against the default local SQLite store; the gate blocks wha
 import urllib.request
 
 import pytest
-from dagster import DagsterInstance, asset, materialize
+from dagster import asset, materialize
 from mlflow import MlflowClient
 
-from cvops_pipelines.core.tracking import Tracking
+from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.defs.build.assets import trained_model
 from cvops_pipelines.defs.learn.assets import feedback
-from cvops_pipelines.defs.measure.assets import GATE_CHECK, model_evaluation
+from cvops_pipelines.defs.measure.assets import model_evaluation
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines.defs.ship.assets import onnx_model
+from cvops_pipelines.demo import digit_model
 from cvops_pipelines_tests import corpus
-from cvops_pipelines_tests.defs.test_curate_stage import (CURATE, INGEST, curate, ingest,
-                                                          metadata, write_drop)
-
-SMALL = {"image_size": 32, "epochs": 3, "batch_size": 32, "learning_rate": 3e-3, "seed": 3}
+from cvops_pipelines_tests.stages import CURATE, INGEST, SMALL, curated, gate, metadata, train
 
 
 @asset(deps=[model_evaluation])
 def downstream_of_gate() -> None:
     """Stands in for export: must not run when the gate fails."""
-
-
-def curated(home):
-    instance = DagsterInstance.ephemeral()
-    write_drop(home / "drops", "d1", range(0, 600))
-    ingest(instance, "d1")
-    assert curate(instance).success
-    return instance
-
-
-def train(instance, config=SMALL, extra=(), export_config=None):
-    ops = {"trained_model": {"config": config}}
-    if export_config:
-        ops["onnx_model"] = {"config": export_config}
-    return materialize([*INGEST, feedback, *CURATE, trained_model, model_evaluation, onnx_model,
-                        *extra],
-                       selection=[trained_model, model_evaluation, *extra], instance=instance,
-                       resources=build_resources(), raise_on_error=False,
-                       run_config={"ops": ops})
-
-
-def gate(result):
-    (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == GATE_CHECK]
-    return check
 
 
 def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_server, monkeypatch):
@@ -93,11 +67,13 @@ def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_serv
         onnx_version = client.get_model_version_by_alias(name, "challenger")
         assert client.get_run(onnx_version.run_id).data.tags["source_model_version"] == "1"
     export_run = client.get_run(export["mlflow_run_id"])
-    assert export_run.data.metrics["onnx_fp32_accuracy"] == pytest.approx(evaluation["accuracy"], abs=1e-4)
+    assert export_run.data.metrics["onnx_fp32_accuracy"] == pytest.approx(
+        evaluation["accuracy"], abs=1e-4
+    )
 
 
 def test_an_unreachable_server_is_a_clear_error(isolated_homes, monkeypatch):
-    from cvops_pipelines_tests.conftest import free_port
+    from cvops_pipelines_tests.helpers import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     instance = curated(isolated_homes)
@@ -112,11 +88,12 @@ def test_gate_blocks_a_worse_challenger_and_passes_an_equal_one(isolated_homes):
     instance = curated(isolated_homes)
     first = train(instance)
     assert first.success
-    tracking = build_resources()["mlflow"].tracking()
+    tracking = build_resources()["tracking"].open()
     tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
 
-    worse = train(instance, {**SMALL, "epochs": 1, "learning_rate": 1e-6},
-                  [downstream_of_gate, onnx_model])
+    worse = train(
+        instance, {**SMALL, "epochs": 1, "learning_rate": 1e-6}, [downstream_of_gate, onnx_model]
+    )
     check = gate(worse)
     assert not check.passed and "macro_f1" in check.metadata["decision"].value
     assert "| macro_f1 |" in check.metadata["side_by_side"].value
@@ -131,8 +108,10 @@ def test_gate_blocks_a_worse_challenger_and_passes_an_equal_one(isolated_homes):
 
 def field_shots(indices, degrees: float = 35.0) -> list[bytes]:
     """Digits as a tilted field camera shot them (the test split has none of these)."""
-    return [corpus.encode(corpus.digit(i).convert("RGB").rotate(degrees, fillcolor="white"), "PNG")
-            for i in indices]
+    return [
+        corpus.encode(digit_model.digit(i).convert("RGB").rotate(degrees, fillcolor="white"), "PNG")
+        for i in indices
+    ]
 
 
 def test_replay_refuses_a_challenger_the_test_split_would_pass(isolated_homes):
@@ -142,18 +121,22 @@ def test_replay_refuses_a_challenger_the_test_split_would_pass(isolated_homes):
 
     import pandas as pd
 
-    from cvops_pipelines.core.storage import LocalStore
-    from cvops_pipelines.core.tables import table_key, write_table
-    from cvops_pipelines.core.training import load_images, predict_probs
+    from cvops_pipelines.core.base.images import load_images
+    from cvops_pipelines.core.base.store import LocalStore
+    from cvops_pipelines.core.base.tables import table_key, write_table
+    from cvops_pipelines.core.build.training import predict_probs
 
     instance = curated(isolated_homes)
     first = train(instance)
-    tracking = build_resources()["mlflow"].tracking()
+    tracking = build_resources()["tracking"].open()
     tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
-    challenger = materialize([*INGEST, feedback, *CURATE, trained_model], instance=instance,
-                             selection=[trained_model], resources=build_resources(),
-                             run_config={"ops": {"trained_model": {"config": {**SMALL,
-                                                                              "seed": 11}}}})
+    challenger = materialize(
+        [*INGEST, feedback, *CURATE, trained_model],
+        instance=instance,
+        selection=[trained_model],
+        resources=build_resources(),
+        run_config={"ops": {"trained_model": {"config": {**SMALL, "seed": 11}}}},
+    )
     assert challenger.success
     # production records: tilted digits, labelled (as an expert would) with what the champion
     # sees in them, so wherever the challenger disagrees it is wrong
@@ -169,20 +152,42 @@ def test_replay_refuses_a_challenger_the_test_split_would_pass(isolated_homes):
     seen = predict_probs(champion.model, images, champion.preprocess).argmax(1)
     other = predict_probs(new.model, images, new.preprocess).argmax(1)
     assert (seen != other).sum() >= 10  # enough disagreement to be clearly worse
-    records = pd.DataFrame({
-        "record_id": [f"dev-1-{i:04d}" for i in range(len(keys))], "device_id": "dev-1",
-        "cohort": "site-a", "release": "rel-1-x", "image_id": [k.split("/")[-1][:-4] for k in keys],
-        "key": keys, "label": [champion.preprocess.classes[i] for i in seen],
-        "label_source": "expert", "labeled_by": "ann@lab", "predicted": "0",
-        "captured_at": "2026-12-01T10:00:00+00:00", "holdout": True, "replay_set": "rs-test"})
+    records = pd.DataFrame(
+        {
+            "record_id": [f"dev-1-{i:04d}" for i in range(len(keys))],
+            "device_id": "dev-1",
+            "cohort": "site-a",
+            "release": "rel-1-x",
+            "image_id": [k.split("/")[-1][:-4] for k in keys],
+            "key": keys,
+            "label": [champion.preprocess.classes[i] for i in seen],
+            "label_source": "expert",
+            "labeled_by": "ann@lab",
+            "predicted": "0",
+            "captured_at": "2026-12-01T10:00:00+00:00",
+            "holdout": True,
+            "replay_set": "rs-test",
+        }
+    )
     write_table(store, table_key("replay_set", None), records)
 
     loose = {"max_macro_f1_drop": 1.0, "max_class_recall_drop": 1.0}
-    result = materialize([*INGEST, feedback, *CURATE, trained_model, model_evaluation,
-                          onnx_model, downstream_of_gate], instance=instance,
-                         selection=[model_evaluation, onnx_model, downstream_of_gate],
-                         resources=build_resources(), raise_on_error=False,
-                         run_config={"ops": {"model_evaluation": {"config": loose}}})
+    result = materialize(
+        [
+            *INGEST,
+            feedback,
+            *CURATE,
+            trained_model,
+            model_evaluation,
+            onnx_model,
+            downstream_of_gate,
+        ],
+        instance=instance,
+        selection=[model_evaluation, onnx_model, downstream_of_gate],
+        resources=build_resources(),
+        raise_on_error=False,
+        run_config={"ops": {"model_evaluation": {"config": loose}}},
+    )
     check = gate(result)
     assert not check.passed
     decision = check.metadata["decision"].value
@@ -202,8 +207,12 @@ def test_replay_refuses_a_challenger_the_test_split_would_pass(isolated_homes):
 
 def test_export_whose_parity_fails_stops_with_the_numbers(isolated_homes):
     instance = curated(isolated_homes)
-    result = train(instance, {**SMALL, "epochs": 1}, [onnx_model],
-                   {"parity_tolerance": 0.0, "latency_repeats": 5})
+    result = train(
+        instance,
+        {**SMALL, "epochs": 1},
+        [onnx_model],
+        {"parity_tolerance": 0.0, "latency_repeats": 5},
+    )
     assert not result.asset_materializations_for_node("onnx_model")
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_key == "onnx_model"

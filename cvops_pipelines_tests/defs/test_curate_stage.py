@@ -1,55 +1,21 @@
 """Ingest + curate materialized in-process with the real resources."""
 
 import pandas as pd
-from dagster import AssetKey, DagsterInstance, asset, materialize
+from dagster import AssetKey, DagsterInstance, asset
 
-from cvops_pipelines.core.images import inspect_image
-from cvops_pipelines.core.splits import split_of
-from cvops_pipelines.defs.curate.assets import (dataset_version, label_issues, labeled_pool,
-                                               replay_set)
-from cvops_pipelines.defs.ingest.assets import annotations, raw_images
-from cvops_pipelines.defs.learn.assets import feedback
-from cvops_pipelines.defs.resources import build_resources
+from cvops_pipelines.core.base.images import inspect_image
+from cvops_pipelines.core.curate.splits import split_of
+from cvops_pipelines.defs.curate.assets import (
+    dataset_version,
+)
+from cvops_pipelines.demo import digit_model
 from cvops_pipelines_tests import corpus
-
-INGEST = [raw_images, annotations]
-CURATE = [labeled_pool, replay_set, label_issues, dataset_version]
+from cvops_pipelines_tests.stages import curate, ingest, metadata, write_drop
 
 
 @asset(deps=[dataset_version])
 def downstream_of_dataset() -> None:
     """Stands in for training: must not run when a dataset contract fails."""
-
-
-def write_drop(root, name, indices, extra: dict | None = None):
-    drop = root / name
-    for i in indices:
-        path = drop / corpus.digit_label(i) / f"digit_{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(corpus.encode(corpus.digit(i), "PNG"))
-    for rel, data in (extra or {}).items():
-        (drop / rel).parent.mkdir(parents=True, exist_ok=True)
-        (drop / rel).write_bytes(data)
-    (drop / "_SUCCESS").write_text("")
-
-
-def ingest(instance, drop):
-    instance.add_dynamic_partitions("drops", [drop])
-    result = materialize(INGEST, partition_key=drop, instance=instance, resources=build_resources(),
-                         run_config={"ops": {"raw_images": {"config": {"workers": 1}}}})
-    assert result.success
-
-
-def curate(instance, extra_assets=(), run_config=None):
-    # feedback (no batches yet) is an input of labeled_pool: loaded empty
-    return materialize([*INGEST, feedback, *CURATE, *extra_assets], instance=instance, resources=build_resources(),
-                       selection=[*CURATE, *extra_assets], raise_on_error=False,
-                       run_config=run_config)
-
-
-def metadata(result, node):
-    (mat,) = result.asset_materializations_for_node(node)
-    return {k: v.value for k, v in mat.metadata.items()}
 
 
 def test_two_drops_curated_into_a_checked_dataset_version(isolated_homes):
@@ -85,26 +51,37 @@ def test_two_drops_curated_into_a_checked_dataset_version(isolated_homes):
 def test_leakage_fails_the_blocking_check_and_stops_downstream(isolated_homes):
     # a digit and its JPEG re-encode whose content hashes fall in train and test
     for i in range(600):
-        jpeg = corpus.encode(corpus.digit(i).convert("RGB"), "JPEG", quality=90)
-        png_id = inspect_image(corpus.encode(corpus.digit(i), "PNG")).image_id
+        jpeg = corpus.encode(digit_model.digit(i).convert("RGB"), "JPEG", quality=90)
+        png_id = inspect_image(corpus.encode(digit_model.digit(i), "PNG")).image_id
         if {split_of(inspect_image(jpeg).image_id), split_of(png_id)} == {"train", "test"}:
             break
     instance = DagsterInstance.ephemeral()
-    write_drop(isolated_homes / "drops", "d1", range(0, 600),
-               extra={f"{corpus.digit_label(i)}/reencoded_{i}.jpg": jpeg})
+    write_drop(
+        isolated_homes / "drops",
+        "d1",
+        range(0, 600),
+        extra={f"{digit_model.digit_label(i)}/reencoded_{i}.jpg": jpeg},
+    )
     ingest(instance, "d1")
     result = curate(instance, [downstream_of_dataset])
     assert not result.success
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["dataset_version_leakage"].passed
     assert checks["dataset_version_contract"].passed and checks["dataset_version_balance"].passed
-    assert "expect_table_row_count_to_equal" in checks["dataset_version_leakage"].metadata[
-        "first_failure"].value
+    assert (
+        "expect_table_row_count_to_equal"
+        in checks["dataset_version_leakage"].metadata["first_failure"].value
+    )
     assert not result.asset_materializations_for_node("downstream_of_dataset")
     assert metadata(result, "dataset_version")["leakage_pairs"] == 1
 
-    fixed = curate(instance, [downstream_of_dataset], run_config={"ops": {"dataset_version": {
-        "config": {"exclude_cross_split_duplicates": True}}}})
+    fixed = curate(
+        instance,
+        [downstream_of_dataset],
+        run_config={
+            "ops": {"dataset_version": {"config": {"exclude_cross_split_duplicates": True}}}
+        },
+    )
     assert fixed.success
     assert fixed.asset_materializations_for_node("downstream_of_dataset")
 
@@ -113,9 +90,11 @@ def test_balance_contract_reports_a_missing_class(isolated_homes):
     instance = DagsterInstance.ephemeral()
     write_drop(isolated_homes / "drops", "d1", range(0, 300))
     ingest(instance, "d1")
-    result = curate(instance, run_config={"ops": {"dataset_version": {"config": {
-        "min_per_class": 50}}}})  # the test split holds ~7 per class
-    check = next(e for e in result.get_asset_check_evaluations()
-                 if e.check_name == "dataset_version_balance")
+    result = curate(
+        instance, run_config={"ops": {"dataset_version": {"config": {"min_per_class": 50}}}}
+    )  # the test split holds ~7 per class
+    check = next(
+        e for e in result.get_asset_check_evaluations() if e.check_name == "dataset_version_balance"
+    )
     assert not check.passed and check.metadata["unexpected_rows"].value > 0
     assert instance.get_latest_materialization_event(AssetKey("dataset_version")) is not None

@@ -7,31 +7,54 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from cvops_pipelines_tests.conftest import free_port, wait_for_port
+from cvops_pipelines_tests.helpers import free_port, wait_for_port
 
 VENV_BIN = Path(sys.executable).parent
 
 
 def test_definitions_validate(repo_root, isolated_homes):
-    proc = subprocess.run([str(VENV_BIN / "dagster"), "definitions", "validate", "-w",
-                           "workspace.yaml"], cwd=repo_root, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(VENV_BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "All code locations passed validation" in proc.stderr + proc.stdout
 
 
-STAGES = {"raw_images": "ingest", "annotations": "ingest", "labeled_pool": "curate",
-          "replay_set": "curate", "label_issues": "curate", "dataset_version": "curate", "trained_model": "build",
-          "model_evaluation": "measure", "onnx_model": "ship", "edge_release": "ship",
-          "canary_decision": "ship", "feedback": "learn", "production_metrics": "learn",
-          "annotation_queue": "learn", "ontology_report": "learn"}
-CHECKS = {"raw_images_contract": True, "annotations_contract": True,
-          "dataset_version_contract": True, "dataset_version_balance": True,
-          "dataset_version_leakage": True, "challenger_not_worse_than_champion": True,
-          "replay_set_contract": True,
-          "feedback_contract": True, "no_quarantined_batches": False,
-          # field alerts do not block: a failing SLA is exactly when the queue is needed
-          "accuracy_sla": False, "no_output_drift": False}
+STAGES = {
+    "raw_images": "ingest",
+    "annotations": "ingest",
+    "labeled_pool": "curate",
+    "replay_set": "curate",
+    "label_issues": "curate",
+    "dataset_version": "curate",
+    "trained_model": "build",
+    "model_evaluation": "measure",
+    "onnx_model": "ship",
+    "edge_release": "ship",
+    "canary_decision": "ship",
+    "feedback": "learn",
+    "production_metrics": "learn",
+    "annotation_queue": "learn",
+    "ontology_report": "learn",
+}
+CHECKS = {
+    "raw_images_contract": True,
+    "annotations_contract": True,
+    "dataset_version_contract": True,
+    "dataset_version_balance": True,
+    "dataset_version_leakage": True,
+    "challenger_not_worse_than_champion": True,
+    "replay_set_contract": True,
+    "feedback_contract": True,
+    "no_quarantined_batches": False,
+    # field alerts do not block: a failing SLA is exactly when the queue is needed
+    "accuracy_sla": False,
+    "no_output_drift": False,
+}
 
 
 def test_definitions_declare_every_stage_with_blocking_contracts():
@@ -47,18 +70,34 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
     assert defs.resolve_sensor_def("new_drop_sensor").job_name == "ingest_job"
     # lineage: each stage takes the previous one as an input, never "the newest file"
     assert graph.get(AssetKey("dataset_version")).parent_keys == {
-        AssetKey("labeled_pool"), AssetKey("label_issues"), AssetKey("replay_set")}
-    assert graph.get(AssetKey("replay_set")).parent_keys == {AssetKey("feedback"),
-                                                             AssetKey("labeled_pool")}
+        AssetKey("labeled_pool"),
+        AssetKey("label_issues"),
+        AssetKey("replay_set"),
+    }
+    assert graph.get(AssetKey("replay_set")).parent_keys == {
+        AssetKey("feedback"),
+        AssetKey("labeled_pool"),
+    }
     assert graph.get(AssetKey("labeled_pool")).parent_keys == {
-        AssetKey("raw_images"), AssetKey("annotations"), AssetKey("feedback")}  # the loop closes
+        AssetKey("raw_images"),
+        AssetKey("annotations"),
+        AssetKey("feedback"),
+    }  # the loop closes
     assert graph.get(AssetKey("model_evaluation")).parent_keys == {
-        AssetKey("trained_model"), AssetKey("dataset_version"), AssetKey("replay_set")}
+        AssetKey("trained_model"),
+        AssetKey("dataset_version"),
+        AssetKey("replay_set"),
+    }
     assert graph.get(AssetKey("onnx_model")).parent_keys == {
-        AssetKey("trained_model"), AssetKey("model_evaluation"), AssetKey("dataset_version")}
+        AssetKey("trained_model"),
+        AssetKey("model_evaluation"),
+        AssetKey("dataset_version"),
+    }
     assert graph.get(AssetKey("edge_release")).parent_keys == {AssetKey("onnx_model")}
-    assert graph.get(AssetKey("canary_decision")).parent_keys == {AssetKey("edge_release"),
-                                                                  AssetKey("feedback")}
+    assert graph.get(AssetKey("canary_decision")).parent_keys == {
+        AssetKey("edge_release"),
+        AssetKey("feedback"),
+    }
     for learned in ("production_metrics", "annotation_queue", "ontology_report"):
         assert AssetKey("feedback") in graph.get(AssetKey(learned)).parent_keys
     assert defs.resolve_schedule_def("canary_schedule").job_name == "canary_job"
@@ -68,9 +107,11 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
 
 
 def graphql(port: int, query: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
-                                     data=json.dumps({"query": query}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())["data"]
 
@@ -78,18 +119,35 @@ def graphql(port: int, query: str) -> dict:
 def test_webserver_serves_the_assets_and_blocking_checks(repo_root, isolated_homes):
     """The real Dagster webserver (what `./dev ui` starts) loading workspace.yaml."""
     port = free_port()
-    proc = subprocess.Popen([str(VENV_BIN / "dagster-webserver"), "-w", "workspace.yaml",
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=repo_root,
-                            env=dict(os.environ), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "dagster-webserver"),
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=repo_root,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port, timeout=120)
-        data = graphql(port, "{ assetNodes { assetKey { path } groupName assetChecksOrError "
-                             "{ ... on AssetChecks { checks { name blocking } } } } }")
+        data = graphql(
+            port,
+            "{ assetNodes { assetKey { path } groupName assetChecksOrError "
+            "{ ... on AssetChecks { checks { name blocking } } } } }",
+        )
         nodes = {n["assetKey"]["path"][0]: n for n in data["assetNodes"]}
         assert {k: n["groupName"] for k, n in nodes.items()} == STAGES
-        served = {c["name"]: c["blocking"] for n in nodes.values()
-                  for c in n["assetChecksOrError"]["checks"]}
+        served = {
+            c["name"]: c["blocking"]
+            for n in nodes.values()
+            for c in n["assetChecksOrError"]["checks"]
+        }
         assert served == CHECKS
     finally:
         proc.terminate()
@@ -99,11 +157,12 @@ def test_webserver_serves_the_assets_and_blocking_checks(repo_root, isolated_hom
 def test_canary_schedule_runs_only_while_a_release_is_on_canary(isolated_homes):
     from dagster import RunRequest, SkipReason, build_schedule_context
 
-    from cvops_pipelines.core.release import ReleaseStore
-    from cvops_pipelines.core.storage import LocalStore
+    from cvops_pipelines.core.base.store import LocalStore
+    from cvops_pipelines.core.ship.release import ReleaseStore
     from cvops_pipelines.defs.resources import build_resources
     from cvops_pipelines.defs.ship.jobs import canary_schedule
-    from cvops_pipelines_tests.edge.fleet_kit import central, trained_model
+    from cvops_pipelines.demo.digit_model import trained_model
+    from cvops_pipelines_tests.edge.fleet_kit import central
 
     resources = {"storage": build_resources()["storage"]}
     with build_schedule_context(resources=resources) as context:
@@ -129,13 +188,22 @@ def _settled_loop():
 
     instance = DagsterInstance.ephemeral()
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    for key in ("labeled_pool", "replay_set", "label_issues", "dataset_version", "trained_model",
-                "model_evaluation", "onnx_model", "edge_release"):
+    for key in (
+        "labeled_pool",
+        "replay_set",
+        "label_issues",
+        "dataset_version",
+        "trained_model",
+        "model_evaluation",
+        "onnx_model",
+        "edge_release",
+    ):
         instance.report_runless_asset_event(AssetMaterialization(key))
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
 
     def evaluate(cursor):
         return dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+
     return evaluate, instance, result.cursor
 
 
@@ -150,8 +218,10 @@ def test_a_new_dataset_version_alone_does_not_evaluate_or_export_again():
     assert result.total_requested == 0
     instance.report_runless_asset_event(AssetMaterialization("trained_model"))
     result = evaluate(result.cursor)
-    requested = {k: result.get_num_requested(AssetKey(k))
-                 for k in ("trained_model", "model_evaluation", "onnx_model")}
+    requested = {
+        k: result.get_num_requested(AssetKey(k))
+        for k in ("trained_model", "model_evaluation", "onnx_model")
+    }
     assert requested == {"trained_model": 0, "model_evaluation": 1, "onnx_model": 1}
 
 
@@ -163,8 +233,11 @@ def test_a_challenger_the_gate_refused_is_not_exported():
     evaluate, instance, cursor = _settled_loop()
     for passed in (False, True):
         instance.report_runless_asset_event(AssetMaterialization("model_evaluation"))
-        instance.report_runless_asset_event(AssetCheckEvaluation(
-            asset_key=AssetKey("model_evaluation"), check_name=GATE_CHECK, passed=passed))
+        instance.report_runless_asset_event(
+            AssetCheckEvaluation(
+                asset_key=AssetKey("model_evaluation"), check_name=GATE_CHECK, passed=passed
+            )
+        )
         result = evaluate(cursor)
         cursor = result.cursor
         assert result.get_num_requested(AssetKey("onnx_model")) == int(passed)

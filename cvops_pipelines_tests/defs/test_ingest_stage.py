@@ -7,15 +7,16 @@ from dagster import DagsterInstance, materialize
 from cvops_pipelines.defs.ingest.assets import annotations, raw_images
 from cvops_pipelines.defs.ingest.sensors import new_drop_sensor
 from cvops_pipelines.defs.resources import build_resources
+from cvops_pipelines.demo import digit_model
 from cvops_pipelines_tests import corpus
 
 
 def make_drop(root, name, n=6, marker=True):
     drop = root / name
     for i in range(n):
-        path = drop / corpus.digit_label(i) / f"digit_{i}.png"
+        path = drop / digit_model.digit_label(i) / f"digit_{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(corpus.encode(corpus.digit(i), "PNG"))
+        path.write_bytes(corpus.encode(digit_model.digit(i), "PNG"))
     if marker:
         (drop / "_SUCCESS").write_text("")
     return drop
@@ -24,8 +25,14 @@ def make_drop(root, name, n=6, marker=True):
 def run(drop, instance, run_config=None):
     if drop not in instance.get_dynamic_partitions("drops"):
         instance.add_dynamic_partitions("drops", [drop])
-    return materialize([raw_images, annotations], partition_key=drop, instance=instance,
-                       resources=build_resources(), run_config=run_config, raise_on_error=False)
+    return materialize(
+        [raw_images, annotations],
+        partition_key=drop,
+        instance=instance,
+        resources=build_resources(),
+        run_config=run_config,
+        raise_on_error=False,
+    )
 
 
 def evaluate(instance, resources, cursor=None):
@@ -43,8 +50,10 @@ def metadata(result, node):
 def test_corpus_drop_is_fully_accounted_and_checks_pass(isolated_homes, tmp_path):
     drop = isolated_homes / "drops" / "corpus"
     expected = corpus.write_corpus(drop, tmp_path / "outside")
-    (drop / "labels.csv").write_text("filename,label\ngood/digit_0.png,0\ngood/digit_1.jpg,1\n"
-                                     "bad/notes.jpg,3\nmissing.png,4\ngood/rotated.jpg,cat\n")
+    (drop / "labels.csv").write_text(
+        "filename,label\ngood/digit_0.png,0\ngood/digit_1.jpg,1\n"
+        "bad/notes.jpg,3\nmissing.png,4\ngood/rotated.jpg,cat\n"
+    )
     (drop / "_SUCCESS").write_text("")
     result = run("corpus", DagsterInstance.ephemeral())
     assert result.success
@@ -58,8 +67,9 @@ def test_corpus_drop_is_fully_accounted_and_checks_pass(isolated_homes, tmp_path
     docs = checks["annotations_contract"].metadata["data_docs"].value
     assert docs.startswith("file://") and (isolated_homes / "reports/gx/index.html").exists()
     quarantine = pd.read_parquet(isolated_homes / "quarantine/corpus/raw_images.parquet")
-    assert set(quarantine["reason_code"]) == {v for v in expected.values()
-                                             if v not in ("accepted", "duplicate")}
+    assert set(quarantine["reason_code"]) == {
+        v for v in expected.values() if v not in ("accepted", "duplicate")
+    }
     manifest = pd.read_parquet(isolated_homes / "tables/raw_images/corpus.parquet")
     assert len(manifest) == images["accepted"]
 
@@ -77,11 +87,13 @@ def test_rerunning_a_drop_adds_nothing(isolated_homes):
 
 def test_failing_contract_blocks_downstream(isolated_homes):
     make_drop(isolated_homes / "drops", "d1")
-    result = run("d1", DagsterInstance.ephemeral(),
-                 {"ops": {"raw_images": {"config": {"max_side": 16}}}})  # demo images are 32 px
+    result = run(
+        "d1", DagsterInstance.ephemeral(), {"ops": {"raw_images": {"config": {"max_side": 16}}}}
+    )  # demo images are 32 px
     assert not result.success
-    check = next(e for e in result.get_asset_check_evaluations()
-                 if e.check_name == "raw_images_contract")
+    check = next(
+        e for e in result.get_asset_check_evaluations() if e.check_name == "raw_images_contract"
+    )
     assert not check.passed
     assert "expect_column_values_to_be_between" in check.metadata["first_failure"].value
     assert check.metadata["unexpected_rows"].value == 12  # width and height of 6 images
@@ -118,8 +130,11 @@ def test_s3_drop_source_and_store_end_to_end(s3_env, s3_bucket, monkeypatch):
     s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     for drop, marked in (("ready", True), ("uploading", False)):
         for i in range(4):
-            s3.put_object(Bucket=s3_bucket, Key=f"incoming/{drop}/{corpus.digit_label(i)}/{i}.png",
-                          Body=corpus.encode(corpus.digit(i), "PNG"))
+            s3.put_object(
+                Bucket=s3_bucket,
+                Key=f"incoming/{drop}/{digit_model.digit_label(i)}/{i}.png",
+                Body=corpus.encode(digit_model.digit(i), "PNG"),
+            )
         if marked:
             s3.put_object(Bucket=s3_bucket, Key=f"incoming/{drop}/_SUCCESS", Body=b"")
     s3.put_object(Bucket=s3_bucket, Key="incoming/ready/bad.png", Body=b"not a png")

@@ -6,21 +6,39 @@ stream and retraining_sensor then requests a training run."""
 import json
 
 import pandas as pd
-from dagster import (AssetKey, AssetMaterialization, DagsterInstance, RunRequest, SensorResult,
-                     SkipReason, build_sensor_context, materialize)
+from dagster import (
+    DagsterInstance,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    materialize,
+)
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.release import ReleaseStore, build_release, generate_keypair, load_private_key
-from cvops_pipelines.core.storage import LocalStore
-from cvops_pipelines.core.tables import read_table, write_table
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.base.tables import read_table, write_table
+from cvops_pipelines.core.learn.retraining import (
+    AlertFacts,
+    DatasetFacts,
+    ModelFacts,
+    read_facts,
+    write_facts,
+)
+from cvops_pipelines.core.ship.release import (
+    ReleaseStore,
+    build_release,
+    generate_keypair,
+    load_private_key,
+)
 from cvops_pipelines.defs.learn.assets import feedback, production_metrics
-from cvops_pipelines.defs.learn.sensors import feedback_sensor, retraining_decision, retraining_sensor
+from cvops_pipelines.defs.learn.sensors import feedback_sensor, retraining_sensor
 from cvops_pipelines.defs.resources import build_resources
+from cvops_pipelines.demo.digit_model import PREPROCESS, png, trained_model
 from cvops_pipelines.edge.remote import DirRemote
 from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 from cvops_pipelines_tests.corpus import digit_label
-from cvops_pipelines_tests.edge.fleet_kit import PREPROCESS, png, trained_model
-from cvops_pipelines_tests.core.test_learn import rezip
+from cvops_pipelines_tests.helpers import rezip
 
 
 def published_release(home) -> str:
@@ -33,12 +51,26 @@ def published_release(home) -> str:
     for i in range(600, 900):
         data = png(i)
         store.write_bytes(f"images/ref/{i}.png", data)
-        rows.append({"image_id": f"{i:064x}", "label": digit_label(i), "split": "test",
-                     "key": f"images/ref/{i}.png"})
+        rows.append(
+            {
+                "image_id": f"{i:064x}",
+                "label": digit_label(i),
+                "split": "test",
+                "key": f"images/ref/{i}.png",
+            }
+        )
     write_table(store, "datasets/ds-test/dataset.parquet", pd.DataFrame(rows))
-    release = build_release(trained_model(n=600), PREPROCESS, {
-        "model_name": "digits", "model_version": "1", "dataset_version": "ds-test",
-        "artifact": "onnx_fp32"}, key)
+    release = build_release(
+        trained_model(n=600),
+        PREPROCESS,
+        {
+            "model_name": "digits",
+            "model_version": "1",
+            "dataset_version": "ds-test",
+            "artifact": "onnx_fp32",
+        },
+        key,
+    )
     releases = ReleaseStore(store)
     releases.publish(release)
     releases.point("stable", release.id, "test", "test")
@@ -48,9 +80,23 @@ def published_release(home) -> str:
 def fleet(home, shift=Shift(), steps=6, seed=0):
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
     stream = [(png(i), digit_label(i)) for i in range(900, 1300)]
-    return run_fleet(DirRemote(home), home / "fleet", public, stream, FleetConfig(
-        devices=3, steps=steps, images_per_step=4, p_offline=0.0, p_crash=0.0, upload_every=2,
-        shift=shift, review_share=0.8, seed=seed))
+    return run_fleet(
+        DirRemote(home),
+        home / "fleet",
+        public,
+        stream,
+        FleetConfig(
+            devices=3,
+            steps=steps,
+            images_per_step=4,
+            p_offline=0.0,
+            p_crash=0.0,
+            upload_every=2,
+            shift=shift,
+            review_share=0.8,
+            seed=seed,
+        ),
+    )
 
 
 def tick(instance, sensor):
@@ -70,78 +116,96 @@ def test_feedback_range_run_quarantines_bad_batches_whole(isolated_homes):
     good = sorted(e.key for e in store.list("feedback/batches/"))
     payload = store.read_bytes(good[0])
     store.write_bytes("feedback/batches/dev-900-b000001.zip", b"this is not a zip")
-    unknown = rezip(payload, lambda f: f.update({"records.jsonl": f["records.jsonl"].replace(
-        b'"predicted": "', b'"predicted": "cat').replace(good[0].split("/")[-1][:-4].encode(),
-                                                          b"dev-901-b000001")}))
+    unknown = rezip(
+        payload,
+        lambda f: f.update(
+            {
+                "records.jsonl": f["records.jsonl"]
+                .replace(b'"predicted": "', b'"predicted": "cat')
+                .replace(good[0].split("/")[-1][:-4].encode(), b"dev-901-b000001")
+            }
+        ),
+    )
     store.write_bytes("feedback/batches/dev-901-b000001.zip", unknown)
 
     result = tick(instance, feedback_sensor)
     (request,) = result.run_requests
     assert len(instance.get_dynamic_partitions("feedback_batches")) == len(good) + 2
-    run = materialize([feedback], instance=instance, resources=build_resources(),
-                      tags=request.tags, raise_on_error=False)
+    run = materialize(
+        [feedback],
+        instance=instance,
+        resources=build_resources(),
+        tags=request.tags,
+        raise_on_error=False,
+    )
     assert run.success
     checks = {c.check_name: c for c in run.get_asset_check_evaluations()}
     assert checks["feedback_contract"].passed  # what was accepted meets the contract
     warning = checks["no_quarantined_batches"]
     assert not warning.passed and warning.metadata["quarantined_batches"].value == 2
     assert "dev-90" in warning.metadata["first_failure"].value
-    for bad, code in (("dev-900-b000001", "malformed_batch"), ("dev-901-b000001", "contract_failed")):
+    for bad, code in (
+        ("dev-900-b000001", "malformed_batch"),
+        ("dev-901-b000001", "contract_failed"),
+    ):
         note = json.loads(store.read_bytes(f"quarantine/feedback/{bad}.json"))
         assert note["reason_code"] == code and note["reason"]
         assert store.exists(f"quarantine/feedback/{bad}.zip")  # kept, not dropped
         assert read_table(store, f"tables/feedback/{bad}.parquet").empty
-    accepted = pd.concat([read_table(store, f"tables/feedback/{k.split('/')[-1][:-4]}.parquet")
-                          for k in good])
+    accepted = pd.concat(
+        [read_table(store, f"tables/feedback/{k.split('/')[-1][:-4]}.parquet") for k in good]
+    )
     assert len(accepted) > 0 and set(accepted["release"].dropna()) == {release}
     assert all(store.exists(k) for k in accepted["key"].dropna())  # images content-addressed
     assert isinstance(tick(instance, feedback_sensor), SkipReason)  # nothing new: no second run
 
 
-def report(instance, asset: str, **metadata):
-    instance.report_runless_asset_event(AssetMaterialization(asset, metadata=metadata))
-
-
 def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
-    instance = DagsterInstance.ephemeral()
+    instance, store = DagsterInstance.ephemeral(), LocalStore(isolated_homes)
     published_release(isolated_homes)
-    report(instance, "dataset_version", version="ds-test", images=300)
-    report(instance, "trained_model", dataset_version="ds-test", dataset_images=300)
-    decision, why = retraining_decision(instance)
-    assert decision is None and "already" in why
+    write_facts(store, DatasetFacts("ds-test", 300))
+    write_facts(store, ModelFacts("1", "ds-test", 300))
+    skip = tick(instance, retraining_sensor)
+    assert isinstance(skip, SkipReason) and "already" in skip.skip_message
 
     fleet(isolated_homes, shift=Shift(brightness=0.3, blur=5, rotate=20), steps=8)
-    materialize([feedback], instance=instance, resources=build_resources(),
-                tags=tick(instance, feedback_sensor).run_requests[0].tags)
-    metrics = materialize([feedback.to_source_asset(), production_metrics], instance=instance,
-                          resources=build_resources(), raise_on_error=False,
-                          selection=["production_metrics"],
-                          run_config={"ops": {"production_metrics": {"config": {
-                              "min_accuracy": 0.95, "min_reviewed": 20}}}})
+    materialize(
+        [feedback],
+        instance=instance,
+        resources=build_resources(),
+        tags=tick(instance, feedback_sensor).run_requests[0].tags,
+    )
+    metrics = materialize(
+        [feedback.to_source_asset(), production_metrics],
+        instance=instance,
+        resources=build_resources(),
+        raise_on_error=False,
+        selection=["production_metrics"],
+        run_config={
+            "ops": {"production_metrics": {"config": {"min_accuracy": 0.95, "min_reviewed": 20}}}
+        },
+    )
     checks = {c.check_name: c for c in metrics.get_asset_check_evaluations()}
     assert not checks["accuracy_sla"].passed and not checks["no_output_drift"].passed
     (mat,) = metrics.asset_materializations_for_node("production_metrics")
     assert mat.metadata["coverage"].value > 0.5 and mat.metadata["sla_ok"].value is False
+    # the asset handed its alerts over as a typed record, which is what the sensor reads
+    assert set(read_facts(store, AlertFacts).failed) == {"accuracy_sla", "no_output_drift"}
 
-    report(instance, "dataset_version", version="ds-new", images=310)  # 10 new labels: too few
+    write_facts(store, DatasetFacts("ds-new", 310))  # 10 new labels: too few even after an alert
     assert isinstance(tick(instance, retraining_sensor), SkipReason)
-    report(instance, "dataset_version", version="ds-newer", images=340)
+    write_facts(store, DatasetFacts("ds-newer", 340))
     request = tick(instance, retraining_sensor)
     assert isinstance(request, RunRequest) and request.run_key == "train:ds-newer"
     assert "accuracy_sla" in request.tags["cvops/trigger"]
 
 
 def test_no_training_on_a_dataset_version_its_contracts_refused(isolated_homes):
-    from dagster import AssetCheckEvaluation
-
-    instance = DagsterInstance.ephemeral()
-    report(instance, "dataset_version", version="ds-bad", images=30)
-    instance.report_runless_asset_event(AssetCheckEvaluation(
-        asset_key=AssetKey("dataset_version"), check_name="dataset_version_balance",
-        passed=False))
-    request, why = retraining_decision(instance)
-    assert request is None and why == "dataset version ds-bad failed dataset_version_balance"
-    instance2 = DagsterInstance.ephemeral()
-    report(instance2, "dataset_version", version="ds-good", images=30)
-    request, why = retraining_decision(instance2)
-    assert request is not None and why == "no model yet"
+    instance, store = DagsterInstance.ephemeral(), LocalStore(isolated_homes)
+    write_facts(store, DatasetFacts("ds-bad", 30, ("dataset_version_balance",)))
+    skip = tick(instance, retraining_sensor)
+    assert isinstance(skip, SkipReason)
+    assert skip.skip_message == "dataset version ds-bad failed dataset_version_balance"
+    write_facts(store, DatasetFacts("ds-good", 30))
+    request = tick(instance, retraining_sensor)
+    assert isinstance(request, RunRequest) and request.tags["cvops/trigger"] == "first model"

@@ -6,12 +6,12 @@ import json
 from dagster import DagsterInstance, SourceAsset, materialize
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.release import ReleaseStore, generate_keypair
-from cvops_pipelines.core.storage import LocalStore
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ship.release import ReleaseStore, generate_keypair
 from cvops_pipelines.defs.resources import build_resources
-from cvops_pipelines.defs.ship.release import edge_release
+from cvops_pipelines.defs.ship.assets import edge_release
+from cvops_pipelines.demo.digit_model import PREPROCESS, trained_model
 from cvops_pipelines.edge.bundle import sha256
-from cvops_pipelines_tests.edge.fleet_kit import PREPROCESS, trained_model
 
 
 def exported(home, choice="onnx_fp32"):
@@ -19,19 +19,32 @@ def exported(home, choice="onnx_fp32"):
     model = trained_model(n=200)
     store = LocalStore(home)
     store.write_bytes("models/digits/v1/model.fp32.onnx", model)
-    record = {"model_name": "digits", "source_model_version": "1", "dataset_version": "ds-x",
-              "preprocess": PREPROCESS, "choices": {"edge": choice},
-              "artifacts": {"onnx_fp32": {"key": "models/digits/v1/model.fp32.onnx",
-                                          "uri": store.uri("models/digits/v1/model.fp32.onnx"),
-                                          "sha256": sha256(model)}}}
+    record = {
+        "model_name": "digits",
+        "source_model_version": "1",
+        "dataset_version": "ds-x",
+        "preprocess": PREPROCESS,
+        "choices": {"edge": choice},
+        "artifacts": {
+            "onnx_fp32": {
+                "key": "models/digits/v1/model.fp32.onnx",
+                "uri": store.uri("models/digits/v1/model.fp32.onnx"),
+                "sha256": sha256(model),
+            }
+        },
+    }
     store.write_bytes("artifacts/onnx_model/all.json", json.dumps(record).encode())
     return model
 
 
 def release(instance):
     upstream = SourceAsset("onnx_model", io_manager_key="tables")  # read through the IO manager
-    return materialize([upstream, edge_release], instance=instance, resources=build_resources(),
-                       raise_on_error=False)
+    return materialize(
+        [upstream, edge_release],
+        instance=instance,
+        resources=build_resources(),
+        raise_on_error=False,
+    )
 
 
 def failure_message(result) -> str:
@@ -53,8 +66,11 @@ def test_release_is_signed_published_and_idempotent(isolated_homes):
     releases = ReleaseStore(LocalStore(isolated_homes))
     assert releases.channel("canary")["release"] == release_id
     assert releases.channel("canary")["share"] == 1.0  # the first release: every device
-    assert set(releases.manifest(release_id)["files"]) == {"model.onnx", "preprocess.json",
-                                                           "classes.json"}
+    assert set(releases.manifest(release_id)["files"]) == {
+        "model.onnx",
+        "preprocess.json",
+        "classes.json",
+    }
     again = release(instance)
     assert again.success
     (mat,) = again.asset_materializations_for_node("edge_release")

@@ -10,13 +10,14 @@ import zipfile
 
 import pytest
 
-from cvops_pipelines.core.release import generate_keypair, load_private_key
+from cvops_pipelines.core.ship.release import generate_keypair, load_private_key
+from cvops_pipelines.demo.digit_model import png, trained_model
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.remote import DirRemote
 from cvops_pipelines.edge.simulator import Crash, FaultyRemote
 from cvops_pipelines_tests.corpus import digit_label
-from cvops_pipelines_tests.edge.fleet_kit import central, png, trained_model
+from cvops_pipelines_tests.edge.fleet_kit import central
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def central_records(c) -> list[dict]:
     out = []
     for path in sorted((c.root / "feedback" / "batches").glob("*.zip")):
         with zipfile.ZipFile(path) as archive:
-            out += [json.loads(line) for line in archive.read("records.jsonl").decode().splitlines()]
+            out += [
+                json.loads(line) for line in archive.read("records.jsonl").decode().splitlines()
+            ]
     return out
 
 
@@ -91,12 +94,17 @@ def test_bad_releases_are_rejected_and_the_device_keeps_serving(tmp_path, fleet,
         model.write_bytes(model.read_bytes()[:-100])
     elif fault == "missing_release":
         (c.root / "releases" / r2.id / "manifest.sig").unlink()
-    c.releases.store.write_bytes("releases/channels/stable.json",
-                                 json.dumps({"release": r2.id}).encode())
+    c.releases.store.write_bytes(
+        "releases/channels/stable.json", json.dumps({"release": r2.id}).encode()
+    )
     result = device.sync()
     assert result.status == "rejected" and device.release == r1.id
-    expected = {"tampered_file": "sha256", "wrong_key": "signature", "truncated": "size",
-                "missing_release": "not in the store"}[fault]
+    expected = {
+        "tampered_file": "sha256",
+        "wrong_key": "signature",
+        "truncated": "size",
+        "missing_release": "not in the store",
+    }[fault]
     assert expected in result.detail
     assert device.predict(png(5)).release == r1.id  # still serving
 
@@ -203,9 +211,11 @@ def test_a_release_that_fails_its_startup_check_is_rolled_back_locally(tmp_path,
 
 
 def test_the_agent_imports_no_training_stack():
-    code = ("import sys, cvops_pipelines.edge.agent, cvops_pipelines.edge.cli; "
-            "heavy = [m for m in ('torch', 'dagster', 'mlflow', 'albumentations', 'pandas') "
-            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    code = (
+        "import sys, cvops_pipelines.edge.agent, cvops_pipelines.edge.cli; "
+        "heavy = [m for m in ('torch', 'dagster', 'mlflow', 'albumentations', 'pandas') "
+        "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -215,8 +225,9 @@ def test_a_channel_cannot_point_outside_the_release_store(tmp_path, fleet, relea
     c, r1 = fleet
     device = new_agent(tmp_path, c)
     device.sync()
-    c.releases.store.write_bytes("releases/channels/stable.json",
-                                 json.dumps({"release": release}).encode())
+    c.releases.store.write_bytes(
+        "releases/channels/stable.json", json.dumps({"release": release}).encode()
+    )
     result = device.sync()
     assert result.status == "rejected" and "invalid release id" in result.detail
     assert device.release == r1.id and not (tmp_path / "outside").exists()
@@ -230,7 +241,8 @@ def test_a_manifest_for_another_release_is_refused(tmp_path, fleet, models):
     alias.mkdir()
     for name in ("manifest.json", "manifest.sig"):  # a genuine, signed manifest of r2 ...
         (alias / name).write_bytes((c.root / "releases" / r2.id / name).read_bytes())
-    c.releases.store.write_bytes("releases/channels/stable.json",
-                                 json.dumps({"release": "rel-alias"}).encode())
+    c.releases.store.write_bytes(
+        "releases/channels/stable.json", json.dumps({"release": "rel-alias"}).encode()
+    )
     result = device.sync()  # ... served under another name
     assert result.status == "rejected" and "describes" in result.detail

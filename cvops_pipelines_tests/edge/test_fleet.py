@@ -7,16 +7,17 @@ import collections
 import pytest
 from mlflow import MlflowClient
 
-from cvops_pipelines.core.feedback import batch_ids
-from cvops_pipelines.core.canary import decide_canary
-from cvops_pipelines.core.release import apply_verdict
-from cvops_pipelines.core.replay import NonInferiority
-from cvops_pipelines.core.tracking import Tracking
+from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.learn.feedback import batch_ids
+from cvops_pipelines.core.measure.replay import NonInferiority
+from cvops_pipelines.core.ship.canary import decide_canary
+from cvops_pipelines.core.ship.release import apply_verdict
+from cvops_pipelines.demo.digit_model import png, trained_model
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 from cvops_pipelines_tests.corpus import digit_label
-from cvops_pipelines_tests.edge.fleet_kit import central, field_records, png, trained_model
+from cvops_pipelines_tests.edge.fleet_kit import central, field_records
 
 
 def stream(start: int, n: int):
@@ -28,13 +29,25 @@ def test_seeded_fleet_loses_and_duplicates_no_record(tmp_path, monkeypatch):
     c = central(tmp_path)
     r1 = c.release(trained_model(), "1")
     c.releases.point("stable", r1.id, "first", "test")
-    config = FleetConfig(devices=5, steps=16, images_per_step=3, p_offline=0.3, p_crash=0.08,
-                         review_share=0.5, seed=11)
+    config = FleetConfig(
+        devices=5,
+        steps=16,
+        images_per_step=3,
+        p_offline=0.3,
+        p_crash=0.08,
+        review_share=0.5,
+        seed=11,
+    )
     first = run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(1000, 200), config)
     r2 = c.release(trained_model(n=300), "2", parent=r1.id)
     c.releases.point("canary", r2.id, "try", "test", share=0.5)
-    second = run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(1200, 200),
-                       FleetConfig(**{**config.__dict__, "seed": 12}))
+    second = run_fleet(
+        c.remote,
+        tmp_path / "fleet",
+        c.public_key,
+        stream(1200, 200),
+        FleetConfig(**{**config.__dict__, "seed": 12}),
+    )
     assert first.crashes + second.crashes >= 5 and first.offline_steps + second.offline_steps > 10
 
     made = {**first.predictions, **second.predictions}
@@ -69,18 +82,31 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
     tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts"))
     registered(tracking, 3, tmp_path / "artifacts")
     champion = lambda manifest: tracking.set_alias("champion", manifest["model_version"])  # noqa
-    config = FleetConfig(devices=6, steps=20, images_per_step=4, p_offline=0.1, p_crash=0.0,
-                         review_share=0.8, shift=Shift(brightness=0.1), seed=5)
+    config = FleetConfig(
+        devices=6,
+        steps=20,
+        images_per_step=4,
+        p_offline=0.1,
+        p_crash=0.0,
+        review_share=0.8,
+        shift=Shift(brightness=0.1),
+        seed=5,
+    )
 
     def field_round(release, start):
         run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(start, 480), config)
         verdict, comparison = decide_canary(
-            c.releases, field_records(c.releases.store), release,
+            c.releases,
+            field_records(c.releases.store),
+            release,
             (c.releases.channel("stable") or {}).get("release"),
-            c.releases.channel("canary")["updated_at"], NonInferiority(min_records=40))
+            c.releases.channel("canary")["updated_at"],
+            NonInferiority(min_records=40),
+        )
         # paired: both releases scored on every reviewed record since the canary went live
-        assert comparison.records >= 40 and set(comparison.table()["records"]) == \
-            {comparison.records}
+        assert comparison.records >= 40 and set(comparison.table()["records"]) == {
+            comparison.records
+        }
         return verdict
 
     stable = c.release(weak, "1")
@@ -94,8 +120,14 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
     apply_verdict(c.releases, worse.id, verdict, "test", champion)
     assert c.releases.channel("canary")["release"] is None
     assert c.releases.channel("stable")["release"] == stable.id
-    assert str(MlflowClient(tracking.tracking_uri).get_model_version_by_alias(
-        tracking.model_name, "champion").version) == "1"
+    assert (
+        str(
+            MlflowClient(tracking.tracking_uri)
+            .get_model_version_by_alias(tracking.model_name, "champion")
+            .version
+        )
+        == "1"
+    )
 
     better = c.release(good, "3", parent=stable.id)
     c.releases.point("canary", better.id, "try v3", "test", share=0.5)
@@ -103,8 +135,14 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
     assert verdict.action == "promote", verdict
     apply_verdict(c.releases, better.id, verdict, "test", champion)
     assert c.releases.channel("stable")["release"] == better.id
-    assert str(MlflowClient(tracking.tracking_uri).get_model_version_by_alias(
-        tracking.model_name, "champion").version) == "3"
+    assert (
+        str(
+            MlflowClient(tracking.tracking_uri)
+            .get_model_version_by_alias(tracking.model_name, "champion")
+            .version
+        )
+        == "3"
+    )
     history = c.releases.history()
     assert list(history["to_release"]) == [stable.id, worse.id, None, better.id, better.id, None]
     assert "rolled back" in history.iloc[2]["reason"] and len(batch_ids(c.releases.store)) > 0

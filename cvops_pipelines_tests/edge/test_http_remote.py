@@ -4,13 +4,13 @@
 import boto3
 import pytest
 
-from cvops_pipelines.core.storage import S3Store
+from cvops_pipelines.core.base.store import S3Store
+from cvops_pipelines.demo.digit_model import png, trained_model
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.remote import HttpRemote, Offline
-from cvops_pipelines_tests.conftest import free_port
-from cvops_pipelines_tests.edge.fleet_kit import field_records
-from cvops_pipelines_tests.edge.fleet_kit import central, png, trained_model
+from cvops_pipelines_tests.edge.fleet_kit import central, field_records
+from cvops_pipelines_tests.helpers import free_port
 
 
 @pytest.mark.s3
@@ -24,13 +24,18 @@ def test_agent_syncs_and_uploads_over_http(tmp_path, s3_env, monkeypatch):
     s3.create_bucket(Bucket="fleet-http", ACL="public-read-write")
     for path in (c.root / "releases").rglob("*"):
         if path.is_file():
-            s3.put_object(Bucket="fleet-http", Key=str(path.relative_to(c.root)),
-                          Body=path.read_bytes(), ACL="public-read")
+            s3.put_object(
+                Bucket="fleet-http",
+                Key=str(path.relative_to(c.root)),
+                Body=path.read_bytes(),
+                ACL="public-read",
+            )
     remote = HttpRemote(f"{s3_env}/fleet-http")
     device = EdgeAgent(tmp_path / "dev", remote, c.public_key, "dev-http")
     result = device.sync()
     assert result.status == "updated" and result.downloaded_bytes == sum(
-        f["size"] for f in r1.manifest["files"].values())
+        f["size"] for f in r1.manifest["files"].values()
+    )
     prediction = device.predict(png(7))
     device.correct(prediction.record_id, "7")
     assert device.upload().records == 1

@@ -45,7 +45,9 @@ def test_workspace_dockerfile_and_helm_name_the_same_code_location(repo_root):
     assert f'"-p", "{entry["grpc_server"]["port"]}"' in dockerfile and f'"{module}"' in dockerfile
     for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert (repo_root / source).exists(), f"Dockerfile copies missing {source}"
-    assert "[production]" in dockerfile and "production" in project["project"]["optional-dependencies"]
+    assert (
+        "[production]" in dockerfile and "production" in project["project"]["optional-dependencies"]
+    )
 
     values = yaml.safe_load((repo_root / "infra/helm/values.yaml").read_text())
     (deployment,) = values["dagster-user-deployments"]["deployments"]
@@ -59,6 +61,16 @@ def test_workspace_dockerfile_and_helm_name_the_same_code_location(repo_root):
 
 
 def test_the_training_job_carries_the_tag_the_run_queue_limits():
-    from cvops_pipelines.defs.ship.jobs import train_job
+    from cvops_pipelines.defs.build.jobs import train_job
 
     assert train_job.tags["cvops/stage"] == "build"
+
+
+def test_every_dagster_instance_config_turns_telemetry_off(repo_root):
+    for path in (
+        "infra/dagster/dagster.yaml",
+        "infra/dagster/dagster.production.yaml",
+        "infra/helm/values.yaml",
+    ):
+        config = yaml.safe_load((repo_root / path).read_text())
+        assert config["telemetry"] == {"enabled": False}, path

@@ -12,17 +12,20 @@ import boto3
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from mlflow import MlflowClient
 
-from cvops_pipelines_tests.conftest import mlflow_server_process
-from cvops_pipelines_tests.defs.test_build_measure_stage import gate, train
-from cvops_pipelines_tests.defs.test_curate_stage import curate, ingest, metadata, write_drop
+from cvops_pipelines_tests.helpers import mlflow_server_process
+from cvops_pipelines_tests.stages import curate, gate, ingest, metadata, train, write_drop
 
 TINY = {"image_size": 32, "epochs": 2, "batch_size": 32, "learning_rate": 3e-3, "seed": 3}
 
 
 def dagster_cli(repo_root: Path, *args: str) -> str:
-    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), *args, "-w",
-                           "workspace.yaml"], cwd=repo_root, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), *args, "-w", "workspace.yaml"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -34,25 +37,35 @@ def upload_drop(s3, bucket: str, local: Path, name: str) -> None:
 
 
 def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
-        postgres_server, s3_bucket, s3_env, tmp_path, monkeypatch, repo_root):
+    postgres_server, s3_bucket, s3_env, tmp_path, monkeypatch, repo_root
+):
     pg = postgres_server
     dagster_db, mlflow_db = pg.create_database("dagster"), pg.create_database("mlflow")
     s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     home = tmp_path / "dagster_home_production"
     home.mkdir()
     shutil.copy(repo_root / "infra/dagster/dagster.production.yaml", home / "dagster.yaml")
-    for name, value in {"DAGSTER_HOME": str(home), "DAGSTER_POSTGRES_HOST": "127.0.0.1",
-                        "DAGSTER_POSTGRES_PORT": str(pg.port), "DAGSTER_POSTGRES_USER": "cvops",
-                        "DAGSTER_POSTGRES_PASSWORD": "cvops-test-password",
-                        "DAGSTER_POSTGRES_DB": dagster_db, "CVOPS_S3_BUCKET": s3_bucket,
-                        "CVOPS_S3_ENDPOINT_URL": s3_env,
-                        "CVOPS_DROPS": f"s3://{s3_bucket}/drops"}.items():
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_POSTGRES_HOST": "127.0.0.1",
+        "DAGSTER_POSTGRES_PORT": str(pg.port),
+        "DAGSTER_POSTGRES_USER": "cvops",
+        "DAGSTER_POSTGRES_PASSWORD": "cvops-test-password",
+        "DAGSTER_POSTGRES_DB": dagster_db,
+        "CVOPS_S3_BUCKET": s3_bucket,
+        "CVOPS_S3_ENDPOINT_URL": s3_env,
+        "CVOPS_DROPS": f"s3://{s3_bucket}/drops",
+    }.items():
         monkeypatch.setenv(name, value)
     write_drop(tmp_path / "local", "d1", range(0, 600))
     upload_drop(s3, s3_bucket, tmp_path / "local", "d1")
 
-    with mlflow_server_process(tmp_path, pg.url(mlflow_db, "postgresql+psycopg2"), f"s3://{s3_bucket}/mlartifacts",
-                               {"MLFLOW_S3_ENDPOINT_URL": s3_env}) as mlflow_url:
+    with mlflow_server_process(
+        tmp_path,
+        pg.url(mlflow_db, "postgresql+psycopg2"),
+        f"s3://{s3_bucket}/mlartifacts",
+        {"MLFLOW_S3_ENDPOINT_URL": s3_env},
+    ) as mlflow_url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
         instance = DagsterInstance.get()
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
@@ -70,20 +83,31 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
         latest = reopened.get_latest_materialization_event(AssetKey("trained_model"))
         assert latest.run_id == result.run_id
         assert pg.query(dagster_db, "SELECT count(*) FROM runs WHERE status = 'SUCCESS'")[0][0] == 3
-        assert pg.query(dagster_db, "SELECT count(*) FROM event_logs WHERE asset_key = %s AND "
-                                    "dagster_event_type = 'ASSET_MATERIALIZATION'",
-                        AssetKey("trained_model").to_string())[0][0] == 1
+        assert (
+            pg.query(
+                dagster_db,
+                "SELECT count(*) FROM event_logs WHERE asset_key = %s AND "
+                "dagster_event_type = 'ASSET_MATERIALIZATION'",
+                AssetKey("trained_model").to_string(),
+            )[0][0]
+            == 1
+        )
 
         # MLflow's runs and registry are in Postgres, its artifacts in S3 (proxied by the server)
         client = MlflowClient(mlflow_url)
         assert client.get_model_version_by_alias("cvops-classifier", "challenger").version == "1"
         assert pg.query(mlflow_db, "SELECT run_uuid FROM runs") == [(model["mlflow_run_id"],)]
-        assert pg.query(mlflow_db, "SELECT name, alias, version FROM registered_model_aliases") \
-            == [("cvops-classifier", "challenger", 1)]
-        artifacts = {o["Key"] for o in s3.list_objects_v2(
-            Bucket=s3_bucket, Prefix="mlartifacts/")["Contents"]}
-        assert any(k.endswith(f"{model['mlflow_run_id']}/artifacts/model/preprocess.json")
-                   for k in artifacts), sorted(artifacts)[:20]
+        assert pg.query(mlflow_db, "SELECT name, alias, version FROM registered_model_aliases") == [
+            ("cvops-classifier", "challenger", 1)
+        ]
+        artifacts = {
+            o["Key"]
+            for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="mlartifacts/")["Contents"]
+        }
+        assert any(
+            k.endswith(f"{model['mlflow_run_id']}/artifacts/model/preprocess.json")
+            for k in artifacts
+        ), sorted(artifacts)[:20]
         assert s3.head_object(Bucket=s3_bucket, Key="tables/dataset_version/all.parquet")
 
         # Runs from the UI and sensors are queued; the daemon launches them. With the automation
@@ -92,10 +116,12 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
         dagster_cli(repo_root, "job", "launch", "-j", "curate_job")
         (queued,) = reopened.get_runs(limit=1)
         assert queued.job_name == "curate_job" and queued.status == DagsterRunStatus.QUEUED
-        daemon = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run",
-                                   "-w", "workspace.yaml"], cwd=repo_root,
-                                  stdout=open(tmp_path / "daemon.log", "wb"),
-                                  stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=repo_root,
+            stdout=open(tmp_path / "daemon.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:

@@ -6,130 +6,200 @@ All three refresh on their own when a drop lands (eager automation, run by the d
 import json
 
 import pandas as pd
-from dagster import (AssetExecutionContext, AutomationCondition, Config, DataVersion,
-                     MetadataValue, Output, asset)
+from dagster import (
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    DataVersion,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
-from cvops_pipelines.core.contracts import validate
-from cvops_pipelines.core.dataset import DatasetPolicy, build_dataset_version, save_snapshot
-from cvops_pipelines.core.feedback import feedback_labels, feedback_manifest, resolve_records
-from cvops_pipelines.core.label_qa import (LabelQAConfig, export_json, labelstudio_config,
-                                           labelstudio_tasks, review_label_quality)
-from cvops_pipelines.core.neardup import NearDupConfig
-from cvops_pipelines.core.plots import confused_pairs_png, md_image
-from cvops_pipelines.core.pool import build_labeled_pool
-from cvops_pipelines.core.replay_set import HoldoutPolicy, build_replay_set, save_replay_set
-from cvops_pipelines.core.splits import SplitConfig
-from cvops_pipelines.core.tables import markdown_table
-from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
+from cvops_pipelines.core.base.contracts import validate
+from cvops_pipelines.core.base.plots import md_image
+from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.curate.dataset import DatasetPolicy, build_dataset_version, save_snapshot
+from cvops_pipelines.core.curate.label_qa import LabelQAConfig, review_label_quality, write_review
+from cvops_pipelines.core.curate.neardup import NearDupConfig
+from cvops_pipelines.core.curate.pool import build_labeled_pool
+from cvops_pipelines.core.curate.replay_set import HoldoutPolicy, build_replay_set, save_replay_set
+from cvops_pipelines.core.curate.splits import SplitConfig
+from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest, resolve_records
+from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
+from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
 
 EAGER = AutomationCondition.eager()
 
 
-@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
-       automation_condition=EAGER,
-       description="Every labeled image from every drop (and later feedback and the annotation "
-                   "queue), with each annotator's latest vote and the consensus label.")
-def labeled_pool(context: AssetExecutionContext, raw_images: pd.DataFrame,
-                 annotations: pd.DataFrame, feedback: pd.DataFrame):
+@asset(
+    group_name="curate",
+    io_manager_key="tables",
+    kinds={"python", "parquet"},
+    automation_condition=EAGER,
+    description="Every labeled image from every drop (and later feedback and the annotation "
+    "queue), with each annotator's latest vote and the consensus label.",
+)
+def labeled_pool(
+    context: AssetExecutionContext,
+    raw_images: pd.DataFrame,
+    annotations: pd.DataFrame,
+    feedback: pd.DataFrame,
+):
     records = resolve_records(feedback)
     if len(records):
         raw_images = pd.concat([raw_images, feedback_manifest(records)], ignore_index=True)
         annotations = pd.concat([annotations, feedback_labels(records)], ignore_index=True)
     pool = build_labeled_pool(raw_images, annotations)
     per_class = pool.groupby("label").size().rename("images").reset_index()
-    return Output(pool, metadata={
-        "images": len(pool),
-        "drops": int(pool.loc[~pool["source"].str.startswith("feedback/"), "source"].nunique()),
-        "feedback_labeled": int((pool["origin"] == "feedback").sum()),
-        "multi_annotated": int((pool["n_votes"] > 1).sum()),
-        "unlabeled_images_left_out": int(raw_images["image_id"].nunique() - len(pool))
-        if len(raw_images) else 0,
-        "origins": MetadataValue.json(pool["origin"].value_counts().to_dict()),
-        "images_per_class": MetadataValue.md(markdown_table(per_class, 100)),
-    })
+    return Output(
+        pool,
+        metadata={
+            "images": len(pool),
+            "drops": int(pool.loc[~pool["source"].str.startswith("feedback/"), "source"].nunique()),
+            "feedback_labeled": int((pool["origin"] == "feedback").sum()),
+            "multi_annotated": int((pool["n_votes"] > 1).sum()),
+            "unlabeled_images_left_out": int(raw_images["image_id"].nunique() - len(pool))
+            if len(raw_images)
+            else 0,
+            "origins": MetadataValue.json(pool["origin"].value_counts().to_dict()),
+            "images_per_class": MetadataValue.md(markdown_table(per_class, 100)),
+        },
+    )
 
 
 class ReplaySetConfig(Config):
-    holdout_share: float = Field(0.3, description="Share of field images (by hash of the image "
-                                                  "id) reserved as the production holdout: "
-                                                  "never trained or validated on; the gate "
-                                                  "replays models on it.")
-    holdout_salt: str = Field("cvops-holdout-v1", description="Changing it reshuffles the "
-                                                              "holdout (old holdout images may "
-                                                              "then have been trained on).")
+    holdout_share: float = Field(
+        0.3,
+        description="Share of field images (by hash of the image "
+        "id) reserved as the production holdout: "
+        "never trained or validated on; the gate "
+        "replays models on it.",
+    )
+    holdout_salt: str = Field(
+        "cvops-holdout-v1",
+        description="Changing it reshuffles the "
+        "holdout (old holdout images may "
+        "then have been trained on).",
+    )
 
 
-@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
-       automation_condition=EAGER, check_specs=[contract_spec(
-           "replay_set", what="Unique records, labels in the ontology, a label source each.")],
-       description="Every reviewed field record (an expert's label from the annotation queue "
-                   "outranks the operator's), as an immutable versioned set, with the "
-                   "production holdout marked: the records the gate and canary replay models on.")
-def replay_set(context: AssetExecutionContext, config: ReplaySetConfig, feedback: pd.DataFrame,
-               labeled_pool: pd.DataFrame, storage: CvopsStorage, contracts: DataContracts):
-    replay = build_replay_set(resolve_records(feedback), labeled_pool,
-                              HoldoutPolicy(config.holdout_share, config.holdout_salt))
+@asset(
+    group_name="curate",
+    io_manager_key="tables",
+    kinds={"python", "parquet"},
+    automation_condition=EAGER,
+    check_specs=[
+        contract_spec(
+            "replay_set", what="Unique records, labels in the ontology, a label source each."
+        )
+    ],
+    description="Every reviewed field record (an expert's label from the annotation queue "
+    "outranks the operator's), as an immutable versioned set, with the "
+    "production holdout marked: the records the gate and canary replay models on.",
+)
+def replay_set(
+    context: AssetExecutionContext,
+    config: ReplaySetConfig,
+    feedback: pd.DataFrame,
+    labeled_pool: pd.DataFrame,
+    storage: CvopsStorage,
+    contracts: DataContracts,
+):
+    replay = build_replay_set(
+        resolve_records(feedback),
+        labeled_pool,
+        HoldoutPolicy(config.holdout_share, config.holdout_salt),
+    )
     store = storage.store()
     uri = save_replay_set(store, replay)
     rows = replay.rows.assign(replay_set=replay.version)
     by_source = replay.rows.groupby(["label_source", "holdout"]).size().rename("records")
-    yield Output(rows, data_version=DataVersion(replay.version), metadata={
-        **replay.summary(), "snapshot": MetadataValue.url(uri),
-        "by_source_and_holdout": MetadataValue.md(markdown_table(by_source.reset_index(), 10)),
-        "by_cohort": MetadataValue.json(replay.rows["cohort"].value_counts().to_dict()),
-    })
+    yield Output(
+        rows,
+        data_version=DataVersion(replay.version),
+        metadata={
+            **replay.summary(),
+            "snapshot": MetadataValue.url(uri),
+            "by_source_and_holdout": MetadataValue.md(markdown_table(by_source.reset_index(), 10)),
+            "by_cohort": MetadataValue.json(replay.rows["cohort"].value_counts().to_dict()),
+        },
+    )
     docs = store if contracts.build_docs else None
-    yield contract_check_result("replay_set", validate(
-        replay.rows, contracts.suite("replay_set"), {"classes": contracts.ontology().names},
-        docs, f"replay_set-{replay.version}"))
+    yield contract_check_result(
+        "replay_set",
+        validate(
+            replay.rows,
+            contracts.suite("replay_set"),
+            {"classes": contracts.ontology().names},
+            docs,
+            f"replay_set-{replay.version}",
+        ),
+    )
 
 
 class LabelIssuesConfig(Config):
     folds: int = Field(5, description="k for the out-of-fold probabilities.")
     neighbors: int = Field(10, description="k of the nearest-neighbour label-QA model.")
     seed: int = 0
-    max_hamming: int = Field(4, description="Near-duplicate candidates: pHash bits that may differ.")
-    max_mad: float = Field(0.018, description="Near-duplicate confirmation: thumbnail difference.")
+    max_hamming: int = Field(
+        NearDupConfig.max_hamming,
+        description="Near-duplicate candidates: pHash bits that may differ.",
+    )
+    max_mad: float = Field(
+        NearDupConfig.max_mad, description="Near-duplicate confirmation: thumbnail difference."
+    )
 
 
-@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
-       automation_condition=EAGER,
-       description="Suspect labels ranked for human review: cleanlab on out-of-fold "
-                   "probabilities, near-duplicate conflicts, annotator disagreement.")
-def label_issues(context: AssetExecutionContext, config: LabelIssuesConfig,
-                 labeled_pool: pd.DataFrame, storage: CvopsStorage):
-    result = review_label_quality(labeled_pool, LabelQAConfig(
-        folds=config.folds, neighbors=config.neighbors, seed=config.seed,
-        neardup=NearDupConfig(config.max_hamming, config.max_mad)))
+@asset(
+    group_name="curate",
+    io_manager_key="tables",
+    kinds={"python", "parquet"},
+    automation_condition=EAGER,
+    description="Suspect labels ranked for human review: cleanlab on out-of-fold "
+    "probabilities, near-duplicate conflicts, annotator disagreement.",
+)
+def label_issues(
+    context: AssetExecutionContext,
+    config: LabelIssuesConfig,
+    labeled_pool: pd.DataFrame,
+    storage: CvopsStorage,
+):
+    neardup = NearDupConfig(config.max_hamming, config.max_mad)
+    qa = LabelQAConfig(config.folds, config.neighbors, config.seed, neardup=neardup)
+    result = review_label_quality(labeled_pool, qa)
     if result.unscored_reason:
         context.log.warning(result.unscored_reason)
-    store, prefix = storage.store(), f"reports/label_issues/{context.run.run_id}"
+    prefix = f"reports/label_issues/{context.run.run_id}"
+    classes = sorted(labeled_pool["label"].unique())
+    png, uris = write_review(storage.store(), prefix, result, classes)
+    return Output(result.review, metadata=_label_issues_metadata(result, png, uris))
+
+
+def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
     review = result.review
-    store.write_bytes(f"{prefix}/review.csv", review.to_csv(index=False).encode())
-    store.write_bytes(f"{prefix}/labelstudio_tasks.json", export_json(labelstudio_tasks(review)))
-    store.write_bytes(f"{prefix}/labelstudio_config.xml", labelstudio_config(
-        sorted(labeled_pool["label"].unique())).encode())
-    png = confused_pairs_png(result.confused_pairs, result.noise_per_class)
-    store.write_bytes(f"{prefix}/confused_pairs.png", png)
-    reasons = review["reasons"].str.split(";").explode().value_counts().to_dict() if len(review) else {}
+    reasons = (
+        review["reasons"].str.split(";").explode().value_counts().to_dict() if len(review) else {}
+    )
     noise = result.noise_per_class.assign(
-        estimated_noise_rate=lambda d: (d["estimated_noise_rate"] * 100).round(1))
-    return Output(review, metadata={
+        estimated_noise_rate=lambda d: (d["estimated_noise_rate"] * 100).round(1)
+    )
+    columns = ["image_id", "label", "suggested_label", "severity", "reasons", "details"]
+    return {
         "suspects": len(review),
         "scored_images": result.scored,
         "suspects_by_reason": MetadataValue.json(reasons),
-        "top_suspects": MetadataValue.md(markdown_table(
-            review[["image_id", "label", "suggested_label", "severity", "reasons", "details"]], 15)),
+        "top_suspects": MetadataValue.md(markdown_table(review[columns], 15)),
         "confused_pairs": MetadataValue.md(markdown_table(result.confused_pairs, 10)),
         "noise_per_class_percent": MetadataValue.md(markdown_table(noise, 100)),
         "annotators": MetadataValue.md(markdown_table(result.annotators, 50)),
         "plot": MetadataValue.md(md_image(png, "confused class pairs and noise per class")),
-        "review_csv": MetadataValue.url(store.uri(f"{prefix}/review.csv")),
-        "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/labelstudio_tasks.json")),
-        "labelstudio_config": MetadataValue.url(store.uri(f"{prefix}/labelstudio_config.xml")),
-    })
+        "review_csv": MetadataValue.url(uris["review.csv"]),
+        "labelstudio_import": MetadataValue.url(uris["labelstudio_tasks.json"]),
+        "labelstudio_config": MetadataValue.url(uris["labelstudio_config.xml"]),
+    }
 
 
 class DatasetVersionConfig(Config):
@@ -140,60 +210,115 @@ class DatasetVersionConfig(Config):
     flagged: str = Field("exclude", description="'exclude' or 'keep' images label QA flagged.")
     min_severity: float = Field(0.5, description="Only suspects this severe are excluded.")
     exclude_cross_split_duplicates: bool = Field(
-        False, description="Drop the evaluation-side copy of a near-duplicate across splits "
-                           "instead of failing the leakage check.")
+        False,
+        description="Drop the evaluation-side copy of a near-duplicate across splits "
+        "instead of failing the leakage check.",
+    )
     min_per_class: int = Field(2, description="Contract: images per class in every split.")
-    min_class_share: float = Field(0.0, description="Contract: smallest share of a class in a split.")
-    max_class_share: float = Field(1.0, description="Contract: largest share of a class in a split.")
-    max_share_z: float = Field(4.0, description="Contract: a class's share in a split may differ "
-                                                 "from its overall share by this many binomial "
-                                                 "standard errors.")
-    max_hamming: int = 4
-    max_mad: float = 0.018
+    min_class_share: float = Field(
+        0.0, description="Contract: smallest share of a class in a split."
+    )
+    max_class_share: float = Field(
+        1.0, description="Contract: largest share of a class in a split."
+    )
+    max_share_z: float = Field(
+        4.0,
+        description="Contract: a class's share in a split may differ "
+        "from its overall share by this many binomial "
+        "standard errors.",
+    )
+    max_hamming: int = NearDupConfig.max_hamming
+    max_mad: float = NearDupConfig.max_mad
 
 
-@asset(group_name="curate", io_manager_key="tables", kinds={"python", "parquet"},
-       automation_condition=EAGER,
-       check_specs=[contract_spec("dataset_version"),
-                    contract_spec("dataset_version", "dataset_version_balance",
-                                  "Every class in every split, in proportion."),
-                    contract_spec("dataset_version", "dataset_version_leakage",
-                                  "No near-duplicate image across splits.")],
-       description="Immutable (image_id, label, split) snapshot named by its content hash; "
-                   "splits by hashing image_id, so they never move as the pool grows; the "
-                   "replay set's production holdout is left out.")
-def dataset_version(context: AssetExecutionContext, config: DatasetVersionConfig,
-                    labeled_pool: pd.DataFrame, label_issues: pd.DataFrame,
-                    replay_set: pd.DataFrame, storage: CvopsStorage, contracts: DataContracts):
+@asset(
+    group_name="curate",
+    io_manager_key="tables",
+    kinds={"python", "parquet"},
+    automation_condition=EAGER,
+    check_specs=[
+        contract_spec("dataset_version"),
+        contract_spec(
+            "dataset_version",
+            "dataset_version_balance",
+            "Every class in every split, in proportion.",
+        ),
+        contract_spec(
+            "dataset_version", "dataset_version_leakage", "No near-duplicate image across splits."
+        ),
+    ],
+    description="Immutable (image_id, label, split) snapshot named by its content hash; "
+    "splits by hashing image_id, so they never move as the pool grows; the "
+    "replay set's production holdout is left out.",
+)
+def dataset_version(
+    context: AssetExecutionContext,
+    config: DatasetVersionConfig,
+    labeled_pool: pd.DataFrame,
+    label_issues: pd.DataFrame,
+    replay_set: pd.DataFrame,
+    storage: CvopsStorage,
+    contracts: DataContracts,
+):
     neardup = NearDupConfig(config.max_hamming, config.max_mad)
     dataset = build_dataset_version(
-        labeled_pool, label_issues,
+        labeled_pool,
+        label_issues,
         SplitConfig(config.train, config.val, config.test, config.split_salt),
         DatasetPolicy(config.flagged, config.min_severity, config.exclude_cross_split_duplicates),
-        neardup, holdout=set(replay_set.loc[replay_set["holdout"].astype(bool), "image_id"])
-        if len(replay_set) else set())
+        neardup,
+        holdout=set(replay_set.loc[replay_set["holdout"].astype(bool), "image_id"])
+        if len(replay_set)
+        else set(),
+    )
     store = storage.store()
     snapshot = save_snapshot(store, dataset)
     counts = dataset.class_counts()
     table = counts.pivot(index="label", columns="split", values="images").reset_index()
-    yield Output(dataset.rows, data_version=DataVersion(dataset.version), metadata={
-        **dataset.summary(),
-        "snapshot": MetadataValue.url(snapshot),
-        "class_counts": MetadataValue.md(markdown_table(table, 100)),
-        "excluded_examples": MetadataValue.md(markdown_table(dataset.excluded, 10)),
-        "leakage_examples": MetadataValue.md(markdown_table(dataset.leakage, 10)),
-        "config": MetadataValue.json(json.loads(json.dumps(dataset.config))),
-    })
-    docs = store if contracts.build_docs else None
-    ontology = contracts.ontology()
-    run = f"dataset_version-{dataset.version}"
-    yield contract_check_result("dataset_version", validate(
-        dataset.rows, contracts.suite("dataset_version"),
-        {"ontology_classes": ontology.names}, docs, run))
-    yield contract_check_result("dataset_version", validate(
-        counts, contracts.suite("dataset_version_balance"),
-        {"min_per_class": config.min_per_class, "min_class_share": config.min_class_share,
-         "max_class_share": config.max_class_share,
-         "min_share_z": -config.max_share_z, "max_share_z": config.max_share_z}, docs, run))
-    yield contract_check_result("dataset_version", validate(
-        dataset.leakage, contracts.suite("dataset_version_leakage"), {}, docs, run))
+    yield Output(
+        dataset.rows,
+        data_version=DataVersion(dataset.version),
+        metadata={
+            **dataset.summary(),
+            "snapshot": MetadataValue.url(snapshot),
+            "class_counts": MetadataValue.md(markdown_table(table, 100)),
+            "excluded_examples": MetadataValue.md(markdown_table(dataset.excluded, 10)),
+            "leakage_examples": MetadataValue.md(markdown_table(dataset.leakage, 10)),
+            "config": MetadataValue.json(json.loads(json.dumps(dataset.config))),
+        },
+    )
+    results = _dataset_contracts(dataset, counts, config, contracts, store)
+    write_facts(
+        store,
+        DatasetFacts(
+            dataset.version,
+            len(dataset.rows),
+            tuple(check_name("dataset_version", r.suite) for r in results if not r.success),
+        ),
+    )
+    for result in results:
+        yield contract_check_result("dataset_version", result)
+
+
+def _dataset_contracts(
+    dataset, counts: pd.DataFrame, config: DatasetVersionConfig, contracts: DataContracts, store
+) -> list:
+    docs, run = (store if contracts.build_docs else None), f"dataset_version-{dataset.version}"
+    balance = {
+        "min_per_class": config.min_per_class,
+        "min_class_share": config.min_class_share,
+        "max_class_share": config.max_class_share,
+        "min_share_z": -config.max_share_z,
+        "max_share_z": config.max_share_z,
+    }
+    return [
+        validate(
+            dataset.rows,
+            contracts.suite("dataset_version"),
+            {"ontology_classes": contracts.ontology().names},
+            docs,
+            run,
+        ),
+        validate(counts, contracts.suite("dataset_version_balance"), balance, docs, run),
+        validate(dataset.leakage, contracts.suite("dataset_version_leakage"), {}, docs, run),
+    ]

@@ -4,19 +4,21 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from cvops_pipelines.core.annotations import import_annotations
-from cvops_pipelines.core.contracts import validate
-from cvops_pipelines.core.drops import require_complete
-from cvops_pipelines.core.images import ImageLimits
-from cvops_pipelines.core.ingest import IngestConfig, ingest_drop
-from cvops_pipelines.core.tables import markdown_table, write_table
+from cvops_pipelines.core.base.contracts import validate
+from cvops_pipelines.core.base.images import ImageLimits
+from cvops_pipelines.core.base.tables import markdown_table, write_table
+from cvops_pipelines.core.ingest.annotations import import_annotations
+from cvops_pipelines.core.ingest.drops import require_complete
+from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
 from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
 from cvops_pipelines.defs.partitions import drops_partitions
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, DropSource
 
 
 class RawImagesConfig(Config):
-    max_megapixels: float = Field(40.0, description="Larger headers are rejected as decompression bombs.")
+    max_megapixels: float = Field(
+        40.0, description="Larger headers are rejected as decompression bombs."
+    )
     max_file_mb: float = Field(64.0, description="Larger files are rejected unread.")
     min_side: int = Field(8, description="Contract: smallest accepted width/height in pixels.")
     max_side: int = Field(20_000, description="Contract: largest accepted width/height in pixels.")
@@ -29,13 +31,21 @@ def _reason_counts(quarantine: pd.DataFrame) -> str:
 
 
 @asset(
-    group_name="ingest", partitions_def=drops_partitions, io_manager_key="tables",
-    check_specs=[contract_spec("raw_images")], kinds={"python", "parquet"},
+    group_name="ingest",
+    partitions_def=drops_partitions,
+    io_manager_key="tables",
+    check_specs=[contract_spec("raw_images")],
+    kinds={"python", "parquet"},
     description="Image manifest of one drop: every file decoded and vetted, originals stored "
-                "content-addressed, rejects quarantined with a reason code.",
+    "content-addressed, rejects quarantined with a reason code.",
 )
-def raw_images(context: AssetExecutionContext, config: RawImagesConfig, storage: CvopsStorage,
-               drop_source: DropSource, contracts: DataContracts):
+def raw_images(
+    context: AssetExecutionContext,
+    config: RawImagesConfig,
+    storage: CvopsStorage,
+    drop_source: DropSource,
+    contracts: DataContracts,
+):
     drop = context.partition_key
     store = storage.store()
     store.check()
@@ -47,62 +57,89 @@ def raw_images(context: AssetExecutionContext, config: RawImagesConfig, storage:
         if done % every == 0:
             context.log.info(f"drop {drop}: {done} files processed")
 
-    result = ingest_drop(drop_source.drop(drop), store, drop,
-                         IngestConfig(limits=limits, workers=config.workers), progress)
+    ingest = IngestConfig(limits=limits, workers=config.workers)
+    result = ingest_drop(drop_source.drop(drop), store, drop, ingest, progress)
     quarantine_uri = write_table(store, f"quarantine/{drop}/raw_images.parquet", result.quarantine)
     if result.files_seen == 0:
         context.log.warning(f"drop {drop} holds no image files")
-    context.log.info(f"drop {drop}: {result.files_seen} files, {len(result.manifest)} accepted, "
-                     f"{result.duplicates} duplicates, {len(result.quarantine)} quarantined")
-    yield Output(result.manifest, metadata={
-        "files_seen": result.files_seen,
-        "accepted": len(result.manifest),
-        "duplicates": result.duplicates,
-        "quarantined": len(result.quarantine),
-        "new_objects_stored": result.new_objects,
-        "quarantine_by_reason": MetadataValue.md(_reason_counts(result.quarantine)),
-        "quarantine_examples": MetadataValue.md(markdown_table(
-            result.quarantine[["original_name", "reason_code", "reason"]], 10)),
-        "quarantine_table": MetadataValue.url(quarantine_uri),
-        "preview": MetadataValue.md(markdown_table(
-            result.manifest[["image_id", "original_name", "format", "width", "height"]], 5)),
-    })
-    contract = validate(result.manifest, contracts.suite("raw_images"),
-                        {"min_side": config.min_side, "max_side": config.max_side,
-                         "max_bytes": limits.max_bytes},
-                        store if contracts.build_docs else None, run_name=f"raw_images-{drop}")
+    context.log.info(
+        f"drop {drop}: {result.files_seen} files, {len(result.manifest)} accepted, "
+        f"{result.duplicates} duplicates, {len(result.quarantine)} quarantined"
+    )
+    yield Output(result.manifest, metadata=_raw_images_metadata(result, quarantine_uri))
+    contract = validate(
+        result.manifest,
+        contracts.suite("raw_images"),
+        {"min_side": config.min_side, "max_side": config.max_side, "max_bytes": limits.max_bytes},
+        store if contracts.build_docs else None,
+        run_name=f"raw_images-{drop}",
+    )
     yield contract_check_result("raw_images", contract)
 
 
+def _raw_images_metadata(result, quarantine_uri: str) -> dict:
+    quarantine, manifest = result.quarantine, result.manifest
+    preview = manifest[["image_id", "original_name", "format", "width", "height"]]
+    return {
+        "files_seen": result.files_seen,
+        "accepted": len(manifest),
+        "duplicates": result.duplicates,
+        "quarantined": len(quarantine),
+        "new_objects_stored": result.new_objects,
+        "quarantine_by_reason": MetadataValue.md(_reason_counts(quarantine)),
+        "quarantine_examples": MetadataValue.md(
+            markdown_table(quarantine[["original_name", "reason_code", "reason"]], 10)
+        ),
+        "quarantine_table": MetadataValue.url(quarantine_uri),
+        "preview": MetadataValue.md(markdown_table(preview, 5)),
+    }
+
+
 @asset(
-    group_name="ingest", partitions_def=drops_partitions, io_manager_key="tables",
-    check_specs=[contract_spec("annotations")], kinds={"python", "parquet"},
+    group_name="ingest",
+    partitions_def=drops_partitions,
+    io_manager_key="tables",
+    check_specs=[contract_spec("annotations")],
+    kinds={"python", "parquet"},
     description="Labels of one drop (ImageFolder, CSV, COCO, YOLO or Label Studio), each tied to "
-                "an ingested image and checked against the ontology.",
+    "an ingested image and checked against the ontology.",
 )
-def annotations(context: AssetExecutionContext, raw_images: pd.DataFrame, storage: CvopsStorage,
-                drop_source: DropSource, contracts: DataContracts):
+def annotations(
+    context: AssetExecutionContext,
+    raw_images: pd.DataFrame,
+    storage: CvopsStorage,
+    drop_source: DropSource,
+    contracts: DataContracts,
+):
     drop = context.partition_key
     store = storage.store()
     ontology = contracts.ontology()
     result = import_annotations(drop_source.drop(drop), store, drop, raw_images, ontology)
     quarantine_uri = write_table(store, f"quarantine/{drop}/annotations.parquet", result.quarantine)
     per_class = result.labels.groupby("label").size().rename("labels").reset_index()
-    yield Output(result.labels, metadata={
-        "labels": len(result.labels),
-        "labeled_images": int(result.labels["image_id"].nunique()),
-        "unlabeled_images": result.unlabeled_images,
-        "boxes": int(result.labels["x_min"].notna().sum()),
-        "formats": MetadataValue.json(dict(result.formats)),
-        "quarantined": len(result.quarantine),
-        "quarantine_by_reason": MetadataValue.md(_reason_counts(result.quarantine)),
-        "quarantine_examples": MetadataValue.md(markdown_table(
-            result.quarantine[["original_name", "position", "reason"]], 10)),
-        "quarantine_table": MetadataValue.url(quarantine_uri),
-        "labels_per_class": MetadataValue.md(markdown_table(per_class, 100)),
-        "ontology_version": ontology.version,
-    })
-    contract = validate(result.labels, contracts.suite("annotations"),
-                        {"ontology_classes": ontology.names},
-                        store if contracts.build_docs else None, run_name=f"annotations-{drop}")
+    yield Output(
+        result.labels,
+        metadata={
+            "labels": len(result.labels),
+            "labeled_images": int(result.labels["image_id"].nunique()),
+            "unlabeled_images": result.unlabeled_images,
+            "boxes": int(result.labels["x_min"].notna().sum()),
+            "formats": MetadataValue.json(dict(result.formats)),
+            "quarantined": len(result.quarantine),
+            "quarantine_by_reason": MetadataValue.md(_reason_counts(result.quarantine)),
+            "quarantine_examples": MetadataValue.md(
+                markdown_table(result.quarantine[["original_name", "position", "reason"]], 10)
+            ),
+            "quarantine_table": MetadataValue.url(quarantine_uri),
+            "labels_per_class": MetadataValue.md(markdown_table(per_class, 100)),
+            "ontology_version": ontology.version,
+        },
+    )
+    contract = validate(
+        result.labels,
+        contracts.suite("annotations"),
+        {"ontology_classes": ontology.names},
+        store if contracts.build_docs else None,
+        run_name=f"annotations-{drop}",
+    )
     yield contract_check_result("annotations", contract)

@@ -2,27 +2,43 @@
 
 import json
 
-from dagster import (DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult,
-                     SkipReason, define_asset_job, sensor)
+from dagster import (
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    sensor,
+)
 
-from cvops_pipelines.core.drops import scan_drops
+from cvops_pipelines.core.ingest.drops import scan_drops
 from cvops_pipelines.defs.partitions import drops_partitions
 from cvops_pipelines.defs.resources import DropSource
 
-ingest_job = define_asset_job("ingest_job", selection=["raw_images", "annotations"],
-                              description="Ingest one drop: images, then labels.")
+ingest_job = define_asset_job(
+    "ingest_job",
+    selection=["raw_images", "annotations"],
+    description="Ingest one drop: images, then labels.",
+)
 
 
-@sensor(job=ingest_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING,
-        description="Watches the drop source for folders carrying the _SUCCESS marker.")
+@sensor(
+    job=ingest_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Watches the drop source for folders carrying the _SUCCESS marker.",
+)
 def new_drop_sensor(context: SensorEvaluationContext, drop_source: DropSource):
     # The cursor holds the drops already requested, so a restart neither misses nor repeats one
     # (and a drop whose marker time is older than the last one seen is still picked up).
     requested = set(json.loads(context.cursor)) if context.cursor else set()
     scan = scan_drops(drop_source.store())
     for name in scan.invalid:
-        context.log.error(f"drop folder {name!r} is marked complete but its name is not a valid "
-                          "partition key (letters, digits, '.', '_', '-'); rename it")
+        context.log.error(
+            f"drop folder {name!r} is marked complete but its name is not a valid "
+            "partition key (letters, digits, '.', '_', '-'); rename it"
+        )
     existing = set(context.instance.get_dynamic_partitions(drops_partitions.name))
     new = [d for d in scan.complete if d not in requested and d not in existing]
     if not new:

@@ -1,26 +1,50 @@
-"""Ship stage: ONNX artifacts proven against the trained model, and a measured choice per target."""
+"""Ship stage: ONNX artifacts proven against the trained model and chosen per target, a signed
+release on the canary channel, and the canary's promotion or rollback on field feedback."""
 
 import json
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from dagster import (AssetExecutionContext, AssetSelection, AutomationCondition, Config,
-                     DataVersion, Failure, MetadataValue, Output, asset)
+from dagster import (
+    AssetExecutionContext,
+    AssetSelection,
+    AutomationCondition,
+    Config,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
-from cvops_pipelines.core.artifact_choice import (REFERENCE, TargetProfile, choose,
-                                                  measure_artifacts, table)
-from cvops_pipelines.core.export import (describe, export_onnx, ort_logits, parity, quantize_int8,
-                                         session, sha256, torch_logits)
-from cvops_pipelines.core.tables import markdown_table
-from cvops_pipelines.core.training import load_images
+from cvops_pipelines import settings
+from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.learn.feedback import resolve_records
+from cvops_pipelines.core.measure.replay import NonInferiority
+from cvops_pipelines.core.ship.artifact_choice import TargetProfile
+from cvops_pipelines.core.ship.canary import log_canary, look_at_canary
+from cvops_pipelines.core.ship.export import ExportError
+from cvops_pipelines.core.ship.onnx_model import ExportPolicy, export_model
+from cvops_pipelines.core.ship.release import (
+    ReleaseRefused,
+    ReleaseStore,
+    SigningKeyMissing,
+    chosen_artifact,
+    load_private_key,
+    publish_release,
+    release_meta,
+)
+from cvops_pipelines.defs.operator import OperatorConfig
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 
 
 class TargetConfig(Config):
     name: str
     max_p95_ms_batch1: float = Field(50.0, description="Latency budget, batch 1, p95.")
-    max_accuracy_drop_points: float = Field(1.0, description="vs torch eager fp32 on the test split.")
+    max_accuracy_drop_points: float = Field(
+        1.0, description="vs torch eager fp32 on the test split."
+    )
     max_size_mb: float = 100.0
     prefer: str = Field("latency", description="Among qualifying artifacts: latency or size.")
 
@@ -30,116 +54,219 @@ class OnnxModelConfig(Config):
     calibration_images: int = Field(256, description="Real training images for int8 calibration.")
     latency_repeats: int = Field(50, description="Timed calls per artifact and batch size.")
     targets: list[TargetConfig] = Field(
-        default_factory=lambda: [TargetConfig(name="edge"),
-                                 TargetConfig(name="edge-small", max_size_mb=16.0, prefer="size")],
-        description="Target profiles; each gets the artifact its budgets allow.")
+        default_factory=lambda: [
+            TargetConfig(name="edge"),
+            TargetConfig(name="edge-small", max_size_mb=16.0, prefer="size"),
+        ],
+        description="Target profiles; each gets the artifact its budgets allow.",
+    )
+
+    def policy(self) -> ExportPolicy:
+        return ExportPolicy(
+            tuple(TargetProfile(**t.model_dump()) for t in self.targets),
+            self.parity_tolerance,
+            self.calibration_images,
+            self.latency_repeats,
+        )
 
 
-def _labels(frame: pd.DataFrame, classes) -> np.ndarray:
-    return frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-
-
-@asset(group_name="ship", io_manager_key="tables", kinds={"onnx", "mlflow"},
-       # after a new model only (a new dataset version alone waits for retraining_sensor), and
-       # only once the gate passed: a refused challenger is not exported
-       automation_condition=AutomationCondition.eager().ignore(
-           AssetSelection.assets("dataset_version"))
-       & ~AutomationCondition.any_deps_match(AutomationCondition.any_checks_match(
-           AutomationCondition.check_failed(), blocking_only=True)),
-       description="The gated challenger exported to ONNX fp32 and calibrated int8, each proven on "
-                   "real test images, measured on this machine, and chosen per target profile.")
-def onnx_model(context: AssetExecutionContext, config: OnnxModelConfig, trained_model: dict,
-               model_evaluation: dict, dataset_version: pd.DataFrame, storage: CvopsStorage,
-               mlflow: MlflowTracking):
-    import mlflow as mlflow_api
-    import onnx
-    import onnxruntime
-
+@asset(
+    group_name="ship",
+    io_manager_key="tables",
+    kinds={"onnx", "mlflow"},
+    # after a new model only (a new dataset version alone waits for retraining_sensor), and
+    # only once the gate passed: a refused challenger is not exported
+    automation_condition=AutomationCondition.eager().ignore(
+        AssetSelection.assets("dataset_version")
+    )
+    & ~AutomationCondition.any_deps_match(
+        AutomationCondition.any_checks_match(AutomationCondition.check_failed(), blocking_only=True)
+    ),
+    description="The gated challenger exported to ONNX fp32 and calibrated int8, each proven on "
+    "real test images, measured on this machine, and chosen per target profile.",
+)
+def onnx_model(
+    context: AssetExecutionContext,
+    config: OnnxModelConfig,
+    trained_model: dict,
+    model_evaluation: dict,
+    dataset_version: pd.DataFrame,
+    storage: CvopsStorage,
+    tracking: MlflowTracking,
+):
     if not model_evaluation["gate_passed"]:
         raise Failure(f"model v{model_evaluation['challenger_version']} did not pass the gate")
-    tracking, store = mlflow.tracking(), storage.store()
-    loaded = tracking.load(version=trained_model["model_version"])
-    preprocess, model = loaded.preprocess, loaded.model
-    test = dataset_version[dataset_version["split"] == "test"]
-    train = dataset_version[dataset_version["split"] == "train"]
-    calibration_rows = train.sample(min(config.calibration_images, len(train)), random_state=0)
-    test_images = load_images(store, list(test["key"]), preprocess.image_size)
-    calibration = load_images(store, list(calibration_rows["key"]), preprocess.image_size)
-    labels = _labels(test, preprocess.classes)
+    mlflow = tracking.open()
+    loaded = mlflow.load_version(trained_model["model_version"])
+    tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "onnx_model"}
+    try:
+        exported = export_model(
+            loaded,
+            dataset_version,
+            storage.store(),
+            mlflow,
+            config.policy(),
+            tags,
+            context.log.info,
+        )
+    except ExportError as exc:
+        raise Failure(str(exc)) from None
+    record = exported.record
+    version = f"{loaded.version}:{record['artifacts']['onnx_fp32']['sha256'][:16]}"
+    return Output(record, metadata=_export_metadata(exported), data_version=DataVersion(version))
 
-    context.log.info(f"exporting v{loaded.version} ({preprocess.architecture}) to ONNX")
-    fp32 = export_onnx(model, preprocess)
-    reference = torch_logits(model, test_images, preprocess)
-    fp32_parity = parity(reference, ort_logits(session(fp32), test_images, preprocess),
-                         config.parity_tolerance)
-    if not fp32_parity.ok:
-        raise Failure(f"ONNX fp32 does not behave like the trained model on {len(test_images)} "
-                      f"test images: max |logit diff| {fp32_parity.max_abs_logit_diff:.3g} "
-                      f"(tolerance {config.parity_tolerance}), top-1 agreement "
-                      f"{fp32_parity.top1_agreement:.4f}", metadata=fp32_parity.as_dict())
-    context.log.info(f"fp32 parity ok ({fp32_parity.max_abs_logit_diff:.2g} max |logit diff|); "
-                     f"calibrating int8 on {len(calibration)} training images")
-    int8 = quantize_int8(fp32, calibration, preprocess)
-    artifacts = {"onnx_fp32": fp32, "onnx_int8": int8}
-    measurements, logits = measure_artifacts(model, artifacts, test_images, labels, preprocess,
-                                             config.latency_repeats, reference)
-    parities = {name: parity(logits[REFERENCE], logits[name], config.parity_tolerance)
-                .as_dict(verdict=name == "onnx_fp32") for name in artifacts}
-    choices = [choose(measurements, TargetProfile(**t.model_dump())) for t in config.targets]
-    frame = table(measurements)
-    for choice in choices:
-        context.log.info(f"target {choice.profile.name}: {choice.artifact or 'nothing qualifies'} "
-                         f"({json.dumps(choice.verdicts)})")
 
-    prefix = f"models/{tracking.model_name}/v{loaded.version}"
-    files = {}
-    for name, data in artifacts.items():
-        key = f"{prefix}/{name.replace('onnx_', 'model.')}.onnx"
-        store.write_bytes(key, data)
-        files[name] = {"key": key, "uri": store.uri(key), "sha256": sha256(data),
-                       "size_bytes": len(data), **describe(data)}
-    store.write_bytes(f"{prefix}/preprocess.json", preprocess.to_json().encode())
-
-    tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "onnx_model",
-            "dataset_version": trained_model["dataset_version"],
-            "source_model_version": loaded.version}
-    registered = {}  # explicit requirements: MLflow's inference spawns a slow subprocess
-    requirements = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
-    with tracking.start_run(f"export v{loaded.version} to ONNX", tags) as run:
-        mlflow_api.log_dict(json.loads(frame.to_json(orient="records")), "measurements.json")
-        mlflow_api.log_dict({c.profile.name: c.as_dict() for c in choices}, "choices.json")
-        mlflow_api.log_dict(parities, "parity.json")
-        for m in measurements:
-            mlflow_api.log_metrics({f"{m.artifact}_accuracy": m.accuracy,
-                                    f"{m.artifact}_p50_ms_b1": m.latency_ms["p50_b1"]})
-        for name, data in artifacts.items():
-            info = mlflow_api.onnx.log_model(onnx.load_from_string(data), name=name,
-                                             registered_model_name=f"{tracking.model_name}-{name.replace('_', '-')}",
-                                             save_as_external_data=False,
-                                             pip_requirements=requirements)
-            registered[name] = {"model_name": f"{tracking.model_name}-{name.replace('_', '-')}",
-                                "version": str(info.registered_model_version)}
-    for name, reg in registered.items():
-        tracking.client().set_registered_model_alias(reg["model_name"], "challenger", reg["version"])
-
-    record = {"source_model_version": loaded.version, "model_name": tracking.model_name,
-              "dataset_version": trained_model["dataset_version"], "run_id": run.info.run_id,
-              "preprocess": json.loads(preprocess.to_json()), "artifacts": files,
-              "registered": registered, "parity": parities,
-              "measurements": json.loads(frame.to_json(orient="records")),
-              "choices": {c.profile.name: c.artifact for c in choices}}
-    return Output(record, data_version=DataVersion(f"{loaded.version}:{files['onnx_fp32']['sha256'][:16]}"),
-                  metadata={
-        "source_model": f"{tracking.model_name} v{loaded.version}",
-        "fp32_parity": MetadataValue.json(parities["onnx_fp32"]),
-        "int8_parity": MetadataValue.json(parities["onnx_int8"]),
-        "measurements": MetadataValue.md(markdown_table(frame, 10)),
-        "choices": MetadataValue.md(markdown_table(pd.DataFrame(
-            [{"target": c.profile.name, "chosen": c.artifact or "none qualifies",
-              **{a: v for a, v in c.verdicts.items()}} for c in choices]), 20)),
+def _export_metadata(exported) -> dict:
+    record, choices = exported.record, exported.choices
+    table = pd.DataFrame(
+        [
+            {"target": c.profile.name, "chosen": c.artifact or "none qualifies", **c.verdicts}
+            for c in choices
+        ]
+    )
+    return {
+        "source_model": f"{record['model_name']} v{record['source_model_version']}",
+        "fp32_parity": MetadataValue.json(exported.parities["onnx_fp32"]),
+        "int8_parity": MetadataValue.json(exported.parities["onnx_int8"]),
+        "measurements": MetadataValue.md(markdown_table(exported.measurements, 10)),
+        "choices": MetadataValue.md(markdown_table(table, 20)),
         "chosen": ", ".join(f"{c.profile.name} -> {c.artifact or 'none'}" for c in choices),
-        "mlflow_run_id": run.info.run_id,
-        "mlflow_run": MetadataValue.url(tracking.run_url(run.info.run_id)),
-        "artifacts": MetadataValue.json({n: f["uri"] for n, f in files.items()}),
-    })
+        "mlflow_run_id": record["run_id"],
+        "mlflow_run": MetadataValue.url(exported.run_url),
+        "artifacts": MetadataValue.json({n: f["uri"] for n, f in record["artifacts"].items()}),
+    }
 
+
+class EdgeReleaseConfig(Config):
+    target: str = Field("edge", description="Target profile of onnx_model whose choice ships.")
+    canary_share: float = Field(0.34, description="Share of devices (by hashed id) on canary.")
+    canary_cohorts: list[str] = Field(
+        default_factory=list, description="Cohorts that always follow canary."
+    )
+    signing_key: str = Field(
+        "",
+        description="Private key path; default CVOPS_SIGNING_KEY or "
+        "$CVOPS_HOME/keys/release_signing.key.",
+    )
+
+
+def _history(releases: ReleaseStore) -> MetadataValue:
+    return MetadataValue.md(markdown_table(releases.history().iloc[::-1], 20))
+
+
+@asset(
+    group_name="ship",
+    io_manager_key="tables",
+    kinds={"onnx"},
+    automation_condition=AutomationCondition.eager(),
+    description="The chosen ONNX artifact as a signed release bundle (with a bsdiff delta "
+    "from the stable release), published and put on the canary channel.",
+)
+def edge_release(
+    context: AssetExecutionContext,
+    config: EdgeReleaseConfig,
+    onnx_model: dict,
+    storage: CvopsStorage,
+):
+    releases = ReleaseStore(storage.store())
+    try:
+        artifact, model = chosen_artifact(releases.store, onnx_model, config.target)
+        key = load_private_key(Path(config.signing_key or settings.signing_key_path()))
+    except (ReleaseRefused, SigningKeyMissing) as exc:
+        raise Failure(str(exc)) from None
+    actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
+    meta = release_meta(onnx_model, artifact, config.target)
+    published = publish_release(
+        releases, model, onnx_model["preprocess"], meta, key, actor, config.canary_share, cohorts
+    )
+    record, history = published.record, _history(releases)
+    if not published.new:
+        context.log.info(f"{record['release']} is already published; nothing to do")
+        metadata = {"release": record["release"], "republished": False, "history": history}
+        return Output(record, metadata=metadata)
+    return Output(
+        record,
+        metadata={
+            "release": record["release"],
+            "artifact": artifact,
+            "parent": record["parent"] or "none",
+            "model_bytes": len(model),
+            "delta_bytes": record["delta_bytes"] or published.delta_note,
+            "canary": MetadataValue.json(record["canary"]),
+            "bundle": MetadataValue.url(record["uri"]),
+            "history": history,
+        },
+    )
+
+
+class CanaryDecisionConfig(OperatorConfig):
+    min_records: int = Field(50, description="Paired reviewed records needed before deciding.")
+    margin: float = Field(
+        0.02,
+        description="Non-inferiority margin: the canary may be this "
+        "much less accurate than stable.",
+    )
+    alpha: float = Field(
+        0.05,
+        description="One-sided error rate of the exact paired tests, over all looks at one canary.",
+    )
+    max_looks: int = Field(
+        4,
+        description="Decisions a canary may take (the schedule looks "
+        "again while it keeps collecting): each look tests "
+        "at alpha / max_looks (Bonferroni).",
+    )
+
+
+@asset(
+    group_name="ship",
+    io_manager_key="tables",
+    kinds={"python", "onnx"},
+    description="Promote the canary to stable (and MLflow alias `champion`) when a shadow "
+    "replay of canary and stable on the same reviewed field images shows it is "
+    "not worse; roll it back when it shows it is worse; else keep collecting.",
+)
+def canary_decision(
+    context: AssetExecutionContext,
+    config: CanaryDecisionConfig,
+    edge_release: dict,
+    feedback: pd.DataFrame,
+    storage: CvopsStorage,
+    tracking: MlflowTracking,
+):
+    releases, mlflow = ReleaseStore(storage.store()), tracking.open()
+    result = look_at_canary(
+        releases,
+        resolve_records(feedback),
+        edge_release["release"],
+        NonInferiority(config.margin, config.alpha, config.min_records),
+        config.max_looks,
+        config.operator(),
+        f"dagster run {context.run.run_id}",
+        on_promote=lambda m: mlflow.set_alias("champion", m["model_version"]),
+    )
+    why = "\n".join(result.reasons)
+    meta = {"action": result.action, "why": why, "history": _history(releases)}
+    if result.action == "none":
+        return Output(result.record(), metadata={"action": "none", "history": meta["history"]})
+    log = context.log.warning if result.action in ("rollback", "undecided") else context.log.info
+    log(f"canary {result.release}: {result.action} ({why})")
+    meta["look"] = result.look
+    if result.action == "undecided":
+        return Output(result.record(), metadata=meta)
+    meta["canary_vs_stable"] = MetadataValue.md(markdown_table(result.table))
+    run_id = log_canary(mlflow, edge_release["model_version"], result)
+    if run_id is not None:
+        comparison = result.comparison
+        meta.update(
+            {
+                "paired_records": comparison.records,
+                "paired": MetadataValue.json(
+                    json.loads(comparison.table().to_json(orient="records"))
+                ),
+                "per_class": MetadataValue.md(markdown_table(comparison.per_class, 100)),
+                "per_cohort": MetadataValue.md(markdown_table(comparison.per_cohort, 50)),
+                "mlflow_run": MetadataValue.url(mlflow.run_url(run_id)),
+            }
+        )
+    return Output(result.record(), metadata=meta)

@@ -1,26 +1,32 @@
-"""Jobs from training to the fleet, and the schedule that decides canaries hands-off."""
+"""Jobs from an exported model to the fleet, and the schedule that decides canaries hands-off."""
 
-from dagster import (AssetSelection, DefaultScheduleStatus, RunRequest, SkipReason,
-                     define_asset_job, schedule)
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    RunRequest,
+    SkipReason,
+    define_asset_job,
+    schedule,
+)
 
-from cvops_pipelines.core.release import ReleaseStore
+from cvops_pipelines.core.ship.release import ReleaseStore
 from cvops_pipelines.defs.resources import CvopsStorage
 
-train_job = define_asset_job(
-    "train_job", selection=AssetSelection.assets("trained_model", "model_evaluation", "onnx_model"),
-    tags={"cvops/stage": "build"},  # the production run queue runs one training at a time
-    description="Train a challenger on the current dataset version, evaluate it against the "
-                "champion, run the gate, and export the ONNX artifacts that pass.")
 release_job = define_asset_job(
-    "release_job", selection=AssetSelection.assets("edge_release"),
-    description="Sign and publish the chosen artifact and put it on the canary channel.")
+    "release_job",
+    selection=AssetSelection.assets("edge_release"),
+    description="Sign and publish the chosen artifact and put it on the canary channel.",
+)
 canary_job = define_asset_job(
-    "canary_job", selection=AssetSelection.assets("canary_decision"),
-    description="Promote or roll back the canary on the fleet's reviewed feedback.")
+    "canary_job",
+    selection=AssetSelection.assets("canary_decision"),
+    description="Promote or roll back the canary on the fleet's reviewed feedback.",
+)
 
 
-@schedule(job=canary_job, cron_schedule="*/15 * * * *",
-          default_status=DefaultScheduleStatus.RUNNING)
+@schedule(
+    job=canary_job, cron_schedule="*/15 * * * *", default_status=DefaultScheduleStatus.RUNNING
+)
 def canary_schedule(context, storage: CvopsStorage):
     """Every 15 minutes while a release is on canary: decide on the feedback ingested so far."""
     canary = ReleaseStore(storage.store()).channel("canary") or {}

@@ -1,0 +1,180 @@
+"""Torchvision classifiers for transfer learning, with weights from the local torch cache only.
+
+Any torchvision classification architecture works by name; pretrained weights are named by their
+torchvision enum (`IMAGENET1K_V1`, `DEFAULT`, ...) and must already sit in
+$TORCH_HOME/hub/checkpoints/ (nothing is downloaded at run time). Models are saved as state dicts
+plus a JSON preprocessing spec and loaded with `weights_only=True`: no pickled code ever crosses
+a boundary.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsNotAvailable(FileNotFoundError):
+    """Requested pretrained weights are not in the local torch cache."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything a runtime needs to turn an image into the model's input."""
+
+    architecture: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classes: tuple[str, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocess:
+        doc = json.loads(text)
+        return cls(
+            doc["architecture"],
+            int(doc["image_size"]),
+            tuple(doc["mean"]),
+            tuple(doc["std"]),
+            tuple(doc["classes"]),
+        )
+
+
+def torch_cache_dir() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights(architecture: str, weights: str):
+    """(torchvision weights enum member, path in the local cache), or None for random init."""
+    if weights.lower() in ("", "none"):
+        return None
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(architecture)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"unknown torchvision architecture {architecture!r}") from exc
+    try:
+        member = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        raise ValueError(
+            f"{architecture} has no weights {weights!r}; available: "
+            f"DEFAULT, {', '.join(m.name for m in enum)}"
+        ) from None
+    path = torch_cache_dir() / os.path.basename(member.url)
+    if not path.exists():
+        raise WeightsNotAvailable(
+            f"pretrained weights {architecture}/{member.name} are not available offline: put "
+            f"{path.name} (from {member.url}) in {path.parent} (or set TORCH_HOME to a cache "
+            "that has it), or train with weights='none'"
+        )
+    return member, path
+
+
+def build_model(
+    architecture: str, num_classes: int, weights: str = "none", freeze_backbone: bool = False
+):
+    """A torchvision classifier with a fresh head for `num_classes`.
+
+    Pretrained tensors are read from the cache with `weights_only=True` (torchvision's own
+    loader would unpickle the file); the architecture still comes from torchvision by name.
+    """
+    import torch
+    import torchvision.models as tvm
+
+    if architecture not in tvm.list_models(module=tvm):
+        raise ValueError(
+            f"unknown torchvision classification model {architecture!r}; e.g. "
+            "resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny"
+        )
+    resolved = resolve_weights(architecture, weights)
+    if resolved is None:
+        model = tvm.get_model(architecture, weights=None)
+    else:
+        member, path = resolved
+        model = tvm.get_model(
+            architecture, weights=None, num_classes=len(member.meta["categories"])
+        )
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    head_name, _ = _replace_head(model, num_classes)
+    if freeze_backbone:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith(head_name)
+    return model
+
+
+def set_train_mode(model) -> None:
+    """Train mode, except batch-norm layers whose parameters are frozen keep their running
+    statistics: a frozen backbone then stays bit-identical, which keeps OTA deltas tiny."""
+    import torch.nn as nn
+
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
+def _replace_head(model, num_classes: int):
+    """Swap the last Linear layer of the classifier for one with `num_classes` outputs."""
+    import torch.nn as nn
+
+    for attr in ("fc", "classifier", "head", "heads"):
+        block = getattr(model, attr, None)
+        if block is None:
+            continue
+        if isinstance(block, nn.Linear):
+            new = nn.Linear(block.in_features, num_classes)
+            setattr(model, attr, new)
+            return attr, new
+        linears = [(name, m) for name, m in block.named_modules() if isinstance(m, nn.Linear)]
+        if linears:
+            name, last = linears[-1]
+            new = nn.Linear(last.in_features, num_classes)
+            parent = block
+            *path, leaf = name.split(".")
+            for part in path:
+                parent = getattr(parent, part)
+            setattr(parent, leaf, new)
+            return f"{attr}.{name}", new
+    raise ValueError(f"{type(model).__name__}: no Linear classifier head found")
+
+
+def state_dict_bytes(model) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def load_model(state: bytes, preprocess: Preprocess):
+    """Rebuild the architecture and load trusted tensors only (`weights_only=True`)."""
+    import torch
+
+    model = build_model(preprocess.architecture, len(preprocess.classes))
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

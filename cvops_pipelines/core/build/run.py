@@ -1,0 +1,195 @@
+"""One tracked training run: parameters, the dataset as the run's input, per-epoch metrics,
+search trials as nested runs, the model files, and the registered `challenger` version."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.base.images import load_images
+from cvops_pipelines.core.base.ontology import class_indices
+from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.build.models import state_dict_bytes
+from cvops_pipelines.core.build.training import TrainConfig, fit, hyperparameter_search
+
+INIT_FROM = ("none", "champion", "challenger")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the asset (or a caller) asks for beyond the hyperparameters."""
+
+    device: str
+    init_from: str = "none"  # start from a registered model: champion / challenger / none
+    search_trials: int = 0  # learning rate x weight decay trials, each a nested run; 0 = off
+    search_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        if self.init_from not in INIT_FROM:
+            raise ValueError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
+
+
+@dataclass
+class TrainedModel:
+    record: dict  # the asset value: what evaluation, export and the retraining sensor read
+    history: pd.DataFrame  # one row per epoch
+    trials: pd.DataFrame  # one row per search trial (empty without a search)
+    config: TrainConfig  # as trained (after the search)
+    run_url: str
+    model_url: str
+
+
+def split_arrays(
+    store: Store, rows: pd.DataFrame, classes: list[str], image_size: int, splits=("train", "val")
+) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+    """Each split's images decoded once at the input size, with class indices."""
+    out = {}
+    for split in splits:
+        part = rows[rows["split"] == split]
+        out[split] = (
+            load_images(store, list(part["key"]), image_size),
+            class_indices(part["label"], classes),
+        )
+    return out
+
+
+def initial_state(
+    tracking: Tracking, plan: RunPlan, config: TrainConfig, classes: list[str], log: Log
+):
+    if plan.init_from == "none":
+        return None
+    start = tracking.load(alias=plan.init_from)
+    if start is None:
+        log(f"no {plan.init_from} yet: training from scratch")
+        return None
+    if (start.preprocess.architecture, list(start.preprocess.classes)) != (
+        config.architecture,
+        classes,
+    ):
+        raise ValueError(
+            f"cannot continue from {plan.init_from} v{start.version}: it is a "
+            f"{start.preprocess.architecture} over {list(start.preprocess.classes)}"
+        )
+    log(f"starting from {plan.init_from} v{start.version}")
+    return start.model.state_dict()
+
+
+def train_tracked(
+    tracking: Tracking,
+    store: Store,
+    rows: pd.DataFrame,
+    config: TrainConfig,
+    plan: RunPlan,
+    tags: dict,
+    log: Log,
+) -> TrainedModel:
+    """Train on the dataset version's train split (validation judges), log everything to one
+    MLflow run, and register the result with alias `challenger`."""
+    tracking.check()  # fail before minutes of image loading, not after
+    version = str(rows["dataset_version"].iloc[0])
+    classes = sorted(rows["label"].unique())
+    log(
+        f"loading {int(rows['split'].isin(['train', 'val']).sum())} images of {version} at "
+        f"{config.image_size}px; training on {plan.device}"
+    )
+    data = split_arrays(store, rows, classes, config.image_size)
+    tags = {**tags, "dataset_version": version}
+    with tracking.start_run(f"train {config.architecture} on {version}", tags) as run:
+        tracking.log_params(
+            {
+                **asdict(config),
+                "device": plan.device,
+                "classes": len(classes),
+                "init_from": plan.init_from,
+                "train_images": len(data["train"][1]),
+                "val_images": len(data["val"][1]),
+            }
+        )
+        tracking.log_dataset(rows, version, store.uri(f"datasets/{version}"))
+        trials = pd.DataFrame()
+        if plan.search_trials > 0:
+            config, trials = _search(tracking, data, classes, config, plan, tags, log)
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            tracking.log_metrics(metrics, step=epoch)
+            log(
+                f"epoch {epoch}/{config.epochs}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            )
+
+        result = fit(
+            data["train"],
+            data["val"],
+            classes,
+            config,
+            plan.device,
+            on_epoch,
+            initial_state(tracking, plan, config, classes, log),
+        )
+        best = result.history[result.best_epoch - 1]
+        tracking.log_metrics(
+            {
+                "best_epoch": result.best_epoch,
+                "best_val_accuracy": best["val_accuracy"],
+                "best_val_loss": best["val_loss"],
+            }
+        )
+        tracking.log_model_files(run.info.run_id, state_dict_bytes(result.model), result.preprocess)
+    model_version = tracking.register(run.info.run_id, "challenger", tags)
+    record = {
+        "model_name": tracking.model_name,
+        "model_version": model_version,
+        "run_id": run.info.run_id,
+        "dataset_version": version,
+        "dataset_images": len(rows),
+        "architecture": config.architecture,
+        "image_size": config.image_size,
+        "classes": classes,
+        "best_epoch": result.best_epoch,
+        "val_accuracy": best["val_accuracy"],
+        "stopped_early": result.stopped_early,
+        "train_images_per_second": result.train_images_per_second,
+        "config": asdict(config),
+    }
+    return TrainedModel(
+        record,
+        pd.DataFrame(result.history).round(4),
+        trials,
+        config,
+        tracking.run_url(run.info.run_id),
+        tracking.model_version_url(model_version),
+    )
+
+
+def _search(
+    tracking: Tracking, data, classes, config: TrainConfig, plan: RunPlan, tags: dict, log: Log
+) -> tuple[TrainConfig, pd.DataFrame]:
+    def on_trial(index, overrides, result):
+        with tracking.start_run(f"trial {index}", tags, nested=True):
+            tracking.log_params(overrides)
+            for row in result.history:
+                tracking.log_metrics(
+                    {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]
+                )
+        log(
+            f"search trial {index}: {overrides} -> best val_loss "
+            f"{min(r['val_loss'] for r in result.history):.4f}"
+        )
+
+    best, rows = hyperparameter_search(
+        data["train"],
+        data["val"],
+        classes,
+        config,
+        plan.search_trials,
+        plan.search_epochs,
+        plan.device,
+        on_trial,
+    )
+    tracking.log_params({f"searched_{k}": v for k, v in best.items()})
+    return replace(config, **best), pd.DataFrame(rows)

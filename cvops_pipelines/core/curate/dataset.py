@@ -1,0 +1,159 @@
+"""Dataset versions: immutable (image_id, label, split) snapshots named by a hash of their content.
+
+The snapshot records which images were left out and why (the flagged-label policy), and carries
+the frames the blocking contracts check: per-split class counts and cross-split near-duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.tables import read_table, write_table
+from cvops_pipelines.core.curate.neardup import NearDupConfig, pairs_differing_in
+from cvops_pipelines.core.curate.splits import SPLITS, SplitConfig, split_of
+
+DATASET_COLUMNS = ["image_id", "label", "split", "uri", "key", "source", "phash"]
+
+
+@dataclass(frozen=True)
+class DatasetPolicy:
+    flagged: str = "exclude"  # "exclude" or "keep" images label QA flagged
+    min_severity: float = 0.5  # only suspects at least this severe are excluded
+    exclude_cross_split_duplicates: bool = False  # else leakage fails the blocking check
+
+    def __post_init__(self) -> None:
+        if self.flagged not in ("exclude", "keep"):
+            raise ValueError(f"flagged policy must be 'exclude' or 'keep', got {self.flagged!r}")
+
+
+@dataclass
+class DatasetVersion:
+    version: str
+    rows: pd.DataFrame  # DATASET_COLUMNS
+    excluded: pd.DataFrame  # image_id, label, reason
+    leakage: pd.DataFrame  # near-duplicate pairs whose members sit in different splits
+    config: dict = field(default_factory=dict)
+
+    def class_counts(self) -> pd.DataFrame:
+        """Every (split, class) combination, zeros included, with its share of the split and
+        how far that share is from the class's overall share, in binomial standard errors
+        (`share_z`): hash splits of a small pool are noisy, and only a large z is a real skew."""
+        classes = sorted(self.rows["label"].unique())
+        grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
+        counts = self.rows.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
+        frame = counts.rename("images").reset_index()
+        split_sizes = frame.groupby("split")["images"].transform("sum").clip(lower=1)
+        frame["share"] = frame["images"] / split_sizes
+        overall = frame["label"].map(self.rows["label"].value_counts(normalize=True))
+        frame["share_deviation"] = (frame["share"] - overall).abs()
+        standard_error = (overall * (1 - overall) / split_sizes).pow(0.5).clip(lower=1e-9)
+        frame["share_z"] = (frame["share"] - overall) / standard_error
+        return frame
+
+    def summary(self) -> dict:
+        return {
+            "version": self.version,
+            "images": len(self.rows),
+            "excluded": len(self.excluded),
+            "leakage_pairs": len(self.leakage),
+            **{f"{s}_images": int((self.rows["split"] == s).sum()) for s in SPLITS},
+        }
+
+
+def content_version(rows: pd.DataFrame) -> str:
+    """Same (image_id, label, split) content -> same id, whatever the row order."""
+    canonical = rows[["image_id", "label", "split"]].sort_values("image_id")
+    digest = hashlib.sha256(canonical.to_csv(index=False, lineterminator="\n").encode())
+    return f"ds-{digest.hexdigest()[:16]}"
+
+
+def build_dataset_version(
+    pool: pd.DataFrame,
+    review: pd.DataFrame,
+    splits: SplitConfig = SplitConfig(),
+    policy: DatasetPolicy = DatasetPolicy(),
+    neardup: NearDupConfig = NearDupConfig(),
+    holdout: set[str] = frozenset(),
+) -> DatasetVersion:
+    """`holdout`: image ids of the production holdout (core.replay_set), never in any split."""
+    data = pool.copy()
+    data["split"] = [split_of(i, splits) for i in data["image_id"]]
+    reserved = data["image_id"].isin(holdout)
+    excluded = pd.DataFrame(
+        {
+            "image_id": data.loc[reserved, "image_id"],
+            "label": data.loc[reserved, "label"],
+            "reason": "production holdout: replayed, never trained on",
+        }
+    )
+    data = data[~reserved]
+    if policy.flagged == "exclude" and len(review):
+        severe = review[review["severity"] >= policy.min_severity]
+        flagged = pd.DataFrame(
+            {
+                "image_id": severe["image_id"],
+                "label": severe["label"],
+                "reason": "label QA: "
+                + severe["reasons"]
+                + " (severity "
+                + severe["severity"].round(2).astype(str)
+                + ")",
+            }
+        )
+        flagged = flagged[flagged["image_id"].isin(data["image_id"])]
+        excluded = pd.concat([excluded, flagged], ignore_index=True)
+        data = data[~data["image_id"].isin(flagged["image_id"])]
+    leakage = cross_split_duplicates(data, neardup)
+    if policy.exclude_cross_split_duplicates and len(leakage):
+        # keep the training copy; drop the evaluation-side one so metrics stay honest
+        drop = [
+            b if sa == "train" else a
+            for a, b, sa in zip(leakage["image_a"], leakage["image_b"], leakage["split_a"])
+        ]
+        gone = data[data["image_id"].isin(drop)]
+        excluded = pd.concat(
+            [
+                excluded,
+                pd.DataFrame(
+                    {
+                        "image_id": gone["image_id"],
+                        "label": gone["label"],
+                        "reason": "near-duplicate of an image in another split",
+                    }
+                ),
+            ],
+            ignore_index=True,
+        )
+        data = data[~data["image_id"].isin(drop)]
+        leakage = cross_split_duplicates(data, neardup)
+    rows = data[DATASET_COLUMNS].sort_values("image_id").reset_index(drop=True)
+    version = content_version(rows)
+    rows["dataset_version"] = version  # travels with the rows to every downstream asset
+    config = {"splits": asdict(splits), "policy": asdict(policy), "neardup": asdict(neardup)}
+    return DatasetVersion(version, rows, excluded.reset_index(drop=True), leakage, config)
+
+
+def cross_split_duplicates(data: pd.DataFrame, neardup: NearDupConfig) -> pd.DataFrame:
+    return pairs_differing_in(data, "split", neardup)
+
+
+def save_snapshot(store: Store, dataset: DatasetVersion) -> str:
+    """Write datasets/<version>/ once; an existing snapshot is never overwritten."""
+    prefix = f"datasets/{dataset.version}"
+    if not store.exists(f"{prefix}/manifest.json"):
+        write_table(store, f"{prefix}/dataset.parquet", dataset.rows)
+        write_table(store, f"{prefix}/excluded.parquet", dataset.excluded)
+        store.write_bytes(
+            f"{prefix}/manifest.json",
+            json.dumps({**dataset.summary(), "config": dataset.config}, indent=2).encode(),
+        )
+    return store.uri(prefix)
+
+
+def load_snapshot(store: Store, version: str) -> pd.DataFrame:
+    return read_table(store, f"datasets/{version}/dataset.parquet")

@@ -1,0 +1,332 @@
+"""Label QA: rank the labels a human should look at again, and say why.
+
+Signals, each with a severity in [0, 1]:
+- `label_issue`: cleanlab's confident learning on out-of-fold probabilities. The model is a
+  distance-weighted k-nearest-neighbour classifier on standardised 16x16 thumbnails: fast enough
+  to rerun on every pool change, and on the demo digits it finds flipped labels better than the
+  textbook logistic regression on raw pixels (see benchmarks/label_qa.py).
+- `near_duplicate_conflict`: the same picture (confirmed near-duplicate) carries different labels.
+- `annotator_disagreement`: several annotators labeled the image differently.
+Plus, for the ontology: estimated noise per class and the class pairs most often confused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.base.images import THUMB_SIDE, thumb_array
+from cvops_pipelines.core.curate.neardup import NearDupConfig, pairs_differing_in
+
+REVIEW_COLUMNS = [
+    "image_id",
+    "label",
+    "suggested_label",
+    "severity",
+    "reasons",
+    "label_quality",
+    "details",
+    "source",
+    "original_name",
+    "uri",
+]
+
+
+@dataclass(frozen=True)
+class LabelQAConfig:
+    folds: int = 5
+    neighbors: int = 10
+    seed: int = 0
+    feature_side: int = 16
+    neardup: NearDupConfig = field(default_factory=NearDupConfig)
+
+
+@dataclass
+class LabelQAResult:
+    review: pd.DataFrame  # one row per suspect image, most severe first
+    noise_per_class: pd.DataFrame
+    confused_pairs: pd.DataFrame
+    annotators: pd.DataFrame
+    conflicts: pd.DataFrame  # near-duplicate pairs with different labels
+    pred_probs: np.ndarray | None
+    classes: list[str]
+    scored: int  # images that had out-of-fold probabilities
+    unscored_reason: str = ""
+
+
+def thumb_features(thumbs: pd.Series, side: int = 16) -> np.ndarray:
+    """Mean-pooled thumbnails as flat vectors (side must divide 32)."""
+    k = THUMB_SIDE // side
+    stack = np.stack([thumb_array(t) for t in thumbs])
+    return stack.reshape(len(stack), side, k, side, k).mean(axis=(2, 4)).reshape(len(stack), -1)
+
+
+def knn_model(neighbors: int):
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), KNeighborsClassifier(neighbors, weights="distance"))
+
+
+def out_of_fold_probabilities(
+    features: np.ndarray, labels: np.ndarray, model_factory, folds: int, seed: int
+) -> np.ndarray:
+    """Each image scored by a model that never saw it (what confident learning needs)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return cross_val_predict(model_factory(), features, labels, cv=cv, method="predict_proba")
+
+
+def _score_labels(pool: pd.DataFrame, config: LabelQAConfig):
+    """(pred_probs, classes, scored mask, reason) — classes too small for k-fold are left out."""
+    counts = pool["label"].value_counts()
+    folds = min(config.folds, int(counts.max()) if len(counts) else 0)
+    usable = counts[counts >= max(folds, 2)].index
+    if folds < 2 or len(usable) < 2:
+        return None, [], np.zeros(len(pool), bool), "too few labeled images per class for k-fold"
+    mask = pool["label"].isin(usable).to_numpy()
+    classes = sorted(usable)
+    index = {c: i for i, c in enumerate(classes)}
+    y = pool.loc[mask, "label"].map(index).to_numpy()
+    features = thumb_features(pool.loc[mask, "thumb"], config.feature_side)
+    neighbors = max(1, min(config.neighbors, int(len(y) * (folds - 1) / folds) - 1))
+    probs = out_of_fold_probabilities(features, y, lambda: knn_model(neighbors), folds, config.seed)
+    skipped = sorted(set(counts.index) - set(usable))
+    reason = (
+        f"classes with fewer than {folds} images not scored: {', '.join(skipped)}"
+        if skipped
+        else ""
+    )
+    return probs, classes, mask, reason
+
+
+def _noise_and_confusion(labels: np.ndarray, probs: np.ndarray, classes: list[str]):
+    from cleanlab.count import estimate_joint
+
+    joint = estimate_joint(labels, probs)  # rows: given label, columns: estimated true label
+    n = len(labels)
+    noise = pd.DataFrame(
+        {
+            "label": classes,
+            "images": np.bincount(labels, minlength=len(classes)),
+            "estimated_noise_rate": [
+                float(1 - joint[i, i] / joint[i].sum()) if joint[i].sum() else 0.0
+                for i in range(len(classes))
+            ],
+        }
+    )
+    pairs = [
+        (classes[i], classes[j], float((joint[i, j] + joint[j, i]) * n))
+        for i in range(len(classes))
+        for j in range(i + 1, len(classes))
+    ]
+    confused = pd.DataFrame(pairs, columns=["class_a", "class_b", "estimated_confusions"])
+    confused = confused[confused["estimated_confusions"] >= 0.5]
+    return noise, confused.sort_values("estimated_confusions", ascending=False).reset_index(
+        drop=True
+    )
+
+
+def annotator_agreement(pool: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-annotator agreement with the consensus, images whose annotators disagree)."""
+    multi = pool[pool["n_votes"] > 1]
+    rows = [
+        (a, v == label)
+        for label, annotators, votes in zip(multi["label"], multi["annotators"], multi["votes"])
+        for a, v in zip(annotators, votes)
+    ]
+    votes = pd.DataFrame(rows, columns=["annotator", "agrees"])
+    per_annotator = (
+        (
+            votes.groupby("annotator")["agrees"]
+            .agg(["size", "mean"])
+            .rename(columns={"size": "multi_labeled_images", "mean": "agreement"})
+            .reset_index()
+        )
+        if len(votes)
+        else pd.DataFrame(columns=["annotator", "multi_labeled_images", "agreement"])
+    )
+    return per_annotator, multi[multi["agreement"] < 1.0]
+
+
+def near_duplicate_conflicts(pool: pd.DataFrame, config: NearDupConfig) -> pd.DataFrame:
+    return pairs_differing_in(pool, "label", config)
+
+
+def review_label_quality(
+    pool: pd.DataFrame, config: LabelQAConfig = LabelQAConfig()
+) -> LabelQAResult:
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    pool = pool.reset_index(drop=True)
+    suspects: dict[str, dict] = {}
+
+    def flag(row, reason: str, severity: float, suggested: str, detail: str) -> None:
+        entry = suspects.setdefault(
+            row["image_id"],
+            {
+                "image_id": row["image_id"],
+                "label": row["label"],
+                "suggested_label": suggested,
+                "severity": 0.0,
+                "reasons": [],
+                "label_quality": np.nan,
+                "details": [],
+                "source": row["source"],
+                "original_name": row["original_name"],
+                "uri": row["uri"],
+            },
+        )
+        entry["reasons"].append(reason)
+        entry["details"].append(detail)
+        if severity > entry["severity"]:
+            entry["severity"], entry["suggested_label"] = severity, suggested
+
+    probs, classes, mask, unscored = _score_labels(pool, config)
+    noise = pd.DataFrame(columns=["label", "images", "estimated_noise_rate"])
+    confused = pd.DataFrame(columns=["class_a", "class_b", "estimated_confusions"])
+    quality = pd.Series(np.nan, index=pool.index)
+    if probs is not None:
+        index = {c: i for i, c in enumerate(classes)}
+        y = pool.loc[mask, "label"].map(index).to_numpy()
+        # n_jobs=1: a forked pool would inherit the orchestrator's signal handlers; one core is fast
+        issues = find_label_issues(y, probs, filter_by="prune_by_noise_rate", n_jobs=1)
+        scores = get_label_quality_scores(y, probs)
+        quality[mask] = scores
+        noise, confused = _noise_and_confusion(y, probs, classes)
+        for k, (_, row) in enumerate(pool[mask].iterrows()):
+            if issues[k]:
+                suggested = classes[int(probs[k].argmax())]
+                flag(
+                    row,
+                    "label_issue",
+                    float(1 - scores[k]),
+                    suggested,
+                    f"model: {suggested} ({probs[k].max():.2f}), given {row['label']} "
+                    f"({probs[k][y[k]]:.2f})",
+                )
+    pool_quality = dict(zip(pool["image_id"], quality))
+    rows = pool.set_index("image_id")
+
+    conflicts = near_duplicate_conflicts(pool, config.neardup)
+    for pair in conflicts.itertuples():
+        for me, other in ((pair.image_a, pair.image_b), (pair.image_b, pair.image_a)):
+            row = rows.loc[me]
+            # suggest the label of whichever copy the model trusts more
+            better = (
+                other
+                if np.nan_to_num(pool_quality[other]) > np.nan_to_num(pool_quality[me])
+                else me
+            )
+            flag(
+                row.to_dict() | {"image_id": me},
+                "near_duplicate_conflict",
+                1.0,
+                rows.loc[better, "label"],
+                f"same picture as {other[:12]}… labeled {rows.loc[other, 'label']} "
+                f"(pHash distance {pair.hamming}, pixel difference {pair.mad:.3f})",
+            )
+
+    per_annotator, disagreements = annotator_agreement(pool)
+    for _, row in disagreements.iterrows():
+        votes = ", ".join(f"{a or '?'}: {v}" for a, v in zip(row["annotators"], row["votes"]))
+        minority = next((v for v in row["votes"] if v != row["label"]), row["label"])
+        flag(
+            row,
+            "annotator_disagreement",
+            float(1 - row["agreement"]),
+            minority,
+            f"annotators disagree ({votes})",
+        )
+
+    review = pd.DataFrame(list(suspects.values()), columns=REVIEW_COLUMNS)
+    if len(review):
+        review["label_quality"] = review["image_id"].map(pool_quality)
+        review["reasons"] = review["reasons"].map(";".join)
+        review["details"] = review["details"].map(" | ".join)
+        review = review.sort_values(["severity", "image_id"], ascending=[False, True])
+    return LabelQAResult(
+        review.reset_index(drop=True),
+        noise,
+        confused,
+        per_annotator,
+        conflicts,
+        probs,
+        classes,
+        int(mask.sum()),
+        unscored,
+    )
+
+
+def labelstudio_tasks(review: pd.DataFrame, model_version: str = "cvops-label-qa") -> list[dict]:
+    """Label Studio import: each task shows the image with its current label, pre-filled with
+    the suggested one as a prediction the reviewer accepts or corrects."""
+    return [
+        {
+            "data": {
+                "image": r.uri,
+                "image_id": r.image_id,
+                "current_label": r.label,
+                "suggested_label": r.suggested_label,
+                "reasons": r.reasons,
+                "severity": round(float(r.severity), 4),
+                "details": r.details,
+            },
+            "predictions": [
+                {
+                    "model_version": model_version,
+                    "score": round(float(r.severity), 4),
+                    "result": [
+                        {
+                            "from_name": "label",
+                            "to_name": "image",
+                            "type": "choices",
+                            "value": {"choices": [r.suggested_label]},
+                        }
+                    ],
+                }
+            ],
+        }
+        for r in review.itertuples()
+    ]
+
+
+def labelstudio_config(classes: list[str]) -> str:
+    """The labeling interface the tasks above expect (paste into the project's settings)."""
+    choices = "\n".join(f'    <Choice value="{c}"/>' for c in classes)
+    return (
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        '  <Header value="Current: $current_label · suggested: $suggested_label · $reasons"/>\n'
+        f'  <Choices name="label" toName="image" choice="single" showInline="true">\n'
+        f"{choices}\n  </Choices>\n</View>\n"
+    )
+
+
+def export_json(tasks: list[dict]) -> bytes:
+    return json.dumps(tasks, indent=1, ensure_ascii=False).encode()
+
+
+def write_review(
+    store, prefix: str, result: LabelQAResult, classes: list[str]
+) -> tuple[bytes, dict[str, str]]:
+    """The review for people: a CSV, a Label Studio import + labeling config, and the confused
+    pairs plot, under `prefix`; returns (the plot's PNG, file name -> URI)."""
+    from cvops_pipelines.core.base.plots import confused_pairs_png
+
+    review = result.review
+    png = confused_pairs_png(result.confused_pairs, result.noise_per_class)
+    files = {
+        "review.csv": review.to_csv(index=False).encode(),
+        "labelstudio_tasks.json": export_json(labelstudio_tasks(review)),
+        "labelstudio_config.xml": labelstudio_config(classes).encode(),
+        "confused_pairs.png": png,
+    }
+    for name, data in files.items():
+        store.write_bytes(f"{prefix}/{name}", data)
+    return png, {name: store.uri(f"{prefix}/{name}") for name in files}

@@ -1,0 +1,116 @@
+"""Label Studio JSON export (the "JSON" export: a list of tasks with their annotations).
+
+Choices become image-level labels; rectangle labels become boxes (Label Studio stores them in
+percent of the image). Cancelled annotations ("skipped" in the UI) carry no label.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from urllib.parse import parse_qs, unquote, urlparse
+
+from cvops_pipelines.core.ingest.formats.common import FRACTION, LabelProblem, LabelRecord
+
+# Uploaded files are renamed "<8 hex chars>-<original name>" by Label Studio.
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
+
+
+def looks_like_labelstudio(doc: object) -> bool:
+    return isinstance(doc, list) and all(isinstance(t, dict) and "data" in t for t in doc)
+
+
+def image_ref_from_task(value: str) -> str:
+    """The drop-relative name hidden in a task's image URL (upload, local-files, s3, http)."""
+    parsed = urlparse(value)
+    if "d" in parse_qs(parsed.query):  # /data/local-files/?d=folder/img.png
+        return unquote(parse_qs(parsed.query)["d"][0])
+    name = unquote(parsed.path.rsplit("/", 1)[-1])
+    if "/data/upload/" in parsed.path:
+        name = _UPLOAD_PREFIX.sub("", name)
+    return name
+
+
+def parse_labelstudio(name: str, tasks: list) -> Iterator[LabelRecord | LabelProblem]:
+    for t, task in enumerate(tasks):
+        where = f"tasks[{t}] (id={task.get('id')})"
+        data = task.get("data") or {}
+        value = data.get("image") or next((v for v in data.values() if isinstance(v, str)), None)
+        if not value:
+            yield LabelProblem("malformed_record", "task has no image URL in 'data'", name, where)
+            continue
+        ref = image_ref_from_task(value)
+        origin = "annotation_queue" if data.get("cvops_queue") else "drop"
+        for a, annotation in enumerate(task.get("annotations") or []):
+            if annotation.get("was_cancelled"):
+                continue
+            annotator = annotation.get("completed_by", "")
+            if isinstance(annotator, dict):
+                annotator = annotator.get("email") or annotator.get("id", "")
+            labeled_at = annotation.get("updated_at") or annotation.get("created_at")
+            for r, result in enumerate(annotation.get("result") or []):
+                position = f"{where} annotations[{a}] result[{r}]"
+                yield from _result(result, ref, name, position, str(annotator), labeled_at, origin)
+
+
+def _result(
+    result: dict,
+    ref: str,
+    name: str,
+    position: str,
+    annotator: str,
+    labeled_at: str | None,
+    origin: str,
+) -> Iterator[LabelRecord | LabelProblem]:
+    kind, value = result.get("type"), result.get("value") or {}
+    if kind == "choices":
+        choices = value.get("choices") or []
+        if len(choices) != 1:
+            yield LabelProblem(
+                "malformed_record",
+                f"expected exactly one choice, got {choices!r}",
+                name,
+                position,
+                ref,
+            )
+            return
+        yield LabelRecord(
+            ref, str(choices[0]), name, position, annotator, labeled_at=labeled_at, origin=origin
+        )
+    elif kind == "rectanglelabels":
+        labels = value.get("rectanglelabels") or []
+        try:
+            x, y, w, h = (float(value[k]) / 100.0 for k in ("x", "y", "width", "height"))
+        except (KeyError, TypeError, ValueError):
+            yield LabelProblem(
+                "malformed_record",
+                "rectangle needs numeric x, y, width, height",
+                name,
+                position,
+                ref,
+            )
+            return
+        if len(labels) != 1:
+            yield LabelProblem(
+                "malformed_record",
+                f"expected one rectangle label, got {labels!r}",
+                name,
+                position,
+                ref,
+            )
+            return
+        yield LabelRecord(
+            ref,
+            str(labels[0]),
+            name,
+            position,
+            annotator,
+            (x, y, x + w, y + h),
+            FRACTION,
+            labeled_at,
+            origin,
+        )
+    else:
+        yield LabelProblem(
+            "malformed_record", f"unsupported result type {kind!r}", name, position, ref
+        )

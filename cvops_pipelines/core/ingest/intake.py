@@ -1,0 +1,263 @@
+"""Ingest one drop of image files into the content-addressed image store.
+
+Streaming: the drop is listed lazily and at most `window` batches are in flight, so memory is
+bounded by the window, not by the drop (only one small row per image is kept). Decoding runs in a
+process pool (one worker per core by default); workers read from the source and write originals
+to the store themselves, so image bytes never cross a process boundary.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+
+import pandas as pd
+
+from cvops_pipelines.core.base.images import (
+    REASONS,
+    ImageInfo,
+    ImageLimits,
+    ImageRejected,
+    inspect_image,
+)
+from cvops_pipelines.core.base.store import Entry, Store
+
+MARKER = "_SUCCESS"
+# Files with these suffixes are annotation candidates, not images (see core/ingest/annotations.py).
+ANNOTATION_SUFFIXES = (".json", ".csv", ".txt", ".yaml", ".yml")
+
+MANIFEST_COLUMNS = [
+    "image_id",
+    "uri",
+    "key",
+    "source",
+    "original_name",
+    "aliases",
+    "format",
+    "mode",
+    "width",
+    "height",
+    "channels",
+    "bytes",
+    "phash",
+    "thumb",
+    "ingested_at",
+]
+QUARANTINE_COLUMNS = [
+    "source",
+    "stage",
+    "original_name",
+    "position",
+    "reason_code",
+    "reason",
+    "bytes",
+    "quarantine_uri",
+    "detected_at",
+]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    workers: int = 0  # 0 = one per core
+    batch_size: int = 16
+    window: int = 4  # batches in flight per worker
+    copy_rejected: bool = True  # keep a copy of each rejected file under quarantine/
+
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass
+class IngestResult:
+    manifest: pd.DataFrame
+    quarantine: pd.DataFrame
+    files_seen: int
+    new_objects: int  # originals written to the store by this run (0 when re-run)
+
+    @property
+    def duplicates(self) -> int:
+        return int(self.manifest["aliases"].map(len).sum()) if len(self.manifest) else 0
+
+
+def image_key(image_id: str, fmt: str) -> str:
+    return f"images/{image_id[:2]}/{image_id}.{fmt}"
+
+
+def store_original(store: Store, info: ImageInfo, data: bytes) -> tuple[str, bool]:
+    """Write a vetted image under its content address; (key, whether it was written).
+
+    Same key means same bytes, so only the size needs checking. A size mismatch is a leftover of
+    a crash before the caller's `store.sync()`, and is rewritten."""
+    key = image_key(info.image_id, info.format)
+    if store.size(key) == len(data):
+        return key, False
+    store.write_bytes(key, data, durable=False)
+    return key, True
+
+
+def is_image_candidate(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name != MARKER and not name.lower().endswith(ANNOTATION_SUFFIXES)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- worker side --------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(source: Store, store: Store, drop: str, config: IngestConfig) -> None:
+    _WORKER.update(source=source, store=store, drop=drop, config=config)
+
+
+def _process_batch(entries: list[Entry]) -> list[dict]:
+    return [_process_one(e, **_WORKER) for e in entries]
+
+
+def _process_one(
+    entry: Entry, source: Store, store: Store, drop: str, config: IngestConfig
+) -> dict:
+    result = {"name": entry.key, "bytes": entry.size}
+    if entry.is_symlink:
+        return result | _rejected("symlink_not_followed", f"-> {entry.symlink_target}")
+    if entry.size > config.limits.max_bytes:
+        return result | _rejected(
+            "file_too_large", f"{entry.size} bytes > {config.limits.max_bytes}"
+        )
+    try:
+        data = source.read_bytes(entry.key)
+    except OSError as exc:
+        return result | _rejected("unreadable_file", str(exc))
+    result["bytes"] = len(data)
+    try:
+        info = inspect_image(data, config.limits)
+    except ImageRejected as rejected:
+        out = result | {"status": "rejected", "code": rejected.code, "message": rejected.message}
+        if config.copy_rejected and data:
+            qkey = f"quarantine/{drop}/files/{entry.key}"
+            store.write_bytes(qkey, data)
+            out["quarantine_uri"] = store.uri(qkey)
+        return out
+    key, written = store_original(store, info, data)
+    return result | {
+        "status": "accepted",
+        "info": info,
+        "key": key,
+        "uri": store.uri(key),
+        "written": written,
+    }
+
+
+def _rejected(code: str, detail: str) -> dict:
+    return {"status": "rejected", "code": code, "message": f"{REASONS[code]}: {detail}"}
+
+
+# --- parent side --------------------------------------------------------------------------
+
+
+def _batched(items: Iterable[Entry], size: int) -> Iterator[list[Entry]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _results(
+    entries: Iterable[Entry], source: Store, store: Store, drop: str, config: IngestConfig
+) -> Iterator[dict]:
+    """Results in listing order, with at most `window * workers` batches in flight."""
+    workers = config.worker_count()
+    if workers == 1:
+        _init_worker(source, store, drop, config)
+        for batch in _batched(entries, config.batch_size):
+            yield from _process_batch(batch)
+        return
+    # spawn, not fork: Dagster and boto3 run threads that a fork would copy mid-flight.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(source, store, drop, config),
+    ) as pool:
+        pending: deque = deque()
+        for batch in _batched(entries, config.batch_size):
+            pending.append(pool.submit(_process_batch, batch))
+            if len(pending) >= config.window * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def ingest_drop(
+    source: Store,
+    store: Store,
+    drop: str,
+    config: IngestConfig = IngestConfig(),
+    progress: Callable[[int], None] | None = None,
+) -> IngestResult:
+    """Ingest every image candidate under `source` (the drop's root).
+
+    Within the drop the first name (in sorted order) of identical bytes is the accepted row and
+    later names become its `aliases`; so accepted + duplicates + quarantined = files seen.
+    """
+    detected_at = now_utc()
+    rows: dict[str, dict] = {}
+    quarantine: list[dict] = []
+    seen = new_objects = 0
+    entries = (e for e in source.list() if is_image_candidate(e.key))
+    for result in _results(entries, source, store, drop, config):
+        seen += 1
+        if progress is not None:
+            progress(seen)
+        if result["status"] == "rejected":
+            quarantine.append(
+                {
+                    "source": drop,
+                    "stage": "raw_images",
+                    "original_name": result["name"],
+                    "position": "",
+                    "reason_code": result["code"],
+                    "reason": result["message"],
+                    "bytes": result["bytes"],
+                    "quarantine_uri": result.get("quarantine_uri", ""),
+                    "detected_at": detected_at,
+                }
+            )
+            continue
+        info = result["info"]
+        new_objects += result["written"]
+        if info.image_id in rows:
+            rows[info.image_id]["aliases"].append(result["name"])
+            continue
+        rows[info.image_id] = {
+            "image_id": info.image_id,
+            "uri": result["uri"],
+            "key": result["key"],
+            "source": drop,
+            "original_name": result["name"],
+            "aliases": [],
+            "format": info.format,
+            "mode": info.mode,
+            "width": info.width,
+            "height": info.height,
+            "channels": info.channels,
+            "bytes": info.bytes,
+            "phash": info.phash,
+            "thumb": info.thumb,
+            "ingested_at": detected_at,
+        }
+    store.sync()  # one flush for the whole drop, before anything records these objects
+    manifest = pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS)
+    return IngestResult(
+        manifest, pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS), seen, new_objects
+    )

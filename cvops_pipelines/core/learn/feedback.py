@@ -1,0 +1,414 @@
+"""Feedback batches uploaded by edge agents: vetted, ingested and read back as one record table.
+
+A batch is `feedback/batches/<batch_id>.zip` (records.jsonl, corrections.jsonl, images/) and is
+the unit of acceptance: a batch that cannot be read, whose images do not match their ids or do not
+decode, or that breaks the data contract is quarantined whole, with the reason, and nothing of it
+reaches the pool. Accepted images go through the same content-addressed path as drops.
+
+A correction sealed in a later batch than its record (the operator was late) travels as a row of
+kind `correction`; `resolve_records` applies them in time order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from cvops_pipelines.core.base.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
+from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.ingest.intake import MANIFEST_COLUMNS, now_utc, store_original
+
+BATCH_PREFIX = "feedback/batches/"
+QUARANTINE_PREFIX = "quarantine/feedback"
+BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a Dagster partition key
+RECORD_FIELDS = {
+    "record_id": str,
+    "device_id": str,
+    "cohort": str,
+    "release": str,
+    "image_id": str,
+    "predicted": str,
+    "confidence": (int, float),
+    "top_k": list,
+    "captured_at": str,
+}
+FEEDBACK_COLUMNS = [
+    "kind",
+    "record_id",
+    "device_id",
+    "cohort",
+    "release",
+    "image_id",
+    "predicted",
+    "confidence",
+    "top_k",
+    "corrected_label",
+    "corrected_at",
+    "captured_at",
+    "batch_id",
+    "uri",
+    "key",
+    "format",
+    "width",
+    "height",
+    "phash",
+    "thumb",
+    "ingested_at",
+]
+RECORD_COLUMNS = [c for c in FEEDBACK_COLUMNS if c != "kind"]
+OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device>
+
+
+class BatchRejected(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code, self.message = code, message
+        super().__init__(f"{code}: {message}")
+
+
+@dataclass
+class ParsedBatch:
+    batch_id: str
+    records: list[dict]
+    corrections: list[dict]
+    images: dict[str, bytes]
+    infos: dict[str, ImageInfo] = field(default_factory=dict)
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{BATCH_PREFIX}{batch_id}.zip"
+
+
+def batch_ids(store: Store) -> list[str]:
+    """Uploaded batch ids, in name order; names that cannot be partition keys are skipped here
+    and reported by `invalid_batch_names`."""
+    return [n for n in _names(store) if BATCH_ID.match(n)]
+
+
+def invalid_batch_names(store: Store) -> list[str]:
+    return [n for n in _names(store) if not BATCH_ID.match(n)]
+
+
+def _names(store: Store) -> list[str]:
+    return sorted(
+        e.key[len(BATCH_PREFIX) : -4]
+        for e in store.list(BATCH_PREFIX)
+        if e.key.endswith(".zip") and "/" not in e.key[len(BATCH_PREFIX) :]
+    )
+
+
+def parse_batch(data: bytes, batch_id: str, limits: ImageLimits = ImageLimits()) -> ParsedBatch:
+    """Read and vet one batch; raise BatchRejected naming the first thing wrong."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = set(archive.namelist())
+            missing = {"records.jsonl", "corrections.jsonl"} - names
+            if missing:
+                raise BatchRejected("malformed_batch", f"the archive lacks {sorted(missing)}")
+            records = _jsonl(archive.read("records.jsonl"), "records.jsonl")
+            corrections = _jsonl(archive.read("corrections.jsonl"), "corrections.jsonl")
+            images = {
+                n[len("images/") :].removesuffix(".bin"): archive.read(n)
+                for n in names
+                if n.startswith("images/") and not n.endswith("/")
+            }
+    except zipfile.BadZipFile as exc:
+        raise BatchRejected("malformed_batch", f"not a readable zip archive ({exc})") from None
+    for i, record in enumerate(records):
+        for name, kind in RECORD_FIELDS.items():
+            if not isinstance(record.get(name), kind):
+                raise BatchRejected(
+                    "malformed_record",
+                    f"records.jsonl line {i + 1}: field "
+                    f"{name!r} is missing or not {_kind_name(kind)}",
+                )
+        if record.get("batch_id", batch_id) != batch_id:
+            raise BatchRejected(
+                "batch_id_mismatch",
+                f"records.jsonl line {i + 1} belongs to "
+                f"batch {record['batch_id']!r}, the file is {batch_id!r}",
+            )
+    for i, fix in enumerate(corrections):
+        if not all(
+            isinstance(fix.get(k), str) for k in ("record_id", "corrected_label", "corrected_at")
+        ):
+            raise BatchRejected(
+                "malformed_record",
+                f"corrections.jsonl line {i + 1} needs "
+                "record_id, corrected_label and corrected_at strings",
+            )
+    infos = {}
+    for image_id in {r["image_id"] for r in records}:
+        if image_id not in images:
+            raise BatchRejected("missing_image", f"image {image_id} of a record is not in images/")
+        if hashlib.sha256(images[image_id]).hexdigest() != image_id:
+            raise BatchRejected(
+                "image_hash_mismatch",
+                f"images/{image_id}.bin does not hash "
+                "to its name (altered in transit or on the device)",
+            )
+        try:
+            infos[image_id] = inspect_image(images[image_id], limits)
+        except ImageRejected as exc:
+            raise BatchRejected("bad_image", f"images/{image_id}.bin: {exc.message}") from None
+    return ParsedBatch(batch_id, records, corrections, images, infos)
+
+
+def _jsonl(data: bytes, name: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BatchRejected("malformed_record", f"{name} line {number}: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise BatchRejected("malformed_record", f"{name} line {number}: not an object")
+        rows.append(row)
+    return rows
+
+
+def _kind_name(kind) -> str:
+    return " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def batch_frame(batch: ParsedBatch) -> pd.DataFrame:
+    """The batch as FEEDBACK_COLUMNS rows; image locations are filled by `store_images`."""
+    rows = []
+    for r in batch.records:
+        info = batch.infos[r["image_id"]]
+        rows.append(
+            {
+                "kind": "record",
+                **{k: r.get(k) for k in RECORD_FIELDS},
+                "top_k": json.dumps(r["top_k"]),
+                "corrected_label": r.get("corrected_label"),
+                "corrected_at": r["captured_at"] if r.get("corrected_label") else None,
+                "batch_id": batch.batch_id,
+                "format": info.format,
+                "width": info.width,
+                "height": info.height,
+                "phash": info.phash,
+                "thumb": info.thumb,
+            }
+        )
+    for fix in batch.corrections:
+        rows.append(
+            {
+                "kind": "correction",
+                "record_id": fix["record_id"],
+                "corrected_label": fix["corrected_label"],
+                "corrected_at": fix["corrected_at"],
+                "batch_id": batch.batch_id,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=FEEDBACK_COLUMNS)
+    for column in ("uri", "key", "ingested_at", "corrected_label", "corrected_at"):
+        frame[column] = frame[column].astype(object)
+    frame["confidence"] = frame["confidence"].astype("float64")
+    return frame
+
+
+def store_images(store: Store, batch: ParsedBatch, frame: pd.DataFrame) -> int:
+    """Write the batch's images content-addressed (after the batch was accepted); fill uri/key."""
+    written, keys = 0, {}
+    for image_id, info in batch.infos.items():
+        keys[image_id], new = store_original(store, info, batch.images[image_id])
+        written += new
+    store.sync()
+    is_record = frame["kind"] == "record"
+    frame.loc[is_record, "key"] = frame.loc[is_record, "image_id"].map(keys)
+    frame.loc[is_record, "uri"] = frame.loc[is_record, "key"].map(store.uri)
+    frame.loc[is_record, "ingested_at"] = now_utc()
+    return written
+
+
+def quarantine_batch(store: Store, batch_id: str, data: bytes, code: str, reason: str) -> str:
+    """Keep the rejected batch beside a JSON note saying why; the upload itself stays too."""
+    store.write_bytes(f"{QUARANTINE_PREFIX}/{batch_id}.zip", data)
+    note = {
+        "batch_id": batch_id,
+        "reason_code": code,
+        "reason": reason,
+        "source": batch_key(batch_id),
+        "detected_at": now_utc().isoformat(),
+    }
+    key = f"{QUARANTINE_PREFIX}/{batch_id}.json"
+    store.write_bytes(key, json.dumps(note, indent=2).encode())
+    return store.uri(key)
+
+
+def resolve_records(feedback: pd.DataFrame) -> pd.DataFrame:
+    """One row per record, with the latest correction applied (late ones included)."""
+    if feedback.empty:
+        return pd.DataFrame(columns=RECORD_COLUMNS)
+    records = feedback[feedback["kind"] == "record"].drop_duplicates("record_id", keep="last")
+    records = records.set_index("record_id")
+    fixes = feedback[feedback["kind"] == "correction"].sort_values("corrected_at", kind="stable")
+    fixes = fixes[fixes["record_id"].isin(records.index)].drop_duplicates("record_id", keep="last")
+    records.loc[fixes["record_id"], "corrected_label"] = fixes["corrected_label"].to_numpy()
+    records.loc[fixes["record_id"], "corrected_at"] = fixes["corrected_at"].to_numpy()
+    return (
+        records.reset_index()[RECORD_COLUMNS]
+        .sort_values("captured_at", kind="stable")
+        .reset_index(drop=True)
+    )
+
+
+def feedback_manifest(records: pd.DataFrame) -> pd.DataFrame:
+    """Feedback images as image-manifest rows (source `feedback/<batch>`), for the pool."""
+    images = records.drop_duplicates("image_id")
+    return pd.DataFrame(
+        {
+            "image_id": images["image_id"],
+            "uri": images["uri"],
+            "key": images["key"],
+            "source": "feedback/" + images["batch_id"],
+            "original_name": images["record_id"],
+            "aliases": [[] for _ in range(len(images))],
+            "format": images["format"],
+            "mode": "",
+            "width": images["width"],
+            "height": images["height"],
+            "channels": 3,
+            "bytes": None,
+            "phash": images["phash"],
+            "thumb": images["thumb"],
+            "ingested_at": pd.to_datetime(images["ingested_at"], utc=True),
+        }
+    )[MANIFEST_COLUMNS]
+
+
+def feedback_labels(records: pd.DataFrame) -> pd.DataFrame:
+    """Reviewed records as image-level labels with origin `feedback`, one vote per device
+    operator (a later review of the same image by that operator replaces the earlier one)."""
+    from cvops_pipelines.core.ingest.annotations import LABEL_COLUMNS
+
+    done = records[records["corrected_label"].notna()]
+    return pd.DataFrame(
+        {
+            "image_id": done["image_id"],
+            "label": done["corrected_label"].astype(str),
+            "x_min": float("nan"),
+            "y_min": float("nan"),
+            "x_max": float("nan"),
+            "y_max": float("nan"),
+            "annotator": OPERATOR_PREFIX + done["device_id"],
+            "labeled_at": pd.to_datetime(done["corrected_at"], utc=True, format="ISO8601"),
+            "origin": "feedback",
+            "source": "feedback/" + done["batch_id"],
+            "original_name": done["record_id"],
+            "annotation_file": "",
+            "position": "",
+            "image_width": done["width"],
+            "image_height": done["height"],
+        }
+    )[LABEL_COLUMNS]
+
+
+def no_records() -> pd.DataFrame:
+    return pd.DataFrame(columns=FEEDBACK_COLUMNS).astype({"confidence": "float64"})
+
+
+@dataclass
+class VettedBatches:
+    """A run's feedback batches after vetting: every batch's rows (none for a quarantined one),
+    which were accepted, why the others were quarantined, and the contract on what was kept."""
+
+    frames: dict[str, pd.DataFrame]
+    accepted: list[str]
+    quarantined: pd.DataFrame  # batch_id, reason_code, reason, quarantine
+    contract: object  # core.base.contracts.ContractResult on the accepted records
+    new_images: int = 0
+
+    def records(self) -> pd.DataFrame:
+        return _records_of(self.frames, self.accepted)
+
+    def summary(self) -> dict:
+        accepted = self.records()
+        return {
+            "batches": len(self.frames),
+            "accepted_batches": len(self.accepted),
+            "quarantined_batches": len(self.quarantined),
+            "records": len(accepted),
+            "reviewed": int(accepted["corrected_label"].notna().sum()),
+            "late_corrections": int(
+                sum((self.frames[b]["kind"] == "correction").sum() for b in self.accepted)
+            ),
+            "devices": int(accepted["device_id"].nunique()),
+            "new_images_stored": self.new_images,
+        }
+
+
+def _records_of(frames: dict[str, pd.DataFrame], batches: list[str]) -> pd.DataFrame:
+    parts = [frames[b][frames[b]["kind"] == "record"] for b in batches]
+    return pd.concat(parts, ignore_index=True) if parts else no_records()
+
+
+def vet_batches(
+    store: Store,
+    batches: list[str],
+    classes: list[str],
+    validate,
+    limits: ImageLimits = ImageLimits(),
+) -> VettedBatches:
+    """Parse, check and contract-validate a run's batches; quarantine the bad ones whole and
+    store the good ones' images. `validate(records, label)` runs the feedback contract. The
+    contract runs on all batches at once; only when it fails is it rerun batch by batch to find
+    the culprits, so the accepted rest still goes on."""
+    parsed, frames, payloads, rejected = {}, {}, {}, {}
+    for batch in batches:
+        try:
+            payloads[batch] = store.read_bytes(batch_key(batch))
+            parsed[batch] = parse_batch(payloads[batch], batch, limits)
+            frames[batch] = batch_frame(parsed[batch])
+            fixes = frames[batch][frames[batch]["kind"] == "correction"]
+            unknown = sorted(set(fixes["corrected_label"]) - set(classes))
+            if unknown:
+                raise BatchRejected(
+                    "unknown_class", f"corrections name classes not in the ontology: {unknown}"
+                )
+        except FileNotFoundError:
+            rejected[batch] = ("missing_batch", f"{batch_key(batch)} is not in the store")
+        except BatchRejected as exc:
+            rejected[batch] = (exc.code, exc.message)
+
+    def check(keys: list[str], label: str | None):
+        return validate(_records_of(frames, keys).drop(columns=["thumb"]), label)
+
+    good = [b for b in batches if b not in rejected]
+    contract = check(good, "")
+    if not contract.success:
+        for batch in good:
+            alone = check([batch], None)
+            if not alone.success:
+                first = alone.failures[0]
+                rejected[batch] = (
+                    "contract_failed",
+                    f"{first.expectation} ({first.kwargs}) failed: "
+                    f"{first.unexpected_count} unexpected, e.g. "
+                    f"{first.examples[:3]}",
+                )
+        good = [b for b in good if b not in rejected]
+        contract = check(good, "-accepted")
+    quarantined = []
+    for batch, (code, reason) in rejected.items():
+        uri = quarantine_batch(store, batch, payloads.get(batch, b""), code, reason)
+        quarantined.append(
+            {"batch_id": batch, "reason_code": code, "reason": reason, "quarantine": uri}
+        )
+        frames[batch] = no_records()
+    new_images = sum(store_images(store, parsed[b], frames[b]) for b in good)
+    return VettedBatches(
+        frames,
+        good,
+        pd.DataFrame(quarantined, columns=["batch_id", "reason_code", "reason", "quarantine"]),
+        contract,
+        new_images,
+    )

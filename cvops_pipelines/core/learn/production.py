@@ -1,0 +1,277 @@
+"""Production metrics from field feedback: accuracy where humans looked, and what it means.
+
+Accuracy is measured on reviewed records only (an operator confirmed or corrected the prediction)
+and always reported with its coverage (reviewed / all records), so a figure from 3 reviews out of
+300 records never reads like one from 250. Records are grouped by release x cohort x period.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.base.plots import production_png
+from cvops_pipelines.core.curate.dataset import load_snapshot
+from cvops_pipelines.core.learn.drift import output_drift
+from cvops_pipelines.core.ship.release import ReleaseStore, live_releases
+
+
+def model_outputs(
+    model: bytes, preprocess: dict, images: list[bytes], batch_size: int = 64
+) -> np.ndarray:
+    """Softmax outputs of a released ONNX model, preprocessed exactly as on the device."""
+    import onnxruntime as ort
+
+    from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    name, size = session.get_inputs()[0].name, int(preprocess["image_size"])
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(
+            [resize(load_rgb(b), size) for b in images[start : start + batch_size]],
+            preprocess["mean"],
+            preprocess["std"],
+        )
+        logits = session.run(None, {name: batch})[0]
+        logits = logits - logits.max(1, keepdims=True)
+        probs = np.exp(logits)
+        out.append(probs / probs.sum(1, keepdims=True))
+    return np.concatenate(out) if out else np.zeros((0, len(preprocess["classes"])))
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def with_period(records: pd.DataFrame, period: str) -> pd.DataFrame:
+    captured = pd.to_datetime(records["captured_at"], utc=True, format="ISO8601")
+    return records.assign(period=captured.dt.floor(period).dt.strftime("%Y-%m-%d %H:%M"))
+
+
+def accuracy_table(
+    records: pd.DataFrame, period: str = "1D", by: tuple[str, ...] = ("release", "cohort", "period")
+) -> pd.DataFrame:
+    """records, reviewed, coverage, accuracy (+ 95% Wilson interval) per group."""
+    frame = with_period(records, period)
+    frame = frame.assign(
+        reviewed=frame["corrected_label"].notna(),
+        hit=frame["corrected_label"].notna() & (frame["corrected_label"] == frame["predicted"]),
+    )
+    rows = []
+    for key, group in frame.groupby(list(by), sort=True):
+        n, hits = int(group["reviewed"].sum()), int(group["hit"].sum())
+        low, high = wilson_interval(hits, n)
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                "records": len(group),
+                "reviewed": n,
+                "coverage": round(n / len(group), 4),
+                "accuracy": round(hits / n, 4) if n else None,
+                "ci95_low": round(low, 4) if n else None,
+                "ci95_high": round(high, 4) if n else None,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=[*by, "records", "reviewed", "coverage", "accuracy", "ci95_low", "ci95_high"]
+    )
+
+
+def business_metrics(records: pd.DataFrame, event_classes: list[str]) -> dict:
+    """The two field figures a business reads (on reviewed records):
+
+    - missed_event_share: of the events humans confirmed (true class in `event_classes`), the
+      share the model did not report as that event;
+    - caught_by_model_not_humans_share: of those events, the share a human working alone missed.
+      That needs a blind human judgement per record (column `human_label`, made without seeing
+      the model); operators here choose among the model's suggestions, so where that column is
+      absent the figure is reported as not measurable rather than guessed.
+    """
+    reviewed = records[records["corrected_label"].notna()]
+    events = reviewed[reviewed["corrected_label"].isin(event_classes)]
+    out = {
+        "event_classes": list(event_classes),
+        "events_reviewed": len(events),
+        "missed_event_share": round(
+            float((events["predicted"] != events["corrected_label"]).mean()), 4
+        )
+        if len(events)
+        else None,
+    }
+    if "human_label" in records and records["human_label"].notna().any():
+        blind = events[events["human_label"].notna()]
+        caught = (blind["predicted"] == blind["corrected_label"]) & (
+            blind["human_label"] != blind["corrected_label"]
+        )
+        out["caught_by_model_not_humans_share"] = (
+            round(float(caught.mean()), 4) if len(blind) else None
+        )
+    else:
+        out["caught_by_model_not_humans_share"] = None
+        out["caught_by_model_not_humans_note"] = (
+            "not measurable: reviews are model-assisted (no blind human_label column)"
+        )
+    return out
+
+
+def latest_window(records: pd.DataFrame, release: str, size: int) -> pd.DataFrame:
+    mine = records[records["release"] == release]
+    return mine.sort_values("captured_at", kind="stable").tail(size)
+
+
+@dataclass(frozen=True)
+class ProductionPolicy:
+    period: str = "1D"  # reporting period (pandas frequency)
+    min_accuracy: float = 0.97  # SLA on reviewed field records
+    min_reviewed: int = 30  # reviewed records a live release needs before the SLA judges it
+    drift_window: int = 48  # latest records per live release tested for drift
+    drift_alpha: float = 0.05  # family-wise false-alarm rate per window
+    reference_images: int = 300  # held-out images of the release's dataset version
+    event_classes: tuple[str, ...] = ()  # empty: every class
+
+
+@dataclass
+class ProductionReport:
+    records: pd.DataFrame  # resolved feedback records
+    live: dict[str, str]  # release -> channel
+    table: pd.DataFrame  # accuracy by release x cohort x period
+    per_release: pd.DataFrame
+    business: dict
+    sla: pd.DataFrame  # one row per live release: reviewed, accuracy, judged, ok
+    drift: pd.DataFrame  # one row per live release with a window: flagged, min_p, families
+    plot: bytes  # PNG: field accuracy over time and output drift
+
+    @property
+    def reviewed(self) -> int:
+        return int(self.records["corrected_label"].notna().sum())
+
+    @property
+    def sla_ok(self) -> bool:
+        return bool(self.sla["ok"].all()) if len(self.sla) else True
+
+    @property
+    def drift_flagged(self) -> bool:
+        return bool(self.drift["flagged"].any()) if len(self.drift) else False
+
+    def sla_failure(self, policy: ProductionPolicy) -> str | None:
+        failing = self.sla[~self.sla["ok"]] if len(self.sla) else self.sla
+        if failing.empty:
+            return None
+        row = failing.iloc[0]
+        return (
+            f"{row['release']} ({row['channel']}): accuracy {row['accuracy']} on "
+            f"{row['reviewed']} reviewed < {policy.min_accuracy}"
+        )
+
+    def drift_failure(self) -> str | None:
+        flagged = self.drift[self.drift["flagged"]] if len(self.drift) else self.drift
+        if flagged.empty:
+            return None
+        row = flagged.iloc[0]
+        return (
+            f"{row['release']}: outputs shifted (min p {max(row['min_p'], 1e-6):.2g} on "
+            f"{row['window']} records)"
+        )
+
+    def alerts(self, policy: ProductionPolicy) -> tuple[str, ...]:
+        """Names of the production checks that fail (what may ask for a retraining run)."""
+        failures = (
+            ("accuracy_sla", self.sla_failure(policy)),
+            ("no_output_drift", self.drift_failure()),
+        )
+        return tuple(name for name, failure in failures if failure)
+
+    def save(self, store, prefix: str = "reports/production_metrics") -> str:
+        """The plot and the accuracy table for people; returns the table's URI."""
+        store.write_bytes(f"{prefix}/latest.png", self.plot)
+        store.write_bytes(f"{prefix}/accuracy.csv", self.table.to_csv(index=False).encode())
+        return store.uri(f"{prefix}/accuracy.csv")
+
+    def summary(self) -> dict:
+        """The asset value (what the demo and the retraining hand-off read)."""
+        return {
+            "records": len(self.records),
+            "reviewed": self.reviewed,
+            "live": self.live,
+            "sla": self.sla.to_dict(orient="records"),
+            "sla_ok": self.sla_ok,
+            "drift": self.drift.to_dict(orient="records"),
+            "drift_flagged": self.drift_flagged,
+            "business": self.business,
+            "per_release": self.per_release.to_dict(orient="records"),
+        }
+
+
+def production_report(store, records: pd.DataFrame, policy: ProductionPolicy) -> ProductionReport:
+    """SLA per live release on reviewed records, and drift of each live release's latest outputs
+    against the same model's outputs on held-out images of its dataset version."""
+    releases = ReleaseStore(store)
+    live = live_releases(releases)
+    table = accuracy_table(records, policy.period)
+    per_release = accuracy_table(records, policy.period, by=("release",))
+    classes = sorted(set(records["predicted"].dropna())) if len(records) else []
+    business = business_metrics(records, list(policy.event_classes) or classes)
+    sla, drift_rows, plots_input = [], [], {}
+    for release, channel in live.items():
+        mine = per_release[per_release["release"] == release]
+        reviewed = int(mine["reviewed"].sum()) if len(mine) else 0
+        accuracy = mine["accuracy"].iloc[0] if reviewed else None
+        judged = reviewed >= policy.min_reviewed
+        sla.append(
+            {
+                "release": release,
+                "channel": channel,
+                "reviewed": reviewed,
+                "accuracy": accuracy,
+                "judged": judged,
+                "ok": (not judged) or accuracy >= policy.min_accuracy,
+            }
+        )
+        window = latest_window(records, release, policy.drift_window)
+        if len(window):
+            result, ref, prod = _drift(store, releases, release, window, policy)
+            plots_input[release] = (ref, prod)
+            drift_rows.append(
+                {
+                    "release": release,
+                    "channel": channel,
+                    "window": len(window),
+                    "assessed": result.assessed,
+                    "flagged": result.flagged,
+                    "min_p": round(result.min_p, 6),
+                    **{f"{k}_flagged": v for k, v in result.families.items()},
+                    "note": result.reason,
+                }
+            )
+    return ProductionReport(
+        records,
+        live,
+        table,
+        per_release,
+        business,
+        pd.DataFrame(sla),
+        pd.DataFrame(drift_rows),
+        production_png(table, plots_input, policy.min_accuracy),
+    )
+
+
+def _drift(store, releases, release: str, window: pd.DataFrame, policy: ProductionPolicy):
+    manifest = releases.manifest(release)
+    preprocess = json.loads(releases.store.read_bytes(f"releases/{release}/preprocess.json"))
+    model = releases.model(release)
+    reference = load_snapshot(store, manifest["dataset_version"])
+    reference = reference[reference["split"] != "train"].sort_values("image_id")
+    reference = reference.head(policy.reference_images)
+    ref = model_outputs(model, preprocess, [store.read_bytes(k) for k in reference["key"]])
+    prod = model_outputs(model, preprocess, [store.read_bytes(k) for k in window["key"]])
+    return output_drift(ref, prod, list(preprocess["classes"]), policy.drift_alpha), ref, prod

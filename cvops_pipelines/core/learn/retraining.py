@@ -1,0 +1,105 @@
+"""When to retrain: the facts three assets hand over, and the rule that reads them.
+
+dataset_version, trained_model and production_metrics each write a small typed record under
+`handoff/` when they materialize; retraining_sensor reads those records, not the wording of
+metadata shown in the UI, and asks this module. Train when there is no model yet; when an alert
+(SLA or drift) fired after the latest model and some new labels arrived; or when enough new labels
+arrived anyway. Never on a dataset version its blocking contracts refused, never twice for one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from cvops_pipelines.core.base.store import Store
+
+PREFIX = "handoff"
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    version: str
+    images: int
+    failed_checks: tuple[str, ...] = ()  # blocking contracts this version failed
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_version: str
+    dataset_version: str
+    dataset_images: int
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class AlertFacts:
+    failed: tuple[str, ...]  # names of the production checks that failed (empty: all passed)
+    at: float = field(default_factory=time.time)
+
+
+_KEYS = {DatasetFacts: "dataset_version", ModelFacts: "trained_model", AlertFacts: "alerts"}
+
+
+def write_facts(store: Store, facts: DatasetFacts | ModelFacts | AlertFacts) -> None:
+    store.write_bytes(f"{PREFIX}/{_KEYS[type(facts)]}.json", json.dumps(asdict(facts)).encode())
+
+
+def read_facts(store: Store, kind: type):
+    key = f"{PREFIX}/{_KEYS[kind]}.json"
+    if not store.exists(key):
+        return None
+    raw = json.loads(store.read_bytes(key))
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+@dataclass(frozen=True)
+class RetrainingPolicy:
+    min_new_labels: int = 200  # new labels that justify a run on their own
+    min_labels_after_alert: int = 20  # new labels that justify a run after an alert
+
+
+@dataclass(frozen=True)
+class RetrainingDecision:
+    train: bool
+    why: str
+    dataset_version: str | None = None
+
+
+def retraining_decision(
+    dataset: DatasetFacts | None,
+    model: ModelFacts | None,
+    alerts: AlertFacts | None,
+    policy: RetrainingPolicy = RetrainingPolicy(),
+) -> RetrainingDecision:
+    if dataset is None:
+        return RetrainingDecision(False, "no dataset version yet")
+    if dataset.failed_checks:
+        return RetrainingDecision(
+            False, f"dataset version {dataset.version} failed {', '.join(dataset.failed_checks)}"
+        )
+    if model is None:
+        return RetrainingDecision(True, "no model yet", dataset.version)
+    if model.dataset_version == dataset.version:
+        return RetrainingDecision(
+            False, f"the latest model was trained on {dataset.version} already"
+        )
+    new_labels = dataset.images - model.dataset_images
+    fired = list(alerts.failed) if alerts is not None and alerts.at > model.at else []
+    if fired and new_labels >= policy.min_labels_after_alert:
+        why = f"{' and '.join(fired)} failed; {new_labels} new labels since the last model"
+    elif new_labels >= policy.min_new_labels:
+        why = f"{new_labels} new labels since the last model (threshold {policy.min_new_labels})"
+    else:
+        wait = policy.min_labels_after_alert if fired else policy.min_new_labels
+        return RetrainingDecision(
+            False,
+            f"{new_labels} new labels since the last model; "
+            f"waiting for {wait}" + (f" (alerts: {', '.join(fired)})" if fired else ""),
+        )
+    # A retrain starts from scratch, like the first model (measured: a full fine-tune warm-started
+    # from the champion ended worse in the field than the model it replaced on some seeds; see
+    # benchmarks/loop_gain.py). `init_from: champion` stays available for head-only updates.
+    return RetrainingDecision(True, why, dataset.version)

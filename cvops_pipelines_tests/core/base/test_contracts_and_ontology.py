@@ -1,0 +1,96 @@
+import pandas as pd
+import pytest
+
+from cvops_pipelines.core.base.contracts import ContractError, validate
+from cvops_pipelines.core.base.ontology import OntologyError, load_ontology
+from cvops_pipelines.core.base.store import LocalStore
+
+
+def labels_frame(**overrides):
+    row = {
+        "image_id": "a" * 64,
+        "label": "3",
+        "x_min": None,
+        "y_min": None,
+        "x_max": None,
+        "y_max": None,
+        "annotator": "",
+        "labeled_at": pd.Timestamp("2026-01-01", tz="UTC"),
+        "origin": "drop",
+        "source": "d",
+        "original_name": "a.png",
+        "annotation_file": "l.csv",
+        "position": "line 2",
+        "image_width": 32,
+        "image_height": 32,
+    }
+    rows = [row, {**row, **overrides}]
+    return pd.DataFrame(rows).astype({c: "float64" for c in ("x_min", "y_min", "x_max", "y_max")})
+
+
+def test_annotations_suite_passes_clean_labels(repo_root, tmp_path):
+    result = validate(
+        labels_frame(),
+        repo_root / "data_contracts/gx/annotations.json",
+        {"ontology_classes": [str(i) for i in range(10)]},
+    )
+    assert result.success, result.markdown()
+
+
+@pytest.mark.parametrize(
+    "overrides, failing",
+    [
+        ({"label": "dgo"}, "expect_column_values_to_be_in_set"),
+        (
+            {"x_min": 10.0, "x_max": 5.0, "y_min": 1.0, "y_max": 2.0},
+            "expect_column_pair_values_a_to_be_greater_than_b",
+        ),
+        (
+            {"x_min": 1.0, "x_max": 40.0, "y_min": 1.0, "y_max": 2.0},
+            "expect_column_pair_values_a_to_be_greater_than_b",
+        ),
+        ({"image_id": "not-a-sha"}, "expect_column_values_to_match_regex"),
+    ],
+)
+def test_annotations_suite_reports_what_failed(repo_root, tmp_path, overrides, failing):
+    store = LocalStore(tmp_path / "store")
+    result = validate(
+        labels_frame(**overrides),
+        repo_root / "data_contracts/gx/annotations.json",
+        {"ontology_classes": [str(i) for i in range(10)]},
+        store,
+        run_name="t",
+    )
+    assert not result.success
+    assert failing in {o.expectation for o in result.failures}
+    assert all(o.unexpected_count == 1 for o in result.failures)
+    assert result.failures[0].examples  # examples shown, not just counts
+    assert result.docs_uri.startswith("file://") and "validations/annotations" in result.docs_uri
+    assert store.exists("reports/gx/index.html")
+
+
+def test_missing_suite_is_a_clear_error(tmp_path):
+    with pytest.raises(ContractError, match="not found"):
+        validate(pd.DataFrame(), tmp_path / "nope.json")
+
+
+def test_ontology_rejects_duplicates_and_bad_files(tmp_path):
+    path = tmp_path / "ontology.yaml"
+    path.write_text("version: 2\nclasses:\n  - {id: 0, name: cat}\n  - {id: 1, name: cat}\n")
+    with pytest.raises(OntologyError, match="duplicate class names: cat"):
+        load_ontology(path)
+    path.write_text("classes: [")
+    with pytest.raises(OntologyError, match="not valid YAML"):
+        load_ontology(path)
+    with pytest.raises(OntologyError, match="not found"):
+        load_ontology(tmp_path / "missing.yaml")
+
+
+def test_ontology_marks_event_classes(repo_root, tmp_path):
+    path = tmp_path / "ontology.yaml"
+    path.write_text(
+        "name: line\nversion: 1\nclasses:\n  - {id: 0, name: ok}\n"
+        "  - {id: 1, name: crack, event: true}\n  - {id: 2, name: dent, event: true}\n"
+    )
+    assert load_ontology(path).event_classes == ["crack", "dent"]
+    assert load_ontology(repo_root / "data_contracts/ontology.yaml").event_classes == []

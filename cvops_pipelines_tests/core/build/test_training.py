@@ -1,0 +1,129 @@
+"""Training on real digit images: determinism, weights from the local cache only, frozen
+backbones."""
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cvops_pipelines.core.build.models import (
+    Preprocess,
+    WeightsNotAvailable,
+    build_model,
+    load_model,
+    state_dict_bytes,
+)
+from cvops_pipelines.core.build.training import (
+    TrainConfig,
+    fit,
+    hyperparameter_search,
+    predict_probs,
+)
+from cvops_pipelines.core.measure.metrics import evaluate_predictions
+from cvops_pipelines_tests.helpers import CLASSES, digits
+
+SMALL = TrainConfig(image_size=32, epochs=3, batch_size=32, learning_rate=3e-3, seed=7)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits(range(0, 400)), digits(range(400, 500)), digits(range(500, 700))
+
+
+def _metrics(history: list[dict]) -> list[dict]:
+    """Everything an epoch logs except wall-clock throughput."""
+    return [{k: v for k, v in row.items() if k != "train_images_per_second"} for row in history]
+
+
+def test_same_seed_same_metrics_and_far_above_chance(data):
+    train, val, test = data
+    first = fit(train, val, CLASSES, SMALL)
+    second = fit(train, val, CLASSES, SMALL)
+    assert _metrics(first.history) == _metrics(second.history)
+    p1 = predict_probs(first.model, test[0], first.preprocess)
+    p2 = predict_probs(second.model, test[0], second.preprocess)
+    np.testing.assert_array_equal(p1, p2)
+    accuracy = evaluate_predictions(p1, test[1], CLASSES).accuracy
+    assert accuracy > 0.6, accuracy  # chance is 0.1
+
+
+def test_another_seed_trains_a_different_model(data):
+    train, val, _ = data
+    a = fit(train, val, CLASSES, SMALL)
+    b = fit(train, val, CLASSES, TrainConfig(**{**SMALL.__dict__, "seed": 8}))
+    assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
+
+
+def test_missing_pretrained_weights_name_the_file_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotAvailable) as err:
+        build_model("resnet18", 10, "IMAGENET1K_V1")
+    message = str(err.value)
+    assert "resnet18-f37072fd.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+    with pytest.raises(ValueError, match="no weights 'IMAGENET9K'"):
+        build_model("resnet18", 10, "IMAGENET9K")
+    with pytest.raises(ValueError, match="unknown torchvision classification model"):
+        build_model("resnet9000", 10)
+
+
+def _cache(tmp_path, monkeypatch, payload: bytes) -> None:
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "resnet18-f37072fd.pth").write_bytes(payload)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+
+def test_pretrained_weights_come_from_the_local_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    torch.manual_seed(1)
+    imagenet_like = torchvision.models.resnet18()  # stands in for the published checkpoint
+    buffer = io.BytesIO()
+    torch.save(imagenet_like.state_dict(), buffer)
+    _cache(tmp_path, monkeypatch, buffer.getvalue())
+    model = build_model("resnet18", 10, "IMAGENET1K_V1", freeze_backbone=True)
+    assert torch.equal(model.conv1.weight, imagenet_like.conv1.weight)
+    assert model.fc.out_features == 10
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+
+
+def test_a_pickle_in_the_weights_cache_is_refused(tmp_path, monkeypatch):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    _cache(tmp_path, monkeypatch, pickle.dumps({"conv1.weight": Payload()}))
+    with pytest.raises(pickle.UnpicklingError), pytest.warns(UserWarning):
+        build_model("resnet18", 10, "IMAGENET1K_V1")
+
+
+def test_frozen_backbone_stays_bit_identical_and_the_model_round_trips(data):
+    train, val, test = data
+    config = TrainConfig(**{**SMALL.__dict__, "epochs": 1, "freeze_backbone": True})
+    torch.manual_seed(config.seed)
+    before = build_model("resnet18", 10, freeze_backbone=True).state_dict()
+    result = fit(train, val, CLASSES, config)
+    after = result.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # batch-norm running stats included
+    preprocess = Preprocess.from_json(result.preprocess.to_json())
+    loaded = load_model(state_dict_bytes(result.model), preprocess)
+    np.testing.assert_allclose(
+        predict_probs(loaded, test[0][:20], preprocess),
+        predict_probs(result.model, test[0][:20], result.preprocess),
+        atol=1e-6,
+    )
+
+
+def test_search_returns_the_trial_with_the_lowest_validation_loss(data):
+    train, val, _ = data
+    best, rows = hyperparameter_search(train, val, CLASSES, SMALL, trials=3, epochs_per_trial=1)
+    assert len(rows) == 3 and rows[0]["learning_rate"] == SMALL.learning_rate
+    winner = min(rows, key=lambda r: r["val_loss"])
+    assert best == {
+        "learning_rate": winner["learning_rate"],
+        "weight_decay": winner["weight_decay"],
+    }

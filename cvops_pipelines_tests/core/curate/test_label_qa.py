@@ -1,0 +1,135 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvops_pipelines.core.base.images import inspect_image
+from cvops_pipelines.core.curate.label_qa import (
+    LabelQAConfig,
+    labelstudio_config,
+    labelstudio_tasks,
+    review_label_quality,
+)
+from cvops_pipelines.core.curate.neardup import candidate_pairs
+from cvops_pipelines.demo import digit_model
+from cvops_pipelines_tests import corpus
+
+
+@pytest.fixture(scope="module")
+def noisy_pool():
+    """All 1,797 demo digits, 10% of labels flipped to another class (seeded)."""
+    indices = list(range(1797))
+    rng = np.random.default_rng(42)
+    labels = [digit_model.digit_label(i) for i in indices]
+    flipped = set(rng.choice(len(indices), len(indices) // 10, replace=False).tolist())
+    for i in flipped:
+        labels[i] = str(rng.choice([c for c in range(10) if str(c) != labels[i]]))
+    pool = corpus.pool_rows(indices, labels)
+    return pool, {pool.at[i, "image_id"] for i in flipped}
+
+
+def test_flipped_labels_are_found_far_above_chance(noisy_pool):
+    pool, flipped = noisy_pool
+    result = review_label_quality(pool)
+    flagged = set(
+        result.review.loc[result.review["reasons"].str.contains("label_issue"), "image_id"]
+    )
+    precision = len(flagged & flipped) / len(flagged)
+    recall = len(flagged & flipped) / len(flipped)
+    assert precision > 0.7 and recall > 0.7, (precision, recall)  # chance precision: 0.10
+    assert result.scored == len(pool)
+    # the suggestion is usually the true class
+    review = result.review.set_index("image_id")
+    truth = dict(zip(pool["image_id"], (digit_model.digit_label(i) for i in range(1797))))
+    hits = [review.at[i, "suggested_label"] == truth[i] for i in flagged & flipped]
+    assert np.mean(hits) > 0.8
+    # estimated noise per class near the injected 10%, sorted most severe first
+    assert result.noise_per_class["estimated_noise_rate"].between(0.02, 0.25).all()
+    assert result.review["severity"].is_monotonic_decreasing
+    assert len(result.confused_pairs) > 0
+
+
+def test_near_duplicate_conflict_is_detected():
+    pool = corpus.pool_rows(range(60))
+    jpeg = corpus.encode(digit_model.digit(0).convert("RGB"), "JPEG", quality=80)
+    info = inspect_image(jpeg)
+    copy = pool.iloc[[0]].assign(
+        image_id=info.image_id,
+        phash=info.phash,
+        thumb=info.thumb,
+        label="6",
+        votes=[["6"]],
+        original_name="copy.jpg",
+    )
+    result = review_label_quality(
+        pd.concat([pool, copy], ignore_index=True), LabelQAConfig(folds=3)
+    )
+    conflicts = result.review[result.review["reasons"].str.contains("near_duplicate_conflict")]
+    assert set(conflicts["image_id"]) == {pool.at[0, "image_id"], info.image_id}
+    assert (conflicts["severity"] == 1.0).all()
+    assert "same picture as" in conflicts.iloc[0]["details"]
+    assert len(result.conflicts) == 1
+
+
+def test_annotator_disagreement_is_detected():
+    pool = corpus.pool_rows(range(60))
+    pool.at[5, "annotators"], pool.at[5, "votes"] = ["alice", "bob"], ["3", "8"]
+    pool.at[5, "label"], pool.at[5, "n_votes"], pool.at[5, "agreement"] = "3", 2, 0.5
+    pool.at[6, "annotators"], pool.at[6, "votes"] = ["alice", "bob"], ["6", "6"]
+    pool.at[6, "n_votes"] = 2
+    result = review_label_quality(pool, LabelQAConfig(folds=3))
+    row = result.review.set_index("image_id").loc[pool.at[5, "image_id"]]
+    assert "annotator_disagreement" in row["reasons"]
+    assert "alice: 3" in row["details"] and "bob: 8" in row["details"]
+    agreement = result.annotators.set_index("annotator")["agreement"]
+    assert agreement.to_dict() == {"alice": 1.0, "bob": 0.5}
+
+
+def test_tiny_pool_is_reported_not_crashed():
+    result = review_label_quality(corpus.pool_rows(range(3)))
+    assert result.pred_probs is None and "too few" in result.unscored_reason
+
+
+def test_labelstudio_export_prefills_current_and_suggested_label():
+    review = pd.DataFrame(
+        [
+            {
+                "image_id": "a" * 64,
+                "label": "5",
+                "suggested_label": "9",
+                "severity": 0.9,
+                "reasons": "label_issue",
+                "label_quality": 0.1,
+                "details": "model: 9",
+                "source": "d",
+                "original_name": "x.png",
+                "uri": "s3://bucket/images/aa/x.png",
+            }
+        ]
+    )
+    (task,) = json.loads(json.dumps(labelstudio_tasks(review)))
+    assert task["data"]["image"] == "s3://bucket/images/aa/x.png"
+    assert (task["data"]["current_label"], task["data"]["suggested_label"]) == ("5", "9")
+    assert task["predictions"][0]["result"][0]["value"]["choices"] == ["9"]
+    config = labelstudio_config(["5", "9"])
+    assert '<Choices name="label" toName="image"' in config and '<Choice value="9"/>' in config
+
+
+def test_pigeonhole_index_finds_exactly_the_brute_force_pairs():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=40, dtype=np.int64)
+    hashes = []
+    for value in base:  # clusters of hashes a few bits apart
+        for flips in range(3):
+            bits = rng.choice(64, size=flips * 2, replace=False)
+            hashes.append(f"{int(value) ^ sum(1 << int(b) for b in bits):016x}")
+    found = {(i, j) for i, j, _ in candidate_pairs(hashes, 4)}
+    values = [int(h, 16) for h in hashes]
+    brute = {
+        (i, j)
+        for i in range(len(values))
+        for j in range(i + 1, len(values))
+        if (values[i] ^ values[j]).bit_count() <= 4
+    }
+    assert found == brute and len(brute) > 40

@@ -1,0 +1,104 @@
+import hashlib
+
+import pytest
+
+from cvops_pipelines.core.base.images import ImageLimits
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ingest import intake as ingest_mod
+from cvops_pipelines.core.ingest.intake import IngestConfig, image_key, ingest_drop
+from cvops_pipelines.demo import digit_model
+from cvops_pipelines_tests import corpus
+
+
+def outcomes(result) -> dict[str, str]:
+    out = {row.original_name: "accepted" for row in result.manifest.itertuples()}
+    for row in result.manifest.itertuples():
+        out.update({alias: "duplicate" for alias in row.aliases})
+    out.update({row.original_name: row.reason_code for row in result.quarantine.itertuples()})
+    return out
+
+
+@pytest.fixture
+def corpus_drop(tmp_path) -> tuple[LocalStore, dict]:
+    drop = tmp_path / "drops" / "corpus"
+    expected = corpus.write_corpus(drop, tmp_path / "outside")
+    (drop / "_SUCCESS").write_text("")
+    (drop / "labels.csv").write_text("filename,label\n")  # annotation files are not images
+    return LocalStore(drop), expected
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_file_is_accounted_for(corpus_drop, tmp_path, workers):
+    source, expected = corpus_drop
+    store = LocalStore(tmp_path / "store")
+    result = ingest_drop(source, store, "corpus", IngestConfig(workers=workers))
+    assert result.files_seen == len(expected)
+    assert len(result.manifest) + result.duplicates + len(result.quarantine) == result.files_seen
+    assert outcomes(result) == expected
+    # the symlink target outside the drop was never read or copied
+    assert not any("secret" in str(p) for p in (tmp_path / "store").rglob("*"))
+
+
+def test_originals_are_content_addressed_and_rejects_kept(corpus_drop, tmp_path):
+    source, _ = corpus_drop
+    store = LocalStore(tmp_path / "store")
+    result = ingest_drop(source, store, "corpus", IngestConfig(workers=1))
+    for row in result.manifest.itertuples():
+        data = store.read_bytes(row.key)
+        assert hashlib.sha256(data).hexdigest() == row.image_id
+        assert row.key == image_key(row.image_id, row.format)
+        assert data == source.read_bytes(row.original_name)
+    truncated = result.quarantine.set_index("original_name").loc["bad/truncated.jpg"]
+    assert truncated.quarantine_uri.endswith("quarantine/corpus/files/bad/truncated.jpg")
+    assert store.exists("quarantine/corpus/files/bad/truncated.jpg")
+
+
+def test_rerun_is_idempotent(corpus_drop, tmp_path):
+    source, _ = corpus_drop
+    store = LocalStore(tmp_path / "store")
+    first = ingest_drop(source, store, "corpus", IngestConfig(workers=1))
+    images_before = sorted(e.key for e in store.list("images"))
+    second = ingest_drop(source, store, "corpus", IngestConfig(workers=2))
+    assert first.new_objects == len(first.manifest) and second.new_objects == 0
+    assert sorted(e.key for e in store.list("images")) == images_before
+    assert list(second.manifest["image_id"]) == list(first.manifest["image_id"])
+    assert outcomes(second) == outcomes(first)
+
+
+def test_streaming_keeps_a_bounded_number_of_files_in_flight(tmp_path, monkeypatch):
+    """The listing is consumed lazily: never more than window x workers batches ahead."""
+    drop = tmp_path / "drop"
+    png = corpus.encode(digit_model.digit(0), "PNG")
+    for i in range(300):
+        (drop / f"{i:04d}.png").parent.mkdir(exist_ok=True)
+        (drop / f"{i:04d}.png").write_bytes(png)
+    source = LocalStore(drop)
+    config = IngestConfig(workers=2, batch_size=4, window=2)
+    pulled, ahead = [0], []
+    original_list = source.list
+
+    def counting_list(prefix=""):
+        for entry in original_list(prefix):
+            pulled[0] += 1
+            yield entry
+
+    monkeypatch.setattr(LocalStore, "list", lambda self, prefix="": counting_list(prefix))
+    seen = 0
+    for _ in ingest_mod._results(source.list(), source, LocalStore(tmp_path / "s"), "d", config):
+        seen += 1
+        ahead.append(pulled[0] - seen)
+    assert seen == 300
+    assert max(ahead) <= config.window * config.worker_count() * config.batch_size
+
+
+def test_oversized_file_is_rejected_unread(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "big.png").write_bytes(corpus.encode(digit_model.digit(0), "PNG"))
+    result = ingest_drop(
+        LocalStore(drop),
+        LocalStore(tmp_path / "s"),
+        "d",
+        IngestConfig(limits=ImageLimits(max_bytes=10), workers=1),
+    )
+    assert list(result.quarantine["reason_code"]) == ["file_too_large"]

@@ -1,0 +1,267 @@
+"""Learn-stage core: feedback batches vetted whole, late corrections, field accuracy with coverage,
+business metrics, the annotation queue's order and diversity, and the ontology report."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.learn.active import QueuePolicy, annotation_queue, labelstudio_queue_tasks
+from cvops_pipelines.core.learn.feedback import (
+    BatchRejected,
+    batch_frame,
+    feedback_labels,
+    feedback_manifest,
+    parse_batch,
+    resolve_records,
+    store_images,
+)
+from cvops_pipelines.core.learn.ontology_report import ontology_report
+from cvops_pipelines.core.learn.production import accuracy_table, business_metrics, wilson_interval
+from cvops_pipelines.demo.digit_model import png
+from cvops_pipelines.edge.buffer import FeedbackBuffer
+from cvops_pipelines_tests.helpers import rezip
+
+
+def device_batch(tmp_path, n=4, late_fix=None, device="dev-001"):
+    """A real batch from the device buffer: n records, the first two corrected."""
+    buffer = FeedbackBuffer(tmp_path / f"{device}.db", device, "site-a")
+    ids = []
+    for i in range(n):
+        image = png(i)
+        ids.append(
+            buffer.record(
+                "rel-1-abc",
+                __import__("hashlib").sha256(image).hexdigest(),
+                image,
+                "1",
+                0.9,
+                [("1", 0.9), ("7", 0.05)],
+            )
+        )
+    buffer.correct(ids[0], "1")
+    buffer.correct(ids[1], "7")
+    batch = buffer.seal()
+    payload = buffer.payload(batch)
+    second = None
+    if late_fix:
+        buffer.correct(ids[2], late_fix)  # after sealing: travels in the next batch
+        second = buffer.seal()
+        second = (second, buffer.payload(second))
+    buffer.close()
+    return batch, payload, ids, second
+
+
+def test_batch_becomes_records_images_and_feedback_labels(tmp_path):
+    batch, payload, ids, late = device_batch(tmp_path, late_fix="4")
+    first = batch_frame(parse_batch(payload, batch))
+    parsed = parse_batch(payload, batch)
+    store = LocalStore(tmp_path / "store")
+    assert store_images(store, parsed, first) == 4
+    assert store_images(store, parsed, first) == 0  # content-addressed: nothing twice
+    second = batch_frame(parse_batch(late[1], late[0]))
+    records = resolve_records(pd.concat([first, second], ignore_index=True))
+    assert list(records["record_id"]) == ids
+    assert list(records["corrected_label"].fillna("-")) == ["1", "7", "4", "-"]  # late one applied
+    labels = feedback_labels(records)
+    assert set(labels["origin"]) == {"feedback"} and len(labels) == 3
+    assert set(labels["annotator"]) == {"operator@dev-001"}
+    manifest = feedback_manifest(records)
+    assert all(store.exists(k) for k in manifest["key"])
+
+
+@pytest.mark.parametrize(
+    "change, code",
+    [
+        (lambda f: f.pop("records.jsonl"), "malformed_batch"),
+        (lambda f: f.update({"records.jsonl": b"{not json"}), "malformed_record"),
+        (
+            lambda f: f.update(
+                {
+                    "records.jsonl": f["records.jsonl"].replace(
+                        b'"confidence": 0.9', b'"confidence": "high"'
+                    )
+                }
+            ),
+            "malformed_record",
+        ),
+        (lambda f: [f.pop(n) for n in list(f) if n.startswith("images/")][:1], "missing_image"),
+        (
+            lambda f: f.update({n: f[n][:-20] + b"0" * 20 for n in f if n.startswith("images/")}),
+            "image_hash_mismatch",
+        ),
+    ],
+)
+def test_bad_batches_are_rejected_whole_with_the_reason(tmp_path, change, code):
+    batch, payload, _, _ = device_batch(tmp_path)
+    with pytest.raises(BatchRejected) as raised:
+        parse_batch(rezip(payload, change), batch)
+    assert raised.value.code == code and raised.value.message
+
+
+def test_not_a_zip_and_a_renamed_batch_are_rejected(tmp_path):
+    batch, payload, _, _ = device_batch(tmp_path)
+    with pytest.raises(BatchRejected, match="not a readable zip"):
+        parse_batch(b"garbage", batch)
+    with pytest.raises(BatchRejected) as raised:
+        parse_batch(payload, "dev-999-b000001")
+    assert raised.value.code == "batch_id_mismatch"
+
+
+def field(rows):
+    cols = ["record_id", "release", "cohort", "predicted", "corrected_label", "captured_at"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_accuracy_is_on_reviewed_records_with_coverage():
+    rows = [
+        (
+            f"r{i}",
+            "rel-1",
+            "a",
+            "1",
+            ("1" if i < 8 else "7") if i < 10 else None,
+            "2026-11-22T10:00:00+00:00",
+        )
+        for i in range(40)
+    ]
+    table = accuracy_table(field(rows), "1D")
+    (row,) = table.to_dict(orient="records")
+    assert (row["records"], row["reviewed"], row["coverage"], row["accuracy"]) == (
+        40,
+        10,
+        0.25,
+        0.8,
+    )
+    low, high = wilson_interval(8, 10)
+    assert row["ci95_low"] == round(low, 4) and low < 0.8 < high
+
+
+def test_business_metrics_say_what_cannot_be_measured():
+    rows = [
+        ("a", "r", "c", "1", "1", "t"),
+        ("b", "r", "c", "2", "1", "t"),
+        ("c", "r", "c", "1", "2", "t"),
+        ("d", "r", "c", "3", None, "t"),
+    ]
+    out = business_metrics(field(rows), ["1"])
+    assert out["events_reviewed"] == 2 and out["missed_event_share"] == 0.5
+    assert (
+        out["caught_by_model_not_humans_share"] is None
+        and "blind" in out["caught_by_model_not_humans_note"]
+    )
+    blind = field(rows).assign(human_label=["2", "1", None, None])
+    assert business_metrics(blind, ["1"])["caught_by_model_not_humans_share"] == 0.5
+
+
+def queue_records(n_uncertain=60):
+    rows = []
+    for i in range(n_uncertain):  # 60 hesitations, all between 3 and 8, plus a few others
+        pair = ("3", "8") if i < 50 else ("4", "9")
+        p1 = 0.5 + i / 1000
+        rows.append(
+            (
+                f"u{i}",
+                f"{i:064x}",
+                pair[0],
+                p1,
+                None,
+                [[pair[0], p1], [pair[1], 1 - p1 - 0.01]],
+                f"{i * 2654435761 % 2**64:016x}",
+            )
+        )
+    rows.append(("w0", "f" * 64, "1", 0.99, "7", [["1", 0.99], ["7", 0.005]], "0" * 16))
+    rows.append(("ok", "e" * 64, "2", 0.55, "2", [["2", 0.55], ["3", 0.4]], "1" * 16))
+    frame = pd.DataFrame(
+        rows,
+        columns=[
+            "record_id",
+            "image_id",
+            "predicted",
+            "confidence",
+            "corrected_label",
+            "top_k",
+            "phash",
+        ],
+    )
+    frame["top_k"] = frame["top_k"].map(json.dumps)
+    return frame.assign(
+        release="rel-1", device_id="d", uri="u", key="images/ab/" + frame["image_id"] + ".png"
+    )
+
+
+def test_queue_puts_errors_first_then_uncertain_and_stays_diverse():
+    records = queue_records()
+    queue = annotation_queue(records, set(), QueuePolicy(size=10, decay=0.5))
+    assert queue.iloc[0]["record_id"] == "w0" and queue.iloc[0]["reason"] == "wrong"
+    assert "ok" not in set(queue["record_id"])  # reviewed and right: nothing to learn
+    pairs = queue.iloc[1:].groupby(["predicted", "second"]).size()
+    assert pairs.get(("4", "9"), 0) >= 3  # without diversity all 9 would be 3-vs-8
+    undiverse = annotation_queue(records, set(), QueuePolicy(size=10, decay=1.0))
+    assert undiverse.iloc[1:].groupby(["predicted", "second"]).size().get(("4", "9"), 0) == 0
+    # an image an expert already labeled is not queued again
+    again = annotation_queue(records, {"f" * 64}, QueuePolicy(size=10))
+    assert "w0" not in set(again["record_id"])
+    tasks = labelstudio_queue_tasks(queue, "q-1")
+    assert tasks[0]["data"]["image"] == f"/data/local-files/?d=images/{'f' * 64}.png"
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"] == ["7"]
+
+
+def test_queue_skips_near_duplicates():
+    records = queue_records()
+    records["phash"] = "0" * 16  # every image looks the same
+    queue = annotation_queue(records, set(), QueuePolicy(size=10, max_hamming=4))
+    assert len(queue) == 1
+
+
+def test_ontology_report_flags_rare_classes_and_symmetric_confusions():
+    rows = []
+    for i in range(30):
+        rows.append((f"a{i}", "r", "c", "1" if i % 5 else "7", "1", "t"))  # 1 -> 7 20%
+        rows.append((f"b{i}", "r", "c", "7" if i % 4 else "1", "7", "t"))  # 7 -> 1 25%
+        rows.append((f"c{i}", "r", "c", "2", "3" if i < 10 else "2", "t"))  # 3 never predicted
+    per_class, pairs, suggestions = ontology_report(field(rows), ["1", "2", "3", "7", "9"])
+    kinds = set(zip(suggestions["kind"], suggestions["classes"]))
+    assert ("merge", "1+7") in kinds and ("never_predicted", "3") in kinds
+    assert ("never_seen", "9") in kinds
+    assert pairs.iloc[0]["true"] == "3" and pairs.iloc[0]["predicted"] == "2"
+
+
+def test_vetting_quarantines_bad_batches_whole_and_narrows_a_failed_contract(tmp_path):
+    from types import SimpleNamespace
+
+    from cvops_pipelines.core.learn.feedback import batch_key, vet_batches
+
+    store = LocalStore(tmp_path / "store")
+    good, good_payload, _, _ = device_batch(tmp_path, device="dev-001")
+    bad, bad_payload, _, _ = device_batch(tmp_path, device="dev-002")
+    for batch, payload in ((good, good_payload), (bad, bad_payload)):
+        store.write_bytes(batch_key(batch), payload)
+    calls = []
+
+    def validate(records, label):  # the contract: dev-002's records break it
+        devices = sorted(set(records["device_id"]))
+        calls.append((devices, label))
+        failure = SimpleNamespace(
+            expectation="expect_column_values_to_be_in_set",
+            kwargs={"column": "device_id"},
+            unexpected_count=4,
+            examples=["dev-002"],
+        )
+        return SimpleNamespace(success="dev-002" not in devices, failures=[failure])
+
+    vetted = vet_batches(store, [good, bad, "dev-003-b000001"], ["1", "7"], validate)
+    assert vetted.accepted == [good]
+    reasons = dict(zip(vetted.quarantined["batch_id"], vetted.quarantined["reason_code"]))
+    assert reasons == {bad: "contract_failed", "dev-003-b000001": "missing_batch"}
+    # all at once first; one by one only after that failed; the accepted rest checked again
+    assert calls == [
+        (["dev-001", "dev-002"], ""),
+        (["dev-001"], None),
+        (["dev-002"], None),
+        (["dev-001"], "-accepted"),
+    ]
+    assert vetted.contract.success and len(vetted.records()) == 4
+    assert vetted.frames[bad].empty and store.exists(f"quarantine/feedback/{bad}.zip")
+    assert vetted.summary()["quarantined_batches"] == 2 and vetted.new_images == 4

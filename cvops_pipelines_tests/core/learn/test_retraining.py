@@ -1,0 +1,51 @@
+"""When to retrain: the typed facts the assets hand over, and the rule that reads them."""
+
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.learn.retraining import (
+    AlertFacts,
+    DatasetFacts,
+    ModelFacts,
+    RetrainingPolicy,
+    read_facts,
+    retraining_decision,
+    write_facts,
+)
+
+
+def test_facts_round_trip_through_the_store(tmp_path):
+    store = LocalStore(tmp_path)
+    assert read_facts(store, DatasetFacts) is None
+    facts = DatasetFacts("ds-1", 300, ("dataset_version_balance",), at=5.0)
+    write_facts(store, facts)
+    write_facts(store, AlertFacts(("accuracy_sla",), at=6.0))
+    assert read_facts(store, DatasetFacts) == facts
+    assert read_facts(store, AlertFacts) == AlertFacts(("accuracy_sla",), at=6.0)
+    assert read_facts(store, ModelFacts) is None
+
+
+def test_the_rule_in_order():
+    model = ModelFacts("1", "ds-1", 300, at=10.0)
+    decide = retraining_decision
+    assert not decide(None, None, None).train
+    refused = decide(DatasetFacts("ds-2", 900, ("dataset_version_leakage",)), model, None)
+    assert not refused.train and "failed dataset_version_leakage" in refused.why
+    first = decide(DatasetFacts("ds-1", 300), None, None)
+    assert first.train and first.why == "no model yet" and first.dataset_version == "ds-1"
+    same = decide(DatasetFacts("ds-1", 300), model, None)
+    assert not same.train and "already" in same.why
+    few = decide(DatasetFacts("ds-2", 310), model, None)
+    assert not few.train and "10 new labels" in few.why and "waiting for 200" in few.why
+    many = decide(DatasetFacts("ds-2", 500), model, None)
+    assert many.train and many.dataset_version == "ds-2" and "200 new labels" in many.why
+
+
+def test_an_alert_after_the_model_lowers_the_bar_but_an_older_one_does_not():
+    model = ModelFacts("1", "ds-1", 300, at=10.0)
+    dataset = DatasetFacts("ds-2", 330)
+    policy = RetrainingPolicy(min_new_labels=200, min_labels_after_alert=20)
+    fresh = retraining_decision(dataset, model, AlertFacts(("no_output_drift",), at=11.0), policy)
+    assert fresh.train and fresh.why.startswith("no_output_drift failed; 30 new labels")
+    stale = retraining_decision(dataset, model, AlertFacts(("no_output_drift",), at=9.0), policy)
+    assert not stale.train and "waiting for 200" in stale.why
+    passed = retraining_decision(dataset, model, AlertFacts((), at=11.0), policy)
+    assert not passed.train

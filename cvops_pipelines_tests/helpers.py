@@ -1,0 +1,98 @@
+"""Helpers several test modules share: free ports and waiting for servers, a real `mlflow
+server`, real digit images as arrays, rewriting a zip. Fixtures stay in conftest.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from cvops_pipelines.demo import digit_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
+    """Until something listens on the port; fails at once if `proc` (the server) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(
+                f"server exited with {proc.returncode} before listening on {port}:\n{tail}"
+            )
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextmanager
+def mlflow_server_process(root: Path, backend_uri: str, artifacts: str, env: dict | None = None):
+    """`mlflow server` on a free loopback port, proxying artifacts to `artifacts`; yields its
+    URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            artifacts,
+        ],
+        env={
+            **os.environ,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(env or {}),
+        },  # no GenAI job workers
+        stdout=open(root / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, timeout=90, proc=proc, log=root / "server.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+CLASSES = [str(d) for d in range(10)]
+
+
+def digits(indices) -> tuple[list[np.ndarray], np.ndarray]:
+    images = [np.asarray(digit_model.digit(i).convert("RGB")) for i in indices]
+    return images, np.array([int(digit_model.digit_label(i)) for i in indices])
+
+
+def rezip(payload: bytes, change) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        files = {n: archive.read(n) for n in archive.namelist()}
+    change(files)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return out.getvalue()

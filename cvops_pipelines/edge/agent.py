@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from cvops_pipelines.edge import wire
 from cvops_pipelines.edge.buffer import FeedbackBuffer
 from cvops_pipelines.edge.bundle import (
     BUNDLE_FILES,
@@ -34,7 +34,6 @@ from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 
 CHUNK = 1 << 20
-RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}$")
 
 
 @dataclass(frozen=True)
@@ -172,16 +171,16 @@ class EdgeAgent:
     # -- sync -----------------------------------------------------------------------------------
     def target(self) -> str | None:
         channels = {}
-        for name in ("stable", "canary"):
+        for name in wire.CHANNELS:
             try:
-                channels[name] = json.loads(self.remote.get(f"releases/channels/{name}.json"))
+                channels[name] = json.loads(self.remote.get(wire.channel_key(name)))
             except FileNotFoundError:
                 channels[name] = None
         if in_canary(self.device_id, self.cohort, channels["canary"]):
             release = channels["canary"]["release"]
         else:
             release = channels["stable"]["release"] if channels["stable"] else None
-        if release is not None and not RELEASE_ID.match(str(release)):
+        if release is not None and not wire.RELEASE_ID.match(str(release)):
             raise ValueError(f"channel names an invalid release id {release!r}")
         return release
 
@@ -219,7 +218,7 @@ class EdgeAgent:
             return SyncResult("rejected", self._loaded, str(exc))
 
     def _install(self, release: str) -> SyncResult:
-        prefix = f"releases/{release}"
+        prefix = wire.release_key(release)
         staging = self.state / "staging" / release
         staging.mkdir(parents=True, exist_ok=True)
         try:
@@ -334,7 +333,7 @@ class EdgeAgent:
             pass
         for batch_id in self.buffer.sealed():
             payload = self.buffer.payload(batch_id)
-            key = f"feedback/batches/{batch_id}.zip"
+            key = wire.batch_key(batch_id)
             try:
                 self.remote.put(key, payload)
                 if self.remote.size(key) != len(payload):

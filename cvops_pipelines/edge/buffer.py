@@ -10,6 +10,8 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cvops_pipelines.edge import wire
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT UNIQUE, release TEXT, image_id TEXT,
@@ -87,7 +89,7 @@ class FeedbackBuffer:
             self.db.execute("BEGIN IMMEDIATE")
             row = self.db.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
             number = (row[0] if row else 0) + 1
-            batch_id = f"{self.device_id}-b{number:06d}"
+            batch_id = wire.batch_id(self.device_id, number)
             moved = self.db.execute(
                 "UPDATE records SET batch_id = ? WHERE seq IN (SELECT seq FROM records WHERE "
                 "batch_id IS NULL ORDER BY seq LIMIT ?)",

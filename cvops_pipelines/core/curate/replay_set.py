@@ -17,7 +17,7 @@ import pandas as pd
 
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import read_table, write_table
-from cvops_pipelines.core.learn.feedback import OPERATOR_PREFIX
+from cvops_pipelines.edge.wire import OPERATOR_PREFIX
 
 LABEL_SOURCES = ("expert", "operator")
 REPLAY_COLUMNS = [

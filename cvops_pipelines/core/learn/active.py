@@ -28,7 +28,7 @@ from cvops_pipelines.core.base.images import phash_distance
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.curate.label_qa import export_json
 from cvops_pipelines.core.curate.neardup import NearDupConfig
-from cvops_pipelines.core.learn.feedback import OPERATOR_PREFIX
+from cvops_pipelines.edge.wire import OPERATOR_PREFIX
 
 QUEUE_COLUMNS = [
     "rank",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -23,10 +22,15 @@ import pandas as pd
 from cvops_pipelines.core.base.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.intake import MANIFEST_COLUMNS, now_utc, store_original
+from cvops_pipelines.edge.wire import (
+    BATCH_ID,
+    BATCH_PREFIX,
+    FEEDBACK,
+    OPERATOR_PREFIX,
+    batch_key,
+)
 
-BATCH_PREFIX = "feedback/batches/"
 QUARANTINE_PREFIX = "quarantine/feedback"
-BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a Dagster partition key
 RECORD_FIELDS = {
     "record_id": str,
     "device_id": str,
@@ -62,7 +66,6 @@ FEEDBACK_COLUMNS = [
     "ingested_at",
 ]
 RECORD_COLUMNS = [c for c in FEEDBACK_COLUMNS if c != "kind"]
-OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device>
 
 
 class BatchRejected(Exception):
@@ -78,10 +81,6 @@ class ParsedBatch:
     corrections: list[dict]
     images: dict[str, bytes]
     infos: dict[str, ImageInfo] = field(default_factory=dict)
-
-
-def batch_key(batch_id: str) -> str:
-    return f"{BATCH_PREFIX}{batch_id}.zip"
 
 
 def batch_ids(store: Store) -> list[str]:
@@ -269,7 +268,7 @@ def feedback_manifest(records: pd.DataFrame) -> pd.DataFrame:
             "image_id": images["image_id"],
             "uri": images["uri"],
             "key": images["key"],
-            "source": "feedback/" + images["batch_id"],
+            "source": FEEDBACK + images["batch_id"],
             "original_name": images["record_id"],
             "aliases": [[] for _ in range(len(images))],
             "format": images["format"],
@@ -302,7 +301,7 @@ def feedback_labels(records: pd.DataFrame) -> pd.DataFrame:
             "annotator": OPERATOR_PREFIX + done["device_id"],
             "labeled_at": pd.to_datetime(done["corrected_at"], utc=True, format="ISO8601"),
             "origin": "feedback",
-            "source": "feedback/" + done["batch_id"],
+            "source": FEEDBACK + done["batch_id"],
             "original_name": done["record_id"],
             "annotation_file": "",
             "position": "",

@@ -18,6 +18,7 @@ from cvops_pipelines.core.base.plots import production_png
 from cvops_pipelines.core.curate.dataset import load_snapshot
 from cvops_pipelines.core.learn.drift import output_drift
 from cvops_pipelines.core.ship.release import ReleaseStore, live_releases
+from cvops_pipelines.edge.wire import release_key
 
 
 def model_outputs(
@@ -267,7 +268,7 @@ def production_report(store, records: pd.DataFrame, policy: ProductionPolicy) ->
 
 def _drift(store, releases, release: str, window: pd.DataFrame, policy: ProductionPolicy):
     manifest = releases.manifest(release)
-    preprocess = json.loads(releases.store.read_bytes(f"releases/{release}/preprocess.json"))
+    preprocess = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
     model = releases.model(release)
     reference = load_snapshot(store, manifest["dataset_version"])
     reference = reference[reference["split"] != "train"].sort_values("image_id")

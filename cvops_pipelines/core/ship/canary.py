@@ -35,11 +35,12 @@ from cvops_pipelines.core.measure.replay import (
     compare_on_replay,
 )
 from cvops_pipelines.core.ship.release import CanaryVerdict, ReleaseStore, apply_verdict
+from cvops_pipelines.edge.wire import RELEASES, release_key
 
 
 def next_look(releases: ReleaseStore, release: str) -> int:
     """Count one more decision taken on this canary (1 for the first) and return the count."""
-    key = f"releases/looks/{release}.json"
+    key = f"{RELEASES}/looks/{release}.json"  # server side: devices never read it
     looks = (
         json.loads(releases.store.read_bytes(key))["looks"] + 1 if releases.store.exists(key) else 1
     )
@@ -77,13 +78,13 @@ def balanced(paired: pd.DataFrame, canary: str, stable: str) -> pd.DataFrame:
 
 
 def _classes(releases: ReleaseStore, release: str) -> list[str]:
-    return list(json.loads(releases.store.read_bytes(f"releases/{release}/classes.json")))
+    return list(json.loads(releases.store.read_bytes(release_key(release, "classes.json"))))
 
 
 def _outputs(
     releases: ReleaseStore, release: str, images: list[bytes], classes: list[str]
 ) -> np.ndarray:
-    preprocess = json.loads(releases.store.read_bytes(f"releases/{release}/preprocess.json"))
+    preprocess = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
     probs = model_outputs(releases.model(release), preprocess, images)
     own = list(preprocess["classes"])
     return probs[:, [own.index(c) for c in classes]] if len(probs) else np.zeros((0, len(classes)))

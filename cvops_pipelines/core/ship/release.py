@@ -18,8 +18,7 @@ import pandas as pd
 
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.edge.bundle import FORMAT, delta_name, sha256
-
-PREFIX = "releases"
+from cvops_pipelines.edge.wire import CHANNELS, RELEASES, channel_key, release_id
 
 
 class SigningKeyMissing(FileNotFoundError):
@@ -70,11 +69,6 @@ class Release:
     id: str
     manifest: dict
     files: dict[str, bytes]  # everything to publish, manifest.json and manifest.sig included
-
-
-def release_id(model: bytes, model_version: str) -> str:
-    """Same model bytes and version -> same release: publishing twice changes nothing."""
-    return f"rel-{model_version}-{sha256(model)[:10]}"
 
 
 def shared_byte_share(old: bytes, new: bytes) -> float:
@@ -153,7 +147,7 @@ class ReleaseStore:
 
     def publish(self, release: Release) -> str:
         """Files first, the signed manifest last: a release without manifest.sig is unfinished."""
-        prefix = f"{PREFIX}/{release.id}"
+        prefix = f"{RELEASES}/{release.id}"
         for name, data in release.files.items():
             if name not in ("manifest.json", "manifest.sig"):
                 self.store.write_bytes(f"{prefix}/{name}", data)
@@ -162,24 +156,24 @@ class ReleaseStore:
         return self.store.uri(prefix)
 
     def published(self, release: str) -> bool:
-        return self.store.exists(f"{PREFIX}/{release}/manifest.sig")
+        return self.store.exists(f"{RELEASES}/{release}/manifest.sig")
 
     def ids(self) -> list[str]:
         """Every finished (signed) release in the store."""
         return sorted(
             e.key.split("/")[-2]
-            for e in self.store.list(f"{PREFIX}/")
+            for e in self.store.list(f"{RELEASES}/")
             if e.key.endswith("/manifest.sig")
         )
 
     def manifest(self, release_id: str) -> dict:
-        return json.loads(self.store.read_bytes(f"{PREFIX}/{release_id}/manifest.json"))
+        return json.loads(self.store.read_bytes(f"{RELEASES}/{release_id}/manifest.json"))
 
     def model(self, release_id: str) -> bytes:
-        return self.store.read_bytes(f"{PREFIX}/{release_id}/model.onnx")
+        return self.store.read_bytes(f"{RELEASES}/{release_id}/model.onnx")
 
     def channel(self, name: str) -> dict | None:
-        key = f"{PREFIX}/channels/{name}.json"
+        key = channel_key(name)
         return json.loads(self.store.read_bytes(key)) if self.store.exists(key) else None
 
     def point(
@@ -204,7 +198,7 @@ class ReleaseStore:
             "updated_at": now.isoformat(timespec="seconds"),
             "previous": previous["release"] if previous else None,
         }
-        self.store.write_bytes(f"{PREFIX}/channels/{channel}.json", json.dumps(doc).encode())
+        self.store.write_bytes(channel_key(channel), json.dumps(doc).encode())
         event = {
             "at": now.isoformat(timespec="microseconds"),
             "actor": actor,
@@ -215,14 +209,14 @@ class ReleaseStore:
         }
         stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
         self.store.write_bytes(
-            f"{PREFIX}/history/{stamp}-{channel}.json", json.dumps(event).encode()
+            f"{RELEASES}/history/{stamp}-{channel}.json", json.dumps(event).encode()
         )
         return doc
 
     def history(self) -> pd.DataFrame:
         rows = [
             json.loads(self.store.read_bytes(e.key))
-            for e in self.store.list(f"{PREFIX}/history/")
+            for e in self.store.list(f"{RELEASES}/history/")
             if e.key.endswith(".json")
         ]
         frame = pd.DataFrame(
@@ -288,7 +282,7 @@ class Published:
 def live_releases(releases: ReleaseStore) -> dict[str, str]:
     """release -> channel for what devices run now (stable first when both name one)."""
     live = {}
-    for channel in ("stable", "canary"):
+    for channel in CHANNELS:
         pointer = releases.channel(channel) or {}
         if pointer.get("release"):
             live.setdefault(pointer["release"], channel)
@@ -319,7 +313,7 @@ def publish_release(
                 "release": same,
                 "parent": manifest["parent"],
                 **meta,
-                "uri": releases.store.uri(f"{PREFIX}/{same}"),
+                "uri": releases.store.uri(f"{RELEASES}/{same}"),
                 "model_bytes": len(model),
                 "delta_bytes": delta["size"] if delta else None,
                 "canary": releases.channel("canary"),

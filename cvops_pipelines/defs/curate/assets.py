@@ -30,6 +30,7 @@ from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manife
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
+from cvops_pipelines.edge.wire import FEEDBACK
 
 EAGER = AutomationCondition.eager()
 
@@ -58,7 +59,7 @@ def labeled_pool(
         pool,
         metadata={
             "images": len(pool),
-            "drops": int(pool.loc[~pool["source"].str.startswith("feedback/"), "source"].nunique()),
+            "drops": int(pool.loc[~pool["source"].str.startswith(FEEDBACK), "source"].nunique()),
             "feedback_labeled": int((pool["origin"] == "feedback").sum()),
             "multi_annotated": int((pool["n_votes"] > 1).sum()),
             "unlabeled_images_left_out": int(raw_images["image_id"].nunique() - len(pool))

@@ -29,6 +29,7 @@ from cvops_pipelines.core.measure.gate import GateConfig
 from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.defs.operator import OperatorConfig
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
+from cvops_pipelines.edge.wire import FEEDBACK
 
 GATE_CHECK = "challenger_not_worse_than_champion"
 
@@ -156,7 +157,7 @@ def _evaluation_metadata(report: EvaluationReport) -> dict:
         "confusion_matrix": MetadataValue.md(md_image(report.confusion_png, "confusion matrix")),
         "reliability": MetadataValue.md(md_image(report.reliability_png, "reliability diagram")),
         # reviewed field images reach the pool through feedback; their share of the test split
-        "field_test_images": int(test["source"].str.startswith("feedback/").sum()),
+        "field_test_images": int(test["source"].str.startswith(FEEDBACK).sum()),
     }
 
 

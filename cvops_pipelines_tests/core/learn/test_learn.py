@@ -231,7 +231,8 @@ def test_ontology_report_flags_rare_classes_and_symmetric_confusions():
 def test_vetting_quarantines_bad_batches_whole_and_narrows_a_failed_contract(tmp_path):
     from types import SimpleNamespace
 
-    from cvops_pipelines.core.learn.feedback import batch_key, vet_batches
+    from cvops_pipelines.core.learn.feedback import vet_batches
+    from cvops_pipelines.edge.wire import batch_key
 
     store = LocalStore(tmp_path / "store")
     good, good_payload, _, _ = device_batch(tmp_path, device="dev-001")

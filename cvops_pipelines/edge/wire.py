@@ -1,0 +1,51 @@
+"""The wire format devices and the pipeline share: where releases, channel pointers and feedback
+batches live in the store, and what release ids, batch ids and operator labels look like.
+
+Owned by the device side (this package imports neither torch nor Dagster); the pipeline's core
+imports these names, so both ends always agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cvops_pipelines.edge.bundle import sha256
+
+RELEASES = "releases"  # releases/<id>/..., releases/channels/<name>.json, releases/history/
+CHANNELS = ("stable", "canary")
+RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}$")
+
+FEEDBACK = "feedback/"  # the `source` of every field image: feedback/<batch id>
+BATCH_PREFIX = "feedback/batches/"  # feedback/batches/<batch id>.zip, uploaded by devices
+BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a Dagster partition key
+
+OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device id>
+
+
+def release_id(model: bytes, model_version: str) -> str:
+    """Same model bytes and version -> same release: publishing twice changes nothing."""
+    return f"rel-{model_version}-{sha256(model)[:10]}"
+
+
+def release_key(release: str, name: str = "") -> str:
+    return f"{RELEASES}/{release}/{name}" if name else f"{RELEASES}/{release}"
+
+
+def channel_key(channel: str) -> str:
+    return f"{RELEASES}/channels/{channel}.json"
+
+
+def batch_id(device_id: str, number: int) -> str:
+    return f"{device_id}-b{number:06d}"
+
+
+def batch_key(batch: str) -> str:
+    return f"{BATCH_PREFIX}{batch}.zip"
+
+
+def feedback_source(batch: str) -> str:
+    return f"{FEEDBACK}{batch}"
+
+
+def operator(device_id: str) -> str:
+    return f"{OPERATOR_PREFIX}{device_id}"

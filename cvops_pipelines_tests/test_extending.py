@@ -1,4 +1,5 @@
-"""The README's "add your own asset" example, run as written: the code block is the module."""
+"""docs/extending.md's "add your own asset" example, run as written: the code block is the
+module."""
 
 import importlib.util
 import re
@@ -12,29 +13,29 @@ from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines_tests.stages import CURATE, INGEST, ingest, write_drop
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
-def readme_block(after: str, language: str) -> str:
-    text = README.read_text()
+def guide_block(after: str, language: str) -> str:
+    text = GUIDE.read_text()
     start = text.index(after)
     match = re.compile(rf"```{language}\n(.*?)```", re.S).search(text, start)
-    assert match, f"no {language} block after {after!r} in the README"
+    assert match, f"no {language} block after {after!r} in docs/extending.md"
     return match.group(1)
 
 
 def load_example(tmp_path: Path):
     path = tmp_path / "my_cvops.py"
-    path.write_text(readme_block("<!-- example: my_cvops.py", "python"))
+    path.write_text(guide_block("<!-- example: my_cvops.py", "python"))
     spec = importlib.util.spec_from_file_location("my_cvops", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, path
 
 
-def test_the_readme_example_adds_a_blocking_check_and_an_asset(isolated_homes, tmp_path):
+def test_the_guide_example_adds_a_blocking_check_and_an_asset(isolated_homes, tmp_path):
     example, path = load_example(tmp_path)
-    workspace = readme_block("instead of `cvops_pipelines.definitions`", "yaml")
+    workspace = guide_block("instead of `cvops_pipelines.definitions`", "yaml")
     (tmp_path / "workspace.yaml").write_text(workspace)
     validate = subprocess.run(
         [

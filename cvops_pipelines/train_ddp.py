@@ -19,20 +19,32 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """--dataset-version, --out, and one option per hyperparameter of TrainConfig (their one
+    declaration, shared with the trained_model asset's config)."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from cvops_pipelines.core.build.training import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="python -m cvops_pipelines.train_ddp",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--dataset-version", required=True, help="a snapshot under datasets/")
     parser.add_argument("--out", required=True, help="folder for rank 0's model files")
-    parser.add_argument("--architecture", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f.metadata["help"],
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     return parser
 
 
@@ -41,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from cvops_pipelines import settings
-    from cvops_pipelines.core.base.images import load_images
     from cvops_pipelines.core.build.models import pick_device, state_dict_bytes
+    from cvops_pipelines.core.build.run import split_arrays
     from cvops_pipelines.core.build.training import TrainConfig, fit
     from cvops_pipelines.core.curate.dataset import load_snapshot
 
     args = build_parser().parse_args(argv)
+    from dataclasses import fields
+
     device = pick_device(args.device)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -60,22 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         store = settings.cvops_store()
         rows = load_snapshot(store, args.dataset_version)
         classes = sorted(rows["label"].unique())
-        index = {c: i for i, c in enumerate(classes)}
-        data = {}
-        for split in ("train", "val"):
-            part = rows[rows["split"] == split]
-            data[split] = (
-                load_images(store, list(part["key"]), args.image_size),
-                part["label"].map(index).to_numpy(),
-            )
-        config = TrainConfig(
-            architecture=args.architecture,
-            image_size=args.image_size,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-        )
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+        data = split_arrays(store, rows, classes, config.image_size)
 
         def report(epoch: int, metrics: dict) -> None:
             if rank == 0:

@@ -94,3 +94,18 @@ def test_two_gloo_processes_train_what_one_process_trains(isolated_homes, tmp_pa
     # each rank trains on its shard of 100, and the epoch's metrics are reduced over both
     assert [e["train_images"] for e in two["history"]["history"]] == [200, 200]
     assert [e["train_images"] for e in one["history"]["history"]] == [200, 200]
+
+
+def test_hyperparameters_are_declared_once_for_the_asset_and_torchrun():
+    from dataclasses import fields
+
+    from cvops_pipelines.core.build.training import TrainConfig
+    from cvops_pipelines.defs.build.assets import TrainedModelConfig
+    from cvops_pipelines.train_ddp import build_parser
+
+    declared = {f.name: f.default for f in fields(TrainConfig)}
+    options = {a.dest: a.default for a in build_parser()._actions if a.dest in declared}
+    asset = {n: f.default for n, f in TrainedModelConfig.model_fields.items() if n in declared}
+    assert options == declared and asset == declared
+    config = TrainedModelConfig(epochs=3, augmentation="strong").train_config()
+    assert config == TrainConfig(epochs=3, augmentation="strong")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cvops_pipelines.core.base.images import THUMB_SIDE, thumb_array
+from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.curate.neardup import NearDupConfig, pairs_differing_in
 
 REVIEW_COLUMNS = [
@@ -91,8 +92,7 @@ def _score_labels(pool: pd.DataFrame, config: LabelQAConfig):
         return None, [], np.zeros(len(pool), bool), "too few labeled images per class for k-fold"
     mask = pool["label"].isin(usable).to_numpy()
     classes = sorted(usable)
-    index = {c: i for i, c in enumerate(classes)}
-    y = pool.loc[mask, "label"].map(index).to_numpy()
+    y = class_indices(pool.loc[mask, "label"], classes)
     features = thumb_features(pool.loc[mask, "thumb"], config.feature_side)
     neighbors = max(1, min(config.neighbors, int(len(y) * (folds - 1) / folds) - 1))
     probs = out_of_fold_probabilities(features, y, lambda: knn_model(neighbors), folds, config.seed)
@@ -193,8 +193,7 @@ def review_label_quality(
     confused = pd.DataFrame(columns=["class_a", "class_b", "estimated_confusions"])
     quality = pd.Series(np.nan, index=pool.index)
     if probs is not None:
-        index = {c: i for i, c in enumerate(classes)}
-        y = pool.loc[mask, "label"].map(index).to_numpy()
+        y = class_indices(pool.loc[mask, "label"], classes)
         # n_jobs=1: a forked pool would inherit the orchestrator's signal handlers; one core is fast
         issues = find_label_issues(y, probs, filter_by="prune_by_noise_rate", n_jobs=1)
         scores = get_label_quality_scores(y, probs)

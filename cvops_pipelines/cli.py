@@ -139,19 +139,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if tracking.tracking_uri.startswith("sqlite:///") and not Path(local_db).exists():
         print(f"   MLflow    : no tracking database yet ({local_db})")
     else:
-        from mlflow.exceptions import MlflowException
-
         try:
-            client = tracking.client()
             for alias in ("champion", "challenger"):
-                try:
-                    version = client.get_model_version_by_alias(tracking.model_name, alias)
-                    print(
-                        f"   {alias:<10}: {tracking.model_name} v{version.version} "
-                        f"(MLflow run {version.run_id})"
-                    )
-                except MlflowException:  # the alias is not set yet
-                    print(f"   {alias:<10}: not set")
+                version = tracking.alias_version(alias)
+                print(
+                    f"   {alias:<10}: {tracking.model_name} v{version} "
+                    f"(MLflow run {tracking.version_run_id(version)})"
+                    if version
+                    else f"   {alias:<10}: not set"
+                )
         except TrackingUnavailable as exc:
             print(f"   MLflow    : {exc}")
     metrics_key = record_key("production_metrics")

@@ -1,4 +1,5 @@
-"""Blocking data-contract checks: GX suites from data_contracts/gx/ surfaced as asset checks."""
+"""Asset checks: GX suites from data_contracts/gx/ surfaced as blocking checks, and the shape
+every other check result takes."""
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetKey, MetadataValue
 
@@ -42,4 +43,15 @@ def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResul
         passed=result.success,
         severity=AssetCheckSeverity.ERROR,
         metadata=metadata,
+    )
+
+
+def check_result(
+    name: str, failure: str | None, severity: AssetCheckSeverity, **metadata
+) -> AssetCheckResult:
+    """A check that passed when there is no `failure`; the failure, when there is one, is its
+    `first_failure` metadata (what the UI and the demo show first)."""
+    extra = {"first_failure": failure} if failure else {}
+    return AssetCheckResult(
+        check_name=name, passed=failure is None, severity=severity, metadata={**metadata, **extra}
     )

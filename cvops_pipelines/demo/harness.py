@@ -206,17 +206,9 @@ def channel_releases() -> dict:
 
 
 def champion_version() -> str | None:
-    from mlflow.exceptions import MlflowException
-
     from cvops_pipelines.core.base.tracking import Tracking
 
-    tracking = Tracking(settings.mlflow_tracking_uri())
-    try:
-        return str(
-            tracking.client().get_model_version_by_alias(tracking.model_name, "champion").version
-        )
-    except MlflowException:
-        return None
+    return Tracking(settings.mlflow_tracking_uri()).alias_version("champion")
 
 
 def report_turn(turn: dict) -> dict:

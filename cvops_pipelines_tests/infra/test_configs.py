@@ -60,10 +60,15 @@ def test_workspace_dockerfile_and_helm_name_the_same_code_location(repo_root):
     assert coordinator["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"] == limits
 
 
-def test_the_training_job_carries_the_tag_the_run_queue_limits():
+def test_the_training_job_carries_the_tag_the_run_queue_limits(repo_root):
+    """The production run queue limits training by a tag: the job must carry exactly that tag
+    (read from the instance yaml, not restated here), or trainings would run side by side."""
     from cvops_pipelines.defs.build.jobs import train_job
 
-    assert train_job.tags["cvops/stage"] == "build"
+    instance = yaml.safe_load((repo_root / "infra/dagster/dagster.production.yaml").read_text())
+    limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
+    (training,) = [rule for rule in limits if rule["limit"] == 1]
+    assert train_job.tags.get(training["key"]) == training["value"]
 
 
 def test_every_dagster_instance_config_turns_telemetry_off(repo_root):

@@ -207,6 +207,15 @@ class Tracking:
         client.set_registered_model_alias(self.model_name, alias, version.version)
         return str(version.version)
 
+    def alias_version(self, alias: str) -> str | None:
+        """The version an alias points at; None while it is not set."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client().get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException:
+            return None
+
     def set_alias(self, alias: str, version: str) -> None:
         self.client().set_registered_model_alias(self.model_name, alias, version)
 

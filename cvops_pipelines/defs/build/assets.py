@@ -67,22 +67,21 @@ def trained_model(
     storage: CvopsStorage,
     tracking: MlflowTracking,
 ):
-    mlflow = tracking.open()
+    mlflow, store = tracking.open(), storage.store()
     tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "trained_model"}
+    plan, train_config = config.plan(), config.train_config()
     trained = train_tracked(
-        mlflow,
-        storage.store(),
-        dataset_version,
-        config.train_config(),
-        config.plan(),
-        tags,
-        context.log.info,
+        mlflow, store, dataset_version, train_config, plan, tags, context.log.info
     )
     record = trained.record
-    write_facts(
-        storage.store(),
-        ModelFacts(record["model_version"], record["dataset_version"], record["dataset_images"]),
-    )
+    facts = ModelFacts(record["model_version"], record["dataset_version"], record["dataset_images"])
+    write_facts(store, facts)  # what retraining_sensor reads
+    version = DataVersion(f"{record['model_name']}/v{record['model_version']}")
+    return Output(record, metadata=_trained_metadata(trained), data_version=version)
+
+
+def _trained_metadata(trained) -> dict:
+    record = trained.record
     metadata = {
         "model": f"{record['model_name']} v{record['model_version']} (alias challenger)",
         "model_version": record["model_version"],
@@ -100,8 +99,4 @@ def trained_model(
     }
     if len(trained.trials):
         metadata["search_trials"] = MetadataValue.md(markdown_table(trained.trials.round(5), 50))
-    return Output(
-        record,
-        metadata=metadata,
-        data_version=DataVersion(f"{record['model_name']}/v{record['model_version']}"),
-    )
+    return metadata

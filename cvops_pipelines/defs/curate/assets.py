@@ -261,44 +261,39 @@ def dataset_version(
     storage: CvopsStorage,
     contracts: DataContracts,
 ):
-    neardup = NearDupConfig(config.max_hamming, config.max_mad)
+    holdout = (
+        replay_set.loc[replay_set["holdout"].astype(bool), "image_id"] if len(replay_set) else []
+    )
     dataset = build_dataset_version(
         labeled_pool,
         label_issues,
         SplitConfig(config.train, config.val, config.test, config.split_salt),
         DatasetPolicy(config.flagged, config.min_severity, config.exclude_cross_split_duplicates),
-        neardup,
-        holdout=set(replay_set.loc[replay_set["holdout"].astype(bool), "image_id"])
-        if len(replay_set)
-        else set(),
+        NearDupConfig(config.max_hamming, config.max_mad),
+        holdout=set(holdout),
     )
     store = storage.store()
     snapshot = save_snapshot(store, dataset)
     counts = dataset.class_counts()
-    table = counts.pivot(index="label", columns="split", values="images").reset_index()
-    yield Output(
-        dataset.rows,
-        data_version=DataVersion(dataset.version),
-        metadata={
-            **dataset.summary(),
-            "snapshot": MetadataValue.url(snapshot),
-            "class_counts": MetadataValue.md(markdown_table(table, 100)),
-            "excluded_examples": MetadataValue.md(markdown_table(dataset.excluded, 10)),
-            "leakage_examples": MetadataValue.md(markdown_table(dataset.leakage, 10)),
-            "config": MetadataValue.json(json.loads(json.dumps(dataset.config))),
-        },
-    )
+    metadata = _dataset_metadata(dataset, counts, snapshot)
+    yield Output(dataset.rows, data_version=DataVersion(dataset.version), metadata=metadata)
     results = _dataset_contracts(dataset, counts, config, contracts, store)
-    write_facts(
-        store,
-        DatasetFacts(
-            dataset.version,
-            len(dataset.rows),
-            tuple(check_name("dataset_version", r.suite) for r in results if not r.success),
-        ),
-    )
+    refused = tuple(check_name("dataset_version", r.suite) for r in results if not r.success)
+    write_facts(store, DatasetFacts(dataset.version, len(dataset.rows), refused))  # for retraining
     for result in results:
         yield contract_check_result("dataset_version", result)
+
+
+def _dataset_metadata(dataset, counts: pd.DataFrame, snapshot: str) -> dict:
+    table = counts.pivot(index="label", columns="split", values="images").reset_index()
+    return {
+        **dataset.summary(),
+        "snapshot": MetadataValue.url(snapshot),
+        "class_counts": MetadataValue.md(markdown_table(table, 100)),
+        "excluded_examples": MetadataValue.md(markdown_table(dataset.excluded, 10)),
+        "leakage_examples": MetadataValue.md(markdown_table(dataset.leakage, 10)),
+        "config": MetadataValue.json(json.loads(json.dumps(dataset.config))),
+    }
 
 
 def _dataset_contracts(

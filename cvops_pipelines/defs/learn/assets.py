@@ -3,7 +3,6 @@ whether the ontology still fits."""
 
 import pandas as pd
 from dagster import (
-    AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
@@ -27,10 +26,11 @@ from cvops_pipelines.core.learn.ontology_report import ontology_report as build_
 from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.ship.release import ReleaseStore
-from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
+from cvops_pipelines.defs.contract_checks import check_result, contract_check_result, contract_spec
 from cvops_pipelines.defs.partitions import feedback_partitions
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
 
+WARN = AssetCheckSeverity.WARN
 FEEDBACK_CONTRACT = contract_spec(
     "feedback",
     what="Schema, published release, known classes, "
@@ -85,20 +85,8 @@ def feedback(context: AssetExecutionContext, storage: CvopsStorage, contracts: D
     )
     yield contract_check_result("feedback", vetted.contract)  # on the accepted: it gates the pool
     first = quarantined.iloc[0] if len(quarantined) else None
-    why = (
-        f"batch {first['batch_id']}: {first['reason_code']}: {first['reason']}"
-        if first is not None
-        else None
-    )
-    yield AssetCheckResult(
-        check_name="no_quarantined_batches",
-        passed=first is None,
-        severity=AssetCheckSeverity.WARN,
-        metadata={
-            "quarantined_batches": len(quarantined),
-            **({"first_failure": why} if why else {}),
-        },
-    )
+    why = None if first is None else f"batch {first.batch_id}: {first.reason_code}: {first.reason}"
+    yield check_result("no_quarantined_batches", why, WARN, quarantined_batches=len(quarantined))
 
 
 class ProductionMetricsConfig(Config):
@@ -163,28 +151,21 @@ def production_metrics(
     csv_uri = report.save(store)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
     yield Output(report.summary(), metadata=_production_metadata(report, csv_uri))
-    sla_failure, drift_failure = report.sla_failure(policy), report.drift_failure()
-    yield AssetCheckResult(
-        check_name="accuracy_sla",
-        passed=sla_failure is None,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "min_accuracy": policy.min_accuracy,
-            "min_reviewed": policy.min_reviewed,
-            "releases": MetadataValue.md(markdown_table(report.sla, 10)),
-            **({"first_failure": sla_failure} if sla_failure else {}),
-        },
+    yield check_result(
+        "accuracy_sla",
+        report.sla_failure(policy),
+        AssetCheckSeverity.ERROR,
+        min_accuracy=policy.min_accuracy,
+        min_reviewed=policy.min_reviewed,
+        releases=MetadataValue.md(markdown_table(report.sla, 10)),
     )
-    yield AssetCheckResult(
-        check_name="no_output_drift",
-        passed=drift_failure is None,
-        severity=AssetCheckSeverity.WARN,
-        metadata={
-            "alpha": policy.drift_alpha,
-            "window": policy.drift_window,
-            "releases": MetadataValue.md(markdown_table(report.drift, 10)),
-            **({"first_failure": drift_failure} if drift_failure else {}),
-        },
+    yield check_result(
+        "no_output_drift",
+        report.drift_failure(),
+        WARN,
+        alpha=policy.drift_alpha,
+        window=policy.drift_window,
+        releases=MetadataValue.md(markdown_table(report.drift, 10)),
     )
 
 

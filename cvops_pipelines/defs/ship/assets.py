@@ -217,6 +217,9 @@ class CanaryDecisionConfig(OperatorConfig):
         "at alpha / max_looks (Bonferroni).",
     )
 
+    def rule(self) -> NonInferiority:
+        return NonInferiority(self.margin, self.alpha, self.min_records)
+
 
 @asset(
     group_name="ship",
@@ -235,15 +238,11 @@ def canary_decision(
     tracking: MlflowTracking,
 ):
     releases, mlflow = ReleaseStore(storage.store()), tracking.open()
+    rule, actor = config.rule(), f"dagster run {context.run.run_id}"
+    records, release = resolve_records(feedback), edge_release["release"]
+    promote = lambda manifest: mlflow.set_alias("champion", manifest["model_version"])  # noqa: E731
     result = look_at_canary(
-        releases,
-        resolve_records(feedback),
-        edge_release["release"],
-        NonInferiority(config.margin, config.alpha, config.min_records),
-        config.max_looks,
-        config.operator(),
-        f"dagster run {context.run.run_id}",
-        on_promote=lambda m: mlflow.set_alias("champion", m["model_version"]),
+        releases, records, release, rule, config.max_looks, config.operator(), actor, promote
     )
     why = "\n".join(result.reasons)
     meta = {"action": result.action, "why": why, "history": _history(releases)}
@@ -257,16 +256,15 @@ def canary_decision(
     meta["canary_vs_stable"] = MetadataValue.md(markdown_table(result.table))
     run_id = log_canary(mlflow, edge_release["model_version"], result)
     if run_id is not None:
-        comparison = result.comparison
-        meta.update(
-            {
-                "paired_records": comparison.records,
-                "paired": MetadataValue.json(
-                    json.loads(comparison.table().to_json(orient="records"))
-                ),
-                "per_class": MetadataValue.md(markdown_table(comparison.per_class, 100)),
-                "per_cohort": MetadataValue.md(markdown_table(comparison.per_cohort, 50)),
-                "mlflow_run": MetadataValue.url(mlflow.run_url(run_id)),
-            }
-        )
+        meta.update(_paired_metadata(result.comparison, mlflow.run_url(run_id)))
     return Output(result.record(), metadata=meta)
+
+
+def _paired_metadata(comparison, run_url: str) -> dict:
+    return {
+        "paired_records": comparison.records,
+        "paired": MetadataValue.json(json.loads(comparison.table().to_json(orient="records"))),
+        "per_class": MetadataValue.md(markdown_table(comparison.per_class, 100)),
+        "per_cohort": MetadataValue.md(markdown_table(comparison.per_cohort, 50)),
+        "mlflow_run": MetadataValue.url(run_url),
+    }

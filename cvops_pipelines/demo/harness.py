@@ -65,7 +65,7 @@ class Timings:
 
 
 DEMO_SHIFT = (0.3, 5, 30.0)  # brightness, blur, rotate
-CANARY_LOOKS = 3  # fleet rounds a canary may take to decide (canary_decision's max_looks is 4)
+CANARY_LOOKS = 4  # fleet rounds a canary may take to decide: canary_decision's max_looks
 
 
 def make_data(drops: str | None, holdback: str | None, seed: int) -> int:

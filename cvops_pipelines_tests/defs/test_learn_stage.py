@@ -198,6 +198,8 @@ def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
     request = tick(instance, retraining_sensor)
     assert isinstance(request, RunRequest) and request.run_key == "train:ds-newer"
     assert "accuracy_sla" in request.tags["cvops/trigger"]
+    # the field drifted: the retrain is asked for broader augmentation, in its run config
+    assert request.run_config["ops"]["trained_model"]["config"] == {"augmentation": "strong"}
 
 
 def test_no_training_on_a_dataset_version_its_contracts_refused(isolated_homes):

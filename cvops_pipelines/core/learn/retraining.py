@@ -59,6 +59,10 @@ def read_facts(store: Store, kind: type):
 class RetrainingPolicy:
     min_new_labels: int = 200  # new labels that justify a run on their own
     min_labels_after_alert: int = 20  # new labels that justify a run after an alert
+    # After output drift, train with this augmentation preset: the field no longer looks like
+    # the training data, so the retrain is asked to be robust to more than it was (None: keep the
+    # asset's configured preset).
+    augmentation_after_drift: str | None = "strong"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class RetrainingDecision:
     train: bool
     why: str
     dataset_version: str | None = None
+    overrides: dict = field(default_factory=dict)  # trained_model config for this run
 
 
 def retraining_decision(
@@ -102,4 +107,8 @@ def retraining_decision(
     # A retrain starts from scratch, like the first model (measured: a full fine-tune warm-started
     # from the champion ended worse in the field than the model it replaced on some seeds; see
     # benchmarks/loop_gain.py). `init_from: champion` stays available for head-only updates.
-    return RetrainingDecision(True, why, dataset.version)
+    overrides = {}
+    if "no_output_drift" in fired and policy.augmentation_after_drift:
+        overrides["augmentation"] = policy.augmentation_after_drift
+        why += f"; augmentation {policy.augmentation_after_drift} for the drifted field"
+    return RetrainingDecision(True, why, dataset.version, overrides)

@@ -14,7 +14,7 @@ from cvops_pipelines.core.base.plots import confusion_png, reliability_png
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
 from cvops_pipelines.core.build.training import predict_probs
-from cvops_pipelines.core.measure.gate import GateConfig, GateDecision, decide
+from cvops_pipelines.core.measure.gate import GateConfig, GateDecision, PairedHits, decide
 from cvops_pipelines.core.measure.metrics import Evaluation, evaluate_predictions, per_cohort
 from cvops_pipelines.core.measure.replay import (
     NonInferiority,
@@ -99,10 +99,17 @@ def evaluate_challenger(
     test = dataset[dataset["split"] == "test"].reset_index(drop=True)
     cache: dict = {}
     mine, probs = _evaluate(challenger, store, test, cache)
-    theirs = _evaluate(champion, store, test, cache)[0] if champion else None
+    theirs, paired = None, None
+    if champion is not None:
+        theirs, old_probs = _evaluate(champion, store, test, cache)
+        paired = PairedHits(
+            test["label"].to_numpy(),
+            probs.argmax(1) == class_indices(test["label"], challenger.preprocess.classes),
+            old_probs.argmax(1) == class_indices(test["label"], champion.preprocess.classes),
+        )
     holdout = replay_set[replay_set["holdout"].astype(bool)] if len(replay_set) else replay_set
     replayed, note = replay_pair(challenger, champion, store, holdout, policy)
-    gate = decide(mine, theirs, policy.gate, replayed)
+    gate = decide(mine, theirs, policy.gate, replayed, paired)
     labels = class_indices(test["label"], challenger.preprocess.classes)
     cohorts = (
         per_cohort(probs, labels, test[policy.cohort_column])
@@ -177,6 +184,7 @@ def replay_pair(
         [c for c in policy.event_classes if c in classes],
         # the holdout's operator labels were chosen among the champion's own suggestions
         assisted_on=(records["label_source"] == "expert").to_numpy(),
+        unbiased=(records["label_source"] == "expert").to_numpy(),
     )
     if (~known).any():
         comparison.notes.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from cvops_pipelines.core.measure.metrics import Evaluation
@@ -12,7 +13,9 @@ from cvops_pipelines.core.measure.replay import (
     INCONCLUSIVE,
     INSUFFICIENT,
     NON_INFERIOR,
+    NonInferiority,
     ReplayComparison,
+    paired_test,
 )
 
 
@@ -28,6 +31,11 @@ class GateConfig:
     # A drop that amounts to fewer net test images than this is noise, not a regression: on a
     # 100-image test split one image moves accuracy by 0.01 and a 10-image class's recall by 0.1.
     min_net_images: int = 2
+    # With the per-image outcomes of both models on the test split (paired), a drop beyond its
+    # limit refuses only when the exact one-sided McNemar test on the records it concerns (all,
+    # or the class's) shows the challenger worse at this level: an 83-image test split cannot
+    # tell a 2-image drop from noise.
+    alpha: float = 0.05
 
 
 @dataclass
@@ -40,11 +48,21 @@ class GateDecision:
     replay: ReplayComparison | None = None
 
 
+@dataclass(frozen=True)
+class PairedHits:
+    """Each test image once: its label, and whether each model got it right (top-1)."""
+
+    labels: np.ndarray  # class names
+    new: np.ndarray  # bool
+    old: np.ndarray  # bool
+
+
 def decide(
     challenger: Evaluation,
     champion: Evaluation | None,
     config: GateConfig = GateConfig(),
     replay: ReplayComparison | None = None,
+    paired: PairedHits | None = None,
 ) -> GateDecision:
     """Test-split rules (macro-F1 and per-class recall within their limits beyond a noise floor)
     and, when a replay comparison is given, its paired non-inferiority verdicts."""
@@ -92,13 +110,15 @@ def decide(
             )
         )
     table = pd.DataFrame(rows)
+    notes = []
+    if paired is not None:
+        _within_noise(table, paired, config, notes)
     failed = table[~table["ok"]]
     reasons = [
         f"{r.metric}: {r.challenger:.4f} vs champion {r.champion:.4f} "
         f"(drop {-r.delta:.4f} > allowed {r.limit})"
         for r in failed.itertuples()
     ]
-    notes = []
     if replay is not None:
         accepted = (NON_INFERIOR,) + (
             () if config.require_field_evidence else (INCONCLUSIVE, INSUFFICIENT)
@@ -118,6 +138,22 @@ def decide(
         notes=notes,
         replay=replay,
     )
+
+
+def _within_noise(table: pd.DataFrame, paired: PairedHits, config: GateConfig, notes: list) -> None:
+    """Clear the failed rows whose drop the paired test cannot tell from noise (and say so)."""
+    rule = NonInferiority(alpha=config.alpha, min_records=1)
+    for index, row in table[~table["ok"]].iterrows():
+        label = row["metric"][len("recall[") : -1] if row["metric"].startswith("recall[") else None
+        on = paired.labels == label if label is not None else np.ones(len(paired.labels), bool)
+        test = paired_test(paired.new[on], paired.old[on], row["metric"], rule)
+        if test.p_worse >= config.alpha:
+            table.loc[index, "ok"] = True
+            notes.append(
+                f"test split {row['metric']}: drop {-row['delta']:.4f} is within noise: exact "
+                f"McNemar p {test.p_worse:.3g} >= {config.alpha} on {test.records} images "
+                f"({test.old_only} only champion right, {test.new_only} only challenger right)"
+            )
 
 
 def _row(

@@ -18,7 +18,7 @@ Fewer than `min_records`: not enough field data to judge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -262,14 +262,32 @@ def compare_on_replay(
     rule: NonInferiority = NonInferiority(),
     event_classes: list[str] | None = None,
     assisted_on: np.ndarray | None = None,
+    unbiased: np.ndarray | None = None,
 ) -> ReplayComparison:
     """`labels` index into `classes`, which both models' probability columns follow.
     `assisted_on`: the records whose labels may judge top-k suggestions (default all). An
     operator's label is by construction among the top k of the model that suggested it, so a
-    model replayed on its own operator-labeled records would cover them all."""
+    model replayed on its own operator-labeled records would cover them all.
+    `unbiased`: the records whose labels lean toward neither model (default all). Operators
+    choose among the old model's suggestions, so where it is wrong and the truth is not among
+    them the label agrees with its mistake: such labels favour the old model. They may still
+    show the new one non-inferior (the lean works against it), but "worse" must also hold on
+    the unbiased records, or the verdict is inconclusive."""
     labels = np.asarray(labels)
     new_top1, old_top1 = new_probs.argmax(1) == labels, old_probs.argmax(1) == labels
-    outcomes = [paired_test(new_top1, old_top1, "automatic accuracy (top-1)", rule)]
+    automatic = paired_test(new_top1, old_top1, "automatic accuracy (top-1)", rule)
+    notes = []
+    fair = None if unbiased is None else np.asarray(unbiased, bool)
+    if automatic.verdict == WORSE and fair is not None and not fair.all():
+        check = paired_test(new_top1[fair], old_top1[fair], "automatic accuracy (top-1)", rule)
+        if check.verdict != WORSE:
+            automatic = replace(automatic, verdict=INCONCLUSIVE, more_records=None)
+            notes.append(
+                "automatic accuracy looks worse only with operator labels, which favour the "
+                f"model whose suggestions they chose among; on the {check.records} unbiased "
+                f"(expert-labelled) records it is {check.verdict}"
+            )
+    outcomes = [automatic]
     on = np.ones(len(labels), bool) if assisted_on is None else np.asarray(assisted_on, bool)
     outcomes.append(
         paired_test(
@@ -291,7 +309,8 @@ def compare_on_replay(
     per_class = _by(frame, "label")
     per_cohort = _by(frame, "cohort")
     business = _business(new_probs.argmax(1), old_probs.argmax(1), labels, classes, event_classes)
-    notes = [] if event_classes else ["business metrics: no event classes configured"]
+    if not event_classes:
+        notes.append("business metrics: no event classes configured")
     return ReplayComparison(outcomes, per_class, per_cohort, business, rule, notes)
 
 

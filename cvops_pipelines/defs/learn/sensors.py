@@ -103,8 +103,12 @@ def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage):
         return SkipReason(decision.why)
     context.log.info(f"retraining: {decision.why}")
     version = decision.dataset_version
+    config = (
+        {"ops": {"trained_model": {"config": decision.overrides}}} if decision.overrides else None
+    )
     return RunRequest(
         run_key=f"train:{version}",
+        run_config=config,
         tags={
             "cvops/dataset_version": version,
             "cvops/trigger": "first model" if decision.why == "no model yet" else decision.why,

@@ -50,7 +50,9 @@ class ModelEvaluationConfig(OperatorConfig):
         description="Replay non-inferiority margin: the challenger may be this much less accurate.",
     )
     replay_alpha: float = Field(
-        0.05, description="One-sided error rate of the replay's exact paired tests."
+        0.05,
+        description="One-sided error rate of the gate's exact paired tests: the replay's, and "
+        "the test split's check that a drop beyond its limit is more than noise.",
     )
     replay_min_records: int = Field(
         30, description="Fewer holdout records: not enough field data to judge."
@@ -69,6 +71,7 @@ class ModelEvaluationConfig(OperatorConfig):
                 max_class_recall_drop=self.max_class_recall_drop,
                 require_field_evidence=self.require_field_evidence,
                 min_net_images=self.min_net_images,
+                alpha=self.replay_alpha,
             ),
             self.operator(),
             NonInferiority(self.replay_margin, self.replay_alpha, self.replay_min_records),

@@ -215,3 +215,35 @@ def test_assisted_accuracy_only_on_the_records_it_may_judge():
     result = compare_on_replay(new, new, labels, CLASSES, assisted_on=np.arange(60) < 20)
     automatic, assisted = result.outcomes
     assert automatic.records == 60 and assisted.records == 20
+
+
+def test_worse_on_operator_labels_alone_is_not_worse():
+    """Operators label among the old model's suggestions, so their labels favour it: a "worse"
+    must also hold on the unbiased (expert) records."""
+    new_right = [True] * 40 + [False] * 20 + [True] * 40
+    old_right = [True] * 100
+    expert = np.array([False] * 60 + [True] * 40)  # the regression sits in operator labels only
+    leaning = compare(new_right, old_right, unbiased=expert)
+    assert compare(new_right, old_right).verdict == WORSE
+    assert leaning.outcomes[0].verdict == INCONCLUSIVE and leaning.verdict != WORSE
+    assert any("only with operator labels" in note for note in leaning.notes)
+    both = np.array([False] * 30 + [True] * 70)  # experts saw the regression too
+    assert compare(new_right, old_right, unbiased=both).outcomes[0].verdict == WORSE
+
+
+def test_a_test_split_drop_within_noise_passes_and_a_real_collapse_does_not():
+    from cvops_pipelines.core.measure.gate import PairedHits
+
+    names = np.array(CLASSES)[LABELS]
+    champion = evaluation({})
+    two_lost = evaluation({0: 2})  # recall[a] 1.0 -> 0.8: beyond delta, 2 net images
+    old = np.ones(len(LABELS), bool)
+    new = np.ones(len(LABELS), bool)
+    new[np.flatnonzero(LABELS == 0)[:2]] = False
+    assert not decide(two_lost, champion).passed  # without the paired outcomes: refused
+    paired = decide(two_lost, champion, GateConfig(), paired=PairedHits(names, new, old))
+    assert paired.passed and any("within noise" in n and "recall[a]" in n for n in paired.notes)
+    collapse = evaluation({0: 8})  # 8 of 10 images of class a lost: McNemar p = 1/256
+    new[np.flatnonzero(LABELS == 0)[:8]] = False
+    refused = decide(collapse, champion, GateConfig(), paired=PairedHits(names, new, old))
+    assert not refused.passed and any(r.startswith("recall[a]") for r in refused.reasons)

@@ -61,6 +61,27 @@ class UploadResult:
     status: str = "ok"  # ok | offline
 
 
+def read_channel(raw: bytes, name: str) -> dict:
+    """A channel document as the device may use it, or ValueError naming what is wrong: a
+    malformed pointer is refused like a bad bundle, and the device keeps what it runs."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"channel {name} is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"channel {name} is a {type(doc).__name__}, not an object")
+    release = doc.get("release")
+    if release is not None and not isinstance(release, str):
+        raise ValueError(f"channel {name}: release {release!r} is not a string")
+    share = doc.get("share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ValueError(f"channel {name}: share {share!r} is not a number in [0, 1]")
+    cohorts = doc.get("cohorts", [])
+    if not isinstance(cohorts, list) or not all(isinstance(c, str) for c in cohorts):
+        raise ValueError(f"channel {name}: cohorts {cohorts!r} is not a list of names")
+    return {**doc, "release": release, "share": float(share), "cohorts": cohorts}
+
+
 def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
     if not canary or not canary.get("release"):
         return False
@@ -173,7 +194,7 @@ class EdgeAgent:
         channels = {}
         for name in wire.CHANNELS:
             try:
-                channels[name] = json.loads(self.remote.get(wire.channel_key(name)))
+                channels[name] = read_channel(self.remote.get(wire.channel_key(name)), name)
             except FileNotFoundError:
                 channels[name] = None
         if in_canary(self.device_id, self.cohort, channels["canary"]):
@@ -304,7 +325,7 @@ class EdgeAgent:
                 shutil.rmtree(old, ignore_errors=True)
 
     # -- serving --------------------------------------------------------------------------------
-    def predict(self, image: bytes) -> Prediction:
+    def predict(self, image: bytes, frame: str | None = None) -> Prediction:
         if self._session is None:
             raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
         size = int(self._preprocess["image_size"])
@@ -318,11 +339,32 @@ class EdgeAgent:
         order = np.argsort(-probs)[: self.top_k]
         top = [(classes[i], round(float(probs[i]), 6)) for i in order]
         image_id = hashlib.sha256(image).hexdigest()
-        record_id = self.buffer.record(self._loaded, image_id, image, top[0][0], top[0][1], top)
+        record_id = self.buffer.record(
+            self._loaded, image_id, image, top[0][0], top[0][1], top, frame
+        )
         return Prediction(record_id, top[0][0], top[0][1], top, self._loaded)
 
     def correct(self, record_id: str, label: str) -> None:
         self.buffer.correct(record_id, label)
+
+    def watch(self, folder: Path) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
+        """Predict every new file in `folder` once (a frame is its name and content hash, kept
+        in the buffer with its record). A file that does not decode is skipped with its reason
+        and counted, never retried; the frames after it are still predicted."""
+        done, bad = [], []
+        for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+            data = path.read_bytes()
+            frame = f"{path.name}@{hashlib.sha256(data).hexdigest()}"
+            if self.buffer.seen(frame):
+                continue
+            try:
+                done.append((path, self.predict(data, frame)))
+            except Exception as exc:  # noqa: BLE001  (any undecodable frame: skip, keep serving)
+                reason = f"{type(exc).__name__}: {exc}"
+                self.buffer.skip(frame, reason)
+                self.events.append(f"skipped frame {path.name}: {reason}")
+                bad.append((path, reason))
+        return done, bad
 
     # -- feedback upload ------------------------------------------------------------------------
     def upload(self, max_records: int = 256) -> UploadResult:

@@ -21,6 +21,8 @@ CREATE TABLE IF NOT EXISTS corrections (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT, corrected_label TEXT,
     corrected_at TEXT, batch_id TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
+CREATE TABLE IF NOT EXISTS frames (
+    frame TEXT PRIMARY KEY, record_id TEXT, skipped TEXT, at TEXT);
 """
 ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed: a re-sent batch is byte-identical
 
@@ -48,7 +50,10 @@ class FeedbackBuffer:
         predicted: str,
         confidence: float,
         top_k: list[tuple[str, float]],
+        frame: str | None = None,
     ) -> str:
+        """`frame`: the source frame's key (a watched file), marked seen in the same
+        transaction, so a restart never records one frame twice."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cursor = self.db.execute(
@@ -60,7 +65,30 @@ class FeedbackBuffer:
             self.db.execute(
                 "UPDATE records SET record_id = ? WHERE seq = ?", (record_id, cursor.lastrowid)
             )
+            if frame is not None:
+                self.db.execute(
+                    "INSERT INTO frames (frame, record_id, at) VALUES (?, ?, ?)",
+                    (frame, record_id, now()),
+                )
         return record_id
+
+    def seen(self, frame: str) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM frames WHERE frame = ?", (frame,)).fetchone() is not None
+        )
+
+    def skip(self, frame: str, reason: str) -> None:
+        """A frame that could not be predicted: remembered with why, never retried."""
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO frames (frame, skipped, at) VALUES (?, ?, ?)",
+                (frame, reason, now()),
+            )
+
+    def skipped(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM frames WHERE skipped IS NOT NULL").fetchone()[
+            0
+        ]
 
     def correct(self, record_id: str, label: str) -> None:
         """In the record while it waits; as a separate correction once its batch is sealed."""

@@ -93,18 +93,18 @@ def cmd_status(args) -> int:
 
 def cmd_run(args) -> int:
     agent = _agent(args)
-    seen: set[str] = set()
     while True:
         status = agent.sync().status
-        if args.watch:
-            for path in sorted(Path(args.watch).glob("*")):
-                if path.is_file() and path.name not in seen and agent.release:
-                    p = agent.predict(path.read_bytes())
-                    seen.add(path.name)
-                    _print({"image": str(path), "label": p.label, "confidence": p.confidence})
+        if args.watch and agent.release:
+            done, bad = agent.watch(Path(args.watch))
+            for path, p in done:
+                _print({"image": str(path), "label": p.label, "confidence": p.confidence})
+            for path, reason in bad:
+                print(f"skipped {path}: {reason}", file=sys.stderr)
         uploaded = agent.upload()
         print(
-            f"sync {status}; uploaded {uploaded.records} records ({uploaded.status})",
+            f"sync {status}; uploaded {uploaded.records} records ({uploaded.status}); "
+            f"{agent.buffer.skipped()} bad frames skipped so far",
             file=sys.stderr,
         )
         if args.once:

@@ -85,11 +85,22 @@ def test_rerunning_a_drop_adds_nothing(isolated_homes):
     assert second["accepted"] == first["accepted"]
 
 
-def test_failing_contract_blocks_downstream(isolated_homes):
+def test_failing_contract_blocks_downstream(isolated_homes, tmp_path, monkeypatch, repo_root):
+    """A team's stricter contract (here: widths of at most 16 px; the demo images are 32 px)
+    fails on the manifest the per-file policy accepted, and annotations never run."""
+    import json
+    import shutil
+
+    contracts = tmp_path / "contracts"
+    shutil.copytree(repo_root / "data_contracts", contracts)
+    suite = json.loads((contracts / "gx/raw_images.json").read_text())
+    for expectation in suite["expectations"]:
+        if expectation["kwargs"].get("column") in ("width", "height"):
+            expectation["kwargs"]["max_value"] = 16
+    (contracts / "gx/raw_images.json").write_text(json.dumps(suite))
+    monkeypatch.setenv("CVOPS_CONTRACTS_DIR", str(contracts))
     make_drop(isolated_homes / "drops", "d1")
-    result = run(
-        "d1", DagsterInstance.ephemeral(), {"ops": {"raw_images": {"config": {"max_side": 16}}}}
-    )  # demo images are 32 px
+    result = run("d1", DagsterInstance.ephemeral())
     assert not result.success
     check = next(
         e for e in result.get_asset_check_evaluations() if e.check_name == "raw_images_contract"
@@ -174,3 +185,17 @@ def test_unmarked_drop_is_refused_by_the_asset(isolated_homes):
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "no _SUCCESS marker yet" in str(failure.event_specific_data.error)
     assert not (isolated_homes / "images").exists()  # nothing half-ingested
+
+
+def test_a_tiny_image_is_turned_away_alone_and_the_drop_goes_on(isolated_homes):
+    from PIL import Image
+
+    drop = make_drop(isolated_homes / "drops", "tiny", n=6)
+    (drop / "3" / "dot.png").write_bytes(corpus.encode(Image.new("RGB", (1, 1), "white"), "PNG"))
+    result = run("tiny", DagsterInstance.ephemeral())
+    assert result.success
+    assert all(c.passed for c in result.get_asset_check_evaluations())  # the contract holds
+    images, labels = metadata(result, "raw_images"), metadata(result, "annotations")
+    assert images["files_seen"] == 7 and images["accepted"] == 6 and images["quarantined"] == 1
+    assert "too_small" in images["quarantine_by_reason"]
+    assert labels["labels"] == 6  # the drop's labels were imported

@@ -246,3 +246,63 @@ def test_a_manifest_for_another_release_is_refused(tmp_path, fleet, models):
     )
     result = device.sync()  # ... served under another name
     assert result.status == "rejected" and "describes" in result.detail
+
+
+@pytest.mark.parametrize(
+    "channel, body",
+    [
+        ("stable", b'"rel-1-abc"'),  # a bare string
+        ("canary", b'{"release": "rel-1-abc", "share": null, "cohorts": null}'),
+        ("canary", b'{"release": "rel-1-abc", "share": "all"}'),
+        ("canary", b'{"release": "rel-1-abc", "cohorts": "site-a"}'),
+        ("stable", b'{"release": 7}'),
+        ("stable", b"\xff\xfe not json"),
+    ],
+)
+def test_a_malformed_channel_is_refused_and_the_device_keeps_serving(
+    tmp_path, fleet, channel, body
+):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    assert device.sync().status == "updated"
+    (c.root / "releases" / "channels" / f"{channel}.json").write_bytes(body)
+    result = device.sync()
+    assert result.status == "rejected" and result.release == r1.id
+    assert f"channel {channel}" in result.detail
+    assert device.predict(png(1000)).label  # still serving the release it had
+
+
+def test_a_bad_frame_is_skipped_and_a_restart_never_records_a_frame_twice(tmp_path, fleet, capsys):
+    from cvops_pipelines.edge.cli import main
+
+    c, _ = fleet
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.png").write_bytes(png(1000))
+    (incoming / "b.png").write_bytes(b"not an image at all")  # a text file named .png
+    (incoming / "c.png").write_bytes(png(1001))
+    (tmp_path / "release.pub").write_bytes(c.public_key)
+    argv = [
+        "--state",
+        str(tmp_path / "dev-1"),
+        "--store",
+        str(c.root),
+        "--public-key",
+        str(tmp_path / "release.pub"),
+        "--device-id",
+        "dev-1",
+        "run",
+        "--once",
+        "--watch",
+        str(incoming),
+    ]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert first.out.count('"label"') == 2 and "skipped" in first.err and "b.png" in first.err
+    assert "1 bad frames skipped so far" in first.err
+    (incoming / "d.png").write_bytes(png(1002))
+    assert main(argv) == 0  # a restart: only the new frame is predicted
+    second = capsys.readouterr()
+    assert second.out.count('"label"') == 1 and "d.png" in second.out
+    records = central_records(c)
+    assert len(records) == 3 and len({r["image_id"] for r in records}) == 3

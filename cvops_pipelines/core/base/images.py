@@ -43,6 +43,8 @@ REASONS = {
     "truncated_image": "the image data ends early (incomplete upload or copy)",
     "corrupt_image": "the image data is corrupt and cannot be decoded",
     "animated_image": "animated images are rejected: which frame carries the label is ambiguous",
+    "too_small": "the image is smaller than the configured minimum side",
+    "too_large": "the image is larger than the configured maximum side",
     "symlink_not_followed": "symbolic links are never followed",
     "unreadable_file": "the file could not be read",
 }
@@ -76,6 +78,10 @@ class ImageInfo:
 class ImageLimits:
     max_pixels: int = 40_000_000
     max_bytes: int = 64 * 1024 * 1024
+    # Per file, the same sides the raw_images contract checks: a file outside them is turned
+    # away alone (quarantined with its code) instead of failing its whole drop's contract.
+    min_side: int = 8
+    max_side: int = 20_000
 
 
 def sha256_hex(data: bytes) -> str:
@@ -91,6 +97,10 @@ def inspect_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo
     image, fmt, mode, (width, height) = _open_checked(data, limits)
     if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         width, height = height, width
+    if min(width, height) < limits.min_side:
+        raise ImageRejected("too_small", f"{width}x{height} < {limits.min_side} px")
+    if max(width, height) > limits.max_side:
+        raise ImageRejected("too_large", f"{width}x{height} > {limits.max_side} px")
     ImageOps.exif_transpose(image, in_place=True)
     small = thumbnail(to_rgb(image))
     return ImageInfo(

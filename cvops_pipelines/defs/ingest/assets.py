@@ -20,8 +20,16 @@ class RawImagesConfig(Config):
         40.0, description="Larger headers are rejected as decompression bombs."
     )
     max_file_mb: float = Field(64.0, description="Larger files are rejected unread.")
-    min_side: int = Field(8, description="Contract: smallest accepted width/height in pixels.")
-    max_side: int = Field(20_000, description="Contract: largest accepted width/height in pixels.")
+    min_side: int = Field(
+        ImageLimits.min_side,
+        description="Smallest accepted width/height in pixels: a smaller file is quarantined "
+        "(too_small); the contract checks the same bound.",
+    )
+    max_side: int = Field(
+        ImageLimits.max_side,
+        description="Largest accepted width/height in pixels: a larger file is quarantined "
+        "(too_large); the contract checks the same bound.",
+    )
     workers: int = Field(0, description="Decoder processes; 0 = one per CPU core.")
 
 
@@ -50,7 +58,12 @@ def raw_images(
     store = storage.store()
     store.check()
     require_complete(drop_source.store(), drop)
-    limits = ImageLimits(int(config.max_megapixels * 1e6), int(config.max_file_mb * 2**20))
+    limits = ImageLimits(
+        int(config.max_megapixels * 1e6),
+        int(config.max_file_mb * 2**20),
+        config.min_side,
+        config.max_side,
+    )
     every = 500
 
     def progress(done: int) -> None:

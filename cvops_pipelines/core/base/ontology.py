@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,41 +54,87 @@ class Ontology:
         )
 
 
+_STR, _INT = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int")
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
+
+
 def load_ontology(path: str | Path) -> Ontology:
+    """Load and validate the ontology; every error names the file and, where there is one, the
+    line. YAML's traps are refused, not converted: an unquoted `on`, `no` or `null` as a class
+    name would otherwise become True, False or None."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)
+        doc = yaml.safe_load(text)
     except FileNotFoundError:
         raise OntologyError(f"ontology file {path} not found; set CVOPS_CONTRACTS_DIR") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise OntologyError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list) or not doc["classes"]:
         raise OntologyError(f"{path}: expected a mapping with a non-empty 'classes' list")
-    classes = []
-    for i, item in enumerate(doc["classes"]):
-        if not isinstance(item, dict) or "name" not in item or "id" not in item:
-            raise OntologyError(f"{path}: classes[{i}] needs 'id' and 'name'")
-        classes.append(
-            OntologyClass(
-                int(item["id"]),
-                str(item["name"]),
-                str(item.get("description", "")),
-                item.get("parent"),
-                bool(item.get("event", False)),
-            )
-        )
+    nodes = dict((k.value, v) for k, v in root.value)
+    version = doc.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        line = nodes["version"].start_mark.line + 1 if "version" in nodes else 1
+        raise OntologyError(f"{path}:{line}: version must be a whole number >= 1, got {version!r}")
+    classes = [
+        _class(path, i, item, node)
+        for i, (item, node) in enumerate(zip(doc["classes"], nodes["classes"].value))
+    ]
     for attr in ("id", "name"):
         values = [getattr(c, attr) for c in classes]
         dupes = sorted({str(v) for v in values if values.count(v) > 1})
         if dupes:
             raise OntologyError(f"{path}: duplicate class {attr}s: {', '.join(dupes)}")
+    seen: dict[str, str] = {}
+    for c in classes:
+        if c.name.casefold() in seen:
+            raise OntologyError(
+                f"{path}: class names {seen[c.name.casefold()]!r} and {c.name!r} differ only in "
+                "case: one class, or two names people will confuse"
+            )
+        seen[c.name.casefold()] = c.name
+    names = {c.name for c in classes}
+    for c in classes:
+        if c.parent is not None and c.parent not in names:
+            raise OntologyError(
+                f"{path}: class {c.name!r} names parent {c.parent!r}, which is not a class"
+            )
     return Ontology(
         str(doc.get("name", path.stem)),
-        int(doc.get("version", 1)),
+        version,
         tuple(classes),
         str(path),
         tuple(doc.get("changes") or ()),
     )
+
+
+def _class(path: Path, i: int, item, node) -> OntologyClass:
+    where = f"{path}:{node.start_mark.line + 1}: classes[{i}]"
+    if not isinstance(item, dict) or "name" not in item or "id" not in item:
+        raise OntologyError(f"{where} needs 'id' and 'name'")
+    fields = {k.value: v for k, v in node.value}
+    name_node, name = fields["name"], item["name"]
+    if name_node.tag != _STR:
+        raise OntologyError(
+            f"{where}: name {name_node.value!r} loads as {name!r}, not text: "
+            f'quote it (name: "{name_node.value}")'
+        )
+    if not name.strip() or name != name.strip() or _BAD_NAME.search(name):
+        raise OntologyError(
+            f"{where}: name {name!r} must be non-empty text without leading or "
+            "trailing spaces, slashes or control characters"
+        )
+    if fields["id"].tag != _INT:
+        raise OntologyError(f"{where}: id {item['id']!r} must be a whole number")
+    parent = item.get("parent")
+    if parent is not None and ("parent" not in fields or fields["parent"].tag != _STR):
+        raise OntologyError(f"{where}: parent {parent!r} must be a quoted class name")
+    event = item.get("event", False)
+    if not isinstance(event, bool):
+        raise OntologyError(f"{where}: event must be true or false, got {event!r}")
+    return OntologyClass(int(item["id"]), name, str(item.get("description", "")), parent, event)
 
 
 def class_indices(labels, classes) -> np.ndarray:

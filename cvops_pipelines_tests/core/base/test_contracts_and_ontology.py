@@ -94,3 +94,36 @@ def test_ontology_marks_event_classes(repo_root, tmp_path):
     )
     assert load_ontology(path).event_classes == ["crack", "dent"]
     assert load_ontology(repo_root / "data_contracts/ontology.yaml").event_classes == []
+
+
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        (
+            "  - {id: 0, name: on}\n  - {id: 1, name: off}",
+            r":4: classes\[0\]: name 'on' loads as True",
+        ),
+        ("  - {id: 0, name: null}", r"name 'null' loads as None, not text: quote it"),
+        ("  - {id: 0, name: yes}", r"loads as True"),
+        ('  - {id: 0, name: ""}', r"must be non-empty text"),
+        ('  - {id: 0, name: "cat"}\n  - {id: 1, name: "Cat "}', r"leading or\s+trailing spaces"),
+        ('  - {id: 0, name: "cat"}\n  - {id: 1, name: "Cat"}', r"differ only in case"),
+        ('  - {id: 0, name: "a/b"}', r"slashes"),
+        ('  - {id: 0, name: "a", parent: "zebra"}', r"parent 'zebra', which is not a class"),
+        ('  - {id: "x", name: "a"}', r"id 'x' must be a whole number"),
+        ('  - {id: 0, name: "a", event: "yes"}', r"event must be true or false"),
+    ],
+)
+def test_ontology_traps_are_refused_with_file_and_line(tmp_path, classes, message):
+    path = tmp_path / "ontology.yaml"
+    path.write_text(f"name: t\nversion: 1\nclasses:\n{classes}\n")
+    with pytest.raises(OntologyError, match=message) as err:
+        load_ontology(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_version_that_is_not_a_number_names_the_file_and_line(tmp_path):
+    path = tmp_path / "ontology.yaml"
+    path.write_text('name: t\nversion: two\nclasses:\n  - {id: 0, name: "a"}\n')
+    with pytest.raises(OntologyError, match=rf"{path}:2: version must be a whole number"):
+        load_ontology(path)

@@ -350,6 +350,14 @@ def _records_of(frames: dict[str, pd.DataFrame], batches: list[str]) -> pd.DataF
     return pd.concat(parts, ignore_index=True) if parts else no_records()
 
 
+def _first_failure(contract) -> str:
+    first = contract.failures[0]
+    return (
+        f"{first.expectation} ({first.kwargs}) failed: {first.unexpected_count} unexpected, "
+        f"e.g. {first.examples[:3]}"
+    )
+
+
 def vet_batches(
     store: Store,
     batches: list[str],
@@ -359,8 +367,9 @@ def vet_batches(
 ) -> VettedBatches:
     """Parse, check and contract-validate a run's batches; quarantine the bad ones whole and
     store the good ones' images. `validate(records, label)` runs the feedback contract. The
-    contract runs on all batches at once; only when it fails is it rerun batch by batch to find
-    the culprits, so the accepted rest still goes on."""
+    contract runs on all batches at once; only when it fails are they taken one by one, each
+    alone and then beside those accepted so far, so a batch that breaks it alone, or only with
+    another (two batches claiming the same record ids), is quarantined and the rest go on."""
     parsed, frames, payloads, rejected = {}, {}, {}, {}
     for batch in batches:
         try:
@@ -383,18 +392,19 @@ def vet_batches(
 
     good = [b for b in batches if b not in rejected]
     contract = check(good, "")
-    if not contract.success:
+    if not contract.success:  # accept batch by batch: alone, then beside those accepted so far
+        accepted = []
         for batch in good:
             alone = check([batch], None)
-            if not alone.success:
-                first = alone.failures[0]
-                rejected[batch] = (
-                    "contract_failed",
-                    f"{first.expectation} ({first.kwargs}) failed: "
-                    f"{first.unexpected_count} unexpected, e.g. "
-                    f"{first.examples[:3]}",
-                )
-        good = [b for b in good if b not in rejected]
+            together = (
+                alone if not accepted or not alone.success else check([*accepted, batch], None)
+            )
+            if together.success:
+                accepted.append(batch)
+                continue
+            why = "" if not alone.success else "together with the batches accepted before it, "
+            rejected[batch] = ("contract_failed", why + _first_failure(together))
+        good = accepted
         contract = check(good, "-accepted")
     quarantined = []
     for batch, (code, reason) in rejected.items():

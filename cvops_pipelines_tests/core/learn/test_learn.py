@@ -266,3 +266,39 @@ def test_vetting_quarantines_bad_batches_whole_and_narrows_a_failed_contract(tmp
     assert vetted.contract.success and len(vetted.records()) == 4
     assert vetted.frames[bad].empty and store.exists(f"quarantine/feedback/{bad}.zip")
     assert vetted.summary()["quarantined_batches"] == 2 and vetted.new_images == 4
+
+
+def test_a_batch_that_collides_with_another_is_quarantined_and_the_rest_go_on(tmp_path, repo_root):
+    """Each passes the real feedback contract alone; together two claim the same record ids."""
+    from cvops_pipelines.core.base.contracts import validate
+    from cvops_pipelines.core.learn.feedback import vet_batches
+    from cvops_pipelines.edge.wire import batch_key
+
+    store = LocalStore(tmp_path / "store")
+    good, payload, _, _ = device_batch(tmp_path, device="dev-001")
+    other, other_payload, _, _ = device_batch(tmp_path, device="dev-002")
+    thief = "dev-009-b000001"  # dev-001's records, renamed as another batch
+
+    def rename(files):
+        lines = files["records.jsonl"].decode().splitlines()
+        records = [json.loads(line) | {"batch_id": thief} for line in lines]
+        files["records.jsonl"] = "\n".join(json.dumps(r) for r in records).encode()
+
+    for name, data in ((good, payload), (thief, rezip(payload, rename)), (other, other_payload)):
+        store.write_bytes(batch_key(name), data)
+    suite, params = (
+        repo_root / "data_contracts/gx/feedback.json",
+        {"known_releases": ["rel-1-abc"], "classes": [str(d) for d in range(10)]},
+    )
+
+    def check(records, label):
+        return validate(records, suite, params)
+
+    assert check(batch_frame(parse_batch(rezip(payload, rename), thief)), None).success
+    vetted = vet_batches(store, [good, thief, other], [str(d) for d in range(10)], check)
+    assert vetted.accepted == [good, other] and vetted.contract.success
+    (row,) = vetted.quarantined.itertuples()
+    assert row.batch_id == thief and row.reason_code == "contract_failed"
+    assert (
+        "together with the batches accepted before it" in row.reason and "record_id" in row.reason
+    )

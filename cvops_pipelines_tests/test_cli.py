@@ -75,3 +75,37 @@ def test_ingest_of_a_missing_drop_fails_clearly(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "no _SUCCESS marker yet" in proc.stderr
+
+
+def test_ingest_applies_the_drop_rules_of_the_sensor(tmp_path):
+    """A symlinked folder, names `cvops drops` calls invalid, paths and the source root itself
+    are refused with a message, before anything is read or stored."""
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    (outside / "secret").mkdir(parents=True)
+    (outside / "secret" / "passwords.txt").write_text("hunter2")
+    (outside / "secret" / "_SUCCESS").write_text("")
+    drops = home / "drops"
+    drops.mkdir(parents=True)
+    (drops / "linked").symlink_to(outside / "secret", target_is_directory=True)
+    (drops / "a b").mkdir()
+    (drops / "a b" / "_SUCCESS").write_text("")
+    (drops / "_SUCCESS").write_text("")  # a stray marker at the root
+    env = {**os.environ, "CVOPS_HOME": str(home), "DAGSTER_HOME": str(tmp_path / "dagster")}
+    for drop, why in (
+        ("linked", "does not exist as a folder"),
+        ("a b", "is not valid"),
+        ("..", "is not valid"),
+        ("sub/inner", "is not valid"),
+        (".", "is not valid"),
+    ):
+        proc = subprocess.run(
+            [CVOPS, "ingest", drop],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2 and why in proc.stderr, (drop, proc.stderr[-500:])
+        assert "Traceback" not in proc.stderr
+    assert not (home / "quarantine").exists() and not (home / "images").exists()

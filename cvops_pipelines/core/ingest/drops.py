@@ -40,14 +40,20 @@ class DropNotReady(RuntimeError):
 
 
 def require_complete(source: Store, drop: str) -> None:
-    if not source.exists(f"{drop}/{MARKER}"):
-        present = drop in source.list_dirs()
+    """The same rules for every entry point (sensor, `cvops ingest`, a run from the UI): a valid
+    name, a real folder of the source (symbolic links are never followed), and its marker."""
+    if not VALID_DROP_NAME.match(drop):
         raise DropNotReady(
-            f"drop {drop!r} under {source.uri()} "
-            + (
-                "has no _SUCCESS marker yet: it is still uploading, or the uploader must write "
-                f"{drop}/{MARKER} after the last file"
-                if present
-                else "does not exist"
-            )
+            f"drop name {drop!r} is not valid: it becomes a partition key, so it is letters, "
+            "digits, '.', '_' and '-', starting with a letter or digit, and no path"
+        )
+    if drop not in source.list_dirs():
+        raise DropNotReady(
+            f"drop {drop!r} under {source.uri()} does not exist as a folder (symbolic links "
+            "are not followed)"
+        )
+    if not source.exists(f"{drop}/{MARKER}"):
+        raise DropNotReady(
+            f"drop {drop!r} under {source.uri()} has no _SUCCESS marker yet: it is still "
+            f"uploading, or the uploader must write {drop}/{MARKER} after the last file"
         )

@@ -46,6 +46,7 @@ REASONS = {
     "too_small": "the image is smaller than the configured minimum side",
     "too_large": "the image is larger than the configured maximum side",
     "symlink_not_followed": "symbolic links are never followed",
+    "unsafe_name": "the name has '..', '.' or empty path segments: never read or copied",
     "unreadable_file": "the file could not be read",
 }
 

@@ -130,6 +130,8 @@ def _process_one(
     result = {"name": entry.key, "bytes": entry.size}
     if entry.is_symlink:
         return result | _rejected("symlink_not_followed", f"-> {entry.symlink_target}")
+    if entry.key.startswith("/") or any(p in ("", ".", "..") for p in entry.key.split("/")):
+        return result | _rejected("unsafe_name", entry.key)  # an S3 key may say anything
     if entry.size > config.limits.max_bytes:
         return result | _rejected(
             "file_too_large", f"{entry.size} bytes > {config.limits.max_bytes}"

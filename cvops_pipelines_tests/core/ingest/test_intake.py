@@ -102,3 +102,30 @@ def test_oversized_file_is_rejected_unread(tmp_path):
         IngestConfig(limits=ImageLimits(max_bytes=10), workers=1),
     )
     assert list(result.quarantine["reason_code"]) == ["file_too_large"]
+
+
+def test_a_key_with_dot_dot_segments_is_turned_away_alone(tmp_path):
+    """An object store may list any key; one that would escape a path is quarantined by name
+    (never read, never copied) and the rest of the drop is ingested."""
+    from cvops_pipelines.core.base.store import Entry
+
+    class Listing:  # an object store's listing, as S3 may return it
+        files = {
+            "0/ok.png": corpus.encode(digit_model.digit(0), "PNG"),
+            "sub/../escape.png": b"whatever",
+            "/abs.png": b"x",
+        }
+
+        def list(self, prefix=""):
+            return [Entry(k, len(v)) for k, v in self.files.items()]
+
+        def read_bytes(self, key):
+            assert ".." not in key and not key.startswith("/"), key  # never read
+            return self.files[key]
+
+    store = LocalStore(tmp_path / "store")
+    result = ingest_mod.ingest_drop(Listing(), store, "d1", ingest_mod.IngestConfig(workers=1))
+    assert len(result.manifest) == 1 and result.files_seen == 3
+    codes = dict(zip(result.quarantine["original_name"], result.quarantine["reason_code"]))
+    assert codes == {"sub/../escape.png": "unsafe_name", "/abs.png": "unsafe_name"}
+    assert not (tmp_path / "store" / "quarantine").exists()

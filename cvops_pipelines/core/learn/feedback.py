@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 
@@ -68,6 +69,22 @@ FEEDBACK_COLUMNS = [
 RECORD_COLUMNS = [c for c in FEEDBACK_COLUMNS if c != "kind"]
 
 
+@dataclass(frozen=True)
+class BatchBounds:
+    """What one uploaded batch may hold; anything beyond is refused before it is read whole.
+    A device seals at most 256 records a batch by default."""
+
+    max_entries: int = 4100  # records.jsonl, corrections.jsonl and one image per record
+    max_records: int = 2048
+    max_text_bytes: int = 16 * 1024 * 1024  # each .jsonl file, uncompressed
+    max_total_bytes: int = 512 * 1024 * 1024  # all entries, uncompressed
+    max_field_chars: int = 256  # any string field of a record or correction
+    max_top_k: int = 20
+
+
+_IMAGE_ENTRY = re.compile(r"^images/[0-9a-f]{64}\.bin$")
+
+
 class BatchRejected(Exception):
     def __init__(self, code: str, message: str) -> None:
         self.code, self.message = code, message
@@ -101,23 +118,47 @@ def _names(store: Store) -> list[str]:
     )
 
 
-def parse_batch(data: bytes, batch_id: str, limits: ImageLimits = ImageLimits()) -> ParsedBatch:
-    """Read and vet one batch; raise BatchRejected naming the first thing wrong."""
+def parse_batch(
+    data: bytes,
+    batch_id: str,
+    limits: ImageLimits = ImageLimits(),
+    bounds: BatchBounds = BatchBounds(),
+) -> ParsedBatch:
+    """Read and vet one batch; raise BatchRejected naming the first thing wrong. Entry names,
+    counts and declared sizes are checked before anything is decompressed, and every read is
+    capped, so a zip bomb costs its compressed size, not its claimed one."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = set(archive.namelist())
-            missing = {"records.jsonl", "corrections.jsonl"} - names
+            entries = _vetted_entries(archive, limits, bounds)
+            missing = {"records.jsonl", "corrections.jsonl"} - set(entries)
             if missing:
                 raise BatchRejected("malformed_batch", f"the archive lacks {sorted(missing)}")
-            records = _jsonl(archive.read("records.jsonl"), "records.jsonl")
-            corrections = _jsonl(archive.read("corrections.jsonl"), "corrections.jsonl")
+            records = _jsonl(_read(archive, entries["records.jsonl"]), "records.jsonl")
+            corrections = _jsonl(_read(archive, entries["corrections.jsonl"]), "corrections.jsonl")
+            if len(records) > bounds.max_records:
+                raise BatchRejected(
+                    "batch_too_large", f"{len(records)} records > {bounds.max_records}"
+                )
+            wanted = {str(r.get("image_id")) for r in records}
+            extra = sorted(
+                n
+                for n in entries
+                if n.startswith("images/") and n[len("images/") : -len(".bin")] not in wanted
+            )
+            if extra:
+                raise BatchRejected(
+                    "unexpected_entry",
+                    f"{extra[0]} is no record's image ({len(extra)} unreferenced entries)",
+                )
             images = {
-                n[len("images/") :].removesuffix(".bin"): archive.read(n)
-                for n in names
-                if n.startswith("images/") and not n.endswith("/")
+                n[len("images/") : -len(".bin")]: _read(archive, info)
+                for n, info in entries.items()
+                if n.startswith("images/")
             }
     except zipfile.BadZipFile as exc:
         raise BatchRejected("malformed_batch", f"not a readable zip archive ({exc})") from None
+    for i, row in enumerate([*records, *corrections]):
+        _check_field_sizes(row, i, bounds)
     for i, record in enumerate(records):
         for name, kind in RECORD_FIELDS.items():
             if not isinstance(record.get(name), kind):
@@ -158,9 +199,77 @@ def parse_batch(data: bytes, batch_id: str, limits: ImageLimits = ImageLimits())
     return ParsedBatch(batch_id, records, corrections, images, infos)
 
 
+def _vetted_entries(archive, limits: ImageLimits, bounds: BatchBounds) -> dict:
+    infos = archive.infolist()
+    if len(infos) > bounds.max_entries:
+        raise BatchRejected("batch_too_large", f"{len(infos)} entries > {bounds.max_entries}")
+    if sum(i.file_size for i in infos) > bounds.max_total_bytes:
+        raise BatchRejected(
+            "batch_too_large",
+            f"entries claim more than {bounds.max_total_bytes} bytes uncompressed",
+        )
+    entries = {}
+    for info in infos:
+        name = info.filename
+        if (
+            name.startswith("/")
+            or "\\" in name
+            or any(p in ("", ".", "..") for p in name.split("/"))
+        ):
+            raise BatchRejected("unsafe_entry", f"entry name {name!r} is absolute or has '..'")
+        text = name in ("records.jsonl", "corrections.jsonl")
+        if not text and not _IMAGE_ENTRY.match(name):
+            raise BatchRejected("unexpected_entry", f"{name!r} is not part of a batch")
+        cap = bounds.max_text_bytes if text else limits.max_bytes
+        if info.file_size > cap:
+            raise BatchRejected("batch_too_large", f"{name} claims {info.file_size} bytes > {cap}")
+        if name in entries:
+            raise BatchRejected("malformed_batch", f"{name} appears twice")
+        entries[name] = info
+    return entries
+
+
+def _read(archive, info) -> bytes:
+    """At most the declared size (already bounded); a header that understates is caught."""
+    with archive.open(info) as handle:
+        data = handle.read(info.file_size + 1)
+    if len(data) > info.file_size:
+        raise BatchRejected("batch_too_large", f"{info.filename} holds more than it declares")
+    return data
+
+
+def _check_field_sizes(row: dict, i: int, bounds: BatchBounds) -> None:
+    for key, value in row.items():
+        if isinstance(value, str) and len(value) > bounds.max_field_chars:
+            raise BatchRejected(
+                "malformed_record",
+                f"line {i + 1}: field {key!r} is "
+                f"{len(value)} characters > {bounds.max_field_chars}",
+            )
+    top_k = row.get("top_k")
+    if isinstance(top_k, list) and (
+        len(top_k) > bounds.max_top_k
+        or not all(
+            isinstance(t, list)
+            and len(t) == 2
+            and isinstance(t[0], str)
+            and len(t[0]) <= bounds.max_field_chars
+            for t in top_k
+        )
+    ):
+        raise BatchRejected(
+            "malformed_record",
+            f"line {i + 1}: top_k must be at most {bounds.max_top_k} [label, probability] pairs",
+        )
+
+
 def _jsonl(data: bytes, name: str) -> list[dict]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BatchRejected("malformed_record", f"{name} is not UTF-8 text ({exc})") from None
     rows = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

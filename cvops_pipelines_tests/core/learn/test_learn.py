@@ -302,3 +302,33 @@ def test_a_batch_that_collides_with_another_is_quarantined_and_the_rest_go_on(tm
     assert (
         "together with the batches accepted before it" in row.reason and "record_id" in row.reason
     )
+
+
+@pytest.mark.parametrize(
+    "change, code",
+    [
+        (lambda f: f.update({"padding.bin": b"\0" * 1_000_000}), "unexpected_entry"),
+        (lambda f: f.update({f"images/{'a' * 64}.bin": b"x"}), "unexpected_entry"),
+        (lambda f: f.update({"images/../../etc/evil.bin": b"x"}), "unsafe_entry"),
+        (lambda f: f.update({f"images/{'b' * 64}.bin": b"\0" * (65 * 2**20)}), "batch_too_large"),
+        (lambda f: f.update({"corrections.jsonl": b"\xff\xfe{}"}), "malformed_record"),
+    ],
+)
+def test_bounded_parsing_refuses_bombs_strays_and_bad_text(tmp_path, change, code):
+    batch, payload, _, _ = device_batch(tmp_path)
+    with pytest.raises(BatchRejected) as err:
+        parse_batch(rezip(payload, change), batch)
+    assert err.value.code == code
+
+
+def test_a_huge_field_is_refused_not_stored(tmp_path):
+    batch, payload, _, _ = device_batch(tmp_path)
+
+    def bloat(files):
+        lines = [json.loads(x) for x in files["records.jsonl"].decode().splitlines()]
+        lines[0]["top_k"] = [["1", 0.9]] * 100_000  # a 1.3 MB list
+        lines[1]["cohort"] = "x" * 5_000_000
+        files["records.jsonl"] = "\n".join(json.dumps(x) for x in lines).encode()
+
+    with pytest.raises(BatchRejected, match="top_k must be at most 20|5000000 characters"):
+        parse_batch(rezip(payload, bloat), batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -116,8 +117,25 @@ def now_utc() -> datetime:
 _WORKER: dict = {}
 
 
-def _init_worker(source: Store, store: Store, drop: str, config: IngestConfig) -> None:
+def _init_worker(
+    source: Store, store: Store, drop: str, config: IngestConfig, parent: int | None = None
+) -> None:
+    if parent is not None:
+        _die_with(parent)
     _WORKER.update(source=source, store=store, drop=drop, config=config)
+
+
+def _die_with(parent: int) -> None:
+    """Decoders never outlive an interrupted ingest: on Linux the kernel kills this worker when
+    its parent dies, kill -9 included (PR_SET_PDEATHSIG). Elsewhere the pool's own shutdown is
+    all there is."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _process_batch(entries: list[Entry]) -> list[dict]:
@@ -189,7 +207,7 @@ def _results(
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(source, store, drop, config),
+        initargs=(source, store, drop, config, os.getpid()),
     ) as pool:
         pending: deque = deque()
         for batch in _batched(entries, config.batch_size):

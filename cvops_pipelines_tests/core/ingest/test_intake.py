@@ -1,4 +1,6 @@
 import hashlib
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +131,67 @@ def test_a_key_with_dot_dot_segments_is_turned_away_alone(tmp_path):
     codes = dict(zip(result.quarantine["original_name"], result.quarantine["reason_code"]))
     assert codes == {"sub/../escape.png": "unsafe_name", "/abs.png": "unsafe_name"}
     assert not (tmp_path / "store" / "quarantine").exists()
+
+
+SLOW_INGEST = """
+import sys, time
+from pathlib import Path
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
+
+class SlowStore(LocalStore):  # a slow disk: each read takes 50 ms
+    def read_bytes(self, key):
+        time.sleep(0.05)
+        return super().read_bytes(key)
+
+if __name__ == "__main__":
+    drop, out = Path(sys.argv[1]), Path(sys.argv[2])
+    ingest_drop(SlowStore(drop), LocalStore(out), "d1", IngestConfig(workers=2, batch_size=1))
+"""
+
+
+def _children(pid: int) -> set[int]:
+    from pathlib import Path
+
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/<pid>/stat: the parent pid
+            out.add(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_decoder_workers_die_with_a_killed_ingest(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    drop = tmp_path / "drop"
+    for i in range(200):
+        (drop / "0").mkdir(parents=True, exist_ok=True)
+        (drop / "0" / f"{i}.png").write_bytes(corpus.encode(digit_model.digit(i), "PNG"))
+    script = tmp_path / "slow_ingest.py"
+    script.write_text(SLOW_INGEST)
+    proc = subprocess.Popen([sys.executable, str(script), str(drop), str(tmp_path / "out")])
+    deadline, workers = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and len(workers) < 2:
+        workers = {
+            c
+            for c in _children(proc.pid)
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+        }
+        time.sleep(0.1)
+    assert len(workers) >= 2, "the pool never started"
+    everything = workers | set().union(*(_children(w) for w in workers)) | _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in everything):
+        time.sleep(0.1)
+    alive = [p for p in everything if Path(f"/proc/{p}").exists()]
+    assert not alive, f"outlived the killed ingest: {alive}"

@@ -26,6 +26,7 @@ from cvops_pipelines.edge.bundle import (
     BUNDLE_FILES,
     BundleError,
     apply_delta,
+    delta_name,
     load_public_key,
     verify_file,
     verify_manifest,
@@ -34,6 +35,8 @@ from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 
 CHUNK = 1 << 20
+# Every small document is read with a cap, before it is parsed or its signature checked.
+MAX_CHANNEL, MAX_MANIFEST, MAX_SIGNATURE = 64 << 10, 1 << 20, 4 << 10
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,9 @@ class EdgeAgent:
         channels = {}
         for name in wire.CHANNELS:
             try:
-                channels[name] = read_channel(self.remote.get(wire.channel_key(name)), name)
+                channels[name] = read_channel(
+                    self._small(wire.channel_key(name), MAX_CHANNEL), name
+                )
             except FileNotFoundError:
                 channels[name] = None
         if in_canary(self.device_id, self.cohort, channels["canary"]):
@@ -204,6 +209,12 @@ class EdgeAgent:
         if release is not None and not wire.RELEASE_ID.match(str(release)):
             raise ValueError(f"channel names an invalid release id {release!r}")
         return release
+
+    def _small(self, key: str, cap: int) -> bytes:
+        data = self.remote.get(key, 0, cap + 1)
+        if len(data) > cap:
+            raise BundleError("too_large", f"{key} is larger than {cap} bytes: not read further")
+        return data
 
     def _fetch(self, key: str, part: Path, expected: int) -> int:
         """Download to `part`, resuming from what is already there; returns new bytes."""
@@ -243,8 +254,8 @@ class EdgeAgent:
         staging = self.state / "staging" / release
         staging.mkdir(parents=True, exist_ok=True)
         try:
-            manifest_bytes = self.remote.get(f"{prefix}/manifest.json")
-            signature = self.remote.get(f"{prefix}/manifest.sig")
+            manifest_bytes = self._small(f"{prefix}/manifest.json", MAX_MANIFEST)
+            signature = self._small(f"{prefix}/manifest.sig", MAX_SIGNATURE)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"channel names release {release}, which is not in the "
@@ -268,6 +279,11 @@ class EdgeAgent:
                     final.unlink()
             data = self._held_copy(manifest, name)  # unchanged files never travel again
             if data is None and name == "model.onnx" and delta and delta["from"] == self._loaded:
+                if delta.get("file") != delta_name(self._loaded):  # before it names any path
+                    raise BundleError(
+                        "manifest",
+                        f"delta file {delta.get('file')!r} is not {delta_name(self._loaded)!r}",
+                    )
                 part = staging / f"{delta['file']}.part"
                 downloaded += self._fetch(f"{prefix}/{delta['file']}", part, delta["size"])
                 base = (self.state / "releases" / self._loaded / "model.onnx").read_bytes()

@@ -88,14 +88,13 @@ class HttpRemote:
             request.add_header("Range", f"bytes={offset}-{end}")
         try:
             with self._open(request) as response:
-                data = response.read()
+                if offset and response.status == 200:  # Range ignored: skip, never buffer it
+                    _skip(response, offset)
+                return response.read() if length is None else response.read(length)
         except urllib.error.HTTPError as exc:
             if exc.code == 416:  # offset at or past the end
                 return b""
             raise
-        if offset and response.status == 200:  # server ignored Range: cut it ourselves
-            data = data[offset:] if length is None else data[offset : offset + length]
-        return data
 
     def put(self, key: str, data: bytes) -> None:
         request = urllib.request.Request(
@@ -113,6 +112,14 @@ class HttpRemote:
                 return int(r.headers.get("Content-Length", "0"))
         except FileNotFoundError:
             return None
+
+
+def _skip(response, count: int, chunk: int = 1 << 20) -> None:
+    while count > 0:
+        got = len(response.read(min(chunk, count)))
+        if not got:
+            return
+        count -= got
 
 
 def remote_from(location: str) -> Remote:

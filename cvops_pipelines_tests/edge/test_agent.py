@@ -306,3 +306,61 @@ def test_a_bad_frame_is_skipped_and_a_restart_never_records_a_frame_twice(tmp_pa
     assert second.out.count('"label"') == 1 and "d.png" in second.out
     records = central_records(c)
     assert len(records) == 3 and len({r["image_id"] for r in records}) == 3
+
+
+def test_an_oversized_manifest_is_refused_without_reading_it_whole(tmp_path, fleet, models):
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    r2 = c.release(models[1], "2")
+    (c.root / "releases" / r2.id / "manifest.json").write_bytes(b" " * (3 << 20))  # 3 MiB
+    c.releases.point("stable", r2.id, "bloated", "test")
+    result = device.sync()
+    assert result.status == "rejected" and "larger than" in result.detail
+    assert device.release == r1.id
+
+
+def test_a_delta_whose_file_name_escapes_is_refused_before_any_path(tmp_path, fleet, models):
+    """A signed manifest (the key may be stolen, the code must not trust it) naming a delta
+    outside the staging folder: refused before a .part file is opened anywhere."""
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    key = load_private_key(c.key_dir / "release_signing.key")
+    r2 = c.release(models[1], "2", parent=r1.id)
+    manifest = dict(r2.manifest, delta={**r2.manifest["delta"], "file": "../../../escape"})
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (c.root / "releases" / r2.id / "manifest.json").write_bytes(body)
+    (c.root / "releases" / r2.id / "manifest.sig").write_bytes(key.sign(body))
+    c.releases.point("stable", r2.id, "sneaky", "test")
+    result = device.sync()
+    assert result.status == "rejected" and "delta file" in result.detail
+    assert not list(tmp_path.rglob("escape*"))
+
+
+def test_a_store_that_ignores_range_is_read_in_bounded_slices(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cvops_pipelines.edge.remote import HttpRemote
+
+    body = bytes(range(256)) * 4096  # 1 MiB
+
+    class IgnoresRange(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), IgnoresRange)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = HttpRemote(f"http://127.0.0.1:{server.server_address[1]}")
+        assert remote.get("blob", 1000, 10) == body[1000:1010]
+        assert remote.get("blob", 0, 17) == body[:17]
+    finally:
+        server.shutdown()

@@ -16,6 +16,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -155,8 +156,12 @@ def parse_batch(
                 for n, info in entries.items()
                 if n.startswith("images/")
             }
-    except zipfile.BadZipFile as exc:
-        raise BatchRejected("malformed_batch", f"not a readable zip archive ({exc})") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        # a corrupt archive fails in many places: the directory, a header, a compressed stream
+        # that ends early, an unknown compression method, an encrypted entry
+        raise BatchRejected(
+            "malformed_batch", f"not a readable zip archive ({type(exc).__name__}: {exc})"
+        ) from None
     for i, row in enumerate([*records, *corrections]):
         _check_field_sizes(row, i, bounds)
     for i, record in enumerate(records):

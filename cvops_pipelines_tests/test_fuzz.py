@@ -1,0 +1,188 @@
+"""Property-based fuzzing of the two doors data comes in by: feedback batches from devices and
+drop trees from uploaders. Whatever arrives, the answer is an accepted result or a stated
+rejection (never another exception), and nothing goes unaccounted for. A fixed budget (examples,
+derandomized) keeps CI's time bounded and its runs repeatable."""
+
+import hashlib
+import io
+import json
+import zipfile
+import zlib
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cvops_pipelines.core.base.images import REASONS
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
+from cvops_pipelines.core.learn.feedback import BatchRejected, parse_batch
+from cvops_pipelines.demo.digit_model import png
+from cvops_pipelines.edge.buffer import FeedbackBuffer
+
+BUDGET = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,  # nothing written to .hypothesis/: every CI run is the same run
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def real_batch(tmp_path) -> tuple[str, bytes]:
+    buffer = FeedbackBuffer(tmp_path / "device.db", "dev-1", "site-a")
+    for i in range(3):
+        image = png(i)
+        record = buffer.record(
+            "rel-1-abc", hashlib.sha256(image).hexdigest(), image, "1", 0.9, [("1", 0.9)]
+        )
+    buffer.correct(record, "7")
+    batch = buffer.seal()
+    payload = buffer.payload(batch)
+    buffer.close()
+    return batch, payload
+
+
+def rezip(payload: bytes, files_change) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+        files = {n: archive.read(n) for n in archive.namelist()}
+    files_change(files)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return out.getvalue()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+mutations = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10_000)),
+    st.tuples(st.just("entry"), st.text(min_size=1, max_size=30), st.binary(max_size=200)),
+    st.tuples(
+        st.just("field"),
+        st.integers(0, 2),
+        st.sampled_from(
+            [
+                "record_id",
+                "device_id",
+                "image_id",
+                "release",
+                "confidence",
+                "top_k",
+                "batch_id",
+                "corrected_label",
+                "captured_at",
+                "cohort",
+            ]
+        ),
+        json_values,
+    ),
+    st.tuples(st.just("lines"), st.binary(max_size=300)),
+)
+
+
+def mutate(payload: bytes, mutation) -> bytes:
+    kind = mutation[0]
+    if kind == "flip":
+        data = bytearray(payload)
+        data[mutation[1] % len(data)] ^= mutation[2]
+        return bytes(data)
+    if kind == "truncate":
+        return payload[: mutation[1] % len(payload)]
+    if kind == "entry":
+        return rezip(payload, lambda f: f.update({mutation[1]: mutation[2]}))
+    if kind == "lines":
+        return rezip(payload, lambda f: f.update({"records.jsonl": mutation[1]}))
+
+    def field(files):
+        lines = [json.loads(x) for x in files["records.jsonl"].decode().splitlines()]
+        if lines and all(isinstance(x, dict) for x in lines):
+            lines[mutation[1] % len(lines)][mutation[2]] = mutation[3]
+        files["records.jsonl"] = "\n".join(json.dumps(x) for x in lines).encode()
+
+    return rezip(payload, field)
+
+
+def test_any_mangled_batch_is_parsed_or_rejected_with_a_reason(tmp_path):
+    batch, payload = real_batch(tmp_path)
+
+    @BUDGET
+    @given(st.lists(mutations, min_size=1, max_size=3))
+    def check(steps):
+        data = payload
+        for step in steps:
+            try:
+                data = mutate(data, step) if data else data
+            except (
+                zipfile.BadZipFile,
+                EOFError,
+                zlib.error,
+                UnicodeDecodeError,
+                ValueError,
+                KeyError,
+            ):
+                pass  # an earlier step broke the archive this step would rewrite: keep it broken
+        try:
+            parsed = parse_batch(data, batch)
+        except BatchRejected as rejected:
+            assert rejected.code and rejected.message
+            return
+        for record in parsed.records:  # accepted: every record is whole and its image proven
+            assert isinstance(record["record_id"], str) and isinstance(record["top_k"], list)
+            image = parsed.images[record["image_id"]]
+            assert hashlib.sha256(image).hexdigest() == record["image_id"]
+
+    check()
+
+
+entry_names = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
+    min_size=1,
+    max_size=12,
+).filter(lambda n: n not in (".", ".."))
+contents = st.one_of(st.just("png"), st.just("empty"), st.just("truncated"), st.binary(max_size=64))
+
+
+def test_any_drop_tree_is_fully_accounted_for(tmp_path):
+    counter = iter(range(10**6))
+
+    @BUDGET
+    @given(
+        st.lists(
+            st.tuples(st.lists(entry_names, min_size=1, max_size=3), contents),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def check(files):
+        root = tmp_path / f"case{next(counter)}"
+        drop, written = root / "drop", set()
+        for i, (parts, content) in enumerate(files):
+            *folders, name = parts
+            path = drop.joinpath(*folders, f"{name}.{i}.png")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError, OSError):
+                continue  # a file already sits where a folder would go: not this file
+            data = {"png": png(i), "empty": b"", "truncated": png(i)[:40]}.get(content, content)
+            try:
+                path.write_bytes(data)
+            except (IsADirectoryError, OSError):
+                continue
+            written.add(path)
+        result = ingest_drop(
+            LocalStore(drop), LocalStore(root / "store"), "d1", IngestConfig(workers=1)
+        )
+        accounted = len(result.manifest) + result.duplicates + len(result.quarantine)
+        assert accounted == result.files_seen == len(written)
+        assert set(result.quarantine["reason_code"]) <= set(REASONS)
+        store = LocalStore(root / "store")
+        assert all(store.exists(key) for key in result.manifest["key"])
+
+    check()

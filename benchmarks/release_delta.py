@@ -72,7 +72,7 @@ def run(quick: bool = False) -> dict:
         root = Path(tmp)
         private, public = generate_keypair(root / "keys")
         key = load_private_key(private)
-        releases = ReleaseStore(LocalStore(root / "central"))
+        releases = ReleaseStore(LocalStore(root / "central"), key)
         meta = {"model_name": "bench", "dataset_version": "ds-bench"}
         rows, parents = [], {}
         for precision in ("fp32", "int8"):

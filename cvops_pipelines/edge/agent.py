@@ -30,6 +30,7 @@ from cvops_pipelines.edge.bundle import (
     load_public_key,
     verify_file,
     verify_manifest,
+    verify_signature,
 )
 from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
@@ -64,9 +65,17 @@ class UploadResult:
     status: str = "ok"  # ok | offline
 
 
-def read_channel(raw: bytes, name: str) -> dict:
-    """A channel document as the device may use it, or ValueError naming what is wrong: a
-    malformed pointer is refused like a bad bundle, and the device keeps what it runs."""
+def read_channel(raw: bytes, signature: bytes, name: str, public_key, seen: int = 0) -> dict:
+    """A channel document as the device may use it, or ValueError naming what is wrong. It must
+    be signed by the pinned release key, numbered at least as high as the last one this device
+    accepted for the channel (an older signed document replayed is a rollback), and unexpired
+    (a store that stops updating cannot freeze the fleet forever)."""
+    from datetime import UTC, datetime
+
+    try:
+        verify_signature(raw, signature, public_key)
+    except BundleError:
+        raise ValueError(f"channel {name} is not signed by the pinned release key") from None
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -82,6 +91,21 @@ def read_channel(raw: bytes, name: str) -> dict:
     cohorts = doc.get("cohorts", [])
     if not isinstance(cohorts, list) or not all(isinstance(c, str) for c in cohorts):
         raise ValueError(f"channel {name}: cohorts {cohorts!r} is not a list of names")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < seen:
+        raise ValueError(
+            f"channel {name}: version {version!r} is older than {seen}, the last "
+            "this device accepted (a replayed document: refused)"
+        )
+    try:
+        expires = datetime.fromisoformat(str(doc.get("expires")))
+    except ValueError:
+        raise ValueError(f"channel {name}: no valid expiry") from None
+    if expires.tzinfo is None or expires <= datetime.now(UTC):
+        raise ValueError(
+            f"channel {name} expired at {doc.get('expires')}: the store stopped "
+            "being updated, or someone holds it back"
+        )
     return {**doc, "release": release, "share": float(share), "cohorts": cohorts}
 
 
@@ -194,14 +218,16 @@ class EdgeAgent:
 
     # -- sync -----------------------------------------------------------------------------------
     def target(self) -> str | None:
-        channels = {}
+        channels, seen = {}, self._channel_versions()
         for name in wire.CHANNELS:
             try:
-                channels[name] = read_channel(
-                    self._small(wire.channel_key(name), MAX_CHANNEL), name
-                )
+                raw = self._small(wire.channel_key(name), MAX_CHANNEL)
+                signature = self._small(wire.channel_signature_key(name), MAX_SIGNATURE)
             except FileNotFoundError:
                 channels[name] = None
+                continue
+            channels[name] = read_channel(raw, signature, name, self.public_key, seen.get(name, 0))
+        self._remember_versions({n: d["version"] for n, d in channels.items() if d})
         if in_canary(self.device_id, self.cohort, channels["canary"]):
             release = channels["canary"]["release"]
         else:
@@ -209,6 +235,16 @@ class EdgeAgent:
         if release is not None and not wire.RELEASE_ID.match(str(release)):
             raise ValueError(f"channel names an invalid release id {release!r}")
         return release
+
+    def _channel_versions(self) -> dict[str, int]:
+        path = self.state / "channels.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _remember_versions(self, versions: dict[str, int]) -> None:
+        """The highest channel versions accepted: never go below them again."""
+        merged = self._channel_versions()
+        merged.update({n: max(v, merged.get(n, 0)) for n, v in versions.items()})
+        write_atomic(self.state / "channels.json", json.dumps(merged).encode())
 
     def _small(self, key: str, cap: int) -> bytes:
         data = self.remote.get(key, 0, cap + 1)

@@ -39,13 +39,21 @@ def load_public_key(pem: bytes):
     return load_pem_public_key(pem)
 
 
-def verify_manifest(manifest: bytes, signature: bytes, public_key) -> dict:
-    """The manifest's content, only if `signature` is the pinned key's ed25519 signature of it."""
+def verify_signature(data: bytes, signature: bytes, public_key) -> None:
+    """BundleError unless `signature` is the pinned key's ed25519 signature of `data`."""
     from cryptography.exceptions import InvalidSignature
 
     try:
-        public_key.verify(signature, manifest)
+        public_key.verify(signature, data)
     except InvalidSignature:
+        raise BundleError("signature", "not signed by the pinned release key") from None
+
+
+def verify_manifest(manifest: bytes, signature: bytes, public_key) -> dict:
+    """The manifest's content, only if `signature` is the pinned key's ed25519 signature of it."""
+    try:
+        verify_signature(manifest, signature, public_key)
+    except BundleError:
         raise BundleError(
             "signature",
             "manifest.sig is not a signature of manifest.json by the pinned release key",

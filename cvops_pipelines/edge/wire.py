@@ -35,6 +35,11 @@ def channel_key(channel: str) -> str:
     return f"{RELEASES}/channels/{channel}.json"
 
 
+def channel_signature_key(channel: str) -> str:
+    """ed25519 signature of the channel document's bytes by the release key."""
+    return f"{RELEASES}/channels/{channel}.json.sig"
+
+
 def batch_id(device_id: str, number: int) -> str:
     return f"{device_id}-b{number:06d}"
 

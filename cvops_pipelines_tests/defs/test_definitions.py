@@ -169,7 +169,7 @@ def test_canary_schedule_runs_only_while_a_release_is_on_canary(isolated_homes):
         assert isinstance(canary_schedule(context), SkipReason)
     c = central(isolated_homes.parent / "kit")
     release = c.release(trained_model(n=200), "1")
-    mine = ReleaseStore(LocalStore(isolated_homes))
+    mine = ReleaseStore(LocalStore(isolated_homes))  # the schedule only reads the pointer
     for path in (c.root / "releases").rglob("*"):
         if path.is_file():
             mine.store.write_bytes(str(path.relative_to(c.root)), path.read_bytes())

@@ -71,7 +71,7 @@ def published_release(home) -> str:
         },
         key,
     )
-    releases = ReleaseStore(store)
+    releases = ReleaseStore(store, key)
     releases.publish(release)
     releases.point("stable", release.id, "test", "test")
     return release.id

@@ -57,6 +57,32 @@ class Central:
         self.releases.publish(release)
         return release
 
+    def write_channel(self, channel: str, body: bytes, signed: bool = True) -> None:
+        """Raw channel bytes, signed by the release key (what a key holder could publish) or
+        not (what anyone with store write access could)."""
+        from cvops_pipelines.edge.wire import channel_key, channel_signature_key
+
+        if signed:
+            key = load_private_key(self.key_dir / "release_signing.key")
+            self.releases.store.write_bytes(channel_signature_key(channel), key.sign(body))
+        self.releases.store.write_bytes(channel_key(channel), body)
+
+    def channel_doc(self, release: str | None, version: int = 1000, **extra) -> bytes:
+        """A well-formed channel document naming `release` (a high version: newer than any)."""
+        import json
+        from datetime import UTC, datetime, timedelta
+
+        expires = (datetime.now(UTC) + timedelta(days=1)).isoformat(timespec="seconds")
+        doc = {
+            "release": release,
+            "share": 1.0,
+            "cohorts": [],
+            "version": version,
+            "expires": expires,
+            **extra,
+        }
+        return json.dumps(doc).encode()
+
 
 def field_records(store):
     """Every uploaded record, corrections applied, images stored: what the feedback asset makes
@@ -85,7 +111,8 @@ def central(tmp: Path) -> Central:
     root.mkdir(parents=True, exist_ok=True)
     key_dir = tmp / "keys"
     generate_keypair(key_dir)
-    return Central(root, ReleaseStore(LocalStore(root)), key_dir)
+    key = load_private_key(key_dir / "release_signing.key")  # channels are signed too
+    return Central(root, ReleaseStore(LocalStore(root), key), key_dir)
 
 
 def image_of(data: bytes) -> Image.Image:

@@ -94,9 +94,7 @@ def test_bad_releases_are_rejected_and_the_device_keeps_serving(tmp_path, fleet,
         model.write_bytes(model.read_bytes()[:-100])
     elif fault == "missing_release":
         (c.root / "releases" / r2.id / "manifest.sig").unlink()
-    c.releases.store.write_bytes(
-        "releases/channels/stable.json", json.dumps({"release": r2.id}).encode()
-    )
+    c.write_channel("stable", c.channel_doc(r2.id))  # signed: the fault is in the bundle
     result = device.sync()
     assert result.status == "rejected" and device.release == r1.id
     expected = {
@@ -225,9 +223,7 @@ def test_a_channel_cannot_point_outside_the_release_store(tmp_path, fleet, relea
     c, r1 = fleet
     device = new_agent(tmp_path, c)
     device.sync()
-    c.releases.store.write_bytes(
-        "releases/channels/stable.json", json.dumps({"release": release}).encode()
-    )
+    c.write_channel("stable", c.channel_doc(release))  # signed: even a key holder cannot
     result = device.sync()
     assert result.status == "rejected" and "invalid release id" in result.detail
     assert device.release == r1.id and not (tmp_path / "outside").exists()
@@ -241,9 +237,7 @@ def test_a_manifest_for_another_release_is_refused(tmp_path, fleet, models):
     alias.mkdir()
     for name in ("manifest.json", "manifest.sig"):  # a genuine, signed manifest of r2 ...
         (alias / name).write_bytes((c.root / "releases" / r2.id / name).read_bytes())
-    c.releases.store.write_bytes(
-        "releases/channels/stable.json", json.dumps({"release": "rel-alias"}).encode()
-    )
+    c.write_channel("stable", c.channel_doc("rel-alias"))
     result = device.sync()  # ... served under another name
     assert result.status == "rejected" and "describes" in result.detail
 
@@ -265,7 +259,7 @@ def test_a_malformed_channel_is_refused_and_the_device_keeps_serving(
     c, r1 = fleet
     device = new_agent(tmp_path, c)
     assert device.sync().status == "updated"
-    (c.root / "releases" / "channels" / f"{channel}.json").write_bytes(body)
+    c.write_channel(channel, body)  # signed, so what refuses it is the document itself
     result = device.sync()
     assert result.status == "rejected" and result.release == r1.id
     assert f"channel {channel}" in result.detail
@@ -364,3 +358,34 @@ def test_a_store_that_ignores_range_is_read_in_bounded_slices(tmp_path):
         assert remote.get("blob", 0, 17) == body[:17]
     finally:
         server.shutdown()
+
+
+def test_channel_documents_must_be_signed_current_and_unexpired(tmp_path, fleet, models):
+    """Rollback, freeze and takeover through the store: an unsigned pointer, a replay of an
+    older signed one, and an expired one are refused; the device keeps what it runs."""
+    c, r1 = fleet
+    device = new_agent(tmp_path, c)
+    assert device.sync().status == "updated"
+    old_stable = (c.root / "releases/channels/stable.json").read_bytes()
+    old_sig = (c.root / "releases/channels/stable.json.sig").read_bytes()
+    r2 = c.release(models[1], "2", parent=r1.id)
+    c.releases.point("stable", r2.id, "better", "test")
+    assert device.sync().status == "updated" and device.release == r2.id
+
+    c.write_channel("stable", c.channel_doc(r1.id), signed=False)  # anyone with write access
+    result = device.sync()
+    assert result.status == "rejected" and "not signed" in result.detail
+    (c.root / "releases/channels/stable.json").write_bytes(old_stable)  # a replayed old pointer
+    (c.root / "releases/channels/stable.json.sig").write_bytes(old_sig)
+    result = device.sync()
+    assert result.status == "rejected" and "older than" in result.detail
+    c.write_channel("stable", c.channel_doc(r1.id, expires="2020-01-01T00:00:00+00:00"))
+    result = device.sync()
+    assert result.status == "rejected" and "expired" in result.detail
+    canary = c.channel_doc(r1.id, share=1.0)
+    c.write_channel("canary", canary, signed=False)  # a canary takeover, unsigned
+    assert device.sync().status == "rejected" and device.release == r2.id
+    # a new signed decision is how the fleet moves back
+    c.releases.point("canary", None, "retired", "test")
+    c.releases.point("stable", r1.id, "rolled back by a signed decision", "test")
+    assert device.sync().status == "updated" and device.release == r1.id

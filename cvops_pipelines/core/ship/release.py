@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,13 @@ import pandas as pd
 
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.edge.bundle import FORMAT, delta_name, sha256
-from cvops_pipelines.edge.wire import CHANNELS, RELEASES, channel_key, release_id
+from cvops_pipelines.edge.wire import (
+    CHANNELS,
+    RELEASES,
+    channel_key,
+    channel_signature_key,
+    release_id,
+)
 
 
 class SigningKeyMissing(FileNotFoundError):
@@ -139,11 +145,16 @@ class CanaryVerdict:
     table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-class ReleaseStore:
-    """Publishing and channel pointers over any Store (local folder or S3 prefix)."""
+CHANNEL_TTL = timedelta(days=30)  # a channel document older than this is refused by devices
 
-    def __init__(self, store: Store):
-        self.store = store
+
+class ReleaseStore:
+    """Publishing and channel pointers over any Store (local folder or S3 prefix). With the
+    release key, every channel document it writes is signed, numbered and dated: devices refuse
+    an unsigned, older-numbered or expired one (no rollback or freeze through the store)."""
+
+    def __init__(self, store: Store, key=None):
+        self.store, self.key = store, key
 
     def publish(self, release: Release) -> str:
         """Files first, the signed manifest last: a release without manifest.sig is unfinished."""
@@ -197,8 +208,13 @@ class ReleaseStore:
             "cohorts": list(cohorts),
             "updated_at": now.isoformat(timespec="seconds"),
             "previous": previous["release"] if previous else None,
+            "version": int((previous or {}).get("version", 0)) + 1,
+            "expires": (now + CHANNEL_TTL).isoformat(timespec="seconds"),
         }
-        self.store.write_bytes(channel_key(channel), json.dumps(doc).encode())
+        body = json.dumps(doc).encode()
+        if self.key is not None:  # signature first: a reader never sees a new doc unsigned
+            self.store.write_bytes(channel_signature_key(channel), self.key.sign(body))
+        self.store.write_bytes(channel_key(channel), body)
         event = {
             "at": now.isoformat(timespec="microseconds"),
             "actor": actor,

@@ -168,12 +168,13 @@ def edge_release(
     onnx_model: dict,
     storage: CvopsStorage,
 ):
-    releases = ReleaseStore(storage.store())
+    store = storage.store()
     try:
-        artifact, model = chosen_artifact(releases.store, onnx_model, config.target)
+        artifact, model = chosen_artifact(store, onnx_model, config.target)
         key = load_private_key(Path(config.signing_key or settings.signing_key_path()))
     except (ReleaseRefused, SigningKeyMissing) as exc:
         raise Failure(str(exc)) from None
+    releases = ReleaseStore(store, key)  # it signs the channel documents it writes
     actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
     meta = release_meta(onnx_model, artifact, config.target)
     published = publish_release(
@@ -217,6 +218,12 @@ class CanaryDecisionConfig(OperatorConfig):
         "at alpha / max_looks (Bonferroni).",
     )
 
+    signing_key: str = Field(
+        "",
+        description="Private key that signs the channel documents; "
+        "default CVOPS_SIGNING_KEY or $CVOPS_HOME/keys/release_signing.key.",
+    )
+
     def rule(self) -> NonInferiority:
         return NonInferiority(self.margin, self.alpha, self.min_records)
 
@@ -237,7 +244,11 @@ def canary_decision(
     storage: CvopsStorage,
     tracking: MlflowTracking,
 ):
-    releases, mlflow = ReleaseStore(storage.store()), tracking.open()
+    try:  # the decision moves channel pointers, which devices accept only signed
+        key = load_private_key(Path(config.signing_key or settings.signing_key_path()))
+    except SigningKeyMissing as exc:
+        raise Failure(str(exc)) from None
+    releases, mlflow = ReleaseStore(storage.store(), key), tracking.open()
     rule, actor = config.rule(), f"dagster run {context.run.run_id}"
     records, release = resolve_records(feedback), edge_release["release"]
     promote = lambda manifest: mlflow.set_alias("champion", manifest["model_version"])  # noqa: E731

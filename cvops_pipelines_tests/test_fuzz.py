@@ -4,7 +4,6 @@ rejection (never another exception), and nothing goes unaccounted for. A fixed b
 derandomized) keeps CI's time bounded and its runs repeatable."""
 
 import hashlib
-import io
 import json
 import zipfile
 import zlib
@@ -18,6 +17,7 @@ from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
 from cvops_pipelines.core.learn.feedback import BatchRejected, parse_batch
 from cvops_pipelines.demo.digit_model import png
 from cvops_pipelines.edge.buffer import FeedbackBuffer
+from cvops_pipelines_tests.helpers import rezip
 
 BUDGET = settings(
     max_examples=300,
@@ -40,17 +40,6 @@ def real_batch(tmp_path) -> tuple[str, bytes]:
     payload = buffer.payload(batch)
     buffer.close()
     return batch, payload
-
-
-def rezip(payload: bytes, files_change) -> bytes:
-    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-        files = {n: archive.read(n) for n in archive.namelist()}
-    files_change(files)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return out.getvalue()
 
 
 json_values = st.recursive(

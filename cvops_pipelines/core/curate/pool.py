@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import pandas as pd
 
+# What the pool carries of each image from its manifest row.
+IMAGE_COLUMNS = [
+    "image_id",
+    "source",
+    "original_name",
+    "uri",
+    "key",
+    "phash",
+    "thumb",
+    "width",
+    "height",
+]
 POOL_COLUMNS = [
     "image_id",
     "label",
@@ -19,14 +31,7 @@ POOL_COLUMNS = [
     "votes",
     "origin",
     "labeled_at",
-    "source",
-    "original_name",
-    "uri",
-    "key",
-    "phash",
-    "thumb",
-    "width",
-    "height",
+    *IMAGE_COLUMNS[1:],  # image_id leads
 ]
 
 
@@ -67,19 +72,7 @@ def build_labeled_pool(manifest: pd.DataFrame, labels: pd.DataFrame) -> pd.DataF
         "image_id", keep="first"
     )
     pool = consensus.merge(
-        images[
-            [
-                "image_id",
-                "source",
-                "original_name",
-                "uri",
-                "key",
-                "phash",
-                "thumb",
-                "width",
-                "height",
-            ]
-        ],
+        images[IMAGE_COLUMNS],
         on="image_id",
         how="inner",
     )

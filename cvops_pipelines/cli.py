@@ -1,5 +1,5 @@
 """`cvops`: the operator's commands: ingest a drop now, list drops, the loop's status, create the
-release signing key, simulate a fleet. (The demo is `cvops-demo`.)
+release signing key, enrol devices, simulate a fleet. (The demo is `cvops-demo`.)
 
 Runs go through the persistent Dagster instance ($DAGSTER_HOME, default ./.dagster_home), so every
 run started here shows up in the Dagster UI (`./dev ui`).
@@ -31,7 +31,38 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_enrol(args: argparse.Namespace) -> int:
+    import getpass
+
+    from cvops_pipelines.core.learn.enrolment import enrol_device
+    from cvops_pipelines.core.ship.release import SigningKeyMissing, load_private_key
+
+    if not args.revoke and not args.public_key:
+        print("cvops enrol: give --public-key FILE (or --revoke)", file=sys.stderr)
+        return 2
+    try:
+        key = load_private_key(settings.signing_key_path())
+        pem = b"" if args.revoke else Path(args.public_key).read_bytes()
+        enrol_device(
+            settings.cvops_store(),
+            key,
+            args.device,
+            pem,
+            f"{getpass.getuser()} via cvops enrol",
+            revoked=args.revoke,
+        )
+    except (SigningKeyMissing, OSError, ValueError) as exc:
+        print(f"cvops enrol: {exc}", file=sys.stderr)
+        return 2
+    what = "revoked: its batches are refused from now on" if args.revoke else "enrolled"
+    print(f"device {args.device} {what}")
+    return 0
+
+
 def cmd_fleet(args: argparse.Namespace) -> int:
+    from cvops_pipelines.core.base.store import LocalStore
+    from cvops_pipelines.core.learn.enrolment import enroller
+    from cvops_pipelines.core.ship.release import load_private_key
     from cvops_pipelines.edge.remote import DirRemote
     from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 
@@ -62,8 +93,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     home = settings.cvops_home()
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
     stream = production_stream(stream_dir)
+    enrol = enroller(LocalStore(home), load_private_key(settings.signing_key_path()), "cvops fleet")
     with progress(config.steps, "fleet", "step") as bar:
-        result = run_fleet(DirRemote(home), home / "fleet", public, stream, config, bar.update)
+        result = run_fleet(
+            DirRemote(home), home / "fleet", public, stream, config, bar.update, enrol
+        )
     print_fleet(result, config)
     return 0
 
@@ -211,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="folder (default: the folder of $CVOPS_SIGNING_KEY, $CVOPS_HOME/keys)"
     )
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "enrol",
+        help="let a device send feedback: record its public key, signed by the release key",
+        description="Record a device's public key (print it on the device with "
+        "`cvops-edge identity`), signed by the release key. The feedback asset accepts a "
+        "batch only when its device's enrolled key signed it. Re-enrolling replaces the key.",
+    )
+    p.add_argument("device", help="the device id (cvops-edge --device-id)")
+    p.add_argument("--public-key", help="the device's PEM public key file")
+    p.add_argument("--revoke", action="store_true", help="refuse this device's batches from now on")
+    p.set_defaults(func=cmd_enrol)
 
     p = sub.add_parser(
         "fleet",

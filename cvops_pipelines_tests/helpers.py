@@ -96,3 +96,32 @@ def rezip(payload: bytes, change) -> bytes:
         for name, data in files.items():
             archive.writestr(name, data)
     return out.getvalue()
+
+
+class Fleet:
+    """Devices with their own keys, enrolled in `store` by a release key as `cvops enrol` does;
+    `upload` puts a batch and its device's signature where a device would."""
+
+    def __init__(self, store, *devices: str) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from cvops_pipelines.core.learn.enrolment import enrol_device
+        from cvops_pipelines.edge.identity import public_pem
+
+        self.store, self.release_key = store, Ed25519PrivateKey.generate()
+        self.keys = {d: Ed25519PrivateKey.generate() for d in devices}
+        for device, key in self.keys.items():
+            enrol_device(store, self.release_key, device, public_pem(key), "test operator")
+
+    def register(self):
+        from cvops_pipelines.core.learn.enrolment import read_register
+
+        return read_register(self.store, [self.release_key.public_key()])
+
+    def upload(self, batch: str, payload: bytes, signer=None) -> None:
+        """Signed by the batch's own device unless `signer` (a private key) says otherwise."""
+        from cvops_pipelines.edge.wire import batch_key, batch_signature_key, device_of_batch
+
+        key = signer or self.keys[device_of_batch(batch)]
+        self.store.write_bytes(batch_key(batch), payload)
+        self.store.write_bytes(batch_signature_key(batch), key.sign(payload))

@@ -15,6 +15,7 @@ def test_help_lists_every_command_and_the_environment():
         "drops",
         "status",
         "keygen",
+        "enrol",
         "fleet",
         "CVOPS_HOME",
         "CVOPS_S3_ENDPOINT_URL",
@@ -37,7 +38,15 @@ def test_help_lists_every_command_and_the_environment():
         text=True,
         check=True,
     ).stdout
-    for word in ("sync", "predict", "upload", "run", "--public-key", "CVOPS_EDGE_STORE"):
+    for word in (
+        "identity",
+        "sync",
+        "predict",
+        "upload",
+        "run",
+        "--public-key",
+        "CVOPS_EDGE_STORE",
+    ):
         assert word in edge
 
 
@@ -47,6 +56,37 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
     assert first.returncode == 0 and "never commit" in first.stdout
     again = subprocess.run([CVOPS, "keygen"], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+
+def test_a_device_prints_its_key_and_the_operator_enrols_and_revokes_it(tmp_path):
+    from cvops_pipelines.core.base.store import LocalStore
+    from cvops_pipelines.core.learn.enrolment import read_register
+    from cvops_pipelines.core.ship.release import load_private_key
+
+    home = tmp_path / "home"
+    env = {**os.environ, "CVOPS_HOME": str(home)}
+    edge = str(Path(CVOPS).parent / "cvops-edge")
+    state = ["--state", str(tmp_path / "cam-1"), "--device-id", "cam-1"]
+    pem = subprocess.run([edge, *state, "identity"], capture_output=True, check=True).stdout
+    assert pem.startswith(b"-----BEGIN PUBLIC KEY-----")
+    again = subprocess.run([edge, *state, "identity"], capture_output=True, check=True).stdout
+    assert again == pem  # made once, then kept
+    (tmp_path / "cam-1.pub").write_bytes(pem)
+
+    def cvops(*args):
+        return subprocess.run([CVOPS, *args], env=env, capture_output=True, text=True)
+
+    no_key = cvops("enrol", "cam-1", "--public-key", str(tmp_path / "cam-1.pub"))
+    assert no_key.returncode == 2 and "cvops keygen" in no_key.stderr
+    cvops("keygen")
+    enrolled = cvops("enrol", "cam-1", "--public-key", str(tmp_path / "cam-1.pub"))
+    assert enrolled.returncode == 0, enrolled.stderr
+    trusted = [load_private_key(home / "keys" / "release_signing.key").public_key()]
+    assert set(read_register(LocalStore(home), trusted).keys) == {"cam-1"}
+    assert cvops("enrol", "cam-2").returncode == 2  # no key given
+    assert cvops("enrol", "cam-1", "--revoke").returncode == 0
+    register = read_register(LocalStore(home), trusted)
+    assert register.revoked == {"cam-1"} and not register.keys
 
 
 def test_ingest_of_a_missing_drop_fails_clearly(tmp_path):

@@ -275,6 +275,8 @@ class Demo:
         return release
 
     def fleet(self, stream, seed: int, steps: int):
+        from cvops_pipelines.core.learn.enrolment import enroller
+        from cvops_pipelines.core.ship.release import load_private_key
         from cvops_pipelines.edge.remote import DirRemote
         from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
 
@@ -290,8 +292,12 @@ class Demo:
             seed=seed,
         )
         public = settings.signing_key_path().with_suffix(".pub").read_bytes()
+        key = load_private_key(settings.signing_key_path())
+        enrol = enroller(settings.cvops_store(), key, "cvops-demo (the operator)")
         with self.timings.stage(), progress(config.steps, "fleet", "step") as bar:
-            result = run_fleet(DirRemote(home), home / "fleet", public, stream, config, bar.update)
+            result = run_fleet(
+                DirRemote(home), home / "fleet", public, stream, config, bar.update, enrol
+            )
         print_fleet(result, config)
         return result
 

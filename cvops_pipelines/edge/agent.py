@@ -5,6 +5,7 @@ State directory of a device:
     releases/<id>/          verified, activated bundles (the current and the previous one)
     staging/<id>/           downloads in progress (`*.part` resume where they stopped)
     buffer.db               predictions + corrections until the store confirms them
+    device.key              the device's identity: it signs every feedback batch
 Whatever fails (network, signature, hash, delta, health check, a crash at any point), the device
 keeps serving the release it had, and no feedback record is lost.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cvops_pipelines.edge import wire
+from cvops_pipelines.edge import identity, wire
 from cvops_pipelines.edge.buffer import FeedbackBuffer
 from cvops_pipelines.edge.bundle import (
     BUNDLE_FILES,
@@ -129,6 +130,11 @@ class EdgeAgent:
         top_k: int = 3,
         threads: int = 1,
     ):
+        if not wire.DEVICE_ID.match(device_id):
+            raise ValueError(
+                f"device id {device_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
         self.state = Path(state_dir)
         (self.state / "releases").mkdir(parents=True, exist_ok=True)
         (self.state / "staging").mkdir(exist_ok=True)
@@ -136,6 +142,7 @@ class EdgeAgent:
         self.public_key = load_public_key(public_key_pem)
         self.top_k, self.threads = top_k, threads
         self.buffer = FeedbackBuffer(self.state / "buffer.db", device_id, cohort)
+        self.identity = identity.load_or_create(self.state)
         self.events: list[str] = []
         self._session = None
         self._loaded: str | None = None
@@ -419,9 +426,14 @@ class EdgeAgent:
         return done, bad
 
     # -- feedback upload ------------------------------------------------------------------------
+    def public_key_pem(self) -> bytes:
+        """What the operator enrols (`cvops enrol`)."""
+        return identity.public_pem(self.identity)
+
     def upload(self, max_records: int = 256) -> UploadResult:
-        """Seal what waits into batches and send them, oldest first. A batch leaves the device
-        only after the store reports it whole; re-sending one is harmless (same id, same bytes)."""
+        """Seal what waits into batches and send them, oldest first, each after its signature
+        (so the pipeline never sees a batch without one). A batch leaves the device only after
+        the store reports it whole; re-sending one is harmless (same id, bytes and signature)."""
         result = UploadResult()
         while self.buffer.seal(max_records):
             pass
@@ -429,6 +441,7 @@ class EdgeAgent:
             payload = self.buffer.payload(batch_id)
             key = wire.batch_key(batch_id)
             try:
+                self.remote.put(wire.batch_signature_key(batch_id), self.identity.sign(payload))
                 self.remote.put(key, payload)
                 if self.remote.size(key) != len(payload):
                     raise Offline(f"store did not confirm {key}")

@@ -61,7 +61,7 @@ class FeedbackBuffer:
                 "captured_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (release, image_id, image, predicted, confidence, json.dumps(top_k), now()),
             )
-            record_id = f"{self.device_id}-{cursor.lastrowid:08d}"
+            record_id = wire.record_id(self.device_id, cursor.lastrowid)
             self.db.execute(
                 "UPDATE records SET record_id = ? WHERE seq = ?", (record_id, cursor.lastrowid)
             )

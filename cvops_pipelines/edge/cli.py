@@ -15,6 +15,7 @@ EPILOG = """environment (defaults for the options):
   CVOPS_EDGE_COHORT      cohort (default: default)
 
 examples:
+  cvops-edge --state st --device-id cam-1 identity > cam-1.pub   # then: cvops enrol cam-1 ...
   cvops-edge --store .cvops --public-key .cvops/keys/release_signing.pub --device-id cam-1 sync
   cvops-edge ... predict photo.jpg             # JSON line per image: class, confidence, top-k
   cvops-edge ... run --watch incoming/ --interval 30
@@ -41,6 +42,17 @@ def _agent(args):
 
 def _print(obj) -> None:
     print(json.dumps(obj, default=lambda o: o.__dict__))
+
+
+def cmd_identity(args) -> int:
+    """Needs only --state: the key is made there on first use."""
+    from cvops_pipelines.edge import identity
+
+    if not args.state:
+        raise SystemExit("cvops-edge: missing --state")
+    Path(args.state).mkdir(parents=True, exist_ok=True)
+    sys.stdout.write(identity.public_pem(identity.load_or_create(Path(args.state))).decode())
+    return 0
 
 
 def cmd_sync(args) -> int:
@@ -134,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-id", default=env("CVOPS_EDGE_DEVICE"))
     parser.add_argument("--cohort", default=env("CVOPS_EDGE_COHORT", "default"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "identity",
+        help="print this device's public key (made on first use) for `cvops enrol`",
+    ).set_defaults(func=cmd_identity)
     sub.add_parser("sync", help="fetch, verify and activate this device's release").set_defaults(
         func=cmd_sync
     )

@@ -127,9 +127,12 @@ def run_fleet(
     stream: list[tuple[bytes, str]],
     config: FleetConfig = FleetConfig(),
     progress: Callable[[int], None] | None = None,
+    enrol: Callable[[str, bytes], None] | None = None,
 ) -> FleetResult:
     """Drive the fleet over `stream` (image bytes, true label), then let every device come back
-    online, sync and upload until its buffer is empty."""
+    online, sync and upload until its buffer is empty. `enrol(device id, public key PEM)` is the
+    operator enrolling each device the first time it boots (without it, the pipeline refuses
+    the fleet's feedback)."""
     rng = random.Random(config.seed)
     transform = config.shift.transform(config.seed)
     result = FleetResult()
@@ -137,12 +140,16 @@ def run_fleet(
     cohort = {d: config.cohorts[i % len(config.cohorts)] for i, d in enumerate(devices)}
     links = {d: FaultyRemote(remote, random.Random(rng.random()), config.p_crash) for d in devices}
     agents: dict[str, EdgeAgent | None] = dict.fromkeys(devices)
+    enrolled: set[str] = set()
 
     def agent(device: str) -> EdgeAgent:
         if agents[device] is None:  # (re)boot from the state directory
             agents[device] = EdgeAgent(
                 state_root / device, links[device], public_key, device, cohort[device]
             )
+            if enrol is not None and device not in enrolled:
+                enrol(device, agents[device].public_key_pem())
+                enrolled.add(device)
         return agents[device]
 
     def crashed(device: str) -> None:

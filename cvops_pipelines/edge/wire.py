@@ -18,6 +18,10 @@ RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}$")
 FEEDBACK = "feedback/"  # the `source` of every field image: feedback/<batch id>
 BATCH_PREFIX = "feedback/batches/"  # feedback/batches/<batch id>.zip, uploaded by devices
 BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a Dagster partition key
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DEVICE_BATCH = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-b[0-9]{6}$")
+_DEVICE_RECORD = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-[0-9]{8}$")
+ENROLMENTS = "fleet/devices/"  # fleet/devices/<device id>.json (+ .sig by the release key)
 
 OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device id>
 
@@ -46,6 +50,36 @@ def batch_id(device_id: str, number: int) -> str:
 
 def batch_key(batch: str) -> str:
     return f"{BATCH_PREFIX}{batch}.zip"
+
+
+def batch_signature_key(batch: str) -> str:
+    """ed25519 signature of the batch's bytes by the device's enrolment key."""
+    return f"{BATCH_PREFIX}{batch}.zip.sig"
+
+
+def device_of_batch(batch: str) -> str | None:
+    """The device a batch id claims (`<device>-b<6 digits>`), or None."""
+    match = _DEVICE_BATCH.match(batch)
+    return match["device"] if match else None
+
+
+def device_of_record(record_id: str) -> str | None:
+    """The device a record id belongs to (`<device>-<8 digits>`), or None. Exact, not a prefix:
+    `cam-1-00000001` is cam-1's, never cam's."""
+    match = _DEVICE_RECORD.match(record_id)
+    return match["device"] if match else None
+
+
+def record_id(device_id: str, seq: int) -> str:
+    return f"{device_id}-{seq:08d}"
+
+
+def enrolment_key(device_id: str) -> str:
+    return f"{ENROLMENTS}{device_id}.json"
+
+
+def enrolment_signature_key(device_id: str) -> str:
+    return f"{ENROLMENTS}{device_id}.json.sig"
 
 
 def feedback_source(batch: str) -> str:

@@ -6,6 +6,7 @@ stream and retraining_sensor then requests a training run."""
 import json
 
 import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dagster import (
     DagsterInstance,
     RunRequest,
@@ -18,6 +19,7 @@ from dagster import (
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.store import LocalStore
 from cvops_pipelines.core.base.tables import read_table, write_table
+from cvops_pipelines.core.learn.enrolment import enroller
 from cvops_pipelines.core.learn.retraining import (
     AlertFacts,
     DatasetFacts,
@@ -35,8 +37,10 @@ from cvops_pipelines.defs.learn.assets import feedback, production_metrics
 from cvops_pipelines.defs.learn.sensors import feedback_sensor, retraining_sensor
 from cvops_pipelines.defs.resources import build_resources
 from cvops_pipelines.demo.digit_model import PREPROCESS, png, trained_model
+from cvops_pipelines.edge.identity import load_or_create
 from cvops_pipelines.edge.remote import DirRemote
 from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
+from cvops_pipelines.edge.wire import batch_key, batch_signature_key
 from cvops_pipelines_tests.corpus import digit_label
 from cvops_pipelines_tests.helpers import rezip
 
@@ -80,6 +84,7 @@ def published_release(home) -> str:
 def fleet(home, shift=Shift(), steps=6, seed=0):
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
     stream = [(png(i), digit_label(i)) for i in range(900, 1300)]
+    key = load_private_key(settings.signing_key_path())
     return run_fleet(
         DirRemote(home),
         home / "fleet",
@@ -96,6 +101,7 @@ def fleet(home, shift=Shift(), steps=6, seed=0):
             review_share=0.8,
             seed=seed,
         ),
+        enrol=enroller(LocalStore(home), key, "test operator"),
     )
 
 
@@ -109,28 +115,39 @@ def tick(instance, sensor):
 
 
 def test_feedback_range_run_quarantines_bad_batches_whole(isolated_homes):
+    """Through the sensor and one range run: the fleet's signed batches are ingested; a
+    malformed and an off-contract batch of an enrolled device, and a batch forged in the name of
+    an unenrolled device, are each quarantined whole with their reason."""
     instance = DagsterInstance.ephemeral()
     release = published_release(isolated_homes)
     fleet(isolated_homes, steps=2)
     store = LocalStore(isolated_homes)
-    good = sorted(e.key for e in store.list("feedback/batches/"))
+    good = sorted(e.key for e in store.list("feedback/batches/") if e.key.endswith(".zip"))
     payload = store.read_bytes(good[0])
-    store.write_bytes("feedback/batches/dev-900-b000001.zip", b"this is not a zip")
+    device = load_or_create(isolated_homes / "fleet" / "dev-000")  # the device's own key
+
+    def upload(batch: str, data: bytes, key) -> None:
+        store.write_bytes(batch_key(batch), data)
+        store.write_bytes(batch_signature_key(batch), key.sign(data))
+
+    upload("dev-000-b000900", b"this is not a zip", device)
     unknown = rezip(
         payload,
         lambda f: f.update(
             {
                 "records.jsonl": f["records.jsonl"]
                 .replace(b'"predicted": "', b'"predicted": "cat')
-                .replace(good[0].split("/")[-1][:-4].encode(), b"dev-901-b000001")
+                .replace(good[0].split("/")[-1][:-4].encode(), b"dev-000-b000901")
             }
         ),
     )
-    store.write_bytes("feedback/batches/dev-901-b000001.zip", unknown)
+    upload("dev-000-b000901", unknown, device)
+    forged = rezip(payload, lambda f: None)
+    upload("dev-900-b000001", forged, Ed25519PrivateKey.generate())  # nobody enrolled dev-900
 
     result = tick(instance, feedback_sensor)
     (request,) = result.run_requests
-    assert len(instance.get_dynamic_partitions("feedback_batches")) == len(good) + 2
+    assert len(instance.get_dynamic_partitions("feedback_batches")) == len(good) + 3
     run = materialize(
         [feedback],
         instance=instance,
@@ -142,11 +159,14 @@ def test_feedback_range_run_quarantines_bad_batches_whole(isolated_homes):
     checks = {c.check_name: c for c in run.get_asset_check_evaluations()}
     assert checks["feedback_contract"].passed  # what was accepted meets the contract
     warning = checks["no_quarantined_batches"]
-    assert not warning.passed and warning.metadata["quarantined_batches"].value == 2
-    assert "dev-90" in warning.metadata["first_failure"].value
+    assert not warning.passed and warning.metadata["quarantined_batches"].value == 3
+    assert "dev-" in warning.metadata["first_failure"].value
+    materializations = run.asset_materializations_for_node("feedback")  # one per partition
+    assert {m.metadata["enrolled_devices"].value for m in materializations} == {3}
     for bad, code in (
-        ("dev-900-b000001", "malformed_batch"),
-        ("dev-901-b000001", "contract_failed"),
+        ("dev-000-b000900", "malformed_batch"),
+        ("dev-000-b000901", "contract_failed"),
+        ("dev-900-b000001", "unknown_device"),
     ):
         note = json.loads(store.read_bytes(f"quarantine/feedback/{bad}.json"))
         assert note["reason_code"] == code and note["reason"]

@@ -63,6 +63,27 @@ def test_sync_predict_upload(tmp_path, fleet):
     assert {r["release"] for r in records} == {r1.id}
 
 
+def test_every_batch_leaves_signed_by_the_device_s_own_key(tmp_path, fleet):
+    from cvops_pipelines.edge.bundle import load_public_key
+    from cvops_pipelines.edge.wire import batch_signature_key
+
+    c, _ = fleet
+    device = new_agent(tmp_path, c)
+    device.sync()
+    device.predict(png(1))
+    pem = device.public_key_pem()
+    (batch,) = device.upload().batches
+    payload = (c.root / "feedback" / "batches" / f"{batch}.zip").read_bytes()
+    signature = (c.root / batch_signature_key(batch)).read_bytes()
+    load_public_key(pem).verify(signature, payload)  # raises if not the device's signature
+    assert (tmp_path / "dev-1" / "device.key").stat().st_mode & 0o777 == 0o600
+    device.close()
+    assert new_agent(tmp_path, c).public_key_pem() == pem  # the identity survives a restart
+    assert new_agent(tmp_path, c, device="dev-2").public_key_pem() != pem
+    with pytest.raises(ValueError, match="device id"):
+        new_agent(tmp_path, c, device="../dev-3")
+
+
 def test_delta_update_ships_a_fraction_of_the_model(tmp_path, fleet, models):
     c, r1 = fleet
     device = new_agent(tmp_path, c)

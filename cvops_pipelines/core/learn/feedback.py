@@ -1,9 +1,10 @@
 """Feedback batches uploaded by edge agents: vetted, ingested and read back as one record table.
 
-A batch is `feedback/batches/<batch_id>.zip` (records.jsonl, corrections.jsonl, images/) and is
-the unit of acceptance: a batch that cannot be read, whose images do not match their ids or do not
-decode, or that breaks the data contract is quarantined whole, with the reason, and nothing of it
-reaches the pool. Accepted images go through the same content-addressed path as drops.
+A batch is `feedback/batches/<batch_id>.zip` (records.jsonl, corrections.jsonl, images/), signed
+by its device (`.zip.sig`), and is the unit of acceptance: a batch that no enrolled device signed,
+that speaks for another device's records, that cannot be read, whose images do not match their
+ids or do not decode, or that breaks the data contract is quarantined whole, with the reason, and
+nothing of it reaches the pool. Accepted images go through the same content-addressed path as drops.
 
 A correction sealed in a later batch than its record (the operator was late) travels as a row of
 kind `correction`; `resolve_records` applies them in time order.
@@ -24,6 +25,12 @@ import pandas as pd
 from cvops_pipelines.core.base.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.intake import MANIFEST_COLUMNS, now_utc, store_original
+from cvops_pipelines.core.learn.enrolment import (
+    NotEnrolled,
+    Register,
+    batch_signature,
+    foreign_rows,
+)
 from cvops_pipelines.edge.wire import (
     BATCH_ID,
     BATCH_PREFIX,
@@ -477,10 +484,12 @@ def vet_batches(
     batches: list[str],
     classes: list[str],
     validate,
+    register: Register,
     limits: ImageLimits = ImageLimits(),
 ) -> VettedBatches:
-    """Parse, check and contract-validate a run's batches; quarantine the bad ones whole and
-    store the good ones' images. `validate(records, label)` runs the feedback contract. The
+    """Check who sent each batch (`register`), parse, check and contract-validate a run's
+    batches; quarantine the bad ones whole and store the good ones' images. `validate(records,
+    label)` runs the feedback contract. The
     contract runs on all batches at once; only when it fails are they taken one by one, each
     alone and then beside those accepted so far, so a batch that breaks it alone, or only with
     another (two batches claiming the same record ids), is quarantined and the rest go on."""
@@ -488,7 +497,11 @@ def vet_batches(
     for batch in batches:
         try:
             payloads[batch] = store.read_bytes(batch_key(batch))
+            device = register.check(batch, payloads[batch], batch_signature(store, batch))
             parsed[batch] = parse_batch(payloads[batch], batch, limits)
+            foreign = foreign_rows(device, parsed[batch].records, parsed[batch].corrections)
+            if foreign:
+                raise BatchRejected("foreign_record", foreign)
             frames[batch] = batch_frame(parsed[batch])
             fixes = frames[batch][frames[batch]["kind"] == "correction"]
             unknown = sorted(set(fixes["corrected_label"]) - set(classes))
@@ -498,7 +511,7 @@ def vet_batches(
                 )
         except FileNotFoundError:
             rejected[batch] = ("missing_batch", f"{batch_key(batch)} is not in the store")
-        except BatchRejected as exc:
+        except (BatchRejected, NotEnrolled) as exc:
             rejected[batch] = (exc.code, exc.message)
 
     def check(keys: list[str], label: str | None):

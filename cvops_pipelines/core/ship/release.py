@@ -70,6 +70,15 @@ def load_private_key(path: Path):
     return load_pem_private_key(path.read_bytes(), password=None)
 
 
+def release_public_keys(path: Path) -> list:
+    """The public release key(s) the pipeline checks its own signatures with (device
+    enrolments); none when no key exists yet."""
+    try:
+        return [load_private_key(path).public_key()]
+    except SigningKeyMissing:
+        return []
+
+
 @dataclass
 class Release:
     id: str

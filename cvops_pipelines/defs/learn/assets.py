@@ -1,6 +1,8 @@
 """Learn stage: field feedback in, production metrics and drift, what to annotate next, and
 whether the ontology still fits."""
 
+from pathlib import Path
+
 import pandas as pd
 from dagster import (
     AssetCheckSeverity,
@@ -14,18 +16,20 @@ from dagster import (
 )
 from pydantic import Field
 
+from cvops_pipelines import settings
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.plots import md_image, ontology_png
 from cvops_pipelines.core.base.tables import markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.learn.active import QueuePolicy, expert_labeled, publish_queue
 from cvops_pipelines.core.learn.active import annotation_queue as build_queue
+from cvops_pipelines.core.learn.enrolment import read_register
 from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
-from cvops_pipelines.core.ship.release import ReleaseStore
+from cvops_pipelines.core.ship.release import ReleaseStore, release_public_keys
 from cvops_pipelines.defs.contract_checks import check_result, contract_check_result, contract_spec
 from cvops_pipelines.defs.partitions import feedback_partitions
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
@@ -37,6 +41,14 @@ FEEDBACK_CONTRACT = contract_spec(
     "confidence in [0, 1]; a failing batch is "
     "quarantined whole.",
 )
+
+
+class FeedbackConfig(Config):
+    signing_key: str = Field(
+        "",
+        description="Release private key whose signature makes a device enrolment valid; "
+        "default CVOPS_SIGNING_KEY or $CVOPS_HOME/keys/release_signing.key.",
+    )
 
 
 @asset(
@@ -58,8 +70,18 @@ FEEDBACK_CONTRACT = contract_spec(
     "operator's correction) with their images stored content-addressed. A run "
     "may cover many batches; a bad batch is quarantined whole, with the reason.",
 )
-def feedback(context: AssetExecutionContext, storage: CvopsStorage, contracts: DataContracts):
+def feedback(
+    context: AssetExecutionContext,
+    config: FeedbackConfig,
+    storage: CvopsStorage,
+    contracts: DataContracts,
+):
     store = storage.store()
+    register = read_register(
+        store, release_public_keys(Path(config.signing_key or settings.signing_key_path()))
+    )
+    for problem in register.problems:
+        context.log.warning(f"device enrolment refused: {problem}")
     params = {"known_releases": ReleaseStore(store).ids(), "classes": contracts.ontology().names}
     docs = store if contracts.build_docs else None
 
@@ -72,7 +94,7 @@ def feedback(context: AssetExecutionContext, storage: CvopsStorage, contracts: D
             f"feedback-{context.run.run_id[:8]}{label or ''}",
         )
 
-    vetted = vet_batches(store, list(context.partition_keys), params["classes"], check)
+    vetted = vet_batches(store, list(context.partition_keys), params["classes"], check, register)
     for row in vetted.quarantined.itertuples():
         context.log.error(
             f"feedback batch {row.batch_id} quarantined whole: {row.reason_code}: {row.reason}"
@@ -81,7 +103,11 @@ def feedback(context: AssetExecutionContext, storage: CvopsStorage, contracts: D
     quarantine = MetadataValue.md(markdown_table(quarantined, 20))
     yield Output(
         out if len(out) > 1 else out[context.partition_keys[0]],
-        metadata={**vetted.summary(), "quarantine": quarantine},
+        metadata={
+            **vetted.summary(),
+            "enrolled_devices": len(register.keys),
+            "quarantine": quarantine,
+        },
     )
     yield contract_check_result("feedback", vetted.contract)  # on the accepted: it gates the pool
     first = quarantined.iloc[0] if len(quarantined) else None

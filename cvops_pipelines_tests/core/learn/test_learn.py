@@ -21,7 +21,7 @@ from cvops_pipelines.core.learn.ontology_report import ontology_report
 from cvops_pipelines.core.learn.production import accuracy_table, business_metrics, wilson_interval
 from cvops_pipelines.demo.digit_model import png
 from cvops_pipelines.edge.buffer import FeedbackBuffer
-from cvops_pipelines_tests.helpers import rezip
+from cvops_pipelines_tests.helpers import Fleet, rezip
 
 
 def device_batch(tmp_path, n=4, late_fix=None, device="dev-001"):
@@ -232,13 +232,13 @@ def test_vetting_quarantines_bad_batches_whole_and_narrows_a_failed_contract(tmp
     from types import SimpleNamespace
 
     from cvops_pipelines.core.learn.feedback import vet_batches
-    from cvops_pipelines.edge.wire import batch_key
 
     store = LocalStore(tmp_path / "store")
+    fleet = Fleet(store, "dev-001", "dev-002", "dev-003")
     good, good_payload, _, _ = device_batch(tmp_path, device="dev-001")
     bad, bad_payload, _, _ = device_batch(tmp_path, device="dev-002")
     for batch, payload in ((good, good_payload), (bad, bad_payload)):
-        store.write_bytes(batch_key(batch), payload)
+        fleet.upload(batch, payload)
     calls = []
 
     def validate(records, label):  # the contract: dev-002's records break it
@@ -252,7 +252,8 @@ def test_vetting_quarantines_bad_batches_whole_and_narrows_a_failed_contract(tmp
         )
         return SimpleNamespace(success="dev-002" not in devices, failures=[failure])
 
-    vetted = vet_batches(store, [good, bad, "dev-003-b000001"], ["1", "7"], validate)
+    batches = [good, bad, "dev-003-b000001"]
+    vetted = vet_batches(store, batches, ["1", "7"], validate, fleet.register())
     assert vetted.accepted == [good]
     reasons = dict(zip(vetted.quarantined["batch_id"], vetted.quarantined["reason_code"]))
     assert reasons == {bad: "contract_failed", "dev-003-b000001": "missing_batch"}
@@ -269,15 +270,16 @@ def test_vetting_quarantines_bad_batches_whole_and_narrows_a_failed_contract(tmp
 
 
 def test_a_batch_that_collides_with_another_is_quarantined_and_the_rest_go_on(tmp_path, repo_root):
-    """Each passes the real feedback contract alone; together two claim the same record ids."""
+    """Each passes the real feedback contract alone; together two claim the same record ids (a
+    device that lost its batch counter re-sends its records under a new batch id)."""
     from cvops_pipelines.core.base.contracts import validate
     from cvops_pipelines.core.learn.feedback import vet_batches
-    from cvops_pipelines.edge.wire import batch_key
 
     store = LocalStore(tmp_path / "store")
+    fleet = Fleet(store, "dev-001", "dev-002")
     good, payload, _, _ = device_batch(tmp_path, device="dev-001")
     other, other_payload, _, _ = device_batch(tmp_path, device="dev-002")
-    thief = "dev-009-b000001"  # dev-001's records, renamed as another batch
+    thief = "dev-001-b000009"  # dev-001's records again, as another batch of dev-001
 
     def rename(files):
         lines = files["records.jsonl"].decode().splitlines()
@@ -285,7 +287,7 @@ def test_a_batch_that_collides_with_another_is_quarantined_and_the_rest_go_on(tm
         files["records.jsonl"] = "\n".join(json.dumps(r) for r in records).encode()
 
     for name, data in ((good, payload), (thief, rezip(payload, rename)), (other, other_payload)):
-        store.write_bytes(batch_key(name), data)
+        fleet.upload(name, data)
     suite, params = (
         repo_root / "data_contracts/gx/feedback.json",
         {"known_releases": ["rel-1-abc"], "classes": [str(d) for d in range(10)]},
@@ -295,7 +297,8 @@ def test_a_batch_that_collides_with_another_is_quarantined_and_the_rest_go_on(tm
         return validate(records, suite, params)
 
     assert check(batch_frame(parse_batch(rezip(payload, rename), thief)), None).success
-    vetted = vet_batches(store, [good, thief, other], [str(d) for d in range(10)], check)
+    classes = [str(d) for d in range(10)]
+    vetted = vet_batches(store, [good, thief, other], classes, check, fleet.register())
     assert vetted.accepted == [good, other] and vetted.contract.success
     (row,) = vetted.quarantined.itertuples()
     assert row.batch_id == thief and row.reason_code == "contract_failed"

@@ -1,0 +1,155 @@
+"""Feedback is bound to the device that sent it: enrolments signed by the release key, batches
+signed by the device, record ids namespaced by device, corrections only of one's own records.
+Each attack below was accepted before devices had identities, and overwrote dev-001's labels."""
+
+import json
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cvops_pipelines.core.base.contracts import validate
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.learn.enrolment import enrol_device, read_register
+from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
+from cvops_pipelines.edge.identity import public_pem
+from cvops_pipelines.edge.wire import batch_key, enrolment_key, enrolment_signature_key
+from cvops_pipelines_tests.core.learn.test_learn import device_batch
+from cvops_pipelines_tests.helpers import Fleet, rezip
+
+CLASSES = [str(d) for d in range(10)]
+
+
+def _records_as(batch: str, device: str | None = None):
+    """Rewrite records.jsonl as if it belonged to `batch` (and claimed `device`)."""
+
+    def change(files):
+        rows = [json.loads(line) for line in files["records.jsonl"].decode().splitlines()]
+        for row in rows:
+            row["batch_id"] = batch
+            row["device_id"] = device or row["device_id"]
+        files["records.jsonl"] = "\n".join(json.dumps(r) for r in rows).encode()
+
+    return change
+
+
+def _only_corrections(batch: str, record_ids: list[str], label: str):
+    def change(files):
+        fixes = [
+            {"record_id": r, "corrected_label": label, "corrected_at": "2030-01-01T00:00:00+00:00"}
+            for r in record_ids
+        ]
+        files["records.jsonl"] = b""
+        files["corrections.jsonl"] = "\n".join(json.dumps(f) for f in fixes).encode()
+        for name in [n for n in files if n.startswith("images/")]:
+            del files[name]
+
+    return change
+
+
+@pytest.fixture
+def field(tmp_path, repo_root):
+    store = LocalStore(tmp_path / "store")
+    fleet = Fleet(store, "dev-001", "dev-002", "dev-003")
+    victim, payload, ids, _ = device_batch(tmp_path, device="dev-001")
+    fleet.upload(victim, payload)
+    suite = repo_root / "data_contracts/gx/feedback.json"
+    params = {"known_releases": ["rel-1-abc"], "classes": CLASSES}
+
+    def vet(batches):
+        return vet_batches(
+            store,
+            [victim, *batches],
+            CLASSES,
+            lambda records, label: validate(records, suite, params),
+            fleet.register(),
+        )
+
+    return store, fleet, victim, payload, ids, vet
+
+
+def test_an_enrolled_device_s_signed_batch_is_accepted(field):
+    store, fleet, victim, payload, ids, vet = field
+    vetted = vet([])
+    assert vetted.accepted == [victim] and vetted.quarantined.empty
+    labels = dict(
+        zip(*resolve_records(vetted.records())[["record_id", "corrected_label"]].T.values)
+    )
+    assert labels[ids[0]] == "1" and labels[ids[1]] == "7"
+
+
+@pytest.mark.parametrize(
+    "attack, code",
+    [
+        ("unenrolled name", "unknown_device"),
+        ("no device in the name", "unattributed_batch"),
+        ("another device's records", "foreign_record"),
+        ("claims to be the victim device in the records", "foreign_record"),
+        ("corrections of another device's records", "foreign_record"),
+        ("signed by a stranger", "bad_signature"),
+        ("no signature", "unsigned_batch"),
+        ("revoked device", "revoked_device"),
+    ],
+)
+def test_a_batch_speaking_for_another_device_is_quarantined_and_changes_nothing(
+    field, attack, code
+):
+    store, fleet, victim, payload, ids, vet = field
+    stranger = Ed25519PrivateKey.generate()
+    if attack == "unenrolled name":
+        batch = "evil-b000001"
+        fleet.upload(batch, rezip(payload, _records_as(batch)), signer=stranger)
+    elif attack == "no device in the name":
+        batch = "evil"
+        fleet.upload(batch, rezip(payload, _records_as(batch)), signer=stranger)
+    elif attack == "another device's records":
+        batch = "dev-002-b000001"  # dev-002 is enrolled and signs: its key, dev-001's record ids
+        fleet.upload(batch, rezip(payload, _records_as(batch)))
+    elif attack == "claims to be the victim device in the records":
+        batch = "dev-002-b000001"
+        fleet.upload(batch, rezip(payload, _records_as(batch, device="dev-001")))
+    elif attack == "corrections of another device's records":
+        batch = "dev-002-b000001"
+        fleet.upload(batch, rezip(payload, _only_corrections(batch, ids, "3")))
+    elif attack == "signed by a stranger":
+        batch = "dev-001-b000002"
+        fleet.upload(batch, rezip(payload, _only_corrections(batch, ids, "3")), signer=stranger)
+    elif attack == "no signature":
+        batch = "dev-001-b000002"
+        store.write_bytes(batch_key(batch), rezip(payload, _only_corrections(batch, ids, "3")))
+    else:
+        batch = "dev-003-b000001"
+        enrol_device(store, fleet.release_key, "dev-003", b"", "test operator", revoked=True)
+        fleet.upload(batch, rezip(payload, _only_corrections(batch, ["dev-003-00000001"], "3")))
+
+    vetted = vet([batch])
+    assert vetted.accepted == [victim]
+    (row,) = vetted.quarantined.itertuples()
+    assert row.batch_id == batch and row.reason_code == code, row.reason
+    assert store.exists(f"quarantine/feedback/{batch}.zip")  # kept for the operator, not dropped
+    labels = resolve_records(vetted.records()).set_index("record_id")["corrected_label"]
+    assert labels[ids[0]] == "1" and labels[ids[1]] == "7"  # the victim's labels stand
+
+
+def test_the_register_takes_only_enrolments_the_release_key_signed(tmp_path):
+    store = LocalStore(tmp_path)
+    release, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    device = Ed25519PrivateKey.generate()
+    enrol_device(store, release, "cam-1", public_pem(device), "operator")
+    enrol_device(store, forger, "cam-2", public_pem(device), "someone with store access")
+    store.write_bytes(enrolment_key("cam-3"), b'{"device_id": "cam-3"}')  # no signature at all
+    body = json.dumps({"device_id": "cam-1", "public_key": None, "revoked": False}).encode()
+    store.write_bytes(enrolment_key("cam-4"), body)  # signed, but names another device
+    store.write_bytes(enrolment_signature_key("cam-4"), release.sign(body))
+
+    register = read_register(store, [release.public_key()])
+    assert set(register.keys) == {"cam-1"}
+    problems = " | ".join(register.problems)
+    assert "cam-2.json: not signed by the release key" in problems
+    assert "cam-3.json: no signature" in problems and "cam-4.json: malformed" in problems
+    with pytest.raises(ValueError, match="not a PEM public key"):
+        enrol_device(store, release, "cam-5", b"not a key", "operator")
+    with pytest.raises(ValueError, match="not a valid device id"):
+        enrol_device(store, release, "../cam", public_pem(device), "operator")
+    assert read_register(store, []).problems == [
+        "no release key is configured: no device can be enrolled"
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from cvops_pipelines import settings
@@ -20,14 +21,21 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
     folder = Path(args.out) if args.out else settings.signing_key_path().parent
     try:
-        private, public = generate_keypair(folder)
+        private, public = generate_keypair(folder, "root" if args.root else "release_signing")
     except FileExistsError as exc:
         print(f"cvops keygen: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"private key (sign releases; never commit): {private}\n"
-        f"public key (pin on devices): {public}"
-    )
+    if args.root:
+        print(
+            f"root key (signs only releases/keys.json; move it OFF this machine): {private}\n"
+            f"root public key (pin on devices as --public-key): {public}\n"
+            f"next: cvops keys delegate --root-key {private}"
+        )
+    else:
+        print(
+            f"private key (sign releases; never commit): {private}\n"
+            f"public key (pin on devices, or delegate it from a root key): {public}"
+        )
     return 0
 
 
@@ -56,6 +64,51 @@ def cmd_enrol(args: argparse.Namespace) -> int:
         return 2
     what = "revoked: its batches are refused from now on" if args.revoke else "enrolled"
     print(f"device {args.device} {what}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import getpass
+
+    from cvops_pipelines.core.ship import keys
+    from cvops_pipelines.core.ship.release import SigningKeyMissing, load_private_key
+
+    store = settings.cvops_store()
+    if args.action == "show":
+        doc = keys.delegation(store)
+        if doc is None:
+            print("no root delegation: devices pin the release key itself")
+        else:
+            print(f"delegation version {doc['version']}, expires {doc['expires']}")
+            print(f"{len(doc['release_keys'])} release key(s) trusted")
+        return 0
+    if not args.root_key:
+        print(f"cvops keys {args.action}: give --root-key FILE", file=sys.stderr)
+        return 2
+    try:
+        root = load_private_key(Path(args.root_key))
+        path = settings.signing_key_path()
+        if args.action == "delegate":
+            doc = keys.delegate(
+                store, root, [keys.pem(load_private_key(path))], timedelta(days=args.days)
+            )
+            print(f"delegated {path.name}: {keys.KEYS} version {doc['version']}")
+            return 0
+        actor = f"{getpass.getuser()} via cvops keys rotate"
+        done = keys.rotate(store, root, path, actor, args.revoke_old)
+    except (SigningKeyMissing, OSError, ValueError) as exc:
+        print(f"cvops keys {args.action}: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"new release key {done.new_key} (old kept as {done.retired_key.name}); delegation "
+        f"version {done.delegation_version}; re-signed {done.manifests} manifests, channels "
+        f"{', '.join(done.channels) or 'none'} and {done.enrolments} enrolments"
+        + (
+            "; the old key is revoked"
+            if args.revoke_old
+            else "; the old key stays trusted until `cvops keys delegate`"
+        )
+    )
     return 0
 
 
@@ -244,7 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", help="folder (default: the folder of $CVOPS_SIGNING_KEY, $CVOPS_HOME/keys)"
     )
+    p.add_argument(
+        "--root",
+        action="store_true",
+        help="create the root key instead (root.key/root.pub): it only vouches for release "
+        "keys, so they can be rotated without touching devices",
+    )
     p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "keys",
+        help="root delegation of release keys: show, delegate, rotate",
+        description="Devices that pin the root public key trust the release keys named in "
+        "releases/keys.json, signed by the root. `delegate` names exactly the current release "
+        "key; `rotate` makes a new release key, delegates it (with the old one unless "
+        "--revoke-old), and re-signs every manifest, channel and enrolment with it.",
+    )
+    p.add_argument("action", choices=["show", "delegate", "rotate"])
+    p.add_argument("--root-key", help="the root private key (kept offline)")
+    p.add_argument("--days", type=int, default=365, help="delegation lifetime (delegate)")
+    p.add_argument(
+        "--revoke-old",
+        action="store_true",
+        help="rotate: stop trusting the old release key at once (it leaked)",
+    )
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser(
         "enrol",

@@ -16,6 +16,7 @@ def test_help_lists_every_command_and_the_environment():
         "status",
         "keygen",
         "enrol",
+        "keys",
         "fleet",
         "CVOPS_HOME",
         "CVOPS_S3_ENDPOINT_URL",
@@ -87,6 +88,31 @@ def test_a_device_prints_its_key_and_the_operator_enrols_and_revokes_it(tmp_path
     assert cvops("enrol", "cam-1", "--revoke").returncode == 0
     register = read_register(LocalStore(home), trusted)
     assert register.revoked == {"cam-1"} and not register.keys
+
+
+def test_root_key_delegation_and_rotation_from_the_command_line(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "CVOPS_HOME": str(home)}
+
+    def cvops(*args):
+        return subprocess.run([CVOPS, *args], env=env, capture_output=True, text=True)
+
+    assert cvops("keygen").returncode == 0
+    root = cvops("keygen", "--root", "--out", str(tmp_path / "offline"))
+    assert root.returncode == 0 and "OFF this machine" in root.stdout
+    root_key = str(tmp_path / "offline" / "root.key")
+    assert "no root delegation" in cvops("keys", "show").stdout
+    assert cvops("keys", "delegate").returncode == 2  # the root key is required
+    delegated = cvops("keys", "delegate", "--root-key", root_key)
+    assert delegated.returncode == 0 and "version 1" in delegated.stdout
+    before = (home / "keys" / "release_signing.pub").read_bytes()
+    rotated = cvops("keys", "rotate", "--root-key", root_key, "--revoke-old")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "version 2" in rotated.stdout and "revoked" in rotated.stdout
+    assert (home / "keys" / "release_signing.pub").read_bytes() != before
+    assert len(list((home / "keys").glob("release_signing.key.retired-*"))) == 1
+    shown = cvops("keys", "show").stdout
+    assert "version 2" in shown and "1 release key(s)" in shown
 
 
 def test_ingest_of_a_missing_drop_fails_clearly(tmp_path):

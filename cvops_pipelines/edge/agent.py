@@ -66,23 +66,44 @@ class UploadResult:
     status: str = "ok"  # ok | offline
 
 
-def read_channel(raw: bytes, signature: bytes, name: str, public_key, seen: int = 0) -> dict:
-    """A channel document as the device may use it, or ValueError naming what is wrong. It must
-    be signed by the pinned release key, numbered at least as high as the last one this device
-    accepted for the channel (an older signed document replayed is a rollback), and unexpired
-    (a store that stops updating cannot freeze the fleet forever)."""
+def _signed_doc(raw: bytes, signature: bytes, keys, what: str, seen: int, fresh: bool) -> dict:
+    """A signed, numbered, expiring JSON document, or ValueError naming what is wrong: signed by
+    one of `keys`, numbered at least `seen` (the highest this device accepted: an older signed
+    document replayed is a rollback) and, when `fresh`, unexpired (a store that stops updating
+    cannot freeze the fleet forever)."""
     from datetime import UTC, datetime
 
     try:
-        verify_signature(raw, signature, public_key)
+        verify_signature(raw, signature, keys)
     except BundleError:
-        raise ValueError(f"channel {name} is not signed by the pinned release key") from None
+        raise ValueError(f"{what} is not signed by a trusted key") from None
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"channel {name} is not JSON ({exc})") from None
+        raise ValueError(f"{what} is not JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"channel {name} is a {type(doc).__name__}, not an object")
+        raise ValueError(f"{what} is a {type(doc).__name__}, not an object")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < seen:
+        raise ValueError(
+            f"{what}: version {version!r} is older than {seen}, the last "
+            "this device accepted (a replayed document: refused)"
+        )
+    try:
+        expires = datetime.fromisoformat(str(doc.get("expires")))
+    except ValueError:
+        raise ValueError(f"{what}: no valid expiry") from None
+    if expires.tzinfo is None or (fresh and expires <= datetime.now(UTC)):
+        raise ValueError(
+            f"{what} expired at {doc.get('expires')}: the store stopped "
+            "being updated, or someone holds it back"
+        )
+    return doc
+
+
+def read_channel(raw: bytes, signature: bytes, name: str, keys, seen: int = 0) -> dict:
+    """A channel document as the device may use it (see `_signed_doc`), well-formed."""
+    doc = _signed_doc(raw, signature, keys, f"channel {name}", seen, fresh=True)
     release = doc.get("release")
     if release is not None and not isinstance(release, str):
         raise ValueError(f"channel {name}: release {release!r} is not a string")
@@ -92,22 +113,23 @@ def read_channel(raw: bytes, signature: bytes, name: str, public_key, seen: int 
     cohorts = doc.get("cohorts", [])
     if not isinstance(cohorts, list) or not all(isinstance(c, str) for c in cohorts):
         raise ValueError(f"channel {name}: cohorts {cohorts!r} is not a list of names")
-    version = doc.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < seen:
-        raise ValueError(
-            f"channel {name}: version {version!r} is older than {seen}, the last "
-            "this device accepted (a replayed document: refused)"
-        )
-    try:
-        expires = datetime.fromisoformat(str(doc.get("expires")))
-    except ValueError:
-        raise ValueError(f"channel {name}: no valid expiry") from None
-    if expires.tzinfo is None or expires <= datetime.now(UTC):
-        raise ValueError(
-            f"channel {name} expired at {doc.get('expires')}: the store stopped "
-            "being updated, or someone holds it back"
-        )
     return {**doc, "release": release, "share": float(share), "cohorts": cohorts}
+
+
+def read_delegation(
+    raw: bytes, signature: bytes, anchor, seen: int = 0, fresh: bool = True
+) -> tuple[int, list]:
+    """`releases/keys.json`: the release keys the pinned key (the root) vouches for, and its
+    version. Only the anchor may sign it, so a stolen release key cannot add keys, and a newer
+    document that leaves a key out revokes it on every device that reads it."""
+    doc = _signed_doc(raw, signature, anchor, wire.KEYS, seen, fresh)
+    pems = doc.get("release_keys")
+    if not isinstance(pems, list) or not all(isinstance(k, str) for k in pems):
+        raise ValueError(f"{wire.KEYS}: release_keys is not a list of PEM keys")
+    try:
+        return doc["version"], [load_public_key(k.encode()) for k in pems]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{wire.KEYS}: a release key does not load ({exc})") from None
 
 
 def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
@@ -139,7 +161,8 @@ class EdgeAgent:
         (self.state / "releases").mkdir(parents=True, exist_ok=True)
         (self.state / "staging").mkdir(exist_ok=True)
         self.remote, self.device_id, self.cohort = remote, device_id, cohort
-        self.public_key = load_public_key(public_key_pem)
+        self.anchor = load_public_key(public_key_pem)  # the root, or the release key itself
+        self.trusted = [self.anchor, *self._held_delegation()]
         self.top_k, self.threads = top_k, threads
         self.buffer = FeedbackBuffer(self.state / "buffer.db", device_id, cohort)
         self.identity = identity.load_or_create(self.state)
@@ -165,7 +188,7 @@ class EdgeAgent:
         manifest = verify_manifest(
             (folder / "manifest.json").read_bytes(),
             (folder / "manifest.sig").read_bytes(),
-            self.public_key,
+            self.trusted,
         )
         for name in BUNDLE_FILES:
             verify_file(manifest, name, (folder / name).read_bytes())
@@ -224,8 +247,43 @@ class EdgeAgent:
         self._session, self._loaded = None, None
 
     # -- sync -----------------------------------------------------------------------------------
+    def _held_delegation(self) -> list:
+        """The release keys of the last delegation this device accepted (checked then), so a
+        restart or a store that lost keys.json still verifies what the device runs."""
+        raw, sig = self.state / "keys.json", self.state / "keys.json.sig"
+        if not raw.exists():
+            return []
+        try:
+            return read_delegation(raw.read_bytes(), sig.read_bytes(), self.anchor, fresh=False)[1]
+        except (ValueError, OSError) as exc:
+            self.events.append(f"held key delegation ignored: {exc}")
+            return []
+
+    def _refresh_keys(self, seen: dict[str, int]) -> None:
+        try:
+            raw = self._small(wire.KEYS, MAX_CHANNEL)
+            signature = self._small(wire.KEYS_SIGNATURE, MAX_SIGNATURE)
+        except FileNotFoundError:
+            return  # no root in use, or the store lost it: keep what was accepted
+        try:
+            verify_signature(raw, signature, self.anchor)
+        except BundleError:  # it can add no trust; the held delegation still stands
+            self.events.append(
+                f"{wire.KEYS} is not signed by the pinned key: ignored (this device pins a "
+                "release key itself, or the document is forged)"
+            )
+            return
+        version, keys = read_delegation(raw, signature, self.anchor, seen.get("keys", 0))
+        if version > seen.get("keys", 0) or not (self.state / "keys.json").exists():
+            write_atomic(self.state / "keys.json.sig", signature)
+            write_atomic(self.state / "keys.json", raw)
+            self._remember_versions({"keys": version})
+        self.trusted = [self.anchor, *keys]
+
     def target(self) -> str | None:
-        channels, seen = {}, self._channel_versions()
+        seen = self._channel_versions()
+        self._refresh_keys(seen)
+        channels = {}
         for name in wire.CHANNELS:
             try:
                 raw = self._small(wire.channel_key(name), MAX_CHANNEL)
@@ -233,7 +291,7 @@ class EdgeAgent:
             except FileNotFoundError:
                 channels[name] = None
                 continue
-            channels[name] = read_channel(raw, signature, name, self.public_key, seen.get(name, 0))
+            channels[name] = read_channel(raw, signature, name, self.trusted, seen.get(name, 0))
         self._remember_versions({n: d["version"] for n, d in channels.items() if d})
         if in_canary(self.device_id, self.cohort, channels["canary"]):
             release = channels["canary"]["release"]
@@ -248,7 +306,7 @@ class EdgeAgent:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _remember_versions(self, versions: dict[str, int]) -> None:
-        """The highest channel versions accepted: never go below them again."""
+        """The highest channel (and key delegation) versions accepted: never go below them."""
         merged = self._channel_versions()
         merged.update({n: max(v, merged.get(n, 0)) for n, v in versions.items()})
         write_atomic(self.state / "channels.json", json.dumps(merged).encode())
@@ -283,14 +341,22 @@ class EdgeAgent:
             target = self.target()
             if target is None:
                 return SyncResult("no-release", self._loaded, "no channel names a release yet")
-            if target == self._loaded:
+            if target == self._loaded and self._still_trusted(target):
                 return SyncResult("up-to-date", target)
-            return self._install(target)
+            return self._install(target)  # a re-signed release: files come from the held copy
         except Offline as exc:
             return SyncResult("offline", self._loaded, str(exc))
         except (BundleError, FileNotFoundError, ValueError) as exc:
             self.events.append(f"rejected {exc}")
             return SyncResult("rejected", self._loaded, str(exc))
+
+    def _still_trusted(self, release: str) -> bool:
+        """False when the key that signed the running release was revoked since."""
+        try:
+            self._verified_dir(release)
+            return True
+        except (BundleError, OSError):
+            return False
 
     def _install(self, release: str) -> SyncResult:
         prefix = wire.release_key(release)
@@ -304,7 +370,7 @@ class EdgeAgent:
                 f"channel names release {release}, which is not in the "
                 "store (missing or unfinished)"
             ) from None
-        manifest = verify_manifest(manifest_bytes, signature, self.public_key)
+        manifest = verify_manifest(manifest_bytes, signature, self.trusted)
         if manifest.get("release") != release:
             raise BundleError(
                 "manifest",
@@ -374,7 +440,7 @@ class EdgeAgent:
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-        previous = self._loaded
+        previous = self._loaded if self._loaded != release else self._pointer()["previous"]
         write_atomic(
             self.state / "current.json",
             json.dumps({"release": release, "previous": previous}).encode(),

@@ -39,24 +39,28 @@ def load_public_key(pem: bytes):
     return load_pem_public_key(pem)
 
 
-def verify_signature(data: bytes, signature: bytes, public_key) -> None:
-    """BundleError unless `signature` is the pinned key's ed25519 signature of `data`."""
+def verify_signature(data: bytes, signature: bytes, keys) -> None:
+    """BundleError unless `signature` is an ed25519 signature of `data` by one of `keys` (a
+    public key or a list of them: the pinned key and the release keys it delegates to)."""
     from cryptography.exceptions import InvalidSignature
 
-    try:
-        public_key.verify(signature, data)
-    except InvalidSignature:
-        raise BundleError("signature", "not signed by the pinned release key") from None
+    for key in keys if isinstance(keys, list | tuple) else [keys]:
+        try:
+            key.verify(signature, data)
+            return
+        except InvalidSignature:
+            continue
+    raise BundleError("signature", "not signed by a trusted release key") from None
 
 
-def verify_manifest(manifest: bytes, signature: bytes, public_key) -> dict:
-    """The manifest's content, only if `signature` is the pinned key's ed25519 signature of it."""
+def verify_manifest(manifest: bytes, signature: bytes, keys) -> dict:
+    """The manifest's content, only if `signature` is a trusted key's signature of it."""
     try:
-        verify_signature(manifest, signature, public_key)
+        verify_signature(manifest, signature, keys)
     except BundleError:
         raise BundleError(
             "signature",
-            "manifest.sig is not a signature of manifest.json by the pinned release key",
+            "manifest.sig is not a signature of manifest.json by a trusted release key",
         ) from None
     try:
         doc = json.loads(manifest)

@@ -35,6 +35,10 @@ def release_key(release: str, name: str = "") -> str:
     return f"{RELEASES}/{release}/{name}" if name else f"{RELEASES}/{release}"
 
 
+KEYS = f"{RELEASES}/keys.json"  # the release keys the pinned (root) key delegates to
+KEYS_SIGNATURE = f"{RELEASES}/keys.json.sig"
+
+
 def channel_key(channel: str) -> str:
     return f"{RELEASES}/channels/{channel}.json"
 

@@ -31,14 +31,14 @@ class SigningKeyMissing(FileNotFoundError):
     """No private release key where the configuration says."""
 
 
-def generate_keypair(folder: Path) -> tuple[Path, Path]:
-    """An ed25519 key pair: `release_signing.key` (PKCS8 PEM, mode 0600, never commit it) and
-    `release_signing.pub` (pin it on devices)."""
+def generate_keypair(folder: Path, name: str = "release_signing") -> tuple[Path, Path]:
+    """An ed25519 key pair: `<name>.key` (PKCS8 PEM, mode 0600, never commit it) and
+    `<name>.pub` (pin it on devices)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     folder.mkdir(parents=True, exist_ok=True)
-    private, public = folder / "release_signing.key", folder / "release_signing.pub"
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
     if private.exists():
         raise FileExistsError(f"{private} exists; refusing to overwrite a signing key")
     key = Ed25519PrivateKey.generate()

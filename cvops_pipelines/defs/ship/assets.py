@@ -25,13 +25,13 @@ from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.ship.artifact_choice import TargetProfile
 from cvops_pipelines.core.ship.canary import log_canary, look_at_canary
 from cvops_pipelines.core.ship.export import ExportError
+from cvops_pipelines.core.ship.keys import KeyNotDelegated, signing_key
 from cvops_pipelines.core.ship.onnx_model import ExportPolicy, export_model
 from cvops_pipelines.core.ship.release import (
     ReleaseRefused,
     ReleaseStore,
     SigningKeyMissing,
     chosen_artifact,
-    load_private_key,
     publish_release,
     release_meta,
 )
@@ -171,8 +171,8 @@ def edge_release(
     store = storage.store()
     try:
         artifact, model = chosen_artifact(store, onnx_model, config.target)
-        key = load_private_key(Path(config.signing_key or settings.signing_key_path()))
-    except (ReleaseRefused, SigningKeyMissing) as exc:
+        key = signing_key(store, Path(config.signing_key or settings.signing_key_path()))
+    except (ReleaseRefused, SigningKeyMissing, KeyNotDelegated) as exc:
         raise Failure(str(exc)) from None
     releases = ReleaseStore(store, key)  # it signs the channel documents it writes
     actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
@@ -244,11 +244,12 @@ def canary_decision(
     storage: CvopsStorage,
     tracking: MlflowTracking,
 ):
+    store = storage.store()
     try:  # the decision moves channel pointers, which devices accept only signed
-        key = load_private_key(Path(config.signing_key or settings.signing_key_path()))
-    except SigningKeyMissing as exc:
+        key = signing_key(store, Path(config.signing_key or settings.signing_key_path()))
+    except (SigningKeyMissing, KeyNotDelegated) as exc:
         raise Failure(str(exc)) from None
-    releases, mlflow = ReleaseStore(storage.store(), key), tracking.open()
+    releases, mlflow = ReleaseStore(store, key), tracking.open()
     rule, actor = config.rule(), f"dagster run {context.run.run_id}"
     records, release = resolve_records(feedback), edge_release["release"]
     promote = lambda manifest: mlflow.set_alias("champion", manifest["model_version"])  # noqa: E731

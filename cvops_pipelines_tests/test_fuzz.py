@@ -175,3 +175,39 @@ def test_any_drop_tree_is_fully_accounted_for(tmp_path):
         assert all(store.exists(key) for key in result.manifest["key"])
 
     check()
+
+
+def test_any_signed_channel_or_key_document_is_used_or_refused_with_a_reason():
+    """Past the signature (a trusted key signed it, by mistake or by a bug in a tool), any JSON is
+    either a well-formed document or a ValueError: never a crash of the device's sync."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cvops_pipelines.edge.agent import read_channel, read_delegation
+
+    key = Ed25519PrivateKey.generate()
+    fields = st.fixed_dictionaries(
+        {},
+        optional={
+            "release": json_values,
+            "share": json_values,
+            "cohorts": json_values,
+            "version": json_values | st.integers(0, 5),
+            "expires": json_values | st.just("2999-01-01T00:00:00+00:00"),
+            "release_keys": json_values,
+        },
+    )
+
+    @BUDGET
+    @given(fields | json_values)
+    def check(doc):
+        raw = json.dumps(doc).encode()
+        for read in (
+            lambda: read_channel(raw, key.sign(raw), "stable", key.public_key()),
+            lambda: read_delegation(raw, key.sign(raw), key.public_key()),
+        ):
+            try:
+                read()
+            except ValueError as refused:
+                assert str(refused)
+
+    check()

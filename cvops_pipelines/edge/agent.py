@@ -126,10 +126,15 @@ def read_delegation(
     pems = doc.get("release_keys")
     if not isinstance(pems, list) or not all(isinstance(k, str) for k in pems):
         raise ValueError(f"{wire.KEYS}: release_keys is not a list of PEM keys")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
-        return doc["version"], [load_public_key(k.encode()) for k in pems]
+        keys = [load_public_key(k.encode()) for k in pems]
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{wire.KEYS}: a release key does not load ({exc})") from None
+    if not all(isinstance(k, Ed25519PublicKey) for k in keys):
+        raise ValueError(f"{wire.KEYS}: every release key must be ed25519")
+    return doc["version"], keys
 
 
 def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
@@ -161,7 +166,11 @@ class EdgeAgent:
         (self.state / "releases").mkdir(parents=True, exist_ok=True)
         (self.state / "staging").mkdir(exist_ok=True)
         self.remote, self.device_id, self.cohort = remote, device_id, cohort
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         self.anchor = load_public_key(public_key_pem)  # the root, or the release key itself
+        if not isinstance(self.anchor, Ed25519PublicKey):
+            raise ValueError("the pinned public key must be an ed25519 key (cvops keygen)")
         self.trusted = [self.anchor, *self._held_delegation()]
         self.top_k, self.threads = top_k, threads
         self.buffer = FeedbackBuffer(self.state / "buffer.db", device_id, cohort)

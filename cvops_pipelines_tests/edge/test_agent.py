@@ -3,7 +3,6 @@ the release it had, and no feedback record is lost."""
 
 import collections
 import json
-import random
 import subprocess
 import sys
 import zipfile
@@ -15,7 +14,7 @@ from cvops_pipelines.demo.digit_model import png, trained_model
 from cvops_pipelines.edge import agent as agent_module
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.remote import DirRemote
-from cvops_pipelines.edge.simulator import Crash, FaultyRemote
+from cvops_pipelines.edge.simulator import Crash
 from cvops_pipelines_tests.corpus import digit_label
 from cvops_pipelines_tests.edge.fleet_kit import central
 
@@ -178,14 +177,20 @@ def test_interrupted_download_resumes_where_it_stopped(tmp_path, fleet, monkeypa
     monkeypatch.setattr(agent_module, "CHUNK", 512)
     fetched = collections.Counter()  # model bytes the store actually sent
 
-    class Counting(DirRemote):
+    class Crashing(DirRemote):  # the device dies on the 3rd and the 9th model chunk it asks for
+        asked = 0
+
         def get(self, key, offset=0, length=None):
+            if key.endswith("model.onnx"):
+                Crashing.asked += 1
+                if Crashing.asked in (3, 9):
+                    raise Crash()
             data = super().get(key, offset, length)
             if key.endswith("model.onnx"):
                 fetched["model"] += len(data)
             return data
 
-    link = FaultyRemote(Counting(c.root), random.Random(3), p_crash=0.02)
+    link = Crashing(c.root)
     size, crashed_at = r1.manifest["files"]["model.onnx"]["size"], []
     while True:
         try:

@@ -54,7 +54,8 @@ def test_seeded_fleet_loses_and_duplicates_no_record(tmp_path, monkeypatch):
     records = field_records(c.releases.store)
     counts = collections.Counter(records["record_id"])
     assert set(counts) == set(made) and set(counts.values()) == {1}  # each exactly once
-    assert len(made) == first.stream_used + second.stream_used > 350
+    # most of the 400 images went through despite the faults (each store call may crash)
+    assert len(made) == first.stream_used + second.stream_used > 300
     for device, release in second.releases.items():  # every device runs a verified release
         agent = EdgeAgent(tmp_path / "fleet" / device, c.remote, c.public_key, device)
         assert agent.release == release and release in (r1.id, r2.id)

@@ -66,9 +66,10 @@ class FeedbackConfig(Config):
         ),
     ],
     kinds={"python", "parquet"},
-    description="One uploaded feedback batch: records (prediction, confidence, top-k, the "
-    "operator's correction) with their images stored content-addressed. A run "
-    "may cover many batches; a bad batch is quarantined whole, with the reason.",
+    description="One uploaded feedback batch, signed by an enrolled device: records "
+    "(prediction, confidence, top-k, the operator's correction) with their images stored "
+    "content-addressed. A run may cover many batches; a bad batch, or one that speaks for "
+    "another device, is quarantined whole, with the reason.",
 )
 def feedback(
     context: AssetExecutionContext,

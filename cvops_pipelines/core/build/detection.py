@@ -1,0 +1,237 @@
+"""Torchvision detectors for the detection task: built offline, trained with box-aware
+augmentation, exported up to their raw head outputs.
+
+torchvision's detection builders download ImageNet backbone weights unless told not to, so every
+builder here passes `weights=None, weights_backbone=None`; a local checkpoint (a state dict, read
+with `weights_only=True`) is the only way pretrained tensors come in. The ONNX graph stops before
+the data-dependent part (score thresholds, top-k, NMS): it returns every anchor's decoded box and
+class probabilities, and the device finishes in numpy (`edge/detect.py`), so the export has no
+data-dependent shapes and the same graph serves any batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ARCHITECTURES = ("ssdlite320_mobilenet_v3_large",)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    architecture: str = "ssdlite320_mobilenet_v3_large"
+    image_size: int = 320  # the detector's fixed input side
+    checkpoint: str = ""  # a local state dict to start from (never downloaded)
+    epochs: int = 20
+    batch_size: int = 8
+    learning_rate: float = 0.002
+    seed: int = 0
+    score_threshold: float = 0.05  # what the device reports, and what evaluation scores
+    nms_iou: float = 0.55
+    candidates_per_class: int = 100
+    detections_per_image: int = 50
+    augment: bool = True
+
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ssdlite's own normalisation
+
+
+def build_detector(num_classes: int, config: DetectorConfig = DetectorConfig()):
+    """`num_classes` object classes (+1 background, index 0). Nothing is downloaded."""
+    import torch
+    from torchvision.models import detection
+
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown detector {config.architecture!r}; available: {', '.join(ARCHITECTURES)}"
+        )
+    builder = getattr(detection, config.architecture)
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1)
+    model.score_thresh = config.score_threshold
+    model.nms_thresh = config.nms_iou
+    model.topk_candidates = config.candidates_per_class
+    model.detections_per_img = config.detections_per_image
+    if config.checkpoint:
+        path = Path(config.checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"detector checkpoint {path} does not exist")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def augmentation(config: DetectorConfig):
+    """Box-aware: every geometric change moves the boxes with the pixels; a box pushed mostly
+    out of the frame is dropped, not kept as a sliver."""
+    import albumentations as A
+
+    steps = [A.Resize(config.image_size, config.image_size)]
+    if config.augment:
+        steps = [
+            A.RandomSizedBBoxSafeCrop(
+                config.image_size, config.image_size, erosion_rate=0.0, p=0.5
+            ),
+            A.Resize(config.image_size, config.image_size),
+            A.RandomBrightnessContrast(0.25, 0.25, p=0.7),
+            A.GaussNoise(std_range=(0.02, 0.08), p=0.3),
+        ]
+    return A.Compose(
+        steps,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3),
+        seed=config.seed,
+    )
+
+
+def _batch(samples, transform, rng):
+    import torch
+
+    images, targets = [], []
+    for image, boxes, labels in samples:
+        out = transform(image=image, bboxes=np.asarray(boxes).reshape(-1, 4), labels=list(labels))
+        tensor = torch.from_numpy(out["image"]).permute(2, 0, 1).float() / 255.0
+        images.append(tensor)
+        targets.append(
+            {
+                "boxes": torch.as_tensor(
+                    np.asarray(out["bboxes"]).reshape(-1, 4), dtype=torch.float32
+                ),
+                "labels": torch.as_tensor(out["labels"], dtype=torch.int64),
+            }
+        )
+    return images, targets
+
+
+def train_detector(
+    images: list[np.ndarray],
+    boxes: list[np.ndarray],
+    labels: list[list[int]],
+    num_classes: int,
+    config: DetectorConfig = DetectorConfig(),
+    on_epoch=None,
+):
+    """Train on RGB uint8 images with pixel boxes and 1-based class indices (0 is background);
+    `on_epoch(epoch, mean loss)` reports progress. Returns the model in eval mode."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = build_detector(num_classes, config)
+    transform = augmentation(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    steps = max(1, math.ceil(len(images) / config.batch_size)) * config.epochs
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.learning_rate, total_steps=steps
+    )
+    samples = list(zip(images, boxes, labels))
+    model.train()
+    for epoch in range(config.epochs):
+        order, losses = rng.permutation(len(samples)), []
+        for start in range(0, len(order), config.batch_size):
+            chunk = [samples[i] for i in order[start : start + config.batch_size]]
+            batch_images, targets = _batch(chunk, transform, rng)
+            loss = sum(model(batch_images, targets).values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"detector loss is {loss.item()} at epoch {epoch + 1}")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, float(np.mean(losses)))
+    recalibrate_batchnorm(model, images, config)
+    return model.eval()
+
+
+def recalibrate_batchnorm(model, images: list[np.ndarray], config: DetectorConfig) -> None:
+    """Recompute every batch-norm layer's running statistics over the training images as the
+    device will see them (no augmentation). ssdlite's layers update them with momentum 0.03, so
+    after a short run they still describe the random init, and the model in eval mode answers
+    almost the same for every image."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the passes below
+    plain = augmentation(DetectorConfig(image_size=config.image_size, augment=False))
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), config.batch_size):
+            chunk = [(image, [], []) for image in images[start : start + config.batch_size]]
+            batch, _ = _batch(chunk, plain, None)
+            model.backbone(model.transform(batch)[0].tensors)
+    for norm in norms:
+        norm.momentum = 0.03
+    model.eval()
+
+
+class RawHeads:
+    """Wraps a trained detector as `images -> (boxes, scores)` for export: boxes decoded
+    against the fixed anchors and scaled to [0, 1] of the input, scores softmaxed over
+    classes (column 0 is background). Everything after this is the device's numpy."""
+
+    def __new__(cls, model, image_size: int):
+        import torch
+        from torchvision.models.detection.image_list import ImageList
+
+        class _Raw(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model, self.size = model.eval(), image_size
+                probe = torch.zeros(1, 3, image_size, image_size)
+                with torch.no_grad():
+                    features = list(model.backbone(probe).values())
+                    anchors = model.anchor_generator(
+                        ImageList(probe, [(image_size, image_size)]), features
+                    )[0]
+                self.register_buffer("anchors", anchors)
+
+            def forward(self, x):
+                head = self.model.head(list(self.model.backbone(x).values()))
+                rel, a = head["bbox_regression"], self.anchors
+                coder = self.model.box_coder
+                wx, wy, ww, wh = coder.weights
+                width, height = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+                cx, cy = a[:, 0] + 0.5 * width, a[:, 1] + 0.5 * height
+                dw = torch.clamp(rel[..., 2] / ww, max=coder.bbox_xform_clip)
+                dh = torch.clamp(rel[..., 3] / wh, max=coder.bbox_xform_clip)
+                px, py = rel[..., 0] / wx * width + cx, rel[..., 1] / wy * height + cy
+                pw, ph = torch.exp(dw) * width, torch.exp(dh) * height
+                boxes = torch.stack(
+                    [px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw, py + 0.5 * ph], -1
+                )
+                boxes = boxes.clamp(0, self.size) / self.size
+                return boxes, torch.softmax(head["cls_logits"], -1)
+
+        return _Raw().eval()
+
+
+def predict_torch(model, images: list[np.ndarray], image_size: int) -> list[dict]:
+    """torchvision's own inference (its postprocess, its NMS) on images already resized to the
+    input side by `edge.preprocess.resize`, boxes scaled back to each image's pixels: the
+    reference the device path must match."""
+    import torch
+
+    from cvops_pipelines.edge.preprocess import resize
+
+    out = []
+    with torch.no_grad():
+        for image in images:
+            height, width = image.shape[:2]
+            from PIL import Image
+
+            pixels = np.array(resize(Image.fromarray(image), image_size))
+            tensor = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+            result = model.eval()([tensor])[0]
+            scale = torch.tensor([width, height, width, height]) / image_size
+            out.append(
+                {
+                    "boxes": (result["boxes"] * scale).numpy(),
+                    "scores": result["scores"].numpy(),
+                    "labels": result["labels"].numpy(),
+                }
+            )
+    return out

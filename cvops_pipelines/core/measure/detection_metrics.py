@@ -1,0 +1,78 @@
+"""Detection metrics as the COCO evaluation defines them, through torchmetrics'
+`MeanAveragePrecision` on the faster-coco-eval backend (both Apache-2.0), plus recall at IoU 0.5
+per class, which is what an operator asks ("of the objects there, how many did it find?")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class DetectionReport:
+    map: float  # mAP@[.5:.95]
+    map_50: float
+    ap_per_class: dict[str, float] = field(default_factory=dict)  # AP@[.5:.95]; nan: no truth
+    recall_50: dict[str, float] = field(default_factory=dict)  # at the reported score threshold
+    objects: dict[str, int] = field(default_factory=dict)
+
+
+def _matched(pred_boxes, pred_scores, truth_boxes, iou: float) -> int:
+    """Truth boxes found by a prediction at IoU >= `iou`, greedily by score (COCO's matching)."""
+    from cvops_pipelines.edge.detect import box_iou
+
+    if not len(truth_boxes) or not len(pred_boxes):
+        return 0
+    overlaps = box_iou(pred_boxes, truth_boxes)
+    taken = np.zeros(len(truth_boxes), bool)
+    for p in np.argsort(-np.asarray(pred_scores), kind="stable"):
+        candidates = np.where(~taken & (overlaps[p] >= iou))[0]
+        if candidates.size:
+            taken[candidates[np.argmax(overlaps[p][candidates])]] = True
+    return int(taken.sum())
+
+
+def evaluate_detections(
+    predictions: list[dict], truths: list[dict], classes: list[str]
+) -> DetectionReport:
+    """`predictions[i]`: boxes (N x 4 pixels), scores, labels (class names); `truths[i]`: boxes,
+    labels. Images without truth boxes count: every box predicted there is a false positive."""
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    index = {c: i for i, c in enumerate(classes)}
+
+    def tensors(item: dict, scores: bool) -> dict:
+        out = {
+            "boxes": torch.as_tensor(np.asarray(item["boxes"], np.float32).reshape(-1, 4)),
+            "labels": torch.as_tensor([index[c] for c in item["labels"]], dtype=torch.int64),
+        }
+        if scores:
+            out["scores"] = torch.as_tensor(np.asarray(item["scores"], np.float32))
+        return out
+
+    metric = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval"
+    )
+    metric.update([tensors(p, True) for p in predictions], [tensors(t, False) for t in truths])
+    result = metric.compute()
+    per_class = dict.fromkeys(classes, float("nan"))
+    for label, ap in zip(
+        np.atleast_1d(result["classes"].numpy()), np.atleast_1d(result["map_per_class"].numpy())
+    ):
+        per_class[classes[int(label)]] = float(ap) if ap >= 0 else float("nan")
+    recall, objects = {}, {}
+    for name in classes:
+        found = total = 0
+        for p, t in zip(predictions, truths):
+            truth = np.asarray(t["boxes"], float).reshape(-1, 4)[np.asarray(t["labels"]) == name]
+            mine = np.asarray(p["labels"]) == name
+            pred = np.asarray(p["boxes"], float).reshape(-1, 4)[mine]
+            found += _matched(pred, np.asarray(p["scores"])[mine], truth, 0.5)
+            total += len(truth)
+        objects[name] = total
+        recall[name] = found / total if total else float("nan")
+    return DetectionReport(
+        float(result["map"]), float(result["map_50"]), per_class, recall, objects
+    )

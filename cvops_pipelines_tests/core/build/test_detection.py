@@ -1,0 +1,161 @@
+"""The detection path's model pieces on the project's own scenes: built without a download,
+trained with boxes that follow the pixels, exported up to the raw heads, and finished on the
+device in numpy to the same boxes torchvision's own postprocess finds."""
+
+import numpy as np
+import pytest
+
+from cvops_pipelines.core.build.detection import (
+    MEAN,
+    STD,
+    DetectorConfig,
+    RawHeads,
+    augmentation,
+    build_detector,
+    predict_torch,
+    train_detector,
+)
+from cvops_pipelines.demo.scenes import CLASSES, SceneConfig, iou, scenes
+from cvops_pipelines.edge.detect import box_iou, detections, nms
+
+FAST = DetectorConfig(epochs=2, batch_size=4, augment=True)
+
+
+def _training_set(count=16, seed=0):
+    made = scenes(count, seed)
+    labels = [[CLASSES.index(label) + 1 for label in s.labels] for s in made]
+    return made, [s.image for s in made], [s.boxes for s in made], labels
+
+
+def test_scenes_are_seeded_with_boxes_on_the_ink_and_some_empty():
+    config = SceneConfig()
+    first, again = scenes(40, seed=3), scenes(40, seed=3)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again))
+    assert any(len(s.labels) == 0 for s in first)  # negatives are part of the set
+    for s in first:
+        assert s.image.shape == (config.side, config.side, 3) and len(s.boxes) == len(s.labels)
+        if len(s.boxes):
+            assert (s.boxes[:, :2] >= 0).all() and (s.boxes[:, 2:] <= config.side).all()
+            assert ((s.boxes[:, 2:] - s.boxes[:, :2]) > 0).all()
+            pairwise = iou(s.boxes, s.boxes) - np.eye(len(s.boxes))
+            assert pairwise.max() <= config.max_overlap + 1e-6
+
+
+def test_building_never_downloads(monkeypatch):
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a detector builder tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    model = build_detector(len(CLASSES))
+    assert model.head.classification_head.num_columns == len(CLASSES) + 1
+    with pytest.raises(ValueError, match="available"):
+        build_detector(3, DetectorConfig(architecture="yolo"))
+
+
+def test_a_local_checkpoint_is_loaded_as_tensors_only(tmp_path):
+    import torch
+
+    source = build_detector(len(CLASSES))
+    path = tmp_path / "detector.pt"
+    torch.save(source.state_dict(), path)
+    loaded = build_detector(len(CLASSES), DetectorConfig(checkpoint=str(path)))
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    path.write_bytes(b"not a state dict")
+    with pytest.raises(Exception):  # noqa: B017  (torch's own error for a bad file)
+        build_detector(len(CLASSES), DetectorConfig(checkpoint=str(path)))
+
+
+def test_augmentation_moves_boxes_with_the_pixels():
+    made, images, boxes, labels = _training_set(8)
+    transform = augmentation(DetectorConfig(image_size=320))
+    for image, box, label in zip(images, boxes, labels):
+        out = transform(image=image, bboxes=box, labels=label)
+        assert out["image"].shape == (320, 320, 3)
+        assert len(out["bboxes"]) == len(out["labels"]) <= len(label)
+        for b in np.asarray(out["bboxes"]).reshape(-1, 4):
+            assert 0 <= b[0] < b[2] <= 320 and 0 <= b[1] < b[3] <= 320
+
+
+def test_nms_keeps_the_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float)
+    assert list(nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5)) == [0, 2]
+    assert list(nms(boxes, np.array([0.7, 0.8, 0.9]), 0.5)) == [2, 1]
+    assert box_iou(boxes[:1], boxes[:1])[0, 0] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    made, images, boxes, labels = _training_set()
+    losses = []
+    model = train_detector(
+        images, boxes, labels, len(CLASSES), FAST, lambda e, loss: losses.append(loss)
+    )
+    return model, losses
+
+
+def test_training_runs_every_epoch_with_a_finite_loss(trained):
+    _, losses = trained
+    assert len(losses) == FAST.epochs and all(np.isfinite(losses))
+
+
+def test_the_edge_path_finds_the_boxes_torchvision_finds(trained, tmp_path):
+    """Exported raw heads in onnxruntime + numpy postprocess vs torchvision's own inference on
+    unseen scenes: every box matched with IoU >= 0.99 and scores within 1e-3, both ways."""
+    import onnxruntime as ort
+    import torch
+    from PIL import Image
+
+    from cvops_pipelines.edge.preprocess import normalize, resize
+
+    model, _ = trained
+    size, test = FAST.image_size, scenes(6, seed=99)
+    path = tmp_path / "detector.onnx"
+    example = torch.zeros(2, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.onnx.export(
+        RawHeads(model, size),
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["boxes", "scores"],
+        dynamic_shapes={"x": {0: batch}},
+    )
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = [resize(Image.fromarray(s.image), size) for s in test]
+    boxes, scores = session.run(None, {"images": normalize(pixels, MEAN, STD)})  # one batch
+    reference = predict_torch(model, [s.image for s in test], size)
+    compared = 0
+    for i, s in enumerate(test):
+        height, width = s.image.shape[:2]
+        edge = detections(
+            boxes[i],
+            scores[i],
+            width,
+            height,
+            CLASSES,
+            FAST.score_threshold,
+            FAST.nms_iou,
+            FAST.candidates_per_class,
+            FAST.detections_per_image,
+        )
+        ref = reference[i]
+        # compare above the list's cut (and the threshold), where a 1e-6 float difference
+        # between the two paths cannot swap which near-tied boxes make the list
+        cut = edge[-1].score if len(edge) == FAST.detections_per_image else 0.0
+        floor = max(cut, FAST.score_threshold) + 2e-3
+        for d in [d for d in edge if d.score > floor]:  # every edge box is one torchvision found
+            same = ref["labels"] == CLASSES.index(d.label) + 1
+            assert same.any()
+            overlap = box_iou(np.array(d.box), ref["boxes"][same])[0]
+            j = int(np.argmax(overlap))
+            assert overlap[j] >= 0.99 and abs(ref["scores"][same][j] - d.score) <= 1e-3
+            compared += 1
+        for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"]):
+            if score > floor:  # and every torchvision box is one the edge found
+                mine = [d for d in edge if d.label == CLASSES[label - 1]]
+                assert mine and box_iou(box, np.array([d.box for d in mine])).max() >= 0.99
+    assert compared > 0  # the comparison was not vacuous

@@ -1,0 +1,82 @@
+"""Detection metrics on a case small enough to work out by hand, cross-checked against
+pycocotools, the reference implementation of the COCO evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
+
+CLASSES = ["a", "b", "c"]
+TRUTHS = [
+    {"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": ["a", "a"]},
+    {"boxes": [[0, 0, 100, 100]], "labels": ["b"]},
+    {"boxes": [], "labels": []},  # an empty image: a negative
+]
+PREDICTIONS = [
+    {"boxes": [[0, 0, 10, 10], [50, 50, 60, 60]], "scores": [0.9, 0.8], "labels": ["a", "a"]},
+    {"boxes": [[0, 0, 100, 83]], "scores": [0.7], "labels": ["b"]},  # IoU 0.83
+    {"boxes": [], "scores": [], "labels": []},
+]
+# By hand (COCO: 101 recall points, IoU thresholds .50:.05:.95, match when IoU >= threshold):
+# a: one of two found at every threshold, the false positive ranked after the hit: precision 1
+#    up to recall 0.5, so AP = 51/101 at every threshold.
+# b: its one box is found at thresholds .50-.80 (7 of 10): AP@[.5:.95] = 0.7, AP@.5 = 1.
+AP_A, AP_B = 51 / 101, 0.7
+
+
+def test_metrics_match_the_hand_computed_figures():
+    report = evaluate_detections(PREDICTIONS, TRUTHS, CLASSES)
+    assert report.ap_per_class["a"] == pytest.approx(AP_A, abs=1e-6)
+    assert report.ap_per_class["b"] == pytest.approx(AP_B, abs=1e-6)
+    assert np.isnan(report.ap_per_class["c"])  # no truth, no AP: not a zero
+    assert report.map == pytest.approx((AP_A + AP_B) / 2, abs=1e-6)
+    assert report.map_50 == pytest.approx((AP_A + 1.0) / 2, abs=1e-6)
+    assert report.recall_50 == pytest.approx({"a": 0.5, "b": 1.0, "c": float("nan")}, nan_ok=True)
+    assert report.objects == {"a": 2, "b": 1, "c": 0}
+
+
+def test_metrics_agree_with_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(box):
+        return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+
+    images, annotations, results = [], [], []
+    for i, (truth, pred) in enumerate(zip(TRUTHS, PREDICTIONS), 1):
+        images.append({"id": i, "width": 200, "height": 200})
+        for box, label in zip(truth["boxes"], truth["labels"]):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i,
+                    "category_id": CLASSES.index(label) + 1,
+                    "bbox": xywh(box),
+                    "area": xywh(box)[2] * xywh(box)[3],
+                    "iscrowd": 0,
+                }
+            )
+        for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"]):
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": CLASSES.index(label) + 1,
+                    "bbox": xywh(box),
+                    "score": score,
+                }
+            )
+    path = tmp_path / "truth.json"
+    categories = [{"id": i + 1, "name": c} for i, c in enumerate(CLASSES)]
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    truth = COCO(str(path))
+    evaluation = COCOeval(truth, truth.loadRes(results), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    report = evaluate_detections(PREDICTIONS, TRUTHS, CLASSES)
+    assert report.map == pytest.approx(evaluation.stats[0], abs=1e-6)
+    assert report.map_50 == pytest.approx(evaluation.stats[1], abs=1e-6)

@@ -39,6 +39,9 @@ class Preprocess:
     @classmethod
     def from_json(cls, text: str) -> Preprocess:
         doc = json.loads(text)
+        task = doc.get("task", "classification")
+        if task != "classification":  # same keys as a detector's spec: never read one as this
+            raise ValueError(f"this is a {task} model's spec, not a classifier's")
         return cls(
             doc["architecture"],
             int(doc["image_size"]),

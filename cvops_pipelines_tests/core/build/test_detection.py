@@ -6,17 +6,13 @@ import numpy as np
 import pytest
 
 from cvops_pipelines.core.build.detection import (
-    MEAN,
-    STD,
     DetectorConfig,
-    RawHeads,
     augmentation,
     build_detector,
-    predict_torch,
     train_detector,
 )
 from cvops_pipelines.demo.scenes import CLASSES, SceneConfig, iou, scenes
-from cvops_pipelines.edge.detect import box_iou, detections, nms
+from cvops_pipelines.edge.detect import box_iou, nms
 
 FAST = DetectorConfig(epochs=2, batch_size=4, augment=True)
 
@@ -101,61 +97,39 @@ def test_training_runs_every_epoch_with_a_finite_loss(trained):
     assert len(losses) == FAST.epochs and all(np.isfinite(losses))
 
 
-def test_the_edge_path_finds_the_boxes_torchvision_finds(trained, tmp_path):
+def test_the_edge_path_finds_the_boxes_torchvision_finds(trained):
     """Exported raw heads in onnxruntime + numpy postprocess vs torchvision's own inference on
     unseen scenes: every box matched with IoU >= 0.99 and scores within 1e-3, both ways."""
-    import onnxruntime as ort
-    import torch
-    from PIL import Image
-
-    from cvops_pipelines.edge.preprocess import normalize, resize
+    from cvops_pipelines.core.ship.detection_export import (
+        DetectorSpec,
+        detection_parity,
+        export_detector,
+    )
+    from cvops_pipelines.core.ship.export import preprocess_of, session
 
     model, _ = trained
-    size, test = FAST.image_size, scenes(6, seed=99)
-    path = tmp_path / "detector.onnx"
-    example = torch.zeros(2, 3, size, size)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.onnx.export(
-        RawHeads(model, size),
-        (example,),
-        dynamo=True,
-        input_names=["images"],
-        output_names=["boxes", "scores"],
-        dynamic_shapes={"x": {0: batch}},
-    )
-    program.save(str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    pixels = [resize(Image.fromarray(s.image), size) for s in test]
-    boxes, scores = session.run(None, {"images": normalize(pixels, MEAN, STD)})  # one batch
-    reference = predict_torch(model, [s.image for s in test], size)
-    compared = 0
-    for i, s in enumerate(test):
-        height, width = s.image.shape[:2]
-        edge = detections(
-            boxes[i],
-            scores[i],
-            width,
-            height,
-            CLASSES,
-            FAST.score_threshold,
-            FAST.nms_iou,
-            FAST.candidates_per_class,
-            FAST.detections_per_image,
-        )
-        ref = reference[i]
-        # compare above the list's cut (and the threshold), where a 1e-6 float difference
-        # between the two paths cannot swap which near-tied boxes make the list
-        cut = edge[-1].score if len(edge) == FAST.detections_per_image else 0.0
-        floor = max(cut, FAST.score_threshold) + 2e-3
-        for d in [d for d in edge if d.score > floor]:  # every edge box is one torchvision found
-            same = ref["labels"] == CLASSES.index(d.label) + 1
-            assert same.any()
-            overlap = box_iou(np.array(d.box), ref["boxes"][same])[0]
-            j = int(np.argmax(overlap))
-            assert overlap[j] >= 0.99 and abs(ref["scores"][same][j] - d.score) <= 1e-3
-            compared += 1
-        for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"]):
-            if score > floor:  # and every torchvision box is one the edge found
-                mine = [d for d in edge if d.label == CLASSES[label - 1]]
-                assert mine and box_iou(box, np.array([d.box for d in mine])).max() >= 0.99
-    assert compared > 0  # the comparison was not vacuous
+    spec = DetectorSpec.of(FAST, CLASSES)
+    onnx_bytes = export_detector(model, spec)
+    result = detection_parity(model, session(onnx_bytes), [s.image for s in scenes(6, 99)], spec)
+    assert result.ok, result
+    assert result.boxes_compared >= 20  # not vacuous: scores spread above the threshold
+    with pytest.raises(ValueError, match="detection"):  # never read as a classifier's spec
+        preprocess_of(onnx_bytes)
+
+
+def test_a_broken_postprocess_is_caught_by_the_parity_proof(trained, monkeypatch):
+    from cvops_pipelines.core.ship import detection_export
+    from cvops_pipelines.core.ship.detection_export import DetectorSpec, detection_parity
+    from cvops_pipelines.core.ship.export import session
+
+    model, _ = trained
+    spec = DetectorSpec.of(FAST, CLASSES)
+    sess = session(detection_export.export_detector(model, spec))
+    real = detection_export.detections
+
+    def shifted(boxes, *args):  # a device that forgot to clip, or scaled by the wrong side
+        return real(boxes * 1.05, *args)
+
+    monkeypatch.setattr(detection_export, "detections", shifted)
+    result = detection_parity(model, sess, [s.image for s in scenes(3, 99)], spec)
+    assert not result.ok and result.unmatched > 0

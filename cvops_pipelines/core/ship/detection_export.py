@@ -1,0 +1,194 @@
+"""Detector export: the raw-head ONNX graph, proof that the device path finds the boxes the
+trained model finds, and int8 calibrated on training images with its mAP cost measured.
+
+The device path is onnxruntime on `edge.preprocess` pixels, then `edge.detect.detections`; the
+reference is torchvision's own inference (its postprocess and NMS) on the same pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cvops_pipelines.core.build.detection import MEAN, STD, DetectorConfig, RawHeads, predict_torch
+from cvops_pipelines.core.ship.export import INPUT_NAME, ExportError, quantize_int8
+from cvops_pipelines.edge.detect import Detection, box_iou, detections
+from cvops_pipelines.edge.preprocess import normalize, resize
+
+OUTPUTS = ("boxes", "scores")
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What a device needs to run the detector; travels as `preprocess.json` and inside the
+    ONNX file, like a classifier's Preprocess."""
+
+    architecture: str
+    image_size: int
+    classes: tuple[str, ...]
+    score_threshold: float
+    nms_iou: float
+    candidates_per_class: int
+    detections_per_image: int
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+    task: str = "detection"
+
+    @classmethod
+    def of(cls, config: DetectorConfig, classes: list[str]) -> DetectorSpec:
+        return cls(
+            config.architecture,
+            config.image_size,
+            tuple(classes),
+            config.score_threshold,
+            config.nms_iou,
+            config.candidates_per_class,
+            config.detections_per_image,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def export_detector(model, spec: DetectorSpec) -> bytes:
+    """torch.onnx.export (dynamo) of the raw heads with a dynamic batch axis; onnx.checker."""
+    import onnx
+    import torch
+
+    example = torch.zeros(2, 3, spec.image_size, spec.image_size)
+    batch = torch.export.Dim("batch", min=1, max=256)
+    try:
+        program = torch.onnx.export(
+            RawHeads(model.cpu().eval(), spec.image_size),
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={"x": {0: batch}},
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types; the stage needs one
+        raise ExportError(f"torch.onnx.export failed for {spec.architecture}: {exc}") from exc
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "cvops.preprocess", spec.to_json()
+    data = proto.SerializeToString()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        path.write_bytes(data)
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"onnx.checker rejected the exported detector: {exc}") from exc
+    return data
+
+
+def edge_detections(
+    sess, images: list[np.ndarray], spec: DetectorSpec, batch_size: int = 16
+) -> list[list[Detection]]:
+    """What a device reports for each RGB uint8 image (any size)."""
+    from PIL import Image
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = [resize(Image.fromarray(image), spec.image_size) for image in chunk]
+        boxes, scores = sess.run(
+            list(OUTPUTS), {INPUT_NAME: normalize(pixels, spec.mean, spec.std)}
+        )
+        for i, image in enumerate(chunk):
+            height, width = image.shape[:2]
+            out.append(
+                detections(
+                    boxes[i],
+                    scores[i],
+                    width,
+                    height,
+                    list(spec.classes),
+                    spec.score_threshold,
+                    spec.nms_iou,
+                    spec.candidates_per_class,
+                    spec.detections_per_image,
+                )
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class DetectionParity:
+    images: int
+    boxes_compared: int
+    unmatched: int  # boxes one side reported that the other did not (IoU < min_iou or class)
+    min_iou: float  # worst IoU among matched boxes
+    max_score_diff: float
+    iou_floor: float = 0.99
+    score_tolerance: float = 1e-3
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.boxes_compared > 0
+            and self.unmatched == 0
+            and self.min_iou >= self.iou_floor
+            and self.max_score_diff <= self.score_tolerance
+        )
+
+
+def detection_parity(model, sess, images: list[np.ndarray], spec: DetectorSpec) -> DetectionParity:
+    """Both ways: each box one side reports above the comparison floor must be a box of the same
+    class on the other side. The floor sits just above the threshold and, when the list was cut
+    at `detections_per_image`, above the cut: a 1e-6 difference between the paths may decide
+    which of two near-tied boxes makes the list, which is no disagreement."""
+    reference = predict_torch(model, images, spec.image_size)
+    edge = edge_detections(sess, images, spec)
+    compared = unmatched = 0
+    worst_iou, worst_diff = 1.0, 0.0
+    for mine, ref in zip(edge, reference):
+        cut = mine[-1].score if len(mine) == spec.detections_per_image else 0.0
+        floor = max(cut, spec.score_threshold) + 2e-3
+        theirs = [
+            (spec.classes[label - 1], float(score), box)
+            for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"])
+        ]
+        ours = [(d.label, d.score, np.array(d.box)) for d in mine]
+        for a, b in ((ours, theirs), (theirs, ours)):
+            for label, score, box in a:
+                if score <= floor:
+                    continue
+                same = [(s, bx) for lab, s, bx in b if lab == label]
+                if not same:
+                    unmatched += 1
+                    continue
+                overlaps = box_iou(box, np.array([bx for _, bx in same]))[0]
+                j = int(np.argmax(overlaps))
+                if overlaps[j] < DetectionParity.iou_floor:
+                    unmatched += 1
+                    continue
+                compared += 1
+                worst_iou = min(worst_iou, float(overlaps[j]))
+                worst_diff = max(worst_diff, abs(same[j][0] - score))
+    return DetectionParity(len(images), compared, unmatched, worst_iou, worst_diff)
+
+
+def quantize_detector_int8(fp32: bytes, calibration: list[np.ndarray], spec: DetectorSpec) -> bytes:
+    """Static QDQ int8 calibrated on real training images (resized to the input side here)."""
+    from PIL import Image
+
+    pixels = [resize(Image.fromarray(image), spec.image_size) for image in calibration]
+    return quantize_int8(fp32, pixels, spec)
+
+
+def detections_as_dicts(found: list[list[Detection]]) -> list[dict]:
+    """For `evaluate_detections`."""
+    return [
+        {
+            "boxes": np.array([d.box for d in image], np.float32).reshape(-1, 4),
+            "scores": np.array([d.score for d in image], np.float32),
+            "labels": [d.label for d in image],
+        }
+        for image in found
+    ]

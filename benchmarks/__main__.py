@@ -19,6 +19,7 @@ BENCHMARKS = [
     "drift_detection",
     "demo_wall",
     "loop_gain",
+    "detection_export",
 ]
 RESULTS = Path(__file__).parent / "results"
 

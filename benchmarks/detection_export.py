@@ -76,7 +76,9 @@ def run(quick: bool = False) -> dict:
             "bytes": len(data),
             "map": round(report.map, 4),
             "map_50": round(report.map_50, 4),
-            "parity": {**parity.__dict__, "ok": parity.ok},
+            # fp32 is held to parity; int8 is judged on mAP (quantized scores are not meant to
+            # match to 1e-3), so its parity figures carry no verdict
+            "parity": {**parity.__dict__, **({"ok": parity.ok} if name == "onnx_fp32" else {})},
             **{k: round(v, 2) for k, v in _latency(sess, spec, images[0], repeats).items()},
         }
     fp32_, int8_ = artifacts["onnx_fp32"], artifacts["onnx_int8"]

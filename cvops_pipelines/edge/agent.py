@@ -122,12 +122,12 @@ def read_delegation(
     """`releases/keys.json`: the release keys the pinned key (the root) vouches for, and its
     version. Only the anchor may sign it, so a stolen release key cannot add keys, and a newer
     document that leaves a key out revokes it on every device that reads it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     doc = _signed_doc(raw, signature, anchor, wire.KEYS, seen, fresh)
     pems = doc.get("release_keys")
     if not isinstance(pems, list) or not all(isinstance(k, str) for k in pems):
         raise ValueError(f"{wire.KEYS}: release_keys is not a list of PEM keys")
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     try:
         keys = [load_public_key(k.encode()) for k in pems]
     except (ValueError, TypeError) as exc:
@@ -360,9 +360,15 @@ class EdgeAgent:
             return SyncResult("rejected", self._loaded, str(exc))
 
     def _still_trusted(self, release: str) -> bool:
-        """False when the key that signed the running release was revoked since."""
+        """False when the key that signed the running release was revoked since. Only the
+        signature: the files were hashed at activation and are hashed again at every start."""
+        folder = self.state / "releases" / release
         try:
-            self._verified_dir(release)
+            manifest, signature = (
+                (folder / "manifest.json").read_bytes(),
+                (folder / "manifest.sig").read_bytes(),
+            )
+            verify_manifest(manifest, signature, self.trusted)
             return True
         except (BundleError, OSError):
             return False

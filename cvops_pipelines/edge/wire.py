@@ -21,7 +21,7 @@ BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a Dagster p
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEVICE_BATCH = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-b[0-9]{6}$")
 _DEVICE_RECORD = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-[0-9]{8}$")
-ENROLMENTS = "fleet/devices/"  # fleet/devices/<device id>.json (+ .sig by the release key)
+ENROLMENTS = "enrolments/"  # enrolments/<device id>.json (+ .sig by the release key)
 
 OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device id>
 

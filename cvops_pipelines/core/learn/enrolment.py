@@ -1,6 +1,6 @@
 """Which devices may send feedback, and proof that a batch came from the device it names.
 
-An enrolment is `fleet/devices/<device>.json` (the device's public key) signed by the release key;
+An enrolment is `enrolments/<device>.json` (the device's public key) signed by the release key;
 the operator writes it with `cvops enrol`. Devices can write `feedback/batches/`, but not a
 signature the release key made, so a device, or anyone who can write the store, cannot enrol
 itself. A batch counts only when the enrolled key signed its bytes, every record in it is the

@@ -59,13 +59,18 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
 
 
+def _in(home: Path):
+    """`cvops ...` as a user runs it, with CVOPS_HOME at `home`."""
+    env = {**os.environ, "CVOPS_HOME": str(home)}
+    return lambda *args: subprocess.run([CVOPS, *args], env=env, capture_output=True, text=True)
+
+
 def test_a_device_prints_its_key_and_the_operator_enrols_and_revokes_it(tmp_path):
     from cvops_pipelines.core.base.store import LocalStore
     from cvops_pipelines.core.learn.enrolment import read_register
     from cvops_pipelines.core.ship.release import load_private_key
 
     home = tmp_path / "home"
-    env = {**os.environ, "CVOPS_HOME": str(home)}
     edge = str(Path(CVOPS).parent / "cvops-edge")
     state = ["--state", str(tmp_path / "cam-1"), "--device-id", "cam-1"]
     pem = subprocess.run([edge, *state, "identity"], capture_output=True, check=True).stdout
@@ -73,9 +78,7 @@ def test_a_device_prints_its_key_and_the_operator_enrols_and_revokes_it(tmp_path
     again = subprocess.run([edge, *state, "identity"], capture_output=True, check=True).stdout
     assert again == pem  # made once, then kept
     (tmp_path / "cam-1.pub").write_bytes(pem)
-
-    def cvops(*args):
-        return subprocess.run([CVOPS, *args], env=env, capture_output=True, text=True)
+    cvops = _in(home)
 
     no_key = cvops("enrol", "cam-1", "--public-key", str(tmp_path / "cam-1.pub"))
     assert no_key.returncode == 2 and "cvops keygen" in no_key.stderr
@@ -92,11 +95,7 @@ def test_a_device_prints_its_key_and_the_operator_enrols_and_revokes_it(tmp_path
 
 def test_root_key_delegation_and_rotation_from_the_command_line(tmp_path):
     home = tmp_path / "home"
-    env = {**os.environ, "CVOPS_HOME": str(home)}
-
-    def cvops(*args):
-        return subprocess.run([CVOPS, *args], env=env, capture_output=True, text=True)
-
+    cvops = _in(home)
     assert cvops("keygen").returncode == 0
     root = cvops("keygen", "--root", "--out", str(tmp_path / "offline"))
     assert root.returncode == 0 and "OFF this machine" in root.stdout

@@ -8,14 +8,12 @@ reference is torchvision's own inference (its postprocess and NMS) on the same p
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from cvops_pipelines.core.build.detection import MEAN, STD, DetectorConfig, RawHeads, predict_torch
-from cvops_pipelines.core.ship.export import INPUT_NAME, ExportError, quantize_int8
+from cvops_pipelines.core.ship.export import INPUT_NAME, quantize_int8, to_onnx
 from cvops_pipelines.edge.detect import Detection, box_iou, detections
 from cvops_pipelines.edge.preprocess import normalize, resize
 
@@ -55,36 +53,9 @@ class DetectorSpec:
 
 
 def export_detector(model, spec: DetectorSpec) -> bytes:
-    """torch.onnx.export (dynamo) of the raw heads with a dynamic batch axis; onnx.checker."""
-    import onnx
-    import torch
-
-    example = torch.zeros(2, 3, spec.image_size, spec.image_size)
-    batch = torch.export.Dim("batch", min=1, max=256)
-    try:
-        program = torch.onnx.export(
-            RawHeads(model.cpu().eval(), spec.image_size),
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUTS),
-            dynamic_shapes={"x": {0: batch}},
-            verbose=False,
-        )
-    except Exception as exc:  # the exporter raises many types; the stage needs one
-        raise ExportError(f"torch.onnx.export failed for {spec.architecture}: {exc}") from exc
-    proto = program.model_proto
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "cvops.preprocess", spec.to_json()
-    data = proto.SerializeToString()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(data)
-        try:
-            onnx.checker.check_model(str(path), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"onnx.checker rejected the exported detector: {exc}") from exc
-    return data
+    """The raw heads as ONNX (`to_onnx`: dynamo, dynamic batch, spec inside, checked)."""
+    raw = RawHeads(model.cpu().eval(), spec.image_size)
+    return to_onnx(raw, spec.image_size, list(OUTPUTS), spec.to_json(), spec.architecture, 256)
 
 
 def edge_detections(

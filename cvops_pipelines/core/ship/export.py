@@ -32,27 +32,41 @@ def edge_inputs(images: list[np.ndarray], preprocess: Preprocess) -> np.ndarray:
 def export_onnx(model, preprocess: Preprocess) -> bytes:
     """torch.onnx.export (dynamo) with a dynamic batch axis; full onnx.checker; the
     preprocessing JSON travels inside the file as metadata."""
+    return to_onnx(
+        model.cpu().eval(),
+        preprocess.image_size,
+        [OUTPUT_NAME],
+        preprocess.to_json(),
+        preprocess.architecture,
+        max_batch=1024,
+    )
+
+
+def to_onnx(
+    module, image_size: int, outputs: list[str], spec_json: str, what: str, max_batch: int
+) -> bytes:
+    """Any image model (N x 3 x side x side in) as ONNX bytes: the dynamo exporter with a
+    dynamic batch axis, the spec as `cvops.preprocess` metadata, then the full checker."""
     import onnx
     import torch
 
-    model = model.cpu().eval()
-    example = torch.zeros(2, 3, preprocess.image_size, preprocess.image_size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    example = torch.zeros(2, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
     try:
         program = torch.onnx.export(
-            model,
+            module,
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=outputs,
             dynamic_shapes={"x": {0: batch}},
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many types; the stage needs one
-        raise ExportError(f"torch.onnx.export failed for {preprocess.architecture}: {exc}") from exc
+        raise ExportError(f"torch.onnx.export failed for {what}: {exc}") from exc
     proto = program.model_proto
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "cvops.preprocess", preprocess.to_json()
+    entry.key, entry.value = "cvops.preprocess", spec_json
     data = proto.SerializeToString()
     with tempfile.TemporaryDirectory() as tmp:  # full_check needs a path for large models
         path = Path(tmp) / "model.onnx"

@@ -146,7 +146,7 @@ def read_register(store: Store, release_keys: list) -> Register:
         if doc["revoked"]:
             register.revoked.add(device)
         else:
-            register.keys[device] = _ed25519(doc["public_key"].encode(), entry.key)
+            register.keys[device] = doc["key"]
     return register
 
 
@@ -172,8 +172,10 @@ def _enrolment(store: Store, device: str, release_keys: list) -> dict:
         doc = json.loads(body)
         if doc["device_id"] != device or not isinstance(doc["revoked"], bool):
             raise ValueError(f"names device {doc['device_id']!r}")
-        if not doc["revoked"] and not isinstance(doc["public_key"], str):
-            raise ValueError("has no public key")
+        if not doc["revoked"]:
+            if not isinstance(doc["public_key"], str):
+                raise ValueError("has no public key")
+            doc["key"] = _ed25519(doc["public_key"].encode(), "its public key")
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"malformed enrolment ({exc})") from None
     return doc

@@ -86,6 +86,7 @@ class BatchBounds:
     max_records: int = 2048
     max_text_bytes: int = 16 * 1024 * 1024  # each .jsonl file, uncompressed
     max_total_bytes: int = 512 * 1024 * 1024  # all entries, uncompressed
+    max_upload_bytes: int = 513 * 1024 * 1024  # the zip itself, checked before it is read
     max_field_chars: int = 256  # any string field of a record or correction
     max_top_k: int = 20
 
@@ -486,6 +487,7 @@ def vet_batches(
     validate,
     register: Register,
     limits: ImageLimits = ImageLimits(),
+    bounds: BatchBounds = BatchBounds(),
 ) -> VettedBatches:
     """Check who sent each batch (`register`), parse, check and contract-validate a run's
     batches; quarantine the bad ones whole and store the good ones' images. `validate(records,
@@ -496,9 +498,14 @@ def vet_batches(
     parsed, frames, payloads, rejected = {}, {}, {}, {}
     for batch in batches:
         try:
+            size = store.size(batch_key(batch))
+            if size is not None and size > bounds.max_upload_bytes:
+                raise BatchRejected(
+                    "batch_too_large", f"the upload is {size} bytes > {bounds.max_upload_bytes}"
+                )
             payloads[batch] = store.read_bytes(batch_key(batch))
             device = register.check(batch, payloads[batch], batch_signature(store, batch))
-            parsed[batch] = parse_batch(payloads[batch], batch, limits)
+            parsed[batch] = parse_batch(payloads[batch], batch, limits, bounds)
             foreign = foreign_rows(device, parsed[batch].records, parsed[batch].corrections)
             if foreign:
                 raise BatchRejected("foreign_record", foreign)

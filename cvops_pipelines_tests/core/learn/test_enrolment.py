@@ -3,6 +3,7 @@ signed by the device, record ids namespaced by device, corrections only of one's
 Each attack below was accepted before devices had identities, and overwrote dev-001's labels."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -10,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.store import LocalStore
 from cvops_pipelines.core.learn.enrolment import enrol_device, read_register
-from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
+from cvops_pipelines.core.learn.feedback import BatchBounds, resolve_records, vet_batches
 from cvops_pipelines.edge.identity import public_pem
 from cvops_pipelines.edge.wire import batch_key, enrolment_key, enrolment_signature_key
 from cvops_pipelines_tests.core.learn.test_learn import device_batch
@@ -130,6 +131,26 @@ def test_a_batch_speaking_for_another_device_is_quarantined_and_changes_nothing(
     assert labels[ids[0]] == "1" and labels[ids[1]] == "7"  # the victim's labels stand
 
 
+def test_an_upload_larger_than_a_batch_can_be_is_refused_unread(field, monkeypatch):
+    store, fleet, victim, payload, ids, vet = field
+    fleet.upload("dev-002-b000001", rezip(payload, _records_as("dev-002-b000001")))
+    read, original = [], LocalStore.read_bytes
+    monkeypatch.setattr(
+        LocalStore, "read_bytes", lambda self, key: read.append(key) or original(self, key)
+    )
+    vetted = vet_batches(
+        store,
+        ["dev-002-b000001"],
+        CLASSES,
+        lambda records, label: SimpleNamespace(success=True, failures=[]),
+        fleet.register(),
+        bounds=BatchBounds(max_upload_bytes=len(payload) // 2),
+    )
+    (row,) = vetted.quarantined.itertuples()
+    assert row.reason_code == "batch_too_large"
+    assert "feedback/batches/dev-002-b000001.zip" not in read
+
+
 def test_the_register_takes_only_enrolments_the_release_key_signed(tmp_path):
     store = LocalStore(tmp_path)
     release, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
@@ -141,11 +162,18 @@ def test_the_register_takes_only_enrolments_the_release_key_signed(tmp_path):
     store.write_bytes(enrolment_key("cam-4"), body)  # signed, but names another device
     store.write_bytes(enrolment_signature_key("cam-4"), release.sign(body))
 
+    garbage = json.dumps(
+        {"device_id": "cam-6", "public_key": "not a key", "revoked": False}
+    ).encode()
+    store.write_bytes(enrolment_key("cam-6"), garbage)  # signed, but its key does not load
+    store.write_bytes(enrolment_signature_key("cam-6"), release.sign(garbage))
+
     register = read_register(store, [release.public_key()])
     assert set(register.keys) == {"cam-1"}
     problems = " | ".join(register.problems)
     assert "cam-2.json: not signed by the release key" in problems
     assert "cam-3.json: no signature" in problems and "cam-4.json: malformed" in problems
+    assert "cam-6.json: malformed enrolment (its public key is not a PEM" in problems
     with pytest.raises(ValueError, match="not a PEM public key"):
         enrol_device(store, release, "cam-5", b"not a key", "operator")
     with pytest.raises(ValueError, match="not a valid device id"):

@@ -35,6 +35,27 @@ def contracts_dir() -> Path:
     return Path(os.environ.get("CVOPS_CONTRACTS_DIR") or REPO_ROOT / "data_contracts").absolute()
 
 
+def ontology_path() -> Path:
+    """The dataset's ontology, which also names its task (CVOPS_ONTOLOGY, default
+    $CVOPS_CONTRACTS_DIR/ontology.yaml)."""
+    return Path(os.environ.get("CVOPS_ONTOLOGY") or contracts_dir() / "ontology.yaml").absolute()
+
+
+def model_name() -> str:
+    """The registered model (CVOPS_MODEL_NAME): by default `cvops-detector` for a detection
+    ontology and `cvops-classifier` otherwise, so a detector never competes with a classifier
+    for the same `champion` alias."""
+    if os.environ.get("CVOPS_MODEL_NAME"):
+        return os.environ["CVOPS_MODEL_NAME"]
+    from cvops_pipelines.core.base.ontology import OntologyError, load_ontology
+
+    try:
+        detection = load_ontology(ontology_path()).detection
+    except OntologyError:
+        detection = False  # the ontology's own error surfaces where the ontology is read
+    return "cvops-detector" if detection else "cvops-classifier"
+
+
 def s3_settings() -> dict:
     return {
         "bucket": os.environ.get("CVOPS_S3_BUCKET", ""),
@@ -100,6 +121,10 @@ ENVIRONMENT_HELP = """environment:
   CVOPS_S3_REGION        region (default AWS_REGION or us-east-1)
   CVOPS_S3_ENDPOINT_URL  S3-compatible endpoint (MinIO, moto, ...)
   CVOPS_CONTRACTS_DIR    ontology + GX suites (default ./data_contracts)
+  CVOPS_ONTOLOGY         the ontology file, whose `task` is classification or detection
+                         (default $CVOPS_CONTRACTS_DIR/ontology.yaml)
+  CVOPS_MODEL_NAME       registered model name (default cvops-classifier, or cvops-detector
+                         for a detection ontology)
   CVOPS_SIGNING_KEY      release signing key (default $CVOPS_HOME/keys/release_signing.key)
   MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
   TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)

@@ -32,6 +32,7 @@ def isolated_homes(tmp_path, monkeypatch):
     home = tmp_path / "cvops_home"
     monkeypatch.setenv("CVOPS_HOME", str(home))
     monkeypatch.delenv("CVOPS_DROPS", raising=False)
+    monkeypatch.delenv("CVOPS_ONTOLOGY", raising=False)
     monkeypatch.delenv("CVOPS_S3_BUCKET", raising=False)
     monkeypatch.delenv("CVOPS_S3_ENDPOINT_URL", raising=False)
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into os.environ; setenv first so

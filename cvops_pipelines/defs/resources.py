@@ -50,13 +50,15 @@ class DropSource(ConfigurableResource):
 
 
 class DataContracts(ConfigurableResource):
-    """The ontology and the GX suites in data_contracts/."""
+    """The ontology (which names the task: classification or detection) and the GX suites in
+    data_contracts/."""
 
     contracts_dir: str
+    ontology_file: str = Field("", description="Default: <contracts_dir>/ontology.yaml.")
     build_docs: bool = True
 
     def ontology(self) -> Ontology:
-        return load_ontology(Path(self.contracts_dir) / "ontology.yaml")
+        return load_ontology(self.ontology_file or Path(self.contracts_dir) / "ontology.yaml")
 
     def suite(self, name: str) -> Path:
         return Path(self.contracts_dir) / "gx" / f"{name}.json"
@@ -158,11 +160,14 @@ def build_resources() -> dict:
     return {
         "storage": storage,
         "drop_source": DropSource(uri=settings.drops_uri(), s3=s3_resource),
-        "contracts": DataContracts(contracts_dir=str(settings.contracts_dir())),
+        "contracts": DataContracts(
+            contracts_dir=str(settings.contracts_dir()), ontology_file=str(settings.ontology_path())
+        ),
         "tracking": MlflowTracking(
             tracking_uri=settings.mlflow_tracking_uri(),
             artifact_root=settings.mlflow_artifact_root(),
             ui_url=settings.mlflow_ui_url(),
+            model_name=settings.model_name(),
         ),
         "tables": TablesIOManager(storage=storage),
     }

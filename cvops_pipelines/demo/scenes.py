@@ -9,12 +9,15 @@ for the detection path's tests, benchmarks and demo. Boxes are pixel coordinates
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cvops_pipelines.demo.digit_model import _digits
+from cvops_pipelines.edge.detect import box_iou
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -42,19 +45,6 @@ class Scene:
         return out.getvalue()
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of two box arrays (N x 4, M x 4)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
 def _background(rng: np.random.Generator, config: SceneConfig) -> np.ndarray:
     """A lighting gradient in a random direction, a tint, and sensor noise."""
     side = config.side
@@ -79,7 +69,7 @@ def scene(index: int, seed: int = 0, config: SceneConfig = SceneConfig()) -> Sce
         size = int(rng.integers(config.min_scale, config.max_scale + 1))
         x, y = (int(v) for v in rng.integers(0, config.side - size + 1, size=2))
         box = np.array([x, y, x + size, y + size], np.float32)
-        if placed and iou(box, np.array(placed)).max() > config.max_overlap:
+        if placed and box_iou(box, np.array(placed)).max() > config.max_overlap:
             continue
         which = int(rng.integers(len(digits.images)))
         placed.append(box)
@@ -99,3 +89,40 @@ def scene(index: int, seed: int = 0, config: SceneConfig = SceneConfig()) -> Sce
 
 def scenes(count: int, seed: int = 0, config: SceneConfig = SceneConfig()) -> list[Scene]:
     return [scene(i, seed, config) for i in range(count)]
+
+
+def coco(names: list[str], items: list[Scene], annotator: str = "scene-truth") -> dict:
+    """A COCO document for scenes saved under `names`: images without objects are listed
+    without annotations (negatives)."""
+    images, annotations = [], []
+    for image_id, (name, item) in enumerate(zip(names, items), start=1):
+        height, width = item.image.shape[:2]
+        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for box, label in zip(item.boxes, item.labels):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": CLASSES.index(label),
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                    "annotator": annotator,
+                }
+            )
+    categories = [{"id": i, "name": name} for i, name in enumerate(CLASSES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def write_drop(folder: Path, items: list[Scene], first: int = 0) -> list[str]:
+    """A drop as a labelling tool would deliver it: PNGs, one COCO file, the `_SUCCESS`
+    marker last. Returns the image names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"images/scene_{first + i:05d}.png" for i in range(len(items))]
+    for name, item in zip(names, items):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(item.png())
+    (folder / "annotations.json").write_text(json.dumps(coco(names, items)))
+    (folder / "_SUCCESS").write_text("")
+    return names

@@ -47,6 +47,7 @@ CHECKS = {
     "dataset_version_contract": True,
     "dataset_version_balance": True,
     "dataset_version_leakage": True,
+    "dataset_version_boxes": True,
     "challenger_not_worse_than_champion": True,
     "replay_set_contract": True,
     "feedback_contract": True,

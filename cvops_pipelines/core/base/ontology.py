@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+TASKS = ("classification", "detection")
+
 
 class OntologyError(ValueError):
     """The ontology file itself is malformed."""
@@ -30,6 +32,11 @@ class Ontology:
     classes: tuple[OntologyClass, ...]
     path: str = "data_contracts/ontology.yaml"
     changes: tuple[dict, ...] = field(default_factory=tuple)
+    task: str = "classification"  # what a label is: one class per image, or boxes
+
+    @property
+    def detection(self) -> bool:
+        return self.task == "detection"
 
     @property
     def names(self) -> list[str]:
@@ -78,6 +85,10 @@ def load_ontology(path: str | Path) -> Ontology:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         line = nodes["version"].start_mark.line + 1 if "version" in nodes else 1
         raise OntologyError(f"{path}:{line}: version must be a whole number >= 1, got {version!r}")
+    task = doc.get("task", "classification")
+    if task not in TASKS:
+        line = nodes["task"].start_mark.line + 1
+        raise OntologyError(f"{path}:{line}: task must be one of {', '.join(TASKS)}, got {task!r}")
     classes = [
         _class(path, i, item, node)
         for i, (item, node) in enumerate(zip(doc["classes"], nodes["classes"].value))
@@ -107,6 +118,7 @@ def load_ontology(path: str | Path) -> Ontology:
         tuple(classes),
         str(path),
         tuple(doc.get("changes") or ()),
+        task,
     )
 
 

@@ -171,3 +171,50 @@ def ontology_png(per_class: pd.DataFrame) -> bytes:
     ax.set_title("class mix in the field")
     ax.legend(fontsize=7)
     return _png(plt, fig)
+
+
+def precision_recall_png(curves: dict[str, list[float]], title: str) -> bytes:
+    """Precision against recall at IoU 0.5, one line per class (COCO's 101 recall points)."""
+    import numpy as np
+
+    plt, (fig, ax) = _figure(5.5, 3.6)
+    recall = np.linspace(0, 1, 101)
+    for name, precision in sorted(curves.items()):
+        ax.plot(recall, precision, label=name, linewidth=1.2)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return _png(plt, fig)
+
+
+def boxes_png(examples: list[tuple], columns: int = 3) -> bytes:
+    """Example images with the true boxes (green) and the predicted ones (red, with class and
+    score). `examples`: (RGB array, truth {"boxes", "labels"}, prediction {"boxes", "scores",
+    "labels"}, title)."""
+    rows = max(1, -(-len(examples) // columns))
+    plt, (fig, _) = _figure(3.0 * columns, 3.0 * rows)
+    fig.clf()
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (image, truth, prediction, title) in zip(axes, examples):
+        ax.imshow(image)
+        for x0, y0, x1, y1 in truth["boxes"]:
+            ax.add_patch(
+                plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="#2ca02c", lw=1.5)
+            )
+        for (x0, y0, x1, y1), label, score in zip(
+            prediction["boxes"], prediction["labels"], prediction["scores"]
+        ):
+            ax.add_patch(
+                plt.Rectangle(
+                    (x0, y0), x1 - x0, y1 - y0, fill=False, color="#d62728", lw=1, ls="--"
+                )
+            )
+            ax.text(x0, y0, f"{label} {score:.2f}", color="#d62728", fontsize=6, va="bottom")
+        ax.set_title(title, fontsize=8)
+    return _png(plt, fig)

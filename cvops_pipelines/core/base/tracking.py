@@ -7,6 +7,7 @@ or any tracking server from MLFLOW_TRACKING_URI. Aliases: `challenger` (set by t
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import urllib.error
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvops_pipelines.core.build.detection import DetectorSpec, load_detector
 from cvops_pipelines.core.build.models import Preprocess, load_model
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -29,7 +31,7 @@ class TrackingUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: object
-    preprocess: Preprocess
+    preprocess: Preprocess | DetectorSpec  # `task` tells which
     version: str
     run_id: str
 
@@ -186,7 +188,9 @@ class Tracking:
                 (Path(tmp) / name).write_bytes(content)
             client.log_artifacts(run_id, tmp, folder)
 
-    def log_model_files(self, run_id: str, state: bytes, preprocess: Preprocess) -> None:
+    def log_model_files(
+        self, run_id: str, state: bytes, preprocess: Preprocess | DetectorSpec
+    ) -> None:
         self.log_files(
             run_id,
             MODEL_DIR,
@@ -235,6 +239,12 @@ class Tracking:
             return None
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
-            preprocess = Preprocess.from_json((local / "preprocess.json").read_text())
-            model = load_model((local / "state_dict.pt").read_bytes(), preprocess)
+            spec = (local / "preprocess.json").read_text()
+            state = (local / "state_dict.pt").read_bytes()
+            if json.loads(spec).get("task") == "detection":
+                preprocess = DetectorSpec.from_json(spec)
+                model = load_detector(state, preprocess)
+            else:
+                preprocess = Preprocess.from_json(spec)
+                model = load_model(state, preprocess)
         return LoadedModel(model, preprocess, str(mv.version), mv.run_id)

@@ -11,8 +11,9 @@ data-dependent shapes and the same graph serves any batch size.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import io
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,61 @@ class DetectorConfig:
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ssdlite's own normalisation
 
 
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What a device needs to run the detector; travels as `preprocess.json` and inside the
+    ONNX file, like a classifier's Preprocess."""
+
+    architecture: str
+    image_size: int
+    classes: tuple[str, ...]
+    score_threshold: float
+    nms_iou: float
+    candidates_per_class: int
+    detections_per_image: int
+    mean: tuple[float, float, float] = MEAN
+    std: tuple[float, float, float] = STD
+    task: str = "detection"
+
+    @classmethod
+    def of(cls, config: DetectorConfig, classes: list[str]) -> DetectorSpec:
+        return cls(
+            config.architecture,
+            config.image_size,
+            tuple(classes),
+            config.score_threshold,
+            config.nms_iou,
+            config.candidates_per_class,
+            config.detections_per_image,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> DetectorSpec:
+        doc = json.loads(text)
+        if doc.get("task") != "detection":
+            raise ValueError(f"this is a {doc.get('task', 'classification')} model's spec")
+        doc["classes"], doc["mean"], doc["std"] = (
+            tuple(doc["classes"]),
+            tuple(doc["mean"]),
+            tuple(doc["std"]),
+        )
+        return cls(**doc)
+
+    def config(self) -> DetectorConfig:
+        """What rebuilds the network this spec describes (the weights come separately)."""
+        return DetectorConfig(
+            architecture=self.architecture,
+            image_size=self.image_size,
+            score_threshold=self.score_threshold,
+            nms_iou=self.nms_iou,
+            candidates_per_class=self.candidates_per_class,
+            detections_per_image=self.detections_per_image,
+        )
+
+
 def build_detector(num_classes: int, config: DetectorConfig = DetectorConfig()):
     """`num_classes` object classes (+1 background, index 0). Nothing is downloaded."""
     import torch
@@ -62,6 +118,15 @@ def build_detector(num_classes: int, config: DetectorConfig = DetectorConfig()):
     return model
 
 
+def load_detector(state: bytes, spec: DetectorSpec):
+    """A registered detector from its state dict (read with `weights_only=True`) and spec."""
+    import torch
+
+    model = build_detector(len(spec.classes), spec.config())
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def augmentation(config: DetectorConfig):
     """Box-aware: every geometric change moves the boxes with the pixels; a box pushed mostly
     out of the frame is dropped, not kept as a sliver."""
@@ -82,6 +147,15 @@ def augmentation(config: DetectorConfig):
         bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_visibility=0.3),
         seed=config.seed,
     )
+
+
+def chunks(count: int, size: int) -> list[slice]:
+    """Batches of `size`, the last one merged into its neighbour when it would hold one image:
+    batch norm cannot train on a batch of one."""
+    starts = list(range(0, count, size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, [*starts[1:], count])]
 
 
 def _batch(samples, transform, rng):
@@ -110,17 +184,18 @@ def train_detector(
     num_classes: int,
     config: DetectorConfig = DetectorConfig(),
     on_epoch=None,
+    device: str = "cpu",
 ):
     """Train on RGB uint8 images with pixel boxes and 1-based class indices (0 is background);
-    `on_epoch(epoch, mean loss)` reports progress. Returns the model in eval mode."""
+    `on_epoch(epoch, mean loss)` reports progress. Returns the model on the CPU, in eval mode."""
     import torch
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = build_detector(num_classes, config)
+    model = build_detector(num_classes, config).to(device)
     transform = augmentation(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    steps = max(1, math.ceil(len(images) / config.batch_size)) * config.epochs
+    steps = len(chunks(len(images), config.batch_size)) * config.epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, config.learning_rate, total_steps=steps
     )
@@ -128,9 +203,11 @@ def train_detector(
     model.train()
     for epoch in range(config.epochs):
         order, losses = rng.permutation(len(samples)), []
-        for start in range(0, len(order), config.batch_size):
-            chunk = [samples[i] for i in order[start : start + config.batch_size]]
+        for part in chunks(len(order), config.batch_size):
+            chunk = [samples[i] for i in order[part]]
             batch_images, targets = _batch(chunk, transform, rng)
+            batch_images = [image.to(device) for image in batch_images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             loss = sum(model(batch_images, targets).values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"detector loss is {loss.item()} at epoch {epoch + 1}")
@@ -141,11 +218,13 @@ def train_detector(
             losses.append(float(loss.detach()))
         if on_epoch is not None:
             on_epoch(epoch + 1, float(np.mean(losses)))
-    recalibrate_batchnorm(model, images, config)
-    return model.eval()
+    recalibrate_batchnorm(model, images, config, device)
+    return model.cpu().eval()
 
 
-def recalibrate_batchnorm(model, images: list[np.ndarray], config: DetectorConfig) -> None:
+def recalibrate_batchnorm(
+    model, images: list[np.ndarray], config: DetectorConfig, device: str = "cpu"
+) -> None:
     """Recompute every batch-norm layer's running statistics over the training images as the
     device will see them (no augmentation). ssdlite's layers update them with momentum 0.03, so
     after a short run they still describe the random init, and the model in eval mode answers
@@ -159,10 +238,10 @@ def recalibrate_batchnorm(model, images: list[np.ndarray], config: DetectorConfi
     plain = augmentation(DetectorConfig(image_size=config.image_size, augment=False))
     model.train()
     with torch.no_grad():
-        for start in range(0, len(images), config.batch_size):
-            chunk = [(image, [], []) for image in images[start : start + config.batch_size]]
+        for part in chunks(len(images), config.batch_size):
+            chunk = [(image, [], []) for image in images[part]]
             batch, _ = _batch(chunk, plain, None)
-            model.backbone(model.transform(batch)[0].tensors)
+            model.backbone(model.transform([b.to(device) for b in batch])[0].tensors)
     for norm in norms:
         norm.momentum = 0.03
     model.eval()

@@ -14,10 +14,12 @@ import pandas as pd
 
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import read_table, write_table
+from cvops_pipelines.core.curate.boxes import box_rows
 from cvops_pipelines.core.curate.neardup import NearDupConfig, pairs_differing_in
 from cvops_pipelines.core.curate.splits import SPLITS, SplitConfig, split_of
 
 DATASET_COLUMNS = ["image_id", "label", "split", "uri", "key", "source", "phash"]
+DETECTION_COLUMNS = [*DATASET_COLUMNS, "boxes", "n_boxes", "width", "height"]
 
 
 @dataclass(frozen=True)
@@ -39,35 +41,51 @@ class DatasetVersion:
     leakage: pd.DataFrame  # near-duplicate pairs whose members sit in different splits
     config: dict = field(default_factory=dict)
 
+    @property
+    def detection(self) -> bool:
+        return "boxes" in self.rows
+
+    def labeled_units(self) -> pd.DataFrame:
+        """What a class is counted in: images (classification) or boxes (detection)."""
+        return box_rows(self.rows) if self.detection else self.rows
+
     def class_counts(self) -> pd.DataFrame:
         """Every (split, class) combination, zeros included, with its share of the split and
         how far that share is from the class's overall share, in binomial standard errors
-        (`share_z`): hash splits of a small pool are noisy, and only a large z is a real skew."""
-        classes = sorted(self.rows["label"].unique())
+        (`share_z`): hash splits of a small pool are noisy, and only a large z is a real skew.
+        For detection, `images` counts boxes: a class needs objects to learn from in every split."""
+        units = self.labeled_units()
+        classes = sorted(units["label"].unique())
         grid = pd.MultiIndex.from_product([SPLITS, classes], names=["split", "label"])
-        counts = self.rows.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
+        counts = units.groupby(["split", "label"]).size().reindex(grid, fill_value=0)
         frame = counts.rename("images").reset_index()
         split_sizes = frame.groupby("split")["images"].transform("sum").clip(lower=1)
         frame["share"] = frame["images"] / split_sizes
-        overall = frame["label"].map(self.rows["label"].value_counts(normalize=True))
+        overall = frame["label"].map(units["label"].value_counts(normalize=True))
         frame["share_deviation"] = (frame["share"] - overall).abs()
         standard_error = (overall * (1 - overall) / split_sizes).pow(0.5).clip(lower=1e-9)
         frame["share_z"] = (frame["share"] - overall) / standard_error
         return frame
 
     def summary(self) -> dict:
-        return {
+        summary = {
             "version": self.version,
             "images": len(self.rows),
             "excluded": len(self.excluded),
             "leakage_pairs": len(self.leakage),
             **{f"{s}_images": int((self.rows["split"] == s).sum()) for s in SPLITS},
         }
+        if self.detection:
+            summary["boxes"] = int(self.rows["n_boxes"].sum())
+            summary["images_without_objects"] = int((self.rows["n_boxes"] == 0).sum())
+        return summary
 
 
 def content_version(rows: pd.DataFrame) -> str:
-    """Same (image_id, label, split) content -> same id, whatever the row order."""
-    canonical = rows[["image_id", "label", "split"]].sort_values("image_id")
+    """Same (image_id, label, split) content (and boxes, for detection) -> same id, whatever
+    the row order."""
+    columns = ["image_id", "label", "split", *(["boxes"] if "boxes" in rows else [])]
+    canonical = rows[columns].sort_values("image_id")
     digest = hashlib.sha256(canonical.to_csv(index=False, lineterminator="\n").encode())
     return f"ds-{digest.hexdigest()[:16]}"
 
@@ -131,7 +149,8 @@ def build_dataset_version(
         )
         data = data[~data["image_id"].isin(drop)]
         leakage = cross_split_duplicates(data, neardup)
-    rows = data[DATASET_COLUMNS].sort_values("image_id").reset_index(drop=True)
+    columns = DETECTION_COLUMNS if "boxes" in data else DATASET_COLUMNS
+    rows = data[columns].sort_values("image_id").reset_index(drop=True)
     version = content_version(rows)
     rows["dataset_version"] = version  # travels with the rows to every downstream asset
     config = {"splits": asdict(splits), "policy": asdict(policy), "neardup": asdict(neardup)}

@@ -20,7 +20,12 @@ import pandas as pd
 from cvops_pipelines.core.base.ontology import Ontology
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.formats.coco import looks_like_coco, parse_coco
-from cvops_pipelines.core.ingest.formats.common import FRACTION, LabelProblem, LabelRecord
+from cvops_pipelines.core.ingest.formats.common import (
+    FRACTION,
+    NO_OBJECTS,
+    LabelProblem,
+    LabelRecord,
+)
 from cvops_pipelines.core.ingest.formats.csv_labels import parse_csv
 from cvops_pipelines.core.ingest.formats.imagefolder import parse_imagefolder
 from cvops_pipelines.core.ingest.formats.labelstudio import (
@@ -241,6 +246,8 @@ def import_annotations(
         if isinstance(item, LabelProblem):
             problems.append(item)
             continue
+        if item.label == NO_OBJECTS and not ontology.detection:
+            continue  # a classification dataset: the image stays unlabeled
         name, code = index.resolve(item.image_ref, item.annotation_file)
         if not code and name in index.rejected:
             code = "image_quarantined"
@@ -255,7 +262,7 @@ def import_annotations(
                 )
             )
             continue
-        if item.label not in ontology:
+        if item.label not in ontology and item.label != NO_OBJECTS:
             problems.append(
                 LabelProblem(
                     "unknown_class",

@@ -16,6 +16,8 @@ class DetectionReport:
     ap_per_class: dict[str, float] = field(default_factory=dict)  # AP@[.5:.95]; nan: no truth
     recall_50: dict[str, float] = field(default_factory=dict)  # at the reported score threshold
     objects: dict[str, int] = field(default_factory=dict)
+    # precision at 101 recall points (0, 0.01, ... 1) at IoU 0.5, per class with truth
+    pr_50: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _matched(pred_boxes, pred_scores, truth_boxes, iou: float) -> int:
@@ -53,15 +55,26 @@ def evaluate_detections(
         return out
 
     metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval"
+        box_format="xyxy",
+        iou_type="bbox",
+        class_metrics=True,
+        backend="faster_coco_eval",
+        extended_summary=True,
     )
     metric.update([tensors(p, True) for p in predictions], [tensors(t, False) for t in truths])
     result = metric.compute()
     per_class = dict.fromkeys(classes, float("nan"))
-    for label, ap in zip(
-        np.atleast_1d(result["classes"].numpy()), np.atleast_1d(result["map_per_class"].numpy())
+    pr_50 = {}
+    precision = result["precision"].numpy()  # IoU x recall x class x area x max detections
+    for k, (label, ap) in enumerate(
+        zip(
+            np.atleast_1d(result["classes"].numpy()),
+            np.atleast_1d(result["map_per_class"].numpy()),
+        )
     ):
         per_class[classes[int(label)]] = float(ap) if ap >= 0 else float("nan")
+        if ap >= 0:
+            pr_50[classes[int(label)]] = [max(float(p), 0.0) for p in precision[0, :, k, 0, -1]]
     recall, objects = {}, {}
     for name in classes:
         found = total = 0
@@ -74,5 +87,5 @@ def evaluate_detections(
         objects[name] = total
         recall[name] = found / total if total else float("nan")
     return DetectionReport(
-        float(result["map"]), float(result["map_50"]), per_class, recall, objects
+        float(result["map"]), float(result["map_50"]), per_class, recall, objects, pr_50
     )

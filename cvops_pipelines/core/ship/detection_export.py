@@ -7,49 +7,16 @@ reference is torchvision's own inference (its postprocess and NMS) on the same p
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from cvops_pipelines.core.build.detection import MEAN, STD, DetectorConfig, RawHeads, predict_torch
+from cvops_pipelines.core.build.detection import DetectorSpec, RawHeads, predict_torch
 from cvops_pipelines.core.ship.export import INPUT_NAME, quantize_int8, to_onnx
 from cvops_pipelines.edge.detect import Detection, box_iou, detections
 from cvops_pipelines.edge.preprocess import normalize, resize
 
 OUTPUTS = ("boxes", "scores")
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """What a device needs to run the detector; travels as `preprocess.json` and inside the
-    ONNX file, like a classifier's Preprocess."""
-
-    architecture: str
-    image_size: int
-    classes: tuple[str, ...]
-    score_threshold: float
-    nms_iou: float
-    candidates_per_class: int
-    detections_per_image: int
-    mean: tuple[float, float, float] = MEAN
-    std: tuple[float, float, float] = STD
-    task: str = "detection"
-
-    @classmethod
-    def of(cls, config: DetectorConfig, classes: list[str]) -> DetectorSpec:
-        return cls(
-            config.architecture,
-            config.image_size,
-            tuple(classes),
-            config.score_threshold,
-            config.nms_iou,
-            config.candidates_per_class,
-            config.detections_per_image,
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
 
 def export_detector(model, spec: DetectorSpec) -> bytes:

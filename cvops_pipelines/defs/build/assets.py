@@ -1,5 +1,5 @@
-"""Build stage: transfer-learning training on a dataset version, tracked and registered in
-MLflow."""
+"""Build stage: training on a dataset version, tracked and registered in MLflow: a classifier
+(transfer learning), or a detector when the dataset version carries boxes."""
 
 from dataclasses import asdict, fields
 from typing import get_type_hints
@@ -9,6 +9,8 @@ from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, O
 from pydantic import Field, create_model
 
 from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.build.detection import DetectorConfig
+from cvops_pipelines.core.build.detection_run import train_detector_tracked
 from cvops_pipelines.core.build.models import pick_device
 from cvops_pipelines.core.build.run import INIT_FROM, RunPlan, train_tracked
 from cvops_pipelines.core.build.training import TrainConfig
@@ -29,7 +31,36 @@ _Hyperparameters = create_model(
 )
 
 
+_DETECTOR_HELP = {
+    "architecture": "torchvision detector (weights=None, weights_backbone=None: nothing is "
+    "downloaded).",
+    "image_size": "The detector's square input side.",
+    "checkpoint": "A local state dict to start from, read with weights_only=True.",
+    "score_threshold": "Boxes below this score are not reported (device and evaluation).",
+    "nms_iou": "Class-wise non-maximum suppression IoU.",
+    "candidates_per_class": "Top-k boxes per class before NMS.",
+    "detections_per_image": "At most this many boxes per image.",
+    "augment": "Box-aware augmentation (crop keeping every box, light, noise).",
+}
+DetectorHyperparameters = create_model(
+    "DetectorHyperparameters",
+    __base__=Config,
+    **{
+        f.name: (
+            get_type_hints(DetectorConfig)[f.name],
+            Field(f.default, description=_DETECTOR_HELP.get(f.name, "")),
+        )
+        for f in fields(DetectorConfig)
+    },
+)
+
+
 class TrainedModelConfig(_Hyperparameters):
+    detector: DetectorHyperparameters = Field(  # type: ignore[valid-type]
+        default_factory=DetectorHyperparameters,
+        description="Used instead of the classifier's settings when the dataset version "
+        "carries boxes (ontology task: detection).",
+    )
     init_from: str = Field(
         "none",
         description=f"Start from a registered model: one of {INIT_FROM} "
@@ -46,6 +77,11 @@ class TrainedModelConfig(_Hyperparameters):
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
 
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig(
+            **{f.name: getattr(self.detector, f.name) for f in fields(DetectorConfig)}
+        )
+
     def plan(self) -> RunPlan:
         return RunPlan(
             pick_device(self.device), self.init_from, self.search_trials, self.search_epochs
@@ -56,8 +92,9 @@ class TrainedModelConfig(_Hyperparameters):
     group_name="build",
     io_manager_key="tables",
     kinds={"pytorch", "mlflow"},
-    description="A torchvision classifier fine-tuned on the dataset version's train split, "
-    "tracked as an MLflow run and registered with alias `challenger`. Not eager: "
+    description="A torchvision classifier fine-tuned (or, for a detection dataset, a detector "
+    "trained) on the dataset version's train split, tracked as an MLflow run and registered "
+    "with alias `challenger`. Not eager: "
     "retraining_sensor decides when new labels or field alerts are worth a run.",
 )
 def trained_model(
@@ -69,10 +106,21 @@ def trained_model(
 ):
     mlflow, store = tracking.open(), storage.store()
     tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "trained_model"}
-    plan, train_config = config.plan(), config.train_config()
-    trained = train_tracked(
-        mlflow, store, dataset_version, train_config, plan, tags, context.log.info
-    )
+    plan = config.plan()
+    if "boxes" in dataset_version:
+        trained = train_detector_tracked(
+            mlflow,
+            store,
+            dataset_version,
+            config.detector_config(),
+            plan.device,
+            tags,
+            context.log.info,
+        )
+    else:
+        trained = train_tracked(
+            mlflow, store, dataset_version, config.train_config(), plan, tags, context.log.info
+        )
     record = trained.record
     facts = ModelFacts(record["model_version"], record["dataset_version"], record["dataset_images"])
     write_facts(store, facts)  # what retraining_sensor reads
@@ -90,7 +138,9 @@ def _trained_metadata(trained) -> dict:
         "mlflow_model": MetadataValue.url(trained.model_url),
         "dataset_version": record["dataset_version"],
         "dataset_images": record["dataset_images"],
-        "val_accuracy": round(record["val_accuracy"], 4),
+        **{
+            k: round(record[k], 4) for k in ("val_accuracy", "val_map", "val_map_50") if k in record
+        },
         "best_epoch": record["best_epoch"],
         "stopped_early": record["stopped_early"],
         "train_images_per_second": round(record["train_images_per_second"], 1),

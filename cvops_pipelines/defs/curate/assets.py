@@ -20,16 +20,25 @@ from pydantic import Field
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.curate.box_qa import (
+    BoxQAConfig,
+    image_review,
+    review_boxes,
+    reviewer_predictions,
+    write_box_review,
+)
+from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool
 from cvops_pipelines.core.curate.dataset import DatasetPolicy, build_dataset_version, save_snapshot
 from cvops_pipelines.core.curate.label_qa import LabelQAConfig, review_label_quality, write_review
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.curate.pool import build_labeled_pool
 from cvops_pipelines.core.curate.replay_set import HoldoutPolicy, build_replay_set, save_replay_set
 from cvops_pipelines.core.curate.splits import SplitConfig
+from cvops_pipelines.core.ingest.formats.common import NO_OBJECTS
 from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest, resolve_records
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
-from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
+from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
 from cvops_pipelines.edge.wire import FEEDBACK
 
 EAGER = AutomationCondition.eager()
@@ -41,23 +50,35 @@ EAGER = AutomationCondition.eager()
     kinds={"python", "parquet"},
     automation_condition=EAGER,
     description="Every labeled image from every drop (and later feedback and the annotation "
-    "queue), with each annotator's latest vote and the consensus label.",
+    "queue), with each annotator's latest vote and the consensus label; for a detection "
+    "ontology, each image's latest box set (images annotated as empty kept as negatives).",
 )
 def labeled_pool(
     context: AssetExecutionContext,
     raw_images: pd.DataFrame,
     annotations: pd.DataFrame,
     feedback: pd.DataFrame,
+    contracts: DataContracts,
 ):
     records = resolve_records(feedback)
     if len(records):
         raw_images = pd.concat([raw_images, feedback_manifest(records)], ignore_index=True)
         annotations = pd.concat([annotations, feedback_labels(records)], ignore_index=True)
-    pool = build_labeled_pool(raw_images, annotations)
-    per_class = pool.groupby("label").size().rename("images").reset_index()
+    if contracts.ontology().detection:
+        pool = build_box_pool(raw_images, annotations)
+        per_class = box_rows(pool).groupby("label").size().rename("boxes").reset_index()
+        extra = {
+            "boxes": int(pool["n_boxes"].sum()),
+            "images_without_objects": int((pool["label"] == NO_OBJECTS).sum()),
+        }
+    else:
+        pool = build_labeled_pool(raw_images, annotations)
+        per_class = pool.groupby("label").size().rename("images").reset_index()
+        extra = {}
     return Output(
         pool,
         metadata={
+            **extra,
             "images": len(pool),
             "drops": int(pool.loc[~pool["source"].str.startswith(FEEDBACK), "source"].nunique()),
             "feedback_labeled": int((pool["origin"] == "feedback").sum()),
@@ -152,6 +173,21 @@ class LabelIssuesConfig(Config):
     max_mad: float = Field(
         NearDupConfig.max_mad, description="Near-duplicate confirmation: thumbnail difference."
     )
+    reviewer: str = Field(
+        "champion", description="Detection: the registered detector (alias) that reviews boxes."
+    )
+    box_match_iou: float = Field(BoxQAConfig.match_iou, description="Same object at this IoU.")
+    box_min_overlap: float = Field(
+        BoxQAConfig.min_overlap, description="Below this IoU a prediction is another object."
+    )
+    box_min_score: float = Field(
+        BoxQAConfig.overlooked_score,
+        description="Detection: the reviewer's score from which a missing box, a move or a "
+        "swap is suggested.",
+    )
+    box_duplicate_iou: float = Field(
+        BoxQAConfig.duplicate_iou, description="Two same-class boxes this close: a duplicate."
+    )
 
 
 @asset(
@@ -160,14 +196,19 @@ class LabelIssuesConfig(Config):
     kinds={"python", "parquet"},
     automation_condition=EAGER,
     description="Suspect labels ranked for human review: cleanlab on out-of-fold "
-    "probabilities, near-duplicate conflicts, annotator disagreement.",
+    "probabilities, near-duplicate conflicts, annotator disagreement. For boxes: overlooked "
+    "objects, badly located boxes, swapped classes (against the champion detector on images it "
+    "did not train on), duplicates and annotator disagreement, each with a suggested fix.",
 )
 def label_issues(
     context: AssetExecutionContext,
     config: LabelIssuesConfig,
     labeled_pool: pd.DataFrame,
     storage: CvopsStorage,
+    tracking: MlflowTracking,
 ):
+    if "boxes" in labeled_pool:
+        return _box_issues(context, config, labeled_pool, storage, tracking)
     neardup = NearDupConfig(config.max_hamming, config.max_mad)
     qa = LabelQAConfig(config.folds, config.neighbors, config.seed, neardup=neardup)
     result = review_label_quality(labeled_pool, qa)
@@ -177,6 +218,41 @@ def label_issues(
     classes = sorted(labeled_pool["label"].unique())
     png, uris = write_review(storage.store(), prefix, result, classes)
     return Output(result.review, metadata=_label_issues_metadata(result, png, uris))
+
+
+def _box_issues(context, config, pool: pd.DataFrame, storage, tracking) -> Output:
+    store = storage.store()
+    predictions = reviewer_predictions(
+        tracking.open(), store, pool, config.reviewer, context.log.info
+    )
+    qa = BoxQAConfig(
+        config.box_match_iou,
+        config.box_min_overlap,
+        config.box_min_score,
+        config.box_min_score,
+        config.box_min_score,
+        config.box_duplicate_iou,
+    )
+    issues = review_boxes(pool, predictions, qa)
+    classes = sorted(box_rows(pool)["label"].unique())
+    uris = write_box_review(
+        store, f"reports/label_issues/{context.run.run_id}", issues, pool, classes
+    )
+    review = image_review(issues, pool)
+    return Output(
+        review,
+        metadata={
+            "suspects": len(review),
+            "box_issues": len(issues),
+            "scored_images": len(predictions),
+            "reviewer": config.reviewer if predictions else "none yet (model-free checks only)",
+            "issues_by_type": MetadataValue.json(issues["issue"].value_counts().to_dict()),
+            "top_issues": MetadataValue.md(markdown_table(issues, 15)),
+            "box_issues_csv": MetadataValue.url(uris["box_issues.csv"]),
+            "labelstudio_import": MetadataValue.url(uris["labelstudio_tasks.json"]),
+            "labelstudio_config": MetadataValue.url(uris["labelstudio_config.xml"]),
+        },
+    )
 
 
 def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
@@ -219,6 +295,8 @@ class DatasetVersionConfig(Config):
     min_class_share: float = Field(
         0.0, description="Contract: smallest share of a class in a split."
     )
+    min_box_side: float = Field(1.0, description="Contract: a box's smallest width and height.")
+    max_boxes_per_image: int = Field(100, description="Contract: boxes in one image, at most.")
     max_class_share: float = Field(
         1.0, description="Contract: largest share of a class in a split."
     )
@@ -246,6 +324,12 @@ class DatasetVersionConfig(Config):
         ),
         contract_spec(
             "dataset_version", "dataset_version_leakage", "No near-duplicate image across splits."
+        ),
+        contract_spec(
+            "dataset_version",
+            "dataset_version_boxes",
+            "Detection: every box inside its image, of positive size, of a class in the "
+            "ontology, a bounded number per image (no rows to check for classification).",
         ),
     ],
     description="Immutable (image_id, label, split) snapshot named by its content hash; "
@@ -307,14 +391,28 @@ def _dataset_contracts(
         "min_share_z": -config.max_share_z,
         "max_share_z": config.max_share_z,
     }
+    classes = contracts.ontology().names
+    boxes = {
+        "ontology_classes": classes,
+        "min_box_side": config.min_box_side,
+        "max_boxes_per_image": config.max_boxes_per_image,
+    }
+    image_classes = [*classes, NO_OBJECTS] if dataset.detection else classes
     return [
         validate(
             dataset.rows,
             contracts.suite("dataset_version"),
-            {"ontology_classes": contracts.ontology().names},
+            {"ontology_classes": image_classes},
             docs,
             run,
         ),
         validate(counts, contracts.suite("dataset_version_balance"), balance, docs, run),
         validate(dataset.leakage, contracts.suite("dataset_version_leakage"), {}, docs, run),
+        validate(
+            box_rows(dataset.rows),
+            contracts.suite("dataset_version_boxes"),
+            boxes,
+            docs,
+            run,
+        ),
     ]

@@ -19,6 +19,11 @@ from pydantic import Field
 
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.measure.detection_evaluation import (
+    DetectionGateConfig,
+    evaluate_detector,
+    log_detection_evaluation,
+)
 from cvops_pipelines.core.measure.evaluation import (
     EvaluationPolicy,
     EvaluationReport,
@@ -63,6 +68,19 @@ class ModelEvaluationConfig(OperatorConfig):
         "shows non-inferior (default: refuse one it shows "
         "worse; the paired canary decides the rest).",
     )
+
+    max_map_drop: float = Field(0.02, description="Detection gate: mAP may drop this much.")
+    max_class_ap_drop: float = Field(
+        0.05, description="Detection gate: any class's AP may drop this much."
+    )
+    min_class_objects: int = Field(
+        5, description="Detection gate: test objects a class needs before its AP can block."
+    )
+
+    def detection_gate(self) -> DetectionGateConfig:
+        return DetectionGateConfig(
+            self.max_map_drop, self.max_class_ap_drop, self.min_class_objects
+        )
 
     def policy(self, event_classes) -> EvaluationPolicy:
         return EvaluationPolicy(
@@ -122,6 +140,11 @@ def model_evaluation(
     champion = mlflow.load(alias="champion")
     if champion is None:
         context.log.info("no champion yet: the challenger passes the gate by definition")
+    if trained_model.get("task") == "detection":
+        yield from _evaluate_detector(
+            challenger, champion, trained_model, dataset_version, storage, mlflow, config
+        )
+        return
     report = evaluate_challenger(
         challenger,
         champion,
@@ -144,6 +167,54 @@ def model_evaluation(
         },
     )
     yield _gate_check(report, config)
+
+
+def _evaluate_detector(challenger, champion, trained_model, rows, storage, mlflow, config):
+    evaluation = evaluate_detector(
+        challenger, champion, storage.store(), rows, config.detection_gate()
+    )
+    log_detection_evaluation(mlflow, trained_model["run_id"], evaluation)
+    record = evaluation.record(
+        mlflow.model_name, trained_model["run_id"], trained_model["dataset_version"]
+    )
+    gate = evaluation.gate
+    yield Output(
+        record,
+        metadata={
+            "challenger": f"v{evaluation.challenger_version}",
+            "champion": f"v{evaluation.champion_version}"
+            if evaluation.champion_version
+            else "none yet",
+            "test_images": evaluation.test_images,
+            "map": round(evaluation.mine.map, 4),
+            "map_50": round(evaluation.mine.map_50, 4),
+            "per_class": MetadataValue.md(markdown_table(evaluation.per_class, 100)),
+            "precision_recall": MetadataValue.md(
+                md_image(evaluation.pr_png, "precision-recall at IoU 0.5")
+            ),
+            "examples": MetadataValue.md(
+                md_image(evaluation.examples_png, "true boxes (green) and predicted (red)")
+            ),
+            "mlflow_run": MetadataValue.url(mlflow.run_url(trained_model["run_id"])),
+        },
+    )
+    yield AssetCheckResult(
+        check_name=GATE_CHECK,
+        passed=gate.passed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "first_model": gate.first_model,
+            "decision": "; ".join(gate.reasons),
+            "notes": "; ".join(gate.notes) or "none",
+            **({} if gate.passed else {"first_failure": gate.reasons[0]}),
+            "side_by_side": MetadataValue.md(markdown_table(evaluation.per_class, 100)),
+            "thresholds": MetadataValue.json(
+                config.model_dump(
+                    include={"max_map_drop", "max_class_ap_drop", "min_class_objects"}
+                )
+            ),
+        },
+    )
 
 
 def _evaluation_metadata(report: EvaluationReport) -> dict:

@@ -11,8 +11,9 @@ from cvops_pipelines.core.build.detection import (
     build_detector,
     train_detector,
 )
-from cvops_pipelines.demo.scenes import CLASSES, SceneConfig, iou, scenes
+from cvops_pipelines.demo.scenes import CLASSES, SceneConfig, scenes
 from cvops_pipelines.edge.detect import box_iou, nms
+from cvops_pipelines.edge.detect import box_iou as iou
 
 FAST = DetectorConfig(epochs=2, batch_size=4, augment=True)
 

@@ -3,7 +3,13 @@
 import json
 
 from cvops_pipelines.core.ingest.formats.coco import parse_coco
-from cvops_pipelines.core.ingest.formats.common import FRACTION, PIXELS, LabelProblem, LabelRecord
+from cvops_pipelines.core.ingest.formats.common import (
+    FRACTION,
+    NO_OBJECTS,
+    PIXELS,
+    LabelProblem,
+    LabelRecord,
+)
 from cvops_pipelines.core.ingest.formats.csv_labels import parse_csv
 from cvops_pipelines.core.ingest.formats.labelstudio import image_ref_from_task, parse_labelstudio
 from cvops_pipelines.core.ingest.formats.yolo import (
@@ -114,9 +120,10 @@ def test_coco_boxes_image_level_labels_and_problems():
         ("images/b.jpg", "car", (5.0, 5.0, 15.0, 15.0)),
     ]
     assert all(r.box_units == PIXELS for r in records)
-    # a.jpg has one class -> image-level label; b.jpg is mixed -> none; empty.jpg -> unlabeled
+    # a.jpg has one class -> image-level label; b.jpg is mixed -> none; empty.jpg, listed
+    # without annotations -> a negative (kept by detection datasets, unlabeled otherwise)
     image_level = [(r.image_ref, r.label) for r in records if r.box is None]
-    assert image_level == [("images/a.jpg", "dog")]
+    assert image_level == [("images/a.jpg", "dog"), ("images/empty.jpg", NO_OBJECTS)]
     assert [(p.code, p.position) for p in problems] == [
         ("unknown_class", "annotations[4] (id=14)"),
         ("missing_image", "annotations[5] (id=15)"),

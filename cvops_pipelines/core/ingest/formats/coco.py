@@ -1,7 +1,8 @@
 """COCO JSON: boxes per annotation, plus an image-level label where all boxes agree.
 
-Category ids are looked up by id (COCO ids are often non-contiguous); images without
-annotations are simply unlabeled.
+Category ids are looked up by id (COCO ids are often non-contiguous). An image listed without
+annotations is a negative (`NO_OBJECTS`): kept by a detection dataset, unlabeled for a
+classification one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from cvops_pipelines.core.ingest.formats.common import PIXELS, LabelProblem, LabelRecord
+from cvops_pipelines.core.ingest.formats.common import (
+    NO_OBJECTS,
+    PIXELS,
+    LabelProblem,
+    LabelRecord,
+)
 
 
 def looks_like_coco(doc: object) -> bool:
@@ -34,6 +40,7 @@ def parse_coco(name: str, doc: dict) -> Iterator[LabelRecord | LabelProblem]:
             continue
         images[image["id"]] = str(image["file_name"])
     labels_per_image: dict[int, set[str]] = defaultdict(set)
+    annotated: set = set()
     for i, ann in enumerate(doc.get("annotations") or []):
         position = f"annotations[{i}]" + (f" (id={ann.get('id')})" if isinstance(ann, dict) else "")
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
@@ -46,6 +53,7 @@ def parse_coco(name: str, doc: dict) -> Iterator[LabelRecord | LabelProblem]:
                 "missing_image", f"image_id {ann['image_id']} is not in 'images'", name, position
             )
             continue
+        annotated.add(ann["image_id"])
         file_name = images[ann["image_id"]]
         if ann["category_id"] not in categories:
             yield LabelProblem(
@@ -83,3 +91,6 @@ def parse_coco(name: str, doc: dict) -> Iterator[LabelRecord | LabelProblem]:
             yield LabelRecord(
                 images[image_id], next(iter(labels)), name, f"images (id={image_id})", ""
             )
+    for image_id, file_name in images.items():
+        if image_id not in annotated:
+            yield LabelRecord(file_name, NO_OBJECTS, name, f"images (id={image_id})")

@@ -8,7 +8,12 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from cvops_pipelines.core.ingest.formats.common import FRACTION, LabelProblem, LabelRecord
+from cvops_pipelines.core.ingest.formats.common import (
+    FRACTION,
+    NO_OBJECTS,
+    LabelProblem,
+    LabelRecord,
+)
 
 CLASS_FILES = ("classes.txt", "obj.names", "data.yaml", "dataset.yaml")
 
@@ -47,6 +52,9 @@ def parse_yolo_labels(
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         yield LabelProblem("malformed_file", "not UTF-8 text", name, image_ref=ref)
+        return
+    if not text.strip():  # YOLO's negative: a label file with no boxes
+        yield LabelRecord(ref, NO_OBJECTS, name, "empty file")
         return
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -1,0 +1,137 @@
+"""One tracked detector training run: the same MLflow run, dataset input, model files and
+`challenger` registration as a classifier's (core/build/run.py), with mAP on the validation split
+as the run's judge."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from time import perf_counter
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, train_detector
+from cvops_pipelines.core.build.models import state_dict_bytes
+from cvops_pipelines.core.build.run import Log, TrainedModel
+from cvops_pipelines.core.curate.boxes import box_rows, decode
+from cvops_pipelines.edge.preprocess import load_rgb
+
+
+def detection_classes(rows: pd.DataFrame) -> list[str]:
+    """The detector's classes: every class with a box in the dataset version, sorted."""
+    return sorted(box_rows(rows)["label"].unique())
+
+
+def load_scenes(store: Store, rows: pd.DataFrame) -> tuple[list[np.ndarray], list[dict]]:
+    """Stored originals as oriented RGB arrays at their own size (boxes are in those pixels),
+    with their truth as {"boxes", "labels"}."""
+    images = [np.asarray(load_rgb(store.read_bytes(key))) for key in rows["key"]]
+    truths = []
+    for text in rows["boxes"]:
+        boxes, labels = decode(text)
+        truths.append({"boxes": boxes.astype(np.float32), "labels": labels})
+    return images, truths
+
+
+def predict(model, images: list[np.ndarray], spec: DetectorSpec) -> list[dict]:
+    """torchvision's inference at the spec's input side, boxes in each image's pixels, classes
+    by name (what the metrics and label QA read)."""
+    from cvops_pipelines.core.build.detection import predict_torch
+
+    out = []
+    for found in predict_torch(model, images, spec.image_size):
+        out.append(
+            {
+                "boxes": found["boxes"],
+                "scores": found["scores"],
+                "labels": [spec.classes[i - 1] for i in found["labels"]],
+            }
+        )
+    return out
+
+
+def train_detector_tracked(
+    tracking: Tracking,
+    store: Store,
+    rows: pd.DataFrame,
+    config: DetectorConfig,
+    device: str,
+    tags: dict,
+    log: Log,
+) -> TrainedModel:
+    from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
+
+    tracking.check()
+    version = str(rows["dataset_version"].iloc[0])
+    classes = detection_classes(rows)
+    train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
+    log(f"loading {len(train) + len(val)} images of {version}; training a detector on {device}")
+    train_images, train_truth = load_scenes(store, train)
+    val_images, val_truth = load_scenes(store, val)
+    index = {c: i + 1 for i, c in enumerate(classes)}  # 0 is background
+    tags = {**tags, "dataset_version": version, "task": "detection"}
+    spec = DetectorSpec.of(config, classes)
+    history = []
+    with tracking.start_run(f"train {config.architecture} on {version}", tags) as run:
+        tracking.log_params(
+            {
+                **asdict(config),
+                "task": "detection",
+                "device": device,
+                "classes": len(classes),
+                "train_images": len(train),
+                "val_images": len(val),
+                "train_boxes": int(train["n_boxes"].sum()),
+            }
+        )
+        tracking.log_dataset(rows, version, store.uri(f"datasets/{version}"))
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            tracking.log_metrics({"train_loss": loss}, step=epoch)
+            history.append({"epoch": epoch, "train_loss": round(loss, 4)})
+            log(f"epoch {epoch}/{config.epochs}: train_loss {loss:.4g}")
+
+        started = perf_counter()
+        model = train_detector(
+            train_images,
+            [t["boxes"] for t in train_truth],
+            [[index[c] for c in t["labels"]] for t in train_truth],
+            len(classes),
+            config,
+            on_epoch,
+            device,
+        )
+        seconds = perf_counter() - started
+        report = evaluate_detections(predict(model, val_images, spec), val_truth, classes)
+        metrics = {"val_map": report.map, "val_map_50": report.map_50}
+        tracking.log_metrics(metrics)
+        log(f"validation: mAP {report.map:.3f}, mAP@.5 {report.map_50:.3f}")
+        tracking.log_model_files(run.info.run_id, state_dict_bytes(model), spec)
+    model_version = tracking.register(run.info.run_id, "challenger", tags)
+    record = {
+        "task": "detection",
+        "model_name": tracking.model_name,
+        "model_version": model_version,
+        "run_id": run.info.run_id,
+        "dataset_version": version,
+        "dataset_images": len(rows),
+        "architecture": config.architecture,
+        "image_size": config.image_size,
+        "classes": classes,
+        "best_epoch": config.epochs,
+        "val_map": report.map,
+        "val_map_50": report.map_50,
+        "stopped_early": False,
+        "train_images_per_second": len(train) * config.epochs / max(seconds, 1e-9),
+        "config": asdict(config),
+    }
+    return TrainedModel(
+        record,
+        pd.DataFrame(history),
+        pd.DataFrame(),
+        config,
+        tracking.run_url(run.info.run_id),
+        tracking.model_version_url(model_version),
+    )

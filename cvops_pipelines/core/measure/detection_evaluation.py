@@ -1,0 +1,188 @@
+"""A detector challenger against the champion on the dataset version's test split: COCO mAP,
+mAP@.5, AP and recall@.5 per class, a precision-recall plot, example boxes, and the gate.
+
+The gate is non-inferiority on the numbers it prints: the challenger's mAP may drop at most
+`max_map_drop` below the champion's, and no class's AP more than `max_class_ap_drop`, where a
+class counts only with `min_objects` test objects (fewer is noise, said in the notes). The first
+detector passes by definition. Reviewed production frames with boxes are not yet replayed: the
+decision says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.base.plots import boxes_png, precision_recall_png
+from cvops_pipelines.core.build.detection_run import load_scenes, predict
+from cvops_pipelines.core.measure.detection_metrics import DetectionReport, evaluate_detections
+
+
+@dataclass(frozen=True)
+class DetectionGateConfig:
+    max_map_drop: float = 0.02
+    max_class_ap_drop: float = 0.05
+    min_objects: int = 5  # test objects a class needs before its AP can block
+
+
+@dataclass
+class DetectionGate:
+    passed: bool
+    first_model: bool
+    reasons: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DetectionEvaluation:
+    challenger_version: str
+    champion_version: str | None
+    mine: DetectionReport
+    theirs: DetectionReport | None
+    test_images: int
+    per_class: pd.DataFrame
+    gate: DetectionGate
+    pr_png: bytes
+    examples_png: bytes
+
+    def record(self, model_name: str, run_id: str, dataset_version: str) -> dict:
+        return {
+            "task": "detection",
+            "model_name": model_name,
+            "challenger_version": self.challenger_version,
+            "champion_version": self.champion_version,
+            "run_id": run_id,
+            "dataset_version": dataset_version,
+            "test_images": self.test_images,
+            "map": self.mine.map,
+            "map_50": self.mine.map_50,
+            "champion_map": self.theirs.map if self.theirs else None,
+            "gate_passed": self.gate.passed,
+            "gate_reasons": self.gate.reasons,
+        }
+
+
+def per_class_table(mine: DetectionReport, theirs: DetectionReport | None) -> pd.DataFrame:
+    rows = []
+    for name in sorted(mine.objects):
+        row = {
+            "class": name,
+            "test_objects": mine.objects[name],
+            "ap": mine.ap_per_class.get(name, math.nan),
+            "recall_50": mine.recall_50.get(name, math.nan),
+        }
+        if theirs is not None:
+            row["champion_ap"] = theirs.ap_per_class.get(name, math.nan)
+            row["ap_change"] = row["ap"] - row["champion_ap"]
+        rows.append(row)
+    return pd.DataFrame(rows).round(4)
+
+
+def decide(
+    mine: DetectionReport, theirs: DetectionReport | None, config: DetectionGateConfig
+) -> DetectionGate:
+    notes = ["no reviewed production frames with boxes are replayed yet"]
+    if theirs is None:
+        return DetectionGate(True, True, ["first detector: passes by definition"], notes)
+    reasons, passed = [], True
+    drop = theirs.map - mine.map
+    if drop > config.max_map_drop:
+        passed = False
+        reasons.append(
+            f"mAP {mine.map:.4f} is {drop:.4f} below the champion's {theirs.map:.4f} "
+            f"(limit {config.max_map_drop})"
+        )
+    else:
+        reasons.append(
+            f"mAP {mine.map:.4f} vs champion {theirs.map:.4f}: within {config.max_map_drop}"
+        )
+    for name, objects in sorted(mine.objects.items()):
+        ours, old = mine.ap_per_class.get(name, math.nan), theirs.ap_per_class.get(name, math.nan)
+        if math.isnan(ours) or math.isnan(old):
+            continue
+        if old - ours > config.max_class_ap_drop:
+            if objects < config.min_objects:
+                notes.append(
+                    f"class {name!r} AP {ours:.3f} vs {old:.3f}, but only {objects} test "
+                    f"objects (< {config.min_objects}): not blocking"
+                )
+                continue
+            passed = False
+            reasons.append(
+                f"class {name!r} AP {ours:.4f} is {old - ours:.4f} below the champion's "
+                f"{old:.4f} (limit {config.max_class_ap_drop})"
+            )
+    if passed:
+        reasons.append(f"no class's AP dropped more than {config.max_class_ap_drop}")
+    return DetectionGate(passed, False, reasons, notes)
+
+
+def evaluate_detector(
+    challenger, champion, store, rows: pd.DataFrame, config: DetectionGateConfig, examples: int = 6
+) -> DetectionEvaluation:
+    """`challenger`, `champion`: LoadedModel (champion None, or not a detector: no comparison)."""
+    test = rows[rows["split"] == "test"]
+    if test.empty:
+        raise ValueError(f"dataset version {rows['dataset_version'].iloc[0]} has no test images")
+    images, truths = load_scenes(store, test)
+    classes = list(challenger.preprocess.classes)
+    found = predict(challenger.model, images, challenger.preprocess)
+    mine = evaluate_detections(found, truths, classes)
+    theirs = None
+    if champion is not None and getattr(champion.preprocess, "task", "") == "detection":
+        old = predict(champion.model, images, champion.preprocess)
+        known = [c for c in classes if c in champion.preprocess.classes]
+        keep = lambda d: {  # noqa: E731 - score the champion on the classes it knows
+            "boxes": np.asarray(d["boxes"]).reshape(-1, 4)[np.isin(d["labels"], known)],
+            "scores": np.asarray(d["scores"])[np.isin(d["labels"], known)],
+            "labels": [c for c in d["labels"] if c in known],
+        }
+        theirs = evaluate_detections([keep(d) for d in old], truths, classes)
+    order = np.argsort([-len(t["labels"]) for t in truths], kind="stable")[:examples]
+    shown = [
+        (
+            images[i],
+            truths[i],
+            _confident(found[i], 0.3),
+            f"{test['image_id'].iloc[i][:10]}… {len(truths[i]['labels'])} true",
+        )
+        for i in order
+    ]
+    return DetectionEvaluation(
+        challenger.version,
+        champion.version if theirs is not None else None,
+        mine,
+        theirs,
+        len(test),
+        per_class_table(mine, theirs),
+        decide(mine, theirs, config),
+        precision_recall_png(mine.pr_50, f"v{challenger.version}: precision-recall at IoU 0.5"),
+        boxes_png(shown),
+    )
+
+
+def _confident(prediction: dict, floor: float) -> dict:
+    """What an example image shows: boxes scored at least `floor` (the list goes to 0.05)."""
+    keep = np.asarray(prediction["scores"]) >= floor
+    return {
+        "boxes": np.asarray(prediction["boxes"]).reshape(-1, 4)[keep],
+        "scores": np.asarray(prediction["scores"])[keep],
+        "labels": [c for c, k in zip(prediction["labels"], keep) if k],
+    }
+
+
+def log_detection_evaluation(tracking, run_id: str, evaluation: DetectionEvaluation) -> None:
+    tracking.log_metric(run_id, "test_map", evaluation.mine.map)
+    tracking.log_metric(run_id, "test_map_50", evaluation.mine.map_50)
+    tracking.log_files(
+        run_id,
+        "evaluation",
+        {
+            "precision_recall.png": evaluation.pr_png,
+            "examples.png": evaluation.examples_png,
+            "per_class.csv": evaluation.per_class.to_csv(index=False).encode(),
+        },
+    )

@@ -108,10 +108,10 @@ def export_model(
             f"({json.dumps(choice.verdicts)})"
         )
     frame = table(measurements)
-    files = _store_artifacts(
+    files = store_artifacts(
         store, f"models/{tracking.model_name}/v{loaded.version}", artifacts, preprocess.to_json()
     )
-    run_id, registered = _register(
+    run_id, registered = register_artifacts(
         tracking, loaded, artifacts, frame, choices, parities, measurements, tags
     )
     record = {
@@ -129,7 +129,7 @@ def export_model(
     return ExportedModel(record, frame, choices, parities, tracking.run_url(run_id))
 
 
-def _store_artifacts(
+def store_artifacts(
     store: Store, prefix: str, artifacts: dict[str, bytes], preprocess_json: str
 ) -> dict[str, dict]:
     files = {}
@@ -147,7 +147,7 @@ def _store_artifacts(
     return files
 
 
-def _register(
+def register_artifacts(
     tracking: Tracking,
     loaded: LoadedModel,
     artifacts: dict[str, bytes],

@@ -24,6 +24,7 @@ from cvops_pipelines.core.learn.feedback import resolve_records
 from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.ship.artifact_choice import TargetProfile
 from cvops_pipelines.core.ship.canary import log_canary, look_at_canary
+from cvops_pipelines.core.ship.detection_onnx import export_detector_model
 from cvops_pipelines.core.ship.export import ExportError
 from cvops_pipelines.core.ship.keys import KeyNotDelegated, signing_key
 from cvops_pipelines.core.ship.onnx_model import ExportPolicy, export_model
@@ -99,8 +100,9 @@ def onnx_model(
     mlflow = tracking.open()
     loaded = mlflow.load_version(trained_model["model_version"])
     tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "onnx_model"}
+    export = export_detector_model if trained_model.get("task") == "detection" else export_model
     try:
-        exported = export_model(
+        exported = export(
             loaded,
             dataset_version,
             storage.store(),

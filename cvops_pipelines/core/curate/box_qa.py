@@ -92,7 +92,7 @@ def predicted_box_issues(
     pred_scores = np.asarray(pred_scores, np.float64)
     pred_labels = np.asarray(pred_labels, dtype=object)
     overlap = box_iou(boxes, pred_boxes)  # given x predicted
-    out = []
+    out, explained = [], set()  # predictions a suggested swap or move already accounts for
     for i, label in enumerate(labels):
         same = pred_labels == label
         matched = same & (overlap[i] >= config.match_iou)
@@ -101,6 +101,7 @@ def predicted_box_issues(
         if other.any():
             j = int(np.argmax(np.where(other, pred_scores, -1)))
             if pred_scores[j] > best_same:
+                explained.add(j)
                 out.append(
                     _issue(
                         image_id,
@@ -120,6 +121,7 @@ def predicted_box_issues(
         near = same & (overlap[i] >= config.min_overlap) & (pred_scores >= config.location_score)
         if near.any():
             j = int(np.argmax(np.where(near, pred_scores, -1)))
+            explained.add(j)
             out.append(
                 _issue(
                     image_id,
@@ -139,6 +141,8 @@ def predicted_box_issues(
         else np.zeros(len(pred_scores), bool)
     )
     for j in np.nonzero(~covered & (pred_scores >= config.overlooked_score))[0]:
+        if j in explained:
+            continue
         out.append(
             _issue(
                 image_id,

@@ -12,7 +12,12 @@ import pandas as pd
 
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, train_detector
+from cvops_pipelines.core.build.detection import (
+    DetectorConfig,
+    DetectorSpec,
+    predict_torch,
+    train_detector,
+)
 from cvops_pipelines.core.build.models import state_dict_bytes
 from cvops_pipelines.core.build.run import Log, TrainedModel
 from cvops_pipelines.core.curate.boxes import box_rows, decode
@@ -38,8 +43,6 @@ def load_scenes(store: Store, rows: pd.DataFrame) -> tuple[list[np.ndarray], lis
 def predict(model, images: list[np.ndarray], spec: DetectorSpec) -> list[dict]:
     """torchvision's inference at the spec's input side, boxes in each image's pixels, classes
     by name (what the metrics and label QA read)."""
-    from cvops_pipelines.core.build.detection import predict_torch
-
     out = []
     for found in predict_torch(model, images, spec.image_size):
         out.append(

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cvops_pipelines.core.curate.boxes import decode
+from cvops_pipelines.core.curate.label_qa import REVIEW_COLUMNS
 from cvops_pipelines.edge.detect import box_iou
 
 ISSUES = ("overlooked", "badly_located", "swapped_class", "duplicate_box", "annotator_disagreement")
@@ -196,8 +197,6 @@ def image_review(issues: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
     """One row per image with issues, in the label-QA review's shape (the dataset version's
     exclusion policy and the review table read it): the image's worst severity, its issue
     types as `reasons`, and every suggested fix in `details`."""
-    from cvops_pipelines.core.curate.label_qa import REVIEW_COLUMNS
-
     if issues.empty:
         return pd.DataFrame(columns=REVIEW_COLUMNS)
     grouped = issues.groupby("image_id", sort=False)

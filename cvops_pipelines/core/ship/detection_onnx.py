@@ -36,6 +36,7 @@ from cvops_pipelines.core.ship.export import ExportError, session
 from cvops_pipelines.core.ship.onnx_model import (
     ExportedModel,
     ExportPolicy,
+    export_inputs,
     register_artifacts,
     store_artifacts,
 )
@@ -51,14 +52,7 @@ def export_detector_model(
     log: Callable[[str], None],
 ) -> ExportedModel:
     spec, model = loaded.preprocess, loaded.model
-    tags = {
-        **tags,
-        "dataset_version": str(dataset["dataset_version"].iloc[0]),
-        "source_model_version": loaded.version,
-    }
-    test = dataset[dataset["split"] == "test"]
-    train = dataset[dataset["split"] == "train"]
-    calibration_rows = train.sample(min(policy.calibration_images, len(train)), random_state=0)
+    tags, test, calibration_rows = export_inputs(loaded, dataset, policy, tags)
     images, truths = load_scenes(store, test)
     calibration, _ = load_scenes(store, calibration_rows)
 
@@ -96,7 +90,7 @@ def export_detector_model(
         store, f"models/{tracking.model_name}/v{loaded.version}", artifacts, spec.to_json()
     )
     run_id, registered = register_artifacts(
-        tracking, loaded, artifacts, frame, choices, parities, measurements, tags
+        tracking, loaded, artifacts, frame, choices, parities, measurements, tags, "map"
     )
     record = {
         "task": "detection",

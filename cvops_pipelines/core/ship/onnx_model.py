@@ -51,6 +51,22 @@ class ExportedModel:
     run_url: str
 
 
+def export_inputs(
+    loaded: LoadedModel, dataset: pd.DataFrame, policy: ExportPolicy, tags: dict
+) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """The run's tags, the test rows (parity and measurements) and the training rows int8 is
+    calibrated on (a seeded sample: the same dataset gives the same calibration)."""
+    tags = {
+        **tags,
+        "dataset_version": str(dataset["dataset_version"].iloc[0]),
+        "source_model_version": loaded.version,
+    }
+    test = dataset[dataset["split"] == "test"]
+    train = dataset[dataset["split"] == "train"]
+    calibration_rows = train.sample(min(policy.calibration_images, len(train)), random_state=0)
+    return tags, test, calibration_rows
+
+
 def export_model(
     loaded: LoadedModel,
     dataset: pd.DataFrame,
@@ -61,14 +77,7 @@ def export_model(
     log: Callable[[str], None],
 ) -> ExportedModel:
     preprocess, model = loaded.preprocess, loaded.model
-    tags = {
-        **tags,
-        "dataset_version": str(dataset["dataset_version"].iloc[0]),
-        "source_model_version": loaded.version,
-    }
-    test = dataset[dataset["split"] == "test"]
-    train = dataset[dataset["split"] == "train"]
-    calibration_rows = train.sample(min(policy.calibration_images, len(train)), random_state=0)
+    tags, test, calibration_rows = export_inputs(loaded, dataset, policy, tags)
     test_images = load_images(store, list(test["key"]), preprocess.image_size)
     calibration = load_images(store, list(calibration_rows["key"]), preprocess.image_size)
     labels = class_indices(test["label"], preprocess.classes)
@@ -156,6 +165,7 @@ def register_artifacts(
     parities: dict,
     measurements,
     tags: dict,
+    quality: str = "accuracy",  # what Measurement.accuracy is: "map" for a detector
 ) -> tuple[str, dict]:
     """One MLflow run holding the measurements, choices and parity, and each artifact as a
     registered ONNX model (`<model>-onnx-fp32`, `-onnx-int8`) with alias `challenger`."""
@@ -171,7 +181,7 @@ def register_artifacts(
         for m in measurements:
             tracking.log_metrics(
                 {
-                    f"{m.artifact}_accuracy": m.accuracy,
+                    f"{m.artifact}_{quality}": m.accuracy,
                     f"{m.artifact}_p50_ms_b1": m.latency_ms["p50_b1"],
                 }
             )

@@ -198,23 +198,10 @@ def _evaluate_detector(challenger, champion, trained_model, rows, storage, mlflo
             "mlflow_run": MetadataValue.url(mlflow.run_url(trained_model["run_id"])),
         },
     )
-    yield AssetCheckResult(
-        check_name=GATE_CHECK,
-        passed=gate.passed,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "first_model": gate.first_model,
-            "decision": "; ".join(gate.reasons),
-            "notes": "; ".join(gate.notes) or "none",
-            **({} if gate.passed else {"first_failure": gate.reasons[0]}),
-            "side_by_side": MetadataValue.md(markdown_table(evaluation.per_class, 100)),
-            "thresholds": MetadataValue.json(
-                config.model_dump(
-                    include={"max_map_drop", "max_class_ap_drop", "min_class_objects"}
-                )
-            ),
-        },
+    thresholds = config.model_dump(
+        include={"max_map_drop", "max_class_ap_drop", "min_class_objects"}
     )
+    yield _gate_result(gate, evaluation.per_class, thresholds)
 
 
 def _evaluation_metadata(report: EvaluationReport) -> dict:
@@ -269,6 +256,17 @@ def _gate_check(report: EvaluationReport, config: ModelEvaluationConfig) -> Asse
             "require_field_evidence",
         }
     )
+    replay = (
+        {"replay_paired": MetadataValue.md(markdown_table(report.replayed.table(), 10))}
+        if report.replayed is not None
+        else {}
+    )
+    return _gate_result(gate, gate.table, thresholds, replay)
+
+
+def _gate_result(gate, side_by_side, thresholds: dict, extra: dict | None = None):
+    """The gate's check, one shape for both tasks: its decision, the numbers it read, its
+    thresholds."""
     return AssetCheckResult(
         check_name=GATE_CHECK,
         passed=gate.passed,
@@ -278,12 +276,8 @@ def _gate_check(report: EvaluationReport, config: ModelEvaluationConfig) -> Asse
             "decision": "; ".join(gate.reasons),
             "notes": "; ".join(gate.notes) or "none",
             **({} if gate.passed else {"first_failure": gate.reasons[0]}),
-            **(
-                {"replay_paired": MetadataValue.md(markdown_table(report.replayed.table(), 10))}
-                if report.replayed is not None
-                else {}
-            ),
-            "side_by_side": MetadataValue.md(markdown_table(gate.table, 100)),
+            **(extra or {}),
+            "side_by_side": MetadataValue.md(markdown_table(side_by_side, 100)),
             "thresholds": MetadataValue.json(thresholds),
         },
     )

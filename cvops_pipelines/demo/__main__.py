@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed for the demo data split, the training runs and the fleet",
     )
+    parser.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        default="classification",
+        help="detection: one turn of the loop on boxes, on synthetic scenes the project "
+        "renders (digits pasted on noisy backgrounds), in its own homes "
+        "(.cvops-detection, .dagster_home-detection) with data_contracts/scenes.yaml",
+    )
     parser.add_argument("--timings", help="write where the time went (JSON) to this file")
     parser.add_argument(
         "--report",
@@ -53,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     from cvops_pipelines.demo.harness import Demo, make_data
 
     args = build_parser().parse_args(argv)
+    if args.task == "detection":
+        from cvops_pipelines.demo import detection
+
+        detection.use_detection_homes()
+        config = detection.DetectionDemoConfig(seed=args.seed)
+        try:
+            return detection.run(config, args.report)
+        except KeyboardInterrupt:
+            return 130
     try:
         if args.data_only:
             return make_data(args.drops, args.holdback, args.seed)

@@ -33,6 +33,7 @@ from cvops_pipelines.edge.bundle import (
     verify_manifest,
     verify_signature,
 )
+from cvops_pipelines.edge.detect import detections, summary_label
 from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 
@@ -48,6 +49,7 @@ class Prediction:
     confidence: float
     top_k: list[tuple[str, float]]
     release: str
+    boxes: list[dict] = field(default_factory=list)  # a detector's answer: label, score, box
 
 
 @dataclass
@@ -137,6 +139,23 @@ def read_delegation(
     return doc["version"], keys
 
 
+def _detector_health(outputs, classes: int) -> None:
+    """A detector answers per-anchor boxes (1 x A x 4) and class scores (1 x A x classes+1)."""
+    shapes = [tuple(o.shape) for o in outputs]
+    ok = (
+        len(outputs) == 2
+        and outputs[0].ndim == 3
+        and outputs[0].shape[0] == 1
+        and outputs[0].shape[2] == 4
+        and outputs[1].shape == (1, outputs[0].shape[1], classes + 1)
+        and all(np.isfinite(o).all() for o in outputs)
+    )
+    if not ok:
+        raise BundleError(
+            "health", f"detector answers {shapes} for {classes} classes (+ background)"
+        )
+
+
 def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
     if not canary or not canary.get("release"):
         return False
@@ -216,11 +235,15 @@ class EdgeAgent:
                 str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
             )
             size = int(preprocess["image_size"])
-            out = session.run(
+            outputs = session.run(
                 None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)}
-            )[0]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError("health", f"model does not load or run: {exc}") from None
+        if preprocess.get("task") == "detection":
+            _detector_health(outputs, len(preprocess["classes"]))
+            return session, preprocess
+        out = outputs[0]
         if out.shape != (1, len(preprocess["classes"])) or not np.isfinite(out).all():
             raise BundleError(
                 "health",
@@ -469,10 +492,12 @@ class EdgeAgent:
         if self._session is None:
             raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
         size = int(self._preprocess["image_size"])
-        batch = normalize(
-            [resize(load_rgb(image), size)], self._preprocess["mean"], self._preprocess["std"]
-        )
-        logits = self._session.run(None, {self._session.get_inputs()[0].name: batch})[0][0]
+        rgb = load_rgb(image)
+        batch = normalize([resize(rgb, size)], self._preprocess["mean"], self._preprocess["std"])
+        outputs = self._session.run(None, {self._session.get_inputs()[0].name: batch})
+        if self._preprocess.get("task") == "detection":
+            return self._detected(image, frame, outputs, rgb.size)
+        logits = outputs[0][0]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         classes = self._preprocess["classes"]
@@ -484,8 +509,48 @@ class EdgeAgent:
         )
         return Prediction(record_id, top[0][0], top[0][1], top, self._loaded)
 
+    def _detected(self, image: bytes, frame, outputs, size: tuple[int, int]) -> Prediction:
+        spec = self._preprocess
+        found = detections(
+            outputs[0][0],
+            outputs[1][0],
+            size[0],
+            size[1],
+            list(spec["classes"]),
+            spec["score_threshold"],
+            spec["nms_iou"],
+            spec["candidates_per_class"],
+            spec["detections_per_image"],
+        )
+        boxes = [
+            {"label": d.label, "score": round(d.score, 6), "box": [round(v, 2) for v in d.box]}
+            for d in found
+        ]
+        top = [(b["label"], b["score"]) for b in boxes[: self.top_k]]
+        label, confidence = top[0] if top else ("", 0.0)  # "": nothing found
+        record_id = self.buffer.record(
+            self._loaded,
+            hashlib.sha256(image).hexdigest(),
+            image,
+            label,
+            confidence,
+            top,
+            frame,
+            boxes,
+        )
+        return Prediction(record_id, label, confidence, top, self._loaded, boxes)
+
     def correct(self, record_id: str, label: str) -> None:
         self.buffer.correct(record_id, label)
+
+    def correct_boxes(self, record_id: str, boxes: list[dict]) -> None:
+        """An operator's review of a detector's answer: the whole corrected set ({label, box}
+        in the image's pixels), after adding, deleting, moving or relabelling boxes; an empty
+        list says the image holds nothing."""
+        clean = [
+            {"label": str(b["label"]), "box": [round(float(v), 2) for v in b["box"]]} for b in boxes
+        ]
+        self.buffer.correct(record_id, summary_label([b["label"] for b in clean]), clean)
 
     def watch(self, folder: Path) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
         """Predict every new file in `folder` once (a frame is its name and content hash, kept

@@ -16,10 +16,10 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT UNIQUE, release TEXT, image_id TEXT,
     image BLOB, predicted TEXT, confidence REAL, top_k TEXT, corrected_label TEXT,
-    captured_at TEXT, batch_id TEXT);
+    captured_at TEXT, batch_id TEXT, boxes TEXT, corrected_boxes TEXT);
 CREATE TABLE IF NOT EXISTS corrections (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, record_id TEXT, corrected_label TEXT,
-    corrected_at TEXT, batch_id TEXT);
+    corrected_at TEXT, batch_id TEXT, corrected_boxes TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER);
 CREATE TABLE IF NOT EXISTS frames (
     frame TEXT PRIMARY KEY, record_id TEXT, skipped TEXT, at TEXT);
@@ -31,6 +31,17 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _boxes_fields(boxes: str | None, corrected: str | None) -> dict:
+    """A detector's record carries its boxes and, once reviewed, the corrected set; a
+    classifier's record carries neither key (the wire format it always had)."""
+    out = {}
+    if boxes is not None:
+        out["boxes"] = json.loads(boxes)
+    if corrected is not None:
+        out["corrected_boxes"] = json.loads(corrected)
+    return out
+
+
 class FeedbackBuffer:
     def __init__(self, path: Path, device_id: str, cohort: str):
         self.device_id, self.cohort = device_id, cohort
@@ -38,6 +49,14 @@ class FeedbackBuffer:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        for table, column in (
+            ("records", "boxes"),
+            ("records", "corrected_boxes"),
+            ("corrections", "corrected_boxes"),
+        ):  # a buffer written before detection: add the box columns, keep every row
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -51,15 +70,26 @@ class FeedbackBuffer:
         confidence: float,
         top_k: list[tuple[str, float]],
         frame: str | None = None,
+        boxes: list[dict] | None = None,
     ) -> str:
         """`frame`: the source frame's key (a watched file), marked seen in the same
-        transaction, so a restart never records one frame twice."""
+        transaction, so a restart never records one frame twice. `boxes`: a detector's answer
+        ({label, score, box} in the image's pixels)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cursor = self.db.execute(
                 "INSERT INTO records (release, image_id, image, predicted, confidence, top_k, "
-                "captured_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (release, image_id, image, predicted, confidence, json.dumps(top_k), now()),
+                "captured_at, boxes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    release,
+                    image_id,
+                    image,
+                    predicted,
+                    confidence,
+                    json.dumps(top_k),
+                    now(),
+                    None if boxes is None else json.dumps(boxes),
+                ),
             )
             record_id = wire.record_id(self.device_id, cursor.lastrowid)
             self.db.execute(
@@ -90,19 +120,23 @@ class FeedbackBuffer:
             0
         ]
 
-    def correct(self, record_id: str, label: str) -> None:
-        """In the record while it waits; as a separate correction once its batch is sealed."""
+    def correct(self, record_id: str, label: str, boxes: list[dict] | None = None) -> None:
+        """In the record while it waits; as a separate correction once its batch is sealed.
+        `boxes`: for a detector, the whole corrected box set ({label, box}); `label` is then
+        its summary (the most frequent class, "" for an image with nothing in it)."""
+        fixed = None if boxes is None else json.dumps(boxes)
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             updated = self.db.execute(
-                "UPDATE records SET corrected_label = ? WHERE record_id = ? AND batch_id IS NULL",
-                (label, record_id),
+                "UPDATE records SET corrected_label = ?, corrected_boxes = ? "
+                "WHERE record_id = ? AND batch_id IS NULL",
+                (label, fixed, record_id),
             ).rowcount
             if not updated:
                 self.db.execute(
                     "INSERT INTO corrections (record_id, corrected_label, "
-                    "corrected_at) VALUES (?, ?, ?)",
-                    (record_id, label, now()),
+                    "corrected_at, corrected_boxes) VALUES (?, ?, ?, ?)",
+                    (record_id, label, now(), fixed),
                 )
 
     def pending(self) -> int:
@@ -145,19 +179,23 @@ class FeedbackBuffer:
         """The batch as a zip: records.jsonl, corrections.jsonl, images/<image_id>.bin."""
         records = self.db.execute(
             "SELECT record_id, release, image_id, image, predicted, confidence, top_k, "
-            "corrected_label, captured_at FROM records WHERE batch_id = ? ORDER BY seq",
+            "corrected_label, captured_at, boxes, corrected_boxes FROM records "
+            "WHERE batch_id = ? ORDER BY seq",
             (batch_id,),
         ).fetchall()
         corrections = self.db.execute(
-            "SELECT record_id, corrected_label, corrected_at FROM corrections WHERE batch_id = ? "
-            "ORDER BY seq",
+            "SELECT record_id, corrected_label, corrected_at, corrected_boxes FROM corrections "
+            "WHERE batch_id = ? ORDER BY seq",
             (batch_id,),
         ).fetchall()
         lines, images = [], {}
-        for rid, release, image_id, image, predicted, confidence, top_k, label, at in records:
+        for row in records:
+            rid, release, image_id, image, predicted, confidence, top_k, label, at = row[:9]
+            detected = _boxes_fields(row[9], row[10])
             lines.append(
                 json.dumps(
                     {
+                        **detected,
                         "record_id": rid,
                         "device_id": self.device_id,
                         "cohort": self.cohort,
@@ -177,6 +215,7 @@ class FeedbackBuffer:
         fixes = [
             json.dumps(
                 {
+                    **_boxes_fields(None, boxes),
                     "record_id": r,
                     "corrected_label": label,
                     "corrected_at": at,
@@ -184,7 +223,7 @@ class FeedbackBuffer:
                 },
                 sort_keys=True,
             )
-            for r, label, at in corrections
+            for r, label, at, boxes in corrections
         ]
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:

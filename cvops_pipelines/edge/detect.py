@@ -20,6 +20,16 @@ class Detection:
     box: tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in image pixels
 
 
+def summary_label(labels: list[str]) -> str:
+    """An image's one-word summary of its boxes: the most frequent class (ties: the first
+    name), "" for an image with nothing in it."""
+    if not labels:
+        return ""
+    counts = {label: labels.count(label) for label in labels}
+    top = max(counts.values())
+    return sorted(label for label, n in counts.items() if n == top)[0]
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
     lt = np.maximum(a[:, None, :2], b[None, :, :2])

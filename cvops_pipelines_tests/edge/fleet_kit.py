@@ -36,13 +36,15 @@ class Central:
     def public_key(self) -> bytes:
         return (self.key_dir / "release_signing.pub").read_bytes()
 
-    def release(self, model: bytes, version: str, parent: str | None = None, key=None):
+    def release(
+        self, model: bytes, version: str, parent: str | None = None, key=None, preprocess=None
+    ):
         key = key or load_private_key(self.key_dir / "release_signing.key")
         parent_manifest = self.releases.manifest(parent) if parent else None
         parent_model = self.releases.model(parent) if parent else None
         release = build_release(
             model,
-            PREPROCESS,
+            preprocess or PREPROCESS,
             {
                 "model_name": "digits",
                 "model_version": version,

@@ -10,6 +10,9 @@ import numpy as np
 import yaml
 
 TASKS = ("classification", "detection")
+# The label of "this image was looked at and holds no objects": a detection negative. No class
+# can be named "" (names must be non-empty), and a classification dataset has no such label.
+NO_OBJECTS = ""
 
 
 class OntologyError(ValueError):
@@ -37,6 +40,11 @@ class Ontology:
     @property
     def detection(self) -> bool:
         return self.task == "detection"
+
+    @property
+    def image_labels(self) -> list[str]:
+        """What one image's label may be: a class or, for detection, also NO_OBJECTS."""
+        return [*self.names, *([NO_OBJECTS] if self.detection else [])]
 
     @property
     def names(self) -> list[str]:

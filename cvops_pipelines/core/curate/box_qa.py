@@ -245,7 +245,7 @@ def reviewer_predictions(tracking, store, pool: pd.DataFrame, alias: str, log) -
     return dict(zip(fresh["image_id"], found))
 
 
-def _rect(image_id: str, size: tuple[int, int], box, label: str, n) -> dict:
+def labelstudio_rect(image_id: str, size: tuple[int, int], box, label: str, n) -> dict:
     """A Label Studio rectangle: percent of the image, with its original size."""
     (width, height), (x0, y0, x1, y1) = size, box
     return {
@@ -275,13 +275,15 @@ def labelstudio_box_tasks(issues: pd.DataFrame, pool: pd.DataFrame) -> list[dict
 
         boxes, labels = decode(row["boxes"])
         size = (int(row["width"]), int(row["height"]))
-        given = [_rect(image_id, size, b, c, i) for i, (b, c) in enumerate(zip(boxes, labels))]
+        given = [
+            labelstudio_rect(image_id, size, b, c, i) for i, (b, c) in enumerate(zip(boxes, labels))
+        ]
         fixes = []
         for k, issue in enumerate(group.itertuples(index=False)):
             box = json.loads(issue.suggested_box or issue.box or "null")
             label = issue.suggested_label or issue.label
             if box and label:
-                fixes.append(_rect(image_id, size, box, label, f"fix{k}"))
+                fixes.append(labelstudio_rect(image_id, size, box, label, f"fix{k}"))
         tasks.append(
             {
                 "data": {"image": row["uri"], "image_id": image_id},

@@ -14,14 +14,13 @@ matches the winner box for box (same class, IoU >= 0.5).
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.curate.pool import IMAGE_COLUMNS, POOL_COLUMNS
-from cvops_pipelines.core.ingest.formats.common import NO_OBJECTS
-from cvops_pipelines.edge.detect import box_iou
+from cvops_pipelines.edge.detect import box_iou, summary_label
 
 BOX_POOL_COLUMNS = [*POOL_COLUMNS, "boxes", "n_boxes"]
 COORDS = ["x_min", "y_min", "x_max", "y_max"]
@@ -39,14 +38,6 @@ def decode(text: str) -> tuple[np.ndarray, list[str]]:
     items = json.loads(text) if text else []
     boxes = np.array([i["box"] for i in items], np.float64).reshape(-1, 4)
     return boxes, [i["label"] for i in items]
-
-
-def primary_label(labels: list[str]) -> str:
-    if not labels:
-        return NO_OBJECTS
-    counts = Counter(labels)
-    top = max(counts.values())
-    return sorted(c for c, n in counts.items() if n == top)[0]
 
 
 def sets_agree(a: str, b: str, min_iou: float = MATCH_IOU) -> bool:
@@ -107,7 +98,7 @@ def build_box_pool(manifest: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame
         rows.append(
             {
                 "image_id": image_id,
-                "label": primary_label(winner["labels"]),
+                "label": summary_label(winner["labels"]),
                 "n_votes": len(group),
                 "agreement": float(np.mean(agree)),
                 "annotators": list(group["annotator"]),

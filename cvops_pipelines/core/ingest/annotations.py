@@ -17,12 +17,11 @@ from pathlib import PurePosixPath
 
 import pandas as pd
 
-from cvops_pipelines.core.base.ontology import Ontology
+from cvops_pipelines.core.base.ontology import NO_OBJECTS, Ontology
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.formats.coco import looks_like_coco, parse_coco
 from cvops_pipelines.core.ingest.formats.common import (
     FRACTION,
-    NO_OBJECTS,
     LabelProblem,
     LabelRecord,
 )

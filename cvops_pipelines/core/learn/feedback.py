@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import zipfile
 import zlib
@@ -65,6 +66,8 @@ FEEDBACK_COLUMNS = [
     "corrected_at",
     "captured_at",
     "batch_id",
+    "boxes",  # a detector's answer, JSON ({label, score, box}); null for a classifier
+    "corrected_boxes",  # the operator's corrected box set, JSON ({label, box}); null if none
     "uri",
     "key",
     "format",
@@ -89,6 +92,7 @@ class BatchBounds:
     max_upload_bytes: int = 513 * 1024 * 1024  # the zip itself, checked before it is read
     max_field_chars: int = 256  # any string field of a record or correction
     max_top_k: int = 20
+    max_boxes: int = 100  # a detector's answer or a corrected set, per record
 
 
 _IMAGE_ENTRY = re.compile(r"^images/[0-9a-f]{64}\.bin$")
@@ -195,6 +199,11 @@ def parse_batch(
                 f"corrections.jsonl line {i + 1} needs "
                 "record_id, corrected_label and corrected_at strings",
             )
+    for i, row in enumerate(records):
+        _check_boxes(row, "boxes", f"records.jsonl line {i + 1}", bounds)
+        _check_boxes(row, "corrected_boxes", f"records.jsonl line {i + 1}", bounds)
+    for i, fix in enumerate(corrections):
+        _check_boxes(fix, "corrected_boxes", f"corrections.jsonl line {i + 1}", bounds)
     infos = {}
     for image_id in {r["image_id"] for r in records}:
         if image_id not in images:
@@ -209,7 +218,48 @@ def parse_batch(
             infos[image_id] = inspect_image(images[image_id], limits)
         except ImageRejected as exc:
             raise BatchRejected("bad_image", f"images/{image_id}.bin: {exc.message}") from None
+    for i, row in enumerate(records):
+        info = infos[row["image_id"]]
+        for field_name in ("boxes", "corrected_boxes"):
+            for item in row.get(field_name) or []:
+                x0, y0, x1, y1 = item["box"]
+                if x0 < -0.5 or y0 < -0.5 or x1 > info.width + 0.5 or y1 > info.height + 0.5:
+                    raise BatchRejected(
+                        "invalid_box",
+                        f"records.jsonl line {i + 1}: {field_name} box {item['box']} lies "
+                        f"outside the {info.width}x{info.height} image",
+                    )
     return ParsedBatch(batch_id, records, corrections, images, infos)
+
+
+def _check_boxes(row: dict, name: str, where: str, bounds: BatchBounds) -> None:
+    """Optional; when present a bounded list of {label, box[, score]} with finite coordinates
+    and positive area."""
+    if name not in row or row[name] is None:
+        return
+    items = row[name]
+    if not isinstance(items, list) or len(items) > bounds.max_boxes:
+        raise BatchRejected(
+            "malformed_record", f"{where}: {name} must be a list of at most {bounds.max_boxes}"
+        )
+    for item in items:
+        box = item.get("box") if isinstance(item, dict) else None
+        ok = (
+            isinstance(item, dict)
+            and isinstance(item.get("label"), str)
+            and len(item["label"]) <= bounds.max_field_chars
+            and isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+            and isinstance(item.get("score", 0.0), (int, float))
+        )
+        if not ok:
+            raise BatchRejected(
+                "malformed_record",
+                f"{where}: each of {name} needs a label and a box of 4 finite numbers",
+            )
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise BatchRejected("invalid_box", f"{where}: {name} box {box} is empty or inverted")
 
 
 def _vetted_entries(archive, limits: ImageLimits, bounds: BatchBounds) -> dict:
@@ -310,8 +360,10 @@ def batch_frame(batch: ParsedBatch) -> pd.DataFrame:
                 **{k: r.get(k) for k in RECORD_FIELDS},
                 "top_k": json.dumps(r["top_k"]),
                 "corrected_label": r.get("corrected_label"),
-                "corrected_at": r["captured_at"] if r.get("corrected_label") else None,
+                "corrected_at": r["captured_at"] if r.get("corrected_label") is not None else None,
                 "batch_id": batch.batch_id,
+                "boxes": _json_or_none(r.get("boxes")),
+                "corrected_boxes": _json_or_none(r.get("corrected_boxes")),
                 "format": info.format,
                 "width": info.width,
                 "height": info.height,
@@ -327,13 +379,26 @@ def batch_frame(batch: ParsedBatch) -> pd.DataFrame:
                 "corrected_label": fix["corrected_label"],
                 "corrected_at": fix["corrected_at"],
                 "batch_id": batch.batch_id,
+                "corrected_boxes": _json_or_none(fix.get("corrected_boxes")),
             }
         )
     frame = pd.DataFrame(rows, columns=FEEDBACK_COLUMNS)
-    for column in ("uri", "key", "ingested_at", "corrected_label", "corrected_at"):
+    for column in (
+        "uri",
+        "key",
+        "ingested_at",
+        "corrected_label",
+        "corrected_at",
+        "boxes",
+        "corrected_boxes",
+    ):
         frame[column] = frame[column].astype(object)
     frame["confidence"] = frame["confidence"].astype("float64")
     return frame
+
+
+def _json_or_none(value) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def store_images(store: Store, batch: ParsedBatch, frame: pd.DataFrame) -> int:
@@ -375,8 +440,10 @@ def resolve_records(feedback: pd.DataFrame) -> pd.DataFrame:
     fixes = fixes[fixes["record_id"].isin(records.index)].drop_duplicates("record_id", keep="last")
     records.loc[fixes["record_id"], "corrected_label"] = fixes["corrected_label"].to_numpy()
     records.loc[fixes["record_id"], "corrected_at"] = fixes["corrected_at"].to_numpy()
-    return (
-        records.reset_index()[RECORD_COLUMNS]
+    records.loc[fixes["record_id"], "corrected_boxes"] = fixes["corrected_boxes"].to_numpy()
+    return (  # reindex: a table written before a column existed reads it as missing
+        records.reset_index()
+        .reindex(columns=RECORD_COLUMNS)
         .sort_values("captured_at", kind="stable")
         .reset_index(drop=True)
     )
@@ -408,10 +475,53 @@ def feedback_manifest(records: pd.DataFrame) -> pd.DataFrame:
 
 def feedback_labels(records: pd.DataFrame) -> pd.DataFrame:
     """Reviewed records as image-level labels with origin `feedback`, one vote per device
-    operator (a later review of the same image by that operator replaces the earlier one)."""
+    operator (a later review of the same image by that operator replaces the earlier one); a
+    reviewed detector record as its corrected boxes (or a negative when the set is empty)."""
     from cvops_pipelines.core.ingest.annotations import LABEL_COLUMNS
 
     done = records[records["corrected_label"].notna()]
+    if "corrected_boxes" in done:
+        boxed = done["corrected_boxes"].notna()
+        if boxed.any():
+            return pd.concat(
+                [_image_labels(done[~boxed], LABEL_COLUMNS), _box_labels(done[boxed])],
+                ignore_index=True,
+            )[LABEL_COLUMNS]
+    return _image_labels(done, LABEL_COLUMNS)
+
+
+def _box_labels(done: pd.DataFrame) -> pd.DataFrame:
+    from cvops_pipelines.core.base.ontology import NO_OBJECTS
+    from cvops_pipelines.core.ingest.annotations import LABEL_COLUMNS
+
+    rows = []
+    for record in done.itertuples(index=False):
+        base = {
+            "image_id": record.image_id,
+            "annotator": OPERATOR_PREFIX + record.device_id,
+            "labeled_at": pd.Timestamp(record.corrected_at),
+            "origin": "feedback",
+            "source": FEEDBACK + record.batch_id,
+            "original_name": record.record_id,
+            "annotation_file": record.record_id,  # one review, one box set
+            "position": "",
+            "image_width": record.width,
+            "image_height": record.height,
+        }
+        boxes = json.loads(record.corrected_boxes)
+        for item in boxes:
+            x0, y0, x1, y1 = item["box"]
+            rows.append(
+                {**base, "label": item["label"], "x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
+            )
+        if not boxes:
+            rows.append({**base, "label": NO_OBJECTS})
+    frame = pd.DataFrame(rows, columns=LABEL_COLUMNS)
+    frame["labeled_at"] = pd.to_datetime(frame["labeled_at"], utc=True, format="ISO8601")
+    return frame
+
+
+def _image_labels(done: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "image_id": done["image_id"],
@@ -430,7 +540,7 @@ def feedback_labels(records: pd.DataFrame) -> pd.DataFrame:
             "image_width": done["width"],
             "image_height": done["height"],
         }
-    )[LABEL_COLUMNS]
+    )[columns]
 
 
 def no_records() -> pd.DataFrame:
@@ -480,6 +590,15 @@ def _first_failure(contract) -> str:
     )
 
 
+def _named_classes(frame: pd.DataFrame, fixes: pd.DataFrame) -> set[str]:
+    """Every class a batch's corrections name: labels, and each corrected box's class. A
+    detector's review of an empty image is summarised as NO_OBJECTS, which is not a class."""
+    names = {label for label in fixes["corrected_label"] if label != ""}
+    for text in frame["corrected_boxes"].dropna():
+        names |= {item["label"] for item in json.loads(text)}
+    return names
+
+
 def vet_batches(
     store: Store,
     batches: list[str],
@@ -511,7 +630,7 @@ def vet_batches(
                 raise BatchRejected("foreign_record", foreign)
             frames[batch] = batch_frame(parsed[batch])
             fixes = frames[batch][frames[batch]["kind"] == "correction"]
-            unknown = sorted(set(fixes["corrected_label"]) - set(classes))
+            unknown = sorted(_named_classes(frames[batch], fixes) - set(classes))
             if unknown:
                 raise BatchRejected(
                     "unknown_class", f"corrections name classes not in the ontology: {unknown}"

@@ -18,6 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from cvops_pipelines.core.base.contracts import validate
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import markdown_table
 from cvops_pipelines.core.curate.box_qa import (
@@ -34,7 +35,6 @@ from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.curate.pool import build_labeled_pool
 from cvops_pipelines.core.curate.replay_set import HoldoutPolicy, build_replay_set, save_replay_set
 from cvops_pipelines.core.curate.splits import SplitConfig
-from cvops_pipelines.core.ingest.formats.common import NO_OBJECTS
 from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest, resolve_records
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
@@ -155,7 +155,7 @@ def replay_set(
         validate(
             replay.rows,
             contracts.suite("replay_set"),
-            {"classes": contracts.ontology().names},
+            {"classes": contracts.ontology().image_labels},
             docs,
             f"replay_set-{replay.version}",
         ),
@@ -397,7 +397,7 @@ def _dataset_contracts(
         "min_box_side": config.min_box_side,
         "max_boxes_per_image": config.max_boxes_per_image,
     }
-    image_classes = [*classes, NO_OBJECTS] if dataset.detection else classes
+    image_classes = contracts.ontology().image_labels
     return [
         validate(
             dataset.rows,

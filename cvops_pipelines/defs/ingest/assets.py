@@ -9,7 +9,6 @@ from cvops_pipelines.core.base.images import ImageLimits
 from cvops_pipelines.core.base.tables import markdown_table, write_table
 from cvops_pipelines.core.ingest.annotations import import_annotations
 from cvops_pipelines.core.ingest.drops import require_complete
-from cvops_pipelines.core.ingest.formats.common import NO_OBJECTS
 from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
 from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
 from cvops_pipelines.defs.partitions import drops_partitions
@@ -152,8 +151,7 @@ def annotations(
     contract = validate(
         result.labels,
         contracts.suite("annotations"),
-        # a detection dataset's negatives: an image annotated as holding no objects
-        {"ontology_classes": [*ontology.names, *([NO_OBJECTS] if ontology.detection else [])]},
+        {"ontology_classes": ontology.image_labels},  # detection: negatives too
         store if contracts.build_docs else None,
         run_name=f"annotations-{drop}",
     )

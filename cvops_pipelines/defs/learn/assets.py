@@ -23,6 +23,12 @@ from cvops_pipelines.core.base.tables import markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.learn.active import QueuePolicy, expert_labeled, publish_queue
 from cvops_pipelines.core.learn.active import annotation_queue as build_queue
+from cvops_pipelines.core.learn.detection_learn import (
+    DetectionPolicy,
+    detection_production,
+    detection_queue,
+    publish_detection_queue,
+)
 from cvops_pipelines.core.learn.enrolment import read_register
 from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
@@ -83,7 +89,9 @@ def feedback(
     )
     for problem in register.problems:
         context.log.warning(f"device enrolment refused: {problem}")
-    params = {"known_releases": ReleaseStore(store).ids(), "classes": contracts.ontology().names}
+    # a detector answers "" for a frame where it finds nothing; an operator, for an empty one
+    classes = contracts.ontology().image_labels
+    params = {"known_releases": ReleaseStore(store).ids(), "classes": classes}
     docs = store if contracts.build_docs else None
 
     def check(records: pd.DataFrame, label: str | None):  # label None: a culprit hunt, no docs
@@ -133,6 +141,27 @@ class ProductionMetricsConfig(Config):
         description="Classes that are 'events' for the business metrics; empty = every class.",
     )
 
+    min_precision_50: float = Field(
+        0.5, description="Detection SLA: precision at IoU 0.5 on reviewed frames."
+    )
+    min_recall_50: float = Field(
+        0.5, description="Detection SLA: recall at IoU 0.5 on reviewed frames."
+    )
+    min_box_score: float = Field(
+        0.5, description="Detection: a device box at this score or more counts as an answer."
+    )
+
+    def detection_policy(self) -> DetectionPolicy:
+        return DetectionPolicy(
+            self.min_box_score,
+            0.5,
+            self.min_precision_50,
+            self.min_recall_50,
+            self.min_reviewed,
+            self.drift_window,
+            self.drift_alpha,
+        )
+
     def policy(self) -> ProductionPolicy:
         return ProductionPolicy(
             self.period,
@@ -173,8 +202,12 @@ def production_metrics(
     feedback: pd.DataFrame,
     storage: CvopsStorage,
 ):
+    records = resolve_records(feedback)
+    if len(records) and records["boxes"].notna().any():
+        yield from _detection_metrics(config.detection_policy(), records, storage.store())
+        return
     store, policy = storage.store(), config.policy()
-    report = production_report(store, resolve_records(feedback), policy)
+    report = production_report(store, records, policy)
     csv_uri = report.save(store)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
     yield Output(report.summary(), metadata=_production_metadata(report, csv_uri))
@@ -192,6 +225,42 @@ def production_metrics(
         WARN,
         alpha=policy.drift_alpha,
         window=policy.drift_window,
+        releases=MetadataValue.md(markdown_table(report.drift, 10)),
+    )
+
+
+def _detection_metrics(policy: DetectionPolicy, records: pd.DataFrame, store):
+    report = detection_production(records, policy)
+    write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
+    summary = report.summary()
+    yield Output(
+        summary,
+        metadata={
+            "records": summary["records"],
+            "reviewed": summary["reviewed"],
+            "coverage": round(summary["reviewed"] / max(1, summary["records"]), 4),
+            "precision_recall_by_release_cohort": MetadataValue.md(
+                markdown_table(report.table, 50)
+            ),
+            "per_release": MetadataValue.md(markdown_table(report.per_release, 20)),
+            "drift": MetadataValue.md(markdown_table(report.drift, 20)),
+        },
+    )
+    yield check_result(
+        "accuracy_sla",
+        report.sla_failure(policy),
+        AssetCheckSeverity.ERROR,
+        min_precision_50=policy.min_precision,
+        min_recall_50=policy.min_recall,
+        min_reviewed=policy.min_reviewed,
+        releases=MetadataValue.md(markdown_table(report.per_release, 10)),
+    )
+    yield check_result(
+        "no_output_drift",
+        report.drift_failure(),
+        WARN,
+        alpha=policy.alpha,
+        window=policy.window,
         releases=MetadataValue.md(markdown_table(report.drift, 10)),
     )
 
@@ -253,8 +322,30 @@ def annotation_queue(
 ):
     store = storage.store()
     experts = expert_labeled(labeled_pool)
+    records = resolve_records(feedback)
+    if len(records) and records["boxes"].notna().any():
+        queue = detection_queue(records, experts, config.size, config.explore_share)
+        queue_id, prefix = publish_detection_queue(store, queue, contracts.ontology().names)
+        return Output(
+            queue.assign(queue_id=queue_id),
+            metadata={
+                "queue_id": queue_id,
+                "queued": len(queue),
+                "by_reason": MetadataValue.json(queue["reason"].value_counts().to_dict()),
+                "candidates_already_expert_labeled": len(experts),
+                "top": MetadataValue.md(
+                    markdown_table(queue[["rank", "reason", "score", "why", "predicted"]], 15)
+                ),
+                "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/tasks.json")),
+                "labelstudio_config": MetadataValue.url(
+                    store.uri(f"{prefix}/labelstudio_config.xml")
+                ),
+                "csv": MetadataValue.url(store.uri(f"{prefix}/queue.csv")),
+                "folder": MetadataValue.url(store.uri(prefix)),
+            },
+        )
     queue = build_queue(
-        resolve_records(feedback),
+        records,
         experts,
         QueuePolicy(config.size, config.diversity_decay, config.max_hamming, config.explore_share),
     )

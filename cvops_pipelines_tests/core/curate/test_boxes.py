@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.curate.box_qa import (
     BoxQAConfig,
     image_review,
@@ -15,7 +16,6 @@ from cvops_pipelines.core.curate.box_qa import (
 from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool, decode, sets_agree
 from cvops_pipelines.core.curate.dataset import build_dataset_version
 from cvops_pipelines.core.curate.splits import SplitConfig
-from cvops_pipelines.core.ingest.formats.common import NO_OBJECTS
 
 T0 = pd.Timestamp("2026-11-01", tz="UTC")
 

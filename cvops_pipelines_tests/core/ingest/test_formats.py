@@ -2,10 +2,10 @@
 
 import json
 
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.ingest.formats.coco import parse_coco
 from cvops_pipelines.core.ingest.formats.common import (
     FRACTION,
-    NO_OBJECTS,
     PIXELS,
     LabelProblem,
     LabelRecord,

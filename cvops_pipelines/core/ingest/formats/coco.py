@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.ingest.formats.common import (
-    NO_OBJECTS,
     PIXELS,
     LabelProblem,
     LabelRecord,

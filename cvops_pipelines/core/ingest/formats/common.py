@@ -7,9 +7,6 @@ from dataclasses import dataclass
 # Box units: "pixels" (x_min, y_min, x_max, y_max) or "fraction" of the image size, resolved to
 # pixels once the image's size is known (YOLO and Label Studio store relative boxes).
 PIXELS, FRACTION = "pixels", "fraction"
-# The label of "this image was annotated and holds no objects": a detection negative. No class can
-# be named "" (the ontology refuses it), and a classification dataset leaves such images unlabeled.
-NO_OBJECTS = ""
 
 PROBLEMS = {
     "malformed_file": "the annotation file cannot be parsed",

@@ -8,9 +8,9 @@ from pathlib import PurePosixPath
 
 import yaml
 
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.ingest.formats.common import (
     FRACTION,
-    NO_OBJECTS,
     LabelProblem,
     LabelRecord,
 )

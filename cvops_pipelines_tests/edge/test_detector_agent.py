@@ -1,0 +1,112 @@
+"""A detector release on a device: verified, health-checked, served as boxes, corrected box by
+box, uploaded, and read back centrally as box labels."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, build_detector
+from cvops_pipelines.core.curate.boxes import build_box_pool, decode
+from cvops_pipelines.core.learn.feedback import (
+    BatchRejected,
+    feedback_labels,
+    feedback_manifest,
+    parse_batch,
+)
+from cvops_pipelines.core.ship.detection_export import edge_detections, export_detector
+from cvops_pipelines.core.ship.export import session
+from cvops_pipelines.demo.scenes import CLASSES, scenes
+from cvops_pipelines.edge.agent import EdgeAgent
+from cvops_pipelines_tests.edge.fleet_kit import central, field_records
+from cvops_pipelines_tests.helpers import rezip
+
+CONFIG = DetectorConfig(image_size=160, score_threshold=0.2, detections_per_image=10)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    import torch
+
+    torch.manual_seed(0)
+    spec = DetectorSpec.of(CONFIG, CLASSES)
+    return export_detector(build_detector(len(CLASSES), CONFIG), spec), spec
+
+
+@pytest.fixture
+def device(tmp_path, detector):
+    onnx, spec = detector
+    c = central(tmp_path)
+    release = c.release(onnx, "1", preprocess=json.loads(spec.to_json()))
+    c.releases.point("stable", release.id, "first detector", "test")
+    agent = EdgeAgent(tmp_path / "cam-1", c.remote, c.public_key, "cam-1", "site-a")
+    assert agent.sync().status == "updated"
+    return c, agent
+
+
+def test_the_device_answers_the_boxes_the_exported_path_finds(device, detector):
+    c, agent = device
+    onnx, spec = detector
+    items = scenes(4, seed=5)
+    reference = edge_detections(session(onnx), [s.image for s in items], spec)
+    for item, expected in zip(items, reference):
+        answer = agent.predict(item.png())
+        assert [b["label"] for b in answer.boxes] == [d.label for d in expected]
+        for got, want in zip(answer.boxes, expected):
+            assert np.allclose(got["box"], want.box, atol=0.01)
+            assert got["score"] == pytest.approx(want.score, abs=1e-5)
+        assert answer.label == (answer.boxes[0]["label"] if answer.boxes else "")
+
+
+def test_a_box_review_travels_to_the_pool_as_the_image_s_labels(device):
+    c, agent = device
+    items = scenes(3, seed=6)
+    answers = [agent.predict(item.png()) for item in items]
+    truth = [
+        {"label": label, "box": [float(v) for v in box]}
+        for label, box in zip(items[0].labels, items[0].boxes)
+    ]
+    agent.correct_boxes(answers[0].record_id, truth)  # add, move, relabel: the final set
+    agent.correct_boxes(answers[1].record_id, [])  # nothing there
+    assert agent.upload().records == 3
+    records = field_records(c.releases.store)
+    assert json.loads(records["boxes"].iloc[0]) == answers[0].boxes
+    labels = feedback_labels(records)
+    pool = build_box_pool(feedback_manifest(records), labels)
+    by_image = pool.set_index("image_id")
+    boxes, names = decode(by_image.loc[records["image_id"].iloc[0], "boxes"])
+    assert sorted(names) == sorted(items[0].labels)
+    assert np.allclose(np.sort(boxes, axis=0), np.sort(items[0].boxes, axis=0), atol=0.01)
+    assert by_image.loc[records["image_id"].iloc[1], "n_boxes"] == 0  # a reviewed negative
+    assert records["image_id"].iloc[2] not in by_image.index  # unreviewed: no label
+
+
+def test_a_batch_with_a_box_outside_its_image_is_refused_with_its_code(device):
+    c, agent = device
+    answer = agent.predict(scenes(1, seed=7)[0].png())
+    agent.correct_boxes(answer.record_id, [{"label": "3", "box": [100, 100, 400, 120]}])
+    agent.buffer.seal()
+    (batch,) = agent.buffer.sealed()
+    with pytest.raises(BatchRejected) as refused:
+        parse_batch(agent.buffer.payload(batch), batch)
+    assert refused.value.code == "invalid_box" and "160x160" in refused.value.message
+
+    def inverted(files):
+        row = json.loads(files["records.jsonl"])
+        row["corrected_boxes"] = [{"label": "3", "box": [50, 50, 40, 60]}]
+        files["records.jsonl"] = json.dumps(row).encode()
+
+    with pytest.raises(BatchRejected, match="empty or inverted"):
+        parse_batch(rezip(agent.buffer.payload(batch), inverted), batch)
+
+
+def test_a_detector_bundle_that_answers_the_wrong_shape_is_never_served(tmp_path, detector):
+    onnx, spec = detector
+    c = central(tmp_path)
+    wrong = {**json.loads(spec.to_json()), "classes": CLASSES[:5]}  # 10 classes in the model
+    release = c.release(onnx, "1", preprocess=wrong)
+    c.releases.point("stable", release.id, "mislabelled detector", "test")
+    agent = EdgeAgent(tmp_path / "cam-2", c.remote, c.public_key, "cam-2", "site-a")
+    result = agent.sync()
+    assert result.status == "rejected" and "detector answers" in result.detail
+    assert agent.release is None

@@ -20,6 +20,7 @@ BENCHMARKS = [
     "demo_wall",
     "loop_gain",
     "detection_export",
+    "detection_label_qa",
 ]
 RESULTS = Path(__file__).parent / "results"
 

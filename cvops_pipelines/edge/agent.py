@@ -195,7 +195,7 @@ class EdgeAgent:
         self.buffer = FeedbackBuffer(self.state / "buffer.db", device_id, cohort)
         self.identity = identity.load_or_create(self.state)
         self.events: list[str] = []
-        self._session = None
+        self._session, self._preprocess = None, None
         self._loaded: str | None = None
         self.start()
 
@@ -526,8 +526,9 @@ class EdgeAgent:
             {"label": d.label, "score": round(d.score, 6), "box": [round(v, 2) for v in d.box]}
             for d in found
         ]
-        top = [(b["label"], b["score"]) for b in boxes[: self.top_k]]
-        label, confidence = top[0] if top else ("", 0.0)  # "": nothing found
+        answer = float(spec.get("answer_threshold", 0.5))
+        top = [(b["label"], b["score"]) for b in boxes[: self.top_k] if b["score"] >= answer]
+        label, confidence = top[0] if top else ("", 0.0)  # "": nothing at the operating point
         record_id = self.buffer.record(
             self._loaded,
             hashlib.sha256(image).hexdigest(),
@@ -539,6 +540,11 @@ class EdgeAgent:
             boxes,
         )
         return Prediction(record_id, label, confidence, top, self._loaded, boxes)
+
+    @property
+    def spec(self) -> dict | None:
+        """The served release's preprocess.json (a detector's also names its answer_threshold)."""
+        return self._preprocess
 
     def correct(self, record_id: str, label: str) -> None:
         self.buffer.correct(record_id, label)

@@ -52,6 +52,8 @@ class DetectorSpec:
     nms_iou: float
     candidates_per_class: int
     detections_per_image: int
+    answer_threshold: float = 0.5  # the operating point: boxes counted as the answer (set from
+    # validation at training time; every box above score_threshold is still reported)
     mean: tuple[float, float, float] = MEAN
     std: tuple[float, float, float] = STD
     task: str = "detection"

@@ -4,7 +4,7 @@ as the run's judge."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from time import perf_counter
 
 import numpy as np
@@ -64,7 +64,10 @@ def train_detector_tracked(
     tags: dict,
     log: Log,
 ) -> TrainedModel:
-    from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
+    from cvops_pipelines.core.measure.detection_metrics import (
+        evaluate_detections,
+        operating_point,
+    )
 
     tracking.check()
     version = str(rows["dataset_version"].iloc[0])
@@ -107,10 +110,23 @@ def train_detector_tracked(
             device,
         )
         seconds = perf_counter() - started
-        report = evaluate_detections(predict(model, val_images, spec), val_truth, classes)
-        metrics = {"val_map": report.map, "val_map_50": report.map_50}
+        val_found = predict(model, val_images, spec)
+        report = evaluate_detections(val_found, val_truth, classes)
+        point = operating_point(val_found, val_truth, classes)
+        spec = replace(spec, answer_threshold=round(point.threshold, 4))
+        metrics = {
+            "val_map": report.map,
+            "val_map_50": report.map_50,
+            "answer_threshold": spec.answer_threshold,
+            "val_precision_50": point.precision,
+            "val_recall_50": point.recall,
+        }
         tracking.log_metrics(metrics)
-        log(f"validation: mAP {report.map:.3f}, mAP@.5 {report.map_50:.3f}")
+        log(
+            f"validation: mAP {report.map:.3f}, mAP@.5 {report.map_50:.3f}; answering at score "
+            f">= {spec.answer_threshold} (best F1 {point.f1:.3f}: precision "
+            f"{point.precision:.3f}, recall {point.recall:.3f})"
+        )
         tracking.log_model_files(run.info.run_id, state_dict_bytes(model), spec)
     model_version = tracking.register(run.info.run_id, "challenger", tags)
     record = {
@@ -126,6 +142,9 @@ def train_detector_tracked(
         "best_epoch": config.epochs,
         "val_map": report.map,
         "val_map_50": report.map_50,
+        "answer_threshold": spec.answer_threshold,
+        "val_precision_50": point.precision,
+        "val_recall_50": point.recall,
         "stopped_early": False,
         "train_images_per_second": len(train) * config.epochs / max(seconds, 1e-9),
         "config": asdict(config),

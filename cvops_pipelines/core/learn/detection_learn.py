@@ -2,8 +2,9 @@
 scores and counts, and what to annotate next.
 
 - Precision and recall at IoU 0.5 per release x cohort, counting the device's boxes at or above
-  `min_score` against the operator's corrected set, with coverage (reviewed / frames): the SLA
-  judges a release once it has `min_reviewed` reviewed frames.
+  the release's operating point (its `answer_threshold`, chosen on validation at training time)
+  against the operator's corrected set, with coverage (reviewed / frames): the SLA judges a
+  release once it has `min_reviewed` reviewed frames.
 - Drift: for each live release, its latest `window` frames against its first `window`
   (two-sample Kolmogorov-Smirnov on every box score, and on boxes per frame), Bonferroni over
   the two tests: a detector's answers moving while the field is unreviewed is the early warning.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ from cvops_pipelines.edge.detect import box_iou
 
 @dataclass(frozen=True)
 class DetectionPolicy:
-    min_score: float = 0.5  # device boxes counted as an answer
+    min_score: float = 0.5  # device boxes counted as an answer (when its release names none)
     match_iou: float = 0.5
     min_precision: float = 0.5
     min_recall: float = 0.5
@@ -170,22 +171,51 @@ def _drift(records: pd.DataFrame, policy: DetectionPolicy) -> pd.DataFrame:
     )
 
 
-def detection_production(records: pd.DataFrame, policy: DetectionPolicy) -> DetectionProduction:
-    """`records`: resolved feedback records of a detector fleet (`boxes` set)."""
+def answer_thresholds(store: Store, releases) -> dict[str, float]:
+    """Each release's operating point, from the preprocess.json it shipped with."""
+    from cvops_pipelines.edge.wire import release_key
+
+    out = {}
+    for release in sorted(set(releases)):
+        try:
+            spec = json.loads(store.read_bytes(release_key(release, "preprocess.json")))
+        except FileNotFoundError:
+            continue
+        if "answer_threshold" in spec:
+            out[release] = float(spec["answer_threshold"])
+    return out
+
+
+def detection_production(
+    records: pd.DataFrame, policy: DetectionPolicy, thresholds: dict[str, float] | None = None
+) -> DetectionProduction:
+    """`records`: resolved feedback records of a detector fleet (`boxes` set); `thresholds`:
+    each release's answer threshold (else `policy.min_score`): a box is an answer when it
+    reaches its own release's operating point."""
     records = records[records["boxes"].notna()]
+    thresholds = thresholds or {}
+
+    def rates(release, group):
+        return _rates(group, replace(policy, min_score=thresholds.get(release, policy.min_score)))
+
     table = pd.DataFrame(
         [
-            {"release": release, "cohort": cohort, **_rates(group, policy)}
+            {"release": release, "cohort": cohort, **rates(release, group)}
             for (release, cohort), group in records.groupby(["release", "cohort"], sort=True)
         ]
     )
     per_release = pd.DataFrame(
         [
-            {"release": release, **_rates(group, policy)}
+            {
+                "release": release,
+                "answer_threshold": thresholds.get(release, policy.min_score),
+                **rates(release, group),
+            }
             for release, group in records.groupby("release", sort=True)
         ],
         columns=[
             "release",
+            "answer_threshold",
             "frames",
             "reviewed",
             "coverage",
@@ -197,11 +227,15 @@ def detection_production(records: pd.DataFrame, policy: DetectionPolicy) -> Dete
     return DetectionProduction(table, per_release, _drift(records, policy))
 
 
-def uncertainty(boxes: list[dict], match_iou: float = 0.5) -> tuple[float, str]:
-    """(score in [0, 1], why): the box nearest 0.5, or two classes claiming one object."""
+def uncertainty(
+    boxes: list[dict], threshold: float = 0.5, match_iou: float = 0.5
+) -> tuple[float, str]:
+    """(score in [0, 1], why): the box nearest the operating point `threshold` (where the
+    device hesitates between answering and not), or two classes claiming one object."""
     best, why = 0.0, "confident"
+    span = max(threshold, 1 - threshold)
     for b in boxes:
-        s = 1 - abs(2 * b.get("score", 1.0) - 1)
+        s = 1 - abs(b.get("score", 1.0) - threshold) / span
         if s > best:
             best, why = s, f"a {b['label']!r} box scored {b.get('score', 1.0):.2f}"
     for i, a in enumerate(boxes):
@@ -224,22 +258,25 @@ def detection_queue(
     explore_share: float,
     policy: DetectionPolicy = DetectionPolicy(),
     seed: int = 0,
+    thresholds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """What to label next, ranked (see the module docstring); images an expert has already
-    labelled are left out, and each image is queued once."""
+    labelled are left out, and each image is queued once. `thresholds`: each release's
+    operating point (else `policy.min_score`)."""
+    thresholds = thresholds or {}
     records = records[records["boxes"].notna() & ~records["image_id"].isin(experts)]
     records = records.drop_duplicates("image_id", keep="last")
     rows = []
     for r in records.itertuples(index=False):
-        boxes = parse(r.boxes)
+        boxes, threshold = parse(r.boxes), thresholds.get(r.release, policy.min_score)
         if isinstance(r.corrected_boxes, str):
             corrected = parse(r.corrected_boxes)
-            hits, answered = matches(boxes, corrected, policy)
+            hits, answered = matches(boxes, corrected, replace(policy, min_score=threshold))
             wrong = (answered - hits) + (len(corrected) - hits)
             if wrong:
                 rows.append((r, "field_error", 1.0 + wrong, f"{wrong} boxes wrong in review"))
             continue
-        score, why = uncertainty(boxes, policy.match_iou)
+        score, why = uncertainty(boxes, threshold, policy.match_iou)
         rows.append((r, "uncertain", score, why))
     ranked = sorted(rows, key=lambda t: (t[1] != "field_error", -t[2], t[0].image_id))
     explore = int(round(size * explore_share))

@@ -25,6 +25,7 @@ from cvops_pipelines.core.learn.active import QueuePolicy, expert_labeled, publi
 from cvops_pipelines.core.learn.active import annotation_queue as build_queue
 from cvops_pipelines.core.learn.detection_learn import (
     DetectionPolicy,
+    answer_thresholds,
     detection_production,
     detection_queue,
     publish_detection_queue,
@@ -148,7 +149,9 @@ class ProductionMetricsConfig(Config):
         0.5, description="Detection SLA: recall at IoU 0.5 on reviewed frames."
     )
     min_box_score: float = Field(
-        0.5, description="Detection: a device box at this score or more counts as an answer."
+        0.5,
+        description="Detection: a device box at this score or more counts as an answer, for "
+        "a release whose spec names no answer_threshold of its own.",
     )
 
     def detection_policy(self) -> DetectionPolicy:
@@ -230,7 +233,8 @@ def production_metrics(
 
 
 def _detection_metrics(policy: DetectionPolicy, records: pd.DataFrame, store):
-    report = detection_production(records, policy)
+    thresholds = answer_thresholds(store, records["release"])
+    report = detection_production(records, policy, thresholds)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
     summary = report.summary()
     yield Output(
@@ -324,7 +328,10 @@ def annotation_queue(
     experts = expert_labeled(labeled_pool)
     records = resolve_records(feedback)
     if len(records) and records["boxes"].notna().any():
-        queue = detection_queue(records, experts, config.size, config.explore_share)
+        thresholds = answer_thresholds(store, records["release"])
+        queue = detection_queue(
+            records, experts, config.size, config.explore_share, thresholds=thresholds
+        )
         queue_id, prefix = publish_detection_queue(store, queue, contracts.ontology().names)
         return Output(
             queue.assign(queue_id=queue_id),

@@ -96,3 +96,13 @@ def test_the_exploration_share_is_a_seeded_sample_of_the_rest(seed):
     assert (queue["reason"] == "explore").sum() == 3
     again = detection_queue(pd.DataFrame(rows), set(), 10, 0.3, seed=seed)
     assert queue["record_id"].tolist() == again["record_id"].tolist()
+
+
+def test_each_release_is_judged_at_its_own_operating_point():
+    rows = [record(i, [scored(A, 0.3)], [A], release="young") for i in range(5)]
+    rows += [record(10 + i, [scored(A, 0.3)], [A], release="default") for i in range(5)]
+    report = detection_production(pd.DataFrame(rows), DetectionPolicy(), {"young": 0.2})
+    by_release = report.per_release.set_index("release")
+    assert by_release.loc["young", "recall_50"] == 1.0
+    assert by_release.loc["default", "recall_50"] == 0.0  # 0.3 < the policy's 0.5
+    assert by_release.loc["young", "answer_threshold"] == 0.2

@@ -80,3 +80,21 @@ def test_metrics_agree_with_pycocotools(tmp_path):
     report = evaluate_detections(PREDICTIONS, TRUTHS, CLASSES)
     assert report.map == pytest.approx(evaluation.stats[0], abs=1e-6)
     assert report.map_50 == pytest.approx(evaluation.stats[1], abs=1e-6)
+
+
+def test_the_operating_point_is_the_threshold_with_the_best_f1():
+    from cvops_pipelines.core.measure.detection_metrics import operating_point
+
+    truth = [{"boxes": np.array([[0, 0, 10, 10]], float), "labels": ["a"]}]
+    found = [
+        {
+            "boxes": np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float),
+            "scores": np.array([0.3, 0.6]),
+            "labels": ["a", "a"],
+        }
+    ]
+    point = operating_point(found, truth, ["a"])
+    assert point.threshold == 0.3 and point.precision == 0.5 and point.recall == 1.0
+    assert point.f1 == pytest.approx(2 / 3)
+    none = operating_point([{**found[0], "labels": ["b", "b"]}], truth, ["a", "b"])
+    assert none.f1 == 0.0 and none.threshold == 1.0  # nothing right: answer nothing

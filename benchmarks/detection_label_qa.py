@@ -1,0 +1,269 @@
+"""Label QA for boxes: does it find dropped, shifted and swapped boxes, and how does it compare
+with cleanlab's `object_detection` defaults on the same out-of-fold predictions?
+
+The project's scenes (`demo/scenes.py`) with their true boxes; then, of all true boxes, 10%
+dropped, 10% shifted (IoU < 0.5 with the truth) and 10% given another class. A detector is
+trained per fold on the other folds' noisy labels (as it would be in practice) and predicts the
+held-out fold: out-of-fold predictions. Both methods read the same predictions:
+- cvops: `core/curate/box_qa.review_boxes` with its default `BoxQAConfig`;
+- cleanlab 2.x: `cleanlab.object_detection` per-box scores for each issue type, flagged with the
+  thresholds `find_label_issues` uses by default (its per-class AP scaling and 0.8 factors).
+Per issue type: precision (flags that are injected errors of that type) and recall (injected
+errors of that type flagged). A dropped box counts as found when a flagged predicted box
+overlaps it at IoU >= 0.5; a shifted or swapped box when that given box is flagged.
+"""
+
+import time
+
+import numpy as np
+
+from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, train_detector
+from cvops_pipelines.core.build.detection_run import predict
+from cvops_pipelines.core.curate.box_qa import BoxQAConfig, review_boxes
+from cvops_pipelines.demo.scenes import CLASSES, scenes
+from cvops_pipelines.edge.detect import box_iou
+
+TYPES = ("overlooked", "badly_located", "swapped_class")
+
+
+def corrupt(items, rng, share: float = 0.1):
+    """(given labels per image, dropped truth boxes per image, error type per given box)."""
+    flat = [(i, j) for i, s in enumerate(items) for j in range(len(s.labels))]
+    order = rng.permutation(len(flat))
+    k = int(round(share * len(flat)))
+    dropped = {flat[n] for n in order[:k]}
+    shifted = {flat[n] for n in order[k : 2 * k]}
+    swapped = {flat[n] for n in order[2 * k : 3 * k]}
+    given, lost, kinds = [], [], []
+    for i, s in enumerate(items):
+        boxes, labels, types, gone = [], [], [], []
+        side = s.image.shape[1]
+        for j, (box, label) in enumerate(zip(s.boxes, s.labels)):
+            if (i, j) in dropped:
+                gone.append(box)
+                continue
+            kind = None
+            if (i, j) in shifted:
+                box, kind = _shift(box, side, rng), "badly_located"
+            elif (i, j) in swapped:
+                label = str(rng.choice([c for c in CLASSES if c != label]))
+                kind = "swapped_class"
+            boxes.append(np.asarray(box, np.float64))
+            labels.append(label)
+            types.append(kind)
+        given.append((np.array(boxes).reshape(-1, 4), labels))
+        lost.append(np.array(gone).reshape(-1, 4))
+        kinds.append(types)
+    return given, lost, kinds
+
+
+def _shift(box, side, rng):
+    w, h = box[2] - box[0], box[3] - box[1]
+    for scale in (0.6, 0.8, 1.0, 1.3):
+        dx, dy = rng.choice([-1, 1], 2) * np.array([w, h]) * scale
+        moved = np.array([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy])
+        moved = np.clip(moved, 0, side)
+        if moved[2] - moved[0] > 2 and moved[3] - moved[1] > 2 and box_iou(moved, box)[0, 0] < 0.5:
+            return moved
+    return np.array([0, 0, max(3, w / 2), max(3, h / 2)])
+
+
+def out_of_fold(items, given, folds: int, config: DetectorConfig) -> list[dict]:
+    index = {c: i + 1 for i, c in enumerate(CLASSES)}
+    out = [None] * len(items)
+    spec = DetectorSpec.of(config, CLASSES)
+    for fold in range(folds):
+        train = [i for i in range(len(items)) if i % folds != fold]
+        model = train_detector(
+            [items[i].image for i in train],
+            [given[i][0] for i in train],
+            [[index[c] for c in given[i][1]] for i in train],
+            len(CLASSES),
+            config,
+        )
+        held = [i for i in range(len(items)) if i % folds == fold]
+        for i, found in zip(held, predict(model, [items[i].image for i in held], spec)):
+            out[i] = found
+    return out
+
+
+def pool_frame(given, items):
+    import json
+
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "image_id": [f"img{i:05d}" for i in range(len(items))],
+            "label": "",
+            "boxes": [
+                json.dumps([{"label": c, "box": [float(v) for v in b]} for b, c in zip(*g)])
+                for g in given
+            ],
+            "n_votes": 1,
+            "agreement": 1.0,
+        }
+    )
+
+
+def score(flags: dict[str, list[tuple]], lost, kinds, predictions) -> dict:
+    """flags[type]: (image, index) pairs; for overlooked the index is a predicted box (or the
+    suggested box itself, as an array)."""
+    out = {}
+    injected = {
+        "overlooked": sum(len(x) for x in lost),
+        **{t: sum(k.count(t) for k in kinds) for t in TYPES[1:]},
+    }
+    for kind in TYPES:
+        hits, found = 0, set()
+        for image, ref in flags[kind]:
+            if kind == "overlooked":
+                box = ref if isinstance(ref, np.ndarray) else predictions[image]["boxes"][ref]
+                if len(lost[image]):
+                    overlap = box_iou(box, lost[image])[0]
+                    j = int(np.argmax(overlap))
+                    if overlap[j] >= 0.5:
+                        hits += 1
+                        found.add((image, j))
+            elif kinds[image][ref] == kind:
+                hits += 1
+                found.add((image, ref))
+        flagged = len(flags[kind])
+        out[kind] = {
+            "injected": injected[kind],
+            "flagged": flagged,
+            "precision": round(hits / flagged, 4) if flagged else None,
+            "recall": round(len(found) / injected[kind], 4) if injected[kind] else None,
+        }
+    return out
+
+
+def cvops_flags(given, items, predictions) -> dict:
+    import json
+
+    pool = pool_frame(given, items)
+    preds = {f"img{i:05d}": p for i, p in enumerate(predictions)}
+    issues = review_boxes(pool, preds, BoxQAConfig())
+    flags = {t: [] for t in TYPES}
+    for row in issues.itertuples(index=False):
+        if row.issue not in flags:
+            continue
+        image = int(row.image_id[3:])
+        if row.issue == "overlooked":
+            flags["overlooked"].append((image, np.array(json.loads(row.suggested_box))))
+        else:
+            box = np.array(json.loads(row.box))
+            boxes = given[image][0]
+            j = int(np.argmin(np.abs(boxes - box).sum(axis=1)))  # the given box it names
+            flags[row.issue].append((image, j))
+    return flags
+
+
+def cleanlab_flags(given, predictions) -> dict:
+    from cleanlab.internal.constants import (
+        ALPHA,
+        BADLOC_THRESHOLD_FACTOR,
+        HIGH_PROBABILITY_THRESHOLD,
+        LOW_PROBABILITY_THRESHOLD,
+        OVERLOOKED_THRESHOLD_FACTOR,
+        SWAP_THRESHOLD_FACTOR,
+    )
+    from cleanlab.object_detection import filter as cl_filter
+    from cleanlab.object_detection.rank import (
+        _get_valid_inputs_for_compute_scores,
+        _separate_label,
+        _separate_prediction,
+        compute_badloc_box_scores,
+        compute_overlooked_box_scores,
+        compute_swap_box_scores,
+    )
+
+    labels = [
+        {"bboxes": b.astype(np.float32), "labels": np.array([CLASSES.index(c) for c in c_])}
+        for b, c_ in given
+    ]
+    preds = []
+    for p in predictions:
+        per_class = []
+        for name in CLASSES:
+            mine = np.array([lab == name for lab in p["labels"]], bool)
+            rows = np.hstack([p["boxes"][mine], p["scores"][mine][:, None]]).astype(np.float32)
+            per_class.append(rows.reshape(-1, 5))
+        array = np.empty(len(CLASSES), dtype=object)
+        for k in range(len(CLASSES)):
+            array[k] = per_class[k]
+        preds.append(array)
+    aux = _get_valid_inputs_for_compute_scores(ALPHA, labels, preds)
+    per_class_ap = cl_filter._get_per_class_ap(labels, preds)
+    pred_thresholds = cl_filter._process_class_list(
+        [_separate_prediction(p)[1] for p in preds], per_class_ap
+    )
+    label_thresholds = cl_filter._process_class_list(
+        [_separate_label(label)[1] for label in labels], per_class_ap
+    )
+    overlooked = cl_filter._find_label_issues_per_box(
+        compute_overlooked_box_scores(
+            alpha=ALPHA, high_probability_threshold=HIGH_PROBABILITY_THRESHOLD, auxiliary_inputs=aux
+        ),
+        pred_thresholds,
+        OVERLOOKED_THRESHOLD_FACTOR,
+    )
+    badloc = cl_filter._find_label_issues_per_box(
+        compute_badloc_box_scores(
+            alpha=ALPHA, low_probability_threshold=LOW_PROBABILITY_THRESHOLD, auxiliary_inputs=aux
+        ),
+        label_thresholds,
+        BADLOC_THRESHOLD_FACTOR,
+    )
+    swap = cl_filter._find_label_issues_per_box(
+        compute_swap_box_scores(
+            alpha=ALPHA,
+            high_probability_threshold=HIGH_PROBABILITY_THRESHOLD,
+            overlapping_label_check=True,
+            auxiliary_inputs=aux,
+        ),
+        label_thresholds,
+        SWAP_THRESHOLD_FACTOR,
+    )
+    # cleanlab's prediction boxes are in its per-class order: map back to (image, box array)
+    flags = {t: [] for t in TYPES}
+    for image, (flagged, pred) in enumerate(zip(overlooked, preds)):
+        boxes = np.vstack([np.asarray(pred[k])[:, :4] for k in range(len(CLASSES))])
+        for j in np.nonzero(np.asarray(flagged, bool))[0]:
+            flags["overlooked"].append((image, boxes[j]))
+    for kind, per_box in (("badly_located", badloc), ("swapped_class", swap)):
+        for image, flagged in enumerate(per_box):
+            for j in np.nonzero(np.asarray(flagged, bool))[0]:
+                flags[kind].append((image, int(j)))
+    return flags
+
+
+def run(quick: bool = False) -> dict:
+    n, epochs, folds = (40, 1, 2) if quick else (300, 15, 2)
+    items = scenes(n, seed=11)
+    rng = np.random.default_rng(0)
+    given, lost, kinds = corrupt(items, rng)
+    config = DetectorConfig(epochs=epochs, batch_size=8)
+    started = time.time()
+    predictions = out_of_fold(items, given, folds, config)
+    train_s = time.time() - started
+    for p in predictions:
+        p["boxes"] = np.asarray(p["boxes"], np.float64).reshape(-1, 4)
+        p["scores"] = np.asarray(p["scores"], np.float64)
+    started = time.time()
+    ours = score(cvops_flags(given, items, predictions), lost, kinds, predictions)
+    ours_s = time.time() - started
+    started = time.time()
+    theirs = score(cleanlab_flags(given, predictions), lost, kinds, predictions)
+    theirs_s = time.time() - started
+    return {
+        "images": n,
+        "true_boxes": int(sum(len(s.labels) for s in items)),
+        "folds": folds,
+        "epochs_per_fold": epochs,
+        "out_of_fold_training_s": round(train_s, 1),
+        "cvops": ours,
+        "cvops_s": round(ours_s, 2),
+        "cleanlab_defaults": theirs,
+        "cleanlab_s": round(theirs_s, 2),
+    }

@@ -36,7 +36,7 @@ class DetectionDemoConfig:
     frames: int = 120  # production frames the fleet shoots
     devices: int = 3
     review_share: float = 0.7  # frames an operator reviews
-    epochs: int = 6
+    epochs: int = 10
     learning_rate: float = 0.004  # a short schedule from scratch: a higher peak than the default
     seed: int = 0
 

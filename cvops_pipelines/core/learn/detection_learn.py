@@ -6,8 +6,9 @@ scores and counts, and what to annotate next.
   against the operator's corrected set, with coverage (reviewed / frames): the SLA judges a
   release once it has `min_reviewed` reviewed frames.
 - Drift: for each live release, its latest `window` frames against its first `window`
-  (two-sample Kolmogorov-Smirnov on every box score, and on boxes per frame), Bonferroni over
-  the two tests: a detector's answers moving while the field is unreviewed is the early warning.
+  (two-sample Kolmogorov-Smirnov on each frame's top box score, and on the boxes per frame at the
+  operating point), Bonferroni over the two tests: a detector's answers moving while the field
+  is unreviewed is the early warning.
 - The queue: frames whose review disagrees with the device first (most boxes wrong first), then
   unreviewed frames by uncertainty (a box scored near 0.5, or two boxes of different classes on
   one object), plus a seeded random share; a Label Studio import with the device's boxes
@@ -128,12 +129,17 @@ def _rates(group: pd.DataFrame, policy: DetectionPolicy) -> dict:
     }
 
 
-def _drift(records: pd.DataFrame, policy: DetectionPolicy) -> pd.DataFrame:
+def _drift(
+    records: pd.DataFrame, policy: DetectionPolicy, thresholds: dict[str, float]
+) -> pd.DataFrame:
+    """Per frame, one value each (frames are the independent samples; the boxes of one frame
+    are not): its top box score, and how many boxes reach the release's operating point."""
     from scipy.stats import ks_2samp
 
     rows = []
     for release, group in records.groupby("release", sort=True):
         group = group.sort_values("captured_at", kind="stable")
+        threshold = thresholds.get(release, policy.min_score)
         if len(group) < 2 * policy.window:
             rows.append(
                 {
@@ -148,14 +154,14 @@ def _drift(records: pd.DataFrame, policy: DetectionPolicy) -> pd.DataFrame:
             continue
         first, last = group.iloc[: policy.window], group.iloc[-policy.window :]
 
-        def scores(part):
-            return [b.get("score", 0.0) for text in part["boxes"] for b in parse(text)] or [0.0]
+        def top(part):
+            return [max((b.get("score", 0.0) for b in parse(t)), default=0.0) for t in part]
 
-        def counts(part):
-            return [len(parse(text)) for text in part["boxes"]]
+        def answered(part, threshold=threshold):
+            return [sum(b.get("score", 0.0) >= threshold for b in parse(t)) for t in part]
 
-        p_scores = float(ks_2samp(scores(first), scores(last)).pvalue)
-        p_counts = float(ks_2samp(counts(first), counts(last)).pvalue)
+        p_scores = float(ks_2samp(top(first["boxes"]), top(last["boxes"])).pvalue)
+        p_counts = float(ks_2samp(answered(first["boxes"]), answered(last["boxes"])).pvalue)
         rows.append(
             {
                 "release": release,
@@ -224,7 +230,7 @@ def detection_production(
             "boxes_per_frame",
         ],
     )
-    return DetectionProduction(table, per_release, _drift(records, policy))
+    return DetectionProduction(table, per_release, _drift(records, policy, thresholds))
 
 
 def uncertainty(

@@ -139,7 +139,16 @@ def _trained_metadata(trained) -> dict:
         "dataset_version": record["dataset_version"],
         "dataset_images": record["dataset_images"],
         **{
-            k: round(record[k], 4) for k in ("val_accuracy", "val_map", "val_map_50") if k in record
+            k: round(record[k], 4)
+            for k in (
+                "val_accuracy",
+                "val_map",
+                "val_map_50",
+                "answer_threshold",
+                "val_precision_50",
+                "val_recall_50",
+            )
+            if k in record
         },
         "best_epoch": record["best_epoch"],
         "stopped_early": record["stopped_early"],

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "renders (digits pasted on noisy backgrounds), in its own homes "
         "(.cvops-detection, .dagster_home-detection) with data_contracts/scenes.yaml",
     )
+    sizes = parser.add_argument_group("detection sizes (with --task detection)")
+    sizes.add_argument("--scenes", type=int, default=320, help="labelled scenes in the drop")
+    sizes.add_argument("--frames", type=int, default=120, help="production frames shot")
+    sizes.add_argument("--epochs", type=int, default=10, help="detector training epochs")
     parser.add_argument("--timings", help="write where the time went (JSON) to this file")
     parser.add_argument(
         "--report",
@@ -65,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         from cvops_pipelines.demo import detection
 
         detection.use_detection_homes()
-        config = detection.DetectionDemoConfig(seed=args.seed)
+        config = detection.DetectionDemoConfig(
+            scenes=args.scenes, frames=args.frames, epochs=args.epochs, seed=args.seed
+        )
         try:
             return detection.run(config, args.report)
         except KeyboardInterrupt:

@@ -123,8 +123,18 @@ def _rates(group: pd.DataFrame, policy: DetectionPolicy) -> dict:
         "coverage": round(len(reviewed) / max(1, len(group)), 4),
         "precision_50": round(hits / answered, 4) if answered else float("nan"),
         "recall_50": round(hits / truth, 4) if truth else float("nan"),
-        "boxes_per_frame": round(
-            float(np.mean([len(parse(b)) for b in group["boxes"]])) if len(group) else 0.0, 3
+        "answers_per_frame": round(  # boxes at the operating point
+            float(
+                np.mean(
+                    [
+                        sum(b.get("score", 1.0) >= policy.min_score for b in parse(text))
+                        for text in group["boxes"]
+                    ]
+                )
+            )
+            if len(group)
+            else 0.0,
+            3,
         ),
     }
 
@@ -227,7 +237,7 @@ def detection_production(
             "coverage",
             "precision_50",
             "recall_50",
-            "boxes_per_frame",
+            "answers_per_frame",
         ],
     )
     return DetectionProduction(table, per_release, _drift(records, policy, thresholds))

@@ -49,7 +49,7 @@ class Prediction:
     confidence: float
     top_k: list[tuple[str, float]]
     release: str
-    boxes: list[dict] = field(default_factory=list)  # a detector's answer: label, score, box
+    boxes: list[dict] | None = None  # a detector's answer (label, score, box); None: a classifier
 
 
 @dataclass

@@ -73,13 +73,30 @@ def cmd_predict(args) -> int:
                 "confidence": p.confidence,
                 "top_k": p.top_k,
                 "release": p.release,
+                **({"boxes": p.boxes} if p.boxes is not None else {}),
             }
         )
     return 0
 
 
 def cmd_correct(args) -> int:
-    _agent(args).correct(args.record_id, args.label)
+    agent = _agent(args)
+    if args.boxes is None:
+        if args.label is None:
+            raise SystemExit("correct: give the right LABEL, or --boxes for a detector's record")
+        agent.correct(args.record_id, args.label)
+        return 0
+    try:
+        boxes = json.loads(
+            Path(args.boxes).read_text() if Path(args.boxes).is_file() else args.boxes
+        )
+        if not isinstance(boxes, list) or not all(
+            isinstance(b, dict) and "label" in b and len(b.get("box", [])) == 4 for b in boxes
+        ):
+            raise ValueError('expected a list of {"label": ..., "box": [x0, y0, x1, y1]}')
+    except ValueError as exc:
+        raise SystemExit(f"correct --boxes: {exc}") from None
+    agent.correct_boxes(args.record_id, boxes)
     return 0
 
 
@@ -158,7 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("correct", help="record a human correction of a prediction")
     p.add_argument("record_id")
-    p.add_argument("label")
+    p.add_argument("label", nargs="?", help="the right class (a classifier's record)")
+    p.add_argument(
+        "--boxes",
+        help="a detector's record: the whole corrected box set, as JSON or a JSON file: "
+        '[{"label": "7", "box": [x0, y0, x1, y1]}, ...] in the image\'s pixels ([] = nothing '
+        "there); boxes added, deleted, moved or relabelled are simply the new set",
+    )
     p.set_defaults(func=cmd_correct)
     sub.add_parser("upload", help="send buffered feedback batches").set_defaults(func=cmd_upload)
     sub.add_parser("status", help="active release and buffered feedback").set_defaults(

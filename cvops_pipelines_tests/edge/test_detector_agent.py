@@ -110,3 +110,27 @@ def test_a_detector_bundle_that_answers_the_wrong_shape_is_never_served(tmp_path
     result = agent.sync()
     assert result.status == "rejected" and "detector answers" in result.detail
     assert agent.release is None
+
+
+def test_an_operator_fixes_boxes_from_the_command_line(device, tmp_path, capsys):
+    from cvops_pipelines.edge.cli import main
+
+    c, agent = device
+    agent.close()
+    frame = tmp_path / "frame.png"
+    frame.write_bytes(scenes(1, seed=8)[0].png())
+    (tmp_path / "release.pub").write_bytes(c.public_key)
+    common = ["--state", str(tmp_path / "cam-1"), "--store", str(c.root)]
+    common += ["--public-key", str(tmp_path / "release.pub"), "--device-id", "cam-1"]
+    assert main([*common, "predict", str(frame)]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert "boxes" in answer and answer["release"]
+    fixed = [{"label": "4", "box": [10, 12, 40, 50]}]
+    assert main([*common, "correct", answer["record_id"], "--boxes", json.dumps(fixed)]) == 0
+    with pytest.raises(SystemExit, match="correct --boxes"):
+        main([*common, "correct", answer["record_id"], "--boxes", '[{"label": "4"}]'])
+    assert main([*common, "upload"]) == 0
+    records = field_records(c.releases.store)
+    mine = records[records["record_id"] == answer["record_id"]]
+    assert json.loads(mine["corrected_boxes"].iloc[0]) == fixed
+    assert mine["corrected_label"].iloc[0] == "4"

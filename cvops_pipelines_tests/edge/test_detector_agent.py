@@ -4,6 +4,7 @@ box, uploaded, and read back centrally as box labels."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, build_detector
@@ -134,3 +135,33 @@ def test_an_operator_fixes_boxes_from_the_command_line(device, tmp_path, capsys)
     mine = records[records["record_id"] == answer["record_id"]]
     assert json.loads(mine["corrected_boxes"].iloc[0]) == fixed
     assert mine["corrected_label"].iloc[0] == "4"
+
+
+def test_a_detector_canary_is_replayed_against_stable_on_the_same_frames(device, detector):
+    from cvops_pipelines.core.measure.replay import NonInferiority
+    from cvops_pipelines.core.ship.canary import decide_canary
+
+    c, agent = device
+    onnx, spec = detector
+    stable = agent.release
+    canary = c.release(onnx, "2", preprocess=json.loads(spec.to_json())).id
+    items = scenes(12, seed=9)
+    for item in items:
+        answer = agent.predict(item.png())
+        truth = [
+            {"label": lab, "box": [float(v) for v in b]} for lab, b in zip(item.labels, item.boxes)
+        ]
+        agent.correct_boxes(answer.record_id, truth)
+    agent.upload()
+    records = field_records(c.releases.store)
+    # the same frames as if canary devices had shot them too (ids of their own)
+    twins = records.assign(release=canary, record_id=records["record_id"] + "-canary")
+    both = pd.concat([records, twins], ignore_index=True)
+    verdict, comparison = decide_canary(
+        c.releases, both, canary, stable, rule=NonInferiority(min_records=8)
+    )
+    (outcome,) = comparison.outcomes
+    assert outcome.records == 24  # balanced: the 12 frames of each side, each replayed on both
+    assert outcome.new_only == outcome.old_only == 0  # one model on both sides
+    assert outcome.new_accuracy == outcome.old_accuracy
+    assert verdict.action == "promote"

@@ -34,6 +34,7 @@ from cvops_pipelines.core.measure.replay import (
     ReplayComparison,
     compare_on_replay,
 )
+from cvops_pipelines.core.ship.detection_canary import compare_detectors, is_detector
 from cvops_pipelines.core.ship.release import CanaryVerdict, ReleaseStore, apply_verdict
 from cvops_pipelines.edge.wire import RELEASES, release_key
 
@@ -122,21 +123,26 @@ def decide_canary(
             ],
             table,
         ), None
-    classes = _classes(releases, canary)
-    known = paired["corrected_label"].isin(classes) & paired["corrected_label"].isin(
-        _classes(releases, stable)
-    )
-    paired = balanced(paired[known], canary, stable)
-    images = [releases.store.read_bytes(k) for k in paired["key"]]
-    comparison = compare_on_replay(
-        _outputs(releases, canary, images, classes),
-        _outputs(releases, stable, images, classes),
-        class_indices(paired["corrected_label"], classes),
-        classes,
-        paired["cohort"].to_numpy(),
-        operator,
-        rule,
-    )
+    if is_detector(releases, canary):
+        reviewed = paired[paired["corrected_boxes"].notna()]
+        paired = balanced(reviewed, canary, stable)
+        comparison = compare_detectors(releases, paired, canary, stable, rule)
+    else:
+        classes = _classes(releases, canary)
+        known = paired["corrected_label"].isin(classes) & paired["corrected_label"].isin(
+            _classes(releases, stable)
+        )
+        paired = balanced(paired[known], canary, stable)
+        images = [releases.store.read_bytes(k) for k in paired["key"]]
+        comparison = compare_on_replay(
+            _outputs(releases, canary, images, classes),
+            _outputs(releases, stable, images, classes),
+            class_indices(paired["corrected_label"], classes),
+            classes,
+            paired["cohort"].to_numpy(),
+            operator,
+            rule,
+        )
     where = (
         f"shadow replay of both releases on {len(paired)} reviewed records, half from "
         f"canary devices (of {sides.get(canary, 0)}), half from stable devices (of "

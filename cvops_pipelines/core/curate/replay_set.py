@@ -33,6 +33,7 @@ REPLAY_COLUMNS = [
     "predicted",
     "captured_at",
     "holdout",
+    "boxes",  # detection: the reviewed box set (JSON), an expert's when there is one
 ]
 
 
@@ -52,8 +53,20 @@ def in_holdout(image_id: str, policy: HoldoutPolicy = HoldoutPolicy()) -> bool:
 
 
 def expert_labels(pool: pd.DataFrame) -> pd.DataFrame:
-    """(image_id, label, labeled_by): each image's latest vote by an annotator who is not a
-    device operator (the pool keeps votes in time order)."""
+    """(image_id, label, labeled_by[, boxes]): each image's latest vote by an annotator who is
+    not a device operator (the pool keeps votes in time order). A box pool's label is its
+    latest set, an expert's when the latest annotator is one."""
+    if "boxes" in pool:
+        latest = pool["annotators"].map(lambda names: str(names[-1]) if len(names) else "")
+        expert = ~latest.str.startswith(OPERATOR_PREFIX) & (latest != "")
+        return pd.DataFrame(
+            {
+                "image_id": pool.loc[expert, "image_id"],
+                "label": pool.loc[expert, "label"].astype(str),
+                "labeled_by": latest[expert],
+                "boxes_expert": pool.loc[expert, "boxes"],
+            }
+        )
     rows = []
     for image_id, annotators, votes in zip(
         pool.get("image_id", []), pool.get("annotators", []), pool.get("votes", [])
@@ -108,6 +121,10 @@ def build_replay_set(
     frame["label_source"] = is_expert.map({True: "expert", False: "operator"})
     frame["labeled_by"] = frame["labeled_by"].where(is_expert, OPERATOR_PREFIX + frame["device_id"])
     frame["label"] = frame["label"].where(is_expert, frame["corrected_label"]).astype(str)
+    if "boxes_expert" in frame:  # detection: the reviewed set travels with the record
+        frame["boxes"] = frame["boxes_expert"].where(is_expert, frame["corrected_boxes"])
+    else:
+        frame["boxes"] = None
     frame["holdout"] = [in_holdout(i, policy) for i in frame["image_id"]]
     rows = frame.reindex(columns=REPLAY_COLUMNS).sort_values("record_id").reset_index(drop=True)
     rows["holdout"] = rows["holdout"].astype(bool)

@@ -3,9 +3,10 @@ mAP@.5, AP and recall@.5 per class, a precision-recall plot, example boxes, and 
 
 The gate is non-inferiority on the numbers it prints: the challenger's mAP may drop at most
 `max_map_drop` below the champion's, and no class's AP more than `max_class_ap_drop`, where a
-class counts only with `min_objects` test objects (fewer is noise, said in the notes). The first
-detector passes by definition. Reviewed production frames with boxes are not yet replayed: the
-decision says so.
+class counts only with `min_objects` test objects (fewer is noise, said in the notes); and,
+replayed paired with the champion on the reviewed production holdout (frames neither trained
+on), it must not be shown worse by the exact paired rule the classifier gate uses. The first
+detector passes by definition.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from cvops_pipelines.core.base.plots import boxes_png, precision_recall_png
 from cvops_pipelines.core.build.detection_run import load_scenes, predict
 from cvops_pipelines.core.measure.detection_metrics import DetectionReport, evaluate_detections
+from cvops_pipelines.edge.preprocess import load_rgb
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class DetectionEvaluation:
     gate: DetectionGate
     pr_png: bytes
     examples_png: bytes
+    replayed: object = None  # PairedOutcome on the production holdout, when there was one
 
     def record(self, model_name: str, run_id: str, dataset_version: str) -> dict:
         return {
@@ -82,12 +85,34 @@ def per_class_table(mine: DetectionReport, theirs: DetectionReport | None) -> pd
 
 
 def decide(
-    mine: DetectionReport, theirs: DetectionReport | None, config: DetectionGateConfig
+    mine: DetectionReport,
+    theirs: DetectionReport | None,
+    config: DetectionGateConfig,
+    replayed=None,
 ) -> DetectionGate:
-    notes = ["no reviewed production frames with boxes are replayed yet"]
+    """`replayed`: the paired outcome on the production holdout (None: nothing to replay)."""
+    from cvops_pipelines.core.measure.replay import INSUFFICIENT, WORSE
+
+    notes = []
     if theirs is None:
         return DetectionGate(True, True, ["first detector: passes by definition"], notes)
     reasons, passed = [], True
+    if replayed is None:
+        notes.append("no reviewed production frames in the holdout to replay")
+    elif replayed.verdict == WORSE:
+        passed = False
+        reasons.append(
+            f"replayed on {replayed.records} reviewed holdout frames it never trained on, the "
+            f"challenger answers {replayed.new_accuracy:.3f} of them right, the champion "
+            f"{replayed.old_accuracy:.3f} (exact McNemar p={replayed.p_worse:.3g}): worse"
+        )
+    elif replayed.verdict == INSUFFICIENT:
+        notes.append(f"{replayed.records} reviewed holdout frames: not enough field data to judge")
+    else:
+        notes.append(
+            f"replayed on {replayed.records} holdout frames: {replayed.new_accuracy:.3f} vs "
+            f"{replayed.old_accuracy:.3f} right ({replayed.verdict})"
+        )
     drop = theirs.map - mine.map
     if drop > config.max_map_drop:
         passed = False
@@ -120,10 +145,51 @@ def decide(
     return DetectionGate(passed, False, reasons, notes)
 
 
+def replay_holdout(challenger, champion, store, replay: pd.DataFrame, rule):
+    """Both detectors on the reviewed holdout frames (never trained on), each answering at its
+    own operating point; a frame is right when the answer is the reviewed box set. None when
+    there is nothing to replay."""
+    from cvops_pipelines.core.learn.detection_learn import parse
+    from cvops_pipelines.core.measure.replay import paired_test
+    from cvops_pipelines.core.ship.detection_canary import frame_right
+
+    if replay is None or not len(replay) or "boxes" not in replay:
+        return None
+    frames = replay[replay["holdout"].astype(bool) & replay["boxes"].notna()]
+    frames = frames.drop_duplicates("image_id")
+    if frames.empty:
+        return None
+    images = [np.asarray(load_rgb(store.read_bytes(k))) for k in frames["key"]]
+    truth = [parse(t) for t in frames["boxes"]]
+
+    def hits(loaded):
+        threshold = loaded.preprocess.answer_threshold
+        found = predict(loaded.model, images, loaded.preprocess)
+        answers = [
+            [
+                {"label": c, "score": float(s), "box": list(map(float, b))}
+                for b, s, c in zip(f["boxes"], f["scores"], f["labels"])
+                if s >= threshold
+            ]
+            for f in found
+        ]
+        return np.array([frame_right(a, t) for a, t in zip(answers, truth)], bool)
+
+    return paired_test(hits(challenger), hits(champion), "holdout frames answered right", rule)
+
+
 def evaluate_detector(
-    challenger, champion, store, rows: pd.DataFrame, config: DetectionGateConfig, examples: int = 6
+    challenger,
+    champion,
+    store,
+    rows: pd.DataFrame,
+    config: DetectionGateConfig,
+    examples: int = 6,
+    replay: pd.DataFrame | None = None,
+    rule=None,
 ) -> DetectionEvaluation:
-    """`challenger`, `champion`: LoadedModel (champion None, or not a detector: no comparison)."""
+    """`challenger`, `champion`: LoadedModel (champion None, or not a detector: no comparison);
+    `replay`: the replay set (its reviewed holdout frames are replayed, paired, under `rule`)."""
     test = rows[rows["split"] == "test"]
     if test.empty:
         raise ValueError(f"dataset version {rows['dataset_version'].iloc[0]} has no test images")
@@ -141,6 +207,11 @@ def evaluate_detector(
             "labels": [c for c in d["labels"] if c in known],
         }
         theirs = evaluate_detections([keep(d) for d in old], truths, classes)
+    replayed = (
+        replay_holdout(challenger, champion, store, replay, rule)
+        if theirs is not None and rule is not None
+        else None
+    )
     order = np.argsort([-len(t["labels"]) for t in truths], kind="stable")[:examples]
     shown = [
         (
@@ -158,9 +229,10 @@ def evaluate_detector(
         theirs,
         len(test),
         per_class_table(mine, theirs),
-        decide(mine, theirs, config),
+        decide(mine, theirs, config, replayed),
         precision_recall_png(mine.pr_50, f"v{challenger.version}: precision-recall at IoU 0.5"),
         boxes_png(shown),
+        replayed,
     )
 
 

@@ -142,7 +142,14 @@ def model_evaluation(
         context.log.info("no champion yet: the challenger passes the gate by definition")
     if trained_model.get("task") == "detection":
         yield from _evaluate_detector(
-            challenger, champion, trained_model, dataset_version, storage, mlflow, config
+            challenger,
+            champion,
+            trained_model,
+            dataset_version,
+            replay_set,
+            storage,
+            mlflow,
+            config,
         )
         return
     report = evaluate_challenger(
@@ -169,9 +176,16 @@ def model_evaluation(
     yield _gate_check(report, config)
 
 
-def _evaluate_detector(challenger, champion, trained_model, rows, storage, mlflow, config):
+def _evaluate_detector(challenger, champion, trained_model, rows, replay, storage, mlflow, config):
+    rule = NonInferiority(config.replay_margin, config.replay_alpha, config.replay_min_records)
     evaluation = evaluate_detector(
-        challenger, champion, storage.store(), rows, config.detection_gate()
+        challenger,
+        champion,
+        storage.store(),
+        rows,
+        config.detection_gate(),
+        replay=replay,
+        rule=rule,
     )
     log_detection_evaluation(mlflow, trained_model["run_id"], evaluation)
     record = evaluation.record(
@@ -199,9 +213,25 @@ def _evaluate_detector(challenger, champion, trained_model, rows, storage, mlflo
         },
     )
     thresholds = config.model_dump(
-        include={"max_map_drop", "max_class_ap_drop", "min_class_objects"}
+        include={
+            "max_map_drop",
+            "max_class_ap_drop",
+            "min_class_objects",
+            "replay_margin",
+            "replay_alpha",
+            "replay_min_records",
+        }
     )
-    yield _gate_result(gate, evaluation.per_class, thresholds)
+    replay = (
+        {
+            "replay_paired": MetadataValue.md(
+                markdown_table(pd.DataFrame([evaluation.replayed.as_row()]), 5)
+            )
+        }
+        if evaluation.replayed is not None
+        else {}
+    )
+    yield _gate_result(gate, evaluation.per_class, thresholds, replay)
 
 
 def _evaluation_metadata(report: EvaluationReport) -> dict:

@@ -208,3 +208,38 @@ def test_labelstudio_tasks_prefill_the_given_boxes_and_suggest_the_fix():
     (fix,) = task["predictions"][0]["result"]
     assert fix["value"]["rectanglelabels"] == ["5"]
     assert fix["value"]["y"] == pytest.approx(100 * 50 / 80)
+
+
+def test_the_replay_set_carries_each_frame_s_reviewed_boxes_an_expert_s_first():
+    from cvops_pipelines.core.curate.replay_set import build_replay_set
+
+    operator_fix = json.dumps([{"label": "3", "box": [1, 1, 9, 9]}])
+    expert_fix = json.dumps([{"label": "8", "box": [2, 2, 9, 9]}])
+    records = pd.DataFrame(
+        {
+            "record_id": ["cam-00000001", "cam-00000002"],
+            "device_id": "cam",
+            "cohort": "a",
+            "release": "rel-1",
+            "image_id": ["a" * 64, "b" * 64],
+            "key": ["k1", "k2"],
+            "predicted": "3",
+            "corrected_label": ["3", "3"],
+            "corrected_boxes": [operator_fix, operator_fix],
+            "captured_at": "2026-11-01T00:00:00",
+            "boxes": "[]",
+        }
+    )
+    pool = pd.DataFrame(
+        {
+            "image_id": ["b" * 64],
+            "label": ["8"],
+            "annotators": [["operator@cam", "expert-1"]],
+            "votes": [[1, 1]],
+            "boxes": [expert_fix],
+        }
+    )
+    rows = build_replay_set(records, pool).rows.set_index("record_id")
+    assert rows.loc["cam-00000001", "boxes"] == operator_fix
+    assert rows.loc["cam-00000002", "boxes"] == expert_fix
+    assert rows.loc["cam-00000002", "label_source"] == "expert"

@@ -45,3 +45,21 @@ def test_the_side_by_side_table_is_the_numbers_the_gate_read():
     table = per_class_table(mine, CHAMPION).set_index("class")
     assert table.loc["3", "ap_change"] == -0.1 and table.loc["7", "ap_change"] == 0.05
     assert table.loc["9", "test_objects"] == 3
+
+
+def test_a_challenger_shown_worse_on_the_production_holdout_is_refused():
+    import numpy as np
+
+    from cvops_pipelines.core.measure.replay import NonInferiority, paired_test
+
+    same = report(0.40, {"3": 0.40, "7": 0.40, "9": 0.40}, OBJECTS)
+    rule = NonInferiority(margin=0.02, alpha=0.05, min_records=30)
+    old = np.ones(60, bool)
+    new = old.copy()
+    new[:15] = False  # 15 frames the champion answers right and the challenger does not
+    worse = paired_test(new, old, "holdout frames answered right", rule)
+    gate = decide(same, CHAMPION, DetectionGateConfig(), worse)
+    assert not gate.passed and "worse" in gate.reasons[0] and "60 reviewed" in gate.reasons[0]
+    few = paired_test(new[:10], old[:10], "holdout frames answered right", rule)
+    gate = decide(same, CHAMPION, DetectionGateConfig(), few)
+    assert gate.passed and any("not enough field data" in n for n in gate.notes)

@@ -40,18 +40,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy non-maximum suppression; indices kept, highest score first."""
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        best, order = order[0], order[1:]
-        keep.append(best)
-        if order.size:
-            order = order[box_iou(boxes[best], boxes[order])[0] <= iou]
-    return np.array(keep, dtype=np.int64)
-
-
 def detections(
     boxes: np.ndarray,
     scores: np.ndarray,
@@ -64,29 +52,37 @@ def detections(
     detections_per_image: int,
 ) -> list[Detection]:
     """One image: `boxes` (anchors x 4, in [0, 1] of the input), `scores` (anchors x classes+1,
-    column 0 background) -> detections in the image's own pixels, best first."""
-    kept_boxes, kept_scores, kept_labels = [], [], []
-    for label in range(1, scores.shape[1]):
-        score = scores[:, label]
-        candidates = np.nonzero(score > score_threshold)[0]
-        top = candidates[np.argsort(-score[candidates], kind="stable")[:candidates_per_class]]
-        kept_boxes.append(boxes[top])
-        kept_scores.append(score[top])
-        kept_labels.append(np.full(len(top), label))
-    all_boxes = np.concatenate(kept_boxes)
-    all_scores, all_labels = np.concatenate(kept_scores), np.concatenate(kept_labels)
-    keep = []
-    for label in np.unique(all_labels):  # class-wise: a 3 never suppresses an 8
-        index = np.nonzero(all_labels == label)[0]
-        keep.extend(index[nms(all_boxes[index], all_scores[index], nms_iou)])
-    keep = np.array(keep, dtype=np.int64)
-    keep = keep[np.argsort(-all_scores[keep], kind="stable")][:detections_per_image]
+    column 0 background) -> detections in the image's own pixels, best first.
+
+    Per class: boxes above the threshold, the top `candidates_per_class` by score; then greedy
+    class-wise NMS in one pass over all classes in score order, stopped once the image's cap is
+    reached: the boxes kept are those the per-class NMS would keep first, in the same order,
+    without suppressing the thousands of low-score boxes nobody will see."""
+    per_class = scores[:, 1:]
+    anchor, label = np.nonzero(per_class > score_threshold)  # anchor-major: ties by anchor
+    score = per_class[anchor, label]
+    order = np.lexsort((-score, label))  # by class, then score (stable: ties by anchor)
+    anchor, label, score = anchor[order], label[order], score[order]
+    rank = np.arange(len(label)) - np.searchsorted(label, label, side="left")
+    top = rank < candidates_per_class
+    anchor, label, score = anchor[top], label[top], score[top]
+    candidates = boxes[anchor].astype(np.float64)
+    alive = np.ones(len(score), bool)
+    kept: list[int] = []
+    for i in np.argsort(-score, kind="stable"):  # ties: lower class first, as concatenated
+        if not alive[i]:
+            continue
+        kept.append(int(i))
+        if len(kept) == detections_per_image:
+            break
+        alive[i] = False
+        rivals = np.nonzero(alive & (label == label[i]))[0]  # a 3 never suppresses an 8
+        if rivals.size:
+            alive[rivals[box_iou(candidates[i], candidates[rivals])[0] > nms_iou]] = False
     scale = np.array([width, height, width, height], np.float64)
     return [
         Detection(
-            classes[all_labels[i] - 1],
-            float(all_scores[i]),
-            tuple(float(v) for v in all_boxes[i] * scale),
+            classes[label[i]], float(score[i]), tuple(float(v) for v in candidates[i] * scale)
         )
-        for i in keep
+        for i in kept
     ]

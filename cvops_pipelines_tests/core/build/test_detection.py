@@ -12,7 +12,7 @@ from cvops_pipelines.core.build.detection import (
     train_detector,
 )
 from cvops_pipelines.demo.scenes import CLASSES, SceneConfig, scenes
-from cvops_pipelines.edge.detect import box_iou, nms
+from cvops_pipelines.edge.detect import box_iou, detections
 from cvops_pipelines.edge.detect import box_iou as iou
 
 FAST = DetectorConfig(epochs=2, batch_size=4, augment=True)
@@ -76,11 +76,23 @@ def test_augmentation_moves_boxes_with_the_pixels():
             assert 0 <= b[0] < b[2] <= 320 and 0 <= b[1] < b[3] <= 320
 
 
-def test_nms_keeps_the_best_of_overlapping_boxes():
-    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float)
-    assert list(nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5)) == [0, 2]
-    assert list(nms(boxes, np.array([0.7, 0.8, 0.9]), 0.5)) == [2, 1]
+def test_nms_keeps_the_best_of_overlapping_boxes_of_one_class_only():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], float) / 100
     assert box_iou(boxes[:1], boxes[:1])[0, 0] == pytest.approx(1.0)
+
+    def found(class_scores, cap=50, k=100):
+        scores = np.hstack([np.zeros((3, 1)), np.asarray(class_scores, float)])
+        out = detections(boxes, scores, 100, 100, ["a", "b"], 0.05, 0.5, k, cap)
+        return [(d.label, round(d.score, 2)) for d in out]
+
+    assert found([[0.9, 0], [0.8, 0], [0.7, 0]]) == [("a", 0.9), ("a", 0.7)]
+    assert found([[0.7, 0], [0.8, 0], [0.9, 0]]) == [("a", 0.9), ("a", 0.8)]
+    # another class on the same object is not suppressed (class-wise NMS)
+    assert found([[0.9, 0], [0, 0.8], [0, 0]]) == [("a", 0.9), ("b", 0.8)]
+    # the cap keeps the best boxes; the per-class top-k comes before NMS
+    assert found([[0.9, 0.6], [0, 0.8], [0.7, 0]], cap=2) == [("a", 0.9), ("b", 0.8)]
+    assert found([[0.9, 0], [0.8, 0], [0.7, 0]], k=1) == [("a", 0.9)]
+    assert found([[0.01, 0.02], [0, 0], [0, 0]]) == []  # nothing above the threshold
 
 
 @pytest.fixture(scope="module")

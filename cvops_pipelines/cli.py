@@ -221,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{manifest['artifact']}, dataset {manifest['dataset_version']}{extra}; "
             f"since {pointer.get('updated_at', '?')})"
         )
-    tracking = Tracking(settings.mlflow_tracking_uri())
+    tracking = Tracking(settings.mlflow_tracking_uri(), model_name=settings.model_name())
     local_db = tracking.tracking_uri.removeprefix("sqlite:///")
     if tracking.tracking_uri.startswith("sqlite:///") and not Path(local_db).exists():
         print(f"   MLflow    : no tracking database yet ({local_db})")
@@ -246,6 +246,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{'FLAGGED' if metrics['drift_flagged'] else 'not flagged'}"
         )
         for row in metrics["per_release"]:
+            if metrics.get("task") == "detection":
+                print(
+                    f"               {row['release']}: precision {row['precision_50']} / recall "
+                    f"{row['recall_50']} at IoU 0.5 on {row['reviewed']} reviewed of "
+                    f"{row['frames']} frames (coverage {row['coverage']:.0%})"
+                )
+                continue
             accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
             print(
                 f"               {row['release']}: accuracy {accuracy} on {row['reviewed']} "

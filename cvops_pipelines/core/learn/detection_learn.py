@@ -100,9 +100,11 @@ class DetectionProduction:
             f"p={row['p_counts']:.2g})"
         )
 
-    def summary(self) -> dict:
+    def summary(self, policy: DetectionPolicy) -> dict:
         return {
             "task": "detection",
+            "sla_ok": self.sla_failure(policy) is None,
+            "drift_flagged": self.drift_failure() is not None,
             "records": int(self.per_release["frames"].sum()) if len(self.per_release) else 0,
             "reviewed": int(self.per_release["reviewed"].sum()) if len(self.per_release) else 0,
             "per_release": self.per_release.to_dict(orient="records"),

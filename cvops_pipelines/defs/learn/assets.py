@@ -236,7 +236,7 @@ def _detection_metrics(policy: DetectionPolicy, records: pd.DataFrame, store):
     thresholds = answer_thresholds(store, records["release"])
     report = detection_production(records, policy, thresholds)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
-    summary = report.summary()
+    summary = report.summary(policy)
     yield Output(
         summary,
         metadata={

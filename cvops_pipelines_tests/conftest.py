@@ -23,7 +23,8 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 def pytest_collection_modifyitems(items):
     """The demo-based tests (minutes, one module) first, so the other worker's many short tests
     run beside them instead of after them."""
-    items.sort(key=lambda item: "demo_run" not in getattr(item, "fixturenames", ()))
+    demos = ("demo_run", "detection_demo")
+    items.sort(key=lambda item: not any(d in getattr(item, "fixturenames", ()) for d in demos))
 
 
 @pytest.fixture(autouse=True)

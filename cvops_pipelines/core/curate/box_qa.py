@@ -11,7 +11,7 @@ detection depend on the batch, and its thresholds are fixed in code).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,12 @@ class BoxQAConfig:
     location_score: float = 0.5  # a same-class prediction this confident re-locates a box
     swap_score: float = 0.5  # another class this confident on the same object: a swap
     duplicate_iou: float = 0.9  # two given boxes of one class this close: a double click
+
+    def at(self, score: float) -> BoxQAConfig:
+        """The same checks with every score threshold at `score`: a reviewer's operating point
+        (its best-F1 threshold on validation), where its scores mean "there is an object".
+        A young detector rarely scores 0.5, let alone cleanlab's fixed 0.95."""
+        return replace(self, overlooked_score=score, location_score=score, swap_score=score)
 
 
 def _issue(image_id, issue, label, suggested, box, suggested_box, severity, details) -> dict:
@@ -221,17 +227,19 @@ def image_review(issues: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def reviewer_predictions(tracking, store, pool: pd.DataFrame, alias: str, log) -> dict[str, dict]:
-    """The `alias` model's boxes on the pool images it did not train on (its run's dataset
-    version says which it did): a model agrees with its own training labels, so those images
-    would hide their issues. Empty when no such model is registered yet."""
+def reviewer_predictions(
+    tracking, store, pool: pd.DataFrame, alias: str, log
+) -> tuple[dict[str, dict], float | None]:
+    """(the `alias` model's boxes on the pool images it did not train on, its operating point).
+    Its run's dataset version says which images it trained on: a model agrees with its own
+    training labels, so those would hide their issues. Empty, None without such a model."""
     from cvops_pipelines.core.build.detection_run import load_scenes, predict
     from cvops_pipelines.core.curate.dataset import load_snapshot
 
     loaded = tracking.load(alias=alias)
     if loaded is None or getattr(loaded.preprocess, "task", "") != "detection":
         log(f"no detector registered as {alias!r} yet: box QA runs its model-free checks only")
-        return {}
+        return {}, None
     version = tracking.client().get_run(loaded.run_id).data.tags.get("dataset_version", "")
     trained = load_snapshot(store, version) if version else pd.DataFrame(columns=["image_id"])
     seen = set(trained.loc[trained["split"] == "train", "image_id"]) if len(trained) else set()
@@ -242,7 +250,7 @@ def reviewer_predictions(tracking, store, pool: pd.DataFrame, alias: str, log) -
     )
     images, _ = load_scenes(store, fresh)
     found = predict(loaded.model, images, loaded.preprocess)
-    return dict(zip(fresh["image_id"], found))
+    return dict(zip(fresh["image_id"], found)), loaded.preprocess.answer_threshold
 
 
 def labelstudio_rect(image_id: str, size: tuple[int, int], box, label: str, n) -> dict:

@@ -180,10 +180,10 @@ class LabelIssuesConfig(Config):
     box_min_overlap: float = Field(
         BoxQAConfig.min_overlap, description="Below this IoU a prediction is another object."
     )
-    box_min_score: float = Field(
-        BoxQAConfig.overlooked_score,
+    box_min_score: float | None = Field(
+        None,
         description="Detection: the reviewer's score from which a missing box, a move or a "
-        "swap is suggested.",
+        "swap is suggested (default: the reviewer's own operating point, its answer_threshold).",
     )
     box_duplicate_iou: float = Field(
         BoxQAConfig.duplicate_iou, description="Two same-class boxes this close: a duplicate."
@@ -222,17 +222,16 @@ def label_issues(
 
 def _box_issues(context, config, pool: pd.DataFrame, storage, tracking) -> Output:
     store = storage.store()
-    predictions = reviewer_predictions(
+    predictions, operating_point = reviewer_predictions(
         tracking.open(), store, pool, config.reviewer, context.log.info
     )
     qa = BoxQAConfig(
-        config.box_match_iou,
-        config.box_min_overlap,
-        config.box_min_score,
-        config.box_min_score,
-        config.box_min_score,
-        config.box_duplicate_iou,
+        match_iou=config.box_match_iou,
+        min_overlap=config.box_min_overlap,
+        duplicate_iou=config.box_duplicate_iou,
     )
+    score = config.box_min_score if config.box_min_score is not None else operating_point
+    qa = qa.at(score) if score is not None else qa
     issues = review_boxes(pool, predictions, qa)
     classes = sorted(box_rows(pool)["label"].unique())
     uris = write_box_review(
@@ -245,7 +244,9 @@ def _box_issues(context, config, pool: pd.DataFrame, storage, tracking) -> Outpu
             "suspects": len(review),
             "box_issues": len(issues),
             "scored_images": len(predictions),
-            "reviewer": config.reviewer if predictions else "none yet (model-free checks only)",
+            "reviewer": f"{config.reviewer} (boxes from score {qa.overlooked_score})"
+            if predictions
+            else "none yet (model-free checks only)",
             "issues_by_type": MetadataValue.json(issues["issue"].value_counts().to_dict()),
             "top_issues": MetadataValue.md(markdown_table(issues, 15)),
             "box_issues_csv": MetadataValue.url(uris["box_issues.csv"]),

@@ -43,6 +43,42 @@ def wait_for_port(
 
 
 @contextmanager
+def dagster_server(command: str, repo_root: Path, env: dict, log: Path):
+    """`dagster dev` or `dagster-webserver` over this repo's workspace on a free loopback port;
+    yields its URL. Stopped gracefully first; what still runs then (runs a daemon started) goes
+    with the process group. How fast Dagster shuts down is not what the tests test."""
+    import signal
+    import urllib.request
+
+    port = free_port()
+    args = [str(Path(sys.executable).parent / command.split()[0]), *command.split()[1:]]
+    proc = subprocess.Popen(
+        [*args, "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=repo_root,
+        env=env,
+        start_new_session=True,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, timeout=120, proc=proc, log=log)
+        base = f"http://127.0.0.1:{port}"
+        urllib.request.urlopen(f"{base}/server_info", timeout=30).read()
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@contextmanager
 def mlflow_server_process(root: Path, backend_uri: str, artifacts: str, env: dict | None = None):
     """`mlflow server` on a free loopback port, proxying artifacts to `artifacts`; yields its
     URL."""

@@ -7,11 +7,9 @@ One module, so pytest-xdist runs both on the worker that ran the demo (`--dist l
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import UTC
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from cvops_pipelines.core.measure.replay import NonInferiority, Operator, paired_test
-from cvops_pipelines_tests.helpers import free_port, wait_for_port
+from cvops_pipelines_tests.helpers import dagster_server
 
 CVOPS = str(Path(sys.executable).parent / "cvops")
 GROUPS = ("ingest", "curate", "build", "measure", "ship", "learn")
@@ -185,44 +183,9 @@ def shots(repo_root):
 def dagster_ui(demo_run, repo_root):
     """`dagster dev` (webserver + daemon) on loopback over the demo's instance and store."""
     assert demo_run["proc"].returncode == 0, demo_run["proc"].stdout[-2000:]
-    port = free_port()
     log = demo_run["root"] / "dagster_dev.log"
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "dev",
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=repo_root,
-        env=demo_run["env"],
-        start_new_session=True,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(port, timeout=120, proc=proc, log=log)
-        base = f"http://127.0.0.1:{port}"
-        urllib.request.urlopen(f"{base}/server_info", timeout=30).read()
+    with dagster_server("dagster dev", repo_root, demo_run["env"], log) as base:
         yield base
-    finally:
-        # a graceful stop first; what still runs then (a webserver slow to close, runs the daemon
-        # started after ours: curate, retraining) is killed with the process group. How fast
-        # dagster dev shuts down is not what this module tests.
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 @pytest.fixture

@@ -5,15 +5,13 @@ the precision-recall plot, example boxes). Screenshots land in $CVOPS_TEST_ARTIF
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cvops_pipelines_tests.helpers import free_port, wait_for_port
+from cvops_pipelines_tests.helpers import dagster_server
 from cvops_pipelines_tests.test_demo import CHROMIUM_ARGS, chromium
 
 SIZES = ["--scenes", "240", "--frames", "90", "--epochs", "2"]  # small: the loop, not the mAP
@@ -62,29 +60,13 @@ def test_one_hands_off_turn_on_boxes(detection_demo):
 @pytest.fixture
 def webserver(detection_demo, repo_root):
     assert detection_demo["proc"].returncode == 0
-    port = free_port()
-    log = detection_demo["root"] / "webserver.log"
     env = {
         **detection_demo["env"],
         "CVOPS_ONTOLOGY": str(repo_root / "data_contracts" / "scenes.yaml"),
     }
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml"]
-        + ["-h", "127.0.0.1", "-p", str(port)],
-        cwd=repo_root,
-        env=env,
-        start_new_session=True,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(port, timeout=120, proc=proc, log=log)
-        base = f"http://127.0.0.1:{port}"
-        urllib.request.urlopen(f"{base}/server_info", timeout=30).read()
+    log = detection_demo["root"] / "webserver.log"
+    with dagster_server("dagster-webserver", repo_root, env, log) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_the_ui_shows_the_detector_s_evaluation(webserver, repo_root):

@@ -214,20 +214,29 @@ def production_metrics(
     csv_uri = report.save(store)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
     yield Output(report.summary(), metadata=_production_metadata(report, csv_uri))
+    yield from _field_checks(
+        report,
+        policy,
+        report.sla,
+        {"min_accuracy": policy.min_accuracy, "min_reviewed": policy.min_reviewed},
+        {"alpha": policy.drift_alpha, "window": policy.drift_window},
+    )
+
+
+def _field_checks(report, policy, sla_table, sla_limits: dict, drift_limits: dict):
+    """The SLA (blocking) and output drift (a warning) checks, one shape for both tasks."""
     yield check_result(
         "accuracy_sla",
         report.sla_failure(policy),
         AssetCheckSeverity.ERROR,
-        min_accuracy=policy.min_accuracy,
-        min_reviewed=policy.min_reviewed,
-        releases=MetadataValue.md(markdown_table(report.sla, 10)),
+        **sla_limits,
+        releases=MetadataValue.md(markdown_table(sla_table, 10)),
     )
     yield check_result(
         "no_output_drift",
         report.drift_failure(),
         WARN,
-        alpha=policy.drift_alpha,
-        window=policy.drift_window,
+        **drift_limits,
         releases=MetadataValue.md(markdown_table(report.drift, 10)),
     )
 
@@ -250,22 +259,16 @@ def _detection_metrics(policy: DetectionPolicy, records: pd.DataFrame, store):
             "drift": MetadataValue.md(markdown_table(report.drift, 20)),
         },
     )
-    yield check_result(
-        "accuracy_sla",
-        report.sla_failure(policy),
-        AssetCheckSeverity.ERROR,
-        min_precision_50=policy.min_precision,
-        min_recall_50=policy.min_recall,
-        min_reviewed=policy.min_reviewed,
-        releases=MetadataValue.md(markdown_table(report.per_release, 10)),
-    )
-    yield check_result(
-        "no_output_drift",
-        report.drift_failure(),
-        WARN,
-        alpha=policy.alpha,
-        window=policy.window,
-        releases=MetadataValue.md(markdown_table(report.drift, 10)),
+    yield from _field_checks(
+        report,
+        policy,
+        report.per_release,
+        {
+            "min_precision_50": policy.min_precision,
+            "min_recall_50": policy.min_recall,
+            "min_reviewed": policy.min_reviewed,
+        },
+        {"alpha": policy.alpha, "window": policy.window},
     )
 
 

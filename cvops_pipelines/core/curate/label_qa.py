@@ -43,6 +43,10 @@ class LabelQAConfig:
     seed: int = 0
     feature_side: int = 16
     neardup: NearDupConfig = field(default_factory=NearDupConfig)
+    # The scorer judges labels only when its own out-of-fold accuracy against them reaches this:
+    # below it, most of its disagreements are its own errors, and confident learning would
+    # flood the review with them (measured: half of a 2,000-image pool flagged, F1 0.21).
+    min_scorer_accuracy: float = 0.6
 
 
 @dataclass
@@ -56,6 +60,8 @@ class LabelQAResult:
     classes: list[str]
     scored: int  # images that had out-of-fold probabilities
     unscored_reason: str = ""
+    scorer_accuracy: float | None = None  # its out-of-fold accuracy against the given labels
+    judged: bool = False  # whether its disagreements were flagged (see min_scorer_accuracy)
 
 
 def thumb_features(thumbs: pd.Series, side: int = 16) -> np.ndarray:
@@ -192,8 +198,24 @@ def review_label_quality(
     noise = pd.DataFrame(columns=["label", "images", "estimated_noise_rate"])
     confused = pd.DataFrame(columns=["class_a", "class_b", "estimated_confusions"])
     quality = pd.Series(np.nan, index=pool.index)
+    accuracy, judged = None, False
     if probs is not None:
         y = class_indices(pool.loc[mask, "label"], classes)
+        accuracy = float(np.mean(probs.argmax(1) == y))
+        judged = accuracy >= config.min_scorer_accuracy
+        if not judged:
+            unscored = "; ".join(
+                r
+                for r in (
+                    unscored,
+                    f"the thumbnail scorer agrees with only {accuracy:.0%} of the labels out of "
+                    f"fold (< {config.min_scorer_accuracy:.0%}): it cannot tell label errors "
+                    "from its own, so only near-duplicate conflicts and annotator disagreement "
+                    "are flagged",
+                )
+                if r
+            )
+    if probs is not None and judged:
         # n_jobs=1: a forked pool would inherit the orchestrator's signal handlers; one core is fast
         issues = find_label_issues(y, probs, filter_by="prune_by_noise_rate", n_jobs=1)
         scores = get_label_quality_scores(y, probs)
@@ -260,6 +282,8 @@ def review_label_quality(
         classes,
         int(mask.sum()),
         unscored,
+        accuracy,
+        judged,
     )
 
 

@@ -173,6 +173,11 @@ class LabelIssuesConfig(Config):
     max_mad: float = Field(
         NearDupConfig.max_mad, description="Near-duplicate confirmation: thumbnail difference."
     )
+    min_scorer_accuracy: float = Field(
+        LabelQAConfig.min_scorer_accuracy,
+        description="The thumbnail scorer flags labels only when its out-of-fold accuracy "
+        "against them reaches this (below, its disagreements are mostly its own errors).",
+    )
     reviewer: str = Field(
         "champion", description="Detection: the registered detector (alias) that reviews boxes."
     )
@@ -210,7 +215,13 @@ def label_issues(
     if "boxes" in labeled_pool:
         return _box_issues(context, config, labeled_pool, storage, tracking)
     neardup = NearDupConfig(config.max_hamming, config.max_mad)
-    qa = LabelQAConfig(config.folds, config.neighbors, config.seed, neardup=neardup)
+    qa = LabelQAConfig(
+        config.folds,
+        config.neighbors,
+        config.seed,
+        neardup=neardup,
+        min_scorer_accuracy=config.min_scorer_accuracy,
+    )
     result = review_label_quality(labeled_pool, qa)
     if result.unscored_reason:
         context.log.warning(result.unscored_reason)
@@ -268,6 +279,12 @@ def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
     return {
         "suspects": len(review),
         "scored_images": result.scored,
+        "scorer": "k-nearest neighbours on 16x16 thumbnails, out of fold",
+        "scorer_oof_accuracy": round(result.scorer_accuracy, 4)
+        if result.scorer_accuracy is not None
+        else "not scored",
+        "scorer_judges": result.judged,
+        **({"scorer_note": result.unscored_reason} if result.unscored_reason else {}),
         "suspects_by_reason": MetadataValue.json(reasons),
         "top_suspects": MetadataValue.md(markdown_table(review[columns], 15)),
         "confused_pairs": MetadataValue.md(markdown_table(result.confused_pairs, 10)),

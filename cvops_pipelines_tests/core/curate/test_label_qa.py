@@ -38,6 +38,7 @@ def test_flipped_labels_are_found_far_above_chance(noisy_pool):
     precision = len(flagged & flipped) / len(flagged)
     recall = len(flagged & flipped) / len(flipped)
     assert precision > 0.7 and recall > 0.7, (precision, recall)  # chance precision: 0.10
+    assert result.judged and result.scorer_accuracy >= LabelQAConfig().min_scorer_accuracy
     assert result.scored == len(pool)
     # the suggestion is usually the true class
     review = result.review.set_index("image_id")
@@ -133,3 +134,45 @@ def test_pigeonhole_index_finds_exactly_the_brute_force_pairs():
         if (values[i] ^ values[j]).bit_count() <= 4
     }
     assert found == brute and len(brute) > 40
+
+
+def test_a_scorer_that_cannot_separate_the_classes_flags_nothing_on_its_own():
+    """Scenes (digits at random places and scales on noisy, unevenly lit backgrounds), labelled
+    by their main class: thumbnails do not cluster by class, so the scorer's out-of-fold
+    accuracy is near chance, and its disagreements are not passed off as label errors. A
+    near-duplicate conflict is still flagged: that signal needs no scorer."""
+    from cvops_pipelines.core.base.images import inspect_image
+    from cvops_pipelines.demo.scenes import scenes
+
+    items = [s for s in scenes(300, seed=4) if s.labels]
+    rows = []
+    for item in items:
+        info = inspect_image(item.png())
+        label = max(sorted(set(item.labels)), key=item.labels.count)
+        rows.append(
+            {
+                "image_id": info.image_id,
+                "label": label,
+                "n_votes": 1,
+                "agreement": 1.0,
+                "annotators": [""],
+                "votes": [label],
+                "source": "scenes",
+                "original_name": f"{info.image_id[:8]}.png",
+                "uri": "",
+                "phash": info.phash,
+                "thumb": info.thumb,
+            }
+        )
+    pool = pd.DataFrame(rows)
+    twin = pool.iloc[[0]].assign(
+        image_id="f" * 64, label="0" if pool.at[0, "label"] != "0" else "1"
+    )
+    pool = pd.concat([pool, twin], ignore_index=True)
+    result = review_label_quality(pool)
+    assert result.scorer_accuracy < LabelQAConfig().min_scorer_accuracy
+    assert not result.judged and "cannot tell label errors" in result.unscored_reason
+    reasons = set(result.review["reasons"].str.split(";").explode())
+    assert "label_issue" not in reasons
+    assert reasons == {"near_duplicate_conflict"}
+    assert set(result.review["image_id"]) == {pool.at[0, "image_id"], "f" * 64}

@@ -108,38 +108,43 @@ def write_corpus(drop: Path, outside: Path) -> dict[str, str]:
     return dict(EXPECTED)
 
 
+def pool_row(data: bytes, label: str, name: str, source: str = "demo") -> dict:
+    """One labeled-pool row for an image file, the way ingest + labeled_pool build it."""
+    import pandas as pd
+
+    from cvops_pipelines.core.base.images import inspect_image
+
+    info = inspect_image(data)
+    return {
+        "image_id": info.image_id,
+        "label": label,
+        "n_votes": 1,
+        "agreement": 1.0,
+        "annotators": [""],
+        "votes": [label],
+        "origin": "drop",
+        "labeled_at": pd.Timestamp("2026-11-01", tz="UTC"),
+        "source": source,
+        "original_name": name,
+        "uri": f"file:///{name}",
+        "key": f"images/{info.image_id[:2]}/{info.image_id}.png",
+        "phash": info.phash,
+        "thumb": info.thumb,
+        "width": info.width,
+        "height": info.height,
+    }
+
+
 def pool_rows(indices, labels=None, reencode: dict | None = None):
     """A labeled pool built from demo digits the way ingest + labeled_pool build it."""
     import hashlib
 
     import pandas as pd
 
-    from cvops_pipelines.core.base.images import inspect_image
-
     rows = []
     for n, i in enumerate(indices):
         data = encode(digit(i), "PNG")
-        info = inspect_image(data)
         label = labels[n] if labels is not None else digit_label(i)
-        rows.append(
-            {
-                "image_id": info.image_id,
-                "label": label,
-                "n_votes": 1,
-                "agreement": 1.0,
-                "annotators": [""],
-                "votes": [label],
-                "origin": "drop",
-                "labeled_at": pd.Timestamp("2026-11-01", tz="UTC"),
-                "source": "demo",
-                "original_name": f"{i}.png",
-                "uri": f"file:///{i}.png",
-                "key": f"images/{info.image_id[:2]}/{info.image_id}.png",
-                "phash": info.phash,
-                "thumb": info.thumb,
-                "width": 32,
-                "height": 32,
-            }
-        )
-        assert hashlib.sha256(data).hexdigest() == info.image_id
+        rows.append(pool_row(data, label, f"{i}.png"))
+        assert hashlib.sha256(data).hexdigest() == rows[-1]["image_id"]
     return pd.DataFrame(rows)

@@ -9,7 +9,6 @@ In the measurements a detector's quality is its mAP@[.5:.95] (`accuracy`) and mA
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import pandas as pd
@@ -21,9 +20,7 @@ from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
 from cvops_pipelines.core.ship.artifact_choice import (
     REFERENCE,
     Measurement,
-    choose,
     latency_ms,
-    table,
 )
 from cvops_pipelines.core.ship.detection_export import (
     detection_parity,
@@ -37,8 +34,7 @@ from cvops_pipelines.core.ship.onnx_model import (
     ExportedModel,
     ExportPolicy,
     export_inputs,
-    register_artifacts,
-    store_artifacts,
+    finish_export,
 )
 
 
@@ -79,33 +75,9 @@ def export_detector_model(
     parities = {"onnx_fp32": {**proof.__dict__, "ok": proof.ok, "verdict": True}}
     int8 = detection_parity(model, session(artifacts["onnx_int8"]), images, spec)
     parities["onnx_int8"] = {**int8.__dict__, "ok": int8.ok, "verdict": False}
-    choices = [choose(measurements, target) for target in policy.targets]
-    for choice in choices:
-        log(
-            f"target {choice.profile.name}: {choice.artifact or 'nothing qualifies'} "
-            f"({json.dumps(choice.verdicts)})"
-        )
-    frame = table(measurements)
-    files = store_artifacts(
-        store, f"models/{tracking.model_name}/v{loaded.version}", artifacts, spec.to_json()
+    return finish_export(
+        loaded, artifacts, measurements, parities, spec, store, tracking, policy, tags, log, "map"
     )
-    run_id, registered = register_artifacts(
-        tracking, loaded, artifacts, frame, choices, parities, measurements, tags, "map"
-    )
-    record = {
-        "task": "detection",
-        "source_model_version": loaded.version,
-        "model_name": tracking.model_name,
-        "dataset_version": tags["dataset_version"],
-        "run_id": run_id,
-        "preprocess": json.loads(spec.to_json()),
-        "artifacts": files,
-        "registered": registered,
-        "parity": parities,
-        "measurements": json.loads(frame.to_json(orient="records")),
-        "choices": {c.profile.name: c.artifact for c in choices},
-    }
-    return ExportedModel(record, frame, choices, parities, tracking.run_url(run_id))
 
 
 def _measure(model, artifacts, images, truths, spec, repeats: int) -> list[Measurement]:

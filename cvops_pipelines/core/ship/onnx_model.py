@@ -110,6 +110,27 @@ def export_model(
         )
         for name in artifacts
     }
+    return finish_export(
+        loaded, artifacts, measurements, parities, preprocess, store, tracking, policy, tags, log
+    )
+
+
+def finish_export(
+    loaded: LoadedModel,
+    artifacts: dict[str, bytes],
+    measurements,
+    parities: dict,
+    spec,
+    store: Store,
+    tracking: Tracking,
+    policy: ExportPolicy,
+    tags: dict,
+    log: Callable[[str], None],
+    quality: str = "accuracy",
+) -> ExportedModel:
+    """What every task's export ends with: the per-target choice from the measurements, the
+    artifacts stored and registered, and the record edge_release reads. `spec`: the model's
+    Preprocess or DetectorSpec (its JSON travels with the artifacts)."""
     choices = [choose(measurements, target) for target in policy.targets]
     for choice in choices:
         log(
@@ -118,17 +139,22 @@ def export_model(
         )
     frame = table(measurements)
     files = store_artifacts(
-        store, f"models/{tracking.model_name}/v{loaded.version}", artifacts, preprocess.to_json()
+        store, f"models/{tracking.model_name}/v{loaded.version}", artifacts, spec.to_json()
     )
     run_id, registered = register_artifacts(
-        tracking, loaded, artifacts, frame, choices, parities, measurements, tags
+        tracking, loaded, artifacts, frame, choices, parities, measurements, tags, quality
     )
     record = {
+        **(
+            {"task": spec.task}
+            if getattr(spec, "task", "classification") != "classification"
+            else {}
+        ),
         "source_model_version": loaded.version,
         "model_name": tracking.model_name,
         "dataset_version": tags["dataset_version"],
         "run_id": run_id,
-        "preprocess": json.loads(preprocess.to_json()),
+        "preprocess": json.loads(spec.to_json()),
         "artifacts": files,
         "registered": registered,
         "parity": parities,

@@ -336,23 +336,10 @@ def annotation_queue(
             records, experts, config.size, config.explore_share, thresholds=thresholds
         )
         queue_id, prefix = publish_detection_queue(store, queue, contracts.ontology().names)
+        columns = ["rank", "reason", "score", "why", "predicted"]
         return Output(
             queue.assign(queue_id=queue_id),
-            metadata={
-                "queue_id": queue_id,
-                "queued": len(queue),
-                "by_reason": MetadataValue.json(queue["reason"].value_counts().to_dict()),
-                "candidates_already_expert_labeled": len(experts),
-                "top": MetadataValue.md(
-                    markdown_table(queue[["rank", "reason", "score", "why", "predicted"]], 15)
-                ),
-                "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/tasks.json")),
-                "labelstudio_config": MetadataValue.url(
-                    store.uri(f"{prefix}/labelstudio_config.xml")
-                ),
-                "csv": MetadataValue.url(store.uri(f"{prefix}/queue.csv")),
-                "folder": MetadataValue.url(store.uri(prefix)),
-            },
+            metadata=_queue_metadata(queue, queue_id, prefix, store, experts, columns),
         )
     queue = build_queue(
         records,
@@ -361,28 +348,32 @@ def annotation_queue(
     )
     queue_id, prefix = publish_queue(store, queue, contracts.ontology().names)
     pairs = queue.groupby(["predicted", "second"]).size().sort_values(ascending=False)
+    columns = ["rank", "reason", "score", "predicted", "second", "corrected_label"]
     return Output(
         queue.assign(queue_id=queue_id),
         metadata={
-            "queue_id": queue_id,
-            "queued": len(queue),
-            "by_reason": MetadataValue.json(queue["reason"].value_counts().to_dict()),
-            "candidates_already_expert_labeled": len(experts),
+            **_queue_metadata(queue, queue_id, prefix, store, experts, columns),
             "distinct_class_pairs": len(pairs),
             "largest_pair_share": round(float(pairs.iloc[0] / len(queue)), 3)
             if len(queue)
             else 0.0,
-            "top": MetadataValue.md(
-                markdown_table(
-                    queue[["rank", "reason", "score", "predicted", "second", "corrected_label"]], 15
-                )
-            ),
-            "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/tasks.json")),
-            "labelstudio_config": MetadataValue.url(store.uri(f"{prefix}/labelstudio_config.xml")),
-            "csv": MetadataValue.url(store.uri(f"{prefix}/queue.csv")),
-            "folder": MetadataValue.url(store.uri(prefix)),
         },
     )
+
+
+def _queue_metadata(queue, queue_id: str, prefix: str, store, experts, columns) -> dict:
+    """What either task's queue shows: its size and reasons, the top of it, where it lives."""
+    return {
+        "queue_id": queue_id,
+        "queued": len(queue),
+        "by_reason": MetadataValue.json(queue["reason"].value_counts().to_dict()),
+        "candidates_already_expert_labeled": len(experts),
+        "top": MetadataValue.md(markdown_table(queue[columns], 15)),
+        "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/tasks.json")),
+        "labelstudio_config": MetadataValue.url(store.uri(f"{prefix}/labelstudio_config.xml")),
+        "csv": MetadataValue.url(store.uri(f"{prefix}/queue.csv")),
+        "folder": MetadataValue.url(store.uri(prefix)),
+    }
 
 
 class OntologyReportConfig(Config):

@@ -141,29 +141,15 @@ def test_a_scorer_that_cannot_separate_the_classes_flags_nothing_on_its_own():
     by their main class: thumbnails do not cluster by class, so the scorer's out-of-fold
     accuracy is near chance, and its disagreements are not passed off as label errors. A
     near-duplicate conflict is still flagged: that signal needs no scorer."""
-    from cvops_pipelines.core.base.images import inspect_image
     from cvops_pipelines.demo.scenes import scenes
 
     items = [s for s in scenes(300, seed=4) if s.labels]
-    rows = []
-    for item in items:
-        info = inspect_image(item.png())
-        label = max(sorted(set(item.labels)), key=item.labels.count)
-        rows.append(
-            {
-                "image_id": info.image_id,
-                "label": label,
-                "n_votes": 1,
-                "agreement": 1.0,
-                "annotators": [""],
-                "votes": [label],
-                "source": "scenes",
-                "original_name": f"{info.image_id[:8]}.png",
-                "uri": "",
-                "phash": info.phash,
-                "thumb": info.thumb,
-            }
+    rows = [
+        corpus.pool_row(
+            item.png(), max(sorted(set(item.labels)), key=item.labels.count), f"{n}.png", "scenes"
         )
+        for n, item in enumerate(items)
+    ]
     pool = pd.DataFrame(rows)
     twin = pool.iloc[[0]].assign(
         image_id="f" * 64, label="0" if pool.at[0, "label"] != "0" else "1"

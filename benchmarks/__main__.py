@@ -21,6 +21,7 @@ BENCHMARKS = [
     "loop_gain",
     "detection_export",
     "detection_label_qa",
+    "ssl_label_efficiency",
 ]
 RESULTS = Path(__file__).parent / "results"
 

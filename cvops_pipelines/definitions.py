@@ -9,8 +9,9 @@ from dagster import (
 )
 
 from cvops_pipelines import settings  # noqa: F401  (sets the no-telemetry environment first)
-from cvops_pipelines.defs.build.assets import trained_model
+from cvops_pipelines.defs.build.assets import ssl_encoder, trained_model
 from cvops_pipelines.defs.build.jobs import train_job
+from cvops_pipelines.defs.build.sensors import ssl_encoder_sensor, ssl_job
 from cvops_pipelines.defs.curate.assets import (
     dataset_version,
     label_issues,
@@ -56,6 +57,7 @@ defs = Definitions(
         replay_set,
         label_issues,
         dataset_version,
+        ssl_encoder,
         trained_model,
         model_evaluation,
         onnx_model,
@@ -66,8 +68,23 @@ defs = Definitions(
         annotation_queue,
         ontology_report,
     ],
-    jobs=[ingest_job, curate_job, train_job, release_job, canary_job, feedback_job, learn_job],
-    sensors=[new_drop_sensor, automation_sensor, feedback_sensor, retraining_sensor],
+    jobs=[
+        ingest_job,
+        curate_job,
+        train_job,
+        ssl_job,
+        release_job,
+        canary_job,
+        feedback_job,
+        learn_job,
+    ],
+    sensors=[
+        new_drop_sensor,
+        automation_sensor,
+        feedback_sensor,
+        retraining_sensor,
+        ssl_encoder_sensor,
+    ],
     schedules=[canary_schedule, learn_schedule],
     resources=build_resources(),
 )

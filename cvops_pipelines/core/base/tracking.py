@@ -13,11 +13,13 @@ import tempfile
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cvops_pipelines.core.build.detection import DetectorSpec, load_detector
 from cvops_pipelines.core.build.models import Preprocess, load_model
+from cvops_pipelines.core.build.ssl import TASK as SSL_TASK
+from cvops_pipelines.core.build.ssl import EncoderSpec, load_encoder
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -31,7 +33,7 @@ class TrackingUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: object
-    preprocess: Preprocess | DetectorSpec  # `task` tells which
+    preprocess: Preprocess | DetectorSpec | EncoderSpec  # `task` tells which
     version: str
     run_id: str
 
@@ -189,7 +191,7 @@ class Tracking:
             client.log_artifacts(run_id, tmp, folder)
 
     def log_model_files(
-        self, run_id: str, state: bytes, preprocess: Preprocess | DetectorSpec
+        self, run_id: str, state: bytes, preprocess: Preprocess | DetectorSpec | EncoderSpec
     ) -> None:
         self.log_files(
             run_id,
@@ -220,6 +222,10 @@ class Tracking:
         except MlflowException:
             return None
 
+    def encoders(self) -> Tracking:
+        """The same server, for the self-supervised encoders registered beside this model."""
+        return replace(self, model_name=f"{self.model_name}-encoder")
+
     def set_alias(self, alias: str, version: str) -> None:
         self.client().set_registered_model_alias(self.model_name, alias, version)
 
@@ -241,9 +247,13 @@ class Tracking:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
             spec = (local / "preprocess.json").read_text()
             state = (local / "state_dict.pt").read_bytes()
-            if json.loads(spec).get("task") == "detection":
+            task = json.loads(spec).get("task")
+            if task == "detection":
                 preprocess = DetectorSpec.from_json(spec)
                 model = load_detector(state, preprocess)
+            elif task == SSL_TASK:
+                preprocess = EncoderSpec.from_json(spec)
+                model = load_encoder(state, preprocess)
             else:
                 preprocess = Preprocess.from_json(spec)
                 model = load_model(state, preprocess)

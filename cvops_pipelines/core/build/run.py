@@ -16,7 +16,7 @@ from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.models import state_dict_bytes
 from cvops_pipelines.core.build.training import TrainConfig, fit, hyperparameter_search
 
-INIT_FROM = ("none", "champion", "challenger")
+INIT_FROM = ("none", "champion", "challenger", "ssl_encoder")
 Log = Callable[[str], None]
 
 
@@ -25,7 +25,8 @@ class RunPlan:
     """What the asset (or a caller) asks for beyond the hyperparameters."""
 
     device: str
-    init_from: str = "none"  # start from a registered model: champion / challenger / none
+    init_from: str = "none"  # start from a registered model: champion / challenger /
+    # ssl_encoder (the self-supervised backbone, with a fresh head) / none
     search_trials: int = 0  # learning rate x weight decay trials, each a nested run; 0 = off
     search_epochs: int = 3
 
@@ -63,6 +64,12 @@ def initial_state(
 ):
     if plan.init_from == "none":
         return None
+    if plan.init_from == "ssl_encoder":
+        from cvops_pipelines.core.build.models import build_model
+        from cvops_pipelines.core.build.ssl_run import init_from_encoder
+
+        fresh = build_model(config.architecture, len(classes))
+        return init_from_encoder(tracking, fresh, config.architecture, log)
     start = tracking.load(alias=plan.init_from)
     if start is None:
         log(f"no {plan.init_from} yet: training from scratch")

@@ -144,11 +144,15 @@ def annotation_queue(
     return queue[QUEUE_COLUMNS]
 
 
-def labelstudio_queue_tasks(queue: pd.DataFrame, queue_id: str) -> list[dict]:
+def labelstudio_queue_tasks(
+    queue: pd.DataFrame, queue_id: str, saliency: dict[str, str] | None = None
+) -> list[dict]:
     """Tasks for Label Studio's local-files storage pointed at the queue folder (images/ beside
     the JSON). The model's guess is a pre-filled prediction; `cvops_queue` marks the labels that
-    come back as annotation-queue labels."""
+    come back as annotation-queue labels. `saliency`: image_id -> the Grad-CAM overlay's path
+    in the folder, shown beside the image."""
     tasks = []
+    saliency = saliency or {}
     for r in queue.itertuples():
         guess = r.corrected_label if isinstance(r.corrected_label, str) else r.predicted
         tasks.append(
@@ -164,6 +168,9 @@ def labelstudio_queue_tasks(queue: pd.DataFrame, queue_id: str) -> list[dict]:
                     if isinstance(r.corrected_label, str)
                     else "",
                     "rank": int(r.rank),
+                    "saliency": f"/data/local-files/?d={saliency[r.image_id]}"
+                    if r.image_id in saliency
+                    else "",
                 },
                 "predictions": [
                     {
@@ -188,8 +195,9 @@ def labelstudio_queue_config(classes: list[str]) -> str:
     choices = "\n".join(f'    <Choice value="{c}"/>' for c in classes)
     return (
         '<View>\n  <Image name="image" value="$image"/>\n'
+        '  <Image name="saliency" value="$saliency"/>\n'
         '  <Header value="#$rank ($reason) · model: $predicted or $second · operator: '
-        '$operator_label"/>\n'
+        '$operator_label · right: where the model looked"/>\n'
         '  <Choices name="label" toName="image" choice="single" showInline="true">\n'
         f"{choices}\n  </Choices>\n</View>\n"
     )
@@ -205,14 +213,22 @@ def expert_labeled(labeled_pool: pd.DataFrame) -> set[str]:
     return set(labeled_pool.loc[expert, "image_id"])
 
 
-def publish_queue(store: Store, queue: pd.DataFrame, classes: list[str]) -> tuple[str, str]:
-    """(queue id, folder): the queue's images, a Label Studio import + labeling config, and a
+def publish_queue(
+    store: Store, queue: pd.DataFrame, classes: list[str], explained: list[tuple] | None = None
+) -> tuple[str, str]:
+    """(queue id, folder): the queue's images, their Grad-CAM overlays (`explained`, one per
+    queued image, when a classifier is at hand), a Label Studio import + labeling config, and a
     CSV under annotation/queues/<id>/. The id is a hash of the queued images."""
+    from cvops_pipelines.core.measure.saliency import write_overlays
+
     queue_id = "q-" + hashlib.sha256("".join(queue["image_id"]).encode()).hexdigest()[:12]
     prefix = f"annotation/queues/{queue_id}"
     for key in queue["key"]:  # images/<aa>/<sha256>.<ext> -> <queue>/images/<sha256>.<ext>
         store.write_bytes(f"{prefix}/images/{key.rsplit('/', 1)[-1]}", store.read_bytes(key))
-    store.write_bytes(f"{prefix}/tasks.json", export_json(labelstudio_queue_tasks(queue, queue_id)))
+    overlays = write_overlays(store, f"{prefix}/saliency", list(queue["image_id"]), explained or [])
+    relative = {i: key.removeprefix(f"{prefix}/") for i, key in overlays.items()}
+    tasks = labelstudio_queue_tasks(queue, queue_id, relative)
+    store.write_bytes(f"{prefix}/tasks.json", export_json(tasks))
     store.write_bytes(
         f"{prefix}/labelstudio_config.xml", labelstudio_queue_config(classes).encode()
     )

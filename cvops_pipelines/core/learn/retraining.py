@@ -40,10 +40,22 @@ class AlertFacts:
     at: float = field(default_factory=time.time)
 
 
-_KEYS = {DatasetFacts: "dataset_version", ModelFacts: "trained_model", AlertFacts: "alerts"}
+@dataclass(frozen=True)
+class EncoderFacts:
+    model_version: str
+    images: int  # images it was pretrained on
+    at: float = field(default_factory=time.time)
 
 
-def write_facts(store: Store, facts: DatasetFacts | ModelFacts | AlertFacts) -> None:
+_KEYS = {
+    DatasetFacts: "dataset_version",
+    ModelFacts: "trained_model",
+    AlertFacts: "alerts",
+    EncoderFacts: "ssl_encoder",
+}
+
+
+def write_facts(store: Store, facts: DatasetFacts | ModelFacts | AlertFacts | EncoderFacts) -> None:
     store.write_bytes(f"{PREFIX}/{_KEYS[type(facts)]}.json", json.dumps(asdict(facts)).encode())
 
 

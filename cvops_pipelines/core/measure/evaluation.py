@@ -22,6 +22,7 @@ from cvops_pipelines.core.measure.replay import (
     ReplayComparison,
     compare_on_replay,
 )
+from cvops_pipelines.core.measure.saliency import examples_png
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class EvaluationReport:
     gate: GateDecision
     confusion_png: bytes
     reliability_png: bytes
+    saliency_png: bytes | None = None  # Grad-CAM of the wrong and least confident test answers
 
     def replay_summary(self) -> str:
         return self.replay_note or "\n".join(self.replayed.sentences())
@@ -73,6 +75,7 @@ class EvaluationReport:
         files = {
             "confusion_matrix.png": self.confusion_png,
             "reliability.png": self.reliability_png,
+            **({"saliency.png": self.saliency_png} if self.saliency_png else {}),
             "per_class.csv": self.mine.per_class.to_csv(index=False).encode(),
             "per_cohort.csv": self.cohorts.to_csv(index=False).encode(),
             "gate.csv": self.gate.table.to_csv(index=False).encode(),
@@ -130,8 +133,15 @@ def evaluate_challenger(
         },
         {names["mine"]: mine.ece, **({names["theirs"]: theirs.ece} if theirs else {})},
     )
+    saliency, _ = examples_png(
+        challenger.model,
+        cache[challenger.preprocess.image_size],
+        probs,
+        labels,
+        challenger.preprocess,
+    )
     return EvaluationReport(
-        challenger, champion, test, mine, theirs, cohorts, replayed, note, gate, conf, rel
+        challenger, champion, test, mine, theirs, cohorts, replayed, note, gate, conf, rel, saliency
     )
 
 

@@ -13,8 +13,11 @@ from cvops_pipelines.core.build.detection import DetectorConfig
 from cvops_pipelines.core.build.detection_run import train_detector_tracked
 from cvops_pipelines.core.build.models import pick_device
 from cvops_pipelines.core.build.run import INIT_FROM, RunPlan, train_tracked
+from cvops_pipelines.core.build.ssl import SSLConfig
+from cvops_pipelines.core.build.ssl_run import all_images, pretrain_tracked
 from cvops_pipelines.core.build.training import TrainConfig
-from cvops_pipelines.core.learn.retraining import ModelFacts, write_facts
+from cvops_pipelines.core.learn.feedback import feedback_manifest, resolve_records
+from cvops_pipelines.core.learn.retraining import EncoderFacts, ModelFacts, write_facts
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 
 # The hyperparameters as Dagster config, generated from their one declaration (TrainConfig).
@@ -64,8 +67,8 @@ class TrainedModelConfig(_Hyperparameters):
     init_from: str = Field(
         "none",
         description=f"Start from a registered model: one of {INIT_FROM} "
-        "(with freeze_backbone and 'champion': a head-only "
-        "update).",
+        "(ssl_encoder: the self-supervised backbone of the same architecture with a fresh "
+        "head; with freeze_backbone and 'champion': a head-only update).",
     )
     search_trials: int = Field(
         0,
@@ -159,3 +162,70 @@ def _trained_metadata(trained) -> dict:
     if len(trained.trials):
         metadata["search_trials"] = MetadataValue.md(markdown_table(trained.trials.round(5), 50))
     return metadata
+
+
+SSLHyperparameters = create_model(
+    "SSLHyperparameters",
+    __base__=Config,
+    **{
+        f.name: (
+            get_type_hints(SSLConfig)[f.name],
+            Field(f.default, description=f.metadata["help"]),
+        )
+        for f in fields(SSLConfig)
+    },
+)
+
+
+class SSLEncoderConfig(SSLHyperparameters):
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, mps.")
+
+    def ssl_config(self) -> SSLConfig:
+        return SSLConfig(**{f.name: getattr(self, f.name) for f in fields(SSLConfig)})
+
+
+@asset(
+    group_name="build",
+    io_manager_key="tables",
+    kinds={"pytorch", "mlflow"},
+    description="A self-supervised (SimCLR) encoder pretrained on every ingested image, labeled "
+    "or not, field images included: registered as `<model>-encoder` with alias `current`. "
+    "Label QA scores labels on its embeddings; trained_model can start from it "
+    "(init_from: ssl_encoder). Not eager: ssl_encoder_sensor retrains it when enough new "
+    "images arrived.",
+)
+def ssl_encoder(
+    context: AssetExecutionContext,
+    config: SSLEncoderConfig,
+    raw_images: pd.DataFrame,
+    feedback: pd.DataFrame,
+    storage: CvopsStorage,
+    tracking: MlflowTracking,
+):
+    store = storage.store()
+    records = resolve_records(feedback)
+    images = all_images(raw_images, feedback_manifest(records) if len(records) else records)
+    tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "ssl_encoder"}
+    record = pretrain_tracked(
+        tracking.open(),
+        store,
+        images,
+        config.ssl_config(),
+        pick_device(config.device),
+        tags,
+        context.log.info,
+    )
+    write_facts(store, EncoderFacts(record["model_version"], record["images"]))
+    return Output(
+        record,
+        data_version=DataVersion(f"{record['model_name']}/v{record['model_version']}"),
+        metadata={
+            "encoder": f"{record['model_name']} v{record['model_version']} (alias current)",
+            "images": record["images"],
+            "field_images": record["field_images"],
+            "final_ssl_loss": record["final_loss"],
+            "images_per_second": record["images_per_second"],
+            "mlflow_run": MetadataValue.url(record["run_url"]),
+            "mlflow_model": MetadataValue.url(record["model_url"]),
+        },
+    )

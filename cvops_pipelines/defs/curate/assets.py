@@ -21,6 +21,7 @@ from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.build.ssl_run import current_encoder, learned_embeddings
 from cvops_pipelines.core.curate.box_qa import (
     BoxQAConfig,
     image_review,
@@ -37,8 +38,10 @@ from cvops_pipelines.core.curate.replay_set import HoldoutPolicy, build_replay_s
 from cvops_pipelines.core.curate.splits import SplitConfig
 from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest, resolve_records
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
+from cvops_pipelines.core.measure.saliency import explain, write_overlays
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
+from cvops_pipelines.defs.saliency import saliency_metadata
 from cvops_pipelines.edge.wire import FEEDBACK
 
 EAGER = AutomationCondition.eager()
@@ -175,8 +178,17 @@ class LabelIssuesConfig(Config):
     )
     min_scorer_accuracy: float = Field(
         LabelQAConfig.min_scorer_accuracy,
-        description="The thumbnail scorer flags labels only when its out-of-fold accuracy "
+        description="The chosen scorer flags labels only when its out-of-fold accuracy "
         "against them reaches this (below, its disagreements are mostly its own errors).",
+    )
+    learned_features: bool = Field(
+        True,
+        description="Let learned embeddings compete as scorers: the ssl_encoder's (alias "
+        "current), else the champion's penultimate layer. The scorer that agrees most with the "
+        "labels out of fold wins.",
+    )
+    max_overlays: int = Field(
+        200, description="Grad-CAM overlays (champion) for at most this many suspects."
     )
     reviewer: str = Field(
         "champion", description="Detection: the registered detector (alias) that reviews boxes."
@@ -222,13 +234,35 @@ def label_issues(
         neardup=neardup,
         min_scorer_accuracy=config.min_scorer_accuracy,
     )
-    result = review_label_quality(labeled_pool, qa)
+    store, mlflow = storage.store(), tracking.open()
+    champion = mlflow.load(alias="champion")
+    embeddings = (
+        learned_embeddings(current_encoder(mlflow), champion, store, labeled_pool, context.log.info)
+        if config.learned_features
+        else {}
+    )
+    result = review_label_quality(labeled_pool, qa, embeddings)
     if result.unscored_reason:
         context.log.warning(result.unscored_reason)
     prefix = f"reports/label_issues/{context.run.run_id}"
+    explained = []
+    if champion is not None and len(result.review):
+        shown = result.review.head(config.max_overlays)
+        keys = labeled_pool.set_index("image_id").loc[shown["image_id"], "key"]
+        explained = explain(champion, store, list(keys))
+        written = write_overlays(store, f"{prefix}/saliency", list(shown["image_id"]), explained)
+        result.review["saliency"] = result.review["image_id"].map(
+            {i: store.uri(k) for i, k in written.items()}
+        )
     classes = sorted(labeled_pool["label"].unique())
-    png, uris = write_review(storage.store(), prefix, result, classes)
-    return Output(result.review, metadata=_label_issues_metadata(result, png, uris))
+    png, uris = write_review(store, prefix, result, classes)
+    return Output(
+        result.review,
+        metadata={
+            **_label_issues_metadata(result, png, uris),
+            **saliency_metadata(explained, champion, "suspects"),
+        },
+    )
 
 
 def _box_issues(context, config, pool: pd.DataFrame, storage, tracking) -> Output:
@@ -279,7 +313,12 @@ def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
     return {
         "suspects": len(review),
         "scored_images": result.scored,
-        "scorer": "k-nearest neighbours on 16x16 thumbnails, out of fold",
+        "scorer": result.scorer or "none (too few labels per class)",
+        "scorer_rule": "every candidate scores the pool out of fold; the one that agrees most "
+        "with the given labels scores, and flags only if it reaches min_scorer_accuracy",
+        "scorer_candidates_oof_accuracy": MetadataValue.json(
+            {k: round(v, 4) for k, v in result.candidates.items()}
+        ),
         "scorer_oof_accuracy": round(result.scorer_accuracy, 4)
         if result.scorer_accuracy is not None
         else "not scored",

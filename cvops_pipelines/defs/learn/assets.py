@@ -36,10 +36,12 @@ from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
+from cvops_pipelines.core.measure.saliency import explain
 from cvops_pipelines.core.ship.release import ReleaseStore, release_public_keys
 from cvops_pipelines.defs.contract_checks import check_result, contract_check_result, contract_spec
 from cvops_pipelines.defs.partitions import feedback_partitions
-from cvops_pipelines.defs.resources import CvopsStorage, DataContracts
+from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
+from cvops_pipelines.defs.saliency import saliency_metadata
 
 WARN = AssetCheckSeverity.WARN
 FEEDBACK_CONTRACT = contract_spec(
@@ -326,6 +328,7 @@ def annotation_queue(
     labeled_pool: pd.DataFrame,
     storage: CvopsStorage,
     contracts: DataContracts,
+    tracking: MlflowTracking,
 ):
     store = storage.store()
     experts = expert_labeled(labeled_pool)
@@ -346,7 +349,9 @@ def annotation_queue(
         experts,
         QueuePolicy(config.size, config.diversity_decay, config.max_hamming, config.explore_share),
     )
-    queue_id, prefix = publish_queue(store, queue, contracts.ontology().names)
+    champion = tracking.open().load(alias="champion")
+    explained = explain(champion, store, list(queue["key"])) if champion and len(queue) else []
+    queue_id, prefix = publish_queue(store, queue, contracts.ontology().names, explained)
     pairs = queue.groupby(["predicted", "second"]).size().sort_values(ascending=False)
     columns = ["rank", "reason", "score", "predicted", "second", "corrected_label"]
     return Output(
@@ -357,6 +362,7 @@ def annotation_queue(
             "largest_pair_share": round(float(pairs.iloc[0] / len(queue)), 3)
             if len(queue)
             else 0.0,
+            **saliency_metadata(explained, champion, "queued images"),
         },
     )
 

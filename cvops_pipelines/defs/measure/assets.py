@@ -247,6 +247,15 @@ def _evaluation_metadata(report: EvaluationReport) -> dict:
         "per_cohort": MetadataValue.md(markdown_table(report.cohorts.round(4), 50)),
         "confusion_matrix": MetadataValue.md(md_image(report.confusion_png, "confusion matrix")),
         "reliability": MetadataValue.md(md_image(report.reliability_png, "reliability diagram")),
+        **(
+            {
+                "saliency": MetadataValue.md(
+                    md_image(report.saliency_png, "Grad-CAM of wrong and unsure test answers")
+                )
+            }
+            if report.saliency_png
+            else {}
+        ),
         # reviewed field images reach the pool through feedback; their share of the test split
         "field_test_images": int(test["source"].str.startswith(FEEDBACK).sum()),
     }

@@ -3,9 +3,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from cvops_pipelines.core.base.images import inspect_image
 from cvops_pipelines.core.curate.label_qa import (
+    THUMBNAILS,
     LabelQAConfig,
     labelstudio_config,
     labelstudio_tasks,
@@ -162,3 +164,50 @@ def test_a_scorer_that_cannot_separate_the_classes_flags_nothing_on_its_own():
     assert "label_issue" not in reasons
     assert reasons == {"near_duplicate_conflict"}
     assert set(result.review["image_id"]) == {pool.at[0, "image_id"], "f" * 64}
+
+
+def _class_embeddings(labels: list[str], spread: float, seed: int) -> np.ndarray:
+    """Features that cluster by the true class (one direction per class, plus noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(10, 32))
+    return centres[[int(c) for c in labels]] + rng.normal(0, spread, (len(labels), 32))
+
+
+def test_learned_embeddings_that_know_the_classes_are_chosen_and_find_the_flips():
+    """On images whose pixels do not cluster by class, the thumbnail scorer is near chance; an
+    embedding that does cluster by the true class wins the out-of-fold comparison, judges, and
+    what it flags is mostly the flipped labels. The metadata keeps every candidate's accuracy."""
+    from cvops_pipelines.demo.objects import object_image
+
+    made = [object_image(i, seed=3) for i in range(400)]
+    truth = [label for _, label in made]
+    rng = np.random.default_rng(0)
+    given = list(truth)
+    flipped = set(rng.choice(len(made), 40, replace=False).tolist())
+    for i in flipped:
+        given[i] = str(rng.choice([c for c in range(10) if str(c) != truth[i]]))
+    pool = pd.DataFrame(
+        [
+            corpus.pool_row(corpus.encode(Image.fromarray(image), "PNG"), given[n], f"{n}.png")
+            for n, (image, _) in enumerate(made)
+        ]
+    )
+    embeddings = {"encoder (linear probe)": _class_embeddings(truth, 0.3, 1)}
+    result = review_label_quality(pool, LabelQAConfig(), embeddings)
+    assert result.scorer == "encoder (linear probe)"
+    assert set(result.candidates) == {THUMBNAILS, "encoder (linear probe)"}
+    assert result.candidates[THUMBNAILS] < LabelQAConfig().min_scorer_accuracy
+    assert result.scorer_accuracy == max(result.candidates.values()) and result.judged
+    flagged = set(result.review["image_id"])
+    caught = flagged & {pool.at[i, "image_id"] for i in flipped}
+    assert len(caught) >= 0.8 * len(flipped) and len(caught) >= 0.8 * len(flagged)
+
+
+def test_thumbnails_stay_the_scorer_where_they_know_the_classes_better(noisy_pool):
+    """Embeddings that know nothing lose to the thumbnail scorer on the centred digits: the rule
+    picks by out-of-fold accuracy, not by which features are newer."""
+    pool, _ = noisy_pool
+    useless = np.random.default_rng(5).normal(size=(len(pool), 16))
+    result = review_label_quality(pool, LabelQAConfig(), {"noise (linear probe)": useless})
+    assert result.scorer == THUMBNAILS
+    assert result.candidates["noise (linear probe)"] < result.candidates[THUMBNAILS]

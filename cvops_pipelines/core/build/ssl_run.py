@@ -1,0 +1,138 @@
+"""One tracked self-supervised run: every ingested image (drops and field feedback, labeled or
+not) in, an encoder registered as `<model>-encoder` with alias `current` out; and the two ways
+the loop uses it (label QA embeddings, `init_from: ssl_encoder`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from cvops_pipelines.core.base.images import load_images
+from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
+from cvops_pipelines.core.build.models import Preprocess, state_dict_bytes
+from cvops_pipelines.core.build.run import Log
+from cvops_pipelines.core.build.ssl import (
+    SSLConfig,
+    classifier_state,
+    embed,
+    penultimate,
+    pretrain,
+)
+
+ENCODER_ALIAS = "current"
+
+
+@dataclass(frozen=True)
+class EncoderPolicy:
+    min_images: int = 500  # fewer teach a contrastive encoder little
+    min_growth: float = 0.25  # retrain once the store holds this share more images than it saw
+
+
+def stored_images(store: Store) -> int:
+    """Images in the content-addressed store (drops and field feedback alike)."""
+    return sum(1 for _ in store.list("images/"))
+
+
+def encoder_due(stored: int, trained_on: int | None, policy: EncoderPolicy) -> tuple[bool, str]:
+    """(retrain?, why): the rule ssl_encoder_sensor applies to the image store's count."""
+    if stored < policy.min_images:
+        return False, f"{stored} images stored, fewer than min_images={policy.min_images}"
+    if trained_on is None:
+        return True, f"no encoder yet and {stored} images stored"
+    if stored >= trained_on * (1 + policy.min_growth):
+        return True, f"{stored} images stored, the encoder saw {trained_on}"
+    wanted = int(np.ceil(trained_on * (1 + policy.min_growth)))
+    return False, f"{stored} images stored; retrains at {wanted} (saw {trained_on})"
+
+
+def all_images(raw_images: pd.DataFrame, field_images: pd.DataFrame) -> pd.DataFrame:
+    """Each ingested image once, wherever it came from (a field image may also be in a drop)."""
+    frames = [f[["image_id", "key", "source"]] for f in (raw_images, field_images) if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=["image_id", "key", "source"])
+    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id").reset_index(drop=True)
+
+
+def pretrain_tracked(
+    tracking: Tracking,
+    store: Store,
+    images: pd.DataFrame,
+    config: SSLConfig,
+    device: str,
+    tags: dict,
+    log: Log,
+) -> dict:
+    """Pretrain on `images` (one row per image) in one MLflow run; register the encoder."""
+    encoders = tracking.encoders()
+    encoders.check()
+    log(f"loading {len(images)} images at {config.image_size}px; pretraining on {device}")
+    arrays = load_images(store, list(images["key"]), config.image_size)
+    with encoders.start_run(f"ssl {config.architecture} on {len(images)} images", tags) as run:
+        encoders.log_params(
+            {**asdict(config), "device": device, "images": len(images), "method": "SimCLR"}
+        )
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            encoders.log_metrics(metrics, step=epoch)
+            log(f"epoch {epoch}/{config.epochs}: ssl_loss {metrics['ssl_loss']:.4f}")
+
+        result = pretrain(arrays, config, device, on_epoch)
+        encoders.log_model_files(run.info.run_id, state_dict_bytes(result.model), result.spec)
+    version = encoders.register(run.info.run_id, ENCODER_ALIAS, tags)
+    sources = images["source"].astype(str)
+    return {
+        "model_name": encoders.model_name,
+        "model_version": version,
+        "run_id": run.info.run_id,
+        "architecture": config.architecture,
+        "image_size": config.image_size,
+        "images": len(images),
+        "field_images": int(sources.str.startswith("feedback/").sum()),
+        "image_ids_hash": pd.util.hash_pandas_object(images["image_id"], index=False).sum().item(),
+        "final_loss": round(result.history[-1]["ssl_loss"], 4),
+        "images_per_second": round(result.images_per_second, 1),
+        "run_url": encoders.run_url(run.info.run_id),
+        "model_url": encoders.model_version_url(version),
+    }
+
+
+def current_encoder(tracking: Tracking) -> LoadedModel | None:
+    return tracking.encoders().load(alias=ENCODER_ALIAS)
+
+
+def learned_embeddings(
+    encoder: LoadedModel | None, champion: LoadedModel | None, store: Store, pool, log: Log
+) -> dict[str, np.ndarray]:
+    """The pool's learned features for label QA, by scorer name: the SSL encoder's, else the
+    champion's penultimate layer. The encoder comes first because it never saw a label; the
+    champion trained on part of this pool, so its features agree with the labels it learned,
+    flipped ones included."""
+    if encoder is not None:
+        model, spec, name = encoder.model, encoder.preprocess, f"ssl_encoder v{encoder.version}"
+    elif champion is not None and isinstance(champion.preprocess, Preprocess):
+        model, spec = penultimate(champion.model), champion.preprocess
+        name = f"champion v{champion.version} penultimate layer"
+    else:
+        return {}
+    log(f"embedding {len(pool)} images with {name}")
+    images = load_images(store, list(pool["key"]), spec.image_size)
+    return {f"{name} (linear probe)": embed(model, images, spec)}
+
+
+def init_from_encoder(tracking: Tracking, classifier, architecture: str, log: Log) -> dict | None:
+    """The classifier's starting state with the current encoder's tensors in it, or None (with
+    a log line) while there is no encoder."""
+    encoder = current_encoder(tracking)
+    if encoder is None:
+        log("no ssl_encoder yet: training from scratch (materialize ssl_encoder first)")
+        return None
+    if encoder.preprocess.architecture != architecture:
+        raise ValueError(
+            f"cannot start a {architecture} from ssl_encoder v{encoder.version}: it is a "
+            f"{encoder.preprocess.architecture} (set the same architecture on both assets)"
+        )
+    log(f"starting from ssl_encoder v{encoder.version}")
+    return classifier_state(encoder.model, classifier)

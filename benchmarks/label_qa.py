@@ -14,7 +14,8 @@ On each, 10% of labels are flipped to another class at random, for several seeds
     image in its review table counts as flagged.
 (c) objects only, cvops without an encoder: what label_issues does before ssl_encoder exists.
 (d) objects only, cvops with a champion and no encoder: a resnet18 trained on the noisy pool as
-    trained_model would (80/10/10 split), its penultimate layer as the learned features.
+    trained_model would (80/10/10 split), its penultimate layer as the learned features for the
+    images it did not train on (the thumbnails score the rest), as label_issues does.
 """
 
 import time
@@ -191,7 +192,9 @@ def champion_embeddings(images: list, noisy: np.ndarray, seed: int, quick: bool)
         [str(c) for c in range(10)],
         config,
     )
-    return embed(penultimate(result.model), images, result.preprocess)
+    features = embed(penultimate(result.model), images, result.preprocess)
+    features[train] = np.nan  # as label_issues does: not its to judge (see learned_embeddings)
+    return features
 
 
 def objects_set(quick: bool, ssl: SSLConfig = OBJECTS_SSL) -> dict:

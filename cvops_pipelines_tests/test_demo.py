@@ -230,15 +230,28 @@ def test_operator_sees_the_loop_and_launches_ingest_from_the_ui(
         expect(page.locator(f'[data-tooltip="{group}"]')).to_be_visible()
     page.screenshot(path=shots / "asset_graph.png")
 
-    # a metadata plot: the evaluation's confusion matrix, rendered as an image the browser decoded
+    # metadata plots, rendered as images the browser decoded: the evaluation's confusion matrix,
+    # and Grad-CAM overlays (what the model looked at) beside the evaluation's wrong and unsure
+    # answers, the label review's suspects and the annotation queue
+    for asset, row, alt in (
+        ("model_evaluation", "confusion_matrix", "confusion matrix"),
+        ("model_evaluation", "saliency", "Grad-CAM of wrong and unsure test answers"),
+        ("label_issues", "saliency", "Grad-CAM of the suspects"),
+        ("annotation_queue", "saliency", "Grad-CAM of the queued images"),
+    ):
+        page.goto(f"{dagster_ui}/assets/{asset}")
+        page.locator("tr", has_text=row).first.get_by_text("[Show Markdown]").click()
+        image = page.get_by_role("dialog").locator(f"img[alt='{alt}']")
+        expect(image).to_be_visible()
+        assert image.evaluate("img => img.naturalWidth") > 200
+        page.screenshot(path=shots / f"{asset}_{row}.png")
+        page.get_by_role("dialog").get_by_role("button", name="Close").click()
+        expect(page.get_by_role("dialog")).to_have_count(0)
+    # which label QA scorer ran, and the rule that chose it
+    page.goto(f"{dagster_ui}/assets/label_issues")
+    expect(page.locator("tr", has_text="scorer_rule").first).to_be_visible()
+    expect(page.locator("tr", has_text="scorer_candidates_oof_accuracy").first).to_be_visible()
     page.goto(f"{dagster_ui}/assets/model_evaluation")
-    page.locator("tr", has_text="confusion_matrix").get_by_text("[Show Markdown]").click()
-    image = page.get_by_role("dialog").locator("img[alt='confusion matrix']")
-    expect(image).to_be_visible()
-    assert image.evaluate("img => img.naturalWidth") > 200
-    page.screenshot(path=shots / "confusion_matrix.png")
-    page.get_by_role("dialog").get_by_role("button", name="Close").click()
-    expect(page.get_by_role("dialog")).to_have_count(0)
     # the paired replay on the production holdout, a table in the same metadata (short enough
     # to be rendered inline)
     row = page.locator("tr", has_text="replay_paired").first

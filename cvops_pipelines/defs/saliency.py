@@ -13,9 +13,9 @@ def saliency_metadata(explained: list[tuple], model, what: str) -> dict:
         return {"saliency": f"no champion classifier yet: no Grad-CAM overlays for the {what}"}
     if not explained:
         return {"saliency": f"no {what}"}
-    return {
-        "saliency_model": f"champion v{model.version}: where it looked for the class it answers",
+    return {  # the picture first: the UI lists metadata in this order
         "saliency": MetadataValue.md(
             md_image(grid_png(explained[:SHOWN]), f"Grad-CAM of the {what}")
         ),
+        "saliency_by": f"champion v{model.version}: where it looked for the class it answers",
     }

@@ -104,12 +104,17 @@ def current_encoder(tracking: Tracking) -> LoadedModel | None:
 
 
 def learned_embeddings(
-    encoder: LoadedModel | None, champion: LoadedModel | None, store: Store, pool, log: Log
+    encoder: LoadedModel | None,
+    champion: LoadedModel | None,
+    store: Store,
+    pool: pd.DataFrame,
+    log: Log,
+    champion_trained_on: set[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
     """The pool's learned features for label QA, by scorer name: the SSL encoder's, else the
     champion's penultimate layer. The encoder comes first because it never saw a label; the
-    champion trained on part of this pool, so its features agree with the labels it learned,
-    flipped ones included."""
+    champion trained on part of this pool and agrees with those labels, flipped ones included,
+    so its rows for `champion_trained_on` are NaN (not its to judge)."""
     if encoder is not None:
         model, spec, name = encoder.model, encoder.preprocess, f"ssl_encoder v{encoder.version}"
     elif champion is not None and isinstance(champion.preprocess, Preprocess):
@@ -119,7 +124,10 @@ def learned_embeddings(
         return {}
     log(f"embedding {len(pool)} images with {name}")
     images = load_images(store, list(pool["key"]), spec.image_size)
-    return {f"{name} (linear probe)": embed(model, images, spec)}
+    features = embed(model, images, spec)
+    if encoder is None:
+        features[pool["image_id"].isin(champion_trained_on).to_numpy()] = np.nan
+    return {f"{name} (linear probe)": features}
 
 
 def init_from_encoder(tracking: Tracking, classifier, architecture: str, log: Log) -> dict | None:

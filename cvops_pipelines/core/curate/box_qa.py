@@ -234,16 +234,13 @@ def reviewer_predictions(
     Its run's dataset version says which images it trained on: a model agrees with its own
     training labels, so those would hide their issues. Empty, None without such a model."""
     from cvops_pipelines.core.build.detection_run import load_scenes, predict
-    from cvops_pipelines.core.curate.dataset import load_snapshot
+    from cvops_pipelines.core.curate.dataset import images_trained_on
 
     loaded = tracking.load(alias=alias)
     if loaded is None or getattr(loaded.preprocess, "task", "") != "detection":
         log(f"no detector registered as {alias!r} yet: box QA runs its model-free checks only")
         return {}, None
-    version = tracking.client().get_run(loaded.run_id).data.tags.get("dataset_version", "")
-    trained = load_snapshot(store, version) if version else pd.DataFrame(columns=["image_id"])
-    seen = set(trained.loc[trained["split"] == "train", "image_id"]) if len(trained) else set()
-    fresh = pool[~pool["image_id"].isin(seen)]
+    fresh = pool[~pool["image_id"].isin(images_trained_on(tracking, store, loaded))]
     log(
         f"reviewing {len(fresh)} images with {alias} v{loaded.version} "
         f"({len(pool) - len(fresh)} it trained on are left to the model-free checks)"

@@ -176,3 +176,12 @@ def save_snapshot(store: Store, dataset: DatasetVersion) -> str:
 
 def load_snapshot(store: Store, version: str) -> pd.DataFrame:
     return read_table(store, f"datasets/{version}/dataset.parquet")
+
+
+def images_trained_on(tracking, store: Store, loaded) -> set[str]:
+    """The image ids of the train split a registered model was trained on (its run's
+    `dataset_version` tag): a model agrees with its own training labels, flipped ones included,
+    so it must not judge those."""
+    version = tracking.client().get_run(loaded.run_id).data.tags.get("dataset_version", "")
+    trained = load_snapshot(store, version) if version else pd.DataFrame(columns=["image_id"])
+    return set(trained.loc[trained["split"] == "train", "image_id"]) if len(trained) else set()

@@ -120,11 +120,14 @@ def _score_labels(
     pool: pd.DataFrame, config: LabelQAConfig, embeddings: dict[str, np.ndarray]
 ) -> Scoring:
     """Every candidate scorer (kNN on thumbnails, a linear probe on each set of embeddings)
-    scores the pool out of fold; the one that agrees most with the given labels is chosen.
+    scores the pool out of fold; per image, the candidate that agrees most with the given labels
+    on the images it may judge scores it.
 
     At one noise rate, agreement with the given labels rises with agreement with the truth, so
-    this picks the scorer that knows the classes best, measured on the pool itself. Ties go to
-    the thumbnails (nothing to load). Classes too small for k-fold are left out."""
+    this picks the scorer that knows the classes best, measured on the pool itself. Embedding
+    rows that are NaN may not be judged by that candidate (e.g. the champion's own training
+    images: it agrees with their labels, flipped ones included); the thumbnails score those.
+    Ties go to the thumbnails (nothing to load). Classes too small for k-fold are left out."""
     counts = pool["label"].value_counts()
     folds = min(config.folds, int(counts.max()) if len(counts) else 0)
     usable = counts[counts >= max(folds, 2)].index
@@ -135,26 +138,44 @@ def _score_labels(
     classes = sorted(usable)
     y = class_indices(pool.loc[mask, "label"], classes)
     neighbors = max(1, min(config.neighbors, int(len(y) * (folds - 1) / folds) - 1))
-    candidates = {
-        THUMBNAILS: (
-            thumb_features(pool.loc[mask, "thumb"], config.feature_side),
-            lambda: knn_model(neighbors),
-        ),
-        **{name: (features[mask], probe_model) for name, features in embeddings.items()},
-    }
-    scored = {
-        name: out_of_fold_probabilities(features, y, factory, folds, config.seed)
-        for name, (features, factory) in candidates.items()
-    }
-    accuracy = {name: float(np.mean(p.argmax(1) == y)) for name, p in scored.items()}
-    best = max(accuracy, key=lambda name: (accuracy[name], name == THUMBNAILS))
+    features = thumb_features(pool.loc[mask, "thumb"], config.feature_side)
+    probs = out_of_fold_probabilities(features, y, lambda: knn_model(neighbors), folds, config.seed)
+    hits = probs.argmax(1) == y
+    accuracy = {THUMBNAILS: float(hits.mean())}
+    best, best_gain, best_rows, best_probs = THUMBNAILS, 0.0, None, None
+    notes = []
+    for name, all_rows in embeddings.items():
+        rows = all_rows[mask]
+        judged = ~np.isnan(rows).any(axis=1)
+        per_class = np.bincount(y[judged], minlength=len(classes))
+        if per_class.min() < folds:
+            notes.append(f"{name}: fewer than {folds} images of some class it may judge")
+            continue
+        theirs = out_of_fold_probabilities(rows[judged], y[judged], probe_model, folds, config.seed)
+        accuracy[name] = float(np.mean(theirs.argmax(1) == y[judged]))
+        gain = accuracy[name] - float(hits[judged].mean())  # against thumbnails, same images
+        if gain > best_gain:
+            best, best_gain, best_rows, best_probs = name, gain, judged, theirs
+    scorer = best
+    if best_rows is not None:
+        probs = probs.copy()
+        probs[best_rows] = best_probs
+        rest = ~best_rows
+        if rest.any() and hits[rest].mean() >= config.min_scorer_accuracy:
+            scorer = f"{best} on {int(best_rows.sum())} images; {THUMBNAILS} on the rest"
+        elif rest.any():  # the thumbnails cannot judge the rest either: leave it unscored
+            scorer = f"{best} on {int(best_rows.sum())} images"
+            notes.append(
+                f"{int(rest.sum())} images {best} may not judge are not scored: the thumbnails "
+                f"agree with only {hits[rest].mean():.0%} of their labels"
+            )
+            mask = mask.copy()
+            mask[np.flatnonzero(mask)[rest]] = False
+            probs = probs[best_rows]
     skipped = sorted(set(counts.index) - set(usable))
-    reason = (
-        f"classes with fewer than {folds} images not scored: {', '.join(skipped)}"
-        if skipped
-        else ""
-    )
-    return Scoring(scored[best], classes, mask, reason, best, accuracy)
+    if skipped:
+        notes.append(f"classes with fewer than {folds} images not scored: {', '.join(skipped)}")
+    return Scoring(probs, classes, mask, "; ".join(notes), scorer, accuracy)
 
 
 def _noise_and_confusion(labels: np.ndarray, probs: np.ndarray, classes: list[str]):

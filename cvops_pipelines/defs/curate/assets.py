@@ -30,7 +30,12 @@ from cvops_pipelines.core.curate.box_qa import (
     write_box_review,
 )
 from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool
-from cvops_pipelines.core.curate.dataset import DatasetPolicy, build_dataset_version, save_snapshot
+from cvops_pipelines.core.curate.dataset import (
+    DatasetPolicy,
+    build_dataset_version,
+    images_trained_on,
+    save_snapshot,
+)
 from cvops_pipelines.core.curate.label_qa import LabelQAConfig, review_label_quality, write_review
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.curate.pool import build_labeled_pool
@@ -236,11 +241,13 @@ def label_issues(
     )
     store, mlflow = storage.store(), tracking.open()
     champion = mlflow.load(alias="champion")
-    embeddings = (
-        learned_embeddings(current_encoder(mlflow), champion, store, labeled_pool, context.log.info)
-        if config.learned_features
-        else {}
-    )
+    embeddings = {}
+    if config.learned_features:
+        encoder = current_encoder(mlflow)
+        seen = images_trained_on(mlflow, store, champion) if champion and not encoder else set()
+        embeddings = learned_embeddings(
+            encoder, champion, store, labeled_pool, context.log.info, seen
+        )
     result = review_label_quality(labeled_pool, qa, embeddings)
     if result.unscored_reason:
         context.log.warning(result.unscored_reason)

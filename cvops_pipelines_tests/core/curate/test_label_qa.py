@@ -202,6 +202,19 @@ def test_learned_embeddings_that_know_the_classes_are_chosen_and_find_the_flips(
     caught = flagged & {pool.at[i, "image_id"] for i in flipped}
     assert len(caught) >= 0.8 * len(flipped) and len(caught) >= 0.8 * len(flagged)
 
+    # rows a candidate may not judge (a champion's own training images) would go to the
+    # thumbnails; here they cannot judge either, so those rows are left unscored, and said so
+    partial = embeddings["encoder (linear probe)"].copy()
+    partial[:100] = np.nan
+    mixed = review_label_quality(pool, LabelQAConfig(), {"encoder (linear probe)": partial})
+    assert mixed.scorer == "encoder (linear probe) on 300 images" and mixed.scored == 300
+    assert "100 images encoder (linear probe) may not judge are not scored" in (
+        mixed.unscored_reason
+    )
+    assert not set(mixed.review["image_id"]) & set(pool["image_id"][:100])
+    flipped_later = {pool.at[i, "image_id"] for i in flipped if i >= 100}
+    assert len(set(mixed.review["image_id"]) & flipped_later) > len(flipped_later) / 2
+
 
 def test_thumbnails_stay_the_scorer_where_they_know_the_classes_better(noisy_pool):
     """Embeddings that know nothing lose to the thumbnail scorer on the centred digits: the rule

@@ -161,3 +161,17 @@ class Fleet:
         key = signer or self.keys[device_of_batch(batch)]
         self.store.write_bytes(batch_key(batch), payload)
         self.store.write_bytes(batch_signature_key(batch), key.sign(payload))
+
+
+def shows_markdown_image(page, row: str, alt: str, shot) -> None:
+    """Open a metadata row's [Show Markdown] dialog in the Dagster UI, check that the browser
+    decoded the image in it, screenshot, close."""
+    from playwright.sync_api import expect
+
+    page.locator("tr", has_text=row).first.get_by_text("[Show Markdown]").click()
+    image = page.get_by_role("dialog").locator(f"img[alt='{alt}']")
+    expect(image).to_be_visible()
+    assert image.evaluate("img => img.naturalWidth") > 200
+    page.screenshot(path=shot)
+    page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)

@@ -19,7 +19,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from cvops_pipelines.core.measure.replay import NonInferiority, Operator, paired_test
-from cvops_pipelines_tests.helpers import dagster_server
+from cvops_pipelines_tests.helpers import dagster_server, shows_markdown_image
 
 CVOPS = str(Path(sys.executable).parent / "cvops")
 GROUPS = ("ingest", "curate", "build", "measure", "ship", "learn")
@@ -240,13 +240,7 @@ def test_operator_sees_the_loop_and_launches_ingest_from_the_ui(
         ("annotation_queue", "saliency", "Grad-CAM of the queued images"),
     ):
         page.goto(f"{dagster_ui}/assets/{asset}")
-        page.locator("tr", has_text=row).first.get_by_text("[Show Markdown]").click()
-        image = page.get_by_role("dialog").locator(f"img[alt='{alt}']")
-        expect(image).to_be_visible()
-        assert image.evaluate("img => img.naturalWidth") > 200
-        page.screenshot(path=shots / f"{asset}_{row}.png")
-        page.get_by_role("dialog").get_by_role("button", name="Close").click()
-        expect(page.get_by_role("dialog")).to_have_count(0)
+        shows_markdown_image(page, row, alt, shots / f"{asset}_{row}.png")
     # which label QA scorer ran, and the rule that chose it
     page.goto(f"{dagster_ui}/assets/label_issues")
     expect(page.locator("tr", has_text="scorer_rule").first).to_be_visible()

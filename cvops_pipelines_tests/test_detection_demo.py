@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cvops_pipelines_tests.helpers import dagster_server
+from cvops_pipelines_tests.helpers import dagster_server, shows_markdown_image
 from cvops_pipelines_tests.test_demo import CHROMIUM_ARGS, chromium
 
 SIZES = ["--scenes", "240", "--frames", "90", "--epochs", "2"]  # small: the loop, not the mAP
@@ -86,13 +86,7 @@ def test_the_ui_shows_the_detector_s_evaluation(webserver, repo_root):
             ("precision_recall", "precision-recall at IoU 0.5"),
             ("examples", "true boxes (green) and predicted (red)"),
         ):
-            page.locator("tr", has_text=label).get_by_text("[Show Markdown]").click()
-            image = page.get_by_role("dialog").locator(f"img[alt='{alt}']")
-            expect(image).to_be_visible()
-            assert image.evaluate("img => img.naturalWidth") > 200
-            page.screenshot(path=shots / f"detection_{label}.png")
-            page.get_by_role("dialog").get_by_role("button", name="Close").click()
-            expect(page.get_by_role("dialog")).to_have_count(0)
+            shows_markdown_image(page, label, alt, shots / f"detection_{label}.png")
         per_class = page.locator("tr", has_text="per_class").first
         per_class.scroll_into_view_if_needed()
         expect(per_class.get_by_text("test_objects").first).to_be_visible()

@@ -32,6 +32,7 @@ STAGES = {
     "label_issues": "curate",
     "dataset_version": "curate",
     "trained_model": "build",
+    "ssl_encoder": "build",
     "model_evaluation": "measure",
     "onnx_model": "ship",
     "edge_release": "ship",
@@ -105,6 +106,11 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
     assert defs.resolve_schedule_def("learn_schedule").job_name == "learn_job"
     assert defs.resolve_sensor_def("feedback_sensor").job_name == "feedback_job"
     assert defs.resolve_sensor_def("retraining_sensor").job_name == "train_job"
+    assert defs.resolve_sensor_def("ssl_encoder_sensor").job_name == "ssl_job"
+    assert graph.get(AssetKey("ssl_encoder")).parent_keys == {
+        AssetKey("raw_images"),
+        AssetKey("feedback"),
+    }
 
 
 def graphql(port: int, query: str) -> dict:

@@ -97,7 +97,7 @@ def _jet(heat: np.ndarray) -> np.ndarray:
 
 
 def overlay(
-    image: np.ndarray, heat: np.ndarray, side: int = 128, alpha: float = 0.45
+    image: np.ndarray, heat: np.ndarray, side: int = 128, alpha: float = 0.35
 ) -> Image.Image:
     """The image with the heatmap over it, `side` pixels square."""
     base = np.asarray(Image.fromarray(image).convert("RGB").resize((side, side)), np.float64) / 255

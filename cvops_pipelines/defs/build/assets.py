@@ -20,18 +20,25 @@ from cvops_pipelines.core.learn.feedback import feedback_manifest, resolve_recor
 from cvops_pipelines.core.learn.retraining import EncoderFacts, ModelFacts, write_facts
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 
-# The hyperparameters as Dagster config, generated from their one declaration (TrainConfig).
-_Hyperparameters = create_model(
-    "Hyperparameters",
-    __base__=Config,
-    **{
-        f.name: (
-            get_type_hints(TrainConfig)[f.name],
-            Field(f.default, description=f.metadata["help"]),
-        )
-        for f in fields(TrainConfig)
-    },
-)
+
+def _config_class(name: str, spec, help: dict[str, str] | None = None):
+    """Dagster config generated from a dataclass, the hyperparameters' one declaration: each
+    field's help from `help` or from the field's own metadata."""
+    hints = get_type_hints(spec)
+    return create_model(
+        name,
+        __base__=Config,
+        **{
+            f.name: (
+                hints[f.name],
+                Field(f.default, description=(help or {}).get(f.name, f.metadata.get("help", ""))),
+            )
+            for f in fields(spec)
+        },
+    )
+
+
+_Hyperparameters = _config_class("Hyperparameters", TrainConfig)
 
 
 _DETECTOR_HELP = {
@@ -45,17 +52,7 @@ _DETECTOR_HELP = {
     "detections_per_image": "At most this many boxes per image.",
     "augment": "Box-aware augmentation (crop keeping every box, light, noise).",
 }
-DetectorHyperparameters = create_model(
-    "DetectorHyperparameters",
-    __base__=Config,
-    **{
-        f.name: (
-            get_type_hints(DetectorConfig)[f.name],
-            Field(f.default, description=_DETECTOR_HELP.get(f.name, "")),
-        )
-        for f in fields(DetectorConfig)
-    },
-)
+DetectorHyperparameters = _config_class("DetectorHyperparameters", DetectorConfig, _DETECTOR_HELP)
 
 
 class TrainedModelConfig(_Hyperparameters):
@@ -164,17 +161,7 @@ def _trained_metadata(trained) -> dict:
     return metadata
 
 
-SSLHyperparameters = create_model(
-    "SSLHyperparameters",
-    __base__=Config,
-    **{
-        f.name: (
-            get_type_hints(SSLConfig)[f.name],
-            Field(f.default, description=f.metadata["help"]),
-        )
-        for f in fields(SSLConfig)
-    },
-)
+SSLHyperparameters = _config_class("SSLHyperparameters", SSLConfig)
 
 
 class SSLEncoderConfig(SSLHyperparameters):

@@ -111,23 +111,32 @@ def learned_embeddings(
     log: Log,
     champion_trained_on: set[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
-    """The pool's learned features for label QA, by scorer name: the SSL encoder's, else the
-    champion's penultimate layer. The encoder comes first because it never saw a label; the
-    champion trained on part of this pool and agrees with those labels, flipped ones included,
-    so its rows for `champion_trained_on` are NaN (not its to judge)."""
+    """The pool's learned features for label QA, by scorer name: the SSL encoder's (it never
+    saw a label) and the champion classifier's penultimate layer. The champion trained on part
+    of this pool and agrees with those labels, flipped ones included, so its rows for
+    `champion_trained_on` are NaN: not its to judge."""
+    found = {}
     if encoder is not None:
-        model, spec, name = encoder.model, encoder.preprocess, f"ssl_encoder v{encoder.version}"
-    elif champion is not None and isinstance(champion.preprocess, Preprocess):
-        model, spec = penultimate(champion.model), champion.preprocess
-        name = f"champion v{champion.version} penultimate layer"
-    else:
-        return {}
-    log(f"embedding {len(pool)} images with {name}")
-    images = load_images(store, list(pool["key"]), spec.image_size)
-    features = embed(model, images, spec)
-    if encoder is None:
-        features[pool["image_id"].isin(champion_trained_on).to_numpy()] = np.nan
-    return {f"{name} (linear probe)": features}
+        found[f"ssl_encoder v{encoder.version} (linear probe)"] = (
+            encoder.model,
+            encoder.preprocess,
+            set(),
+        )
+    if champion is not None and isinstance(champion.preprocess, Preprocess):
+        found[f"champion v{champion.version} penultimate layer (linear probe)"] = (
+            penultimate(champion.model),
+            champion.preprocess,
+            champion_trained_on,
+        )
+    out, decoded = {}, {}
+    for name, (model, spec, excluded) in found.items():
+        log(f"embedding {len(pool)} images with {name}")
+        if spec.image_size not in decoded:  # once per input size
+            decoded[spec.image_size] = load_images(store, list(pool["key"]), spec.image_size)
+        features = embed(model, decoded[spec.image_size], spec)
+        features[pool["image_id"].isin(excluded).to_numpy()] = np.nan
+        out[name] = features
+    return out
 
 
 def init_from_encoder(tracking: Tracking, classifier, architecture: str, log: Log) -> dict | None:

@@ -120,14 +120,16 @@ def _score_labels(
     pool: pd.DataFrame, config: LabelQAConfig, embeddings: dict[str, np.ndarray]
 ) -> Scoring:
     """Every candidate scorer (kNN on thumbnails, a linear probe on each set of embeddings)
-    scores the pool out of fold; per image, the candidate that agrees most with the given labels
-    on the images it may judge scores it.
+    scores the pool out of fold; each image is scored by the candidate that agrees most with
+    the given labels among those allowed to judge it.
 
     At one noise rate, agreement with the given labels rises with agreement with the truth, so
-    this picks the scorer that knows the classes best, measured on the pool itself. Embedding
-    rows that are NaN may not be judged by that candidate (e.g. the champion's own training
-    images: it agrees with their labels, flipped ones included); the thumbnails score those.
-    Ties go to the thumbnails (nothing to load). Classes too small for k-fold are left out."""
+    this picks the scorer that knows the classes best, measured on the pool itself. An
+    embedding's NaN rows are images it may not judge (a champion's own training images: it
+    agrees with their labels, flipped ones included). A learned scorer must beat the thumbnails
+    on the images it judges; ties go to the thumbnails (nothing to load). What no learned scorer
+    may judge goes to the thumbnails if they can judge it (min_scorer_accuracy), else is left
+    unscored. Classes too small for k-fold are left out."""
     counts = pool["label"].value_counts()
     folds = min(config.folds, int(counts.max()) if len(counts) else 0)
     usable = counts[counts >= max(folds, 2)].index
@@ -142,8 +144,7 @@ def _score_labels(
     probs = out_of_fold_probabilities(features, y, lambda: knn_model(neighbors), folds, config.seed)
     hits = probs.argmax(1) == y
     accuracy = {THUMBNAILS: float(hits.mean())}
-    best, best_gain, best_rows, best_probs = THUMBNAILS, 0.0, None, None
-    notes = []
+    notes, better = [], []  # better: (gain over the thumbnails, name, rows it judges, probs)
     for name, all_rows in embeddings.items():
         rows = all_rows[mask]
         judged = ~np.isnan(rows).any(axis=1)
@@ -154,24 +155,28 @@ def _score_labels(
         theirs = out_of_fold_probabilities(rows[judged], y[judged], probe_model, folds, config.seed)
         accuracy[name] = float(np.mean(theirs.argmax(1) == y[judged]))
         gain = accuracy[name] - float(hits[judged].mean())  # against thumbnails, same images
-        if gain > best_gain:
-            best, best_gain, best_rows, best_probs = name, gain, judged, theirs
-    scorer = best
-    if best_rows is not None:
-        probs = probs.copy()
-        probs[best_rows] = best_probs
-        rest = ~best_rows
-        if rest.any() and hits[rest].mean() >= config.min_scorer_accuracy:
-            scorer = f"{best} on {int(best_rows.sum())} images; {THUMBNAILS} on the rest"
-        elif rest.any():  # the thumbnails cannot judge the rest either: leave it unscored
-            scorer = f"{best} on {int(best_rows.sum())} images"
-            notes.append(
-                f"{int(rest.sum())} images {best} may not judge are not scored: the thumbnails "
-                f"agree with only {hits[rest].mean():.0%} of their labels"
-            )
-            mask = mask.copy()
-            mask[np.flatnonzero(mask)[rest]] = False
-            probs = probs[best_rows]
+        if gain > 0:
+            better.append((gain, name, judged, theirs))
+    owner = np.full(len(y), THUMBNAILS, dtype=object)
+    probs = probs.copy()
+    for _, name, judged, theirs in sorted(better, key=lambda c: c[0]):  # the best writes last
+        probs[judged], owner[judged] = theirs, name
+    rest = owner == THUMBNAILS
+    unscored = bool(better) and rest.any() and hits[rest].mean() < config.min_scorer_accuracy
+    if unscored:  # the thumbnails cannot judge what the others may not: leave it unscored
+        notes.append(
+            f"{int(rest.sum())} images no learned scorer may judge are not scored: the "
+            f"thumbnails agree with only {hits[rest].mean():.0%} of their labels"
+        )
+        mask = mask.copy()
+        mask[np.flatnonzero(mask)[rest]] = False
+        probs, owner = probs[~rest], owner[~rest]
+    shares = pd.Series(owner).value_counts()
+    scorer = (
+        str(shares.index[0])
+        if len(shares) == 1 and not unscored
+        else "; ".join(f"{name} on {n} images" for name, n in shares.items())
+    )
     skipped = sorted(set(counts.index) - set(usable))
     if skipped:
         notes.append(f"classes with fewer than {folds} images not scored: {', '.join(skipped)}")

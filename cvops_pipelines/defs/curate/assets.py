@@ -189,8 +189,8 @@ class LabelIssuesConfig(Config):
     learned_features: bool = Field(
         True,
         description="Let learned embeddings compete as scorers: the ssl_encoder's (alias "
-        "current), else the champion's penultimate layer. The scorer that agrees most with the "
-        "labels out of fold wins.",
+        "current) and the champion's penultimate layer (on images it did not train on). Each "
+        "image is scored by the candidate that agrees most with the labels out of fold.",
     )
     max_overlays: int = Field(
         200, description="Grad-CAM overlays (champion) for at most this many suspects."
@@ -243,10 +243,9 @@ def label_issues(
     champion = mlflow.load(alias="champion")
     embeddings = {}
     if config.learned_features:
-        encoder = current_encoder(mlflow)
-        seen = images_trained_on(mlflow, store, champion) if champion and not encoder else set()
+        seen = images_trained_on(mlflow, store, champion) if champion else set()
         embeddings = learned_embeddings(
-            encoder, champion, store, labeled_pool, context.log.info, seen
+            current_encoder(mlflow), champion, store, labeled_pool, context.log.info, seen
         )
     result = review_label_quality(labeled_pool, qa, embeddings)
     if result.unscored_reason:
@@ -321,8 +320,10 @@ def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
         "suspects": len(review),
         "scored_images": result.scored,
         "scorer": result.scorer or "none (too few labels per class)",
-        "scorer_rule": "every candidate scores the pool out of fold; the one that agrees most "
-        "with the given labels scores, and flags only if it reaches min_scorer_accuracy",
+        "scorer_rule": "every candidate scores the pool out of fold; each image is scored by "
+        "the one that agrees most with the given labels among those allowed to judge it (a "
+        "champion not on its own training images); labels are flagged only if the result "
+        "reaches min_scorer_accuracy",
         "scorer_candidates_oof_accuracy": MetadataValue.json(
             {k: round(v, 4) for k, v in result.candidates.items()}
         ),

@@ -208,9 +208,7 @@ def test_learned_embeddings_that_know_the_classes_are_chosen_and_find_the_flips(
     partial[:100] = np.nan
     mixed = review_label_quality(pool, LabelQAConfig(), {"encoder (linear probe)": partial})
     assert mixed.scorer == "encoder (linear probe) on 300 images" and mixed.scored == 300
-    assert "100 images encoder (linear probe) may not judge are not scored" in (
-        mixed.unscored_reason
-    )
+    assert "100 images no learned scorer may judge are not scored" in (mixed.unscored_reason)
     assert not set(mixed.review["image_id"]) & set(pool["image_id"][:100])
     flipped_later = {pool.at[i, "image_id"] for i in flipped if i >= 100}
     assert len(set(mixed.review["image_id"]) & flipped_later) > len(flipped_later) / 2

@@ -255,7 +255,12 @@ def label_issues(
     if champion is not None and len(result.review):
         shown = result.review.head(config.max_overlays)
         keys = labeled_pool.set_index("image_id").loc[shown["image_id"], "key"]
-        explained = explain(champion, store, list(keys))
+        explained = [  # captions a reviewer reads: the given label first
+            (image, heat, f"given {label} · {said}")
+            for (image, heat, said), label in zip(
+                explain(champion, store, list(keys)), shown["label"]
+            )
+        ]
         written = write_overlays(store, f"{prefix}/saliency", list(shown["image_id"]), explained)
         result.review["saliency"] = result.review["image_id"].map(
             {i: store.uri(k) for i, k in written.items()}

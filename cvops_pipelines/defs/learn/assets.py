@@ -351,6 +351,10 @@ def annotation_queue(
     )
     champion = tracking.open().load(alias="champion")
     explained = explain(champion, store, list(queue["key"])) if champion and len(queue) else []
+    explained = [  # captions a reviewer reads: the queue's rank and reason first
+        (image, heat, f"#{rank} {reason} · {said}")
+        for (image, heat, said), rank, reason in zip(explained, queue["rank"], queue["reason"])
+    ]
     queue_id, prefix = publish_queue(store, queue, contracts.ontology().names, explained)
     pairs = queue.groupby(["predicted", "second"]).size().sort_values(ascending=False)
     columns = ["rank", "reason", "score", "predicted", "second", "corrected_label"]

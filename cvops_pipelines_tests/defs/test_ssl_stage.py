@@ -73,3 +73,19 @@ def test_the_encoder_is_due_with_enough_images_and_again_after_enough_new_ones()
     assert encoder_due(99, None, policy) == (False, "99 images stored, fewer than min_images=100")
     assert encoder_due(100, None, policy)[0]
     assert not encoder_due(149, 100, policy)[0] and encoder_due(150, 100, policy)[0]
+
+
+def test_label_qa_goes_on_on_thumbnails_when_the_tracking_server_is_down(
+    isolated_homes, monkeypatch
+):
+    from cvops_pipelines_tests.helpers import free_port
+
+    instance = curated(isolated_homes)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    result = curate(instance)
+    assert result.success
+    qa = metadata(result, "label_issues")
+    assert set(qa["scorer_candidates_oof_accuracy"]) == {
+        "thumbnails (k-nearest neighbours on 16x16)"
+    }
+    assert "is unreachable" in _logs(instance, result.run_id)

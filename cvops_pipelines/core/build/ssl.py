@@ -14,18 +14,14 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from cvops_pipelines.core.build.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from cvops_pipelines.core.build.training import ImageDataset, make_loader, seed_everything
+from cvops_pipelines.core.build.training import ImageDataset, _hp, make_loader, seed_everything
 
 TASK = "ssl_encoder"
-
-
-def _hp(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.base.tracking import TrackingUnavailable
 from cvops_pipelines.core.build.ssl_run import current_encoder, learned_embeddings
 from cvops_pipelines.core.curate.box_qa import (
     BoxQAConfig,
@@ -240,9 +241,14 @@ def label_issues(
         min_scorer_accuracy=config.min_scorer_accuracy,
     )
     store, mlflow = storage.store(), tracking.open()
-    champion = mlflow.load(alias="champion")
+    try:  # curation goes on without the tracking server: thumbnails only, no overlays
+        mlflow.check()
+        champion = mlflow.load(alias="champion")
+    except TrackingUnavailable as exc:
+        context.log.warning(f"{exc}; label QA scores with the thumbnails only, no overlays")
+        champion, mlflow = None, None
     embeddings = {}
-    if config.learned_features:
+    if config.learned_features and mlflow is not None:
         seen = images_trained_on(mlflow, store, champion) if champion else set()
         embeddings = learned_embeddings(
             current_encoder(mlflow), champion, store, labeled_pool, context.log.info, seen

@@ -36,6 +36,9 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
+# end to end: the demo itself, then the checks; a slow CI machine gets 20 minutes, not 10
+pytestmark = pytest.mark.timeout(1200)
+
 
 # the defaults the demo runs with: the gate's, and the canary's (alpha spread over 4 looks)
 GATE_RULE = NonInferiority(min_records=30)

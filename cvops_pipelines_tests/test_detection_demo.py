@@ -16,6 +16,9 @@ from cvops_pipelines_tests.test_demo import CHROMIUM_ARGS, chromium
 
 SIZES = ["--scenes", "240", "--frames", "90", "--epochs", "2"]  # small: the loop, not the mAP
 
+# end to end: the demo itself, then the checks; a slow CI machine gets 20 minutes, not 10
+pytestmark = pytest.mark.timeout(1200)
+
 
 @pytest.fixture(scope="module")
 def detection_demo(tmp_path_factory):

@@ -118,6 +118,8 @@ def grid_png(tiles: list[tuple[np.ndarray, np.ndarray, str]], columns: int = 4) 
     asset's metadata."""
     import matplotlib
 
+    from cvops_pipelines.core.base.plots import _png
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -128,11 +130,7 @@ def grid_png(tiles: list[tuple[np.ndarray, np.ndarray, str]], columns: int = 4) 
     for ax, (image, heat, caption) in zip(axes.ravel(), tiles):
         ax.imshow(overlay(image, heat))
         ax.set_title(caption, fontsize=7)
-    fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=90)
-    plt.close(fig)
-    return out.getvalue()
+    return _png(plt, fig)
 
 
 def examples_png(

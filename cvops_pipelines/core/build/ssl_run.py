@@ -1,10 +1,10 @@
 """One tracked self-supervised run: every ingested image (drops and field feedback, labeled or
 not) in, an encoder registered as `<model>-encoder` with alias `current` out; and the two ways
-the loop uses it (label QA embeddings, `init_from: ssl_encoder`)."""
+the loop uses it (label QA embeddings and fine-tuned scorer, `init_from: ssl_encoder`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +12,13 @@ import pandas as pd
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
-from cvops_pipelines.core.build.models import Preprocess, state_dict_bytes
+from cvops_pipelines.core.build.models import (
+    Preprocess,
+    build_model,
+    pick_device,
+    state_dict_bytes,
+)
+from cvops_pipelines.core.build.oof import OOF_TRAINING, finetuned_oof_probabilities
 from cvops_pipelines.core.build.run import Log
 from cvops_pipelines.core.build.ssl import (
     SSLConfig,
@@ -21,6 +27,8 @@ from cvops_pipelines.core.build.ssl import (
     penultimate,
     pretrain,
 )
+from cvops_pipelines.core.build.training import TrainConfig
+from cvops_pipelines.core.curate.label_qa import OutOfFoldScorer
 
 ENCODER_ALIAS = "current"
 
@@ -153,3 +161,39 @@ def init_from_encoder(tracking: Tracking, classifier, architecture: str, log: Lo
         )
     log(f"starting from ssl_encoder v{encoder.version}")
     return classifier_state(encoder.model, classifier)
+
+
+def finetuned_scorer(
+    encoder: LoadedModel | None,
+    store: Store,
+    pool: pd.DataFrame,
+    log: Log,
+    config: TrainConfig = OOF_TRAINING,
+) -> dict[str, OutOfFoldScorer]:
+    """Label QA's fine-tuned candidate (core/build/oof.py), by scorer name: it starts from the
+    encoder when there is one (its architecture and input size), else from scratch."""
+    if encoder is not None:
+        config = replace(
+            config,
+            architecture=encoder.preprocess.architecture,
+            image_size=encoder.preprocess.image_size,
+        )
+    name = f"{config.architecture} fine-tuned out of fold"
+    if encoder is not None:
+        name += f" from ssl_encoder v{encoder.version}"
+    device = pick_device(config.device)
+
+    def score(rows, labels, classes, folds, seed):
+        images = load_images(store, list(pool["key"].iloc[rows]), config.image_size)
+        start = None
+        if encoder is not None:
+            start = classifier_state(encoder.model, build_model(config.architecture, len(classes)))
+
+        def progress(fold: int, held_out: np.ndarray) -> None:
+            log(f"{name}: fold {fold + 1}/{folds} ({len(held_out)} held-out images, {device})")
+
+        return finetuned_oof_probabilities(
+            images, labels, classes, folds, seed, config, start, device, progress
+        )
+
+    return {name: score}

@@ -51,6 +51,9 @@ class TrainConfig:
     learning_rate: float = _hp(2e-3, "AdamW learning rate (cosine schedule).")
     weight_decay: float = _hp(1e-4, "AdamW weight decay.")
     augmentation: str = _hp("light", f"albumentations preset: {', '.join(AUGMENTATIONS)}.")
+    label_smoothing: float = _hp(
+        0.0, "Cross-entropy label smoothing (0.1 tempers what noisy labels teach)."
+    )
     seed: int = _hp(0, "Seeds torch, numpy, random and every loader worker.")
     patience: int = _hp(3, "Early stopping: epochs without a better validation loss.")
     device: str = _hp("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")
@@ -290,7 +293,7 @@ def fit(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     result = FitResult(model, preprocess)
     best_loss, best_state, waited, speeds = float("inf"), None, 0, []
     averaged = None

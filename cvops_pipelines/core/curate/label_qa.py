@@ -5,9 +5,10 @@ Signals, each with a severity in [0, 1]:
   a distance-weighted k-nearest-neighbour classifier on standardised 16x16 thumbnails (fast,
   and on centred, aligned images such as the demo digits better than the textbook logistic
   regression on raw pixels), and a linear probe on learned embeddings (the self-supervised
-  encoder's, or the champion's penultimate layer) where raw pixels do not cluster by class. The
-  one that agrees most with the given labels out of fold scores; if even it agrees too little,
-  it flags nothing (see benchmarks/label_qa.py).
+  encoder's, or the champion's penultimate layer) where raw pixels do not cluster by class, and,
+  when asked, a network fine-tuned out of fold (core/build/oof.py). The one that agrees most
+  with the given labels out of fold scores; if even it agrees too little, it flags nothing (see
+  benchmarks/label_qa.py).
 - `near_duplicate_conflict`: the same picture (confirmed near-duplicate) carries different labels.
 - `annotator_disagreement`: several annotators labeled the image differently.
 Plus, for the ontology: estimated noise per class and the class pairs most often confused.
@@ -16,6 +17,7 @@ Plus, for the ontology: estimated noise per class and the class pairs most often
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,12 +118,40 @@ class Scoring:
     candidates: dict[str, float] = field(default_factory=dict)  # scorer -> OOF accuracy
 
 
+# A scorer that produces its own out-of-fold probabilities (e.g. a network fine-tuned k times,
+# core/build/oof.py): called with the pool rows it scores, their label indices, the classes,
+# the number of folds and the seed; it must split as StratifiedKFold(folds, shuffle, seed).
+OutOfFoldScorer = Callable[[np.ndarray, np.ndarray, list[str], int, int], np.ndarray]
+
+
+def _candidates(mask, y, classes, folds, config, embeddings, scorers):
+    """(name, rows it judges, its out-of-fold probabilities or None if it cannot be folded)."""
+    for name, all_rows in embeddings.items():
+        rows = all_rows[mask]
+        judged = ~np.isnan(rows).any(axis=1)
+        per_class = np.bincount(y[judged], minlength=len(classes))
+        if per_class.min() < folds:
+            yield name, judged, None
+            continue
+        probe = out_of_fold_probabilities(rows[judged], y[judged], probe_model, folds, config.seed)
+        yield name, judged, probe
+    for name, score in scorers.items():
+        yield (
+            name,
+            np.ones(len(y), bool),
+            score(np.flatnonzero(mask), y, classes, folds, config.seed),
+        )
+
+
 def _score_labels(
-    pool: pd.DataFrame, config: LabelQAConfig, embeddings: dict[str, np.ndarray]
+    pool: pd.DataFrame,
+    config: LabelQAConfig,
+    embeddings: dict[str, np.ndarray],
+    scorers: dict[str, OutOfFoldScorer] | None = None,
 ) -> Scoring:
-    """Every candidate scorer (kNN on thumbnails, a linear probe on each set of embeddings)
-    scores the pool out of fold; each image is scored by the candidate that agrees most with
-    the given labels among those allowed to judge it.
+    """Every candidate scorer (kNN on thumbnails, a linear probe on each set of embeddings,
+    each out-of-fold scorer given) scores the pool out of fold; each image is scored by the
+    candidate that agrees most with the given labels among those allowed to judge it.
 
     At one noise rate, agreement with the given labels rises with agreement with the truth, so
     this picks the scorer that knows the classes best, measured on the pool itself. An
@@ -145,14 +175,12 @@ def _score_labels(
     hits = probs.argmax(1) == y
     accuracy = {THUMBNAILS: float(hits.mean())}
     notes, better = [], []  # better: (gain over the thumbnails, name, rows it judges, probs)
-    for name, all_rows in embeddings.items():
-        rows = all_rows[mask]
-        judged = ~np.isnan(rows).any(axis=1)
-        per_class = np.bincount(y[judged], minlength=len(classes))
-        if per_class.min() < folds:
+    for name, judged, theirs in _candidates(
+        mask, y, classes, folds, config, embeddings, scorers or {}
+    ):
+        if theirs is None:
             notes.append(f"{name}: fewer than {folds} images of some class it may judge")
             continue
-        theirs = out_of_fold_probabilities(rows[judged], y[judged], probe_model, folds, config.seed)
         accuracy[name] = float(np.mean(theirs.argmax(1) == y[judged]))
         gain = accuracy[name] - float(hits[judged].mean())  # against thumbnails, same images
         if gain > 0:
@@ -240,9 +268,11 @@ def review_label_quality(
     pool: pd.DataFrame,
     config: LabelQAConfig = LabelQAConfig(),
     embeddings: dict[str, np.ndarray] | None = None,
+    scorers: dict[str, OutOfFoldScorer] | None = None,
 ) -> LabelQAResult:
     """`embeddings`: learned features per scorer name (e.g. the SSL encoder's), one row per
-    pool row; each competes with the thumbnail scorer (see _score_labels)."""
+    pool row; `scorers`: out-of-fold scorers by name (e.g. a fine-tuned network). Each
+    competes with the thumbnail scorer (see _score_labels)."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -270,7 +300,7 @@ def review_label_quality(
         if severity > entry["severity"]:
             entry["severity"], entry["suggested_label"] = severity, suggested
 
-    scoring = _score_labels(pool, config, embeddings or {})
+    scoring = _score_labels(pool, config, embeddings or {}, scorers)
     probs, classes, mask, unscored = scoring.probs, scoring.classes, scoring.mask, scoring.reason
     noise = pd.DataFrame(columns=["label", "images", "estimated_noise_rate"])
     confused = pd.DataFrame(columns=["class_a", "class_b", "estimated_confusions"])

@@ -4,6 +4,7 @@ All three refresh on their own when a drop lands (eager automation, run by the d
 """
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 from dagster import (
@@ -22,7 +23,8 @@ from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import markdown_table
 from cvops_pipelines.core.base.tracking import TrackingUnavailable
-from cvops_pipelines.core.build.ssl_run import current_encoder, learned_embeddings
+from cvops_pipelines.core.build.oof import OOF_TRAINING
+from cvops_pipelines.core.build.ssl_run import current_encoder, finetuned_scorer, learned_embeddings
 from cvops_pipelines.core.curate.box_qa import (
     BoxQAConfig,
     image_review,
@@ -193,6 +195,16 @@ class LabelIssuesConfig(Config):
         "current) and the champion's penultimate layer (on images it did not train on). Each "
         "image is scored by the candidate that agrees most with the labels out of fold.",
     )
+    finetune_scorer: bool = Field(
+        False,
+        description="Also fine-tune a network k times (one per fold, from the ssl_encoder when "
+        "there is one) as a candidate scorer: on images where pixels and linear probes cannot "
+        "tell the classes apart, the only scorer that can judge (benchmarks/label_qa.py), at "
+        "the cost of k trainings per run.",
+    )
+    finetune_epochs: int = Field(
+        OOF_TRAINING.epochs, description="Epochs of each fold's fine-tuning (finetune_scorer)."
+    )
     max_overlays: int = Field(
         200, description="Grad-CAM overlays (champion) for at most this many suspects."
     )
@@ -247,13 +259,18 @@ def label_issues(
     except TrackingUnavailable as exc:
         context.log.warning(f"{exc}; label QA scores with the thumbnails only, no overlays")
         champion, mlflow = None, None
-    embeddings = {}
+    wanted = mlflow is not None and (config.learned_features or config.finetune_scorer)
+    encoder = current_encoder(mlflow) if wanted else None
+    embeddings, scorers = {}, {}
     if config.learned_features and mlflow is not None:
         seen = images_trained_on(mlflow, store, champion) if champion else set()
         embeddings = learned_embeddings(
-            current_encoder(mlflow), champion, store, labeled_pool, context.log.info, seen
+            encoder, champion, store, labeled_pool, context.log.info, seen
         )
-    result = review_label_quality(labeled_pool, qa, embeddings)
+    if config.finetune_scorer:
+        training = replace(OOF_TRAINING, epochs=config.finetune_epochs)
+        scorers = finetuned_scorer(encoder, store, labeled_pool, context.log.info, training)
+    result = review_label_quality(labeled_pool, qa, embeddings, scorers)
     if result.unscored_reason:
         context.log.warning(result.unscored_reason)
     prefix = f"reports/label_issues/{context.run.run_id}"

@@ -11,6 +11,8 @@ from cvops_pipelines.core.curate.label_qa import (
     LabelQAConfig,
     labelstudio_config,
     labelstudio_tasks,
+    out_of_fold_probabilities,
+    probe_model,
     review_label_quality,
 )
 from cvops_pipelines.core.curate.neardup import candidate_pairs
@@ -173,17 +175,15 @@ def _class_embeddings(labels: list[str], spread: float, seed: int) -> np.ndarray
     return centres[[int(c) for c in labels]] + rng.normal(0, spread, (len(labels), 32))
 
 
-def test_learned_embeddings_that_know_the_classes_are_chosen_and_find_the_flips():
-    """On images whose pixels do not cluster by class, the thumbnail scorer is near chance; an
-    embedding that does cluster by the true class wins the out-of-fold comparison, judges, and
-    what it flags is mostly the flipped labels. The metadata keeps every candidate's accuracy."""
+def _objects_pool(count: int = 400, flips: int = 40) -> tuple[pd.DataFrame, list[str], set[int]]:
+    """Objects images (pixels do not cluster by class), `flips` labels flipped at random."""
     from cvops_pipelines.demo.objects import object_image
 
-    made = [object_image(i, seed=3) for i in range(400)]
+    made = [object_image(i, seed=3) for i in range(count)]
     truth = [label for _, label in made]
     rng = np.random.default_rng(0)
     given = list(truth)
-    flipped = set(rng.choice(len(made), 40, replace=False).tolist())
+    flipped = set(rng.choice(len(made), flips, replace=False).tolist())
     for i in flipped:
         given[i] = str(rng.choice([c for c in range(10) if str(c) != truth[i]]))
     pool = pd.DataFrame(
@@ -192,6 +192,14 @@ def test_learned_embeddings_that_know_the_classes_are_chosen_and_find_the_flips(
             for n, (image, _) in enumerate(made)
         ]
     )
+    return pool, truth, flipped
+
+
+def test_learned_embeddings_that_know_the_classes_are_chosen_and_find_the_flips():
+    """On images whose pixels do not cluster by class, the thumbnail scorer is near chance; an
+    embedding that does cluster by the true class wins the out-of-fold comparison, judges, and
+    what it flags is mostly the flipped labels. The metadata keeps every candidate's accuracy."""
+    pool, truth, flipped = _objects_pool()
     embeddings = {"encoder (linear probe)": _class_embeddings(truth, 0.3, 1)}
     result = review_label_quality(pool, LabelQAConfig(), embeddings)
     assert result.scorer == "encoder (linear probe)"
@@ -222,3 +230,28 @@ def test_thumbnails_stay_the_scorer_where_they_know_the_classes_better(noisy_poo
     result = review_label_quality(pool, LabelQAConfig(), {"noise (linear probe)": useless})
     assert result.scorer == THUMBNAILS
     assert result.candidates["noise (linear probe)"] < result.candidates[THUMBNAILS]
+
+
+def test_an_out_of_fold_scorer_competes_under_the_same_rule():
+    """A scorer that makes its own out-of-fold probabilities (a fine-tuned network in the asset)
+    is called with the scored rows, their labels, the classes, folds and seed; when it knows
+    the classes better than a useless probe and the thumbnails, it scores and finds the flips."""
+    pool, truth, flipped = _objects_pool()
+    features = _class_embeddings(truth, 0.3, 1)
+    calls = []
+
+    def fine_tuned(rows, labels, classes, folds, seed):
+        calls.append((rows, labels, classes, folds, seed))
+        return out_of_fold_probabilities(features[rows], labels, probe_model, folds, seed)
+
+    useless = {"noise (linear probe)": np.random.default_rng(5).normal(size=(len(pool), 16))}
+    config = LabelQAConfig(folds=4, seed=7)
+    result = review_label_quality(pool, config, useless, {"fine-tuned": fine_tuned})
+    [(rows, labels, classes, folds, seed)] = calls
+    assert list(rows) == list(range(len(pool))) and (folds, seed) == (4, 7)
+    assert [classes[i] for i in labels] == list(pool["label"])
+    assert set(result.candidates) == {THUMBNAILS, "noise (linear probe)", "fine-tuned"}
+    assert result.scorer == "fine-tuned" and result.judged
+    assert result.candidates["fine-tuned"] > result.candidates["noise (linear probe)"]
+    caught = set(result.review["image_id"]) & {pool.at[i, "image_id"] for i in flipped}
+    assert len(caught) >= 0.8 * len(flipped) and len(caught) >= 0.8 * len(result.review)

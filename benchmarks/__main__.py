@@ -11,6 +11,7 @@ from pathlib import Path
 
 BENCHMARKS = [
     "ingest_throughput",
+    "ingest_scale",
     "label_qa",
     "training_throughput",
     "export_latency",

@@ -14,7 +14,14 @@ from pydantic import Field
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.ontology import Ontology, load_ontology
 from cvops_pipelines.core.base.store import LocalStore, S3Store, Store, store_from_uri
-from cvops_pipelines.core.base.tables import read_table, record_key, table_key, write_table
+from cvops_pipelines.core.base.tables import (
+    TableFile,
+    read_table,
+    record_key,
+    table_file,
+    table_key,
+    write_table,
+)
 from cvops_pipelines.core.base.tracking import Tracking
 
 
@@ -70,6 +77,9 @@ class TablesIOManager(ConfigurableIOManager):
     the cvops store. No pickles. Downstream assets receive these as inputs (visible lineage); a
     multi-partition input is the concatenation of its partitions, and a run over several
     partitions (single-run backfill) returns one table per partition key.
+
+    Tables too large for memory travel as files: an asset may return a `TableFile` (moved into
+    the store as is), and an input annotated `TableFile` receives the stored file unloaded.
     """
 
     storage: CvopsStorage
@@ -98,6 +108,11 @@ class TablesIOManager(ConfigurableIOManager):
         partition = context.asset_partition_key if context.has_asset_partitions else None
         if context.has_asset_partitions and isinstance(obj, dict) and set(obj) == {partition}:
             obj = obj[partition]
+        if isinstance(obj, TableFile):
+            key = self._key(context, partition)
+            store.put_file(key, obj.path)
+            context.add_output_metadata({"table_uri": store.uri(key), "rows": obj.rows})
+            return
         if isinstance(obj, dict):
             key = self._json_key(context, partition)
             store.write_bytes(key, json.dumps(obj, indent=2, default=str).encode())
@@ -106,8 +121,13 @@ class TablesIOManager(ConfigurableIOManager):
         uri = write_table(store, self._key(context, partition), obj)
         context.add_output_metadata({"table_uri": uri, "rows": len(obj)})
 
-    def load_input(self, context: InputContext) -> pd.DataFrame | dict:
+    def load_input(self, context: InputContext) -> pd.DataFrame | dict | TableFile:
         store = self.storage.store()
+        if context.dagster_type.typing_type is TableFile:
+            if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
+                raise TypeError("a TableFile input is one table: one partition, or none")
+            partition = context.asset_partition_key if context.has_asset_partitions else None
+            return table_file(store, self._key(context, partition))
         if not context.has_asset_partitions:
             if store.exists(self._json_key(context, None)):
                 return json.loads(store.read_bytes(self._json_key(context, None)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +37,8 @@ class Entry:
 class Store(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes, durable: bool = True) -> None: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int | None: ...
     def sync(self) -> None: ...
@@ -81,6 +85,17 @@ class LocalStore:
         `durable=False` skips the per-file fsync for bulk writes; the caller then calls
         `sync()` once before recording them (see core/ingest/intake.py).
         """
+        self._atomic(key, lambda f: f.write(data), durable)
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Copy a local file in (a table too large to hold in memory), atomically and durably."""
+        with open(path, "rb") as src:
+            self._atomic(key, lambda f: shutil.copyfileobj(src, f, 2**20), True)
+
+    def get_file(self, key: str, path: Path) -> None:
+        shutil.copyfile(self._path(key), path, follow_symlinks=False)
+
+    def _atomic(self, key: str, write, durable: bool) -> None:
         path = self._path(key)
         if path.parent not in _MADE_DIRS:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +108,7 @@ class LocalStore:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())
@@ -132,16 +147,23 @@ class LocalStore:
             yield from self._walk(base)
 
     def _walk(self, directory: Path) -> Iterator[Entry]:
+        # only the names are held (a folder of a million files is a million short strings);
+        # each entry is stat-ed as it is reached
         with os.scandir(directory) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            key = Path(entry.path).relative_to(self.root).as_posix()
-            if entry.is_symlink():
-                yield Entry(key, 0, is_symlink=True, symlink_target=os.readlink(entry.path))
-            elif entry.is_dir(follow_symlinks=False):
-                yield from self._walk(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(".tmp"):
-                st = entry.stat(follow_symlinks=False)
+            names = sorted(e.name for e in it)
+        prefix = directory.relative_to(self.root).as_posix()
+        for name in names:
+            path = os.path.join(directory, name)
+            key = name if prefix == "." else f"{prefix}/{name}"
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # removed since the folder was read
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                yield Entry(key, 0, is_symlink=True, symlink_target=os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                yield from self._walk(Path(path))
+            elif stat.S_ISREG(st.st_mode) and not name.endswith(".tmp"):
                 yield Entry(key, st.st_size, modified=st.st_mtime)
 
     def list_dirs(self) -> list[str]:
@@ -242,6 +264,20 @@ class S3Store:
         # A single PUT is atomic on S3: readers see the old object or the new one, never half.
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Upload a local file (multipart when large; the object appears whole or not at all)."""
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key))
+        except Exception as exc:
+            raise self._translate(exc, key) from exc
+
+    def get_file(self, key: str, path: Path) -> None:
+        """Download to a local file, in parts, never the whole object in memory."""
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path))
         except Exception as exc:
             raise self._translate(exc, key) from exc
 

@@ -1,10 +1,19 @@
-"""Parquet tables in a Store, written atomically (temp + rename locally, one PUT on S3)."""
+"""Parquet tables in a Store, written atomically (temp + rename locally, one PUT on S3); and
+tables too large for memory, written row group by row group to a local file first."""
 
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cvops_pipelines.core.base.store import Store
 
@@ -28,6 +37,91 @@ def write_table(store: Store, key: str, df: pd.DataFrame) -> str:
 
 def read_table(store: Store, key: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(store.read_bytes(key)))
+
+
+@dataclass(frozen=True)
+class TableFile:
+    """A finished Parquet file on local disk: what an asset returns instead of a DataFrame when
+    the table may not fit in memory (the tables IO manager moves the file into the store)."""
+
+    path: Path
+    rows: int
+    # whatever must live as long as the file is read (e.g. the temporary folder holding it)
+    keep: object = field(default=None, compare=False, repr=False)
+
+    def read(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """The whole table (or some columns): for small tables and tests."""
+        return pd.read_parquet(self.path, columns=columns)
+
+    def chunks(
+        self, rows: int = 10_000, columns: list[str] | None = None
+    ) -> Iterator[pd.DataFrame]:
+        """The table at most `rows` rows at a time, one row group read at a time (pyarrow's
+        iter_batches keeps what it read: 111 MiB held for a 100 MiB file, measured)."""
+        parquet = pq.ParquetFile(self.path)
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=columns, use_threads=False)
+            for start in range(0, table.num_rows, rows):
+                yield table.slice(start, rows).to_pandas()
+
+
+def table_file(store: Store, key: str) -> TableFile:
+    """A stored table as a local file, not loaded: the file itself in a local store, a
+    downloaded copy (removed with the handle) from S3."""
+    local = getattr(store, "local_path", None)
+    if local is not None:
+        path = local(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"{store.uri(key)} does not exist")
+        return TableFile(path, pq.ParquetFile(path).metadata.num_rows)
+    folder = TemporaryFolder("cvops-table-")
+    path = folder.path / "table.parquet"
+    store.get_file(key, path)
+    return TableFile(path, pq.ParquetFile(path).metadata.num_rows, folder)
+
+
+class TemporaryFolder:
+    """A folder removed once nothing refers to it (TableFile.keep holds it)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        weakref.finalize(self, shutil.rmtree, self.path, True)
+
+
+class TableWriter:
+    """Rows (dicts) to a Parquet file in row groups: memory holds one group, whatever the row
+    count. An empty table still gets its schema."""
+
+    def __init__(
+        self, path: Path, schema: pa.Schema, group_rows: int = 10_000, keep: object = None
+    ) -> None:
+        self.path, self.schema, self.group_rows, self.keep = Path(path), schema, group_rows, keep
+        self.rows = 0
+        self._buffer: list[dict] = []
+        self._writer = pq.ParquetWriter(self.path, schema)
+
+    def add(self, row: dict) -> None:
+        self._buffer.append(row)
+        if len(self._buffer) >= self.group_rows:
+            self._flush()
+
+    def add_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        self._flush()
+        self._writer.write_table(
+            pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        )
+        self.rows += batch.num_rows
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            self.rows += len(self._buffer)
+            self._buffer = []
+
+    def close(self) -> TableFile:
+        self._flush()
+        self._writer.close()
+        return TableFile(self.path, self.rows, self.keep)
 
 
 def markdown_table(df: pd.DataFrame, max_rows: int = 10) -> str:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from cvops_pipelines.core.base.ontology import NO_OBJECTS, Ontology
 from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.tables import TableFile
 from cvops_pipelines.core.ingest.formats.coco import looks_like_coco, parse_coco
 from cvops_pipelines.core.ingest.formats.common import (
     FRACTION,
@@ -225,21 +226,37 @@ def _pixel_box(record: LabelRecord, image: _Image) -> tuple[float, ...] | str:
     return (max(x0, 0.0), max(y0, 0.0), min(x1, float(image.width)), min(y1, float(image.height)))
 
 
+INDEX_COLUMNS = ["image_id", "original_name", "aliases", "width", "height"]
+
+
 def import_annotations(
-    source: Store, store: Store, drop: str, manifest: pd.DataFrame, ontology: Ontology
+    source: Store, store: Store, drop: str, manifest: TableFile, ontology: Ontology
 ) -> AnnotationResult:
-    keys = [e.key for e in source.list() if not e.is_symlink and e.key != MARKER]
-    image_names = [k for k in keys if is_image_candidate(k)]
-    annotation_keys = [k for k in keys if k.lower().endswith(ANNOTATION_SUFFIXES)]
-    index = _ImageIndex(manifest, image_names)
+    """The drop's labels. The image index (every name of every image) is built only when
+    there are labels to resolve, from the manifest columns it needs: an unlabeled drop of a
+    million images costs a listing, not a million rows in memory."""
+    annotation_keys, nested = [], []
+    for entry in source.list():
+        if entry.is_symlink or entry.key == MARKER:
+            continue
+        if entry.key.lower().endswith(ANNOTATION_SUFFIXES):
+            annotation_keys.append(entry.key)
+        elif "/" in entry.key and is_image_candidate(entry.key):
+            nested.append(entry.key)  # the ImageFolder layout reads labels from folders
     detected_at = now_utc()
 
     items: Iterable[tuple[str, LabelRecord | LabelProblem]] = list(
         _read_annotation_files(source, annotation_keys)
     )
     if not any(isinstance(item, LabelRecord) for _, item in items) and not annotation_keys:
-        items = [("imagefolder", r) for r in parse_imagefolder(image_names)]
-
+        items = [("imagefolder", r) for r in parse_imagefolder(nested)]
+    del nested
+    index = None
+    if items:
+        image_names = (
+            e.key for e in source.list() if not e.is_symlink and is_image_candidate(e.key)
+        )
+        index = _ImageIndex(manifest.read(INDEX_COLUMNS), image_names)
     labels, problems, formats = [], [], Counter()
     for fmt, item in items:
         if isinstance(item, LabelProblem):
@@ -305,6 +322,7 @@ def import_annotations(
         )
     quarantine = _quarantine_rows(problems, source, store, drop, detected_at)
     labelled = {row["image_id"] for row in labels}
+    unlabeled = manifest.rows - len(labelled)
     labels_df = pd.DataFrame(labels, columns=LABEL_COLUMNS)
     for col in ("x_min", "y_min", "x_max", "y_max"):
         labels_df[col] = labels_df[col].astype("float64")
@@ -313,7 +331,7 @@ def import_annotations(
         labels_df,
         quarantine,
         formats,
-        unlabeled_images=int((~manifest["image_id"].isin(labelled)).sum()),
+        unlabeled_images=unlabeled,
     )
 
 

@@ -1,9 +1,11 @@
 """Ingest one drop of image files into the content-addressed image store.
 
-Streaming: the drop is listed lazily and at most `window` batches are in flight, so memory is
-bounded by the window, not by the drop (only one small row per image is kept). Decoding runs in a
-process pool (one worker per core by default); workers read from the source and write originals
-to the store themselves, so image bytes never cross a process boundary.
+Streaming: the drop is listed lazily, at most `window` batches are in flight, and the manifest
+and quarantine tables are written to local Parquet files a row group at a time, so memory does
+not grow with the drop beyond a 16-byte key per distinct image (to find duplicates) and the
+names of the duplicates themselves (benchmarks/ingest_scale.py). Decoding runs in a process pool
+(one worker per core by default); workers read from the source and write originals to the store
+themselves, so image bytes never cross a process boundary.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
+from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from cvops_pipelines.core.base.images import (
     REASONS,
@@ -28,6 +32,7 @@ from cvops_pipelines.core.base.images import (
     inspect_image,
 )
 from cvops_pipelines.core.base.store import Entry, Store
+from cvops_pipelines.core.base.tables import TableFile, TableWriter, TemporaryFolder
 
 MARKER = "_SUCCESS"
 # Files with these suffixes are annotation candidates, not images (see core/ingest/annotations.py).
@@ -61,6 +66,20 @@ QUARANTINE_COLUMNS = [
     "quarantine_uri",
     "detected_at",
 ]
+_TIME = pa.timestamp("us", tz="UTC")
+_TYPES = {
+    "aliases": pa.list_(pa.string()),
+    "width": pa.int64(),
+    "height": pa.int64(),
+    "channels": pa.int64(),
+    "bytes": pa.int64(),
+    "thumb": pa.binary(),
+    "ingested_at": _TIME,
+    "detected_at": _TIME,
+}
+MANIFEST_SCHEMA = pa.schema([(c, _TYPES.get(c, pa.string())) for c in MANIFEST_COLUMNS])
+QUARANTINE_SCHEMA = pa.schema([(c, _TYPES.get(c, pa.string())) for c in QUARANTINE_COLUMNS])
+PREVIEW_ROWS = 10  # manifest and quarantine rows kept in memory for the asset's metadata
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class IngestConfig:
     batch_size: int = 16
     window: int = 4  # batches in flight per worker
     copy_rejected: bool = True  # keep a copy of each rejected file under quarantine/
+    table_rows: int = 10_000  # rows per Parquet row group: all of the tables the parent holds
 
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
@@ -77,14 +97,33 @@ class IngestConfig:
 
 @dataclass
 class IngestResult:
-    manifest: pd.DataFrame
-    quarantine: pd.DataFrame
+    """Counts and the first rows in memory; the tables themselves are files (see TableFile)."""
+
+    manifest_file: TableFile
+    quarantine_file: TableFile
     files_seen: int
     new_objects: int  # originals written to the store by this run (0 when re-run)
+    duplicates: int  # later names of bytes already accepted in this drop (the rows' aliases)
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    preview: pd.DataFrame = field(default_factory=pd.DataFrame)  # first manifest rows
+    quarantine_examples: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
-    def duplicates(self) -> int:
-        return int(self.manifest["aliases"].map(len).sum()) if len(self.manifest) else 0
+    def accepted(self) -> int:
+        return self.manifest_file.rows
+
+    @property
+    def quarantined(self) -> int:
+        return self.quarantine_file.rows
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """The whole manifest in memory: for small drops and tests."""
+        return self.manifest_file.read()
+
+    @property
+    def quarantine(self) -> pd.DataFrame:
+        return self.quarantine_file.read()
 
 
 def image_key(image_id: str, fmt: str) -> str:
@@ -224,42 +263,59 @@ def ingest_drop(
     drop: str,
     config: IngestConfig = IngestConfig(),
     progress: Callable[[int], None] | None = None,
+    workdir: Path | None = None,
 ) -> IngestResult:
     """Ingest every image candidate under `source` (the drop's root).
 
     Within the drop the first name (in sorted order) of identical bytes is the accepted row and
     later names become its `aliases`; so accepted + duplicates + quarantined = files seen.
-    """
+    The tables are written under `workdir` (default: a temporary folder removed with the
+    result)."""
+    keep = None
+    if workdir is None:
+        keep = TemporaryFolder("cvops-ingest-")
+        workdir = keep.path
+    workdir = Path(workdir)
     detected_at = now_utc()
-    rows: dict[str, dict] = {}
-    quarantine: list[dict] = []
-    seen = new_objects = 0
+    group = config.table_rows
+    accepted = TableWriter(workdir / "manifest.partial.parquet", MANIFEST_SCHEMA, group, keep)
+    quarantine = TableWriter(workdir / "quarantine.parquet", QUARANTINE_SCHEMA, group, keep)
+    firsts: set[bytes] = set()  # 16 bytes of each accepted image_id: enough to tell them apart
+    aliases: dict[str, list[str]] = {}  # only for images seen more than once
+    reasons: Counter = Counter()
+    preview, examples = [], []
+    seen = new_objects = duplicates = 0
     entries = (e for e in source.list() if is_image_candidate(e.key))
     for result in _results(entries, source, store, drop, config):
         seen += 1
         if progress is not None:
             progress(seen)
         if result["status"] == "rejected":
-            quarantine.append(
-                {
-                    "source": drop,
-                    "stage": "raw_images",
-                    "original_name": result["name"],
-                    "position": "",
-                    "reason_code": result["code"],
-                    "reason": result["message"],
-                    "bytes": result["bytes"],
-                    "quarantine_uri": result.get("quarantine_uri", ""),
-                    "detected_at": detected_at,
-                }
-            )
+            row = {
+                "source": drop,
+                "stage": "raw_images",
+                "original_name": result["name"],
+                "position": "",
+                "reason_code": result["code"],
+                "reason": result["message"],
+                "bytes": result["bytes"],
+                "quarantine_uri": result.get("quarantine_uri", ""),
+                "detected_at": detected_at,
+            }
+            quarantine.add(row)
+            reasons[row["reason_code"]] += 1
+            if len(examples) < PREVIEW_ROWS:
+                examples.append(row)
             continue
         info = result["info"]
         new_objects += result["written"]
-        if info.image_id in rows:
-            rows[info.image_id]["aliases"].append(result["name"])
+        short = bytes.fromhex(info.image_id)[:16]
+        if short in firsts:
+            aliases.setdefault(info.image_id, []).append(result["name"])
+            duplicates += 1
             continue
-        rows[info.image_id] = {
+        firsts.add(short)
+        row = {
             "image_id": info.image_id,
             "uri": result["uri"],
             "key": result["key"],
@@ -276,8 +332,34 @@ def ingest_drop(
             "thumb": info.thumb,
             "ingested_at": detected_at,
         }
+        accepted.add(row)
+        if len(preview) < PREVIEW_ROWS:
+            preview.append(row)
     store.sync()  # one flush for the whole drop, before anything records these objects
-    manifest = pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS)
+    manifest = _with_aliases(accepted.close(), workdir / "manifest.parquet", aliases, group)
     return IngestResult(
-        manifest, pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS), seen, new_objects
+        manifest,
+        quarantine.close(),
+        seen,
+        new_objects,
+        duplicates,
+        dict(reasons),
+        pd.DataFrame(preview, columns=MANIFEST_COLUMNS),
+        pd.DataFrame(examples, columns=QUARANTINE_COLUMNS),
     )
+
+
+def _with_aliases(
+    partial: TableFile, path: Path, aliases: dict[str, list[str]], rows: int
+) -> TableFile:
+    """The manifest with each row's later names filled in: a second streaming pass, only when
+    the drop had duplicates (their names are all that was kept)."""
+    if not aliases:
+        partial.path.replace(path)
+        return TableFile(path, partial.rows, partial.keep)
+    out = TableWriter(path, MANIFEST_SCHEMA, rows, partial.keep)
+    for chunk in partial.chunks(rows):
+        chunk["aliases"] = [aliases.get(i, []) for i in chunk["image_id"]]
+        out.add_batch(pa.Table.from_pandas(chunk, schema=MANIFEST_SCHEMA, preserve_index=False))
+    partial.path.unlink()
+    return out.close()

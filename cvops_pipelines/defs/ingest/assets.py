@@ -4,9 +4,9 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
-from cvops_pipelines.core.base.contracts import validate
+from cvops_pipelines.core.base.contracts import validate, validate_table
 from cvops_pipelines.core.base.images import ImageLimits
-from cvops_pipelines.core.base.tables import markdown_table, write_table
+from cvops_pipelines.core.base.tables import TableFile, markdown_table, write_table
 from cvops_pipelines.core.ingest.annotations import import_annotations
 from cvops_pipelines.core.ingest.drops import require_complete
 from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
@@ -72,16 +72,20 @@ def raw_images(
 
     ingest = IngestConfig(limits=limits, workers=config.workers)
     result = ingest_drop(drop_source.drop(drop), store, drop, ingest, progress)
-    quarantine_uri = write_table(store, f"quarantine/{drop}/raw_images.parquet", result.quarantine)
+    quarantine_key = f"quarantine/{drop}/raw_images.parquet"
+    store.put_file(quarantine_key, result.quarantine_file.path)
     if result.files_seen == 0:
         context.log.warning(f"drop {drop} holds no image files")
     context.log.info(
-        f"drop {drop}: {result.files_seen} files, {len(result.manifest)} accepted, "
-        f"{result.duplicates} duplicates, {len(result.quarantine)} quarantined"
+        f"drop {drop}: {result.files_seen} files, {result.accepted} accepted, "
+        f"{result.duplicates} duplicates, {result.quarantined} quarantined"
     )
-    yield Output(result.manifest, metadata=_raw_images_metadata(result, quarantine_uri))
-    contract = validate(
-        result.manifest,
+    # the manifest travels as a file: a drop of any size never sits in memory as one table
+    yield Output(
+        result.manifest_file, metadata=_raw_images_metadata(result, store.uri(quarantine_key))
+    )
+    contract = validate_table(
+        result.manifest_file,
         contracts.suite("raw_images"),
         {"min_side": config.min_side, "max_side": config.max_side, "max_bytes": limits.max_bytes},
         store if contracts.build_docs else None,
@@ -91,17 +95,21 @@ def raw_images(
 
 
 def _raw_images_metadata(result, quarantine_uri: str) -> dict:
-    quarantine, manifest = result.quarantine, result.manifest
-    preview = manifest[["image_id", "original_name", "format", "width", "height"]]
+    examples = result.quarantine_examples
+    preview = result.preview[["image_id", "original_name", "format", "width", "height"]]
+    reasons = pd.DataFrame(
+        sorted(result.quarantine_reasons.items(), key=lambda kv: -kv[1]),
+        columns=["reason_code", "files"],
+    )
     return {
         "files_seen": result.files_seen,
-        "accepted": len(manifest),
+        "accepted": result.accepted,
         "duplicates": result.duplicates,
-        "quarantined": len(quarantine),
+        "quarantined": result.quarantined,
         "new_objects_stored": result.new_objects,
-        "quarantine_by_reason": MetadataValue.md(_reason_counts(quarantine)),
+        "quarantine_by_reason": MetadataValue.md(markdown_table(reasons, 50)),
         "quarantine_examples": MetadataValue.md(
-            markdown_table(quarantine[["original_name", "reason_code", "reason"]], 10)
+            markdown_table(examples[["original_name", "reason_code", "reason"]], 10)
         ),
         "quarantine_table": MetadataValue.url(quarantine_uri),
         "preview": MetadataValue.md(markdown_table(preview, 5)),
@@ -119,7 +127,7 @@ def _raw_images_metadata(result, quarantine_uri: str) -> dict:
 )
 def annotations(
     context: AssetExecutionContext,
-    raw_images: pd.DataFrame,
+    raw_images: TableFile,  # unloaded: only an index of names is read, and only if labels exist
     storage: CvopsStorage,
     drop_source: DropSource,
     contracts: DataContracts,

@@ -136,3 +136,60 @@ def test_the_ontology_names_its_task(repo_root, tmp_path):
     path.write_text("version: 1\ntask: segmentation\nclasses:\n  - {id: 0, name: ok}\n")
     with pytest.raises(OntologyError, match=r"ontology.yaml:2: task must be one of"):
         load_ontology(path)
+
+
+def test_a_table_validated_in_chunks_counts_what_a_whole_table_would(repo_root, tmp_path):
+    """raw_images validates its manifest a chunk at a time: a failure in any chunk fails the
+    table with the summed count, and a duplicate split across chunks is still a duplicate."""
+    from cvops_pipelines.core.base.contracts import validate_table
+    from cvops_pipelines.core.base.tables import TableWriter
+    from cvops_pipelines.core.ingest.intake import MANIFEST_SCHEMA
+
+    def manifest(rows: list[dict]):
+        writer = TableWriter(
+            tmp_path / f"m{len(list(tmp_path.iterdir()))}.parquet", MANIFEST_SCHEMA, 4
+        )
+        for row in rows:
+            writer.add(row)
+        return writer.close()
+
+    def row(n: int, **change) -> dict:
+        return {
+            "image_id": f"{n:064x}",
+            "uri": f"file:///s/{n}.png",
+            "key": f"images/{n}.png",
+            "source": "d1",
+            "original_name": f"{n}.png",
+            "aliases": [],
+            "format": "png",
+            "mode": "RGB",
+            "width": 32,
+            "height": 32,
+            "channels": 3,
+            "bytes": 100,
+            "phash": "0" * 16,
+            "thumb": b"\0" * 16,
+            "ingested_at": pd.Timestamp("2026-12-01", tz="UTC"),
+        } | change
+
+    suite = repo_root / "data_contracts" / "gx" / "raw_images.json"
+    limits = {"min_side": 8, "max_side": 4096, "max_bytes": 2**20}
+    clean = [row(n) for n in range(10)]
+    ok = validate_table(manifest(clean), suite, limits, chunk_rows=3)
+    assert ok.success and ok.rows == 10
+
+    twice = clean + [row(2, original_name="again.png")]  # rows 2 and 10: different chunks
+    bad = [row(n, width=4) if n in (1, 8) else row(n) for n in range(10)]
+    for rows, expectation, count in (
+        (twice, "expect_column_values_to_be_unique", 2),
+        (bad, "expect_column_values_to_be_between", 2),
+    ):
+        chunked = validate_table(manifest(rows), suite, limits, chunk_rows=3)
+        whole = validate(pd.DataFrame(rows), suite, limits)
+        assert not chunked.success and not whole.success
+        failed = {(o.expectation, o.unexpected_count) for o in chunked.failures}
+        assert failed == {(o.expectation, o.unexpected_count) for o in whole.failures}
+        assert (expectation, count) in failed
+
+    empty = validate_table(manifest([]), suite, limits)
+    assert empty.success and empty.rows == 0

@@ -70,6 +70,58 @@ def test_s3_roundtrip_on_a_real_endpoint(s3_env, s3_bucket):
 
 
 @pytest.mark.s3
+def test_large_tables_travel_as_files_on_a_real_endpoint(s3_env, s3_bucket, tmp_path):
+    """A table written a row group at a time goes up and comes back as a file, never as one
+    bytes object: what raw_images does with a drop's manifest on S3."""
+    from cvops_pipelines.core.base.tables import table_file
+
+    store = S3Store(s3_bucket, "cvops/root", "us-east-1", s3_env)
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(9 * 2**20))  # above boto3's multipart threshold (8 MiB)
+    store.put_file("tables/big.bin", local)
+    assert store.size("tables/big.bin") == local.stat().st_size
+    store.get_file("tables/big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
+
+    written = _table(tmp_path / "t.parquet", 25, group_rows=10)
+    store.put_file("tables/t.parquet", written.path)
+    fetched = table_file(store, "tables/t.parquet")
+    assert fetched.rows == 25 and fetched.path != written.path
+    assert fetched.read().equals(written.read())
+    folder = fetched.path.parent
+    del fetched
+    assert not folder.exists()  # the downloaded copy goes with its handle
+
+
+def _table(path, rows: int, group_rows: int):
+    import pyarrow as pa
+
+    from cvops_pipelines.core.base.tables import TableWriter
+
+    writer = TableWriter(path, pa.schema([("n", pa.int64()), ("name", pa.string())]), group_rows)
+    for n in range(rows):
+        writer.add({"n": n, "name": f"image-{n}"})
+    return writer.close()
+
+
+def test_a_table_is_written_and_read_one_row_group_at_a_time(tmp_path):
+    import pyarrow.parquet as pq
+
+    written = _table(tmp_path / "t.parquet", 25, group_rows=10)
+    assert written.rows == 25 and pq.ParquetFile(written.path).num_row_groups == 3
+    chunks = list(written.chunks(rows=4))
+    assert max(len(c) for c in chunks) == 4
+    assert [n for c in chunks for n in c["n"]] == list(range(25))
+    empty = _table(tmp_path / "e.parquet", 0, group_rows=10)
+    assert empty.rows == 0 and list(empty.read().columns) == ["n", "name"]
+
+    local = LocalStore(tmp_path / "store")
+    local.put_file("tables/t.parquet", written.path)
+    assert local.read_bytes("tables/t.parquet") == written.path.read_bytes()
+    assert not list((tmp_path / "store").rglob("*.tmp"))
+
+
+@pytest.mark.s3
 def test_s3_missing_bucket_names_bucket_and_endpoint(s3_env):
     store = S3Store("no-such-bucket", "", "us-east-1", s3_env)
     with pytest.raises(StorageError) as err:

@@ -19,7 +19,7 @@ def ontology(repo_root):
 
 def run(drop, tmp_path, ontology):
     source, store = LocalStore(drop), LocalStore(tmp_path / "store")
-    manifest = ingest_drop(source, store, drop.name, IngestConfig(workers=1)).manifest
+    manifest = ingest_drop(source, store, drop.name, IngestConfig(workers=1)).manifest_file
     return import_annotations(source, store, drop.name, manifest, ontology)
 
 

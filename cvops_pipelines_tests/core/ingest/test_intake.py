@@ -67,6 +67,34 @@ def test_rerun_is_idempotent(corpus_drop, tmp_path):
     assert outcomes(second) == outcomes(first)
 
 
+def test_tables_written_a_row_group_at_a_time_hold_the_same_rows(corpus_drop, tmp_path):
+    """Row groups of 2 rows (the parent holds one group of rows at a time): the same manifest,
+    aliases and quarantine as with one group, and the duplicates' names survive the second
+    pass that fills in the aliases."""
+    import pyarrow.parquet as pq
+
+    source, _ = corpus_drop
+    whole = ingest_drop(source, LocalStore(tmp_path / "a"), "corpus", IngestConfig(workers=1))
+    config = IngestConfig(workers=1, table_rows=2)
+    small = ingest_drop(source, LocalStore(tmp_path / "b"), "corpus", config, workdir=tmp_path)
+    assert small.duplicates > 0 and small.quarantined > 2
+    assert pq.ParquetFile(small.manifest_file.path).num_row_groups == -(-small.accepted // 2)
+    assert small.manifest_file.path.parent == tmp_path
+    assert not (tmp_path / "manifest.partial.parquet").exists()
+    for a, b in ((whole.manifest, small.manifest), (whole.quarantine, small.quarantine)):
+        assert list(a.columns) == list(b.columns) and len(a) == len(b)
+        for column in a.columns:
+            if column not in ("uri", "quarantine_uri", "ingested_at", "detected_at"):  # per run
+                assert [_plain(v) for v in a[column]] == [_plain(v) for v in b[column]], column
+    assert sum(len(a) for a in small.manifest["aliases"]) == small.duplicates
+    assert small.quarantine_reasons == small.quarantine["reason_code"].value_counts().to_dict()
+    assert list(small.preview["image_id"]) == list(small.manifest["image_id"][:10])
+
+
+def _plain(value):
+    return list(value) if hasattr(value, "tolist") else value
+
+
 def test_streaming_keeps_a_bounded_number_of_files_in_flight(tmp_path, monkeypatch):
     """The listing is consumed lazily: never more than window x workers batches ahead."""
     drop = tmp_path / "drop"

@@ -14,7 +14,7 @@ from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.models import state_dict_bytes
-from cvops_pipelines.core.build.training import TrainConfig, fit, hyperparameter_search
+from cvops_pipelines.core.build.training import FitResult, TrainConfig, fit, hyperparameter_search
 
 INIT_FROM = ("none", "champion", "challenger", "ssl_encoder")
 Log = Callable[[str], None]
@@ -33,6 +33,38 @@ class RunPlan:
     def __post_init__(self) -> None:
         if self.init_from not in INIT_FROM:
             raise ValueError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What a trainer needs: the dataset version's rows (each trainer loads the images where it
+    trains), the hyperparameters, and where per-epoch metrics go."""
+
+    store: Store
+    rows: pd.DataFrame
+    classes: list[str]
+    config: TrainConfig
+    device: str
+    on_epoch: Callable[[int, dict], None]
+    initial_state: dict | None
+    run_id: str  # the MLflow run the metrics belong to
+
+
+Trainer = Callable[[TrainInputs], FitResult]
+
+
+def train_in_process(inputs: TrainInputs) -> FitResult:
+    """The default trainer: this process, one device."""
+    data = split_arrays(inputs.store, inputs.rows, inputs.classes, inputs.config.image_size)
+    return fit(
+        data["train"],
+        data["val"],
+        inputs.classes,
+        inputs.config,
+        inputs.device,
+        inputs.on_epoch,
+        inputs.initial_state,
+    )
 
 
 @dataclass
@@ -94,17 +126,23 @@ def train_tracked(
     plan: RunPlan,
     tags: dict,
     log: Log,
+    trainer: Trainer = train_in_process,
+    trainer_params: dict | None = None,
 ) -> TrainedModel:
     """Train on the dataset version's train split (validation judges), log everything to one
-    MLflow run, and register the result with alias `challenger`."""
+    MLflow run, and register the result with alias `challenger`. `trainer` runs the training
+    itself (in this process, or torchrun processes launched by the asset: the same run,
+    metrics, files and registry entry either way); `trainer_params` are logged with it."""
     tracking.check()  # fail before minutes of image loading, not after
     version = str(rows["dataset_version"].iloc[0])
     classes = sorted(rows["label"].unique())
+    counts = rows["split"].value_counts()
     log(
-        f"loading {int(rows['split'].isin(['train', 'val']).sum())} images of {version} at "
-        f"{config.image_size}px; training on {plan.device}"
+        f"training on {int(counts.get('train', 0) + counts.get('val', 0))} images of "
+        f"{version} at {config.image_size}px on {plan.device}"
     )
-    data = split_arrays(store, rows, classes, config.image_size)
+    if plan.search_trials > 0 and trainer is not train_in_process:
+        raise ValueError("a hyperparameter search runs in the asset's process: search_trials 0")
     tags = {**tags, "dataset_version": version}
     with tracking.start_run(f"train {config.architecture} on {version}", tags) as run:
         tracking.log_params(
@@ -113,13 +151,15 @@ def train_tracked(
                 "device": plan.device,
                 "classes": len(classes),
                 "init_from": plan.init_from,
-                "train_images": len(data["train"][1]),
-                "val_images": len(data["val"][1]),
+                "train_images": int(counts.get("train", 0)),
+                "val_images": int(counts.get("val", 0)),
+                **(trainer_params or {}),
             }
         )
         tracking.log_dataset(rows, version, store.uri(f"datasets/{version}"))
         trials = pd.DataFrame()
         if plan.search_trials > 0:
+            data = split_arrays(store, rows, classes, config.image_size)
             config, trials = _search(tracking, data, classes, config, plan, tags, log)
 
         def on_epoch(epoch: int, metrics: dict) -> None:
@@ -129,14 +169,9 @@ def train_tracked(
                 + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             )
 
-        result = fit(
-            data["train"],
-            data["val"],
-            classes,
-            config,
-            plan.device,
-            on_epoch,
-            initial_state(tracking, plan, config, classes, log),
+        start = initial_state(tracking, plan, config, classes, log)
+        result = trainer(
+            TrainInputs(store, rows, classes, config, plan.device, on_epoch, start, run.info.run_id)
         )
         best = result.history[result.best_epoch - 1]
         tracking.log_metrics(

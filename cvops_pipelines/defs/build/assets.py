@@ -12,12 +12,14 @@ from cvops_pipelines.core.base.tables import markdown_table
 from cvops_pipelines.core.build.detection import DetectorConfig
 from cvops_pipelines.core.build.detection_run import train_detector_tracked
 from cvops_pipelines.core.build.models import pick_device
-from cvops_pipelines.core.build.run import INIT_FROM, RunPlan, train_tracked
+from cvops_pipelines.core.build.run import INIT_FROM, RunPlan, train_in_process, train_tracked
 from cvops_pipelines.core.build.ssl import SSLConfig
 from cvops_pipelines.core.build.ssl_run import all_images, pretrain_tracked
+from cvops_pipelines.core.build.torchrun import Distributed
 from cvops_pipelines.core.build.training import TrainConfig
 from cvops_pipelines.core.learn.feedback import feedback_manifest, resolve_records
 from cvops_pipelines.core.learn.retraining import EncoderFacts, ModelFacts, write_facts
+from cvops_pipelines.defs.build.distributed import pipes_trainer
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
 
 
@@ -55,6 +57,25 @@ _DETECTOR_HELP = {
 DetectorHyperparameters = _config_class("DetectorHyperparameters", DetectorConfig, _DETECTOR_HELP)
 
 
+class DistributedTraining(Config):
+    processes: int = Field(
+        0,
+        description="torchrun processes (gloo on CPU; on CUDA one GPU each, nccl) launched "
+        "through Dagster Pipes; 0 = train in the asset's own process.",
+    )
+    nodes: int = Field(
+        1, description="Machines; more than one needs a launcher that starts each node's torchrun."
+    )
+
+    def plan(self) -> Distributed:
+        if self.nodes > 1:
+            raise ValueError(
+                "distributed.nodes > 1: this build launches torchrun on the asset's own machine "
+                "only (PipesSubprocessClient); run one node with more processes"
+            )
+        return Distributed(self.processes, self.nodes)
+
+
 class TrainedModelConfig(_Hyperparameters):
     detector: DetectorHyperparameters = Field(  # type: ignore[valid-type]
         default_factory=DetectorHyperparameters,
@@ -73,6 +94,11 @@ class TrainedModelConfig(_Hyperparameters):
         "and weight decay, each a nested MLflow run; 0 = off.",
     )
     search_epochs: int = Field(3, description="Epochs per search trial (the search budget).")
+    distributed: DistributedTraining = Field(
+        default_factory=DistributedTraining,
+        description="Train with torchrun (DistributedDataParallel) instead of in this process: "
+        "the same run, metrics, model files, registry entry and gate.",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
@@ -118,8 +144,21 @@ def trained_model(
             context.log.info,
         )
     else:
+        distributed = config.distributed.plan()
+        trainer, params = train_in_process, {}
+        if distributed.processes > 0:
+            trainer = pipes_trainer(context, distributed, mlflow.tracking_uri)
+            params = {"distributed_processes": distributed.processes, "distributed_nodes": 1}
         trained = train_tracked(
-            mlflow, store, dataset_version, config.train_config(), plan, tags, context.log.info
+            mlflow,
+            store,
+            dataset_version,
+            config.train_config(),
+            plan,
+            tags,
+            context.log.info,
+            trainer,
+            params,
         )
     record = trained.record
     facts = ModelFacts(record["model_version"], record["dataset_version"], record["dataset_images"])

@@ -71,6 +71,15 @@ def test_the_training_job_carries_the_tag_the_run_queue_limits(repo_root):
     assert train_job.tags.get(training["key"]) == training["value"]
 
 
+def test_the_ingest_job_carries_the_tag_that_lets_drops_ingest_side_by_side(repo_root):
+    from cvops_pipelines.defs.ingest.sensors import ingest_job
+
+    instance = yaml.safe_load((repo_root / "infra/dagster/dagster.production.yaml").read_text())
+    limits = instance["run_coordinator"]["config"]["tag_concurrency_limits"]
+    (ingest,) = [rule for rule in limits if rule["value"] == "ingest"]
+    assert ingest_job.tags.get(ingest["key"]) == "ingest" and ingest["limit"] > 1
+
+
 def test_every_dagster_instance_config_turns_telemetry_off(repo_root):
     for path in (
         "infra/dagster/dagster.yaml",

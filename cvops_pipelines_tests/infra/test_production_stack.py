@@ -136,3 +136,68 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
         assert [r.run_id for r in reopened.get_runs(limit=2)] == [queued.run_id, result.run_id]
         logs = s3.list_objects_v2(Bucket=s3_bucket, Prefix="dagster-compute-logs/")
         assert logs.get("KeyCount", 0) > 0  # the run's stdout/stderr, readable by any webserver
+
+
+def test_two_drops_ingest_in_two_concurrent_runs_on_the_production_instance(
+    postgres_server, s3_bucket, s3_env, tmp_path, monkeypatch, repo_root
+):
+    """The drop sensor requests one run per drop; the queued coordinator (tag cvops/stage=ingest,
+    limit 3) lets the daemon run them side by side, each in its own process; the 100 images the
+    two drops share are written to the content-addressed store by both without a conflict."""
+    pg = postgres_server
+    home = tmp_path / "dagster_home_parallel"
+    home.mkdir()
+    shutil.copy(repo_root / "infra/dagster/dagster.production.yaml", home / "dagster.yaml")
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_POSTGRES_HOST": "127.0.0.1",
+        "DAGSTER_POSTGRES_PORT": str(pg.port),
+        "DAGSTER_POSTGRES_USER": "cvops",
+        "DAGSTER_POSTGRES_PASSWORD": "cvops-test-password",
+        "DAGSTER_POSTGRES_DB": pg.create_database("dagster_parallel"),
+        "CVOPS_S3_BUCKET": s3_bucket,
+        "CVOPS_S3_ENDPOINT_URL": s3_env,
+        "CVOPS_DROPS": f"s3://{s3_bucket}/drops",
+    }.items():
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    write_drop(tmp_path / "local", "d1", range(0, 300))
+    write_drop(tmp_path / "local", "d2", range(200, 500))  # 200..299 in both
+    upload_drop(s3, s3_bucket, tmp_path / "local", "d1")
+    upload_drop(s3, s3_bucket, tmp_path / "local", "d2")
+    dagster_cli(repo_root, "sensor", "stop", "cvops_automation")  # ingest only, no curate
+
+    instance = DagsterInstance.get()
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=repo_root,
+        stdout=open(tmp_path / "daemon.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline, runs = time.monotonic() + 420, []
+        while time.monotonic() < deadline:
+            runs = [r for r in instance.get_runs() if r.job_name == "ingest_job"]
+            if len(runs) == 2 and all(r.is_finished for r in runs):
+                break
+            time.sleep(2)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    log = (tmp_path / "daemon.log").read_text()[-3000:]
+    assert sorted(r.tags["dagster/partition"] for r in runs) == ["d1", "d2"], log
+    assert all(r.status == DagsterRunStatus.SUCCESS for r in runs), log
+    assert all(r.tags["cvops/stage"] == "ingest" for r in runs)
+    first, second = (instance.get_run_stats(r.run_id) for r in runs)
+    assert first.start_time < second.end_time and second.start_time < first.end_time  # overlap
+
+    images = s3.list_objects_v2(Bucket=s3_bucket, Prefix="images/", MaxKeys=1000)
+    assert images["KeyCount"] == 500  # each distinct image once, the shared ones included
+    for drop in ("d1", "d2"):
+        (mat,) = [
+            e
+            for e in instance.fetch_materializations(AssetKey("raw_images"), limit=10).records
+            if e.partition_key == drop
+        ]
+        assert mat.asset_materialization.metadata["accepted"].value == 300
+        assert s3.head_object(Bucket=s3_bucket, Key=f"tables/raw_images/{drop}.parquet")

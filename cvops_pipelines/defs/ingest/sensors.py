@@ -20,6 +20,8 @@ ingest_job = define_asset_job(
     "ingest_job",
     selection=["raw_images", "annotations"],
     description="Ingest one drop: images, then labels.",
+    # drops ingest in parallel runs, as many at once as the production queue allows
+    tags={"cvops/stage": "ingest"},
 )
 
 

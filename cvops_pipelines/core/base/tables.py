@@ -56,13 +56,21 @@ class TableFile:
     def chunks(
         self, rows: int = 10_000, columns: list[str] | None = None
     ) -> Iterator[pd.DataFrame]:
-        """The table at most `rows` rows at a time, one row group read at a time (pyarrow's
-        iter_batches keeps what it read: 111 MiB held for a 100 MiB file, measured)."""
-        parquet = pq.ParquetFile(self.path)
+        """The table about `rows` rows at a time (whole row groups, or slices of one larger
+        than that), read a row group at a time: pyarrow's iter_batches keeps what it read
+        (111 MiB held for a 100 MiB file, measured)."""
+        parquet, pending, held = pq.ParquetFile(self.path), [], 0
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=columns, use_threads=False)
-            for start in range(0, table.num_rows, rows):
-                yield table.slice(start, rows).to_pandas()
+            pending.append(table)
+            held += table.num_rows
+            if held >= rows:
+                whole = pa.concat_tables(pending)
+                for start in range(0, whole.num_rows, rows):
+                    yield whole.slice(start, rows).to_pandas()
+                pending, held = [], 0
+        if pending:
+            yield pa.concat_tables(pending).to_pandas()
 
 
 def table_file(store: Store, key: str) -> TableFile:

@@ -4,9 +4,10 @@ orchestrating process and its decoder workers, sampled every 50 ms) for drops of
 Images: 12x12 RGB PNGs, each one of the scikit-learn digits (8x8) in a colour and at an offset
 taken from its index, so every file decodes and every file's bytes differ (no drop is shrunk by
 deduplication); all at the drop's root, unlabeled, as a site's field images arrive. Tiny files
-make the per-image cost (rows, listing, tables) the load, not the pixels. Each drop is its own fresh CVOPS_HOME and DAGSTER_HOME. The slope is
-(peak at the largest drop - peak at the smallest) / (difference in images) per 1,000 images,
-and the projection is the peak a 1,000,000-file drop would reach on that slope.
+make the per-image cost (rows, listing, tables) the load, not the pixels. Each drop is its own
+fresh CVOPS_HOME and DAGSTER_HOME. The slope is (peak at the largest drop - peak at the smallest)
+/ (difference in images) per 1,000 images, and the projection is the peak a 1,000,000-file drop
+would reach on that slope.
 """
 
 import os

@@ -36,6 +36,23 @@ def upload_drop(s3, bucket: str, local: Path, name: str) -> None:
             s3.upload_file(str(path), bucket, f"drops/{name}/{path.relative_to(local / name)}")
 
 
+def production_env(monkeypatch, home: Path, pg, database: str, bucket: str, endpoint: str):
+    """The environment dagster.production.yaml and cvops read: Postgres for Dagster, S3 for
+    the cvops store, the drops and the compute logs."""
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_POSTGRES_HOST": "127.0.0.1",
+        "DAGSTER_POSTGRES_PORT": str(pg.port),
+        "DAGSTER_POSTGRES_USER": "cvops",
+        "DAGSTER_POSTGRES_PASSWORD": "cvops-test-password",
+        "DAGSTER_POSTGRES_DB": database,
+        "CVOPS_S3_BUCKET": bucket,
+        "CVOPS_S3_ENDPOINT_URL": endpoint,
+        "CVOPS_DROPS": f"s3://{bucket}/drops",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
     postgres_server, s3_bucket, s3_env, tmp_path, monkeypatch, repo_root
 ):
@@ -45,18 +62,7 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
     home = tmp_path / "dagster_home_production"
     home.mkdir()
     shutil.copy(repo_root / "infra/dagster/dagster.production.yaml", home / "dagster.yaml")
-    for name, value in {
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_POSTGRES_HOST": "127.0.0.1",
-        "DAGSTER_POSTGRES_PORT": str(pg.port),
-        "DAGSTER_POSTGRES_USER": "cvops",
-        "DAGSTER_POSTGRES_PASSWORD": "cvops-test-password",
-        "DAGSTER_POSTGRES_DB": dagster_db,
-        "CVOPS_S3_BUCKET": s3_bucket,
-        "CVOPS_S3_ENDPOINT_URL": s3_env,
-        "CVOPS_DROPS": f"s3://{s3_bucket}/drops",
-    }.items():
-        monkeypatch.setenv(name, value)
+    production_env(monkeypatch, home, pg, dagster_db, s3_bucket, s3_env)
     write_drop(tmp_path / "local", "d1", range(0, 600))
     upload_drop(s3, s3_bucket, tmp_path / "local", "d1")
 
@@ -148,18 +154,7 @@ def test_two_drops_ingest_in_two_concurrent_runs_on_the_production_instance(
     home = tmp_path / "dagster_home_parallel"
     home.mkdir()
     shutil.copy(repo_root / "infra/dagster/dagster.production.yaml", home / "dagster.yaml")
-    for name, value in {
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_POSTGRES_HOST": "127.0.0.1",
-        "DAGSTER_POSTGRES_PORT": str(pg.port),
-        "DAGSTER_POSTGRES_USER": "cvops",
-        "DAGSTER_POSTGRES_PASSWORD": "cvops-test-password",
-        "DAGSTER_POSTGRES_DB": pg.create_database("dagster_parallel"),
-        "CVOPS_S3_BUCKET": s3_bucket,
-        "CVOPS_S3_ENDPOINT_URL": s3_env,
-        "CVOPS_DROPS": f"s3://{s3_bucket}/drops",
-    }.items():
-        monkeypatch.setenv(name, value)
+    production_env(monkeypatch, home, pg, pg.create_database("dagster_parallel"), s3_bucket, s3_env)
     s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     write_drop(tmp_path / "local", "d1", range(0, 300))
     write_drop(tmp_path / "local", "d2", range(200, 500))  # 200..299 in both

@@ -229,7 +229,7 @@ def validate_table(
         )
         if column is None or not hashes[column]:
             continue
-        values, counts = np.unique(np.concatenate(hashes[column]), return_counts=True)
+        _, counts = np.unique(np.concatenate(hashes[column]), return_counts=True)
         repeated = int(counts[counts > 1].sum())
         merged[(expectation, kwargs)] = Outcome(
             expectation, kwargs, repeated == 0, repeated, o.examples

@@ -36,6 +36,23 @@ def upload_drop(s3, bucket: str, local: Path, name: str) -> None:
             s3.upload_file(str(path), bucket, f"drops/{name}/{path.relative_to(local / name)}")
 
 
+def with_daemon(repo_root: Path, log: Path, done, timeout: float) -> None:
+    """Run the real dagster-daemon (it launches queued runs) until `done()` or the timeout."""
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+        cwd=repo_root,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not done():
+            time.sleep(2)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+
+
 def production_env(monkeypatch, home: Path, pg, database: str, bucket: str, endpoint: str):
     """The environment dagster.production.yaml and cvops read: Postgres for Dagster, S3 for
     the cvops store, the drops and the compute logs."""
@@ -122,22 +139,13 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
         dagster_cli(repo_root, "job", "launch", "-j", "curate_job")
         (queued,) = reopened.get_runs(limit=1)
         assert queued.job_name == "curate_job" and queued.status == DagsterRunStatus.QUEUED
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-            cwd=repo_root,
-            stdout=open(tmp_path / "daemon.log", "wb"),
-            stderr=subprocess.STDOUT,
+        with_daemon(
+            repo_root,
+            tmp_path / "daemon.log",
+            lambda: reopened.get_run_by_id(queued.run_id).is_finished,
+            240,
         )
-        try:
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                run = reopened.get_run_by_id(queued.run_id)
-                if run.is_finished:
-                    break
-                time.sleep(2)
-        finally:
-            daemon.terminate()
-            daemon.wait(timeout=60)
+        run = reopened.get_run_by_id(queued.run_id)
         assert run.status == DagsterRunStatus.SUCCESS, (tmp_path / "daemon.log").read_text()[-3000:]
         assert [r.run_id for r in reopened.get_runs(limit=2)] == [queued.run_id, result.run_id]
         logs = s3.list_objects_v2(Bucket=s3_bucket, Prefix="dagster-compute-logs/")
@@ -163,22 +171,13 @@ def test_two_drops_ingest_in_two_concurrent_runs_on_the_production_instance(
     dagster_cli(repo_root, "sensor", "stop", "cvops_automation")  # ingest only, no curate
 
     instance = DagsterInstance.get()
-    daemon = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
-        cwd=repo_root,
-        stdout=open(tmp_path / "daemon.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline, runs = time.monotonic() + 420, []
-        while time.monotonic() < deadline:
-            runs = [r for r in instance.get_runs() if r.job_name == "ingest_job"]
-            if len(runs) == 2 and all(r.is_finished for r in runs):
-                break
-            time.sleep(2)
-    finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
+
+    def ingested() -> bool:
+        runs = [r for r in instance.get_runs() if r.job_name == "ingest_job"]
+        return len(runs) == 2 and all(r.is_finished for r in runs)
+
+    with_daemon(repo_root, tmp_path / "daemon.log", ingested, 420)
+    runs = [r for r in instance.get_runs() if r.job_name == "ingest_job"]
     log = (tmp_path / "daemon.log").read_text()[-3000:]
     assert sorted(r.tags["dagster/partition"] for r in runs) == ["d1", "d2"], log
     assert all(r.status == DagsterRunStatus.SUCCESS for r in runs), log

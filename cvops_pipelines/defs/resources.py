@@ -15,6 +15,7 @@ from cvops_pipelines import settings
 from cvops_pipelines.core.base.ontology import Ontology, load_ontology
 from cvops_pipelines.core.base.store import LocalStore, S3Store, Store, store_from_uri
 from cvops_pipelines.core.base.tables import (
+    PartitionedTable,
     TableFile,
     read_table,
     record_key,
@@ -79,7 +80,9 @@ class TablesIOManager(ConfigurableIOManager):
     partitions (single-run backfill) returns one table per partition key.
 
     Tables too large for memory travel as files: an asset may return a `TableFile` (moved into
-    the store as is), and an input annotated `TableFile` receives the stored file unloaded.
+    the store as is), and an input annotated `TableFile` receives the stored file unloaded. An
+    input annotated `PartitionedTable` receives the partitions' keys, for a consumer that reads
+    only the partitions it has not seen.
     """
 
     storage: CvopsStorage
@@ -121,8 +124,13 @@ class TablesIOManager(ConfigurableIOManager):
         uri = write_table(store, self._key(context, partition), obj)
         context.add_output_metadata({"table_uri": uri, "rows": len(obj)})
 
-    def load_input(self, context: InputContext) -> pd.DataFrame | dict | TableFile:
+    def load_input(
+        self, context: InputContext
+    ) -> pd.DataFrame | dict | TableFile | PartitionedTable:
         store = self.storage.store()
+        if context.dagster_type.typing_type is PartitionedTable:
+            keys = sorted(context.asset_partition_keys) if context.has_asset_partitions else []
+            return PartitionedTable(store, {key: self._key(context, key) for key in keys})
         if context.dagster_type.typing_type is TableFile:
             if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
                 raise TypeError("a TableFile input is one table: one partition, or none")

@@ -88,6 +88,31 @@ def table_file(store: Store, key: str) -> TableFile:
     return TableFile(path, pq.ParquetFile(path).metadata.num_rows, folder)
 
 
+@dataclass(frozen=True)
+class PartitionedTable:
+    """The partitions of a partitioned table asset, unloaded: what an input annotated with this
+    type receives, so a consumer that keeps its own state reads only the partitions it has not
+    seen instead of the concatenation of all of them."""
+
+    store: Store
+    keys: dict[str, str]  # partition key -> table key in the store
+
+    @property
+    def partitions(self) -> list[str]:
+        return list(self.keys)
+
+    def read(self, partition: str) -> pd.DataFrame:
+        """One partition's table; FileNotFoundError when it was never written."""
+        return read_table(self.store, self.keys[partition])
+
+    def read_all(self) -> pd.DataFrame:
+        """Every written partition, concatenated (what a plain DataFrame input gets)."""
+        frames = [
+            read_table(self.store, key) for key in self.keys.values() if self.store.exists(key)
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 class TemporaryFolder:
     """A folder removed once nothing refers to it (TableFile.keep holds it)."""
 

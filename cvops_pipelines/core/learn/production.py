@@ -7,6 +7,7 @@ and always reported with its coverage (reviewed / all records), so a figure from
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ import pandas as pd
 from cvops_pipelines.core.base.plots import production_png
 from cvops_pipelines.core.curate.dataset import load_snapshot
 from cvops_pipelines.core.learn.drift import output_drift
+from cvops_pipelines.core.learn.production_state import ProductionState
 from cvops_pipelines.core.ship.release import ReleaseStore, live_releases
 from cvops_pipelines.edge.wire import release_key
+
+REFERENCE_CACHE = "cache/production_metrics/reference"
 
 
 def model_outputs(
@@ -54,80 +58,58 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def with_period(records: pd.DataFrame, period: str) -> pd.DataFrame:
-    captured = pd.to_datetime(records["captured_at"], utc=True, format="ISO8601")
-    return records.assign(period=captured.dt.floor(period).dt.strftime("%Y-%m-%d %H:%M"))
-
-
 def accuracy_table(
-    records: pd.DataFrame, period: str = "1D", by: tuple[str, ...] = ("release", "cohort", "period")
+    cells: pd.DataFrame, by: tuple[str, ...] = ("release", "cohort", "period")
 ) -> pd.DataFrame:
-    """records, reviewed, coverage, accuracy (+ 95% Wilson interval) per group."""
-    frame = with_period(records, period)
-    frame = frame.assign(
-        reviewed=frame["corrected_label"].notna(),
-        hit=frame["corrected_label"].notna() & (frame["corrected_label"] == frame["predicted"]),
+    """records, reviewed, coverage, accuracy (+ 95% Wilson interval) per group, from the
+    state's record counts (core/learn/production_state.py)."""
+    columns = [*by, "records", "reviewed", "coverage", "accuracy", "ci95_low", "ci95_high"]
+    if cells.empty:
+        return pd.DataFrame(columns=columns)
+    counts = cells.assign(
+        reviewed=cells["n"] * cells["reviewed"], hits=cells["n"] * cells["reviewed"] * cells["hit"]
     )
     rows = []
-    for key, group in frame.groupby(list(by), sort=True):
-        n, hits = int(group["reviewed"].sum()), int(group["hit"].sum())
+    for key, group in counts.groupby(list(by), sort=True):
+        records, n = int(group["n"].sum()), int(group["reviewed"].sum())
+        hits = int(group["hits"].sum())
         low, high = wilson_interval(hits, n)
         rows.append(
             {
                 **dict(zip(by, key if isinstance(key, tuple) else (key,))),
-                "records": len(group),
+                "records": records,
                 "reviewed": n,
-                "coverage": round(n / len(group), 4),
+                "coverage": round(n / records, 4),
                 "accuracy": round(hits / n, 4) if n else None,
                 "ci95_low": round(low, 4) if n else None,
                 "ci95_high": round(high, 4) if n else None,
             }
         )
-    return pd.DataFrame(
-        rows, columns=[*by, "records", "reviewed", "coverage", "accuracy", "ci95_low", "ci95_high"]
-    )
+    return pd.DataFrame(rows, columns=columns)
 
 
-def business_metrics(records: pd.DataFrame, event_classes: list[str]) -> dict:
-    """The two field figures a business reads (on reviewed records):
+def business_metrics(cells: pd.DataFrame, event_classes: list[str]) -> dict:
+    """The field figures a business reads (on reviewed records):
 
     - missed_event_share: of the events humans confirmed (true class in `event_classes`), the
       share the model did not report as that event;
-    - caught_by_model_not_humans_share: of those events, the share a human working alone missed.
-      That needs a blind human judgement per record (column `human_label`, made without seeing
-      the model); operators here choose among the model's suggestions, so where that column is
-      absent the figure is reported as not measurable rather than guessed.
+    - caught_by_model_not_humans_share would need a blind human judgement per record (made
+      without seeing the model); operators here choose among the model's suggestions, so it is
+      reported as not measurable rather than guessed.
     """
-    reviewed = records[records["corrected_label"].notna()]
-    events = reviewed[reviewed["corrected_label"].isin(event_classes)]
-    out = {
+    reviewed = cells[cells["reviewed"] == 1] if len(cells) else cells
+    events = reviewed[reviewed["label"].isin(event_classes)] if len(reviewed) else reviewed
+    n = int(events["n"].sum()) if len(events) else 0
+    missed = int(events.loc[events["hit"] == 0, "n"].sum()) if n else 0
+    return {
         "event_classes": list(event_classes),
-        "events_reviewed": len(events),
-        "missed_event_share": round(
-            float((events["predicted"] != events["corrected_label"]).mean()), 4
-        )
-        if len(events)
-        else None,
+        "events_reviewed": n,
+        "missed_event_share": round(missed / n, 4) if n else None,
+        "caught_by_model_not_humans_share": None,
+        "caught_by_model_not_humans_note": (
+            "not measurable: reviews are model-assisted (no blind human judgement)"
+        ),
     }
-    if "human_label" in records and records["human_label"].notna().any():
-        blind = events[events["human_label"].notna()]
-        caught = (blind["predicted"] == blind["corrected_label"]) & (
-            blind["human_label"] != blind["corrected_label"]
-        )
-        out["caught_by_model_not_humans_share"] = (
-            round(float(caught.mean()), 4) if len(blind) else None
-        )
-    else:
-        out["caught_by_model_not_humans_share"] = None
-        out["caught_by_model_not_humans_note"] = (
-            "not measurable: reviews are model-assisted (no blind human_label column)"
-        )
-    return out
-
-
-def latest_window(records: pd.DataFrame, release: str, size: int) -> pd.DataFrame:
-    mine = records[records["release"] == release]
-    return mine.sort_values("captured_at", kind="stable").tail(size)
 
 
 @dataclass(frozen=True)
@@ -143,7 +125,9 @@ class ProductionPolicy:
 
 @dataclass
 class ProductionReport:
-    records: pd.DataFrame  # resolved feedback records
+    records: int
+    reviewed: int
+    pending_corrections: int  # late corrections whose record has not arrived
     live: dict[str, str]  # release -> channel
     table: pd.DataFrame  # accuracy by release x cohort x period
     per_release: pd.DataFrame
@@ -151,10 +135,6 @@ class ProductionReport:
     sla: pd.DataFrame  # one row per live release: reviewed, accuracy, judged, ok
     drift: pd.DataFrame  # one row per live release with a window: flagged, min_p, families
     plot: bytes  # PNG: field accuracy over time and output drift
-
-    @property
-    def reviewed(self) -> int:
-        return int(self.records["corrected_label"].notna().sum())
 
     @property
     def sla_ok(self) -> bool:
@@ -201,8 +181,9 @@ class ProductionReport:
     def summary(self) -> dict:
         """The asset value (what the demo and the retraining hand-off read)."""
         return {
-            "records": len(self.records),
+            "records": self.records,
             "reviewed": self.reviewed,
+            "pending_corrections": self.pending_corrections,
             "live": self.live,
             "sla": self.sla.to_dict(orient="records"),
             "sla_ok": self.sla_ok,
@@ -213,15 +194,16 @@ class ProductionReport:
         }
 
 
-def production_report(store, records: pd.DataFrame, policy: ProductionPolicy) -> ProductionReport:
+def production_report(store, state: ProductionState, policy: ProductionPolicy) -> ProductionReport:
     """SLA per live release on reviewed records, and drift of each live release's latest outputs
-    against the same model's outputs on held-out images of its dataset version."""
+    against the same model's outputs on held-out images of its dataset version; from the state's
+    counts and windows, so its cost does not grow with the backlog."""
     releases = ReleaseStore(store)
     live = live_releases(releases)
-    table = accuracy_table(records, policy.period)
-    per_release = accuracy_table(records, policy.period, by=("release",))
-    classes = sorted(set(records["predicted"].dropna())) if len(records) else []
-    business = business_metrics(records, list(policy.event_classes) or classes)
+    cells = state.cells()
+    table = accuracy_table(cells)
+    per_release = accuracy_table(cells, by=("release",))
+    business = business_metrics(cells, list(policy.event_classes) or state.predicted_classes())
     sla, drift_rows, plots_input = [], [], {}
     for release, channel in live.items():
         mine = per_release[per_release["release"] == release]
@@ -238,7 +220,7 @@ def production_report(store, records: pd.DataFrame, policy: ProductionPolicy) ->
                 "ok": (not judged) or accuracy >= policy.min_accuracy,
             }
         )
-        window = latest_window(records, release, policy.drift_window)
+        window = state.latest(release)
         if len(window):
             result, ref, prod = _drift(store, releases, release, window, policy)
             plots_input[release] = (ref, prod)
@@ -255,7 +237,9 @@ def production_report(store, records: pd.DataFrame, policy: ProductionPolicy) ->
                 }
             )
     return ProductionReport(
-        records,
+        int(table["records"].sum()) if len(table) else 0,
+        int(table["reviewed"].sum()) if len(table) else 0,
+        state.pending_corrections(),
         live,
         table,
         per_release,
@@ -266,13 +250,26 @@ def production_report(store, records: pd.DataFrame, policy: ProductionPolicy) ->
     )
 
 
-def _drift(store, releases, release: str, window: pd.DataFrame, policy: ProductionPolicy):
+def reference_outputs(store, releases, release: str, model: bytes, preprocess: dict, n: int):
+    """The release's outputs on up to n held-out images of its dataset version. A release and
+    its dataset version never change, so they are computed once and kept in the store (.npy,
+    no pickle)."""
+    key = f"{REFERENCE_CACHE}/{release}-{n}.npy"
+    if store.exists(key):
+        return np.load(io.BytesIO(store.read_bytes(key)), allow_pickle=False)
     manifest = releases.manifest(release)
+    reference = load_snapshot(store, manifest["dataset_version"])
+    reference = reference[reference["split"] != "train"].sort_values("image_id").head(n)
+    ref = model_outputs(model, preprocess, [store.read_bytes(k) for k in reference["key"]])
+    buffer = io.BytesIO()
+    np.save(buffer, ref, allow_pickle=False)
+    store.write_bytes(key, buffer.getvalue())
+    return ref
+
+
+def _drift(store, releases, release: str, window: pd.DataFrame, policy: ProductionPolicy):
     preprocess = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
     model = releases.model(release)
-    reference = load_snapshot(store, manifest["dataset_version"])
-    reference = reference[reference["split"] != "train"].sort_values("image_id")
-    reference = reference.head(policy.reference_images)
-    ref = model_outputs(model, preprocess, [store.read_bytes(k) for k in reference["key"]])
+    ref = reference_outputs(store, releases, release, model, preprocess, policy.reference_images)
     prod = model_outputs(model, preprocess, [store.read_bytes(k) for k in window["key"]])
     return output_drift(ref, prod, list(preprocess["classes"]), policy.drift_alpha), ref, prod

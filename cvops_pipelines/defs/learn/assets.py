@@ -19,7 +19,7 @@ from pydantic import Field
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.plots import md_image, ontology_png
-from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.learn.active import QueuePolicy, expert_labeled, publish_queue
 from cvops_pipelines.core.learn.active import annotation_queue as build_queue
@@ -35,6 +35,7 @@ from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
+from cvops_pipelines.core.learn.production_state import ProductionState, catch_up, state_path
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.measure.saliency import explain
 from cvops_pipelines.core.ship.release import ReleaseStore, release_public_keys
@@ -143,6 +144,11 @@ class ProductionMetricsConfig(Config):
         default_factory=list,
         description="Classes that are 'events' for the business metrics; empty = every class.",
     )
+    rebuild_state: bool = Field(
+        False,
+        description="Forget the absorbed feedback and rebuild the production state from every "
+        "batch (it rebuilds by itself when the period or the drift window changes).",
+    )
 
     min_precision_50: float = Field(
         0.5, description="Detection SLA: precision at IoU 0.5 on reviewed frames."
@@ -199,23 +205,49 @@ class ProductionMetricsConfig(Config):
     ],
     description="Accuracy from corrective feedback per release x cohort x period (with "
     "coverage), business metrics, and drift of the model's outputs against its "
-    "training reference.",
+    "training reference. Incremental: each run absorbs only the feedback batches it has not "
+    "seen into a local state, so its cost follows the new batches, not the backlog.",
 )
 def production_metrics(
     context: AssetExecutionContext,
     config: ProductionMetricsConfig,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     storage: CvopsStorage,
+    contracts: DataContracts,
 ):
-    records = resolve_records(feedback)
-    if len(records) and records["boxes"].notna().any():
-        yield from _detection_metrics(config.detection_policy(), records, storage.store())
-        return
-    store, policy = storage.store(), config.policy()
-    report = production_report(store, records, policy)
+    store = storage.store()
+    if contracts.ontology().detection:  # not incremental yet: reads every batch
+        records = resolve_records(feedback.read_all())
+        if len(records) and records["boxes"].notna().any():
+            yield from _detection_metrics(config.detection_policy(), records, store)
+            return
+    policy = config.policy()
+    state = ProductionState(
+        state_path(settings.cvops_home(), store.uri("")), policy.period, policy.drift_window
+    )
+    try:
+        if config.rebuild_state:
+            state.reset()
+        absorbed = catch_up(
+            state,
+            feedback,
+            lambda batch: context.log.warning(
+                f"feedback batch {batch} has no table (its run failed?): left for a later run"
+            ),
+        )
+        context.log.info(
+            f"absorbed {absorbed['batches_absorbed']} new feedback batches "
+            f"({absorbed['rows_absorbed']} rows) into the production state"
+        )
+        report = production_report(store, state, policy)
+    finally:
+        state.close()
     csv_uri = report.save(store)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
-    yield Output(report.summary(), metadata=_production_metadata(report, csv_uri))
+    yield Output(
+        report.summary(),
+        metadata={**_production_metadata(report, csv_uri), **absorbed},
+    )
     yield from _field_checks(
         report,
         policy,
@@ -280,6 +312,7 @@ def _production_metadata(report, csv_uri: str) -> dict:
         "records": summary["records"],
         "reviewed": summary["reviewed"],
         "coverage": round(summary["reviewed"] / max(1, summary["records"]), 4),
+        "pending_corrections": summary["pending_corrections"],
         "sla_ok": report.sla_ok,
         "drift_flagged": report.drift_flagged,
         "missed_event_share": report.business["missed_event_share"],

@@ -19,6 +19,7 @@ from cvops_pipelines.core.learn.feedback import (
 )
 from cvops_pipelines.core.learn.ontology_report import ontology_report
 from cvops_pipelines.core.learn.production import accuracy_table, business_metrics, wilson_interval
+from cvops_pipelines.core.learn.production_state import ProductionState
 from cvops_pipelines.demo.digit_model import png
 from cvops_pipelines.edge.buffer import FeedbackBuffer
 from cvops_pipelines_tests.helpers import Fleet, rezip
@@ -114,6 +115,13 @@ def field(rows):
     return pd.DataFrame(rows, columns=cols)
 
 
+def cells(rows):
+    """Feedback records absorbed into a fresh production state: its counts."""
+    state = ProductionState(":memory:", "1D", 48)
+    state.absorb("b1", field(rows).assign(kind="record", key="k"))
+    return state.cells()
+
+
 def test_accuracy_is_on_reviewed_records_with_coverage():
     rows = [
         (
@@ -126,7 +134,7 @@ def test_accuracy_is_on_reviewed_records_with_coverage():
         )
         for i in range(40)
     ]
-    table = accuracy_table(field(rows), "1D")
+    table = accuracy_table(cells(rows))
     (row,) = table.to_dict(orient="records")
     assert (row["records"], row["reviewed"], row["coverage"], row["accuracy"]) == (
         40,
@@ -139,20 +147,19 @@ def test_accuracy_is_on_reviewed_records_with_coverage():
 
 
 def test_business_metrics_say_what_cannot_be_measured():
+    at = "2026-11-22T10:00:00+00:00"
     rows = [
-        ("a", "r", "c", "1", "1", "t"),
-        ("b", "r", "c", "2", "1", "t"),
-        ("c", "r", "c", "1", "2", "t"),
-        ("d", "r", "c", "3", None, "t"),
+        ("a", "r", "c", "1", "1", at),
+        ("b", "r", "c", "2", "1", at),
+        ("c", "r", "c", "1", "2", at),
+        ("d", "r", "c", "3", None, at),
     ]
-    out = business_metrics(field(rows), ["1"])
+    out = business_metrics(cells(rows), ["1"])
     assert out["events_reviewed"] == 2 and out["missed_event_share"] == 0.5
     assert (
         out["caught_by_model_not_humans_share"] is None
         and "blind" in out["caught_by_model_not_humans_note"]
     )
-    blind = field(rows).assign(human_label=["2", "1", None, None])
-    assert business_metrics(blind, ["1"])["caught_by_model_not_humans_share"] == 0.5
 
 
 def queue_records(n_uncertain=60):

@@ -12,6 +12,7 @@ from pathlib import Path
 BENCHMARKS = [
     "ingest_throughput",
     "ingest_scale",
+    "feedback_scale",
     "label_qa",
     "training_throughput",
     "export_latency",

@@ -211,6 +211,23 @@ def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
     assert mat.metadata["coverage"].value > 0.5 and mat.metadata["sla_ok"].value is False
     # the asset handed its alerts over as a typed record, which is what the sensor reads
     assert set(read_facts(store, AlertFacts).failed) == {"accuracy_sla", "no_output_drift"}
+    batches = instance.get_dynamic_partitions("feedback_batches")
+    assert mat.metadata["batches_absorbed"].value == len(batches) > 0
+    again = materialize(
+        [feedback.to_source_asset(), production_metrics],
+        instance=instance,
+        resources=build_resources(),
+        raise_on_error=False,
+        selection=["production_metrics"],
+        run_config={
+            "ops": {"production_metrics": {"config": {"min_accuracy": 0.95, "min_reviewed": 20}}}
+        },
+    )
+    (second,) = again.asset_materializations_for_node("production_metrics")
+    # nothing new: nothing read, the same figures from the state
+    assert second.metadata["batches_absorbed"].value == 0
+    for name in ("records", "reviewed", "coverage", "sla_ok"):
+        assert second.metadata[name].value == mat.metadata[name].value
 
     write_facts(store, DatasetFacts("ds-new", 310))  # 10 new labels: too few even after an alert
     assert isinstance(tick(instance, retraining_sensor), SkipReason)

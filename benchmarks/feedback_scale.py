@@ -230,22 +230,19 @@ def ingest(store, batches: list[str], contracts: Path, key) -> float:
     return time.perf_counter() - started
 
 
-def production_run(store, home: Path, batches: list[str]) -> dict:
+def production_run(store, batches: list[str]) -> dict:
     """What one production_metrics run does (classification): catch up, report, save."""
     from cvops_pipelines.core.base.tables import PartitionedTable, table_key
     from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
-    from cvops_pipelines.core.learn.production_state import ProductionState, catch_up, state_path
+    from cvops_pipelines.core.learn.production_state import catch_up, stored_state
 
     started = time.perf_counter()
     policy = ProductionPolicy()
-    state = ProductionState(state_path(home, store.uri("")), policy.period, policy.drift_window)
-    try:
+    with stored_state(store, policy.period, policy.drift_window) as state:
         absorbed = catch_up(
             state, PartitionedTable(store, {b: table_key("feedback", b) for b in sorted(batches)})
         )
         report = production_report(store, state, policy)
-    finally:
-        state.close()
     report.save(store)
     return {
         "seconds": round(time.perf_counter() - started, 3),
@@ -283,7 +280,7 @@ def run(quick: bool = False) -> dict:
             preprocess,
             ProductionPolicy().reference_images,
         )  # the release's first run fills this cache; both timed runs below find it
-        production_run(store, home / "warm-up", [])  # imports and first plot: not the backlog
+        production_run(LocalStore(home / "warm-up"), [])  # imports, first plot: not the backlog
         fleet = Fleet(store, release, devices, per_batch, fixes)
         fleet.enrol(key)
         ingested: list[str] = []
@@ -301,10 +298,10 @@ def run(quick: bool = False) -> dict:
                 }
             )
             if len(ingested) == per_run or len(ingested) == n_batches:
-                timed[len(ingested) * per_batch] = production_run(store, home, ingested)
+                timed[len(ingested) * per_batch] = production_run(store, ingested)
                 print({"production_metrics": timed[len(ingested) * per_batch]}, flush=True)
             elif len(ingested) in checkpoints or len(ingested) % (n_batches // 10) == 0:
-                catch_ups.append(production_run(store, home, ingested))  # the schedule's runs
+                catch_ups.append(production_run(store, ingested))  # the schedule's runs
             if len(ingest_runs) % 10 == 0:
                 print(ingest_runs[-1], flush=True)
         rows_in_tables = _table_rows(home)

@@ -13,21 +13,25 @@ them on every run costs the backlog. Instead each batch is absorbed once into a 
 - `batches`: which feedback batches were absorbed.
 
 Each batch is absorbed in one transaction, so a crash leaves it absorbed or not, never half.
-The file is a cache of the feedback tables: delete it (or change the period or the window) and
-the next run rebuilds it from every batch. It sits on the code location's disk, one file per
-store, because SQLite needs a local file; on Kubernetes give $CVOPS_HOME a volume, or each new
-pod pays one rebuild.
+The file is a cache of the feedback tables, kept in the store beside them
+(`state/production_metrics.sqlite`): used in place in a local store; downloaded, updated and
+uploaded whole from S3 (a compact file, about 100 bytes a record, so a Kubernetes run pod needs
+no volume). Two runs racing on S3 each upload a consistent file and the later one wins: the
+batches only the other absorbed are absorbed again next time, never counted twice. Delete the
+file (or change the period or the window) and the next run rebuilds it from every batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+STATE_KEY = "state/production_metrics.sqlite"
 SCHEMA_VERSION = "1"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -62,12 +66,6 @@ ABSORBED = [  # the feedback columns a batch contributes
 ]
 CELL_COLUMNS = ["release", "cohort", "period", "reviewed", "label", "hit", "n"]
 _CHUNK = 500  # ids per IN (...) lookup: under SQLite's variable limit
-
-
-def state_path(home: Path, store_uri: str) -> Path:
-    """One state file per store: a cache built from one store's feedback never serves another."""
-    digest = hashlib.sha256(store_uri.encode()).hexdigest()[:16]
-    return Path(home) / "state" / f"production_metrics-{digest}.sqlite"
 
 
 def period_of(captured_at: pd.Series, period: str) -> pd.Series:
@@ -279,3 +277,30 @@ def catch_up(state: ProductionState, feedback, on_missing=None) -> dict:
         if state.absorb(partition, frame):
             new, rows = new + 1, rows + len(frame)
     return {"batches_absorbed": new, "rows_absorbed": rows, "batches_missing": len(missing)}
+
+
+@contextmanager
+def stored_state(store, period: str, window: int) -> Iterator[ProductionState]:
+    """The store's production state, open; written back to the store when the block ends
+    without an error (a failed run leaves the stored state as it was)."""
+    local = getattr(store, "local_path", None)
+    if local is not None:
+        state = ProductionState(local(STATE_KEY), period, window)
+        try:
+            yield state
+        finally:
+            state.close()
+        return
+    folder = tempfile.TemporaryDirectory(prefix="cvops-state-")
+    with folder:
+        path = Path(folder.name) / "state.sqlite"
+        try:
+            store.get_file(STATE_KEY, path)
+        except FileNotFoundError:
+            pass  # the first run, or a deleted cache: built from every batch
+        state = ProductionState(path, period, window)
+        try:
+            yield state
+        finally:
+            state.close()  # the last connection checkpoints the WAL into the file
+        store.put_file(STATE_KEY, path)

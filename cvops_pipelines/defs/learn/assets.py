@@ -35,7 +35,7 @@ from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
-from cvops_pipelines.core.learn.production_state import ProductionState, catch_up, state_path
+from cvops_pipelines.core.learn.production_state import catch_up, stored_state
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.measure.saliency import explain
 from cvops_pipelines.core.ship.release import ReleaseStore, release_public_keys
@@ -222,10 +222,7 @@ def production_metrics(
             yield from _detection_metrics(config.detection_policy(), records, store)
             return
     policy = config.policy()
-    state = ProductionState(
-        state_path(settings.cvops_home(), store.uri("")), policy.period, policy.drift_window
-    )
-    try:
+    with stored_state(store, policy.period, policy.drift_window) as state:
         if config.rebuild_state:
             state.reset()
         absorbed = catch_up(
@@ -240,8 +237,6 @@ def production_metrics(
             f"({absorbed['rows_absorbed']} rows) into the production state"
         )
         report = production_report(store, state, policy)
-    finally:
-        state.close()
     csv_uri = report.save(store)
     write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
     yield Output(

@@ -149,3 +149,27 @@ def test_catch_up_reads_only_unseen_partitions_and_leaves_missing_ones(tmp_path)
     write_table(store, keys["batch-003"], batches["batch-003"])
     second = catch_up(state, PartitionedTable(store, keys))
     assert second["batches_absorbed"] == 1 and second["batches_missing"] == 1
+
+
+def test_the_state_travels_with_an_s3_store_and_a_failed_run_leaves_it_as_it_was(s3_env, s3_bucket):
+    """Through a real S3 endpoint (moto's server): a run pod with no disk of its own finds what
+    the previous run absorbed."""
+    from cvops_pipelines.core.base.store import S3Store
+    from cvops_pipelines.core.learn.production_state import STATE_KEY, stored_state
+
+    store = S3Store(s3_bucket, "cvops", "us-east-1", s3_env)
+    batches = messy_batches(5, n_batches=3)
+    first, second, third = list(batches)[:3]
+    with stored_state(store, "1D", 48) as state:
+        assert state.absorb(first, batches[first])
+    assert store.exists(STATE_KEY)
+    with pytest.raises(RuntimeError), stored_state(store, "1D", 48) as state:
+        assert state.absorbed() == {first}
+        state.absorb(second, batches[second])
+        raise RuntimeError("the report failed")
+    with stored_state(store, "1D", 48) as state:
+        assert state.absorbed() == {first}  # the failed run's work was not written back
+        assert state.absorb(third, batches[third])
+    with stored_state(store, "1D", 48) as state:
+        assert state.absorbed() == {first, third}
+        assert accuracy_table(state.cells())["records"].sum() > 0

@@ -255,6 +255,7 @@ def production_run(store, batches: list[str]) -> dict:
 def run(quick: bool = False) -> dict:
     from cvops_pipelines.core.base.store import LocalStore
     from cvops_pipelines.core.learn.production import ProductionPolicy, reference_outputs
+    from cvops_pipelines.core.learn.production_state import STATE_KEY
     from cvops_pipelines.core.ship.release import ReleaseStore, generate_keypair, load_private_key
     from cvops_pipelines.edge.wire import release_key
 
@@ -305,6 +306,7 @@ def run(quick: bool = False) -> dict:
             if len(ingest_runs) % 10 == 0:
                 print(ingest_runs[-1], flush=True)
         rows_in_tables = _table_rows(home)
+        state_bytes = (home / STATE_KEY).stat().st_size
         final = timed[n_batches * per_batch]
     rss.stop()
     first, last = timed[per_run * per_batch], final
@@ -342,6 +344,8 @@ def run(quick: bool = False) -> dict:
             "catch_up_runs": catch_ups,
         },
         "peak_rss_mib": peak,
+        "state_file_mib": round(state_bytes / 2**20, 1),
+        "state_bytes_per_record": round(state_bytes / fleet.records, 1),
         "counts": counts,
         "target": "production_metrics ratio <= 2, peak RSS < 2048 MiB, no record lost or doubled",
         "met": ratio <= 2 and peak < 2048 and exact,

@@ -64,44 +64,6 @@ class PeakRss:
         self._stop.set()
 
 
-def published_release(store, key) -> str:
-    """The demo digit classifier released and live on stable, with the dataset snapshot it
-    names (300 held-out digits: the drift reference)."""
-    import pandas as pd
-
-    from cvops_pipelines.core.base.tables import write_table
-    from cvops_pipelines.core.ship.release import ReleaseStore, build_release
-    from cvops_pipelines.demo.digit_model import PREPROCESS, digit_label, png, trained_model
-
-    rows = []
-    for i in range(600, 900):
-        store.write_bytes(f"images/ref/{i}.png", png(i))
-        rows.append(
-            {
-                "image_id": f"{i:064x}",
-                "label": digit_label(i),
-                "split": "test",
-                "key": f"images/ref/{i}.png",
-            }
-        )
-    write_table(store, "datasets/ds-bench/dataset.parquet", pd.DataFrame(rows))
-    release = build_release(
-        trained_model(n=600),
-        PREPROCESS,
-        {
-            "model_name": "digits",
-            "model_version": "1",
-            "dataset_version": "ds-bench",
-            "artifact": "onnx_fp32",
-        },
-        key,
-    )
-    releases = ReleaseStore(store, key)
-    releases.publish(release)
-    releases.point("stable", release.id, "bench", "feedback_scale")
-    return release.id
-
-
 class Fleet:
     """Devices that write signed batches straight into the store, in the buffer's format."""
 
@@ -257,6 +219,7 @@ def run(quick: bool = False) -> dict:
     from cvops_pipelines.core.learn.production import ProductionPolicy, reference_outputs
     from cvops_pipelines.core.learn.production_state import STATE_KEY
     from cvops_pipelines.core.ship.release import ReleaseStore, generate_keypair, load_private_key
+    from cvops_pipelines.demo.digit_model import publish_live_release
     from cvops_pipelines.edge.wire import release_key
 
     devices, n_batches, per_batch, fixes, per_run = (
@@ -270,7 +233,7 @@ def run(quick: bool = False) -> dict:
         store = LocalStore(home)
         generate_keypair(home / "keys")
         key = load_private_key(home / "keys" / "release_signing.key")
-        release = published_release(store, key)
+        release = publish_live_release(store, key, "ds-bench")
         releases = ReleaseStore(store)
         preprocess = json.loads(store.read_bytes(release_key(release, "preprocess.json")))
         reference_outputs(

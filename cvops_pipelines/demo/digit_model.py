@@ -92,3 +92,41 @@ def trained_model(n: int = 600, quality: str = "good") -> bytes:
     if quality == "bad":
         weights = np.random.default_rng(0).permutation(weights)  # classes swapped around
     return linear_onnx(weights, bias)
+
+
+def publish_live_release(store, signing_key, dataset_version: str = "ds-test") -> str:
+    """The good digit model released into `store` and live on `stable`, with the dataset
+    snapshot it names: 300 held-out digits, the reference its field outputs are tested against
+    for drift. For fleet tests and benchmarks that need a live release on real images."""
+    import pandas as pd
+
+    from cvops_pipelines.core.base.tables import write_table
+    from cvops_pipelines.core.ship.release import ReleaseStore, build_release
+
+    rows = []
+    for i in range(600, 900):
+        store.write_bytes(f"images/ref/{i}.png", png(i))
+        rows.append(
+            {
+                "image_id": f"{i:064x}",
+                "label": digit_label(i),
+                "split": "test",
+                "key": f"images/ref/{i}.png",
+            }
+        )
+    write_table(store, f"datasets/{dataset_version}/dataset.parquet", pd.DataFrame(rows))
+    release = build_release(
+        trained_model(n=600),
+        PREPROCESS,
+        {
+            "model_name": "digits",
+            "model_version": "1",
+            "dataset_version": dataset_version,
+            "artifact": "onnx_fp32",
+        },
+        signing_key,
+    )
+    releases = ReleaseStore(store, signing_key)
+    releases.publish(release)
+    releases.point("stable", release.id, "cvops", "a live release for a fleet")
+    return release.id

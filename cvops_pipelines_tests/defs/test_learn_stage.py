@@ -18,7 +18,7 @@ from dagster import (
 
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.store import LocalStore
-from cvops_pipelines.core.base.tables import read_table, write_table
+from cvops_pipelines.core.base.tables import read_table
 from cvops_pipelines.core.learn.enrolment import enroller
 from cvops_pipelines.core.learn.retraining import (
     AlertFacts,
@@ -28,15 +28,13 @@ from cvops_pipelines.core.learn.retraining import (
     write_facts,
 )
 from cvops_pipelines.core.ship.release import (
-    ReleaseStore,
-    build_release,
     generate_keypair,
     load_private_key,
 )
 from cvops_pipelines.defs.learn.assets import feedback, production_metrics
 from cvops_pipelines.defs.learn.sensors import feedback_sensor, retraining_sensor
 from cvops_pipelines.defs.resources import build_resources
-from cvops_pipelines.demo.digit_model import PREPROCESS, png, trained_model
+from cvops_pipelines.demo.digit_model import png, publish_live_release
 from cvops_pipelines.edge.identity import load_or_create
 from cvops_pipelines.edge.remote import DirRemote
 from cvops_pipelines.edge.simulator import FleetConfig, Shift, run_fleet
@@ -46,39 +44,10 @@ from cvops_pipelines_tests.helpers import rezip
 
 
 def published_release(home) -> str:
-    """The LR digit model released into the cvops store, with the dataset snapshot it names
-    (held-out digits as the drift reference)."""
-    store = LocalStore(home)
+    """The LR digit model released and live in the cvops store (demo.digit_model)."""
     generate_keypair(settings.signing_key_path().parent)
     key = load_private_key(settings.signing_key_path())
-    rows = []
-    for i in range(600, 900):
-        data = png(i)
-        store.write_bytes(f"images/ref/{i}.png", data)
-        rows.append(
-            {
-                "image_id": f"{i:064x}",
-                "label": digit_label(i),
-                "split": "test",
-                "key": f"images/ref/{i}.png",
-            }
-        )
-    write_table(store, "datasets/ds-test/dataset.parquet", pd.DataFrame(rows))
-    release = build_release(
-        trained_model(n=600),
-        PREPROCESS,
-        {
-            "model_name": "digits",
-            "model_version": "1",
-            "dataset_version": "ds-test",
-            "artifact": "onnx_fp32",
-        },
-        key,
-    )
-    releases = ReleaseStore(store, key)
-    releases.publish(release)
-    releases.point("stable", release.id, "test", "test")
-    return release.id
+    return publish_live_release(LocalStore(home), key)
 
 
 def fleet(home, shift=Shift(), steps=6, seed=0):
@@ -195,16 +164,22 @@ def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
         resources=build_resources(),
         tags=tick(instance, feedback_sensor).run_requests[0].tags,
     )
-    metrics = materialize(
-        [feedback.to_source_asset(), production_metrics],
-        instance=instance,
-        resources=build_resources(),
-        raise_on_error=False,
-        selection=["production_metrics"],
-        run_config={
-            "ops": {"production_metrics": {"config": {"min_accuracy": 0.95, "min_reviewed": 20}}}
-        },
-    )
+
+    def metrics_run():
+        return materialize(
+            [feedback.to_source_asset(), production_metrics],
+            instance=instance,
+            resources=build_resources(),
+            raise_on_error=False,
+            selection=["production_metrics"],
+            run_config={
+                "ops": {
+                    "production_metrics": {"config": {"min_accuracy": 0.95, "min_reviewed": 20}}
+                }
+            },
+        )
+
+    metrics = metrics_run()
     checks = {c.check_name: c for c in metrics.get_asset_check_evaluations()}
     assert not checks["accuracy_sla"].passed and not checks["no_output_drift"].passed
     (mat,) = metrics.asset_materializations_for_node("production_metrics")
@@ -213,17 +188,7 @@ def test_sla_failure_on_a_shifted_stream_requests_retraining(isolated_homes):
     assert set(read_facts(store, AlertFacts).failed) == {"accuracy_sla", "no_output_drift"}
     batches = instance.get_dynamic_partitions("feedback_batches")
     assert mat.metadata["batches_absorbed"].value == len(batches) > 0
-    again = materialize(
-        [feedback.to_source_asset(), production_metrics],
-        instance=instance,
-        resources=build_resources(),
-        raise_on_error=False,
-        selection=["production_metrics"],
-        run_config={
-            "ops": {"production_metrics": {"config": {"min_accuracy": 0.95, "min_reviewed": 20}}}
-        },
-    )
-    (second,) = again.asset_materializations_for_node("production_metrics")
+    (second,) = metrics_run().asset_materializations_for_node("production_metrics")
     # nothing new: nothing read, the same figures from the state
     assert second.metadata["batches_absorbed"].value == 0
     for name in ("records", "reviewed", "coverage", "sla_ok"):

@@ -84,8 +84,8 @@ class ProductionState:
         self.db = sqlite3.connect(path, isolation_level=None, timeout=600)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
-        self.rebuilt = self._settings() != self._wanted()
-        if self.rebuilt:  # another period, window or schema: what was absorbed does not fit
+        self.rebuilt = False  # whether this opening started it over (see reset)
+        if self._settings() != self._wanted():  # new, or another period, window or schema
             self.reset()
 
     def _wanted(self) -> dict:
@@ -108,6 +108,7 @@ class ProductionState:
             ):
                 self.db.execute(f"DELETE FROM {table}")
             self.db.executemany("INSERT INTO meta VALUES (?, ?)", self._wanted().items())
+        self.rebuilt = True
 
     def close(self) -> None:
         self.db.close()

@@ -206,7 +206,7 @@ class ProductionMetricsConfig(Config):
     description="Accuracy from corrective feedback per release x cohort x period (with "
     "coverage), business metrics, and drift of the model's outputs against its "
     "training reference. Incremental: each run absorbs only the feedback batches it has not "
-    "seen into a local state, so its cost follows the new batches, not the backlog.",
+    "seen into a state kept in the store, so its cost follows the new batches, not the backlog.",
 )
 def production_metrics(
     context: AssetExecutionContext,

@@ -1,5 +1,6 @@
 """Feedback at fleet scale: 1,000,000 records in 1,000 signed batches from 200 devices, ingested
-ten batches per run (what feedback_sensor asks for), with production_metrics run on top.
+ten batches per run (feedback_sensor makes one run of whatever arrived since its last tick; ten
+stands for one tick's arrivals), with production_metrics run on top.
 
 Batches are built in the edge buffer's wire format (records.jsonl, corrections.jsonl, images/),
 signed by each device's enrolled ed25519 key and put where devices upload them; images are 20

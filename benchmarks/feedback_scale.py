@@ -19,6 +19,11 @@ Figures: seconds per batch of each ingest run as the backlog grows, peak RSS of 
 (sampled every 50 ms), the production_metrics run after the first 10 batches (10k records) and
 after 10 new batches on a 990k backlog (1M records), their ratio, and the counts: unique records
 generated vs counted in the state, rows generated vs rows in the tables.
+
+Then, on the full backlog, each other consumer's read of the feedback (core.learn.feedback_query:
+DuckDB over the partition files, only the rows and columns it uses), each in a fresh process,
+beside the read they all made before (every partition concatenated in pandas, then
+resolve_records): seconds, rows returned and the process's peak RSS (imports included).
 """
 
 from __future__ import annotations
@@ -270,6 +275,7 @@ def run(quick: bool = False) -> dict:
             if len(ingest_runs) % 10 == 0:
                 print(ingest_runs[-1], flush=True)
         rows_in_tables = _table_rows(home)
+        reads = {name: consumer_read(name, home, ingested) for name in READS}
         state_bytes = (home / STATE_KEY).stat().st_size
         final = timed[n_batches * per_batch]
     rss.stop()
@@ -308,11 +314,66 @@ def run(quick: bool = False) -> dict:
             "catch_up_runs": catch_ups,
         },
         "peak_rss_mib": peak,
+        "learn_reads_on_full_backlog": reads,
         "state_file_mib": round(state_bytes / 2**20, 1),
         "state_bytes_per_record": round(state_bytes / fleet.records, 1),
         "counts": counts,
         "target": "production_metrics ratio <= 2, peak RSS < 2048 MiB, no record lost or doubled",
         "met": ratio <= 2 and peak < 2048 and exact,
+    }
+
+
+READS = [
+    "before: concatenate, resolve_records",
+    "labeled_pool",
+    "replay_set",
+    "canary_decision",
+    "annotation_queue",
+    "ontology_report",
+    "ssl_encoder",
+]
+
+
+def consumer_read(name: str, home: Path, batches: list[str]) -> dict:
+    """One consumer's read of every batch, in a fresh process (its peak RSS is its own)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        result = pool.apply(_read, (name, str(home), batches))
+    print({name: result}, flush=True)
+    return result
+
+
+def _read(name: str, home: str, batches: list[str]) -> dict:
+    import resource
+
+    import duckdb  # noqa: F401  (imported before the baseline, as pandas and pyarrow are)
+    import psutil
+
+    from cvops_pipelines.core.base.store import LocalStore
+    from cvops_pipelines.core.base.tables import PartitionedTable, table_key
+    from cvops_pipelines.core.learn import feedback_query as q
+    from cvops_pipelines.core.learn.feedback import resolve_records
+
+    table = PartitionedTable(LocalStore(Path(home)), {b: table_key("feedback", b) for b in batches})
+    reads = {
+        READS[0]: lambda: resolve_records(table.read_all()),
+        "labeled_pool": lambda: q.pool_feedback(table, [], []).reviewed,
+        "replay_set": lambda: q.reviewed_or_expert(table, []),
+        "canary_decision": lambda: q.reviewed_records(table),
+        "annotation_queue": lambda: q.queue_candidates(table, []),
+        "ontology_report": lambda: q.predictions(table),
+        "ssl_encoder": lambda: q.field_images(table),
+    }
+    baseline = psutil.Process().memory_info().rss
+    started = time.perf_counter()
+    rows = len(reads[name]())
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "rows": rows,
+        "rss_before_mib": round(baseline / 2**20, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 

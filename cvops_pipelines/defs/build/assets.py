@@ -8,7 +8,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
 from pydantic import Field, create_model
 
-from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.build.detection import DetectorConfig
 from cvops_pipelines.core.build.detection_run import train_detector_tracked
 from cvops_pipelines.core.build.models import pick_device
@@ -17,7 +17,7 @@ from cvops_pipelines.core.build.ssl import SSLConfig
 from cvops_pipelines.core.build.ssl_run import all_images, pretrain_tracked
 from cvops_pipelines.core.build.torchrun import Distributed
 from cvops_pipelines.core.build.training import TrainConfig
-from cvops_pipelines.core.learn.feedback import feedback_manifest, resolve_records
+from cvops_pipelines.core.learn.feedback_query import field_images
 from cvops_pipelines.core.learn.retraining import EncoderFacts, ModelFacts, write_facts
 from cvops_pipelines.defs.build.distributed import pipes_trainer
 from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
@@ -224,13 +224,12 @@ def ssl_encoder(
     context: AssetExecutionContext,
     config: SSLEncoderConfig,
     raw_images: pd.DataFrame,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     storage: CvopsStorage,
     tracking: MlflowTracking,
 ):
     store = storage.store()
-    records = resolve_records(feedback)
-    images = all_images(raw_images, feedback_manifest(records) if len(records) else records)
+    images = all_images(raw_images, field_images(feedback))
     tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "ssl_encoder"}
     record = pretrain_tracked(
         tracking.open(),

@@ -21,7 +21,7 @@ from pydantic import Field
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.plots import md_image
-from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.base.tracking import TrackingUnavailable
 from cvops_pipelines.core.build.oof import OOF_TRAINING
 from cvops_pipelines.core.build.ssl_run import current_encoder, finetuned_scorer, learned_embeddings
@@ -42,9 +42,15 @@ from cvops_pipelines.core.curate.dataset import (
 from cvops_pipelines.core.curate.label_qa import LabelQAConfig, review_label_quality, write_review
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.curate.pool import build_labeled_pool
-from cvops_pipelines.core.curate.replay_set import HoldoutPolicy, build_replay_set, save_replay_set
+from cvops_pipelines.core.curate.replay_set import (
+    HoldoutPolicy,
+    build_replay_set,
+    expert_labels,
+    save_replay_set,
+)
 from cvops_pipelines.core.curate.splits import SplitConfig
-from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest, resolve_records
+from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest
+from cvops_pipelines.core.learn.feedback_query import pool_feedback, reviewed_or_expert
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
 from cvops_pipelines.core.measure.saliency import explain, write_overlays
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
@@ -68,13 +74,16 @@ def labeled_pool(
     context: AssetExecutionContext,
     raw_images: pd.DataFrame,
     annotations: pd.DataFrame,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     contracts: DataContracts,
 ):
-    records = resolve_records(feedback)
-    if len(records):
-        raw_images = pd.concat([raw_images, feedback_manifest(records)], ignore_index=True)
-        annotations = pd.concat([annotations, feedback_labels(records)], ignore_index=True)
+    images = raw_images["image_id"].nunique()
+    field = pool_feedback(feedback, annotations["image_id"], raw_images["image_id"])
+    images += field.images_in_no_drop
+    if len(field.images):
+        raw_images = pd.concat([raw_images, feedback_manifest(field.images)], ignore_index=True)
+    if len(field.reviewed):
+        annotations = pd.concat([annotations, feedback_labels(field.reviewed)], ignore_index=True)
     if contracts.ontology().detection:
         pool = build_box_pool(raw_images, annotations)
         per_class = box_rows(pool).groupby("label").size().rename("boxes").reset_index()
@@ -94,9 +103,7 @@ def labeled_pool(
             "drops": int(pool.loc[~pool["source"].str.startswith(FEEDBACK), "source"].nunique()),
             "feedback_labeled": int((pool["origin"] == "feedback").sum()),
             "multi_annotated": int((pool["n_votes"] > 1).sum()),
-            "unlabeled_images_left_out": int(raw_images["image_id"].nunique() - len(pool))
-            if len(raw_images)
-            else 0,
+            "unlabeled_images_left_out": int(images - len(pool)),
             "origins": MetadataValue.json(pool["origin"].value_counts().to_dict()),
             "images_per_class": MetadataValue.md(markdown_table(per_class, 100)),
         },
@@ -136,15 +143,15 @@ class ReplaySetConfig(Config):
 def replay_set(
     context: AssetExecutionContext,
     config: ReplaySetConfig,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     labeled_pool: pd.DataFrame,
     storage: CvopsStorage,
     contracts: DataContracts,
 ):
+    experts = expert_labels(labeled_pool)["image_id"] if len(labeled_pool) else []
+    records = reviewed_or_expert(feedback, experts)
     replay = build_replay_set(
-        resolve_records(feedback),
-        labeled_pool,
-        HoldoutPolicy(config.holdout_share, config.holdout_salt),
+        records, labeled_pool, HoldoutPolicy(config.holdout_share, config.holdout_salt)
     )
     store = storage.store()
     uri = save_replay_set(store, replay)

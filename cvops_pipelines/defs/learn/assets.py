@@ -31,7 +31,8 @@ from cvops_pipelines.core.learn.detection_learn import (
     publish_detection_queue,
 )
 from cvops_pipelines.core.learn.enrolment import read_register
-from cvops_pipelines.core.learn.feedback import resolve_records, vet_batches
+from cvops_pipelines.core.learn.feedback import vet_batches
+from cvops_pipelines.core.learn.feedback_query import all_records, predictions, queue_candidates
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
@@ -217,7 +218,7 @@ def production_metrics(
 ):
     store = storage.store()
     if contracts.ontology().detection:  # not incremental yet: reads every batch
-        records = resolve_records(feedback.read_all())
+        records = all_records(feedback)
         if len(records) and records["boxes"].notna().any():
             yield from _detection_metrics(config.detection_policy(), records, store)
             return
@@ -352,7 +353,7 @@ class AnnotationQueueConfig(Config):
 def annotation_queue(
     context: AssetExecutionContext,
     config: AnnotationQueueConfig,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     labeled_pool: pd.DataFrame,
     storage: CvopsStorage,
     contracts: DataContracts,
@@ -360,7 +361,7 @@ def annotation_queue(
 ):
     store = storage.store()
     experts = expert_labeled(labeled_pool)
-    records = resolve_records(feedback)
+    records = queue_candidates(feedback, experts)
     if len(records) and records["boxes"].notna().any():
         thresholds = answer_thresholds(store, records["release"])
         queue = detection_queue(
@@ -433,10 +434,10 @@ class OntologyReportConfig(Config):
 def ontology_report(
     context: AssetExecutionContext,
     config: OntologyReportConfig,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     contracts: DataContracts,
 ):
-    records = resolve_records(feedback)
+    records = predictions(feedback)
     ontology = contracts.ontology()
     per_class, pairs, suggestions = build_report(
         records, ontology.names, OntologyPolicy(config.rare_share, config.merge_rate)

@@ -19,8 +19,8 @@ from dagster import (
 from pydantic import Field
 
 from cvops_pipelines import settings
-from cvops_pipelines.core.base.tables import markdown_table
-from cvops_pipelines.core.learn.feedback import resolve_records
+from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
+from cvops_pipelines.core.learn.feedback_query import reviewed_records
 from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.ship.artifact_choice import TargetProfile
 from cvops_pipelines.core.ship.canary import log_canary, look_at_canary
@@ -242,7 +242,7 @@ def canary_decision(
     context: AssetExecutionContext,
     config: CanaryDecisionConfig,
     edge_release: dict,
-    feedback: pd.DataFrame,
+    feedback: PartitionedTable,
     storage: CvopsStorage,
     tracking: MlflowTracking,
 ):
@@ -253,7 +253,7 @@ def canary_decision(
         raise Failure(str(exc)) from None
     releases, mlflow = ReleaseStore(store, key), tracking.open()
     rule, actor = config.rule(), f"dagster run {context.run.run_id}"
-    records, release = resolve_records(feedback), edge_release["release"]
+    records, release = reviewed_records(feedback), edge_release["release"]
     promote = lambda manifest: mlflow.set_alias("champion", manifest["model_version"])  # noqa: E731
     result = look_at_canary(
         releases, records, release, rule, config.max_looks, config.operator(), actor, promote

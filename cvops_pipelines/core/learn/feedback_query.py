@@ -1,0 +1,243 @@
+"""Resolved feedback records queried with DuckDB straight from the feedback partitions' Parquet
+files, instead of concatenating every partition in pandas.
+
+The engine deduplicates records and applies the latest corrections out of core (spilling to
+disk past its memory limit), reads only the columns a query names and hands pandas only the rows
+it asks for: a consumer's memory follows its answer, not the backlog. The records view gives
+exactly what `feedback.resolve_records` gives on the concatenated partitions (rows, values and
+order); tests hold the two side by side.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from cvops_pipelines.core.base.tables import PartitionedTable
+from cvops_pipelines.core.learn.feedback import RECORD_COLUMNS
+from cvops_pipelines.edge.wire import FEEDBACK
+
+MEMORY_LIMIT = "1GB"  # past this DuckDB spills to its temp folder
+_TYPES = {"confidence": "DOUBLE", "width": "BIGINT", "height": "BIGINT", "thumb": "BLOB"}
+_TYPES["ingested_at"] = "TIMESTAMPTZ"
+_FIX = ["corrected_label", "corrected_at", "corrected_boxes"]
+
+
+class FeedbackQuery:
+    """A DuckDB connection with a `records` view: one row per record, the latest correction
+    applied, in capture order (ties: the later batch row last), as resolve_records orders them.
+    Extra DataFrames given to `frame` are queryable by their names."""
+
+    def __init__(self, connection, empty: bool) -> None:
+        self.connection, self.empty = connection, empty
+
+    def frame(self, sql: str, **frames: pd.DataFrame | pa.Table) -> pd.DataFrame:
+        for name, frame in frames.items():
+            self.connection.register(name, frame)
+        try:
+            return self.connection.sql(sql).to_arrow_table().to_pandas()
+        finally:
+            for name in frames:
+                self.connection.unregister(name)
+
+    def records(
+        self,
+        columns: list[str] | None = None,
+        where: str = "TRUE",
+        per_image: bool = False,
+        **frames: pd.DataFrame | pa.Table,
+    ) -> pd.DataFrame:
+        """Resolved records (these columns) that meet a SQL condition, in capture order;
+        `per_image`: only each image's first record (the one its manifest row comes from)."""
+        names = ", ".join(f'"{c}"' for c in (columns or RECORD_COLUMNS))
+        order = "captured_at NULLS LAST, _part, _row"
+        first = f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY {order}) = 1"
+        sql = f"SELECT {names} FROM records WHERE {where} {first if per_image else ''}"
+        return self.frame(f"{sql} ORDER BY {order}", **frames)
+
+
+REVIEWED = "corrected_label IS NOT NULL"
+LEAN_COLUMNS = [c for c in RECORD_COLUMNS if c != "thumb"]  # only the pool's manifest shows it
+
+
+def ids(values) -> pa.Table:
+    """Image ids as a one-column table of text (empty included), to pass to a query."""
+    return pa.table({"image_id": pa.array(sorted(set(values)), pa.string())})
+
+
+def labeled_field_images(query: FeedbackQuery, annotated) -> pd.DataFrame:
+    """The first record of each field image that has a label: an operator's review of any of
+    its records, or an annotation among `annotated` (expert labels from the annotation queue).
+    The images the labeled pool can use; the others it leaves out anyway."""
+    where = (
+        f"image_id IN (SELECT image_id FROM records WHERE {REVIEWED}) "
+        "OR image_id IN (SELECT image_id FROM annotated)"
+    )
+    return query.records(where=where, per_image=True, annotated=ids(annotated))
+
+
+def unknown_image_count(query: FeedbackQuery, known) -> int:
+    """Field images not among `known` (e.g. the drops' images)."""
+    sql = "SELECT count(DISTINCT image_id) FROM records WHERE image_id NOT IN (SELECT * FROM known)"
+    return int(query.frame(sql, known=ids(known)).iloc[0, 0])
+
+
+# What each consumer of feedback reads: exactly the rows its resolve_records-based version used.
+
+
+@dataclass(frozen=True)
+class PoolFeedback:
+    images: pd.DataFrame  # the first record of each field image with a label
+    reviewed: pd.DataFrame  # reviewed records (the operators' votes)
+    images_in_no_drop: int  # field images no drop holds, labeled or not
+
+
+def pool_feedback(table: PartitionedTable, annotated, drop_images) -> PoolFeedback:
+    """For the labeled pool: `annotated` are the image ids the annotations label, `drop_images`
+    the drops' image ids."""
+    with feedback_query(table) as query:
+        images = labeled_field_images(query, annotated)
+        reviewed = query.records(LEAN_COLUMNS, REVIEWED)
+        unknown = unknown_image_count(query, drop_images)
+    return PoolFeedback(images, reviewed, unknown)
+
+
+def reviewed_or_expert(table: PartitionedTable, experts) -> pd.DataFrame:
+    """For the replay set: records an operator reviewed or whose image an expert labeled."""
+    with feedback_query(table) as query:
+        where = f"{REVIEWED} OR image_id IN (SELECT * FROM experts)"
+        return query.records(LEAN_COLUMNS, where, experts=ids(experts))
+
+
+def reviewed_records(table: PartitionedTable) -> pd.DataFrame:
+    """For the canary decision, judged on reviewed records only."""
+    with feedback_query(table) as query:
+        return query.records(LEAN_COLUMNS, REVIEWED)
+
+
+def queue_candidates(table: PartitionedTable, experts) -> pd.DataFrame:
+    """For the annotation queue: records of images no expert has labeled."""
+    with feedback_query(table) as query:
+        where = "image_id NOT IN (SELECT * FROM experts)"
+        return query.records(LEAN_COLUMNS, where, experts=ids(experts))
+
+
+def predictions(table: PartitionedTable) -> pd.DataFrame:
+    """For the ontology report: what each record predicted and its review."""
+    with feedback_query(table) as query:
+        return query.records(["predicted", "corrected_label"])
+
+
+def field_images(table: PartitionedTable) -> pd.DataFrame:
+    """For the SSL encoder: each field image once (image_id, key, source)."""
+    with feedback_query(table) as query:
+        images = query.records(["image_id", "key", "batch_id"], per_image=True)
+    return images.assign(source=FEEDBACK + images["batch_id"])[["image_id", "key", "source"]]
+
+
+def all_records(table: PartitionedTable) -> pd.DataFrame:
+    """Every resolved record without its thumbnail (a detector fleet's production metrics)."""
+    with feedback_query(table) as query:
+        return query.records(LEAN_COLUMNS)
+
+
+@contextmanager
+def feedback_query(table: PartitionedTable, memory_limit: str = MEMORY_LIMIT):
+    """The query over every written partition of `table` (local files in place; from S3, a
+    downloaded copy removed afterwards). Partitions never written are skipped, as read_all does."""
+    import duckdb
+
+    scratch = Path(tempfile.mkdtemp(prefix="cvops-feedback-query-"))
+    try:
+        paths = _local_files(table, scratch)
+        connection = duckdb.connect(
+            config={
+                "memory_limit": memory_limit,
+                "temp_directory": str(scratch / "spill"),
+            }
+        )
+        try:
+            _records_view(connection, paths)
+            yield FeedbackQuery(connection, not paths)
+        finally:
+            connection.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _local_files(table: PartitionedTable, scratch: Path) -> list[str]:
+    local = getattr(table.store, "local_path", None)
+    paths = []
+    for i, key in enumerate(table.keys.values()):
+        if local is not None:
+            path = local(key)
+            if path.is_file():
+                paths.append(str(path))
+        elif table.store.exists(key):
+            path = scratch / f"{i:08d}.parquet"
+            table.store.get_file(key, path)
+            paths.append(str(path))
+    return paths
+
+
+def _records_view(connection, paths: list[str]) -> None:
+    """The `records` view over these files, in partition order (the order read_all concatenates
+    them in). A column no file has reads as NULL, a column typed null in one file as its type.
+    Views all the way down: DuckDB reads only the columns a query names."""
+    if not paths:
+        columns = ", ".join(
+            f'CAST(NULL AS {_TYPES.get(c, "VARCHAR")}) AS "{c}"' for c in RECORD_COLUMNS
+        )
+        connection.execute(
+            f"CREATE VIEW records AS SELECT {columns}, 0 AS _part, 0 AS _row WHERE FALSE"
+        )
+        return
+    connection.register("files", pd.DataFrame({"filename": paths, "part": range(len(paths))}))
+    listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+    scan = (
+        f"read_parquet([{listed}], union_by_name = true, filename = true, file_row_number = true)"
+    )
+    present = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+
+    def typed(column: str) -> str:
+        value = f'"{column}"' if column in present else "NULL"
+        return f'CAST({value} AS {_TYPES.get(column, "VARCHAR")}) AS "{column}"'
+
+    fixes = ", ".join(_FIX)
+    kept = ", ".join(
+        f'CASE WHEN f.fixed IS NULL THEN r."{c}" ELSE f."{c}" END AS "{c}"'
+        if c in _FIX
+        else f'r."{c}"'
+        for c in RECORD_COLUMNS
+    )
+    connection.execute(
+        f"""
+        CREATE VIEW raw AS
+        SELECT {", ".join(typed(c) for c in ["kind", *RECORD_COLUMNS])},
+               files.part AS _part, file_row_number AS _row
+        FROM {scan} JOIN files USING (filename)
+        """
+    )
+    # a re-delivered record: its last delivery; a correction: the latest by time (a tie: the
+    # later row); nulls sort last as in pandas' stable sorts
+    connection.execute(
+        f"""
+        CREATE VIEW records AS
+        WITH r AS (
+            SELECT * FROM raw WHERE kind = 'record'
+            QUALIFY row_number() OVER (PARTITION BY record_id ORDER BY _part DESC, _row DESC) = 1
+        ), f AS (
+            SELECT record_id AS fixed, {fixes} FROM raw WHERE kind = 'correction'
+            QUALIFY row_number() OVER (
+                PARTITION BY record_id ORDER BY corrected_at DESC NULLS FIRST, _part DESC, _row DESC
+            ) = 1
+        )
+        SELECT {kept}, r._part, r._row FROM r LEFT JOIN f ON r.record_id = f.fixed
+        """
+    )

@@ -346,10 +346,7 @@ def consumer_read(name: str, home: Path, batches: list[str]) -> dict:
 
 
 def _read(name: str, home: str, batches: list[str]) -> dict:
-    import resource
-
     import duckdb  # noqa: F401  (imported before the baseline, as pandas and pyarrow are)
-    import psutil
 
     from cvops_pipelines.core.base.store import LocalStore
     from cvops_pipelines.core.base.tables import PartitionedTable, table_key
@@ -366,14 +363,17 @@ def _read(name: str, home: str, batches: list[str]) -> dict:
         "ontology_report": lambda: q.predictions(table),
         "ssl_encoder": lambda: q.field_images(table),
     }
-    baseline = psutil.Process().memory_info().rss
+    rss = PeakRss()  # ru_maxrss would carry the forking parent's peak over the exec
+    baseline = rss.mib()
     started = time.perf_counter()
     rows = len(reads[name]())
+    seconds = time.perf_counter() - started
+    rss.stop()
     return {
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(seconds, 2),
         "rows": rows,
-        "rss_before_mib": round(baseline / 2**20, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_mib": baseline,
+        "peak_rss_mib": rss.mib(),
     }
 
 

@@ -18,14 +18,20 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cvops_pipelines.core.base.tables import PartitionedTable
 from cvops_pipelines.core.learn.feedback import RECORD_COLUMNS
 from cvops_pipelines.edge.wire import FEEDBACK
 
 MEMORY_LIMIT = "1GB"  # past this DuckDB spills to its temp folder
-_TYPES = {"confidence": "DOUBLE", "width": "BIGINT", "height": "BIGINT", "thumb": "BLOB"}
-_TYPES["ingested_at"] = "TIMESTAMPTZ"
+_TYPES = {  # every other column is text
+    "confidence": "DOUBLE",
+    "width": "BIGINT",
+    "height": "BIGINT",
+    "thumb": "BLOB",
+    "ingested_at": "TIMESTAMPTZ",
+}
 _FIX = ["corrected_label", "corrected_at", "corrected_boxes"]
 
 
@@ -34,8 +40,8 @@ class FeedbackQuery:
     applied, in capture order (ties: the later batch row last), as resolve_records orders them.
     Extra DataFrames given to `frame` are queryable by their names."""
 
-    def __init__(self, connection, empty: bool) -> None:
-        self.connection, self.empty = connection, empty
+    def __init__(self, connection) -> None:
+        self.connection = connection
 
     def frame(self, sql: str, **frames: pd.DataFrame | pa.Table) -> pd.DataFrame:
         for name, frame in frames.items():
@@ -56,10 +62,12 @@ class FeedbackQuery:
         """Resolved records (these columns) that meet a SQL condition, in capture order;
         `per_image`: only each image's first record (the one its manifest row comes from)."""
         names = ", ".join(f'"{c}"' for c in (columns or RECORD_COLUMNS))
-        order = "captured_at NULLS LAST, _part, _row"
-        first = f"QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY {order}) = 1"
-        sql = f"SELECT {names} FROM records WHERE {where} {first if per_image else ''}"
-        return self.frame(f"{sql} ORDER BY {order}", **frames)
+        if per_image:  # one aggregate row per image (the first by capture order), no window
+            order = "{'late': captured_at IS NULL, 'at': coalesce(captured_at, ''), 'pos': _pos}"
+            first = f"arg_min(_pos, {order})"
+            where = f"_pos IN (SELECT {first} FROM records WHERE {where} GROUP BY image_id)"
+        sql = f"SELECT {names} FROM records WHERE {where}"
+        return self.frame(f"{sql} ORDER BY captured_at NULLS LAST, _pos", **frames)
 
 
 REVIEWED = "corrected_label IS NOT NULL"
@@ -164,7 +172,7 @@ def feedback_query(table: PartitionedTable, memory_limit: str = MEMORY_LIMIT):
         )
         try:
             _records_view(connection, paths)
-            yield FeedbackQuery(connection, not paths)
+            yield FeedbackQuery(connection)
         finally:
             connection.close()
     finally:
@@ -195,7 +203,7 @@ def _records_view(connection, paths: list[str]) -> None:
             f'CAST(NULL AS {_TYPES.get(c, "VARCHAR")}) AS "{c}"' for c in RECORD_COLUMNS
         )
         connection.execute(
-            f"CREATE VIEW records AS SELECT {columns}, 0 AS _part, 0 AS _row WHERE FALSE"
+            f"CREATE VIEW records AS SELECT {columns}, 0::BIGINT AS _pos WHERE FALSE"
         )
         return
     connection.register("files", pd.DataFrame({"filename": paths, "part": range(len(paths))}))
@@ -203,7 +211,8 @@ def _records_view(connection, paths: list[str]) -> None:
     scan = (
         f"read_parquet([{listed}], union_by_name = true, filename = true, file_row_number = true)"
     )
-    present = {row[0] for row in connection.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+    present = {name for path in paths for name in pq.read_schema(path).names}  # DuckDB's
+    # DESCRIBE would read the same footers and keep ~100 MB per 1,000 files (measured)
 
     def typed(column: str) -> str:
         value = f'"{column}"' if column in present else "NULL"
@@ -220,24 +229,33 @@ def _records_view(connection, paths: list[str]) -> None:
         f"""
         CREATE VIEW raw AS
         SELECT {", ".join(typed(c) for c in ["kind", *RECORD_COLUMNS])},
-               files.part AS _part, file_row_number AS _row
+               (files.part::BIGINT << 32) + file_row_number AS _pos
         FROM {scan} JOIN files USING (filename)
         """
     )
-    # a re-delivered record: its last delivery; a correction: the latest by time (a tie: the
-    # later row); nulls sort last as in pandas' stable sorts
+    # Which row wins is settled once per query object, on the keys alone, into two small
+    # tables; each query then reads the winners' other columns in one pass. A re-delivered
+    # record: its last delivery. A correction: the latest by time (a tie: the later row; nulls
+    # sort last, as in pandas' stable sorts).
+    connection.execute(
+        """
+        CREATE TEMP TABLE winners AS
+        SELECT max(_pos) AS _pos FROM raw WHERE kind = 'record' GROUP BY record_id
+        """
+    )
+    connection.execute(
+        f"""
+        CREATE TEMP TABLE fixes AS
+        SELECT record_id AS fixed, {fixes} FROM raw WHERE kind = 'correction'
+        QUALIFY row_number() OVER (
+            PARTITION BY record_id ORDER BY corrected_at DESC NULLS FIRST, _pos DESC
+        ) = 1
+        """
+    )
     connection.execute(
         f"""
         CREATE VIEW records AS
-        WITH r AS (
-            SELECT * FROM raw WHERE kind = 'record'
-            QUALIFY row_number() OVER (PARTITION BY record_id ORDER BY _part DESC, _row DESC) = 1
-        ), f AS (
-            SELECT record_id AS fixed, {fixes} FROM raw WHERE kind = 'correction'
-            QUALIFY row_number() OVER (
-                PARTITION BY record_id ORDER BY corrected_at DESC NULLS FIRST, _part DESC, _row DESC
-            ) = 1
-        )
-        SELECT {kept}, r._part, r._row FROM r LEFT JOIN f ON r.record_id = f.fixed
+        SELECT {kept}, r._pos FROM raw r LEFT JOIN fixes f ON r.record_id = f.fixed
+        WHERE r.kind = 'record' AND r._pos IN (SELECT _pos FROM winners)
         """
     )

@@ -431,7 +431,8 @@ def quarantine_batch(store: Store, batch_id: str, data: bytes, code: str, reason
 
 
 def resolve_records(feedback: pd.DataFrame) -> pd.DataFrame:
-    """One row per record, with the latest correction applied (late ones included)."""
+    """One row per record, with the latest correction applied (late ones included), for frames
+    in memory; the assets query the stored partitions with feedback_query (the same answer)."""
     if feedback.empty:
         return pd.DataFrame(columns=RECORD_COLUMNS)
     records = feedback[feedback["kind"] == "record"].drop_duplicates("record_id", keep="last")

@@ -217,7 +217,7 @@ def production_metrics(
     contracts: DataContracts,
 ):
     store = storage.store()
-    if contracts.ontology().detection:  # not incremental yet: reads every batch
+    if contracts.ontology().detection:  # not incremental yet: queries every batch
         records = all_records(feedback)
         if len(records) and records["boxes"].notna().any():
             yield from _detection_metrics(config.detection_policy(), records, store)

@@ -106,11 +106,26 @@ class PartitionedTable:
         return read_table(self.store, self.keys[partition])
 
     def read_all(self) -> pd.DataFrame:
-        """Every written partition, concatenated (what a plain DataFrame input gets)."""
+        """Every written partition, concatenated in memory: for small tables, and the reference
+        the feedback query is tested and benchmarked against."""
         frames = [
             read_table(self.store, key) for key in self.keys.values() if self.store.exists(key)
         ]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def local_files(self, folder: Path) -> list[Path]:
+        """Every written partition as a local Parquet file, in partition order: a local store's
+        own files, or S3 objects downloaded into `folder` (one request each, never in memory)."""
+        local = getattr(self.store, "local_path", None)
+        paths = []
+        for i, key in enumerate(self.keys.values()):
+            if local is not None:
+                if local(key).is_file():
+                    paths.append(local(key))
+            elif self.store.exists(key):
+                paths.append(folder / f"{i:08d}.parquet")
+                self.store.get_file(key, paths[-1])
+        return paths
 
 
 class TemporaryFolder:

@@ -163,7 +163,7 @@ def feedback_query(table: PartitionedTable, memory_limit: str = MEMORY_LIMIT):
 
     scratch = Path(tempfile.mkdtemp(prefix="cvops-feedback-query-"))
     try:
-        paths = _local_files(table, scratch)
+        paths = [str(path) for path in table.local_files(scratch)]
         connection = duckdb.connect(
             config={
                 "memory_limit": memory_limit,
@@ -177,21 +177,6 @@ def feedback_query(table: PartitionedTable, memory_limit: str = MEMORY_LIMIT):
             connection.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _local_files(table: PartitionedTable, scratch: Path) -> list[str]:
-    local = getattr(table.store, "local_path", None)
-    paths = []
-    for i, key in enumerate(table.keys.values()):
-        if local is not None:
-            path = local(key)
-            if path.is_file():
-                paths.append(str(path))
-        elif table.store.exists(key):
-            path = scratch / f"{i:08d}.parquet"
-            table.store.get_file(key, path)
-            paths.append(str(path))
-    return paths
 
 
 def _records_view(connection, paths: list[str]) -> None:

@@ -39,6 +39,27 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(store):
+    """The operator's own record of signed versions: the Dagster instance's ($DAGSTER_HOME), the
+    one the pipeline's runs read, never the store."""
+    from dagster import DagsterInstance
+
+    from cvops_pipelines.core.base.ledger import instance_ledger
+    from cvops_pipelines.runs import dagster_home
+
+    dagster_home()
+    return instance_ledger(DagsterInstance.get(), store)
+
+
+def _positive_days(text: str) -> int:
+    days = int(text)
+    if days < 1:
+        raise argparse.ArgumentTypeError(
+            f"{days}: a delegation must last at least a day (devices refuse an expired one)"
+        )
+    return days
+
+
 def cmd_enrol(args: argparse.Namespace) -> int:
     import getpass
 
@@ -51,13 +72,15 @@ def cmd_enrol(args: argparse.Namespace) -> int:
     try:
         key = load_private_key(settings.signing_key_path())
         pem = b"" if args.revoke else Path(args.public_key).read_bytes()
+        store = settings.cvops_store()
         enrol_device(
-            settings.cvops_store(),
+            store,
             key,
             args.device,
             pem,
             f"{getpass.getuser()} via cvops enrol",
             revoked=args.revoke,
+            ledger=_ledger(store),
         )
     except (SigningKeyMissing, OSError, ValueError) as exc:
         print(f"cvops enrol: {exc}", file=sys.stderr)
@@ -75,9 +98,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     store = settings.cvops_store()
     if args.action == "show":
-        doc = keys.delegation(store)
+        doc = keys.delegation(store, keys.root_public_key(settings.root_public_key_path()))
         if doc is None:
-            print("no root delegation: devices pin the release key itself")
+            print(
+                "no root delegation the root signed (or no root public key at "
+                f"{settings.root_public_key_path()}): devices pin the release key itself"
+            )
         else:
             print(f"delegation version {doc['version']}, expires {doc['expires']}")
             print(f"{len(doc['release_keys'])} release key(s) trusted")
@@ -88,14 +114,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         root = load_private_key(Path(args.root_key))
         path = settings.signing_key_path()
+        ledger = _ledger(store)
         if args.action == "delegate":
-            doc = keys.delegate(
-                store, root, [keys.pem(load_private_key(path))], timedelta(days=args.days)
-            )
+            release_key = keys.pem(load_private_key(path))
+            doc = keys.delegate(store, root, [release_key], timedelta(days=args.days), ledger)
             print(f"delegated {path.name}: {keys.KEYS} version {doc['version']}")
             return 0
         actor = f"{getpass.getuser()} via cvops keys rotate"
-        done = keys.rotate(store, root, path, actor, args.revoke_old)
+        done = keys.rotate(store, root, path, actor, args.revoke_old, ledger)
     except (SigningKeyMissing, OSError, ValueError) as exc:
         print(f"cvops keys {args.action}: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +135,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
             else "; the old key stays trusted until `cvops keys delegate`"
         )
     )
+    for problem in done.refused_channels:
+        print(f"not re-signed: {problem}", file=sys.stderr)
     return 0
 
 
@@ -322,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=["show", "delegate", "rotate"])
     p.add_argument("--root-key", help="the root private key (kept offline)")
-    p.add_argument("--days", type=int, default=365, help="delegation lifetime (delegate)")
+    p.add_argument(
+        "--days", type=_positive_days, default=365, help="delegation lifetime, >= 1 (delegate)"
+    )
     p.add_argument(
         "--revoke-old",
         action="store_true",

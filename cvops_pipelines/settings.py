@@ -101,6 +101,17 @@ def signing_key_path() -> Path:
     )
 
 
+def root_public_key_path() -> Path:
+    """The root's public key (CVOPS_ROOT_PUBLIC_KEY, default root.pub beside the release key,
+    where `cvops keygen --root` writes it): with it the pipeline reads only the key delegation
+    the root signed; without it, none."""
+    return (
+        Path(os.environ.get("CVOPS_ROOT_PUBLIC_KEY") or signing_key_path().parent / "root.pub")
+        .expanduser()
+        .absolute()
+    )
+
+
 def cvops_store():
     """The cvops store the environment names: the S3 bucket when set, else CVOPS_HOME."""
     from cvops_pipelines.core.base.store import LocalStore, S3Store
@@ -126,6 +137,8 @@ ENVIRONMENT_HELP = """environment:
   CVOPS_MODEL_NAME       registered model name (default cvops-classifier, or cvops-detector
                          for a detection ontology)
   CVOPS_SIGNING_KEY      release signing key (default $CVOPS_HOME/keys/release_signing.key)
+  CVOPS_ROOT_PUBLIC_KEY  root public key: only the delegation it signed is read (default
+                         root.pub beside the release key, when it exists)
   MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
   TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)
   DAGSTER_HOME           Dagster instance (default ./.dagster_home)

@@ -1,6 +1,7 @@
 """The `cvops` console script, run as a user runs it."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_keygen_refuses_to_overwrite_a_key(tmp_path):
 
 def _in(home: Path):
     """`cvops ...` as a user runs it, with CVOPS_HOME at `home`."""
-    env = {**os.environ, "CVOPS_HOME": str(home)}
+    env = {**os.environ, "CVOPS_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
     return lambda *args: subprocess.run([CVOPS, *args], env=env, capture_output=True, text=True)
 
 
@@ -103,15 +104,20 @@ def test_root_key_delegation_and_rotation_from_the_command_line(tmp_path):
     assert "no root delegation" in cvops("keys", "show").stdout
     assert cvops("keys", "delegate").returncode == 2  # the root key is required
     delegated = cvops("keys", "delegate", "--root-key", root_key)
-    assert delegated.returncode == 0 and "version 1" in delegated.stdout
+    assert delegated.returncode == 0, delegated.stderr
+    first = int(re.search(r"version (\d+)", delegated.stdout)[1])
     before = (home / "keys" / "release_signing.pub").read_bytes()
     rotated = cvops("keys", "rotate", "--root-key", root_key, "--revoke-old")
     assert rotated.returncode == 0, rotated.stderr
-    assert "version 2" in rotated.stdout and "revoked" in rotated.stdout
+    second = int(re.search(r"delegation version (\d+)", rotated.stdout)[1])
+    assert second > first and "revoked" in rotated.stdout
     assert (home / "keys" / "release_signing.pub").read_bytes() != before
     assert len(list((home / "keys").glob("release_signing.key.retired-*"))) == 1
+    # the pipeline reads the delegation only as the root signed it: it needs the root's public key
+    assert "no root delegation" in cvops("keys", "show").stdout
+    (home / "keys" / "root.pub").write_bytes((tmp_path / "offline" / "root.pub").read_bytes())
     shown = cvops("keys", "show").stdout
-    assert "version 2" in shown and "1 release key(s)" in shown
+    assert f"version {second}" in shown and "1 release key(s)" in shown
 
 
 def test_ingest_of_a_missing_drop_fails_clearly(tmp_path):

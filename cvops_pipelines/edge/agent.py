@@ -28,6 +28,7 @@ from cvops_pipelines.edge.bundle import (
     BundleError,
     apply_delta,
     delta_name,
+    fingerprint,
     load_public_key,
     verify_file,
     verify_manifest,
@@ -36,6 +37,7 @@ from cvops_pipelines.edge.bundle import (
 from cvops_pipelines.edge.detect import detections, summary_label
 from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
+from cvops_pipelines.edge.wire import MAX_VERSION
 
 CHUNK = 1 << 20
 # Every small document is read with a cap, before it is parsed or its signature checked.
@@ -86,7 +88,9 @@ def _signed_doc(raw: bytes, signature: bytes, keys, what: str, seen: int, fresh:
     if not isinstance(doc, dict):
         raise ValueError(f"{what} is a {type(doc).__name__}, not an object")
     version = doc.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < seen:
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
+        raise ValueError(f"{what}: version {version!r} is not an int64 version number")
+    if version < seen:
         raise ValueError(
             f"{what}: version {version!r} is older than {seen}, the last "
             "this device accepted (a replayed document: refused)"
@@ -184,6 +188,7 @@ class EdgeAgent:
         self.state = Path(state_dir)
         (self.state / "releases").mkdir(parents=True, exist_ok=True)
         (self.state / "staging").mkdir(exist_ok=True)
+        (self.state / "channels").mkdir(exist_ok=True)
         self.remote, self.device_id, self.cohort = remote, device_id, cohort
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -291,7 +296,7 @@ class EdgeAgent:
             self.events.append(f"held key delegation ignored: {exc}")
             return []
 
-    def _refresh_keys(self, seen: dict[str, int]) -> None:
+    def _refresh_keys(self, seen: dict) -> None:
         try:
             raw = self._small(wire.KEYS, MAX_CHANNEL)
             signature = self._small(wire.KEYS_SIGNATURE, MAX_SIGNATURE)
@@ -313,18 +318,21 @@ class EdgeAgent:
         self.trusted = [self.anchor, *keys]
 
     def target(self) -> str | None:
-        seen = self._channel_versions()
-        self._refresh_keys(seen)
-        channels = {}
+        self._refresh_keys(self._channel_versions())
+        seen = self._channel_versions()  # pruned: a revoked key's numbers are forgotten
+        channels, accepted = {}, {}
         for name in wire.CHANNELS:
-            try:
-                raw = self._small(wire.channel_key(name), MAX_CHANNEL)
-                signature = self._small(wire.channel_signature_key(name), MAX_SIGNATURE)
-            except FileNotFoundError:
+            raw, signature = self._channel_document(name)
+            if raw is None:
                 channels[name] = None
                 continue
             channels[name] = read_channel(raw, signature, name, self.trusted, seen.get(name, 0))
-        self._remember_versions({n: d["version"] for n, d in channels.items() if d})
+            signer = fingerprint(verify_signature(raw, signature, self.trusted))
+            accepted[name] = {signer: channels[name]["version"]}
+            if channels[name]["version"] >= seen.get(name, 0):  # hold it: a deletion moves nothing
+                write_atomic(self.state / "channels" / f"{name}.json.sig", signature)
+                write_atomic(self.state / "channels" / f"{name}.json", raw)
+        self._remember_versions(accepted)
         if in_canary(self.device_id, self.cohort, channels["canary"]):
             release = channels["canary"]["release"]
         else:
@@ -333,15 +341,62 @@ class EdgeAgent:
             raise ValueError(f"channel names an invalid release id {release!r}")
         return release
 
-    def _channel_versions(self) -> dict[str, int]:
-        path = self.state / "channels.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+    def _channel_document(self, name: str) -> tuple[bytes | None, bytes | None]:
+        """The store's channel document, or, when the store has none, the copy this device
+        accepted last: a pointer is retired by a signed document naming no release, never by
+        deleting it (which anyone who can write the store could do)."""
+        try:
+            return (
+                self._small(wire.channel_key(name), MAX_CHANNEL),
+                self._small(wire.channel_signature_key(name), MAX_SIGNATURE),
+            )
+        except FileNotFoundError:
+            held = self.state / "channels" / f"{name}.json"
+            if not held.exists():
+                return None, None
+            self.events.append(
+                f"channel {name} is missing from the store: following the signed copy accepted "
+                "last (only a signed document retires a channel)"
+            )
+            return held.read_bytes(), held.with_name(f"{name}.json.sig").read_bytes()
 
-    def _remember_versions(self, versions: dict[str, int]) -> None:
-        """The highest channel (and key delegation) versions accepted: never go below them."""
-        merged = self._channel_versions()
-        merged.update({n: max(v, merged.get(n, 0)) for n, v in versions.items()})
-        write_atomic(self.state / "channels.json", json.dumps(merged).encode())
+    def _channel_versions(self) -> dict:
+        """The highest version accepted per channel, counting only keys still trusted (a
+        revoked key's numbers are forgotten, so a leaked key cannot freeze the device), and of
+        the key delegation (the pinned key's, never forgotten)."""
+        path = self.state / "channels.json"
+        held = json.loads(path.read_text()) if path.exists() else {}
+        trusted = {fingerprint(k) for k in self.trusted}
+        seen = {"keys": held.get("keys", 0)} if "keys" in held else {}
+        for name, by_key in held.items():
+            if name == "keys":
+                continue
+            if isinstance(by_key, int):  # written before versions were filed by signer
+                by_key = {fingerprint(self.anchor): by_key}
+            kept = [v for fp, v in by_key.items() if fp in trusted]
+            if kept:
+                seen[name] = max(kept)
+        return seen
+
+    def _remember_versions(self, versions: dict) -> None:
+        """File the versions just accepted (per channel: {signer: version}; the delegation: an
+        int) with those held, keeping the highest per signer and dropping untrusted signers."""
+        path = self.state / "channels.json"
+        held = json.loads(path.read_text()) if path.exists() else {}
+        trusted = {fingerprint(k) for k in self.trusted}
+        merged = {}
+        for name in {*held, *versions}:
+            old, new = held.get(name), versions.get(name)
+            if name == "keys":
+                merged[name] = max(old or 0, new or 0)
+                continue
+            if isinstance(old, int):
+                old = {fingerprint(self.anchor): old}
+            by_key = {fp: v for fp, v in (old or {}).items() if fp in trusted}
+            for fp, v in (new or {}).items():
+                by_key[fp] = max(v, by_key.get(fp, 0))
+            merged[name] = by_key
+        write_atomic(path, json.dumps(merged).encode())
 
     def _small(self, key: str, cap: int) -> bytes:
         data = self.remote.get(key, 0, cap + 1)

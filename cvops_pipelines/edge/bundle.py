@@ -39,15 +39,15 @@ def load_public_key(pem: bytes):
     return load_pem_public_key(pem)
 
 
-def verify_signature(data: bytes, signature: bytes, keys) -> None:
-    """BundleError unless `signature` is an ed25519 signature of `data` by one of `keys` (a
-    public key or a list of them: the pinned key and the release keys it delegates to)."""
+def verify_signature(data: bytes, signature: bytes, keys):
+    """The key of `keys` (a public key or a list of them: the pinned key and the release keys it
+    delegates to) whose ed25519 signature of `data` `signature` is; BundleError if none."""
     from cryptography.exceptions import InvalidSignature
 
     for key in keys if isinstance(keys, list | tuple) else [keys]:
         try:
             key.verify(signature, data)
-            return
+            return key
         except InvalidSignature:
             continue
     raise BundleError("signature", "not signed by a trusted release key") from None
@@ -108,3 +108,11 @@ def apply_delta(manifest: dict, base: bytes, delta: bytes) -> bytes:
     except Exception as exc:  # bsdiff4 raises bare ValueError/RuntimeError on bad patches
         raise BundleError("delta", f"the delta does not apply: {exc}") from None
     return verify_file(manifest, "model.onnx", patched)
+
+
+def fingerprint(key) -> str:
+    """A public key's short name: what a device files the versions it accepted from it under."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]

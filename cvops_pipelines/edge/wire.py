@@ -11,16 +11,19 @@ import re
 
 from cvops_pipelines.edge.bundle import sha256
 
+# Every id pattern ends in \Z, not $: `$` also matches before a trailing newline ("rel-1\n").
+MAX_VERSION = (1 << 63) - 1  # signed documents are numbered in an int64: any reader holds it
+
 RELEASES = "releases"  # releases/<id>/..., releases/channels/<name>.json, releases/history/
 CHANNELS = ("stable", "canary")
-RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}$")
+RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}\Z")
 
 FEEDBACK = "feedback/"  # the `source` of every field image: feedback/<batch id>
 BATCH_PREFIX = "feedback/batches/"  # feedback/batches/<batch id>.zip, uploaded by devices
-BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # also a Dagster partition key
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_DEVICE_BATCH = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-b[0-9]{6}$")
-_DEVICE_RECORD = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-[0-9]{8}$")
+BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # also a Dagster partition key
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_DEVICE_BATCH = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-b[0-9]{6}\Z")
+_DEVICE_RECORD = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9._-]{0,63})-[0-9]{8}\Z")
 ENROLMENTS = "enrolments/"  # enrolments/<device id>.json (+ .sig by the release key)
 
 OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@<device id>

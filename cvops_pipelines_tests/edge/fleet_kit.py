@@ -69,10 +69,15 @@ class Central:
             self.releases.store.write_bytes(channel_signature_key(channel), key.sign(body))
         self.releases.store.write_bytes(channel_key(channel), body)
 
-    def channel_doc(self, release: str | None, version: int = 1000, **extra) -> bytes:
-        """A well-formed channel document naming `release` (a high version: newer than any)."""
+    def channel_doc(self, release: str | None, version: int | None = None, **extra) -> bytes:
+        """A well-formed channel document naming `release` (by default numbered by the clock, as
+        the pipeline numbers them: newer than any before it)."""
         import json
         from datetime import UTC, datetime, timedelta
+
+        from cvops_pipelines.core.base.ledger import clock_version
+
+        version = clock_version() if version is None else version
 
         expires = (datetime.now(UTC) + timedelta(days=1)).isoformat(timespec="seconds")
         doc = {

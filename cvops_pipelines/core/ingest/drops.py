@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.intake import MARKER
 
-VALID_DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VALID_DROP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from cvops_pipelines.core.base.ledger import (
+    MemoryLedger,
+    VersionLedger,
+    next_version,
+    valid_version,
+)
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.intake import now_utc
 from cvops_pipelines.edge.bundle import BundleError, load_public_key, verify_signature
@@ -44,14 +50,23 @@ def enrol_device(
     public_key_pem: bytes,
     by: str,
     revoked: bool = False,
+    ledger: VersionLedger | None = None,
 ) -> dict:
-    """Write (or revoke) a device's enrolment, signed by the release key. Re-enrolling replaces
-    the key: batches the device signed with the old one are refused from then on."""
+    """Write (or revoke) a device's enrolment, signed by the release key and numbered above the
+    ledger's record. Re-enrolling replaces the key: batches the device signed with the old one
+    are refused from then on; a revocation outnumbers every enrolment before it, so restoring
+    an older signed enrolment does not undo it."""
     if not DEVICE_ID.match(device_id):
         raise ValueError(f"device id {device_id!r} is not a valid device id")
     if not revoked:
         _ed25519(public_key_pem, f"the public key for {device_id}")
+    ledger = ledger if ledger is not None else MemoryLedger()
+    try:
+        signed = [_enrolment(store, device_id, [signing_key.public_key()])["version"]]
+    except ValueError:
+        signed = []
     doc = {
+        "version": next_version(ledger, f"enrolment:{device_id}", *signed),
         "device_id": device_id,
         "public_key": public_key_pem.decode() if not revoked else None,
         "revoked": revoked,
@@ -64,9 +79,11 @@ def enrol_device(
     return doc
 
 
-def enroller(store: Store, signing_key, by: str):
+def enroller(store: Store, signing_key, by: str, ledger: VersionLedger | None = None):
     """`enrol(device id, public key PEM)`, for tools that bring devices up (the simulator)."""
-    return lambda device_id, pem: enrol_device(store, signing_key, device_id, pem, by)
+    return lambda device_id, pem: enrol_device(
+        store, signing_key, device_id, pem, by, ledger=ledger
+    )
 
 
 def _ed25519(pem: bytes, what: str):
@@ -89,6 +106,7 @@ class Register:
     keys: dict[str, object] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
     problems: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # device -> why its enrolment was
 
     def check(self, batch_id: str, payload: bytes, signature: bytes | None) -> str:
         """The device that signed this batch, or NotEnrolled with why."""
@@ -99,6 +117,11 @@ class Register:
             )
         if device in self.revoked:
             raise NotEnrolled("revoked_device", f"device {device}'s enrolment was revoked")
+        if device in self.refused:
+            raise NotEnrolled(
+                "refused_enrolment",
+                f"device {device}'s enrolment was refused: {self.refused[device]}",
+            )
         if device not in self.keys:
             raise NotEnrolled(
                 "unknown_device",
@@ -127,8 +150,12 @@ def batch_signature(store: Store, batch_id: str) -> bytes | None:
     return store.read_bytes(batch_signature_key(batch_id))
 
 
-def read_register(store: Store, release_keys: list) -> Register:
-    """Every enrolment signed by one of `release_keys` (public keys)."""
+def read_register(
+    store: Store, release_keys: list, ledger: VersionLedger | None = None
+) -> Register:
+    """Every enrolment signed by one of `release_keys` (public keys) and numbered at least as
+    high as the ledger's record for its device (an older one is a replay: refused); each
+    accepted version raises the record."""
     register = Register()
     if not release_keys:
         register.problems.append("no release key is configured: no device can be enrolled")
@@ -140,8 +167,17 @@ def read_register(store: Store, release_keys: list) -> Register:
         device = name[: -len(".json")]
         try:
             doc = _enrolment(store, device, release_keys)
+            if ledger is not None:
+                if doc["version"] < ledger.highest(f"enrolment:{device}"):
+                    raise ValueError(
+                        f"version {doc['version']} is older than version "
+                        f"{ledger.highest(f'enrolment:{device}')} accepted before: a replayed "
+                        f"enrolment, refused (re-enrol with `cvops enrol {device}` if it is right)"
+                    )
+                ledger.raise_to(f"enrolment:{device}", doc["version"])
         except ValueError as exc:
             register.problems.append(f"{entry.key}: {exc}")
+            register.refused[device] = str(exc)
             continue
         if doc["revoked"]:
             register.revoked.add(device)
@@ -172,6 +208,9 @@ def _enrolment(store: Store, device: str, release_keys: list) -> dict:
         doc = json.loads(body)
         if doc["device_id"] != device or not isinstance(doc["revoked"], bool):
             raise ValueError(f"names device {doc['device_id']!r}")
+        doc.setdefault("version", 0)  # written before enrolments were numbered
+        if not valid_version(doc["version"]):
+            raise ValueError(f"version {doc['version']!r} is not an int64 version number")
         if not doc["revoked"]:
             if not isinstance(doc["public_key"], str):
                 raise ValueError("has no public key")

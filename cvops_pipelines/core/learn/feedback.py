@@ -95,7 +95,7 @@ class BatchBounds:
     max_boxes: int = 100  # a detector's answer or a corrected set, per record
 
 
-_IMAGE_ENTRY = re.compile(r"^images/[0-9a-f]{64}\.bin$")
+_IMAGE_ENTRY = re.compile(r"^images/[0-9a-f]{64}\.bin\Z")
 
 
 class BatchRejected(Exception):

@@ -16,8 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.ledger import (
+    MemoryLedger,
+    VersionLedger,
+    next_version,
+    valid_version,
+)
 from cvops_pipelines.core.base.store import Store
-from cvops_pipelines.edge.bundle import FORMAT, delta_name, sha256
+from cvops_pipelines.edge.bundle import FORMAT, BundleError, delta_name, sha256, verify_signature
 from cvops_pipelines.edge.wire import (
     CHANNELS,
     RELEASES,
@@ -67,7 +73,15 @@ def load_private_key(path: Path):
             f"no release signing key at {path}: create one with `cvops keygen "
             f"--out {path.parent}` (or set CVOPS_SIGNING_KEY)"
         )
-    return load_pem_private_key(path.read_bytes(), password=None)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(
+            f"{path} is a {type(key).__name__.lstrip('_')}, not an ed25519 key: devices verify "
+            "ed25519 only (make one with `cvops keygen`)"
+        )
+    return key
 
 
 def release_public_keys(path: Path) -> list:
@@ -157,13 +171,23 @@ class CanaryVerdict:
 CHANNEL_TTL = timedelta(days=30)  # a channel document older than this is refused by devices
 
 
+class ChannelTampered(ValueError):
+    """A channel document in the store that this pipeline did not sign, or an older one replayed,
+    or one the pipeline signed that has gone: nothing is decided on it."""
+
+
 class ReleaseStore:
     """Publishing and channel pointers over any Store (local folder or S3 prefix). With the
     release key, every channel document it writes is signed, numbered and dated: devices refuse
-    an unsigned, older-numbered or expired one (no rollback or freeze through the store)."""
+    an unsigned, older-numbered or expired one (no rollback or freeze through the store). With
+    the key it also reads channels only as signed (by `trusted`, default the key's public half)
+    and numbered at least as high as the `ledger` records, so a store writer can neither steer
+    the pipeline's decisions nor its numbering."""
 
-    def __init__(self, store: Store, key=None):
+    def __init__(self, store: Store, key=None, ledger: VersionLedger | None = None, trusted=None):
         self.store, self.key = store, key
+        self.ledger = ledger if ledger is not None else MemoryLedger()
+        self.trusted = trusted or ([key.public_key()] if key is not None else [])
 
     def publish(self, release: Release) -> str:
         """Files first, the signed manifest last: a release without manifest.sig is unfinished."""
@@ -193,8 +217,59 @@ class ReleaseStore:
         return self.store.read_bytes(f"{RELEASES}/{release_id}/model.onnx")
 
     def channel(self, name: str) -> dict | None:
-        key = channel_key(name)
-        return json.loads(self.store.read_bytes(key)) if self.store.exists(key) else None
+        """The channel document; with the key, only as this pipeline signed it and numbered at
+        least as high as the ledger's record of what it signed (ChannelTampered otherwise)."""
+        doc, problem = self.checked_channel(name)
+        if problem:
+            raise ChannelTampered(problem)
+        return doc
+
+    def checked_channel(self, name: str) -> tuple[dict | None, str]:
+        """(the channel document or None, "" or why it cannot be used)."""
+        key, record = channel_key(name), f"channel:{name}"
+        if not self.store.exists(key):
+            if self.key is not None and self.ledger.highest(record) > 0:
+                return None, (
+                    f"{key} is gone, but this pipeline signed version "
+                    f"{self.ledger.highest(record)} of it: a store writer deleted it (devices "
+                    "keep following their signed copy); restore it from a backup, or make a "
+                    "new decision"
+                )
+            return None, ""
+        body = self.store.read_bytes(key)
+        if self.key is None:
+            return json.loads(body), ""
+        try:
+            verify_signature(body, self.store.read_bytes(channel_signature_key(name)), self.trusted)
+            doc = json.loads(body)
+            version = doc["version"]
+        except (BundleError, FileNotFoundError, ValueError, KeyError, TypeError):
+            return None, (
+                f"{key} is not signed by the release key: someone else wrote it, and nothing "
+                "is decided on it (devices refuse it too); restore the signed copy from a "
+                "backup, or make a new decision"
+            )
+        if not valid_version(version):
+            return None, (
+                f"{key} is version {version!r}, not a number this pipeline signs (beyond its "
+                "clock: signed with a leaked key?); rotate the key and make a new decision"
+            )
+        if version < self.ledger.highest(record):
+            return None, (
+                f"{key} is version {version!r}, older than version "
+                f"{self.ledger.highest(record)} this pipeline signed: a replayed document"
+            )
+        return doc, ""
+
+    def _signed_by_key(self, name: str) -> bool:
+        try:
+            signature = self.store.read_bytes(channel_signature_key(name))
+            verify_signature(
+                self.store.read_bytes(channel_key(name)), signature, self.key.public_key()
+            )
+            return True
+        except (BundleError, FileNotFoundError):
+            return False
 
     def point(
         self,
@@ -208,7 +283,14 @@ class ReleaseStore:
         """Move a channel pointer and record the event. `release=None` retires the channel."""
         if release is not None and not self.published(release):
             raise FileNotFoundError(f"release {release} is not published")
-        previous = self.channel(channel)
+        previous, problem = self.checked_channel(channel)  # a new decision replaces a bad one
+        if problem:
+            reason = f"{reason} (replacing what the store held: {problem.split(':')[0]})"
+        # follow only this key's own numbers: a key being revoked (it leaked) may have signed
+        # any number, up to one that leaves no room above it
+        own = previous and self.key is not None and self._signed_by_key(channel)
+        signed = [previous["version"]] if own else []
+        version = next_version(self.ledger, f"channel:{channel}", *signed)
         now = datetime.now(UTC)
         doc = {
             "channel": channel,
@@ -217,7 +299,7 @@ class ReleaseStore:
             "cohorts": list(cohorts),
             "updated_at": now.isoformat(timespec="seconds"),
             "previous": previous["release"] if previous else None,
-            "version": int((previous or {}).get("version", 0)) + 1,
+            "version": version,
             "expires": (now + CHANNEL_TTL).isoformat(timespec="seconds"),
         }
         body = json.dumps(doc).encode()

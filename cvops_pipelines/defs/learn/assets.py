@@ -18,6 +18,7 @@ from pydantic import Field
 
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.contracts import validate
+from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.plots import md_image, ontology_png
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
@@ -90,7 +91,9 @@ def feedback(
 ):
     store = storage.store()
     register = read_register(
-        store, release_public_keys(Path(config.signing_key or settings.signing_key_path()))
+        store,
+        release_public_keys(Path(config.signing_key or settings.signing_key_path())),
+        instance_ledger(context.instance, store),  # a replayed older enrolment is refused
     )
     for problem in register.problems:
         context.log.warning(f"device enrolment refused: {problem}")

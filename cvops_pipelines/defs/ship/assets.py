@@ -19,6 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from cvops_pipelines import settings
+from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.learn.feedback_query import reviewed_records
 from cvops_pipelines.core.measure.replay import NonInferiority
@@ -26,9 +27,10 @@ from cvops_pipelines.core.ship.artifact_choice import TargetProfile
 from cvops_pipelines.core.ship.canary import log_canary, look_at_canary
 from cvops_pipelines.core.ship.detection_onnx import export_detector_model
 from cvops_pipelines.core.ship.export import ExportError
-from cvops_pipelines.core.ship.keys import KeyNotDelegated, signing_key
+from cvops_pipelines.core.ship.keys import KeyNotDelegated, signing_releases
 from cvops_pipelines.core.ship.onnx_model import ExportPolicy, export_model
 from cvops_pipelines.core.ship.release import (
+    ChannelTampered,
     ReleaseRefused,
     ReleaseStore,
     SigningKeyMissing,
@@ -152,6 +154,16 @@ class EdgeReleaseConfig(Config):
     )
 
 
+def _signing_releases(context: AssetExecutionContext, store, signing_key: str) -> ReleaseStore:
+    """The releases as this pipeline signs them, numbered from the instance's ledger."""
+    return signing_releases(
+        store,
+        Path(signing_key or settings.signing_key_path()),
+        settings.root_public_key_path(),
+        instance_ledger(context.instance, store),
+    )
+
+
 def _history(releases: ReleaseStore) -> MetadataValue:
     return MetadataValue.md(markdown_table(releases.history().iloc[::-1], 20))
 
@@ -173,15 +185,15 @@ def edge_release(
     store = storage.store()
     try:
         artifact, model = chosen_artifact(store, onnx_model, config.target)
-        key = signing_key(store, Path(config.signing_key or settings.signing_key_path()))
-    except (ReleaseRefused, SigningKeyMissing, KeyNotDelegated) as exc:
+        releases = _signing_releases(context, store, config.signing_key)
+        actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
+        meta = release_meta(onnx_model, artifact, config.target)
+        published = publish_release(
+            releases, model, onnx_model["preprocess"], meta, releases.key, actor,
+            config.canary_share, cohorts,
+        )  # fmt: skip
+    except (ReleaseRefused, SigningKeyMissing, KeyNotDelegated, ChannelTampered) as exc:
         raise Failure(str(exc)) from None
-    releases = ReleaseStore(store, key)  # it signs the channel documents it writes
-    actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
-    meta = release_meta(onnx_model, artifact, config.target)
-    published = publish_release(
-        releases, model, onnx_model["preprocess"], meta, key, actor, config.canary_share, cohorts
-    )
     record, history = published.record, _history(releases)
     if not published.new:
         context.log.info(f"{record['release']} is already published; nothing to do")
@@ -248,16 +260,16 @@ def canary_decision(
 ):
     store = storage.store()
     try:  # the decision moves channel pointers, which devices accept only signed
-        key = signing_key(store, Path(config.signing_key or settings.signing_key_path()))
-    except (SigningKeyMissing, KeyNotDelegated) as exc:
+        releases = _signing_releases(context, store, config.signing_key)
+        mlflow = tracking.open()
+        rule, actor = config.rule(), f"dagster run {context.run.run_id}"
+        records, release = reviewed_records(feedback), edge_release["release"]
+        promote = lambda m: mlflow.set_alias("champion", m["model_version"])  # noqa: E731
+        result = look_at_canary(
+            releases, records, release, rule, config.max_looks, config.operator(), actor, promote
+        )
+    except (SigningKeyMissing, KeyNotDelegated, ChannelTampered) as exc:
         raise Failure(str(exc)) from None
-    releases, mlflow = ReleaseStore(store, key), tracking.open()
-    rule, actor = config.rule(), f"dagster run {context.run.run_id}"
-    records, release = reviewed_records(feedback), edge_release["release"]
-    promote = lambda manifest: mlflow.set_alias("champion", manifest["model_version"])  # noqa: E731
-    result = look_at_canary(
-        releases, records, release, rule, config.max_looks, config.operator(), actor, promote
-    )
     why = "\n".join(result.reasons)
     meta = {"action": result.action, "why": why, "history": _history(releases)}
     if result.action == "none":

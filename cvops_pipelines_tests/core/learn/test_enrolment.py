@@ -181,3 +181,40 @@ def test_the_register_takes_only_enrolments_the_release_key_signed(tmp_path):
     assert read_register(store, []).problems == [
         "no release key is configured: no device can be enrolled"
     ]
+
+
+def test_a_revocation_cannot_be_undone_by_restoring_the_old_enrolment(tmp_path):
+    """Item 7 of the third trust round: enrolments are numbered, and the pipeline's own record
+    (the ledger, outside the store) refuses an older one replayed; rotation keeps it revoked."""
+    from cvops_pipelines.core.base.ledger import MemoryLedger
+    from cvops_pipelines.core.ship import keys
+    from cvops_pipelines.core.ship.release import generate_keypair, load_private_key
+
+    store, ledger = LocalStore(tmp_path / "store"), MemoryLedger()
+    key_path, _ = generate_keypair(tmp_path / "keys")
+    release, device = load_private_key(key_path), Ed25519PrivateKey.generate()
+    enrol_device(store, release, "cam-1", public_pem(device), "operator", ledger=ledger)
+    old = (
+        store.read_bytes(enrolment_key("cam-1")),
+        store.read_bytes(enrolment_signature_key("cam-1")),
+    )
+    assert "cam-1" in read_register(store, [release.public_key()], ledger).keys
+    enrol_device(store, release, "cam-1", b"", "operator", revoked=True, ledger=ledger)
+    assert "cam-1" in read_register(store, [release.public_key()], ledger).revoked
+
+    store.write_bytes(enrolment_key("cam-1"), old[0])  # the store writer's restore
+    store.write_bytes(enrolment_signature_key("cam-1"), old[1])
+    register = read_register(store, [release.public_key()], ledger)
+    assert "cam-1" not in register.keys
+    assert "replayed enrolment" in register.refused["cam-1"]
+    with pytest.raises(Exception, match="refused_enrolment"):
+        register.check("cam-1-b000001", b"batch", device.sign(b"batch"))
+
+    root_path, _ = generate_keypair(tmp_path / "offline", "root")
+    keys.delegate(store, load_private_key(root_path), [keys.pem(release)], ledger=ledger)
+    keys.rotate(store, load_private_key(root_path), key_path, "test", False, ledger)
+    rotated = read_register(store, [load_private_key(key_path).public_key()], ledger)
+    assert "cam-1" not in rotated.keys  # the rotation did not re-sign the replay as active
+    # the ledger's record of a revocation outlives the store's copy: a second pipeline process
+    # with the same record (the Dagster instance) refuses the replay as well
+    assert ledger.highest("enrolment:cam-1") > 0

@@ -577,10 +577,16 @@ class EdgeAgent:
             spec["candidates_per_class"],
             spec["detections_per_image"],
         )
-        boxes = [
+        answered = [
             {"label": d.label, "score": round(d.score, 6), "box": [round(v, 2) for v in d.box]}
             for d in found
         ]
+        boxes = [b for b in answered if wire.box_problem(b) is None]  # NaN, zero-area: dropped
+        if len(boxes) < len(answered):
+            self.events.append(
+                f"{len(answered) - len(boxes)} detection(s) dropped: "
+                f"{next(wire.box_problem(b) for b in answered if wire.box_problem(b))}"
+            )
         answer = float(spec.get("answer_threshold", 0.5))
         top = [(b["label"], b["score"]) for b in boxes[: self.top_k] if b["score"] >= answer]
         label, confidence = top[0] if top else ("", 0.0)  # "": nothing at the operating point
@@ -607,9 +613,16 @@ class EdgeAgent:
     def correct_boxes(self, record_id: str, boxes: list[dict]) -> None:
         """An operator's review of a detector's answer: the whole corrected set ({label, box}
         in the image's pixels), after adding, deleting, moving or relabelling boxes; an empty
-        list says the image holds nothing."""
+        list says the image holds nothing. ValueError, before anything is recorded, for a box
+        the pipeline would turn away (`wire.box_problem`: the same rule at both ends)."""
+        if not isinstance(boxes, list):
+            raise ValueError('expected a list of {"label": ..., "box": [x0, y0, x1, y1]}')
+        for i, item in enumerate(boxes):
+            problem = wire.box_problem(item)
+            if problem:
+                raise ValueError(f"box {i + 1}: {problem}")
         clean = [
-            {"label": str(b["label"]), "box": [round(float(v), 2) for v in b["box"]]} for b in boxes
+            {"label": b["label"], "box": [round(float(v), 2) for v in b["box"]]} for b in boxes
         ]
         self.buffer.correct(record_id, summary_label([b["label"] for b in clean]), clean)
 

@@ -90,13 +90,9 @@ def cmd_correct(args) -> int:
         boxes = json.loads(
             Path(args.boxes).read_text() if Path(args.boxes).is_file() else args.boxes
         )
-        if not isinstance(boxes, list) or not all(
-            isinstance(b, dict) and "label" in b and len(b.get("box", [])) == 4 for b in boxes
-        ):
-            raise ValueError('expected a list of {"label": ..., "box": [x0, y0, x1, y1]}')
+        agent.correct_boxes(args.record_id, boxes)
     except ValueError as exc:
         raise SystemExit(f"correct --boxes: {exc}") from None
-    agent.correct_boxes(args.record_id, boxes)
     return 0
 
 

@@ -7,6 +7,7 @@ imports these names, so both ends always agree.
 
 from __future__ import annotations
 
+import math
 import re
 
 from cvops_pipelines.edge.bundle import sha256
@@ -95,3 +96,45 @@ def feedback_source(batch: str) -> str:
 
 def operator(device_id: str) -> str:
     return f"{OPERATOR_PREFIX}{device_id}"
+
+
+MAX_COORDINATE = 1_000_000  # pixels: far beyond any image the decoders accept
+MAX_LABEL_CHARS = 256
+
+
+def number_problem(value, low: float, high: float) -> str | None:
+    """Why `value` is not a finite number in [low, high] (ints of any size included, bools
+    excluded), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{value!r} is not a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not finite"
+    if not low <= value <= high:  # int vs float compares exactly, without float(10**400)
+        text = repr(value) if len(repr(value)) < 30 else f"a number of {len(repr(value))} digits"
+        return f"{text} is outside [{low:g}, {high:g}]"
+    return None
+
+
+def box_problem(item) -> str | None:
+    """Why `item` is not a box on the wire ({label, box: [x0, y0, x1, y1][, score]}), or None.
+    One rule wherever a box is made or read: the device's own detections, an operator's
+    correction, a feedback batch at ingest."""
+    if not isinstance(item, dict):
+        return f"{item!r} is not a {{label, box}} object"
+    label = item.get("label")
+    if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS:
+        return f"label {label!r} is not a class name"
+    box = item.get("box")
+    if not isinstance(box, list | tuple) or len(box) != 4:
+        return f"box {box!r} is not [x_min, y_min, x_max, y_max]"
+    for value in box:
+        problem = number_problem(value, -MAX_COORDINATE, MAX_COORDINATE)
+        if problem:
+            return f"box coordinate {problem}"
+    if not (box[0] < box[2] and box[1] < box[3]):
+        return f"box {list(box)} is empty or inverted"
+    if "score" in item:
+        problem = number_problem(item["score"], 0.0, 1.0)
+        if problem:
+            return f"score {problem}"
+    return None

@@ -38,6 +38,8 @@ from cvops_pipelines.edge.wire import (
     FEEDBACK,
     OPERATOR_PREFIX,
     batch_key,
+    box_problem,
+    number_problem,
 )
 
 QUARANTINE_PREFIX = "quarantine/feedback"
@@ -111,6 +113,7 @@ class ParsedBatch:
     corrections: list[dict]
     images: dict[str, bytes]
     infos: dict[str, ImageInfo] = field(default_factory=dict)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # record, code, reason
 
 
 def batch_ids(store: Store) -> list[str]:
@@ -184,12 +187,7 @@ def parse_batch(
                     f"records.jsonl line {i + 1}: field "
                     f"{name!r} is missing or not {_kind_name(kind)}",
                 )
-        if record.get("batch_id", batch_id) != batch_id:
-            raise BatchRejected(
-                "batch_id_mismatch",
-                f"records.jsonl line {i + 1} belongs to "
-                f"batch {record['batch_id']!r}, the file is {batch_id!r}",
-            )
+
     for i, fix in enumerate(corrections):
         if not all(
             isinstance(fix.get(k), str) for k in ("record_id", "corrected_label", "corrected_at")
@@ -199,11 +197,22 @@ def parse_batch(
                 f"corrections.jsonl line {i + 1} needs "
                 "record_id, corrected_label and corrected_at strings",
             )
+    # The batch names itself inside what its device signed: the same bytes under another name
+    # (a replay) are refused, so a signed batch counts once.
+    for name, rows in (("records.jsonl", records), ("corrections.jsonl", corrections)):
+        for i, row in enumerate(rows):
+            if row.get("batch_id") != batch_id:
+                raise BatchRejected(
+                    "batch_id_mismatch",
+                    f"{name} line {i + 1} belongs to batch {row.get('batch_id')!r}, the file "
+                    f"is {batch_id!r} (a batch re-sent under another name is refused)",
+                )
     for i, row in enumerate(records):
         _check_boxes(row, "boxes", f"records.jsonl line {i + 1}", bounds)
         _check_boxes(row, "corrected_boxes", f"records.jsonl line {i + 1}", bounds)
     for i, fix in enumerate(corrections):
         _check_boxes(fix, "corrected_boxes", f"corrections.jsonl line {i + 1}", bounds)
+    records, corrections, refused = _refuse_bad_values(records, corrections)
     infos = {}
     for image_id in {r["image_id"] for r in records}:
         if image_id not in images:
@@ -218,48 +227,74 @@ def parse_batch(
             infos[image_id] = inspect_image(images[image_id], limits)
         except ImageRejected as exc:
             raise BatchRejected("bad_image", f"images/{image_id}.bin: {exc.message}") from None
-    for i, row in enumerate(records):
-        info = infos[row["image_id"]]
-        for field_name in ("boxes", "corrected_boxes"):
-            for item in row.get(field_name) or []:
-                x0, y0, x1, y1 = item["box"]
-                if x0 < -0.5 or y0 < -0.5 or x1 > info.width + 0.5 or y1 > info.height + 0.5:
-                    raise BatchRejected(
-                        "invalid_box",
-                        f"records.jsonl line {i + 1}: {field_name} box {item['box']} lies "
-                        f"outside the {info.width}x{info.height} image",
-                    )
-    return ParsedBatch(batch_id, records, corrections, images, infos)
+    inside = []
+    for row in records:
+        outside = _box_outside(row, infos[row["image_id"]])
+        if outside:
+            refused.append((row["record_id"], "invalid_box", f"records.jsonl: {outside}"))
+        else:
+            inside.append(row)
+    used = {r["image_id"] for r in inside}
+    infos = {i: info for i, info in infos.items() if i in used}
+    return ParsedBatch(batch_id, inside, corrections, images, infos, refused)
+
+
+def _box_outside(row: dict, info: ImageInfo) -> str:
+    for field_name in ("boxes", "corrected_boxes"):
+        for item in row.get(field_name) or []:
+            x0, y0, x1, y1 = item["box"]
+            if x0 < -0.5 or y0 < -0.5 or x1 > info.width + 0.5 or y1 > info.height + 0.5:
+                return (
+                    f"record {row['record_id']}: {field_name} box {item['box']} lies outside "
+                    f"the {info.width}x{info.height} image"
+                )
+    return ""
 
 
 def _check_boxes(row: dict, name: str, where: str, bounds: BatchBounds) -> None:
-    """Optional; when present a bounded list of {label, box[, score]} with finite coordinates
-    and positive area."""
+    """Optional; when present a bounded list (its boxes are judged one record at a time)."""
     if name not in row or row[name] is None:
         return
-    items = row[name]
-    if not isinstance(items, list) or len(items) > bounds.max_boxes:
+    if not isinstance(row[name], list) or len(row[name]) > bounds.max_boxes:
         raise BatchRejected(
             "malformed_record", f"{where}: {name} must be a list of at most {bounds.max_boxes}"
         )
-    for item in items:
-        box = item.get("box") if isinstance(item, dict) else None
-        ok = (
-            isinstance(item, dict)
-            and isinstance(item.get("label"), str)
-            and len(item["label"]) <= bounds.max_field_chars
-            and isinstance(box, list)
-            and len(box) == 4
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
-            and isinstance(item.get("score", 0.0), (int, float))
-        )
-        if not ok:
-            raise BatchRejected(
-                "malformed_record",
-                f"{where}: each of {name} needs a label and a box of 4 finite numbers",
-            )
-        if not (box[0] < box[2] and box[1] < box[3]):
-            raise BatchRejected("invalid_box", f"{where}: {name} box {box} is empty or inverted")
+
+
+def _value_problem(row: dict) -> tuple[str, str] | None:
+    """(code, why) a record or correction carries a value no device sends, or None: the same
+    box rule as the device's (`wire.box_problem`), probabilities in [0, 1]."""
+    if "confidence" in row:
+        problem = number_problem(row["confidence"], 0.0, 1.0)
+        if problem:
+            return "invalid_value", f"confidence {problem}"
+    for pair in row.get("top_k") or []:
+        problem = number_problem(pair[1], 0.0, 1.0)
+        if problem:
+            return "invalid_value", f"top_k probability {problem}"
+    for name in ("boxes", "corrected_boxes"):
+        for item in row.get(name) or []:
+            problem = box_problem(item)
+            if problem:
+                return "invalid_box", f"{name}: {problem}"
+    return None
+
+
+def _refuse_bad_values(records: list[dict], corrections: list[dict]):
+    """Turn away each record (and correction) with a bad value alone, with its reason; the
+    batch's other records go on."""
+    refused, kept_records, kept_fixes = [], [], []
+    for name, rows, kept in (
+        ("records.jsonl", records, kept_records),
+        ("corrections.jsonl", corrections, kept_fixes),
+    ):
+        for i, row in enumerate(rows):
+            bad = _value_problem(row)
+            if bad is None:
+                kept.append(row)
+            else:
+                refused.append((row["record_id"], bad[0], f"{name} line {i + 1}: {bad[1]}"))
+    return kept_records, kept_fixes, refused
 
 
 def _vetted_entries(archive, limits: ImageLimits, bounds: BatchBounds) -> dict:
@@ -336,13 +371,35 @@ def _jsonl(data: bytes, name: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(
+                line, parse_int=_bounded_int, parse_float=_finite_float, parse_constant=_no_constant
+            )
         except json.JSONDecodeError as exc:
             raise BatchRejected("malformed_record", f"{name} line {number}: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # a number out of bounds, nesting too deep
+            raise BatchRejected("malformed_record", f"{name} line {number}: {exc}") from None
         if not isinstance(row, dict):
             raise BatchRejected("malformed_record", f"{name} line {number}: not an object")
         rows.append(row)
     return rows
+
+
+def _bounded_int(text: str) -> int:
+    """JSON integers, bounded before Python converts them (a 5000-digit one stops at 4300)."""
+    if len(text.lstrip("-")) > 18:
+        raise ValueError(f"an integer of {len(text)} digits is not a value a device sends")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:30]} is not a finite number")
+    return value
+
+
+def _no_constant(text: str):
+    raise ValueError(f"{text} is not a number a batch may hold")
 
 
 def _kind_name(kind) -> str:
@@ -558,6 +615,7 @@ class VettedBatches:
     quarantined: pd.DataFrame  # batch_id, reason_code, reason, quarantine
     contract: object  # core.base.contracts.ContractResult on the accepted records
     new_images: int = 0
+    refused_records: pd.DataFrame = field(default_factory=pd.DataFrame)  # turned away alone
 
     def records(self) -> pd.DataFrame:
         return _records_of(self.frames, self.accepted)
@@ -574,6 +632,7 @@ class VettedBatches:
                 sum((self.frames[b]["kind"] == "correction").sum() for b in self.accepted)
             ),
             "devices": int(accepted["device_id"].nunique()),
+            "refused_records": len(self.refused_records),
             "new_images_stored": self.new_images,
         }
 
@@ -640,6 +699,8 @@ def vet_batches(
             rejected[batch] = ("missing_batch", f"{batch_key(batch)} is not in the store")
         except (BatchRejected, NotEnrolled) as exc:
             rejected[batch] = (exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 - whatever else breaks, one batch stops alone
+            rejected[batch] = ("unreadable_batch", f"{type(exc).__name__}: {exc}"[:500])
 
     def check(keys: list[str], label: str | None):
         return validate(_records_of(frames, keys).drop(columns=["thumb"]), label)
@@ -668,10 +729,19 @@ def vet_batches(
         )
         frames[batch] = no_records()
     new_images = sum(store_images(store, parsed[b], frames[b]) for b in good)
+    refused = [
+        {"batch_id": b, "record_id": record, "reason_code": code, "reason": reason}
+        for b in good
+        for record, code, reason in parsed[b].refused
+    ]
+    for batch in {r["batch_id"] for r in refused}:  # kept beside the upload, as for a batch
+        note = [r for r in refused if r["batch_id"] == batch]
+        store.write_bytes(f"{QUARANTINE_PREFIX}/{batch}.records.json", json.dumps(note).encode())
     return VettedBatches(
         frames,
         good,
         pd.DataFrame(quarantined, columns=["batch_id", "reason_code", "reason", "quarantine"]),
         contract,
         new_images,
+        pd.DataFrame(refused, columns=["batch_id", "record_id", "reason_code", "reason"]),
     )

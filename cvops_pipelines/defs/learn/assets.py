@@ -116,6 +116,11 @@ def feedback(
         context.log.error(
             f"feedback batch {row.batch_id} quarantined whole: {row.reason_code}: {row.reason}"
         )
+    for row in vetted.refused_records.itertuples():
+        context.log.warning(
+            f"record {row.record_id} of batch {row.batch_id} turned away alone: "
+            f"{row.reason_code}: {row.reason}"
+        )
     out, quarantined = vetted.frames, vetted.quarantined
     quarantine = MetadataValue.md(markdown_table(quarantined, 20))
     yield Output(

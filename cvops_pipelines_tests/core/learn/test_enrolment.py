@@ -36,7 +36,12 @@ def _records_as(batch: str, device: str | None = None):
 def _only_corrections(batch: str, record_ids: list[str], label: str):
     def change(files):
         fixes = [
-            {"record_id": r, "corrected_label": label, "corrected_at": "2030-01-01T00:00:00+00:00"}
+            {
+                "record_id": r,
+                "corrected_label": label,
+                "corrected_at": "2030-01-01T00:00:00+00:00",
+                "batch_id": batch,
+            }
             for r in record_ids
         ]
         files["records.jsonl"] = b""
@@ -218,3 +223,95 @@ def test_a_revocation_cannot_be_undone_by_restoring_the_old_enrolment(tmp_path):
     # the ledger's record of a revocation outlives the store's copy: a second pipeline process
     # with the same record (the Dagster instance) refuses the replay as well
     assert ledger.highest("enrolment:cam-1") > 0
+
+
+def _rewrite_line(batch: str, line: int, text_of):
+    """The records as `batch`'s device's own, with line `line` (0-based) replaced by
+    `text_of(row)`: raw JSON text, so values json.dumps would never write (huge integers, NaN)
+    are sent as a device could."""
+
+    device = batch.rsplit("-b", 1)[0]
+
+    def change(files):
+        rows = [json.loads(x) for x in files["records.jsonl"].decode().splitlines()]
+        rows = [
+            {**r, "batch_id": batch, "device_id": device, "record_id": f"{device}-{i + 1:08d}"}
+            for i, r in enumerate(rows)
+        ]
+        lines = [json.dumps(r) for r in rows]
+        lines[line] = text_of(rows[line])
+        files["records.jsonl"] = "\n".join(lines).encode()
+
+    return change
+
+
+def _with(field_name: str, raw: str):
+    """A row's JSON with `field_name` set to the raw JSON text `raw`."""
+    return lambda row: json.dumps({**row, field_name: "@@"}).replace('"@@"', raw)
+
+
+@pytest.mark.parametrize(
+    "raw_field, raw",
+    [
+        ("confidence", "1" * 5000),  # Python refuses to convert it: ValueError on main
+        ("confidence", "1e400"),  # inf
+        ("confidence", "NaN"),
+        ("boxes", '[{"label": "1", "score": 0.5, "box": [0, 0, ' + "9" * 401 + ", 5]}]"),
+        ("top_k", '[["1", 1e999]]'),
+    ],
+)
+def test_one_unbounded_value_quarantines_its_batch_alone(field, raw_field, raw):
+    """Item 6: a value of any size stops only its own batch; the batch beside it is ingested."""
+    store, fleet, victim, payload, ids, vet = field
+    batch = "dev-002-b000001"
+    fleet.upload(batch, rezip(payload, _rewrite_line(batch, 0, _with(raw_field, raw))))
+    vetted = vet([batch])
+    assert vetted.accepted == [victim]
+    (row,) = vetted.quarantined.itertuples()
+    assert row.batch_id == batch and row.reason_code == "malformed_record", row.reason
+    assert "line 1" in row.reason
+
+
+@pytest.mark.parametrize(
+    "raw_field, raw, code",
+    [
+        ("confidence", "10", "invalid_value"),
+        ("confidence", str(10**400)[:18], "invalid_value"),  # large, still an int64
+        ("top_k", '[["1", 7.5]]', "invalid_value"),
+        ("boxes", '[{"label": "1", "score": 7.5, "box": [0, 0, 5, 5]}]', "invalid_box"),
+        ("boxes", '[{"label": "", "score": 0.5, "box": [0, 0, 5, 5]}]', "invalid_box"),
+        ("corrected_boxes", '[{"label": "1", "box": [5, 5, 0, 0]}]', "invalid_box"),
+        ("corrected_boxes", '[{"label": "1", "box": [0, 0, 5000, 5]}]', "invalid_box"),
+    ],
+)
+def test_a_record_with_a_bad_value_is_turned_away_alone(field, raw_field, raw, code):
+    """Items 6 and 12: the record goes, with its reason and a quarantine note; the batch's other
+    records (and the batch beside it) go on."""
+    store, fleet, victim, payload, ids, vet = field
+    batch = "dev-002-b000001"
+    fleet.upload(batch, rezip(payload, _rewrite_line(batch, 0, _with(raw_field, raw))))
+    vetted = vet([batch])
+    assert vetted.accepted == [victim, batch] and vetted.quarantined.empty
+    (row,) = vetted.refused_records.itertuples()
+    assert row.record_id == "dev-002-00000001" and row.reason_code == code, row.reason
+    kept = set(vetted.records()["record_id"])
+    assert "dev-002-00000001" not in kept and "dev-002-00000002" in kept
+    assert vetted.summary()["refused_records"] == 1
+    note = json.loads(store.read_bytes(f"quarantine/feedback/{batch}.records.json"))
+    assert note[0]["record_id"] == "dev-002-00000001"
+
+
+def test_a_signed_batch_counts_once_whatever_its_name(field):
+    """Item 8: the same bytes and signature re-sent under a new name are refused."""
+    store, fleet, victim, payload, ids, vet = field
+    first = "dev-001-b000002"
+    fixes = rezip(payload, _only_corrections(first, ids[:1], "3"))
+    fleet.upload(first, fixes)
+    signature = store.read_bytes(f"feedback/batches/{first}.zip.sig")
+    replay = "dev-001-b000003"
+    store.write_bytes(batch_key(replay), fixes)
+    store.write_bytes(f"feedback/batches/{replay}.zip.sig", signature)
+    vetted = vet([first, replay])
+    assert vetted.accepted == [victim, first]
+    (row,) = vetted.quarantined.itertuples()
+    assert row.batch_id == replay and row.reason_code == "batch_id_mismatch", row.reason

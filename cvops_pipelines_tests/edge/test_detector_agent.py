@@ -10,7 +10,6 @@ import pytest
 from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, build_detector
 from cvops_pipelines.core.curate.boxes import build_box_pool, decode
 from cvops_pipelines.core.learn.feedback import (
-    BatchRejected,
     feedback_labels,
     feedback_manifest,
     parse_batch,
@@ -82,23 +81,45 @@ def test_a_box_review_travels_to_the_pool_as_the_image_s_labels(device):
     assert records["image_id"].iloc[2] not in by_image.index  # unreviewed: no label
 
 
-def test_a_batch_with_a_box_outside_its_image_is_refused_with_its_code(device):
+def test_a_record_with_a_box_outside_its_image_is_turned_away_with_its_code(device):
     c, agent = device
     answer = agent.predict(scenes(1, seed=7)[0].png())
     agent.correct_boxes(answer.record_id, [{"label": "3", "box": [100, 100, 400, 120]}])
     agent.buffer.seal()
     (batch,) = agent.buffer.sealed()
-    with pytest.raises(BatchRejected) as refused:
-        parse_batch(agent.buffer.payload(batch), batch)
-    assert refused.value.code == "invalid_box" and "160x160" in refused.value.message
+    parsed = parse_batch(agent.buffer.payload(batch), batch)
+    ((record, code, reason),) = parsed.refused
+    assert record == answer.record_id and code == "invalid_box" and "160x160" in reason
+    assert parsed.records == [] and parsed.infos == {}  # its image is not stored either
 
     def inverted(files):
         row = json.loads(files["records.jsonl"])
         row["corrected_boxes"] = [{"label": "3", "box": [50, 50, 40, 60]}]
         files["records.jsonl"] = json.dumps(row).encode()
 
-    with pytest.raises(BatchRejected, match="empty or inverted"):
-        parse_batch(rezip(agent.buffer.payload(batch), inverted), batch)
+    parsed = parse_batch(rezip(agent.buffer.payload(batch), inverted), batch)
+    assert "empty or inverted" in parsed.refused[0][2]
+
+
+def test_the_device_drops_detections_no_batch_would_carry(device, monkeypatch):
+    """Item 12: a NaN or zero-area box from the model never reaches the buffer (it would get the
+    whole batch refused); the good ones are kept."""
+    from cvops_pipelines.edge import agent as agent_module
+    from cvops_pipelines.edge.detect import Detection
+
+    c, agent = device
+    answers = [
+        Detection("3", 0.9, (10.0, 10.0, 40.0, 40.0)),
+        Detection("4", float("nan"), (1.0, 1.0, 9.0, 9.0)),
+        Detection("5", 0.8, (20.0, 20.0, 20.0, 30.0)),  # zero width
+    ]
+    monkeypatch.setattr(agent_module, "detections", lambda *a, **k: answers)
+    answer = agent.predict(scenes(1, seed=9)[0].png())
+    assert [b["label"] for b in answer.boxes] == ["3"]
+    assert "2 detection(s) dropped" in agent.events[-1]
+    agent.buffer.seal()
+    (batch,) = agent.buffer.sealed()
+    assert parse_batch(agent.buffer.payload(batch), batch).refused == []
 
 
 def test_a_detector_bundle_that_answers_the_wrong_shape_is_never_served(tmp_path, detector):
@@ -128,8 +149,16 @@ def test_an_operator_fixes_boxes_from_the_command_line(device, tmp_path, capsys)
     assert "boxes" in answer and answer["release"]
     fixed = [{"label": "4", "box": [10, 12, 40, 50]}]
     assert main([*common, "correct", answer["record_id"], "--boxes", json.dumps(fixed)]) == 0
-    with pytest.raises(SystemExit, match="correct --boxes"):
-        main([*common, "correct", answer["record_id"], "--boxes", '[{"label": "4"}]'])
+    for bad, why in [
+        ('[{"label": "4"}]', "is not \\[x_min"),
+        ('[{"label": "4", "box": [NaN, 0, 5, 5]}]', "not finite"),
+        ('[{"label": "4", "box": [9, 9, 1, 1]}]', "empty or inverted"),
+        ('[{"label": "4", "box": ["a", 0, 5, 5]}]', "not a number"),
+        ('[{"label": "", "box": [0, 0, 5, 5]}]', "not a class name"),
+        ('{"label": "4"}', "expected a list"),
+    ]:
+        with pytest.raises(SystemExit, match=f"correct --boxes: .*{why}"):
+            main([*common, "correct", answer["record_id"], "--boxes", bad])
     assert main([*common, "upload"]) == 0
     records = field_records(c.releases.store)
     mine = records[records["record_id"] == answer["record_id"]]

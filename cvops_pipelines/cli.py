@@ -231,6 +231,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = settings.cvops_store()
     releases = ReleaseStore(store)
     print(f"cvops status ({store.uri()})")
+    orphans = store.orphans() if hasattr(store, "orphans") else []
+    if orphans:
+        print(
+            f"   store     : {len(orphans)} temp file(s) of writers killed mid-write, e.g. "
+            f"{orphans[0]} (the next write to each folder removes them)"
+        )
     for channel in ("stable", "canary"):
         pointer = releases.channel(channel) or {}
         release = pointer.get("release")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -57,6 +58,34 @@ def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
 
 
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]{1,10})\.[0-9]{1,20}\.tmp\Z")
+
+
+def _orphan(name: str) -> bool:
+    """Whether `name` is one of our temp files whose writing process is gone (on this host)."""
+    match = _TEMP.match(name)
+    if not match:
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive under another user; or no such pid at all
+        return False
+    return False
+
+
+def remove_orphans(folder: Path) -> int:
+    """Remove the temp files in `folder` that a killed writer left; how many."""
+    removed = 0
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith(".") and _orphan(entry.name):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 @dataclass(frozen=True)
 class LocalStore:
     root: Path
@@ -99,6 +128,7 @@ class LocalStore:
         path = self._path(key)
         if path.parent not in _MADE_DIRS:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_orphans(path.parent)  # once per folder and process: a killed writer's temps
             _MADE_DIRS.add(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNTER)}.tmp")
         try:
@@ -116,6 +146,18 @@ class LocalStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def orphans(self) -> list[Path]:
+        """Temp files whose writer died before its rename (killed mid-write): hidden from
+        `list`, removed by the next write to their folder, counted by `cvops status`."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            Path(folder) / name
+            for folder, _, names in os.walk(self.root)
+            for name in names
+            if _orphan(name)
+        )
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -192,3 +192,63 @@ def test_s3_access_denied_message(monkeypatch):
         with pytest.raises(StorageError) as err:
             store.write_bytes("k", b"x")
     assert "bucket 'locked' at endpoint http://minio.internal:9000 denied access" in str(err.value)
+
+
+def test_a_writer_killed_mid_write_leaves_no_temp_file_for_good(tmp_path):
+    """Item 16 of the third trust round: a kill -9 between the temp file and its rename leaves
+    the temp file; the store counts it, and the next write to its folder removes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cvops_pipelines.core.base import store as store_module
+
+    root = tmp_path / "store"
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from cvops_pipelines.core.base.store import LocalStore\n"
+            "def stall(f):\n"
+            "    f.write(b'half'); f.flush(); print('writing', flush=True); time.sleep(600)\n"
+            f"LocalStore({str(root)!r})._atomic('images/ab/x.png', stall, True)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    time.sleep(0.1)
+    store = LocalStore(root)
+    (orphan,) = store.orphans()
+    assert orphan.parent == root / "images" / "ab" and orphan.read_bytes() == b"half"
+    assert list(store.list()) == []  # hidden from listings, but counted above
+    store_module._MADE_DIRS.discard(orphan.parent)  # as in a fresh process (the rerun)
+    store.write_bytes("images/ab/y.png", b"whole")
+    assert store.orphans() == [] and not orphan.exists()
+    assert [e.key for e in store.list()] == ["images/ab/y.png"]
+    live = root / "images" / "ab" / f".z.png.{os.getpid()}.0.tmp"  # a live writer's: kept
+    live.write_bytes(b"in progress")
+    store_module._MADE_DIRS.discard(live.parent)
+    store.write_bytes("images/ab/w.png", b"whole")
+    assert live.exists() and store.orphans() == []
+
+
+def test_id_patterns_match_the_whole_string():
+    """Item 17: `$` matches before a trailing newline; every id pattern refuses one."""
+    from cvops_pipelines.core.ingest.drops import VALID_DROP_NAME
+    from cvops_pipelines.edge import wire
+
+    assert wire.RELEASE_ID.match("rel-1") and not wire.RELEASE_ID.match("rel-1\n")
+    for pattern, good in [
+        (wire.BATCH_ID, "cam-1-b000001"),
+        (wire.DEVICE_ID, "cam-1"),
+        (VALID_DROP_NAME, "drop-1"),
+    ]:
+        assert pattern.match(good) and not pattern.match(good + "\n")
+    assert wire.device_of_batch("cam-1-b000001") == "cam-1"
+    assert wire.device_of_batch("cam-1-b000001\n") is None
+    assert wire.device_of_record("cam-1-00000001\n") is None

@@ -113,19 +113,20 @@ class PartitionedTable:
         ]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def local_files(self, folder: Path) -> list[Path]:
-        """Every written partition as a local Parquet file, in partition order: a local store's
-        own files, or S3 objects downloaded into `folder` (one request each, never in memory)."""
+    def local_files(self, folder: Path) -> list[tuple[str, Path]]:
+        """Every written partition (its key, a local Parquet file), in partition order: a local
+        store's own files, or S3 objects downloaded into `folder` (one request each, never in
+        memory)."""
         local = getattr(self.store, "local_path", None)
-        paths = []
-        for i, key in enumerate(self.keys.values()):
+        files = []
+        for i, (partition, key) in enumerate(self.keys.items()):
             if local is not None:
                 if local(key).is_file():
-                    paths.append(local(key))
+                    files.append((partition, local(key)))
             elif self.store.exists(key):
-                paths.append(folder / f"{i:08d}.parquet")
-                self.store.get_file(key, paths[-1])
-        return paths
+                files.append((partition, folder / f"{i:08d}.parquet"))
+                self.store.get_file(key, files[-1][1])
+        return files
 
 
 class TemporaryFolder:

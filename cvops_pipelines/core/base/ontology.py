@@ -13,6 +13,9 @@ TASKS = ("classification", "detection")
 # The label of "this image was looked at and holds no objects": a detection negative. No class
 # can be named "" (names must be non-empty), and a classification dataset has no such label.
 NO_OBJECTS = ""
+# Boxes one image may hold (the box contract's default bound, and what ingest admits): every
+# step that compares an image's boxes pairwise stays bounded by it.
+MAX_BOXES_PER_IMAGE = 100
 
 
 class OntologyError(ValueError):

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 import pandas as pd
 
-from cvops_pipelines.core.base.ontology import NO_OBJECTS, Ontology
+from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE, NO_OBJECTS, Ontology
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import TableFile
 from cvops_pipelines.core.ingest.formats.coco import looks_like_coco, parse_coco
@@ -71,6 +71,19 @@ class AnnotationResult:
     quarantine: pd.DataFrame
     formats: Counter  # labels imported per format
     unlabeled_images: int
+    records_read: int = 0  # label records and problems the annotation files held
+
+    def nothing_usable(self) -> str | None:
+        """Why this drop's annotations came to nothing, when files held records: a drop whose
+        every label was refused must not look like an unlabeled one."""
+        if self.records_read and self.labels.empty:
+            reasons = self.quarantine["reason_code"].value_counts()
+            top = ", ".join(f"{code} x{n}" for code, n in reasons.head(3).items())
+            return (
+                f"imported 0 of {self.records_read} label records "
+                f"({top or 'none usable'}): see the quarantine table"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -177,9 +190,12 @@ def _read_annotation_files(
 
 def _read_json(key: str, data: bytes) -> Iterator[tuple[str, LabelRecord | LabelProblem]]:
     try:
-        doc = json.loads(data.decode("utf-8-sig"))
+        doc = json.loads(data.decode("utf-8-sig"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         yield "json", LabelProblem("malformed_file", "not UTF-8 text", key)
+        return
+    except RecursionError:
+        yield "json", LabelProblem("malformed_file", "JSON nested too deeply", key)
         return
     except json.JSONDecodeError as exc:
         yield (
@@ -191,6 +207,9 @@ def _read_json(key: str, data: bytes) -> Iterator[tuple[str, LabelRecord | Label
                 f"line {exc.lineno} column {exc.colno}",
             ),
         )
+        return
+    except ValueError as exc:  # an integer of thousands of digits, NaN, Infinity
+        yield "json", LabelProblem("malformed_file", f"invalid JSON: {exc}"[:300], key)
         return
     if looks_like_coco(doc):
         for item in parse_coco(key, doc):
@@ -208,6 +227,10 @@ def _read_json(key: str, data: bytes) -> Iterator[tuple[str, LabelRecord | Label
                 key,
             ),
         )
+
+
+def _no_constant(text: str):
+    raise ValueError(f"{text} is not a number an annotation may hold")
 
 
 def _pixel_box(record: LabelRecord, image: _Image) -> tuple[float, ...] | str:
@@ -229,8 +252,36 @@ def _pixel_box(record: LabelRecord, image: _Image) -> tuple[float, ...] | str:
 INDEX_COLUMNS = ["image_id", "original_name", "aliases", "width", "height"]
 
 
+def _bounded_boxes(labels: list[dict], problems: list, limit: int) -> list[dict]:
+    """Drop every box of an image that holds more than `limit` in this drop, with one problem
+    per image: every later step compares an image's boxes pairwise, so their number is bounded
+    where they enter."""
+    counts = Counter(row["image_id"] for row in labels if row["x_min"] is not None)
+    over = {image for image, n in counts.items() if n > limit}
+    if not over:
+        return labels
+    for image in sorted(over):
+        first = next(r for r in labels if r["image_id"] == image and r["x_min"] is not None)
+        problems.append(
+            LabelProblem(
+                "too_many_boxes",
+                f"{counts[image]} boxes on {first['original_name']!r} (at most {limit}: "
+                "max_boxes_per_image); none of them imported",
+                first["annotation_file"],
+                first["position"],
+                first["original_name"],
+            )
+        )
+    return [r for r in labels if r["image_id"] not in over or r["x_min"] is None]
+
+
 def import_annotations(
-    source: Store, store: Store, drop: str, manifest: TableFile, ontology: Ontology
+    source: Store,
+    store: Store,
+    drop: str,
+    manifest: TableFile,
+    ontology: Ontology,
+    max_boxes_per_image: int = MAX_BOXES_PER_IMAGE,
 ) -> AnnotationResult:
     """The drop's labels. The image index (every name of every image) is built only when
     there are labels to resolve, from the manifest columns it needs: an unlabeled drop of a
@@ -264,6 +315,18 @@ def import_annotations(
             continue
         if item.label == NO_OBJECTS and not ontology.detection:
             continue  # a classification dataset: the image stays unlabeled
+        if item.object_annotation and item.box is None:
+            if ontology.detection:  # never an image label in disguise
+                problems.append(
+                    LabelProblem(
+                        "missing_box",
+                        f"{item.label!r} has no bbox",
+                        item.annotation_file,
+                        item.position,
+                        item.image_ref,
+                    )
+                )
+            continue  # a classification dataset: the file's image-level label carries it
         name, code = index.resolve(item.image_ref, item.annotation_file)
         if not code and name in index.rejected:
             code = "image_quarantined"
@@ -320,6 +383,7 @@ def import_annotations(
                 "image_height": image.height,
             }
         )
+    labels = _bounded_boxes(labels, problems, max_boxes_per_image)
     quarantine = _quarantine_rows(problems, source, store, drop, detected_at)
     labelled = {row["image_id"] for row in labels}
     unlabeled = manifest.rows - len(labelled)
@@ -332,6 +396,7 @@ def import_annotations(
         quarantine,
         formats,
         unlabeled_images=unlabeled,
+        records_read=len(items),
     )
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from cvops_pipelines.core.base.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
+from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.ingest.intake import MANIFEST_COLUMNS, now_utc, store_original
 from cvops_pipelines.core.learn.enrolment import (
@@ -94,7 +95,7 @@ class BatchBounds:
     max_upload_bytes: int = 513 * 1024 * 1024  # the zip itself, checked before it is read
     max_field_chars: int = 256  # any string field of a record or correction
     max_top_k: int = 20
-    max_boxes: int = 100  # a detector's answer or a corrected set, per record
+    max_boxes: int = MAX_BOXES_PER_IMAGE  # a detector's answer or a corrected set, per record
 
 
 _IMAGE_ENTRY = re.compile(r"^images/[0-9a-f]{64}\.bin\Z")

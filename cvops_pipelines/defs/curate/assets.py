@@ -19,7 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from cvops_pipelines.core.base.contracts import validate
-from cvops_pipelines.core.base.ontology import NO_OBJECTS
+from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE, NO_OBJECTS
 from cvops_pipelines.core.base.plots import md_image
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.base.tracking import TrackingUnavailable
@@ -396,7 +396,9 @@ class DatasetVersionConfig(Config):
         0.0, description="Contract: smallest share of a class in a split."
     )
     min_box_side: float = Field(1.0, description="Contract: a box's smallest width and height.")
-    max_boxes_per_image: int = Field(100, description="Contract: boxes in one image, at most.")
+    max_boxes_per_image: int = Field(
+        MAX_BOXES_PER_IMAGE, description="Contract: boxes in one image, at most."
+    )
     max_class_share: float = Field(
         1.0, description="Contract: largest share of a class in a split."
     )

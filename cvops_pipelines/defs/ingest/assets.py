@@ -1,16 +1,29 @@
 """Ingest stage: one partition per drop; images first, then the labels that point at them."""
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
+from dagster import (
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
 from cvops_pipelines.core.base.contracts import validate, validate_table
 from cvops_pipelines.core.base.images import ImageLimits
+from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
 from cvops_pipelines.core.base.tables import TableFile, markdown_table, write_table
 from cvops_pipelines.core.ingest.annotations import import_annotations
 from cvops_pipelines.core.ingest.drops import require_complete
 from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
-from cvops_pipelines.defs.contract_checks import contract_check_result, contract_spec
+from cvops_pipelines.defs.contract_checks import (
+    check_result,
+    contract_check_result,
+    contract_spec,
+)
 from cvops_pipelines.defs.partitions import drops_partitions
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, DropSource
 
@@ -116,17 +129,35 @@ def _raw_images_metadata(result, quarantine_uri: str) -> dict:
     }
 
 
+class AnnotationsConfig(Config):
+    max_boxes_per_image: int = Field(
+        MAX_BOXES_PER_IMAGE,
+        description="Boxes one image may hold in a drop; an image with more has none imported "
+        "(quarantined with too_many_boxes).",
+    )
+
+
 @asset(
     group_name="ingest",
     partitions_def=drops_partitions,
     io_manager_key="tables",
-    check_specs=[contract_spec("annotations")],
+    check_specs=[
+        contract_spec("annotations"),
+        AssetCheckSpec(
+            "labels_imported",
+            asset="annotations",
+            blocking=True,
+            description="Fails when the drop's annotation files held label records and none "
+            "could be imported (every one quarantined): never an OK that imported nothing.",
+        ),
+    ],
     kinds={"python", "parquet"},
     description="Labels of one drop (ImageFolder, CSV, COCO, YOLO or Label Studio), each tied to "
     "an ingested image and checked against the ontology.",
 )
 def annotations(
     context: AssetExecutionContext,
+    config: AnnotationsConfig,
     raw_images: TableFile,  # unloaded: only an index of names is read, and only if labels exist
     storage: CvopsStorage,
     drop_source: DropSource,
@@ -135,7 +166,9 @@ def annotations(
     drop = context.partition_key
     store = storage.store()
     ontology = contracts.ontology()
-    result = import_annotations(drop_source.drop(drop), store, drop, raw_images, ontology)
+    result = import_annotations(
+        drop_source.drop(drop), store, drop, raw_images, ontology, config.max_boxes_per_image
+    )
     quarantine_uri = write_table(store, f"quarantine/{drop}/annotations.parquet", result.quarantine)
     per_class = result.labels.groupby("label").size().rename("labels").reset_index()
     yield Output(
@@ -164,3 +197,13 @@ def annotations(
         run_name=f"annotations-{drop}",
     )
     yield contract_check_result("annotations", contract)
+    nothing = result.nothing_usable()
+    if nothing:
+        context.log.error(f"drop {drop}: {nothing}")
+    yield check_result(
+        "labels_imported",
+        nothing,
+        AssetCheckSeverity.ERROR,
+        label_records=result.records_read,
+        labels=len(result.labels),
+    )

@@ -17,7 +17,24 @@ PROBLEMS = {
     "image_quarantined": "the annotated image was rejected by raw_images",
     "ambiguous_image": "the image reference matches several files in the drop",
     "invalid_box": "the box is empty, inverted or outside the image",
+    "duplicate_id": "an id the file already used",
+    "missing_box": "an object annotation without a box, under a detection ontology",
+    "too_many_boxes": "more boxes on one image than the contract allows",
 }
+
+
+def box_numbers(values, what: str) -> tuple[float, ...] | str:
+    """`values` as floats when each is a finite number of sane size (bools, text and numbers of
+    any size refused without converting them), else why not."""
+    from cvops_pipelines.edge.wire import MAX_COORDINATE, number_problem
+
+    if not isinstance(values, list | tuple):
+        return f"{what} must be a list of numbers, got {values!r:.80}"
+    for value in values:
+        problem = number_problem(value, -MAX_COORDINATE, MAX_COORDINATE)
+        if problem:
+            return f"{what}: {problem}"
+    return tuple(float(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class LabelRecord:
     box_units: str = PIXELS
     labeled_at: str | None = None  # ISO time when the tool recorded one
     origin: str = "drop"  # "annotation_queue" when the file answers a cvops queue
+    object_annotation: bool = False  # one object of a box format: a detection dataset needs its box
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,26 @@
 """Label Studio JSON export (the "JSON" export: a list of tasks with their annotations).
 
 Choices become image-level labels; rectangle labels become boxes (Label Studio stores them in
-percent of the image). Cancelled annotations ("skipped" in the UI) carry no label.
+percent of the image; a rotated one becomes the box around it). Cancelled annotations
+("skipped" in the UI) carry no label; a submitted annotation that marks nothing is a negative
+(`NO_OBJECTS`), one vote of its annotator's, so a disagreement with another annotator shows.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from urllib.parse import parse_qs, unquote, urlparse
 
-from cvops_pipelines.core.ingest.formats.common import FRACTION, LabelProblem, LabelRecord
+from cvops_pipelines.core.base.ontology import NO_OBJECTS
+from cvops_pipelines.core.ingest.formats.common import (
+    FRACTION,
+    PIXELS,
+    LabelProblem,
+    LabelRecord,
+    box_numbers,
+)
 
 # Uploaded files are renamed "<8 hex chars>-<original name>" by Label Studio.
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
@@ -48,7 +58,18 @@ def parse_labelstudio(name: str, tasks: list) -> Iterator[LabelRecord | LabelPro
             if isinstance(annotator, dict):
                 annotator = annotator.get("email") or annotator.get("id", "")
             labeled_at = annotation.get("updated_at") or annotation.get("created_at")
-            for r, result in enumerate(annotation.get("result") or []):
+            if not annotation.get("result"):  # submitted with nothing marked: a negative vote
+                yield LabelRecord(
+                    ref,
+                    NO_OBJECTS,
+                    name,
+                    f"{where} annotations[{a}]",
+                    str(annotator),
+                    labeled_at=labeled_at,
+                    origin=origin,
+                )
+                continue
+            for r, result in enumerate(annotation.get("result")):
                 position = f"{where} annotations[{a}] result[{r}]"
                 yield from _result(result, ref, name, position, str(annotator), labeled_at, origin)
 
@@ -79,12 +100,15 @@ def _result(
         )
     elif kind == "rectanglelabels":
         labels = value.get("rectanglelabels") or []
-        try:
-            x, y, w, h = (float(value[k]) / 100.0 for k in ("x", "y", "width", "height"))
-        except (KeyError, TypeError, ValueError):
+        numbers = box_numbers(
+            [value.get(k) for k in ("x", "y", "width", "height", "rotation")], "rectangle"
+        ) if value.get("rotation") is not None else box_numbers(
+            [value.get(k) for k in ("x", "y", "width", "height")], "rectangle"
+        )  # fmt: skip
+        if isinstance(numbers, str):
             yield LabelProblem(
                 "malformed_record",
-                "rectangle needs numeric x, y, width, height",
+                f"{numbers} (needs numeric x, y, width, height)",
                 name,
                 position,
                 ref,
@@ -99,18 +123,43 @@ def _result(
                 ref,
             )
             return
+        box = _rectangle(numbers, result)
+        if isinstance(box, str):
+            yield LabelProblem("malformed_record", box, name, position, ref)
+            return
         yield LabelRecord(
             ref,
             str(labels[0]),
             name,
             position,
             annotator,
-            (x, y, x + w, y + h),
-            FRACTION,
+            box[0],
+            box[1],
             labeled_at,
             origin,
+            object_annotation=True,
         )
     else:
         yield LabelProblem(
             "malformed_record", f"unsupported result type {kind!r}", name, position, ref
         )
+
+
+def _rectangle(numbers: tuple[float, ...], result: dict):
+    """(box, units) of a rectangle given in percent of the image. A rotated one (degrees
+    clockwise about its top-left corner, in pixels) becomes the axis-aligned box around it, as
+    Label Studio's own COCO export does; that needs the image size the result records."""
+    x, y, w, h = (v / 100.0 for v in numbers[:4])
+    rotation = numbers[4] if len(numbers) > 4 else 0.0
+    if rotation % 360 == 0:
+        return (x, y, x + w, y + h), FRACTION
+    size = box_numbers([result.get("original_width"), result.get("original_height")], "size")
+    if isinstance(size, str) or min(size) <= 0:
+        return "a rotated rectangle needs the image's original_width and original_height"
+    width, height = size
+    x0, y0, w, h = x * width, y * height, w * width, h * height
+    cos, sin = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    corners = [(0.0, 0.0), (w, 0.0), (w, h), (0.0, h)]
+    xs = [x0 + dx * cos - dy * sin for dx, dy in corners]
+    ys = [y0 + dx * sin + dy * cos for dx, dy in corners]
+    return (min(xs), min(ys), max(xs), max(ys)), PIXELS

@@ -114,3 +114,128 @@ def test_yolo_drop(tmp_path, ontology):
     result = run(drop, tmp_path, ontology)
     box = result.labels.dropna(subset=["x_min"]).iloc[0]
     assert (box.label, box.x_min, box.y_min, box.x_max, box.y_max) == ("1", 8, 12, 24, 20)
+
+
+@pytest.fixture
+def scenes_ontology(repo_root):
+    return load_ontology(repo_root / "data_contracts" / "scenes.yaml")
+
+
+def _coco_drop(tmp_path, name, coco, images=("x.png", "y.png")):
+    drop = tmp_path / name
+    for i, image in enumerate(images):
+        write(drop, f"images/{image}", corpus.encode(digit_model.digit(3 + i), "PNG"))  # 32x32
+    write(drop, "annotations/instances.json", json.dumps(coco))
+    return drop
+
+
+def test_coco_ids_are_unique_and_odd_values_are_quarantined_with_a_code(tmp_path, scenes_ontology):
+    """Item 10 of the third trust round: each case gets a code and a quarantine row, and the
+    good annotations beside them import."""
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "x.png"},
+            {"id": 2, "file_name": "y.png"},
+            {"id": 2, "file_name": "x.png"},  # a repeated image id
+            {"id": 3, "file_name": "x.png"},
+        ],
+        "categories": [
+            {"id": 4, "name": "3"},
+            {"id": 9, "name": "8"},
+            {"id": 9, "name": "1"},  # a repeated category id, another name
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 4, "bbox": [2, 2, 10, 10]},
+            {"id": 1, "image_id": 1, "category_id": 4, "bbox": [12, 2, 10, 10]},  # id again
+            {"id": 2, "image_id": 1, "category_id": 4, "bbox": [0, 0, True, True]},
+            {"id": 3, "image_id": 2, "category_id": 4, "bbox": [1, 1, 5, 5]},  # ambiguous image
+            {"id": 4, "image_id": 1, "category_id": 9, "bbox": [1, 1, 5, 5]},  # which name?
+            {"id": 5, "image_id": 3, "category_id": 4, "bbox": None},  # an object with no box
+            {"id": 6, "image_id": 1, "category_id": 4, "bbox": [0, 0, 10**400, 5]},
+        ],
+    }
+    result = run(_coco_drop(tmp_path, "c1", coco), tmp_path, scenes_ontology)
+    boxes = result.labels.dropna(subset=["x_min"])
+    assert boxes[["x_min", "y_min", "x_max", "y_max"]].values.tolist() == [[2, 2, 12, 12]]
+    codes = {(r.position, r.reason_code) for r in result.quarantine.itertuples()}
+    assert codes == {
+        ("categories[2]", "duplicate_id"),
+        ("images[2]", "duplicate_id"),
+        ("annotations[1] (id=1)", "duplicate_id"),
+        ("annotations[2] (id=2)", "malformed_record"),
+        ("annotations[3] (id=3)", "ambiguous_image"),
+        ("annotations[4] (id=4)", "unknown_class"),
+        ("annotations[5] (id=5)", "missing_box"),
+        ("annotations[6] (id=6)", "malformed_record"),
+    }
+    assert result.nothing_usable() is None
+
+
+def test_one_image_listed_per_annotation_gives_one_vote_per_entry(tmp_path, scenes_ontology):
+    """Item 13: Label Studio's COCO export with two annotators lists the image twice and names
+    no annotator; the two people's boxes stay two sets, so their disagreement shows."""
+    from cvops_pipelines.core.curate.boxes import build_box_pool
+
+    coco = {
+        "images": [{"id": 0, "file_name": "x.png"}, {"id": 1, "file_name": "x.png"}],
+        "categories": [{"id": 0, "name": "3"}],
+        "annotations": [
+            {"id": 0, "image_id": 0, "category_id": 0, "bbox": [2, 2, 10, 10]},
+            {"id": 1, "image_id": 1, "category_id": 0, "bbox": [2, 2, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 0, "bbox": [18, 18, 10, 10]},
+        ],
+    }
+    drop = _coco_drop(tmp_path, "c2", coco, images=("x.png",))
+    source, store = LocalStore(drop), LocalStore(tmp_path / "store")
+    manifest = ingest_drop(source, store, drop.name, IngestConfig(workers=1)).manifest_file
+    result = import_annotations(source, store, drop.name, manifest, scenes_ontology)
+    boxes = result.labels.dropna(subset=["x_min"])
+    assert boxes["annotator"].nunique() == 2
+    pool = build_box_pool(manifest.read(), result.labels)
+    (row,) = pool.itertuples()
+    assert row.n_votes == 2 and row.agreement < 1.0
+
+
+def test_boxes_per_image_are_bounded_at_ingest(tmp_path, scenes_ontology):
+    """Item 11: 100,000 boxes on one image are refused there, with one quarantine row; the
+    other image's boxes import, and nothing later compares 10^10 pairs."""
+    many = [
+        {"id": i, "image_id": 1, "category_id": 4, "bbox": [i % 20, 1, 5, 5]}
+        for i in range(100_000)
+    ]
+    coco = {
+        "images": [{"id": 1, "file_name": "x.png"}, {"id": 2, "file_name": "y.png"}],
+        "categories": [{"id": 4, "name": "3"}],
+        "annotations": [
+            *many,
+            {"id": "last", "image_id": 2, "category_id": 4, "bbox": [1, 1, 5, 5]},
+        ],
+    }
+    result = run(_coco_drop(tmp_path, "c3", coco), tmp_path, scenes_ontology)
+    boxes = result.labels.dropna(subset=["x_min"])
+    assert list(boxes["original_name"]) == ["images/y.png"]
+    (row,) = result.quarantine.itertuples()
+    assert row.reason_code == "too_many_boxes" and "100000 boxes" in row.reason
+
+
+def test_a_drop_whose_every_label_was_refused_says_so(tmp_path, ontology):
+    """Item 13: imported 0 of N is not OK."""
+    drop = tmp_path / "c4"
+    write(drop, "a.png", corpus.encode(digit_model.digit(0), "PNG"))
+    write(drop, "labels.csv", "filename,label\nnowhere.png,1\na.png,dgo\n")
+    result = run(drop, tmp_path, ontology)
+    assert result.labels.empty
+    assert "imported 0 of 2 label records" in result.nothing_usable()
+    unlabeled = tmp_path / "c5"
+    write(unlabeled, "a.png", corpus.encode(digit_model.digit(0), "PNG"))
+    assert run(unlabeled, tmp_path, ontology).nothing_usable() is None  # no labels to import
+
+
+def test_huge_numbers_in_an_annotation_file_are_a_malformed_file(tmp_path, ontology):
+    drop = tmp_path / "c6"
+    write(drop, "a.png", corpus.encode(digit_model.digit(0), "PNG"))
+    write(drop, "export.json", '{"images": [{"id": ' + "9" * 5000 + "}], ")
+    write(drop, "other.json", '[{"data": {"image": "a.png"}, "x": NaN}]')
+    result = run(drop, tmp_path, ontology)
+    codes = {r.original_name: r.reason_code for r in result.quarantine.itertuples()}
+    assert codes == {"export.json": "malformed_file", "other.json": "malformed_file"}

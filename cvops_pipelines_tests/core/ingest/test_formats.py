@@ -236,3 +236,46 @@ def test_yolo_normalised_boxes_and_bad_lines():
 
 def test_coco_json_roundtrip_is_plain_json():
     assert json.loads(json.dumps(COCO))["categories"][1]["id"] == 3
+
+
+def _rectangle(value: dict, **extra) -> list:
+    return [
+        {
+            "id": 1,
+            "data": {"image": "/data/upload/1/0a1b2c3d-x.png"},
+            "annotations": [
+                {
+                    "id": 1,
+                    "completed_by": 1,
+                    "result": [
+                        {
+                            "type": "rectanglelabels",
+                            "value": {**value, "rectanglelabels": ["3"]},
+                            **extra,
+                        }
+                    ],
+                },
+                {"id": 2, "completed_by": 2, "result": []},  # submitted: nothing there
+            ],
+        }
+    ]
+
+
+def test_labelstudio_empty_answers_are_negatives_and_rotated_boxes_are_enclosed():
+    """Item 13 of the third trust round, on Label Studio's JSON export."""
+    square = {"x": 25, "y": 25, "width": 25, "height": 25}
+    turned = _rectangle({**square, "rotation": 90}, original_width=200, original_height=100)
+    records, problems = split(parse_labelstudio("e.json", turned))
+    assert problems == []
+    box, negative = records
+    # 50x25 px from (50, 25), turned 90 degrees clockwise about that corner: x 25..50, y 25..75
+    assert box.box_units == PIXELS
+    assert [round(v, 6) for v in box.box] == [25.0, 25.0, 50.0, 75.0]
+    assert (negative.label, negative.annotator) == (NO_OBJECTS, "2")
+    records, _ = split(parse_labelstudio("e.json", _rectangle({**square, "rotation": 0})))
+    assert records[0].box == (0.25, 0.25, 0.5, 0.5) and records[0].box_units == FRACTION
+    _, problems = split(parse_labelstudio("e.json", _rectangle({**square, "rotation": 30})))
+    assert "original_width" in problems[0].detail  # no image size: cannot rotate
+    for bad in (True, 10**400, "12", float("nan")):
+        _, problems = split(parse_labelstudio("e.json", _rectangle({**square, "x": bad})))
+        assert problems[0].code == "malformed_record", bad

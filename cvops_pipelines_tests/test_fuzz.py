@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 
 from cvops_pipelines.core.base.images import REASONS
 from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ingest.annotations import _read_json
+from cvops_pipelines.core.ingest.formats.common import LabelProblem, LabelRecord
 from cvops_pipelines.core.ingest.intake import IngestConfig, ingest_drop
-from cvops_pipelines.core.learn.feedback import BatchRejected, parse_batch
+from cvops_pipelines.core.learn.feedback import BatchRejected, batch_frame, parse_batch
 from cvops_pipelines.demo.digit_model import png
 from cvops_pipelines.edge.buffer import FeedbackBuffer
+from cvops_pipelines.edge.wire import box_problem
 from cvops_pipelines_tests.helpers import rezip
 
 BUDGET = settings(
@@ -42,8 +45,23 @@ def real_batch(tmp_path) -> tuple[str, bytes]:
     return batch, payload
 
 
+# numbers of any size and value: 600-digit integers, NaN and the infinities (json.dumps writes
+# them as NaN / Infinity, as a careless or hostile writer would)
+numbers = (
+    st.integers()
+    | st.integers(min_value=-(10**600), max_value=10**600)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+)
+boxes = st.lists(
+    st.fixed_dictionaries(
+        {"label": st.text(max_size=4), "box": st.lists(numbers, max_size=5)},
+        optional={"score": numbers},
+    ),
+    max_size=3,
+)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | numbers | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
@@ -71,6 +89,12 @@ mutations = st.one_of(
             ]
         ),
         json_values,
+    ),
+    st.tuples(
+        st.just("field"),
+        st.integers(0, 2),
+        st.sampled_from(["boxes", "corrected_boxes"]),
+        boxes,
     ),
     st.tuples(st.just("lines"), st.binary(max_size=300)),
 )
@@ -126,6 +150,12 @@ def test_any_mangled_batch_is_parsed_or_rejected_with_a_reason(tmp_path):
             assert isinstance(record["record_id"], str) and isinstance(record["top_k"], list)
             image = parsed.images[record["image_id"]]
             assert hashlib.sha256(image).hexdigest() == record["image_id"]
+            for item in [*(record.get("boxes") or []), *(record.get("corrected_boxes") or [])]:
+                assert box_problem(item) is None
+        for record_id, code, reason in parsed.refused:  # turned away alone, with a reason
+            assert record_id and code in ("invalid_box", "invalid_value") and reason
+        frame = batch_frame(parsed)  # what the asset stores: typed, finite
+        assert frame["confidence"].dropna().between(0, 1).all()
 
     check()
 
@@ -209,5 +239,66 @@ def test_any_signed_channel_or_key_document_is_used_or_refused_with_a_reason():
                 read()
             except ValueError as refused:
                 assert str(refused)
+
+    check()
+
+
+def test_any_annotation_file_gives_records_or_problems_with_a_reason():
+    """The other parser: COCO and Label Studio documents with numbers of any size and boxes of
+    any value give label records with finite boxes, or problems with a code; nothing raises."""
+    coco = st.fixed_dictionaries(
+        {
+            "images": st.lists(
+                st.fixed_dictionaries(
+                    {"id": numbers | st.text(max_size=3), "file_name": st.text(max_size=5)}
+                ),
+                max_size=3,
+            ),
+            "categories": st.lists(
+                st.fixed_dictionaries({"id": numbers, "name": json_values}), max_size=3
+            ),
+            "annotations": st.lists(
+                st.fixed_dictionaries(
+                    {"image_id": numbers, "category_id": numbers},
+                    optional={
+                        "id": json_values,
+                        "bbox": st.lists(numbers, max_size=5) | json_values,
+                    },
+                ),
+                max_size=4,
+            ),
+        }
+    )
+    value = st.fixed_dictionaries(
+        {k: numbers | json_values for k in ("x", "y", "width", "height")},
+        optional={
+            "rotation": numbers,
+            "rectanglelabels": st.lists(st.text(max_size=3), max_size=2),
+        },
+    )
+    result = st.fixed_dictionaries(
+        {"type": st.sampled_from(["rectanglelabels", "choices", "polygon"]), "value": value},
+        optional={"original_width": numbers, "original_height": numbers},
+    )
+    task = st.fixed_dictionaries(
+        {
+            "data": st.fixed_dictionaries({"image": st.text(min_size=1, max_size=8)}),
+            "annotations": st.lists(
+                st.fixed_dictionaries({"result": st.lists(result, max_size=3)}), max_size=2
+            ),
+        }
+    )
+
+    @BUDGET
+    @given(coco | st.lists(task, max_size=3))
+    def check(doc):
+        text = json.dumps(doc).encode()  # NaN, Infinity and long integers written as they come
+        for _, item in _read_json("export.json", text):
+            if isinstance(item, LabelProblem):
+                assert item.code and item.message
+                continue
+            assert isinstance(item, LabelRecord)
+            if item.box is not None:
+                assert all(isinstance(v, float) and abs(v) < 1e7 for v in item.box), item.box
 
     check()

@@ -199,3 +199,20 @@ def test_a_tiny_image_is_turned_away_alone_and_the_drop_goes_on(isolated_homes):
     assert images["files_seen"] == 7 and images["accepted"] == 6 and images["quarantined"] == 1
     assert "too_small" in images["quarantine_by_reason"]
     assert labels["labels"] == 6  # the drop's labels were imported
+
+
+def test_a_drop_whose_every_label_is_refused_fails_labels_imported(isolated_homes):
+    """Item 13 of the third trust round: imported 0 of N label records is not OK."""
+    drop = make_drop(isolated_homes / "drops", "refused", n=2)
+    (drop / "labels.csv").write_text("filename,label\nnowhere.png,1\n0/digit_0.png,dgo\n")
+    result = run("refused", DagsterInstance.ephemeral())
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not checks["labels_imported"].passed
+    why = checks["labels_imported"].metadata["first_failure"].value
+    assert "imported 0 of 2 label records" in why and "missing_image" in why
+    make_drop(isolated_homes / "drops", "fine", n=2)
+    checks = {
+        e.check_name: e
+        for e in run("fine", DagsterInstance.ephemeral()).get_asset_check_evaluations()
+    }
+    assert checks["labels_imported"].passed  # folder labels imported

@@ -329,9 +329,10 @@ class EdgeAgent:
             channels[name] = read_channel(raw, signature, name, self.trusted, seen.get(name, 0))
             signer = fingerprint(verify_signature(raw, signature, self.trusted))
             accepted[name] = {signer: channels[name]["version"]}
-            if channels[name]["version"] >= seen.get(name, 0):  # hold it: a deletion moves nothing
-                write_atomic(self.state / "channels" / f"{name}.json.sig", signature)
-                write_atomic(self.state / "channels" / f"{name}.json", raw)
+            held = self.state / "channels" / f"{name}.json"
+            if not held.exists() or held.read_bytes() != raw:  # hold it: a deletion moves nothing
+                write_atomic(held.with_name(f"{name}.json.sig"), signature)
+                write_atomic(held, raw)
         self._remember_versions(accepted)
         if in_canary(self.device_id, self.cohort, channels["canary"]):
             release = channels["canary"]["release"]

@@ -189,7 +189,7 @@ def rotate(
         manifests += 1
     channels, refused = [], []
     for name in CHANNELS:
-        current, problem = releases.checked_channel(name)
+        current, problem, _ = releases.checked_channel(name)
         if problem:  # not re-signed: the operator decides again (a leaked key's move, say)
             refused.append(problem)
         elif current is not None:

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,12 @@ class ChannelTampered(ValueError):
     or one the pipeline signed that has gone: nothing is decided on it."""
 
 
+class CheckedChannel(NamedTuple):
+    doc: dict | None
+    problem: str  # "" when the document can be used
+    own: bool = False  # signed by the store's own key: its number may be followed
+
+
 class ReleaseStore:
     """Publishing and channel pointers over any Store (local folder or S3 prefix). With the
     release key, every channel document it writes is signed, numbered and dated: devices refuse
@@ -219,57 +226,62 @@ class ReleaseStore:
     def channel(self, name: str) -> dict | None:
         """The channel document; with the key, only as this pipeline signed it and numbered at
         least as high as the ledger's record of what it signed (ChannelTampered otherwise)."""
-        doc, problem = self.checked_channel(name)
+        doc, problem, _ = self.checked_channel(name)
         if problem:
             raise ChannelTampered(problem)
         return doc
 
-    def checked_channel(self, name: str) -> tuple[dict | None, str]:
-        """(the channel document or None, "" or why it cannot be used)."""
+    def checked_channel(self, name: str) -> CheckedChannel:
+        """The channel document (or None), why it cannot be used (or ""), and whether this very
+        key signed it."""
         key, record = channel_key(name), f"channel:{name}"
         if not self.store.exists(key):
             if self.key is not None and self.ledger.highest(record) > 0:
-                return None, (
-                    f"{key} is gone, but this pipeline signed version "
-                    f"{self.ledger.highest(record)} of it: a store writer deleted it (devices "
-                    "keep following their signed copy); restore it from a backup, or make a "
-                    "new decision"
+                return CheckedChannel(
+                    None,
+                    (
+                        f"{key} is gone, but this pipeline signed version "
+                        f"{self.ledger.highest(record)} of it: a store writer deleted it (devices "
+                        "keep following their signed copy); restore it from a backup, or make a "
+                        "new decision"
+                    ),
                 )
-            return None, ""
+            return CheckedChannel(None, "")
         body = self.store.read_bytes(key)
         if self.key is None:
-            return json.loads(body), ""
+            return CheckedChannel(json.loads(body), "")
         try:
-            verify_signature(body, self.store.read_bytes(channel_signature_key(name)), self.trusted)
+            signer = verify_signature(
+                body, self.store.read_bytes(channel_signature_key(name)), self.trusted
+            )
             doc = json.loads(body)
             version = doc["version"]
         except (BundleError, FileNotFoundError, ValueError, KeyError, TypeError):
-            return None, (
-                f"{key} is not signed by the release key: someone else wrote it, and nothing "
-                "is decided on it (devices refuse it too); restore the signed copy from a "
-                "backup, or make a new decision"
+            return CheckedChannel(
+                None,
+                (
+                    f"{key} is not signed by the release key: someone else wrote it, and nothing "
+                    "is decided on it (devices refuse it too); restore the signed copy from a "
+                    "backup, or make a new decision"
+                ),
             )
         if not valid_version(version):
-            return None, (
-                f"{key} is version {version!r}, not a number this pipeline signs (beyond its "
-                "clock: signed with a leaked key?); rotate the key and make a new decision"
+            return CheckedChannel(
+                None,
+                (
+                    f"{key} is version {version!r}, not a number this pipeline signs (beyond its "
+                    "clock: signed with a leaked key?); rotate the key and make a new decision"
+                ),
             )
         if version < self.ledger.highest(record):
-            return None, (
-                f"{key} is version {version!r}, older than version "
-                f"{self.ledger.highest(record)} this pipeline signed: a replayed document"
+            return CheckedChannel(
+                None,
+                (
+                    f"{key} is version {version!r}, older than version "
+                    f"{self.ledger.highest(record)} this pipeline signed: a replayed document"
+                ),
             )
-        return doc, ""
-
-    def _signed_by_key(self, name: str) -> bool:
-        try:
-            signature = self.store.read_bytes(channel_signature_key(name))
-            verify_signature(
-                self.store.read_bytes(channel_key(name)), signature, self.key.public_key()
-            )
-            return True
-        except (BundleError, FileNotFoundError):
-            return False
+        return CheckedChannel(doc, "", signer == self.key.public_key())
 
     def point(
         self,
@@ -283,12 +295,11 @@ class ReleaseStore:
         """Move a channel pointer and record the event. `release=None` retires the channel."""
         if release is not None and not self.published(release):
             raise FileNotFoundError(f"release {release} is not published")
-        previous, problem = self.checked_channel(channel)  # a new decision replaces a bad one
+        previous, problem, own = self.checked_channel(channel)  # a new decision replaces it
         if problem:
             reason = f"{reason} (replacing what the store held: {problem.split(':')[0]})"
         # follow only this key's own numbers: a key being revoked (it leaked) may have signed
         # any number, up to one that leaves no room above it
-        own = previous and self.key is not None and self._signed_by_key(channel)
         signed = [previous["version"]] if own else []
         version = next_version(self.ledger, f"channel:{channel}", *signed)
         now = datetime.now(UTC)

@@ -25,7 +25,7 @@ import pandas as pd
 
 from cvops_pipelines.core.base.images import ImageInfo, ImageLimits, ImageRejected, inspect_image
 from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
-from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.store import StorageError, Store
 from cvops_pipelines.core.ingest.intake import MANIFEST_COLUMNS, now_utc, store_original
 from cvops_pipelines.core.learn.enrolment import (
     NotEnrolled,
@@ -700,6 +700,8 @@ def vet_batches(
             rejected[batch] = ("missing_batch", f"{batch_key(batch)} is not in the store")
         except (BatchRejected, NotEnrolled) as exc:
             rejected[batch] = (exc.code, exc.message)
+        except (StorageError, OSError):
+            raise  # the store is down or refuses us: the run fails and says so, no batch is blamed
         except Exception as exc:  # noqa: BLE001 - whatever else breaks, one batch stops alone
             rejected[batch] = ("unreadable_batch", f"{type(exc).__name__}: {exc}"[:500])
 

@@ -315,3 +315,20 @@ def test_a_signed_batch_counts_once_whatever_its_name(field):
     assert vetted.accepted == [victim, first]
     (row,) = vetted.quarantined.itertuples()
     assert row.batch_id == replay and row.reason_code == "batch_id_mismatch", row.reason
+
+
+def test_a_store_that_is_down_fails_the_run_instead_of_blaming_a_batch(field, monkeypatch):
+    """The catch-all quarantines a batch that breaks the parser; a store that refuses us is no
+    batch's fault: the run fails with the store's message and nothing is quarantined."""
+    from cvops_pipelines.core.base.store import StorageError
+
+    store, fleet, victim, payload, ids, vet = field
+
+    def down(self, key):
+        raise StorageError(f"s3://bucket/{key}: endpoint unreachable")
+
+    monkeypatch.setattr(LocalStore, "read_bytes", down)
+    with pytest.raises(StorageError, match="unreachable"):
+        vet([])
+    monkeypatch.undo()
+    assert not list(store.list("quarantine/"))

@@ -88,3 +88,13 @@ def test_every_dagster_instance_config_turns_telemetry_off(repo_root):
     ):
         config = yaml.safe_load((repo_root / path).read_text())
         assert config["telemetry"] == {"enabled": False}, path
+
+
+def test_every_instance_config_passes_cvops_warnings_to_the_event_log(repo_root):
+    """A skipped feedback partition is logged on `cvops_pipelines.*`: every instance we ship
+    captures that logger, so the reason shows in the run, not only on a pod's stderr."""
+    for name in ("infra/dagster/dagster.yaml", "infra/dagster/dagster.production.yaml"):
+        config = yaml.safe_load((repo_root / name).read_text())
+        assert config["python_logs"]["managed_python_loggers"] == ["cvops_pipelines"], name
+    values = yaml.safe_load((repo_root / "infra/helm/values.yaml").read_text())
+    assert values["pythonLogs"]["managedPythonLoggers"] == ["cvops_pipelines"]

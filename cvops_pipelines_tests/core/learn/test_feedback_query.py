@@ -123,3 +123,30 @@ def test_a_store_root_with_glob_characters_is_read_literally(tmp_path):
         got = query.records()
     assert len(got) > 0
     same(got, resolve_records(table.read_all()))
+
+
+def test_a_skipped_partition_shows_in_the_run_s_event_log(tmp_path, repo_root):
+    """Through a real Dagster instance configured as we ship it (infra/dagster/dagster.yaml):
+    the reason reaches the run's log, where an operator looks."""
+    import shutil
+
+    from dagster import DagsterInstance, asset, materialize
+
+    store = LocalStore(tmp_path / "store")
+    table = written(store, messy_batches(2))
+    broken = sorted(table.keys)[0]
+    store.local_path(table_key("feedback", broken)).write_bytes(b"")
+
+    @asset
+    def reviewed() -> int:
+        with feedback_query(table) as query:
+            return len(query.records())
+
+    home = tmp_path / "dagster"
+    home.mkdir()
+    shutil.copy(repo_root / "infra/dagster/dagster.yaml", home / "dagster.yaml")
+    with DagsterInstance.from_config(str(home)) as instance:
+        result = materialize([reviewed], instance=instance)
+        logs = [e.message for e in instance.all_logs(result.run_id)]
+    assert result.success
+    assert any(f"feedback partition {broken}" in m and "not a readable" in m for m in logs)

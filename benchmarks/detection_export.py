@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
+from cvops_pipelines.core.base.box_metrics import evaluate_detections
 from cvops_pipelines.core.build.detection import DetectorConfig, train_detector
 from cvops_pipelines.core.build.detection_run import predict
-from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
 from cvops_pipelines.core.ship.detection_export import (
     DetectorSpec,
     detection_parity,

@@ -10,8 +10,8 @@ at random (seeded) from the field; `core.drift.output_drift` at alpha 0.05.
 import numpy as np
 
 from cvops_pipelines.core.learn.drift import output_drift
-from cvops_pipelines.core.learn.production import model_outputs
 from cvops_pipelines.demo.digit_model import CLASSES, PREPROCESS, png, trained_model
+from cvops_pipelines.edge.runtime import Runtime
 from cvops_pipelines.edge.simulator import Shift, shifted
 
 BATCH = 24  # records per feedback batch (a device uploading every few steps), as in test_drift
@@ -21,10 +21,11 @@ SHIFT = Shift(brightness=0.3, blur=5, rotate=20)  # the shift test_drift detects
 def run(quick: bool = False) -> dict:
     model = trained_model(n=600)
     rest = np.random.default_rng(42).permutation(np.arange(600, 1797))
-    reference = model_outputs(model, PREPROCESS, [png(i) for i in rest[:300]])
-    clean = model_outputs(model, PREPROCESS, [png(i) for i in rest[300:]])
+    runtime = Runtime(model, PREPROCESS)
+    reference = runtime.probabilities([png(i) for i in rest[:300]])
+    clean = runtime.probabilities([png(i) for i in rest[300:]])
     transform = SHIFT.transform(seed=0)
-    moved = model_outputs(model, PREPROCESS, [shifted(png(i), transform) for i in rest[300:]])
+    moved = runtime.probabilities([shifted(png(i), transform) for i in rest[300:]])
     seeds = 100 if quick else 500
     out = {"alpha": 0.05, "windows_per_setting": seeds, "shift": SHIFT.__dict__}
     for batches in (1, 2):

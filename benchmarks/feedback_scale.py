@@ -203,6 +203,7 @@ def production_run(store, batches: list[str]) -> dict:
     from cvops_pipelines.core.base.tables import PartitionedTable, table_key
     from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
     from cvops_pipelines.core.learn.production_state import catch_up, stored_state
+    from cvops_pipelines.core.ship.release import ReleaseStore
 
     started = time.perf_counter()
     policy = ProductionPolicy()
@@ -210,7 +211,7 @@ def production_run(store, batches: list[str]) -> dict:
         absorbed = catch_up(
             state, PartitionedTable(store, {b: table_key("feedback", b) for b in sorted(batches)})
         )
-        report = production_report(store, state, policy)
+        report = production_report(store, state, policy, ReleaseStore(store))
     report.save(store)
     return {
         "seconds": round(time.perf_counter() - started, 3),

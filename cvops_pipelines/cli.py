@@ -279,19 +279,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{'met' if metrics['sla_ok'] else 'MISSED'}, drift "
             f"{'FLAGGED' if metrics['drift_flagged'] else 'not flagged'}"
         )
-        for row in metrics["per_release"]:
-            if metrics.get("task") == "detection":
-                print(
-                    f"               {row['release']}: precision {row['precision_50']} / recall "
-                    f"{row['recall_50']} at IoU 0.5 on {row['reviewed']} reviewed of "
-                    f"{row['frames']} frames (coverage {row['coverage']:.0%})"
-                )
-                continue
-            accuracy = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-            print(
-                f"               {row['release']}: accuracy {accuracy} on {row['reviewed']} "
-                f"reviewed of {row['records']} (coverage {row['coverage']:.0%})"
-            )
+        for line in metrics.get("release_lines", []):  # each task says its own figures
+            print(f"               {line}")
     else:
         print("   field     : no production_metrics yet (learn_job / learn_schedule)")
     queue_key, pool_key = table_key("annotation_queue"), table_key("labeled_pool")

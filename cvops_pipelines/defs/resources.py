@@ -24,6 +24,7 @@ from cvops_pipelines.core.base.tables import (
     write_table,
 )
 from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.tasks import TASKS, StageContext, Task, task_for
 
 
 class CvopsStorage(ConfigurableResource):
@@ -66,7 +67,12 @@ class DataContracts(ConfigurableResource):
     build_docs: bool = True
 
     def ontology(self) -> Ontology:
-        return load_ontology(self.ontology_file or Path(self.contracts_dir) / "ontology.yaml")
+        path = self.ontology_file or Path(self.contracts_dir) / "ontology.yaml"
+        return load_ontology(path, tuple(TASKS))
+
+    def task(self) -> Task:
+        """The task the ontology names, from the registry: each asset asks it for its piece."""
+        return task_for(self.ontology())
 
     def suite(self, name: str) -> Path:
         return Path(self.contracts_dir) / "gx" / f"{name}.json"
@@ -199,3 +205,17 @@ def build_resources() -> dict:
         ),
         "tables": TablesIOManager(storage=storage),
     }
+
+
+def stage_context(context, storage: CvopsStorage, tracking, contracts: DataContracts, key: str):
+    """What a task's piece needs from an asset's resources (tracking: an MlflowTracking, or None
+    for a piece that runs without one)."""
+    return StageContext(
+        storage.store(),
+        tracking.open() if tracking is not None else None,
+        contracts.ontology(),
+        context.log.info,
+        context.log.warning,
+        context.run.run_id,
+        {"dagster_run_id": context.run.run_id, "dagster_asset_key": key},
+    )

@@ -56,14 +56,14 @@ class FleetOutcome:
 
 def review(answer: list[dict], truth: list[dict], edits: dict, min_score: float) -> None:
     """Count what an operator changes to turn the device's confident boxes into the truth."""
-    from cvops_pipelines.core.learn.detection_learn import DetectionPolicy, matches
+    from cvops_pipelines.core.base.box_metrics import matches
 
     shown = [b for b in answer if b["score"] >= min_score]
-    hits, _ = matches(shown, truth, DetectionPolicy(min_score=min_score))
+    hits, _ = matches(shown, truth, min_score)
     relabelled, _ = matches(
         [{**b, "label": "*"} for b in shown],
         [{**t, "label": "*"} for t in truth],
-        DetectionPolicy(min_score=min_score),
+        min_score,
     )
     relabelled -= hits
     edits["relabelled"] += relabelled

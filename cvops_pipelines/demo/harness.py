@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvops_pipelines import settings
+from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.demo.data import write_demo_data
 from cvops_pipelines.runs import (
     Runner,
@@ -313,7 +314,7 @@ class Demo:
         tracking = Tracking(settings.mlflow_tracking_uri())
         out = {}
         for version in versions:
-            loaded = tracking.load(version=version)
+            loaded = load(tracking, version=version)
             with self.timings.stage():
                 images = [resize(load_rgb(b), loaded.preprocess.image_size) for b, _ in shots]
                 probs = predict_probs(loaded.model, images, loaded.preprocess)

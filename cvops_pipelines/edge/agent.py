@@ -19,8 +19,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cvops_pipelines.edge import identity, wire
 from cvops_pipelines.edge.buffer import FeedbackBuffer
 from cvops_pipelines.edge.bundle import (
@@ -34,9 +32,10 @@ from cvops_pipelines.edge.bundle import (
     verify_manifest,
     verify_signature,
 )
-from cvops_pipelines.edge.detect import detections, summary_label
-from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
+from cvops_pipelines.edge.detect import summary_label
+from cvops_pipelines.edge.preprocess import load_rgb
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
+from cvops_pipelines.edge.runtime import Runtime
 from cvops_pipelines.edge.wire import MAX_VERSION
 
 CHUNK = 1 << 20
@@ -143,23 +142,6 @@ def read_delegation(
     return doc["version"], keys
 
 
-def _detector_health(outputs, classes: int) -> None:
-    """A detector answers per-anchor boxes (1 x A x 4) and class scores (1 x A x classes+1)."""
-    shapes = [tuple(o.shape) for o in outputs]
-    ok = (
-        len(outputs) == 2
-        and outputs[0].ndim == 3
-        and outputs[0].shape[0] == 1
-        and outputs[0].shape[2] == 4
-        and outputs[1].shape == (1, outputs[0].shape[1], classes + 1)
-        and all(np.isfinite(o).all() for o in outputs)
-    )
-    if not ok:
-        raise BundleError(
-            "health", f"detector answers {shapes} for {classes} classes (+ background)"
-        )
-
-
 def in_canary(device_id: str, cohort: str, canary: dict | None) -> bool:
     if not canary or not canary.get("release"):
         return False
@@ -200,7 +182,7 @@ class EdgeAgent:
         self.buffer = FeedbackBuffer(self.state / "buffer.db", device_id, cohort)
         self.identity = identity.load_or_create(self.state)
         self.events: list[str] = []
-        self._session, self._preprocess = None, None
+        self._runtime, self._preprocess = None, None
         self._loaded: str | None = None
         self.start()
 
@@ -219,44 +201,25 @@ class EdgeAgent:
         """Re-verify an activated release on disk: signature, then every file's hash."""
         folder = self.state / "releases" / release
         manifest = verify_manifest(
-            (folder / "manifest.json").read_bytes(),
-            (folder / "manifest.sig").read_bytes(),
+            (folder / wire.MANIFEST_FILE).read_bytes(),
+            (folder / wire.MANIFEST_SIGNATURE).read_bytes(),
             self.trusted,
         )
         for name in BUNDLE_FILES:
             verify_file(manifest, name, (folder / name).read_bytes())
         return manifest
 
-    def _health_check(self, folder: Path) -> tuple[object, dict]:
+    def _health_check(self, folder: Path) -> tuple[Runtime, dict]:
         """Load the model and run it once; a model that cannot answer is never served."""
-        import onnxruntime as ort
-
-        preprocess = json.loads((folder / "preprocess.json").read_text())
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
+        spec = json.loads((folder / wire.SPEC_FILE).read_text())
         try:
-            session = ort.InferenceSession(
-                str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
-            )
-            size = int(preprocess["image_size"])
-            outputs = session.run(
-                None, {session.get_inputs()[0].name: np.zeros((1, 3, size, size), np.float32)}
-            )
+            runtime = Runtime(str(folder / wire.MODEL_FILE), spec, self.threads, self.top_k)
+        except BundleError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError("health", f"model does not load or run: {exc}") from None
-        if preprocess.get("task") == "detection":
-            _detector_health(outputs, len(preprocess["classes"]))
-            return session, preprocess
-        out = outputs[0]
-        if out.shape != (1, len(preprocess["classes"])) or not np.isfinite(out).all():
-            raise BundleError(
-                "health",
-                f"model answers {out.shape} (finite: "
-                f"{bool(np.isfinite(out).all())}) for "
-                f"{len(preprocess['classes'])} classes",
-            )
-        return session, preprocess
+        runtime.health()
+        return runtime, spec
 
     def start(self) -> None:
         """On (re)start: verify and health-check the active release; fall back to the previous
@@ -267,7 +230,7 @@ class EdgeAgent:
                 continue
             try:
                 self._verified_dir(candidate)
-                self._session, self._preprocess = self._health_check(
+                self._runtime, self._preprocess = self._health_check(
                     self.state / "releases" / candidate
                 )
             except (BundleError, OSError) as exc:
@@ -281,7 +244,7 @@ class EdgeAgent:
                     json.dumps({"release": candidate, "previous": None}).encode(),
                 )
             return
-        self._session, self._loaded = None, None
+        self._runtime, self._loaded = None, None
 
     # -- sync -----------------------------------------------------------------------------------
     def _held_delegation(self) -> list:
@@ -444,8 +407,8 @@ class EdgeAgent:
         folder = self.state / "releases" / release
         try:
             manifest, signature = (
-                (folder / "manifest.json").read_bytes(),
-                (folder / "manifest.sig").read_bytes(),
+                (folder / wire.MANIFEST_FILE).read_bytes(),
+                (folder / wire.MANIFEST_SIGNATURE).read_bytes(),
             )
             verify_manifest(manifest, signature, self.trusted)
             return True
@@ -481,7 +444,7 @@ class EdgeAgent:
                 except BundleError:
                     final.unlink()
             data = self._held_copy(manifest, name)  # unchanged files never travel again
-            if data is None and name == "model.onnx" and delta and delta["from"] == self._loaded:
+            if data is None and name == wire.MODEL_FILE and delta and delta["from"] == self._loaded:
                 if delta.get("file") != delta_name(self._loaded):  # before it names any path
                     raise BundleError(
                         "manifest",
@@ -489,7 +452,7 @@ class EdgeAgent:
                     )
                 part = staging / f"{delta['file']}.part"
                 downloaded += self._fetch(f"{prefix}/{delta['file']}", part, delta["size"])
-                base = (self.state / "releases" / self._loaded / "model.onnx").read_bytes()
+                base = (self.state / "releases" / self._loaded / wire.MODEL_FILE).read_bytes()
                 try:
                     data, used_delta = apply_delta(manifest, base, part.read_bytes()), True
                 except BundleError as exc:
@@ -506,13 +469,13 @@ class EdgeAgent:
             write_atomic(final, data)
             for leftover in staging.glob(f"{name}*.part"):
                 leftover.unlink()
-        (staging / "manifest.json").write_bytes(manifest_bytes)
-        (staging / "manifest.sig").write_bytes(signature)
+        (staging / wire.MANIFEST_FILE).write_bytes(manifest_bytes)
+        (staging / wire.MANIFEST_SIGNATURE).write_bytes(signature)
         for leftover in staging.glob("*.part"):
             leftover.unlink()
         session, preprocess = self._health_check(staging)
         self._activate(release, staging)
-        self._session, self._preprocess, self._loaded = session, preprocess, release
+        self._runtime, self._preprocess, self._loaded = session, preprocess, release
         return SyncResult("updated", release, downloaded_bytes=downloaded, used_delta=used_delta)
 
     def _held_copy(self, manifest: dict, name: str) -> bytes | None:
@@ -545,52 +508,15 @@ class EdgeAgent:
 
     # -- serving --------------------------------------------------------------------------------
     def predict(self, image: bytes, frame: str | None = None) -> Prediction:
-        if self._session is None:
+        if self._runtime is None:
             raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
-        size = int(self._preprocess["image_size"])
-        rgb = load_rgb(image)
-        batch = normalize([resize(rgb, size)], self._preprocess["mean"], self._preprocess["std"])
-        outputs = self._session.run(None, {self._session.get_inputs()[0].name: batch})
-        if self._preprocess.get("task") == "detection":
-            return self._detected(image, frame, outputs, rgb.size)
-        logits = outputs[0][0]
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        classes = self._preprocess["classes"]
-        order = np.argsort(-probs)[: self.top_k]
-        top = [(classes[i], round(float(probs[i]), 6)) for i in order]
-        image_id = hashlib.sha256(image).hexdigest()
-        record_id = self.buffer.record(
-            self._loaded, image_id, image, top[0][0], top[0][1], top, frame
-        )
-        return Prediction(record_id, top[0][0], top[0][1], top, self._loaded)
-
-    def _detected(self, image: bytes, frame, outputs, size: tuple[int, int]) -> Prediction:
-        spec = self._preprocess
-        found = detections(
-            outputs[0][0],
-            outputs[1][0],
-            size[0],
-            size[1],
-            list(spec["classes"]),
-            spec["score_threshold"],
-            spec["nms_iou"],
-            spec["candidates_per_class"],
-            spec["detections_per_image"],
-        )
-        answered = [
-            {"label": d.label, "score": round(d.score, 6), "box": [round(v, 2) for v in d.box]}
-            for d in found
-        ]
-        boxes = [b for b in answered if wire.box_problem(b) is None]  # NaN, zero-area: dropped
-        if len(boxes) < len(answered):
-            self.events.append(
-                f"{len(answered) - len(boxes)} detection(s) dropped: "
-                f"{next(wire.box_problem(b) for b in answered if wire.box_problem(b))}"
-            )
-        answer = float(spec.get("answer_threshold", 0.5))
-        top = [(b["label"], b["score"]) for b in boxes[: self.top_k] if b["score"] >= answer]
-        label, confidence = top[0] if top else ("", 0.0)  # "": nothing at the operating point
+        answer = self._runtime.run([load_rgb(image)])[0]
+        label, confidence, top, boxes = answer.label, answer.confidence, answer.top, None
+        if answer.boxes is not None:  # a detector's answer: its boxes are recorded too
+            boxes = self._recordable(answer)
+            shown = float(self._preprocess.get("answer_threshold", 0.5))
+            top = [(b["label"], b["score"]) for b in boxes[: self.top_k] if b["score"] >= shown]
+            label, confidence = top[0] if top else ("", 0.0)  # "": nothing at the operating point
         record_id = self.buffer.record(
             self._loaded,
             hashlib.sha256(image).hexdigest(),
@@ -602,6 +528,21 @@ class EdgeAgent:
             boxes,
         )
         return Prediction(record_id, label, confidence, top, self._loaded, boxes)
+
+    def _recordable(self, answer) -> list[dict]:
+        """A detector's boxes as records carry them; a box the pipeline would refuse (NaN,
+        zero area: `wire.box_problem`) is dropped here and said in the events."""
+        answered = [
+            {"label": d.label, "score": round(d.score, 6), "box": [round(v, 2) for v in d.box]}
+            for d in answer.boxes
+        ]
+        boxes = [b for b in answered if wire.box_problem(b) is None]
+        if len(boxes) < len(answered):
+            self.events.append(
+                f"{len(answered) - len(boxes)} detection(s) dropped: "
+                f"{next(wire.box_problem(b) for b in answered if wire.box_problem(b))}"
+            )
+        return boxes
 
     @property
     def spec(self) -> dict | None:

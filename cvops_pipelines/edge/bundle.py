@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-BUNDLE_FILES = ("model.onnx", "preprocess.json", "classes.json")
+from cvops_pipelines.edge.wire import BUNDLE_FILES
+
 FORMAT = 1
 
 

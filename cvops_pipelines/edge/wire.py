@@ -7,10 +7,9 @@ imports these names, so both ends always agree.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-
-from cvops_pipelines.edge.bundle import sha256
 
 # Every id pattern ends in \Z, not $: `$` also matches before a trailing newline ("rel-1\n").
 MAX_VERSION = (1 << 63) - 1  # signed documents are numbered in an int64: any reader holds it
@@ -18,6 +17,11 @@ MAX_VERSION = (1 << 63) - 1  # signed documents are numbered in an int64: any re
 RELEASES = "releases"  # releases/<id>/..., releases/channels/<name>.json, releases/history/
 CHANNELS = ("stable", "canary")
 RELEASE_ID = re.compile(r"^rel-[A-Za-z0-9._-]{1,100}\Z")
+# a release's files: the model, its spec (the device's preprocessing, classes, task, answer
+# threshold), the class list, and the signed manifest over them
+MODEL_FILE, SPEC_FILE, CLASSES_FILE = "model.onnx", "preprocess.json", "classes.json"
+BUNDLE_FILES = (MODEL_FILE, SPEC_FILE, CLASSES_FILE)
+MANIFEST_FILE, MANIFEST_SIGNATURE = "manifest.json", "manifest.sig"
 
 FEEDBACK = "feedback/"  # the `source` of every field image: feedback/<batch id>
 BATCH_PREFIX = "feedback/batches/"  # feedback/batches/<batch id>.zip, uploaded by devices
@@ -32,7 +36,7 @@ OPERATOR_PREFIX = "operator@"  # a device operator's labels: annotator operator@
 
 def release_id(model: bytes, model_version: str) -> str:
     """Same model bytes and version -> same release: publishing twice changes nothing."""
-    return f"rel-{model_version}-{sha256(model)[:10]}"
+    return f"rel-{model_version}-{hashlib.sha256(model).hexdigest()[:10]}"
 
 
 def release_key(release: str, name: str = "") -> str:

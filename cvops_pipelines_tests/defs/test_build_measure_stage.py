@@ -8,6 +8,7 @@ from dagster import asset, materialize
 from mlflow import MlflowClient
 
 from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.defs.build.assets import trained_model
 from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.measure.assets import model_evaluation
@@ -57,7 +58,7 @@ def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_serv
     version = client.get_model_version_by_alias("cvops-classifier", "challenger")
     assert version.version == "1" and version.run_id == run.info.run_id
     assert version.tags["gate"] == "passed"
-    loaded = Tracking(mlflow_server).load(alias="challenger")  # weights_only round trip over HTTP
+    loaded = load(Tracking(mlflow_server), alias="challenger")  # weights_only round trip over HTTP
     assert loaded.preprocess.classes == tuple(str(d) for d in range(10))
 
     export = metadata(result, "onnx_model")
@@ -147,7 +148,7 @@ def test_replay_refuses_a_challenger_the_test_split_would_pass(isolated_homes):
         digest = hashlib.sha256(shot).hexdigest()
         keys.append(f"images/{digest[:2]}/{digest}.png")
         store.write_bytes(keys[-1], shot)
-    champion, new = tracking.load(alias="champion"), tracking.load(version="2")
+    champion, new = load(tracking, alias="champion"), load(tracking, version="2")
     images = load_images(store, keys, champion.preprocess.image_size)
     seen = predict_probs(champion.model, images, champion.preprocess).argmax(1)
     other = predict_probs(new.model, images, new.preprocess).argmax(1)

@@ -104,7 +104,7 @@ def test_a_record_with_a_box_outside_its_image_is_turned_away_with_its_code(devi
 def test_the_device_drops_detections_no_batch_would_carry(device, monkeypatch):
     """Item 12: a NaN or zero-area box from the model never reaches the buffer (it would get the
     whole batch refused); the good ones are kept."""
-    from cvops_pipelines.edge import agent as agent_module
+    from cvops_pipelines.edge import runtime
     from cvops_pipelines.edge.detect import Detection
 
     c, agent = device
@@ -113,7 +113,7 @@ def test_the_device_drops_detections_no_batch_would_carry(device, monkeypatch):
         Detection("4", float("nan"), (1.0, 1.0, 9.0, 9.0)),
         Detection("5", 0.8, (20.0, 20.0, 20.0, 30.0)),  # zero width
     ]
-    monkeypatch.setattr(agent_module, "detections", lambda *a, **k: answers)
+    monkeypatch.setattr(runtime, "detections", lambda *a, **k: answers)  # the model's boxes
     answer = agent.predict(scenes(1, seed=9)[0].png())
     assert [b["label"] for b in answer.boxes] == ["3"]
     assert "2 detection(s) dropped" in agent.events[-1]

@@ -76,10 +76,11 @@ _STR, _INT = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int")
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
 
 
-def load_ontology(path: str | Path) -> Ontology:
+def load_ontology(path: str | Path, tasks=TASKS) -> Ontology:
     """Load and validate the ontology; every error names the file and, where there is one, the
     line. YAML's traps are refused, not converted: an unquoted `on`, `no` or `null` as a class
-    name would otherwise become True, False or None."""
+    name would otherwise become True, False or None. `tasks`: the task names it may name (the
+    registry's, core/tasks/, where one is registered beyond the built-in ones)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -97,9 +98,9 @@ def load_ontology(path: str | Path) -> Ontology:
         line = nodes["version"].start_mark.line + 1 if "version" in nodes else 1
         raise OntologyError(f"{path}:{line}: version must be a whole number >= 1, got {version!r}")
     task = doc.get("task", "classification")
-    if task not in TASKS:
+    if task not in tasks:
         line = nodes["task"].start_mark.line + 1
-        raise OntologyError(f"{path}:{line}: task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise OntologyError(f"{path}:{line}: task must be one of {', '.join(tasks)}, got {task!r}")
     classes = [
         _class(path, i, item, node)
         for i, (item, node) in enumerate(zip(doc["classes"], nodes["classes"].value))

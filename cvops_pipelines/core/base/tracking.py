@@ -7,7 +7,6 @@ or any tracking server from MLFLOW_TRACKING_URI. Aliases: `challenger` (set by t
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import urllib.error
@@ -15,11 +14,6 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-from cvops_pipelines.core.build.detection import DetectorSpec, load_detector
-from cvops_pipelines.core.build.models import Preprocess, load_model
-from cvops_pipelines.core.build.ssl import TASK as SSL_TASK
-from cvops_pipelines.core.build.ssl import EncoderSpec, load_encoder
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -31,9 +25,13 @@ class TrackingUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    model: object
-    preprocess: Preprocess | DetectorSpec | EncoderSpec  # `task` tells which
+class ModelFiles:
+    """A registered version's files as stored: the state dict (read later with
+    weights_only=True) and its JSON spec. Which model they build is the build stage's call
+    (core/build/registry.py), so this module imports no model code."""
+
+    state: bytes
+    spec: str
     version: str
     run_id: str
 
@@ -158,16 +156,6 @@ class Tracking:
     def version_run_id(self, version: str) -> str:
         return self.client().get_model_version(self.model_name, str(version)).run_id
 
-    def load_version(self, version: str) -> LoadedModel:
-        """A version that must exist (the one this run trained)."""
-        loaded = self.load(version=version)
-        if loaded is None:
-            raise RuntimeError(
-                f"model version {version} of {self.model_name} is not in the "
-                f"registry at {self.tracking_uri}"
-            )
-        return loaded
-
     @staticmethod
     def log_dataset(rows, version: str, source: str, context: str = "training") -> None:
         """The dataset version as the run's dataset input (name = version, digest = content)."""
@@ -190,9 +178,8 @@ class Tracking:
                 (Path(tmp) / name).write_bytes(content)
             client.log_artifacts(run_id, tmp, folder)
 
-    def log_model_files(
-        self, run_id: str, state: bytes, preprocess: Preprocess | DetectorSpec | EncoderSpec
-    ) -> None:
+    def log_model_files(self, run_id: str, state: bytes, preprocess) -> None:
+        """`preprocess`: any model spec with `to_json()`."""
         self.log_files(
             run_id,
             MODEL_DIR,
@@ -229,8 +216,8 @@ class Tracking:
     def set_alias(self, alias: str, version: str) -> None:
         self.client().set_registered_model_alias(self.model_name, alias, version)
 
-    def load(self, alias: str | None = None, version: str | None = None) -> LoadedModel | None:
-        """A registered version by alias or number; None when the alias is not set yet."""
+    def files(self, alias: str | None = None, version: str | None = None) -> ModelFiles | None:
+        """A registered version's files by alias or number; None when the alias is not set."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
@@ -247,14 +234,4 @@ class Tracking:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
             spec = (local / "preprocess.json").read_text()
             state = (local / "state_dict.pt").read_bytes()
-            task = json.loads(spec).get("task")
-            if task == "detection":
-                preprocess = DetectorSpec.from_json(spec)
-                model = load_detector(state, preprocess)
-            elif task == SSL_TASK:
-                preprocess = EncoderSpec.from_json(spec)
-                model = load_encoder(state, preprocess)
-            else:
-                preprocess = Preprocess.from_json(spec)
-                model = load_model(state, preprocess)
-        return LoadedModel(model, preprocess, str(mv.version), mv.run_id)
+        return ModelFiles(state, spec, str(mv.version), mv.run_id)

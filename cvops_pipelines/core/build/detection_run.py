@@ -19,8 +19,10 @@ from cvops_pipelines.core.build.detection import (
     train_detector,
 )
 from cvops_pipelines.core.build.models import state_dict_bytes
+from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.core.build.run import Log, TrainedModel
 from cvops_pipelines.core.curate.boxes import box_rows, decode
+from cvops_pipelines.core.curate.dataset import images_trained_on
 from cvops_pipelines.edge.preprocess import load_rgb
 
 
@@ -64,7 +66,7 @@ def train_detector_tracked(
     tags: dict,
     log: Log,
 ) -> TrainedModel:
-    from cvops_pipelines.core.measure.detection_metrics import (
+    from cvops_pipelines.core.base.box_metrics import (
         evaluate_detections,
         operating_point,
     )
@@ -157,3 +159,23 @@ def train_detector_tracked(
         tracking.run_url(run.info.run_id),
         tracking.model_version_url(model_version),
     )
+
+
+def reviewer_predictions(
+    tracking, store, pool: pd.DataFrame, alias: str, log
+) -> tuple[dict[str, dict], float | None]:
+    """(the `alias` model's boxes on the pool images it did not train on, its operating point).
+    Its run's dataset version says which images it trained on: a model agrees with its own
+    training labels, so those would hide their issues. Empty, None without such a model."""
+    loaded = load(tracking, alias=alias)
+    if loaded is None or getattr(loaded.preprocess, "task", "") != "detection":
+        log(f"no detector registered as {alias!r} yet: box QA runs its model-free checks only")
+        return {}, None
+    fresh = pool[~pool["image_id"].isin(images_trained_on(tracking, store, loaded))]
+    log(
+        f"reviewing {len(fresh)} images with {alias} v{loaded.version} "
+        f"({len(pool) - len(fresh)} it trained on are left to the model-free checks)"
+    )
+    images, _ = load_scenes(store, fresh)
+    found = predict(loaded.model, images, loaded.preprocess)
+    return dict(zip(fresh["image_id"], found)), loaded.preprocess.answer_threshold

@@ -14,6 +14,7 @@ from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.models import state_dict_bytes
+from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.core.build.training import FitResult, TrainConfig, fit, hyperparameter_search
 
 INIT_FROM = ("none", "champion", "challenger", "ssl_encoder")
@@ -102,7 +103,7 @@ def initial_state(
 
         fresh = build_model(config.architecture, len(classes))
         return init_from_encoder(tracking, fresh, config.architecture, log)
-    start = tracking.load(alias=plan.init_from)
+    start = load(tracking, alias=plan.init_from)
     if start is None:
         log(f"no {plan.init_from} yet: training from scratch")
         return None

@@ -11,7 +11,7 @@ import pandas as pd
 
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.store import Store
-from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
+from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.models import (
     Preprocess,
     build_model,
@@ -19,6 +19,7 @@ from cvops_pipelines.core.build.models import (
     state_dict_bytes,
 )
 from cvops_pipelines.core.build.oof import OOF_TRAINING, finetuned_oof_probabilities
+from cvops_pipelines.core.build.registry import LoadedModel, load
 from cvops_pipelines.core.build.run import Log
 from cvops_pipelines.core.build.ssl import (
     SSLConfig,
@@ -108,7 +109,7 @@ def pretrain_tracked(
 
 
 def current_encoder(tracking: Tracking) -> LoadedModel | None:
-    return tracking.encoders().load(alias=ENCODER_ALIAS)
+    return load(tracking.encoders(), alias=ENCODER_ALIAS)
 
 
 def learned_embeddings(

@@ -227,29 +227,6 @@ def image_review(issues: pd.DataFrame, pool: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def reviewer_predictions(
-    tracking, store, pool: pd.DataFrame, alias: str, log
-) -> tuple[dict[str, dict], float | None]:
-    """(the `alias` model's boxes on the pool images it did not train on, its operating point).
-    Its run's dataset version says which images it trained on: a model agrees with its own
-    training labels, so those would hide their issues. Empty, None without such a model."""
-    from cvops_pipelines.core.build.detection_run import load_scenes, predict
-    from cvops_pipelines.core.curate.dataset import images_trained_on
-
-    loaded = tracking.load(alias=alias)
-    if loaded is None or getattr(loaded.preprocess, "task", "") != "detection":
-        log(f"no detector registered as {alias!r} yet: box QA runs its model-free checks only")
-        return {}, None
-    fresh = pool[~pool["image_id"].isin(images_trained_on(tracking, store, loaded))]
-    log(
-        f"reviewing {len(fresh)} images with {alias} v{loaded.version} "
-        f"({len(pool) - len(fresh)} it trained on are left to the model-free checks)"
-    )
-    images, _ = load_scenes(store, fresh)
-    found = predict(loaded.model, images, loaded.preprocess)
-    return dict(zip(fresh["image_id"], found)), loaded.preprocess.answer_threshold
-
-
 def labelstudio_rect(image_id: str, size: tuple[int, int], box, label: str, n) -> dict:
     """A Label Studio rectangle: percent of the image, with its original size."""
     (width, height), (x0, y0, x1, y1) = size, box

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.box_metrics import matches, parse_boxes
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.curate.box_qa import labelstudio_box_config, labelstudio_rect
 from cvops_pipelines.core.curate.label_qa import export_json
@@ -39,30 +40,6 @@ class DetectionPolicy:
     min_reviewed: int = 30
     window: int = 48
     alpha: float = 0.05
-
-
-def parse(text) -> list[dict]:
-    return json.loads(text) if isinstance(text, str) and text else []
-
-
-def matches(predicted: list[dict], truth: list[dict], policy: DetectionPolicy) -> tuple[int, int]:
-    """(true positives, answered boxes): each truth box found at most once, same class,
-    greedily by score."""
-    answered = [p for p in predicted if p.get("score", 1.0) >= policy.min_score]
-    answered.sort(key=lambda p: -p.get("score", 1.0))
-    taken, hits = set(), 0
-    for p in answered:
-        best, where = policy.match_iou, None
-        for j, t in enumerate(truth):
-            if j in taken or t["label"] != p["label"]:
-                continue
-            overlap = box_iou(np.array(p["box"]), np.array(t["box"]))[0, 0]
-            if overlap >= best:
-                best, where = overlap, j
-        if where is not None:
-            taken.add(where)
-            hits += 1
-    return hits, len(answered)
 
 
 @dataclass
@@ -109,6 +86,12 @@ class DetectionProduction:
             "reviewed": int(self.per_release["reviewed"].sum()) if len(self.per_release) else 0,
             "per_release": self.per_release.to_dict(orient="records"),
             "drift": self.drift.to_dict(orient="records"),
+            "release_lines": [  # what `cvops status` prints per release
+                f"{r['release']}: precision {r['precision_50']} / recall {r['recall_50']} at IoU "
+                f"0.5 on {r['reviewed']} reviewed of {r['frames']} frames "
+                f"(coverage {r['coverage']:.0%})"
+                for r in self.per_release.to_dict(orient="records")
+            ],
         }
 
 
@@ -116,8 +99,8 @@ def _rates(group: pd.DataFrame, policy: DetectionPolicy) -> dict:
     reviewed = group[group["corrected_boxes"].notna()]
     hits = answered = truth = 0
     for row in reviewed.itertuples(index=False):
-        corrected = parse(row.corrected_boxes)
-        tp, n = matches(parse(row.boxes), corrected, policy)
+        corrected = parse_boxes(row.corrected_boxes)
+        tp, n = matches(parse_boxes(row.boxes), corrected, policy.min_score, policy.match_iou)
         hits, answered, truth = hits + tp, answered + n, truth + len(corrected)
     return {
         "frames": len(group),
@@ -129,7 +112,7 @@ def _rates(group: pd.DataFrame, policy: DetectionPolicy) -> dict:
             float(
                 np.mean(
                     [
-                        sum(b.get("score", 1.0) >= policy.min_score for b in parse(text))
+                        sum(b.get("score", 1.0) >= policy.min_score for b in parse_boxes(text))
                         for text in group["boxes"]
                     ]
                 )
@@ -167,10 +150,10 @@ def _drift(
         first, last = group.iloc[: policy.window], group.iloc[-policy.window :]
 
         def top(part):
-            return [max((b.get("score", 0.0) for b in parse(t)), default=0.0) for t in part]
+            return [max((b.get("score", 0.0) for b in parse_boxes(t)), default=0.0) for t in part]
 
         def answered(part, threshold=threshold):
-            return [sum(b.get("score", 0.0) >= threshold for b in parse(t)) for t in part]
+            return [sum(b.get("score", 0.0) >= threshold for b in parse_boxes(t)) for t in part]
 
         p_scores = float(ks_2samp(top(first["boxes"]), top(last["boxes"])).pvalue)
         p_counts = float(ks_2samp(answered(first["boxes"]), answered(last["boxes"])).pvalue)
@@ -191,12 +174,12 @@ def _drift(
 
 def answer_thresholds(store: Store, releases) -> dict[str, float]:
     """Each release's operating point, from the preprocess.json it shipped with."""
-    from cvops_pipelines.edge.wire import release_key
+    from cvops_pipelines.edge.wire import SPEC_FILE, release_key
 
     out = {}
     for release in sorted(set(releases)):
         try:
-            spec = json.loads(store.read_bytes(release_key(release, "preprocess.json")))
+            spec = json.loads(store.read_bytes(release_key(release, SPEC_FILE)))
         except FileNotFoundError:
             continue
         if "answer_threshold" in spec:
@@ -286,10 +269,10 @@ def detection_queue(
     records = records.drop_duplicates("image_id", keep="last")
     rows = []
     for r in records.itertuples(index=False):
-        boxes, threshold = parse(r.boxes), thresholds.get(r.release, policy.min_score)
+        boxes, threshold = parse_boxes(r.boxes), thresholds.get(r.release, policy.min_score)
         if isinstance(r.corrected_boxes, str):
-            corrected = parse(r.corrected_boxes)
-            hits, answered = matches(boxes, corrected, replace(policy, min_score=threshold))
+            corrected = parse_boxes(r.corrected_boxes)
+            hits, answered = matches(boxes, corrected, threshold, policy.match_iou)
             wrong = (answered - hits) + (len(corrected) - hits)
             if wrong:
                 rows.append((r, "field_error", 1.0 + wrong, f"{wrong} boxes wrong in review"))
@@ -339,7 +322,7 @@ def publish_detection_queue(
         name = row.key.rsplit("/", 1)[-1]
         store.write_bytes(f"{prefix}/images/{name}", store.read_bytes(row.key))
         size = (int(row.width), int(row.height))
-        shown = [b for b in parse(row.boxes) if b.get("score", 1.0) >= 0.3]
+        shown = [b for b in parse_boxes(row.boxes) if b.get("score", 1.0) >= 0.3]
         tasks.append(
             {
                 "data": {"image": f"images/{name}", "image_id": row.image_id, "queue": queue_id},

@@ -8,7 +8,6 @@ and always reported with its coverage (reviewed / all records), so a figure from
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 
@@ -19,34 +18,9 @@ from cvops_pipelines.core.base.plots import production_png
 from cvops_pipelines.core.curate.dataset import load_snapshot
 from cvops_pipelines.core.learn.drift import output_drift
 from cvops_pipelines.core.learn.production_state import ProductionState
-from cvops_pipelines.core.ship.release import ReleaseStore, live_releases
-from cvops_pipelines.edge.wire import release_key
+from cvops_pipelines.edge.runtime import Runtime
 
 REFERENCE_CACHE = "cache/production_metrics/reference"
-
-
-def model_outputs(
-    model: bytes, preprocess: dict, images: list[bytes], batch_size: int = 64
-) -> np.ndarray:
-    """Softmax outputs of a released ONNX model, preprocessed exactly as on the device."""
-    import onnxruntime as ort
-
-    from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
-
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    name, size = session.get_inputs()[0].name, int(preprocess["image_size"])
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(
-            [resize(load_rgb(b), size) for b in images[start : start + batch_size]],
-            preprocess["mean"],
-            preprocess["std"],
-        )
-        logits = session.run(None, {name: batch})[0]
-        logits = logits - logits.max(1, keepdims=True)
-        probs = np.exp(logits)
-        out.append(probs / probs.sum(1, keepdims=True))
-    return np.concatenate(out) if out else np.zeros((0, len(preprocess["classes"])))
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -191,15 +165,28 @@ class ProductionReport:
             "drift_flagged": self.drift_flagged,
             "business": self.business,
             "per_release": self.per_release.to_dict(orient="records"),
+            "release_lines": [_release_line(r) for r in self.per_release.to_dict("records")],
         }
 
 
-def production_report(store, state: ProductionState, policy: ProductionPolicy) -> ProductionReport:
+def _release_line(row: dict) -> str:
+    """What `cvops status` prints for a release."""
+    known = row["accuracy"] is not None and row["accuracy"] == row["accuracy"]  # not None/NaN
+    accuracy = f"{row['accuracy']:.4f}" if known else "n/a"
+    return (
+        f"{row['release']}: accuracy {accuracy} on {row['reviewed']} reviewed of "
+        f"{row['records']} (coverage {row['coverage']:.0%})"
+    )
+
+
+def production_report(
+    store, state: ProductionState, policy: ProductionPolicy, releases
+) -> ProductionReport:
     """SLA per live release on reviewed records, and drift of each live release's latest outputs
     against the same model's outputs on held-out images of its dataset version; from the state's
-    counts and windows, so its cost does not grow with the backlog."""
-    releases = ReleaseStore(store)
-    live = live_releases(releases)
+    counts and windows, so its cost does not grow with the backlog. `releases`: the release
+    store (ship's ReleaseStore: live(), manifest(), model(), spec())."""
+    live = releases.live()
     cells = state.cells()
     table = accuracy_table(cells)
     per_release = accuracy_table(cells, by=("release",))
@@ -260,7 +247,7 @@ def reference_outputs(store, releases, release: str, model: bytes, preprocess: d
     manifest = releases.manifest(release)
     reference = load_snapshot(store, manifest["dataset_version"])
     reference = reference[reference["split"] != "train"].sort_values("image_id").head(n)
-    ref = model_outputs(model, preprocess, [store.read_bytes(k) for k in reference["key"]])
+    ref = Runtime(model, preprocess).probabilities([store.read_bytes(k) for k in reference["key"]])
     buffer = io.BytesIO()
     np.save(buffer, ref, allow_pickle=False)
     store.write_bytes(key, buffer.getvalue())
@@ -268,8 +255,8 @@ def reference_outputs(store, releases, release: str, model: bytes, preprocess: d
 
 
 def _drift(store, releases, release: str, window: pd.DataFrame, policy: ProductionPolicy):
-    preprocess = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
+    preprocess = releases.spec(release)
     model = releases.model(release)
     ref = reference_outputs(store, releases, release, model, preprocess, policy.reference_images)
-    prod = model_outputs(model, preprocess, [store.read_bytes(k) for k in window["key"]])
+    prod = Runtime(model, preprocess).probabilities([store.read_bytes(k) for k in window["key"]])
     return output_drift(ref, prod, list(preprocess["classes"]), policy.drift_alpha), ref, prod

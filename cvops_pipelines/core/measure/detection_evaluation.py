@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.box_metrics import (
+    DetectionReport,
+    evaluate_detections,
+    frame_right,
+    parse_boxes,
+)
 from cvops_pipelines.core.base.plots import boxes_png, precision_recall_png
 from cvops_pipelines.core.build.detection_run import load_scenes, predict
-from cvops_pipelines.core.measure.detection_metrics import DetectionReport, evaluate_detections
 from cvops_pipelines.edge.preprocess import load_rgb
 
 
@@ -149,9 +154,7 @@ def replay_holdout(challenger, champion, store, replay: pd.DataFrame, rule):
     """Both detectors on the reviewed holdout frames (never trained on), each answering at its
     own operating point; a frame is right when the answer is the reviewed box set. None when
     there is nothing to replay."""
-    from cvops_pipelines.core.learn.detection_learn import parse
     from cvops_pipelines.core.measure.replay import paired_test
-    from cvops_pipelines.core.ship.detection_canary import frame_right
 
     if replay is None or not len(replay) or "boxes" not in replay:
         return None
@@ -160,7 +163,7 @@ def replay_holdout(challenger, champion, store, replay: pd.DataFrame, rule):
     if frames.empty:
         return None
     images = [np.asarray(load_rgb(store.read_bytes(k))) for k in frames["key"]]
-    truth = [parse(t) for t in frames["boxes"]]
+    truth = [parse_boxes(t) for t in frames["boxes"]]
 
     def hits(loaded):
         threshold = loaded.preprocess.answer_threshold

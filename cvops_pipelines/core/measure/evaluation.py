@@ -12,7 +12,8 @@ from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.plots import confusion_png, reliability_png
 from cvops_pipelines.core.base.store import Store
-from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
+from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.build.registry import LoadedModel
 from cvops_pipelines.core.build.training import predict_probs
 from cvops_pipelines.core.measure.gate import GateConfig, GateDecision, PairedHits, decide
 from cvops_pipelines.core.measure.metrics import Evaluation, evaluate_predictions, per_cohort

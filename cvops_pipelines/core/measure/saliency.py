@@ -207,3 +207,20 @@ def write_overlays(store, prefix: str, image_ids: list[str], explained: list[tup
         keys[image_id] = f"{prefix}/{image_id}.png"
         store.write_bytes(keys[image_id], overlay_png(image, heat))
     return keys
+
+
+SHOWN = 12  # overlays in the metadata grid; every one is in the files and the Label Studio tasks
+
+
+def saliency_metadata(explained: list[tuple], model, what: str) -> dict:
+    """How review tables (label QA, the annotation queue) show their Grad-CAM overlays."""
+    from cvops_pipelines.core.base.report import Plot
+
+    if model is None:
+        return {"saliency": f"no champion classifier yet: no Grad-CAM overlays for the {what}"}
+    if not explained:
+        return {"saliency": f"no {what}"}
+    return {  # the picture first: the UI lists metadata in this order
+        "saliency": Plot(grid_png(explained[:SHOWN]), f"Grad-CAM of the {what}"),
+        "saliency_by": f"champion v{model.version}: where it looked for the class it answers",
+    }

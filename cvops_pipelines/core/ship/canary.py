@@ -23,7 +23,6 @@ import pandas as pd
 
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.learn.production import model_outputs
 from cvops_pipelines.core.measure.replay import (
     INCONCLUSIVE,
     INSUFFICIENT,
@@ -36,7 +35,8 @@ from cvops_pipelines.core.measure.replay import (
 )
 from cvops_pipelines.core.ship.detection_canary import compare_detectors, is_detector
 from cvops_pipelines.core.ship.release import CanaryVerdict, ReleaseStore, apply_verdict
-from cvops_pipelines.edge.wire import RELEASES, release_key
+from cvops_pipelines.edge.runtime import Runtime
+from cvops_pipelines.edge.wire import RELEASES
 
 
 def next_look(releases: ReleaseStore, release: str) -> int:
@@ -79,14 +79,14 @@ def balanced(paired: pd.DataFrame, canary: str, stable: str) -> pd.DataFrame:
 
 
 def _classes(releases: ReleaseStore, release: str) -> list[str]:
-    return list(json.loads(releases.store.read_bytes(release_key(release, "classes.json"))))
+    return list(releases.spec(release)["classes"])
 
 
 def _outputs(
     releases: ReleaseStore, release: str, images: list[bytes], classes: list[str]
 ) -> np.ndarray:
-    preprocess = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
-    probs = model_outputs(releases.model(release), preprocess, images)
+    preprocess = releases.spec(release)
+    probs = Runtime(releases.model(release), preprocess).probabilities(images)
     own = list(preprocess["classes"])
     return probs[:, [own.index(c) for c in classes]] if len(probs) else np.zeros((0, len(classes)))
 

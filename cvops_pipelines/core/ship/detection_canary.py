@@ -9,54 +9,24 @@ exact non-inferiority rule as a classifier's canary (`core.measure.replay.paired
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.learn.detection_learn import DetectionPolicy, matches, parse
+from cvops_pipelines.core.base.box_metrics import frame_right, parse_boxes
 from cvops_pipelines.core.measure.replay import NonInferiority, ReplayComparison, paired_test
-from cvops_pipelines.edge.wire import release_key
+from cvops_pipelines.edge.runtime import Runtime
 
 
 def release_answers(releases, release: str, images: list[bytes]) -> tuple[list[list[dict]], float]:
-    """(each frame's answered boxes, the release's answer threshold)."""
-    import onnxruntime as ort
-
-    from cvops_pipelines.edge.detect import detections
-    from cvops_pipelines.edge.preprocess import load_rgb, normalize, resize
-
-    spec = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
+    """(each frame's boxes at the release's operating point, as its devices answer, that point)."""
+    spec = releases.spec(release)
     threshold = float(spec.get("answer_threshold", 0.5))
-    session = ort.InferenceSession(releases.model(release), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    out = []
-    for data in images:
-        rgb = load_rgb(data)
-        batch = normalize([resize(rgb, spec["image_size"])], spec["mean"], spec["std"])
-        boxes, scores = session.run(None, {name: batch})
-        found = detections(
-            boxes[0],
-            scores[0],
-            rgb.size[0],
-            rgb.size[1],
-            list(spec["classes"]),
-            threshold,
-            spec["nms_iou"],
-            spec["candidates_per_class"],
-            spec["detections_per_image"],
-        )
-        out.append([{"label": d.label, "score": d.score, "box": list(d.box)} for d in found])
-    return out, threshold
-
-
-def frame_right(answer: list[dict], truth: list[dict]) -> bool:
-    hits, answered = matches(answer, truth, DetectionPolicy(min_score=0.0))
-    return hits == answered == len(truth)
+    answers = Runtime(releases.model(release), spec).answers(images)
+    return [a.answered(threshold) for a in answers], threshold
 
 
 def is_detector(releases, release: str) -> bool:
-    spec = json.loads(releases.store.read_bytes(release_key(release, "preprocess.json")))
+    spec = releases.spec(release)
     return spec.get("task") == "detection"
 
 
@@ -65,7 +35,7 @@ def compare_detectors(
 ) -> ReplayComparison:
     """`paired`: reviewed frames (`corrected_boxes` set) from both sides, balanced."""
     images = [releases.store.read_bytes(key) for key in paired["key"]]
-    truth = [parse(text) for text in paired["corrected_boxes"]]
+    truth = [parse_boxes(text) for text in paired["corrected_boxes"]]
     new, _ = release_answers(releases, canary, images)
     old, _ = release_answers(releases, stable, images)
     new_hits = np.array([frame_right(a, t) for a, t in zip(new, truth)], bool)

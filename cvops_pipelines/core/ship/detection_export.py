@@ -1,20 +1,23 @@
 """Detector export: the raw-head ONNX graph, proof that the device path finds the boxes the
 trained model finds, and int8 calibrated on training images with its mAP cost measured.
 
-The device path is onnxruntime on `edge.preprocess` pixels, then `edge.detect.detections`; the
+The device path is the device runtime (`edge.runtime`: `edge.preprocess` pixels, onnxruntime, then
+`edge.detect.detections`); the
 reference is torchvision's own inference (its postprocess and NMS) on the same pixels.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from cvops_pipelines.core.build.detection import DetectorSpec, RawHeads, predict_torch
-from cvops_pipelines.core.ship.export import INPUT_NAME, quantize_int8, to_onnx
-from cvops_pipelines.edge.detect import Detection, box_iou, detections
-from cvops_pipelines.edge.preprocess import normalize, resize
+from cvops_pipelines.core.ship.export import quantize_int8, to_onnx
+from cvops_pipelines.edge.detect import Detection, box_iou
+from cvops_pipelines.edge.preprocess import resize
+from cvops_pipelines.edge.runtime import Runtime
 
 OUTPUTS = ("boxes", "scores")
 
@@ -28,32 +31,9 @@ def export_detector(model, spec: DetectorSpec) -> bytes:
 def edge_detections(
     sess, images: list[np.ndarray], spec: DetectorSpec, batch_size: int = 16
 ) -> list[list[Detection]]:
-    """What a device reports for each RGB uint8 image (any size)."""
-    from PIL import Image
-
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pixels = [resize(Image.fromarray(image), spec.image_size) for image in chunk]
-        boxes, scores = sess.run(
-            list(OUTPUTS), {INPUT_NAME: normalize(pixels, spec.mean, spec.std)}
-        )
-        for i, image in enumerate(chunk):
-            height, width = image.shape[:2]
-            out.append(
-                detections(
-                    boxes[i],
-                    scores[i],
-                    width,
-                    height,
-                    list(spec.classes),
-                    spec.score_threshold,
-                    spec.nms_iou,
-                    spec.candidates_per_class,
-                    spec.detections_per_image,
-                )
-            )
-    return out
+    """What a device reports for each RGB uint8 image (any size): the device runtime's boxes."""
+    answers = Runtime(sess, json.loads(spec.to_json())).run(images, batch_size)
+    return [a.boxes for a in answers]
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from cvops_pipelines.core.base.box_metrics import evaluate_detections
 from cvops_pipelines.core.base.store import Store
-from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
+from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.detection_run import load_scenes, predict
-from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
+from cvops_pipelines.core.build.registry import LoadedModel
 from cvops_pipelines.core.ship.artifact_choice import (
     REFERENCE,
     Measurement,

@@ -12,7 +12,8 @@ import pandas as pd
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
-from cvops_pipelines.core.base.tracking import LoadedModel, Tracking
+from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.build.registry import LoadedModel
 from cvops_pipelines.core.ship.artifact_choice import (
     REFERENCE,
     Choice,

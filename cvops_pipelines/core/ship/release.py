@@ -27,10 +27,16 @@ from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.edge.bundle import FORMAT, BundleError, delta_name, sha256, verify_signature
 from cvops_pipelines.edge.wire import (
     CHANNELS,
+    CLASSES_FILE,
+    MANIFEST_FILE,
+    MANIFEST_SIGNATURE,
+    MODEL_FILE,
     RELEASES,
+    SPEC_FILE,
     channel_key,
     channel_signature_key,
     release_id,
+    release_key,
 )
 
 
@@ -127,9 +133,9 @@ def build_release(
     import bsdiff4
 
     content = {
-        "model.onnx": model,
-        "preprocess.json": json.dumps(preprocess, indent=2, sort_keys=True).encode(),
-        "classes.json": json.dumps(list(preprocess["classes"])).encode(),
+        MODEL_FILE: model,
+        SPEC_FILE: json.dumps(preprocess, indent=2, sort_keys=True).encode(),
+        CLASSES_FILE: json.dumps(list(preprocess["classes"])).encode(),
     }
     manifest = {
         "format": FORMAT,
@@ -158,7 +164,7 @@ def build_release(
         }
         files[delta_name(parent["release"])] = delta
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    files["manifest.json"], files["manifest.sig"] = body, key.sign(body)
+    files[MANIFEST_FILE], files[MANIFEST_SIGNATURE] = body, key.sign(body)
     return Release(manifest["release"], manifest, files)
 
 
@@ -200,10 +206,10 @@ class ReleaseStore:
         """Files first, the signed manifest last: a release without manifest.sig is unfinished."""
         prefix = f"{RELEASES}/{release.id}"
         for name, data in release.files.items():
-            if name not in ("manifest.json", "manifest.sig"):
+            if name not in (MANIFEST_FILE, MANIFEST_SIGNATURE):
                 self.store.write_bytes(f"{prefix}/{name}", data)
-        self.store.write_bytes(f"{prefix}/manifest.json", release.files["manifest.json"])
-        self.store.write_bytes(f"{prefix}/manifest.sig", release.files["manifest.sig"])
+        self.store.write_bytes(f"{prefix}/{MANIFEST_FILE}", release.files[MANIFEST_FILE])
+        self.store.write_bytes(f"{prefix}/{MANIFEST_SIGNATURE}", release.files[MANIFEST_SIGNATURE])
         return self.store.uri(prefix)
 
     def published(self, release: str) -> bool:
@@ -221,7 +227,21 @@ class ReleaseStore:
         return json.loads(self.store.read_bytes(f"{RELEASES}/{release_id}/manifest.json"))
 
     def model(self, release_id: str) -> bytes:
-        return self.store.read_bytes(f"{RELEASES}/{release_id}/model.onnx")
+        return self.store.read_bytes(release_key(release_id, MODEL_FILE))
+
+    def spec(self, release_id: str) -> dict:
+        """The spec a release shipped with (preprocessing, classes, task, operating point): the
+        one place the pipeline reads it."""
+        return json.loads(self.store.read_bytes(release_key(release_id, SPEC_FILE)))
+
+    def live(self) -> dict[str, str]:
+        """release -> channel for what devices run now (stable first when both name one)."""
+        live = {}
+        for channel in CHANNELS:
+            pointer = self.channel(channel) or {}
+            if pointer.get("release"):
+                live.setdefault(pointer["release"], channel)
+        return live
 
     def channel(self, name: str) -> dict | None:
         """The channel document; with the key, only as this pipeline signed it and numbered at
@@ -395,16 +415,6 @@ class Published:
     record: dict  # the asset value: release, parent, meta, sizes, the canary pointer
     new: bool  # False: the bundle existed (a re-run) and no pointer moved
     delta_note: str = ""  # why no delta, when there is none
-
-
-def live_releases(releases: ReleaseStore) -> dict[str, str]:
-    """release -> channel for what devices run now (stable first when both name one)."""
-    live = {}
-    for channel in CHANNELS:
-        pointer = releases.channel(channel) or {}
-        if pointer.get("release"):
-            live.setdefault(pointer["release"], channel)
-    return live
 
 
 def publish_release(

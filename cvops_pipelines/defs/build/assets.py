@@ -5,22 +5,35 @@ from dataclasses import asdict, fields
 from typing import get_type_hints
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, DataVersion, MetadataValue, Output, asset
+from dagster import (
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    Failure,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field, create_model
 
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.build.detection import DetectorConfig
-from cvops_pipelines.core.build.detection_run import train_detector_tracked
 from cvops_pipelines.core.build.models import pick_device
-from cvops_pipelines.core.build.run import INIT_FROM, RunPlan, train_in_process, train_tracked
+from cvops_pipelines.core.build.run import INIT_FROM, RunPlan
 from cvops_pipelines.core.build.ssl import SSLConfig
 from cvops_pipelines.core.build.ssl_run import all_images, pretrain_tracked
 from cvops_pipelines.core.build.torchrun import Distributed
 from cvops_pipelines.core.build.training import TrainConfig
 from cvops_pipelines.core.learn.feedback_query import field_images
 from cvops_pipelines.core.learn.retraining import EncoderFacts, ModelFacts, write_facts
+from cvops_pipelines.core.tasks import TaskRefused
 from cvops_pipelines.defs.build.distributed import pipes_trainer
-from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
+from cvops_pipelines.defs.resources import (
+    CvopsStorage,
+    DataContracts,
+    MlflowTracking,
+    stage_context,
+)
 
 
 def _config_class(name: str, spec, help: dict[str, str] | None = None):
@@ -129,38 +142,20 @@ def trained_model(
     dataset_version: pd.DataFrame,
     storage: CvopsStorage,
     tracking: MlflowTracking,
+    contracts: DataContracts,
 ):
-    mlflow, store = tracking.open(), storage.store()
-    tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "trained_model"}
-    plan = config.plan()
-    if "boxes" in dataset_version:
-        trained = train_detector_tracked(
-            mlflow,
-            store,
-            dataset_version,
-            config.detector_config(),
-            plan.device,
-            tags,
-            context.log.info,
+    ctx = stage_context(context, storage, tracking, contracts, "trained_model")
+    task, distributed, trainer = contracts.task(), config.distributed.plan(), None
+    if distributed.processes > 0:  # torchrun processes through Dagster Pipes
+        trainer = (
+            pipes_trainer(context, distributed, ctx.tracking.tracking_uri),
+            {"distributed_processes": distributed.processes, "distributed_nodes": 1},
         )
-    else:
-        distributed = config.distributed.plan()
-        trainer, params = train_in_process, {}
-        if distributed.processes > 0:
-            trainer = pipes_trainer(context, distributed, mlflow.tracking_uri)
-            params = {"distributed_processes": distributed.processes, "distributed_nodes": 1}
-        trained = train_tracked(
-            mlflow,
-            store,
-            dataset_version,
-            config.train_config(),
-            plan,
-            tags,
-            context.log.info,
-            trainer,
-            params,
-        )
-    record = trained.record
+    try:
+        trained = task.train(ctx, dataset_version, config, trainer)
+    except TaskRefused as exc:
+        raise Failure(str(exc)) from None
+    record, store = {"task": task.name, **trained.record}, ctx.store
     facts = ModelFacts(record["model_version"], record["dataset_version"], record["dataset_images"])
     write_facts(store, facts)  # what retraining_sensor reads
     version = DataVersion(f"{record['model_name']}/v{record['model_version']}")

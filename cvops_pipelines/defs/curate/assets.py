@@ -4,7 +4,6 @@ All three refresh on their own when a drop lands (eager automation, run by the d
 """
 
 import json
-from dataclasses import replace
 
 import pandas as pd
 from dagster import (
@@ -19,29 +18,20 @@ from dagster import (
 from pydantic import Field
 
 from cvops_pipelines.core.base.contracts import validate
-from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE, NO_OBJECTS
-from cvops_pipelines.core.base.plots import md_image
+from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
-from cvops_pipelines.core.base.tracking import TrackingUnavailable
 from cvops_pipelines.core.build.oof import OOF_TRAINING
-from cvops_pipelines.core.build.ssl_run import current_encoder, finetuned_scorer, learned_embeddings
 from cvops_pipelines.core.curate.box_qa import (
     BoxQAConfig,
-    image_review,
-    review_boxes,
-    reviewer_predictions,
-    write_box_review,
 )
-from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool
+from cvops_pipelines.core.curate.boxes import box_rows
 from cvops_pipelines.core.curate.dataset import (
     DatasetPolicy,
     build_dataset_version,
-    images_trained_on,
     save_snapshot,
 )
-from cvops_pipelines.core.curate.label_qa import LabelQAConfig, review_label_quality, write_review
+from cvops_pipelines.core.curate.label_qa import LabelQAConfig
 from cvops_pipelines.core.curate.neardup import NearDupConfig
-from cvops_pipelines.core.curate.pool import build_labeled_pool
 from cvops_pipelines.core.curate.replay_set import (
     HoldoutPolicy,
     build_replay_set,
@@ -52,10 +42,14 @@ from cvops_pipelines.core.curate.splits import SplitConfig
 from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manifest
 from cvops_pipelines.core.learn.feedback_query import pool_feedback, reviewed_or_expert
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
-from cvops_pipelines.core.measure.saliency import explain, write_overlays
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
-from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
-from cvops_pipelines.defs.saliency import saliency_metadata
+from cvops_pipelines.defs.metadata import metadata, output
+from cvops_pipelines.defs.resources import (
+    CvopsStorage,
+    DataContracts,
+    MlflowTracking,
+    stage_context,
+)
 from cvops_pipelines.edge.wire import FEEDBACK
 
 EAGER = AutomationCondition.eager()
@@ -84,28 +78,18 @@ def labeled_pool(
         raw_images = pd.concat([raw_images, feedback_manifest(field.images)], ignore_index=True)
     if len(field.reviewed):
         annotations = pd.concat([annotations, feedback_labels(field.reviewed)], ignore_index=True)
-    if contracts.ontology().detection:
-        pool = build_box_pool(raw_images, annotations)
-        per_class = box_rows(pool).groupby("label").size().rename("boxes").reset_index()
-        extra = {
-            "boxes": int(pool["n_boxes"].sum()),
-            "images_without_objects": int((pool["label"] == NO_OBJECTS).sum()),
-        }
-    else:
-        pool = build_labeled_pool(raw_images, annotations)
-        per_class = pool.groupby("label").size().rename("images").reset_index()
-        extra = {}
+    result = contracts.task().pool(raw_images, annotations)
+    pool = result.value
     return Output(
         pool,
         metadata={
-            **extra,
+            **metadata(result.metadata),
             "images": len(pool),
             "drops": int(pool.loc[~pool["source"].str.startswith(FEEDBACK), "source"].nunique()),
             "feedback_labeled": int((pool["origin"] == "feedback").sum()),
             "multi_annotated": int((pool["n_votes"] > 1).sum()),
             "unlabeled_images_left_out": int(images - len(pool)),
             "origins": MetadataValue.json(pool["origin"].value_counts().to_dict()),
-            "images_per_class": MetadataValue.md(markdown_table(per_class, 100)),
         },
     )
 
@@ -248,135 +232,10 @@ def label_issues(
     labeled_pool: pd.DataFrame,
     storage: CvopsStorage,
     tracking: MlflowTracking,
+    contracts: DataContracts,
 ):
-    if "boxes" in labeled_pool:
-        return _box_issues(context, config, labeled_pool, storage, tracking)
-    neardup = NearDupConfig(config.max_hamming, config.max_mad)
-    qa = LabelQAConfig(
-        config.folds,
-        config.neighbors,
-        config.seed,
-        neardup=neardup,
-        min_scorer_accuracy=config.min_scorer_accuracy,
-    )
-    store, mlflow = storage.store(), tracking.open()
-    try:  # curation goes on without the tracking server: thumbnails only, no overlays
-        mlflow.check()
-        champion = mlflow.load(alias="champion")
-    except TrackingUnavailable as exc:
-        context.log.warning(f"{exc}; label QA scores with the thumbnails only, no overlays")
-        champion, mlflow = None, None
-    wanted = mlflow is not None and (config.learned_features or config.finetune_scorer)
-    encoder = current_encoder(mlflow) if wanted else None
-    embeddings, scorers = {}, {}
-    if config.learned_features and mlflow is not None:
-        seen = images_trained_on(mlflow, store, champion) if champion else set()
-        embeddings = learned_embeddings(
-            encoder, champion, store, labeled_pool, context.log.info, seen
-        )
-    if config.finetune_scorer:
-        training = replace(OOF_TRAINING, epochs=config.finetune_epochs)
-        scorers = finetuned_scorer(encoder, store, labeled_pool, context.log.info, training)
-    result = review_label_quality(labeled_pool, qa, embeddings, scorers)
-    if result.unscored_reason:
-        context.log.warning(result.unscored_reason)
-    prefix = f"reports/label_issues/{context.run.run_id}"
-    explained = []
-    if champion is not None and len(result.review):
-        shown = result.review.head(config.max_overlays)
-        keys = labeled_pool.set_index("image_id").loc[shown["image_id"], "key"]
-        explained = [  # captions a reviewer reads: the given label first
-            (image, heat, f"given {label} · {said}")
-            for (image, heat, said), label in zip(
-                explain(champion, store, list(keys)), shown["label"]
-            )
-        ]
-        written = write_overlays(store, f"{prefix}/saliency", list(shown["image_id"]), explained)
-        result.review["saliency"] = result.review["image_id"].map(
-            {i: store.uri(k) for i, k in written.items()}
-        )
-    classes = sorted(labeled_pool["label"].unique())
-    png, uris = write_review(store, prefix, result, classes)
-    return Output(
-        result.review,
-        metadata={
-            **_label_issues_metadata(result, png, uris),
-            **saliency_metadata(explained, champion, "suspects"),
-        },
-    )
-
-
-def _box_issues(context, config, pool: pd.DataFrame, storage, tracking) -> Output:
-    store = storage.store()
-    predictions, operating_point = reviewer_predictions(
-        tracking.open(), store, pool, config.reviewer, context.log.info
-    )
-    qa = BoxQAConfig(
-        match_iou=config.box_match_iou,
-        min_overlap=config.box_min_overlap,
-        duplicate_iou=config.box_duplicate_iou,
-    )
-    score = config.box_min_score if config.box_min_score is not None else operating_point
-    qa = qa.at(score) if score is not None else qa
-    issues = review_boxes(pool, predictions, qa)
-    classes = sorted(box_rows(pool)["label"].unique())
-    uris = write_box_review(
-        store, f"reports/label_issues/{context.run.run_id}", issues, pool, classes
-    )
-    review = image_review(issues, pool)
-    return Output(
-        review,
-        metadata={
-            "suspects": len(review),
-            "box_issues": len(issues),
-            "scored_images": len(predictions),
-            "reviewer": f"{config.reviewer} (boxes from score {qa.overlooked_score})"
-            if predictions
-            else "none yet (model-free checks only)",
-            "issues_by_type": MetadataValue.json(issues["issue"].value_counts().to_dict()),
-            "top_issues": MetadataValue.md(markdown_table(issues, 15)),
-            "box_issues_csv": MetadataValue.url(uris["box_issues.csv"]),
-            "labelstudio_import": MetadataValue.url(uris["labelstudio_tasks.json"]),
-            "labelstudio_config": MetadataValue.url(uris["labelstudio_config.xml"]),
-        },
-    )
-
-
-def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
-    review = result.review
-    reasons = (
-        review["reasons"].str.split(";").explode().value_counts().to_dict() if len(review) else {}
-    )
-    noise = result.noise_per_class.assign(
-        estimated_noise_rate=lambda d: (d["estimated_noise_rate"] * 100).round(1)
-    )
-    columns = ["image_id", "label", "suggested_label", "severity", "reasons", "details"]
-    return {
-        "suspects": len(review),
-        "scored_images": result.scored,
-        "scorer": result.scorer or "none (too few labels per class)",
-        "scorer_rule": "every candidate scores the pool out of fold; each image is scored by "
-        "the one that agrees most with the given labels among those allowed to judge it (a "
-        "champion not on its own training images); labels are flagged only if the result "
-        "reaches min_scorer_accuracy",
-        "scorer_candidates_oof_accuracy": MetadataValue.json(
-            {k: round(v, 4) for k, v in result.candidates.items()}
-        ),
-        "scorer_oof_accuracy": round(result.scorer_accuracy, 4)
-        if result.scorer_accuracy is not None
-        else "not scored",
-        "scorer_judges": result.judged,
-        **({"scorer_note": result.unscored_reason} if result.unscored_reason else {}),
-        "suspects_by_reason": MetadataValue.json(reasons),
-        "top_suspects": MetadataValue.md(markdown_table(review[columns], 15)),
-        "confused_pairs": MetadataValue.md(markdown_table(result.confused_pairs, 10)),
-        "noise_per_class_percent": MetadataValue.md(markdown_table(noise, 100)),
-        "annotators": MetadataValue.md(markdown_table(result.annotators, 50)),
-        "plot": MetadataValue.md(md_image(png, "confused class pairs and noise per class")),
-        "review_csv": MetadataValue.url(uris["review.csv"]),
-        "labelstudio_import": MetadataValue.url(uris["labelstudio_tasks.json"]),
-        "labelstudio_config": MetadataValue.url(uris["labelstudio_config.xml"]),
-    }
+    ctx = stage_context(context, storage, tracking, contracts, "label_issues")
+    return output(contracts.task().label_issues(ctx, labeled_pool, config))
 
 
 class DatasetVersionConfig(Config):

@@ -22,29 +22,25 @@ from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.plots import md_image, ontology_png
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
-from cvops_pipelines.core.learn.active import QueuePolicy, expert_labeled, publish_queue
-from cvops_pipelines.core.learn.active import annotation_queue as build_queue
 from cvops_pipelines.core.learn.detection_learn import (
     DetectionPolicy,
-    answer_thresholds,
-    detection_production,
-    detection_queue,
-    publish_detection_queue,
 )
 from cvops_pipelines.core.learn.enrolment import read_register
 from cvops_pipelines.core.learn.feedback import vet_batches
-from cvops_pipelines.core.learn.feedback_query import all_records, predictions, queue_candidates
+from cvops_pipelines.core.learn.feedback_query import predictions
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
-from cvops_pipelines.core.learn.production import ProductionPolicy, production_report
-from cvops_pipelines.core.learn.production_state import catch_up, stored_state
-from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
-from cvops_pipelines.core.measure.saliency import explain
+from cvops_pipelines.core.learn.production import ProductionPolicy
 from cvops_pipelines.core.ship.release import ReleaseStore, release_public_keys
 from cvops_pipelines.defs.contract_checks import check_result, contract_check_result, contract_spec
+from cvops_pipelines.defs.metadata import output, outputs
 from cvops_pipelines.defs.partitions import feedback_partitions
-from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
-from cvops_pipelines.defs.saliency import saliency_metadata
+from cvops_pipelines.defs.resources import (
+    CvopsStorage,
+    DataContracts,
+    MlflowTracking,
+    stage_context,
+)
 
 WARN = AssetCheckSeverity.WARN
 FEEDBACK_CONTRACT = contract_spec(
@@ -224,114 +220,9 @@ def production_metrics(
     storage: CvopsStorage,
     contracts: DataContracts,
 ):
-    store = storage.store()
-    if contracts.ontology().detection:  # not incremental yet: queries every batch
-        records = all_records(feedback)
-        if len(records) and records["boxes"].notna().any():
-            yield from _detection_metrics(config.detection_policy(), records, store)
-            return
-    policy = config.policy()
-    with stored_state(store, policy.period, policy.drift_window) as state:
-        if config.rebuild_state:
-            state.reset()
-        absorbed = catch_up(
-            state,
-            feedback,
-            lambda batch: context.log.warning(
-                f"feedback batch {batch} has no table (its run failed?): left for a later run"
-            ),
-        )
-        context.log.info(
-            f"absorbed {absorbed['batches_absorbed']} new feedback batches "
-            f"({absorbed['rows_absorbed']} rows) into the production state"
-        )
-        report = production_report(store, state, policy)
-    csv_uri = report.save(store)
-    write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
-    yield Output(
-        report.summary(),
-        metadata={**_production_metadata(report, csv_uri), **absorbed},
-    )
-    yield from _field_checks(
-        report,
-        policy,
-        report.sla,
-        {"min_accuracy": policy.min_accuracy, "min_reviewed": policy.min_reviewed},
-        {"alpha": policy.drift_alpha, "window": policy.drift_window},
-    )
-
-
-def _field_checks(report, policy, sla_table, sla_limits: dict, drift_limits: dict):
-    """The SLA (blocking) and output drift (a warning) checks, one shape for both tasks."""
-    yield check_result(
-        "accuracy_sla",
-        report.sla_failure(policy),
-        AssetCheckSeverity.ERROR,
-        **sla_limits,
-        releases=MetadataValue.md(markdown_table(sla_table, 10)),
-    )
-    yield check_result(
-        "no_output_drift",
-        report.drift_failure(),
-        WARN,
-        **drift_limits,
-        releases=MetadataValue.md(markdown_table(report.drift, 10)),
-    )
-
-
-def _detection_metrics(policy: DetectionPolicy, records: pd.DataFrame, store):
-    thresholds = answer_thresholds(store, records["release"])
-    report = detection_production(records, policy, thresholds)
-    write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
-    summary = report.summary(policy)
-    yield Output(
-        summary,
-        metadata={
-            "records": summary["records"],
-            "reviewed": summary["reviewed"],
-            "coverage": round(summary["reviewed"] / max(1, summary["records"]), 4),
-            "precision_recall_by_release_cohort": MetadataValue.md(
-                markdown_table(report.table, 50)
-            ),
-            "per_release": MetadataValue.md(markdown_table(report.per_release, 20)),
-            "drift": MetadataValue.md(markdown_table(report.drift, 20)),
-        },
-    )
-    yield from _field_checks(
-        report,
-        policy,
-        report.per_release,
-        {
-            "min_precision_50": policy.min_precision,
-            "min_recall_50": policy.min_recall,
-            "min_reviewed": policy.min_reviewed,
-        },
-        {"alpha": policy.alpha, "window": policy.window},
-    )
-
-
-def _production_metadata(report, csv_uri: str) -> dict:
-    summary = report.summary()
-    return {
-        "records": summary["records"],
-        "reviewed": summary["reviewed"],
-        "coverage": round(summary["reviewed"] / max(1, summary["records"]), 4),
-        "pending_corrections": summary["pending_corrections"],
-        "sla_ok": report.sla_ok,
-        "drift_flagged": report.drift_flagged,
-        "missed_event_share": report.business["missed_event_share"],
-        "accuracy_by_release_cohort_period": MetadataValue.md(markdown_table(report.table, 50)),
-        "per_release": MetadataValue.md(markdown_table(report.per_release, 20)),
-        "accuracy_by_release": MetadataValue.json(
-            {
-                r["release"]: {k: r[k] for k in ("records", "reviewed", "coverage", "accuracy")}
-                for r in summary["per_release"]
-            }
-        ),
-        "business": MetadataValue.json(report.business),
-        "plot": MetadataValue.md(md_image(report.plot, "field accuracy and output drift")),
-        "accuracy_csv": MetadataValue.url(csv_uri),
-    }
+    ctx = stage_context(context, storage, None, contracts, "production_metrics")
+    task = contracts.task()
+    yield from outputs(task.production(ctx, feedback, ReleaseStore(ctx.store), config))
 
 
 class AnnotationQueueConfig(Config):
@@ -367,60 +258,8 @@ def annotation_queue(
     contracts: DataContracts,
     tracking: MlflowTracking,
 ):
-    store = storage.store()
-    experts = expert_labeled(labeled_pool)
-    records = queue_candidates(feedback, experts)
-    if len(records) and records["boxes"].notna().any():
-        thresholds = answer_thresholds(store, records["release"])
-        queue = detection_queue(
-            records, experts, config.size, config.explore_share, thresholds=thresholds
-        )
-        queue_id, prefix = publish_detection_queue(store, queue, contracts.ontology().names)
-        columns = ["rank", "reason", "score", "why", "predicted"]
-        return Output(
-            queue.assign(queue_id=queue_id),
-            metadata=_queue_metadata(queue, queue_id, prefix, store, experts, columns),
-        )
-    queue = build_queue(
-        records,
-        experts,
-        QueuePolicy(config.size, config.diversity_decay, config.max_hamming, config.explore_share),
-    )
-    champion = tracking.open().load(alias="champion")
-    explained = explain(champion, store, list(queue["key"])) if champion and len(queue) else []
-    explained = [  # captions a reviewer reads: the queue's rank and reason first
-        (image, heat, f"#{rank} {reason} · {said}")
-        for (image, heat, said), rank, reason in zip(explained, queue["rank"], queue["reason"])
-    ]
-    queue_id, prefix = publish_queue(store, queue, contracts.ontology().names, explained)
-    pairs = queue.groupby(["predicted", "second"]).size().sort_values(ascending=False)
-    columns = ["rank", "reason", "score", "predicted", "second", "corrected_label"]
-    return Output(
-        queue.assign(queue_id=queue_id),
-        metadata={
-            **_queue_metadata(queue, queue_id, prefix, store, experts, columns),
-            "distinct_class_pairs": len(pairs),
-            "largest_pair_share": round(float(pairs.iloc[0] / len(queue)), 3)
-            if len(queue)
-            else 0.0,
-            **saliency_metadata(explained, champion, "queued images"),
-        },
-    )
-
-
-def _queue_metadata(queue, queue_id: str, prefix: str, store, experts, columns) -> dict:
-    """What either task's queue shows: its size and reasons, the top of it, where it lives."""
-    return {
-        "queue_id": queue_id,
-        "queued": len(queue),
-        "by_reason": MetadataValue.json(queue["reason"].value_counts().to_dict()),
-        "candidates_already_expert_labeled": len(experts),
-        "top": MetadataValue.md(markdown_table(queue[columns], 15)),
-        "labelstudio_import": MetadataValue.url(store.uri(f"{prefix}/tasks.json")),
-        "labelstudio_config": MetadataValue.url(store.uri(f"{prefix}/labelstudio_config.xml")),
-        "csv": MetadataValue.url(store.uri(f"{prefix}/queue.csv")),
-        "folder": MetadataValue.url(store.uri(prefix)),
-    }
+    ctx = stage_context(context, storage, tracking, contracts, "annotation_queue")
+    return output(contracts.task().queue(ctx, feedback, labeled_pool, config))
 
 
 class OntologyReportConfig(Config):

@@ -1,42 +1,36 @@
 """Measure stage: the challenger and the champion on the same test images and, paired, on the
 production holdout of the replay set; the gate decides on both."""
 
-import json
-
 import pandas as pd
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetSelection,
     AutomationCondition,
-    MetadataValue,
-    Output,
+    Failure,
     asset,
 )
 from pydantic import Field
 
-from cvops_pipelines.core.base.plots import md_image
-from cvops_pipelines.core.base.tables import markdown_table
+from cvops_pipelines.core.build.registry import load, load_version
 from cvops_pipelines.core.measure.detection_evaluation import (
     DetectionGateConfig,
-    evaluate_detector,
-    log_detection_evaluation,
 )
 from cvops_pipelines.core.measure.evaluation import (
     EvaluationPolicy,
-    EvaluationReport,
-    evaluate_challenger,
-    log_evaluation,
 )
 from cvops_pipelines.core.measure.gate import GateConfig
 from cvops_pipelines.core.measure.replay import NonInferiority
+from cvops_pipelines.core.tasks import TaskRefused
+from cvops_pipelines.core.tasks.common import GATE_CHECK
+from cvops_pipelines.defs.metadata import outputs
 from cvops_pipelines.defs.operator import OperatorConfig
-from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, MlflowTracking
-from cvops_pipelines.edge.wire import FEEDBACK
-
-GATE_CHECK = "challenger_not_worse_than_champion"
+from cvops_pipelines.defs.resources import (
+    CvopsStorage,
+    DataContracts,
+    MlflowTracking,
+    stage_context,
+)
 
 
 class ModelEvaluationConfig(OperatorConfig):
@@ -135,188 +129,15 @@ def model_evaluation(
     tracking: MlflowTracking,
     contracts: DataContracts,
 ):
-    mlflow = tracking.open()
-    challenger = mlflow.load_version(trained_model["model_version"])
-    champion = mlflow.load(alias="champion")
+    ctx = stage_context(context, storage, tracking, contracts, "model_evaluation")
+    challenger = load_version(ctx.tracking, trained_model["model_version"])
+    champion = load(ctx.tracking, alias="champion")
     if champion is None:
         context.log.info("no champion yet: the challenger passes the gate by definition")
-    if trained_model.get("task") == "detection":
-        yield from _evaluate_detector(
-            challenger,
-            champion,
-            trained_model,
-            dataset_version,
-            replay_set,
-            storage,
-            mlflow,
-            config,
+    try:
+        result = contracts.task().evaluate(
+            ctx, challenger, champion, trained_model, dataset_version, replay_set, config
         )
-        return
-    report = evaluate_challenger(
-        challenger,
-        champion,
-        storage.store(),
-        dataset_version,
-        replay_set,
-        config.policy(contracts.ontology().event_classes),
-    )
-    log_evaluation(mlflow, trained_model["run_id"], report)
-    record = report.record(
-        mlflow.model_name, trained_model["run_id"], trained_model["dataset_version"]
-    )
-    replay_set_version = str(replay_set["replay_set"].iloc[0]) if len(replay_set) else "none"
-    yield Output(
-        record,
-        metadata={
-            **_evaluation_metadata(report),
-            **_replay_metadata(report, replay_set_version),
-            "mlflow_run": MetadataValue.url(mlflow.run_url(trained_model["run_id"])),
-        },
-    )
-    yield _gate_check(report, config)
-
-
-def _evaluate_detector(challenger, champion, trained_model, rows, replay, storage, mlflow, config):
-    rule = NonInferiority(config.replay_margin, config.replay_alpha, config.replay_min_records)
-    evaluation = evaluate_detector(
-        challenger,
-        champion,
-        storage.store(),
-        rows,
-        config.detection_gate(),
-        replay=replay,
-        rule=rule,
-    )
-    log_detection_evaluation(mlflow, trained_model["run_id"], evaluation)
-    record = evaluation.record(
-        mlflow.model_name, trained_model["run_id"], trained_model["dataset_version"]
-    )
-    gate = evaluation.gate
-    yield Output(
-        record,
-        metadata={
-            "challenger": f"v{evaluation.challenger_version}",
-            "champion": f"v{evaluation.champion_version}"
-            if evaluation.champion_version
-            else "none yet",
-            "test_images": evaluation.test_images,
-            "map": round(evaluation.mine.map, 4),
-            "map_50": round(evaluation.mine.map_50, 4),
-            "per_class": MetadataValue.md(markdown_table(evaluation.per_class, 100)),
-            "precision_recall": MetadataValue.md(
-                md_image(evaluation.pr_png, "precision-recall at IoU 0.5")
-            ),
-            "examples": MetadataValue.md(
-                md_image(evaluation.examples_png, "true boxes (green) and predicted (red)")
-            ),
-            "mlflow_run": MetadataValue.url(mlflow.run_url(trained_model["run_id"])),
-        },
-    )
-    thresholds = config.model_dump(
-        include={
-            "max_map_drop",
-            "max_class_ap_drop",
-            "min_class_objects",
-            "replay_margin",
-            "replay_alpha",
-            "replay_min_records",
-        }
-    )
-    replay = (
-        {
-            "replay_paired": MetadataValue.md(
-                markdown_table(pd.DataFrame([evaluation.replayed.as_row()]), 5)
-            )
-        }
-        if evaluation.replayed is not None
-        else {}
-    )
-    yield _gate_result(gate, evaluation.per_class, thresholds, replay)
-
-
-def _evaluation_metadata(report: EvaluationReport) -> dict:
-    mine, test = report.mine, report.test
-    return {
-        "challenger": f"v{report.challenger.version}",
-        "champion": f"v{report.champion.version}" if report.champion else "none yet",
-        "test_images": len(test),
-        "accuracy": round(mine.accuracy, 4),
-        "macro_f1": round(mine.macro_f1, 4),
-        "ece": round(mine.ece, 4),
-        "per_class": MetadataValue.md(markdown_table(mine.per_class.round(4), 100)),
-        "per_cohort": MetadataValue.md(markdown_table(report.cohorts.round(4), 50)),
-        "confusion_matrix": MetadataValue.md(md_image(report.confusion_png, "confusion matrix")),
-        "reliability": MetadataValue.md(md_image(report.reliability_png, "reliability diagram")),
-        **(
-            {
-                "saliency": MetadataValue.md(
-                    md_image(report.saliency_png, "Grad-CAM of wrong and unsure test answers")
-                )
-            }
-            if report.saliency_png
-            else {}
-        ),
-        # reviewed field images reach the pool through feedback; their share of the test split
-        "field_test_images": int(test["source"].str.startswith(FEEDBACK).sum()),
-    }
-
-
-def _replay_metadata(report: EvaluationReport, replay_set_version: str) -> dict:
-    replayed = report.replayed
-    meta = {"replay": report.replay_summary()}
-    if replayed is not None:
-        meta.update(
-            {
-                "replay_set": replay_set_version,
-                "replay_records": replayed.records,
-                "replay_verdict": replayed.verdict,
-                "replay_paired": MetadataValue.md(markdown_table(replayed.table(), 10)),
-                "replay_outcomes": MetadataValue.json(
-                    json.loads(replayed.table().to_json(orient="records"))
-                ),
-                "replay_per_class": MetadataValue.md(markdown_table(replayed.per_class, 100)),
-                "replay_per_cohort": MetadataValue.md(markdown_table(replayed.per_cohort, 50)),
-                "replay_business": MetadataValue.md(markdown_table(replayed.business, 10)),
-            }
-        )
-    return meta
-
-
-def _gate_check(report: EvaluationReport, config: ModelEvaluationConfig) -> AssetCheckResult:
-    gate = report.gate
-    thresholds = config.model_dump(
-        include={
-            "max_macro_f1_drop",
-            "max_class_recall_drop",
-            "min_net_images",
-            "replay_margin",
-            "replay_alpha",
-            "replay_min_records",
-            "require_field_evidence",
-        }
-    )
-    replay = (
-        {"replay_paired": MetadataValue.md(markdown_table(report.replayed.table(), 10))}
-        if report.replayed is not None
-        else {}
-    )
-    return _gate_result(gate, gate.table, thresholds, replay)
-
-
-def _gate_result(gate, side_by_side, thresholds: dict, extra: dict | None = None):
-    """The gate's check, one shape for both tasks: its decision, the numbers it read, its
-    thresholds."""
-    return AssetCheckResult(
-        check_name=GATE_CHECK,
-        passed=gate.passed,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "first_model": gate.first_model,
-            "decision": "; ".join(gate.reasons),
-            "notes": "; ".join(gate.notes) or "none",
-            **({} if gate.passed else {"first_failure": gate.reasons[0]}),
-            **(extra or {}),
-            "side_by_side": MetadataValue.md(markdown_table(side_by_side, 100)),
-            "thresholds": MetadataValue.json(thresholds),
-        },
-    )
+    except TaskRefused as exc:
+        raise Failure(str(exc)) from None
+    yield from outputs(result)

@@ -21,14 +21,14 @@ from pydantic import Field
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
+from cvops_pipelines.core.build.registry import load_version
 from cvops_pipelines.core.learn.feedback_query import reviewed_records
 from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.ship.artifact_choice import TargetProfile
 from cvops_pipelines.core.ship.canary import log_canary, look_at_canary
-from cvops_pipelines.core.ship.detection_onnx import export_detector_model
 from cvops_pipelines.core.ship.export import ExportError
 from cvops_pipelines.core.ship.keys import KeyNotDelegated, signing_releases
-from cvops_pipelines.core.ship.onnx_model import ExportPolicy, export_model
+from cvops_pipelines.core.ship.onnx_model import ExportPolicy
 from cvops_pipelines.core.ship.release import (
     ChannelTampered,
     ReleaseRefused,
@@ -39,7 +39,12 @@ from cvops_pipelines.core.ship.release import (
     release_meta,
 )
 from cvops_pipelines.defs.operator import OperatorConfig
-from cvops_pipelines.defs.resources import CvopsStorage, MlflowTracking
+from cvops_pipelines.defs.resources import (
+    CvopsStorage,
+    DataContracts,
+    MlflowTracking,
+    stage_context,
+)
 
 
 class TargetConfig(Config):
@@ -96,23 +101,14 @@ def onnx_model(
     dataset_version: pd.DataFrame,
     storage: CvopsStorage,
     tracking: MlflowTracking,
+    contracts: DataContracts,
 ):
     if not model_evaluation["gate_passed"]:
         raise Failure(f"model v{model_evaluation['challenger_version']} did not pass the gate")
-    mlflow = tracking.open()
-    loaded = mlflow.load_version(trained_model["model_version"])
-    tags = {"dagster_run_id": context.run.run_id, "dagster_asset_key": "onnx_model"}
-    export = export_detector_model if trained_model.get("task") == "detection" else export_model
+    ctx = stage_context(context, storage, tracking, contracts, "onnx_model")
+    loaded = load_version(ctx.tracking, trained_model["model_version"])
     try:
-        exported = export(
-            loaded,
-            dataset_version,
-            storage.store(),
-            mlflow,
-            config.policy(),
-            tags,
-            context.log.info,
-        )
+        exported = contracts.task().export(ctx, loaded, dataset_version, config.policy())
     except ExportError as exc:
         raise Failure(str(exc)) from None
     record = exported.record

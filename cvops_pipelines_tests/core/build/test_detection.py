@@ -134,15 +134,16 @@ def test_a_broken_postprocess_is_caught_by_the_parity_proof(trained, monkeypatch
     from cvops_pipelines.core.ship import detection_export
     from cvops_pipelines.core.ship.detection_export import DetectorSpec, detection_parity
     from cvops_pipelines.core.ship.export import session
+    from cvops_pipelines.edge import runtime
 
     model, _ = trained
     spec = DetectorSpec.of(FAST, CLASSES)
     sess = session(detection_export.export_detector(model, spec))
-    real = detection_export.detections
+    real = runtime.detections
 
     def shifted(boxes, *args):  # a device that forgot to clip, or scaled by the wrong side
         return real(boxes * 1.05, *args)
 
-    monkeypatch.setattr(detection_export, "detections", shifted)
+    monkeypatch.setattr(runtime, "detections", shifted)  # the device runtime's postprocess
     result = detection_parity(model, sess, [s.image for s in scenes(3, 99)], spec)
     assert not result.ok and result.unmatched > 0

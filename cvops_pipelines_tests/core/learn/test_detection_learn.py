@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cvops_pipelines.core.base.box_metrics import matches
 from cvops_pipelines.core.learn.detection_learn import (
     DetectionPolicy,
     detection_production,
     detection_queue,
-    matches,
 )
 
 A = {"label": "3", "box": [10, 10, 40, 40]}
@@ -40,10 +40,9 @@ def record(i, boxes, corrected=None, release="r1", cohort="site-a"):
 
 
 def test_a_box_counts_once_for_its_own_class_and_only_when_confident():
-    policy = DetectionPolicy(min_score=0.5)
-    assert matches([scored(A, 0.9), scored(A, 0.8)], [A], policy) == (1, 2)  # double box
-    assert matches([scored({**A, "label": "8"}, 0.9)], [A], policy) == (0, 1)  # wrong class
-    assert matches([scored(A, 0.4)], [A], policy) == (0, 0)  # below the answer threshold
+    assert matches([scored(A, 0.9), scored(A, 0.8)], [A], 0.5) == (1, 2)  # double box
+    assert matches([scored({**A, "label": "8"}, 0.9)], [A], 0.5) == (0, 1)  # wrong class
+    assert matches([scored(A, 0.4)], [A], 0.5) == (0, 0)  # below the answer threshold
 
 
 def test_precision_and_recall_per_release_and_an_sla_that_agrees_with_them():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cvops_pipelines.core.learn.drift import output_drift
-from cvops_pipelines.core.learn.production import model_outputs
 from cvops_pipelines.demo.digit_model import CLASSES, PREPROCESS, png, trained_model
+from cvops_pipelines.edge.runtime import Runtime
 from cvops_pipelines.edge.simulator import Shift, shifted
 
 BATCH = 24  # records per feedback batch (a device uploading every few steps)
@@ -19,11 +19,12 @@ def outputs():
     # The scans are ordered by writer: reference and field are drawn from one shuffled
     # population (as the demo's stratified splits are), so "unshifted" means same distribution.
     rest = np.random.default_rng(42).permutation(np.arange(600, 1797))
-    reference = model_outputs(model, PREPROCESS, [png(i) for i in rest[:300]])
+    runtime = Runtime(model, PREPROCESS)
+    reference = runtime.probabilities([png(i) for i in rest[:300]])
     field = list(rest[300:])
-    clean = model_outputs(model, PREPROCESS, [png(i) for i in field])
+    clean = runtime.probabilities([png(i) for i in field])
     transform = SHIFT.transform(seed=0)
-    moved = model_outputs(model, PREPROCESS, [shifted(png(i), transform) for i in field])
+    moved = runtime.probabilities([shifted(png(i), transform) for i in field])
     return reference, clean, moved
 
 

@@ -2,12 +2,12 @@
 
 import math
 
+from cvops_pipelines.core.base.box_metrics import DetectionReport
 from cvops_pipelines.core.measure.detection_evaluation import (
     DetectionGateConfig,
     decide,
     per_class_table,
 )
-from cvops_pipelines.core.measure.detection_metrics import DetectionReport
 
 
 def report(map_, ap: dict[str, float], objects: dict[str, int]) -> DetectionReport:

@@ -1,9 +1,13 @@
 """Detection metrics as the COCO evaluation defines them, through torchmetrics'
 `MeanAveragePrecision` on the faster-coco-eval backend (both Apache-2.0), plus recall at IoU 0.5
-per class, which is what an operator asks ("of the objects there, how many did it find?")."""
+per class, which is what an operator asks ("of the objects there, how many did it find?"); and
+the frame-level matching every stage judges one frame's answer by (field precision and recall,
+the gate's and the canary's paired replays). Here, below the stages, because training validates,
+label QA reviews and the loop measures with the same rules."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,3 +130,38 @@ def operating_point(
         if f1 > best.f1:
             best = OperatingPoint(threshold, precision, recall, f1)
     return best
+
+
+def parse_boxes(text) -> list[dict]:
+    """A record's boxes column (JSON text, or empty) as a list of {label, box, score}."""
+    return json.loads(text) if isinstance(text, str) and text else []
+
+
+def matches(
+    predicted: list[dict], truth: list[dict], min_score: float, match_iou: float = 0.5
+) -> tuple[int, int]:
+    """(true positives, answered boxes): each truth box found at most once, same class,
+    greedily by score."""
+    from cvops_pipelines.edge.detect import box_iou
+
+    answered = [p for p in predicted if p.get("score", 1.0) >= min_score]
+    answered.sort(key=lambda p: -p.get("score", 1.0))
+    taken, hits = set(), 0
+    for p in answered:
+        best, where = match_iou, None
+        for j, t in enumerate(truth):
+            if j in taken or t["label"] != p["label"]:
+                continue
+            overlap = box_iou(np.array(p["box"]), np.array(t["box"]))[0, 0]
+            if overlap >= best:
+                best, where = overlap, j
+        if where is not None:
+            taken.add(where)
+            hits += 1
+    return hits, len(answered)
+
+
+def frame_right(answer: list[dict], truth: list[dict]) -> bool:
+    """A frame answered right: every box it gave matches one, and every true box was found."""
+    hits, answered = matches(answer, truth, min_score=0.0)
+    return hits == answered == len(truth)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cvops_pipelines.core.measure.detection_metrics import evaluate_detections
+from cvops_pipelines.core.base.box_metrics import evaluate_detections
 
 CLASSES = ["a", "b", "c"]
 TRUTHS = [
@@ -83,7 +83,7 @@ def test_metrics_agree_with_pycocotools(tmp_path):
 
 
 def test_the_operating_point_is_the_threshold_with_the_best_f1():
-    from cvops_pipelines.core.measure.detection_metrics import operating_point
+    from cvops_pipelines.core.base.box_metrics import operating_point
 
     truth = [{"boxes": np.array([[0, 0, 10, 10]], float), "labels": ["a"]}]
     found = [

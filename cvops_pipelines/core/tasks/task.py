@@ -1,0 +1,78 @@
+"""What a task is to the loop: the pieces each stage asks it for.
+
+An asset resolves its task once from the ontology (`core.tasks.task_for`) and asks it for the
+piece; it never tests which task it is. A task that does not supply a piece says so by name,
+instead of the asset silently doing another task's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from cvops_pipelines.core.base.ontology import Ontology
+from cvops_pipelines.core.base.report import StageResult
+from cvops_pipelines.core.base.store import Store
+from cvops_pipelines.core.base.tracking import Tracking
+
+
+class TaskRefused(ValueError):
+    """A setting or a piece this task does not have; the message names the task."""
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every piece may use: the store, the tracking server (None: curation without it),
+    the ontology, where to say progress and warnings, and the run's id (for report paths)."""
+
+    store: Store
+    tracking: Tracking | None
+    ontology: Ontology
+    log: Callable[[str], None]
+    warn: Callable[[str], None]
+    run_id: str
+    tags: dict
+
+
+class Task:
+    """Each stage's piece for one task. Settings arrive as the asset's config (any object
+    with the named fields); a piece refuses one it cannot honour (`refuse`)."""
+
+    name = "task"
+    labels = "image"  # what one label is: "image" (a class per image) or "boxes"
+
+    def refuse(self, what: str) -> TaskRefused:
+        return TaskRefused(f"task {self.name!r}: {what}")
+
+    def _missing(self, piece: str):
+        raise self.refuse(f"has no {piece} piece (register one in core/tasks/)")
+
+    # curate
+    def pool(self, raw_images: pd.DataFrame, annotations: pd.DataFrame) -> StageResult:
+        self._missing("labeled pool")
+
+    def label_issues(self, ctx: StageContext, pool: pd.DataFrame, settings) -> StageResult:
+        self._missing("label QA")
+
+    # build
+    def train(self, ctx: StageContext, dataset: pd.DataFrame, settings, trainer) -> StageResult:
+        self._missing("training")
+
+    # measure
+    def evaluate(
+        self, ctx, challenger, champion, trained: dict, dataset, replay, settings
+    ) -> StageResult:
+        self._missing("evaluation")
+
+    # ship
+    def export(self, ctx: StageContext, loaded, dataset: pd.DataFrame, policy):
+        self._missing("export")
+
+    # learn
+    def production(self, ctx: StageContext, feedback, releases, settings) -> StageResult:
+        self._missing("production metrics")
+
+    def queue(self, ctx: StageContext, feedback, pool: pd.DataFrame, settings) -> StageResult:
+        self._missing("annotation queue")

@@ -156,7 +156,9 @@ def make_loader(
     workers: int,
     shard: bool = False,
 ):
-    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler)."""
+    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler). A
+    training epoch whose last batch would hold one image drops it: batch norm cannot train on
+    a single image (a train split of 321 at batch 32 would otherwise fail every run)."""
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -167,9 +169,11 @@ def make_loader(
         if shard and world > 1
         else None
     )
+    per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        drop_last=shuffle and per_rank % batch_size == 1,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,

@@ -39,7 +39,6 @@ from cvops_pipelines.edge.wire import FEEDBACK
 
 class Classification(Task):
     name = "classification"
-    labels = "image"
 
     def pool(self, raw_images: pd.DataFrame, annotations: pd.DataFrame) -> StageResult:
         pool = build_labeled_pool(raw_images, annotations)

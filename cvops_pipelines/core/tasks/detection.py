@@ -37,7 +37,6 @@ from cvops_pipelines.core.tasks.task import StageContext, Task
 
 class Detection(Task):
     name = "detection"
-    labels = "boxes"
 
     def pool(self, raw_images: pd.DataFrame, annotations: pd.DataFrame) -> StageResult:
         pool = build_box_pool(raw_images, annotations)

@@ -41,7 +41,6 @@ class Task:
     with the named fields); a piece refuses one it cannot honour (`refuse`)."""
 
     name = "task"
-    labels = "image"  # what one label is: "image" (a class per image) or "boxes"
 
     def refuse(self, what: str) -> TaskRefused:
         return TaskRefused(f"task {self.name!r}: {what}")

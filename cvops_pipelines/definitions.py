@@ -1,90 +1,72 @@
-"""The one Definitions object of the cvops code location: every stage's assets, jobs, sensors
-and schedules (each declared under defs/<stage>/), plus the one sensor that belongs to no stage."""
+"""The Definitions of a cvops code location, found rather than listed: every asset, job, sensor
+and schedule a module under `cvops_pipelines/defs/` declares joins the loop, so a new stage or
+asset module needs no edit here.
+
+`defs` is the loop the environment names (the default project, or CVOPS_LOOP's). A deployment
+that runs several loops side by side gives each its own code location built by `build_defs`
+(see workspace.yaml and docs/extending.md): each loop's asset keys and partitions carry its
+name, so no run of one loop touches another's history.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
 
 from dagster import (
-    AssetSelection,
-    AutomationConditionSensorDefinition,
-    DefaultSensorStatus,
+    AssetsDefinition,
     Definitions,
+    ScheduleDefinition,
+    SensorDefinition,
+)
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,
 )
 
-from cvops_pipelines import settings  # noqa: F401  (sets the no-telemetry environment first)
-from cvops_pipelines.defs.build.assets import ssl_encoder, trained_model
-from cvops_pipelines.defs.build.jobs import train_job
-from cvops_pipelines.defs.build.sensors import ssl_encoder_sensor, ssl_job
-from cvops_pipelines.defs.curate.assets import (
-    dataset_version,
-    label_issues,
-    labeled_pool,
-    replay_set,
-)
-from cvops_pipelines.defs.curate.jobs import curate_job
-from cvops_pipelines.defs.ingest.assets import annotations, raw_images
-from cvops_pipelines.defs.ingest.sensors import ingest_job, new_drop_sensor
-from cvops_pipelines.defs.learn.assets import (
-    annotation_queue,
-    feedback,
-    ontology_report,
-    production_metrics,
-)
-from cvops_pipelines.defs.learn.sensors import (
-    feedback_job,
-    feedback_sensor,
-    learn_job,
-    learn_schedule,
-    retraining_sensor,
-)
-from cvops_pipelines.defs.measure.assets import model_evaluation
+from cvops_pipelines import defs as defs_package
+from cvops_pipelines import settings
+from cvops_pipelines.defs.loop import Loop, declared, for_loop
 from cvops_pipelines.defs.resources import build_resources
-from cvops_pipelines.defs.ship.assets import canary_decision, edge_release, onnx_model
-from cvops_pipelines.defs.ship.jobs import canary_job, canary_schedule, release_job
 
-# Eager assets (curate after every ingested drop; evaluation, export and release after a new
-# model) materialize when this sensor finds their automation condition met; the daemon runs it.
-automation_sensor = AutomationConditionSensorDefinition(
-    "cvops_automation",
-    target=AssetSelection.all(),
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Materializes assets whose automation condition (e.g. eager) is met.",
-)
+_KINDS = {
+    AssetsDefinition: "assets",
+    UnresolvedAssetJobDefinition: "jobs",
+    SensorDefinition: "sensors",
+    ScheduleDefinition: "schedules",
+}
 
-defs = Definitions(
-    assets=[
-        raw_images,
-        annotations,
-        labeled_pool,
-        replay_set,
-        label_issues,
-        dataset_version,
-        ssl_encoder,
-        trained_model,
-        model_evaluation,
-        onnx_model,
-        edge_release,
-        canary_decision,
-        feedback,
-        production_metrics,
-        annotation_queue,
-        ontology_report,
-    ],
-    jobs=[
-        ingest_job,
-        curate_job,
-        train_job,
-        ssl_job,
-        release_job,
-        canary_job,
-        feedback_job,
-        learn_job,
-    ],
-    sensors=[
-        new_drop_sensor,
-        automation_sensor,
-        feedback_sensor,
-        retraining_sensor,
-        ssl_encoder_sensor,
-    ],
-    schedules=[canary_schedule, learn_schedule],
-    resources=build_resources(),
-)
+
+def declarations() -> dict[str, list]:
+    """Every asset, job, sensor and schedule declared under `cvops_pipelines/defs/`, once each
+    (a job a sensor module imports is the job module's), in module order."""
+    found: dict[str, dict[int, object]] = {kind: {} for kind in _KINDS.values()}
+    for module in pkgutil.walk_packages(defs_package.__path__, f"{defs_package.__name__}."):
+        for value in vars(importlib.import_module(module.name)).values():
+            kind = next((k for t, k in _KINDS.items() if isinstance(value, t)), None)
+            if kind is None or (kind in ("assets", "jobs") and not declared(value)):
+                continue
+            found[kind].setdefault(id(value), value)
+    return {kind: list(values.values()) for kind, values in found.items()}
+
+
+def build_defs(project: settings.Project) -> Definitions:
+    """One loop's Definitions: the declared stages under the project's name and places."""
+    loop = Loop(name=project.name)
+    found = declarations()
+    return Definitions(
+        assets=[for_loop(a, loop) for a in found["assets"]],
+        jobs=[for_loop(j, loop) for j in found["jobs"]],
+        sensors=found["sensors"],
+        schedules=found["schedules"],
+        resources=build_resources(project),
+    )
+
+
+@cache
+def loop_defs(project: settings.Project) -> Definitions:
+    """`build_defs`, once per project in a process (the demo and the CLI run jobs from it)."""
+    return build_defs(project)
+
+
+defs = loop_defs(settings.Project.from_env())

@@ -58,14 +58,17 @@ class Runner:
     ) -> RunSummary:
         from dagster import DagsterEventType, DagsterInstance
 
-        from cvops_pipelines.definitions import defs
-        from cvops_pipelines.defs.partitions import drops_partitions
+        from cvops_pipelines.definitions import loop_defs
+        from cvops_pipelines.defs.loop import Loop
 
         dagster_home()
+        project = settings.Project.from_env()
+        loop = Loop(name=project.name)
+        defs, drops = loop_defs(project), loop.drops
         started = time.perf_counter()
         instance = DagsterInstance.get()
-        if partition and partition not in instance.get_dynamic_partitions(drops_partitions.name):
-            instance.add_dynamic_partitions(drops_partitions.name, [partition])
+        if partition and partition not in instance.get_dynamic_partitions(drops.name):
+            instance.add_dynamic_partitions(drops.name, [partition])
         result = defs.resolve_job_def(job).execute_in_process(
             instance=instance,
             partition_key=partition,
@@ -73,13 +76,13 @@ class Runner:
             tags=tags,
             run_config={
                 "loggers": {"console": {"config": {"log_level": "INFO"}}},
-                **(run_config or {}),
+                **_ops_of(loop, run_config or {}),
             },
         )
         summary = RunSummary(result.success, result.run_id, job=job)
         for event in result.get_asset_materialization_events():
             mat = event.event_specific_data.materialization
-            summary.assets[mat.asset_key.to_user_string()] = {
+            summary.assets[mat.asset_key.path[-1]] = {  # the asset's name in its loop
                 k: v.value for k, v in mat.metadata.items()
             }
         for evaluation in result.get_asset_check_evaluations():
@@ -110,14 +113,18 @@ class Runner:
             build_sensor_context,
         )
 
-        from cvops_pipelines.definitions import defs
+        from cvops_pipelines.definitions import loop_defs
         from cvops_pipelines.defs.resources import build_resources
 
         dagster_home()
         instance = DagsterInstance.get()
+        from cvops_pipelines.defs.loop import Loop
+
+        project = settings.Project.from_env()
+        defs, loop = loop_defs(project), Loop(name=project.name)
         sensor = defs.resolve_sensor_def(sensor_name)
         with build_sensor_context(
-            instance=instance, definitions=defs, resources=build_resources()
+            instance=instance, definitions=defs, resources=build_resources(project)
         ) as context:
             result = sensor(context)
         requests = []
@@ -138,10 +145,21 @@ class Runner:
                     sensor.job_name,
                     request.partition_key,
                     dict(request.tags),
-                    _merge(request.run_config or {}, run_config or {}) or None,
+                    _merge(request.run_config or {}, _ops_of(loop, run_config or {})) or None,
                 )
             )
         return runs
+
+
+def _ops_of(loop, run_config: dict) -> dict:
+    """Run config whose `ops` name assets (`trained_model`) as the loop's ops."""
+    if not loop.name or "ops" not in run_config:
+        return run_config
+    ops = {
+        name if name.startswith(f"{loop.name}__") else loop.op(name): config
+        for name, config in run_config["ops"].items()
+    }
+    return {**run_config, "ops": ops}
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -6,6 +6,8 @@ One place, so the README, the resources and the CLI agree on names and defaults.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +86,7 @@ def mlflow_artifact_root() -> str:
     """Where a new MLflow experiment keeps artifacts: next to the cvops data (the S3 bucket
     when one is configured, else $CVOPS_HOME/mlartifacts)."""
     s3 = s3_settings()
-    if s3["bucket"]:
-        if s3["endpoint_url"]:
-            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", s3["endpoint_url"])
-        prefix = "/".join(p for p in (s3["prefix"].strip("/"), "mlartifacts") if p)
-        return f"s3://{s3['bucket']}/{prefix}"
-    return str(cvops_home() / "mlartifacts")
+    return _artifact_root(s3["bucket"], s3["prefix"], cvops_home())
 
 
 def signing_key_path() -> Path:
@@ -122,6 +119,121 @@ def cvops_store():
     return LocalStore(cvops_home())
 
 
+LOOP_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+@dataclass(frozen=True)
+class Project:
+    """One loop's own places: where its data, drops, ontology, experiment and registered model
+    live. Several projects run side by side in one Dagster deployment (each its own code
+    location, asset-key prefix and partitions) without sharing any history.
+
+    The default project (name "") is what the environment names, with unprefixed asset keys.
+    A named project's places default to its own (`Project.named`): `<CVOPS_HOME>-<name>` (S3:
+    `<prefix>/<name>`), its drops under that home, the ontology `<contracts>/<name>.yaml`, the
+    experiment and registered model `cvops-<name>`.
+    """
+
+    name: str
+    home: Path
+    drops: str
+    contracts_dir: Path
+    ontology: Path
+    model_name: str
+    experiment: str
+    s3_bucket: str
+    s3_prefix: str
+    tracking_uri: str
+    artifact_root: str
+
+    @classmethod
+    def from_env(cls) -> Project:
+        """The project this process runs: the environment's places as they are, named by
+        CVOPS_LOOP (empty: the default project)."""
+        name = _loop_name(os.environ.get("CVOPS_LOOP", ""))
+        return cls(
+            name=name,
+            home=cvops_home(),
+            drops=drops_uri(),
+            contracts_dir=contracts_dir(),
+            ontology=ontology_path(),
+            model_name=model_name(),
+            experiment=f"cvops-{name}" if name else "cvops",
+            s3_bucket=s3_settings()["bucket"],
+            s3_prefix=s3_settings()["prefix"],
+            tracking_uri=mlflow_tracking_uri(),
+            artifact_root=mlflow_artifact_root(),
+        )
+
+    @classmethod
+    def named(cls, name: str, **places) -> Project:
+        """A named project beside the environment's default one, in places of its own unless
+        given: `Project.named("scenes", ontology="data_contracts/scenes.yaml")`."""
+        name = _loop_name(name)
+        if not name:
+            raise ValueError("a named project needs a name; Project.from_env() is the default")
+        s3 = s3_settings()
+        prefix = "/".join(p for p in (s3["prefix"].strip("/"), name) if p)
+        home = Path(places.pop("home", None) or _beside(cvops_home(), name)).absolute()
+        values = {
+            "name": name,
+            "home": home,
+            "drops": str(home / "drops"),
+            "contracts_dir": contracts_dir(),
+            "ontology": contracts_dir() / f"{name}.yaml",
+            "model_name": f"cvops-{name}",
+            "experiment": f"cvops-{name}",
+            "s3_bucket": s3["bucket"],
+            "s3_prefix": prefix,
+            "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{home / 'mlflow.db'}",
+            "artifact_root": _artifact_root(s3["bucket"], prefix, home),
+        }
+        unknown = set(places) - set(values)
+        if unknown:
+            raise TypeError(f"unknown project places: {sorted(unknown)}")
+        values.update({k: v for k, v in places.items() if v is not None})
+        for path in ("contracts_dir", "ontology"):
+            values[path] = Path(values[path]).absolute()
+        return cls(**values)
+
+    def environment(self) -> dict[str, str]:
+        """The same places as environment variables, for a process the loop starts (a
+        distributed training run) or a command run against this project."""
+        return {
+            "CVOPS_LOOP": self.name,
+            "CVOPS_HOME": str(self.home),
+            "CVOPS_DROPS": self.drops,
+            "CVOPS_CONTRACTS_DIR": str(self.contracts_dir),
+            "CVOPS_ONTOLOGY": str(self.ontology),
+            "CVOPS_MODEL_NAME": self.model_name,
+            "CVOPS_S3_PREFIX": self.s3_prefix,
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+        }
+
+
+def _loop_name(name: str) -> str:
+    if name and not LOOP_NAME.match(name):
+        raise ValueError(
+            f"loop name {name!r}: use lowercase letters, digits and '_' (it prefixes the "
+            "loop's asset keys and partitions)"
+        )
+    return name
+
+
+def _beside(home: Path, name: str) -> Path:
+    return home.with_name(f"{home.name}-{name}")
+
+
+def _artifact_root(bucket: str, prefix: str, home: Path) -> str:
+    if bucket:
+        endpoint = s3_settings()["endpoint_url"]
+        if endpoint:
+            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
+        return f"s3://{bucket}/" + "/".join(p for p in (prefix.strip("/"), "mlartifacts") if p)
+    return str(home / "mlartifacts")
+
+
 # What --help of every command says about the environment it reads.
 ENVIRONMENT_HELP = """environment:
   CVOPS_HOME             local root for images, tables, quarantine, reports (default ./.cvops)
@@ -141,5 +253,7 @@ ENVIRONMENT_HELP = """environment:
                          root.pub beside the release key, when it exists)
   MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
   TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)
+  CVOPS_LOOP             run a named loop of a deployment that holds several (its asset
+                         keys, partitions, home, experiment and model carry the name)
   DAGSTER_HOME           Dagster instance (default ./.dagster_home)
 """

@@ -34,6 +34,8 @@ def isolated_homes(tmp_path, monkeypatch):
     monkeypatch.setenv("CVOPS_HOME", str(home))
     monkeypatch.delenv("CVOPS_DROPS", raising=False)
     monkeypatch.delenv("CVOPS_ONTOLOGY", raising=False)
+    monkeypatch.delenv("CVOPS_LOOP", raising=False)
+    monkeypatch.delenv("CVOPS_MODEL_NAME", raising=False)
     monkeypatch.delenv("CVOPS_S3_BUCKET", raising=False)
     monkeypatch.delenv("CVOPS_S3_ENDPOINT_URL", raising=False)
     # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into os.environ; setenv first so

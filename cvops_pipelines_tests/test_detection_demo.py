@@ -63,12 +63,9 @@ def test_one_hands_off_turn_on_boxes(detection_demo):
 @pytest.fixture
 def webserver(detection_demo, repo_root):
     assert detection_demo["proc"].returncode == 0
-    env = {
-        **detection_demo["env"],
-        "CVOPS_ONTOLOGY": str(repo_root / "data_contracts" / "scenes.yaml"),
-    }
+    # workspace.yaml as it is: the detection loop is its own code location beside the default
     log = detection_demo["root"] / "webserver.log"
-    with dagster_server("dagster-webserver", repo_root, env, log) as base:
+    with dagster_server("dagster-webserver", repo_root, detection_demo["env"], log) as base:
         yield base
 
 
@@ -83,7 +80,7 @@ def test_the_ui_shows_the_detector_s_evaluation(webserver, repo_root):
         context.set_default_timeout(60_000)
         context.add_init_script("window.localStorage.setItem('communityNux', '1')")
         page = context.new_page()
-        page.goto(f"{webserver}/assets/model_evaluation")
+        page.goto(f"{webserver}/assets/detection/model_evaluation")
         expect(page.locator("tr", has_text="map_50").first).to_be_visible()
         for label, alt in (
             ("precision_recall", "precision-recall at IoU 0.5"),

@@ -39,7 +39,6 @@ def contract_check_result(asset: str, result: ContractResult) -> AssetCheckResul
         )
     return AssetCheckResult(
         check_name=check_name(asset, result.suite),
-        asset_key=AssetKey(asset),
         passed=result.success,
         severity=AssetCheckSeverity.ERROR,
         metadata=metadata,

@@ -25,6 +25,7 @@ from cvops_pipelines.core.base.tables import (
 )
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.tasks import TASKS, StageContext, Task, task_for
+from cvops_pipelines.defs.loop import Loop
 
 
 class CvopsStorage(ConfigurableResource):
@@ -182,28 +183,32 @@ class MlflowTracking(ConfigurableResource):
         )
 
 
-def build_resources() -> dict:
+def build_resources(project: settings.Project | None = None) -> dict:
+    """The resources of one loop: the project's places (default: the environment's)."""
+    project = project or settings.Project.from_env()
     s3 = settings.s3_settings()
     s3_resource = S3Resource(region_name=s3["region"], endpoint_url=s3["endpoint_url"])
     storage = CvopsStorage(
-        local_root=str(settings.cvops_home()),
-        s3_bucket=s3["bucket"],
-        s3_prefix=s3["prefix"],
+        local_root=str(project.home),
+        s3_bucket=project.s3_bucket,
+        s3_prefix=project.s3_prefix,
         s3=s3_resource,
     )
     return {
         "storage": storage,
-        "drop_source": DropSource(uri=settings.drops_uri(), s3=s3_resource),
+        "drop_source": DropSource(uri=project.drops, s3=s3_resource),
         "contracts": DataContracts(
-            contracts_dir=str(settings.contracts_dir()), ontology_file=str(settings.ontology_path())
+            contracts_dir=str(project.contracts_dir), ontology_file=str(project.ontology)
         ),
         "tracking": MlflowTracking(
-            tracking_uri=settings.mlflow_tracking_uri(),
-            artifact_root=settings.mlflow_artifact_root(),
+            tracking_uri=project.tracking_uri,
+            artifact_root=project.artifact_root,
+            experiment=project.experiment,
             ui_url=settings.mlflow_ui_url(),
-            model_name=settings.model_name(),
+            model_name=project.model_name,
         ),
         "tables": TablesIOManager(storage=storage),
+        "loop": Loop(name=project.name),
     }
 
 

@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("classification", "detection"),
         default="classification",
         help="detection: one turn of the loop on boxes, on synthetic scenes the project "
-        "renders (digits pasted on noisy backgrounds), in its own homes "
-        "(.cvops-detection, .dagster_home-detection) with data_contracts/scenes.yaml",
+        "renders (digits pasted on noisy backgrounds), as its own loop `detection` "
+        "(data in $CVOPS_HOME-detection, data_contracts/scenes.yaml, asset keys under "
+        "detection/) beside the classification loop in the same Dagster instance",
     )
     sizes = parser.add_argument_group("detection sizes (with --task detection)")
     sizes.add_argument("--scenes", type=int, default=320, help="labelled scenes in the drop")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "detection":
         from cvops_pipelines.demo import detection
 
-        detection.use_detection_homes()
+        detection.use_detection_project()
         config = detection.DetectionDemoConfig(
             scenes=args.scenes, frames=args.frames, epochs=args.epochs, seed=args.seed
         )

@@ -4,8 +4,11 @@ evaluate and gate it, export and prove it, release it to a simulated fleet of ca
 answer with boxes, operators who fix the boxes, feedback, the canary decision, production
 metrics and the annotation queue, and the reviewed frames flowing back into the pool.
 
-It runs in its own homes (`.cvops-detection`, `.dagster_home-detection` unless CVOPS_HOME /
-DAGSTER_HOME are set), with the ontology `data_contracts/scenes.yaml` (task: detection).
+It runs as its own loop, `detection` (settings.Project): its data in `<CVOPS_HOME>-detection`
+(`.cvops-detection` by default), the ontology `data_contracts/scenes.yaml` (task: detection),
+its asset keys and partitions under `detection/`, in the same Dagster instance as the
+classification demo, so both show side by side in the UI (workspace.yaml loads this loop's
+code location from demo/detection_loop.py) with no shared history.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ from cvops_pipelines import settings
 # classes leave the test split a handful of objects per class otherwise (the balance contract
 # wants two of each), and the operating point is chosen on validation.
 CURATE = {"ops": {"dataset_version": {"config": {"train": 0.7, "val": 0.15, "test": 0.15}}}}
-DETECTION_HOMES = {"CVOPS_HOME": ".cvops-detection", "DAGSTER_HOME": ".dagster_home-detection"}
+LOOP = "detection"
 
 
-def use_detection_homes() -> None:
-    """Before anything reads the environment: the detection demo's own homes and ontology."""
-    for name, default in DETECTION_HOMES.items():
-        os.environ.setdefault(name, str(Path(default).absolute()))
-    os.environ.setdefault(
-        "CVOPS_ONTOLOGY", str(settings.REPO_ROOT / "data_contracts" / "scenes.yaml")
+def detection_project() -> settings.Project:
+    """The detection demo's loop, beside the default one."""
+    return settings.Project.named(
+        LOOP,
+        ontology=settings.REPO_ROOT / "data_contracts" / "scenes.yaml",
+        model_name="cvops-detector",
     )
+
+
+def use_detection_project() -> None:
+    """Before anything reads the environment: this process runs the detection loop."""
+    if os.environ.get("CVOPS_LOOP") != LOOP:
+        os.environ.update(detection_project().environment())
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,10 @@ def run(config: DetectionDemoConfig, report_path: str | None = None) -> int:
 
     home, runner = settings.cvops_home(), Runner()
     timings = Timings(runner=runner)
-    print(f"cvops demo (detection): data under {home}, Dagster instance in {dagster_home()}")
+    print(
+        f"cvops demo (detection): loop {LOOP!r}, data under {home}, "
+        f"Dagster instance in {dagster_home()}"
+    )
     drop = Path(settings.drops_uri()) / "scenes-initial"
     if not drop.exists():
         with timings.stage():
@@ -241,9 +253,8 @@ def _finish(code: int, steps: dict, timings, report_path: str | None) -> int:
         f"steps {steps}"
     )
     print(
-        "\nwhere to look:\n   Dagster UI : "
-        + " ".join(f"{k}={os.environ[k]}" for k in (*DETECTION_HOMES, "CVOPS_ONTOLOGY"))
-        + " ./dev ui"
+        f"\nwhere to look:\n   Dagster UI : ./dev ui (code location cvops-{LOOP}, assets under "
+        f"{LOOP}/; the classification demo's loop is the location cvops)"
     )
     if report_path:
         Path(report_path).write_text(

@@ -149,14 +149,22 @@ def test_webserver_serves_the_assets_and_blocking_checks(repo_root, isolated_hom
             "{ assetNodes { assetKey { path } groupName assetChecksOrError "
             "{ ... on AssetChecks { checks { name blocking } } } } }",
         )
-        nodes = {n["assetKey"]["path"][0]: n for n in data["assetNodes"]}
-        assert {k: n["groupName"] for k, n in nodes.items()} == STAGES
-        served = {
-            c["name"]: c["blocking"]
-            for n in nodes.values()
-            for c in n["assetChecksOrError"]["checks"]
-        }
-        assert served == CHECKS
+        # two loops side by side (workspace.yaml: the default one and the detection demo's),
+        # the same graph under their own keys
+        for loop in ((), ("detection",)):
+            nodes = {
+                n["assetKey"]["path"][-1]: n
+                for n in data["assetNodes"]
+                if tuple(n["assetKey"]["path"][:-1]) == loop
+            }
+            assert {k: n["groupName"] for k, n in nodes.items()} == STAGES, loop
+            served = {
+                c["name"]: c["blocking"]
+                for n in nodes.values()
+                for c in n["assetChecksOrError"]["checks"]
+            }
+            assert served == CHECKS, loop
+        assert len(data["assetNodes"]) == 2 * len(STAGES)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

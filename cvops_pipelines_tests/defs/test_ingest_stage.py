@@ -117,7 +117,7 @@ def test_sensor_picks_marked_drops_only_and_keeps_a_cursor(isolated_homes):
     make_drop(isolated_homes / "drops", "d1")
     make_drop(isolated_homes / "drops", "d2", marker=False)
     instance = DagsterInstance.ephemeral()
-    resources = {"drop_source": build_resources()["drop_source"]}
+    resources = {k: v for k, v in build_resources().items() if k in ("drop_source", "loop")}
     result = evaluate(instance, resources)
     assert [r.partition_key for r in result.run_requests] == ["d1"]
     assert result.dynamic_partitions_requests[0].partition_keys == ["d1"]
@@ -151,7 +151,7 @@ def test_s3_drop_source_and_store_end_to_end(s3_env, s3_bucket, monkeypatch):
     s3.put_object(Bucket=s3_bucket, Key="incoming/ready/bad.png", Body=b"not a png")
 
     instance = DagsterInstance.ephemeral()
-    sensed = evaluate(instance, {"drop_source": build_resources()["drop_source"]})
+    sensed = evaluate(instance, build_resources())
     assert [r.partition_key for r in sensed.run_requests] == ["ready"]
 
     result = run("ready", instance)

@@ -12,7 +12,6 @@ from dagster import (
     Failure,
     MetadataValue,
     Output,
-    asset,
 )
 from pydantic import Field, create_model
 
@@ -28,6 +27,7 @@ from cvops_pipelines.core.learn.feedback_query import field_images
 from cvops_pipelines.core.learn.retraining import EncoderFacts, ModelFacts, write_facts
 from cvops_pipelines.core.tasks import TaskRefused
 from cvops_pipelines.defs.build.distributed import pipes_trainer
+from cvops_pipelines.defs.loop import loop_asset
 from cvops_pipelines.defs.resources import (
     CvopsStorage,
     DataContracts,
@@ -127,7 +127,7 @@ class TrainedModelConfig(_Hyperparameters):
         )
 
 
-@asset(
+@loop_asset(
     group_name="build",
     io_manager_key="tables",
     kinds={"pytorch", "mlflow"},
@@ -205,7 +205,7 @@ class SSLEncoderConfig(SSLHyperparameters):
         return SSLConfig(**{f.name: getattr(self, f.name) for f in fields(SSLConfig)})
 
 
-@asset(
+@loop_asset(
     group_name="build",
     io_manager_key="tables",
     kinds={"pytorch", "mlflow"},

@@ -5,24 +5,24 @@ from dagster import (
     RunRequest,
     SensorEvaluationContext,
     SkipReason,
-    define_asset_job,
     sensor,
 )
 
 from cvops_pipelines.core.build.ssl_run import EncoderPolicy, encoder_due, stored_images
 from cvops_pipelines.core.learn.retraining import EncoderFacts, read_facts
+from cvops_pipelines.defs.loop import loop_job
 from cvops_pipelines.defs.resources import CvopsStorage
 
-ssl_job = define_asset_job(
+ssl_job = loop_job(
     "ssl_job",
-    selection=["ssl_encoder"],
+    assets=("ssl_encoder",),
     tags={"cvops/stage": "build"},  # queued with training: one heavy run at a time
     description="Pretrain the self-supervised encoder on every ingested image.",
 )
 
 
 @sensor(
-    job=ssl_job,
+    job_name="ssl_job",
     minimum_interval_seconds=600,
     default_status=DefaultSensorStatus.STOPPED,
     description="Requests ssl_encoder when the image store holds min_images and no encoder "

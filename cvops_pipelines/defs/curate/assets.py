@@ -13,7 +13,6 @@ from dagster import (
     DataVersion,
     MetadataValue,
     Output,
-    asset,
 )
 from pydantic import Field
 
@@ -43,6 +42,7 @@ from cvops_pipelines.core.learn.feedback import feedback_labels, feedback_manife
 from cvops_pipelines.core.learn.feedback_query import pool_feedback, reviewed_or_expert
 from cvops_pipelines.core.learn.retraining import DatasetFacts, write_facts
 from cvops_pipelines.defs.contract_checks import check_name, contract_check_result, contract_spec
+from cvops_pipelines.defs.loop import loop_asset
 from cvops_pipelines.defs.metadata import metadata, output
 from cvops_pipelines.defs.resources import (
     CvopsStorage,
@@ -55,7 +55,7 @@ from cvops_pipelines.edge.wire import FEEDBACK
 EAGER = AutomationCondition.eager()
 
 
-@asset(
+@loop_asset(
     group_name="curate",
     io_manager_key="tables",
     kinds={"python", "parquet"},
@@ -110,7 +110,7 @@ class ReplaySetConfig(Config):
     )
 
 
-@asset(
+@loop_asset(
     group_name="curate",
     io_manager_key="tables",
     kinds={"python", "parquet"},
@@ -216,7 +216,7 @@ class LabelIssuesConfig(Config):
     )
 
 
-@asset(
+@loop_asset(
     group_name="curate",
     io_manager_key="tables",
     kinds={"python", "parquet"},
@@ -271,7 +271,7 @@ class DatasetVersionConfig(Config):
     max_mad: float = NearDupConfig.max_mad
 
 
-@asset(
+@loop_asset(
     group_name="curate",
     io_manager_key="tables",
     kinds={"python", "parquet"},

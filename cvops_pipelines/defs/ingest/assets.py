@@ -8,7 +8,6 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
-    asset,
 )
 from pydantic import Field
 
@@ -24,7 +23,7 @@ from cvops_pipelines.defs.contract_checks import (
     contract_check_result,
     contract_spec,
 )
-from cvops_pipelines.defs.partitions import drops_partitions
+from cvops_pipelines.defs.loop import DROPS, loop_asset
 from cvops_pipelines.defs.resources import CvopsStorage, DataContracts, DropSource
 
 
@@ -51,9 +50,9 @@ def _reason_counts(quarantine: pd.DataFrame) -> str:
     return markdown_table(counts.sort_values("files", ascending=False), 50)
 
 
-@asset(
+@loop_asset(
     group_name="ingest",
-    partitions_def=drops_partitions,
+    partitions_def=DROPS,
     io_manager_key="tables",
     check_specs=[contract_spec("raw_images")],
     kinds={"python", "parquet"},
@@ -137,9 +136,9 @@ class AnnotationsConfig(Config):
     )
 
 
-@asset(
+@loop_asset(
     group_name="ingest",
-    partitions_def=drops_partitions,
+    partitions_def=DROPS,
     io_manager_key="tables",
     check_specs=[
         contract_spec("annotations"),

@@ -12,7 +12,6 @@ from dagster import (
     Config,
     MetadataValue,
     Output,
-    asset,
 )
 from pydantic import Field
 
@@ -33,8 +32,8 @@ from cvops_pipelines.core.learn.ontology_report import ontology_report as build_
 from cvops_pipelines.core.learn.production import ProductionPolicy
 from cvops_pipelines.core.ship.release import ReleaseStore, release_public_keys
 from cvops_pipelines.defs.contract_checks import check_result, contract_check_result, contract_spec
+from cvops_pipelines.defs.loop import FEEDBACK_BATCHES, loop_asset
 from cvops_pipelines.defs.metadata import output, outputs
-from cvops_pipelines.defs.partitions import feedback_partitions
 from cvops_pipelines.defs.resources import (
     CvopsStorage,
     DataContracts,
@@ -59,9 +58,9 @@ class FeedbackConfig(Config):
     )
 
 
-@asset(
+@loop_asset(
     group_name="learn",
-    partitions_def=feedback_partitions,
+    partitions_def=FEEDBACK_BATCHES,
     io_manager_key="tables",
     backfill_policy=BackfillPolicy.single_run(),
     check_specs=[
@@ -190,7 +189,7 @@ class ProductionMetricsConfig(Config):
         )
 
 
-@asset(
+@loop_asset(
     group_name="learn",
     io_manager_key="tables",
     kinds={"python"},
@@ -241,7 +240,7 @@ class AnnotationQueueConfig(Config):
     )
 
 
-@asset(
+@loop_asset(
     group_name="learn",
     io_manager_key="tables",
     kinds={"python", "labelstudio"},
@@ -271,7 +270,7 @@ class OntologyReportConfig(Config):
     merge_rate: float = Field(0.15, description="Merge candidates: confused both ways this often.")
 
 
-@asset(
+@loop_asset(
     group_name="learn",
     io_manager_key="tables",
     kinds={"python"},

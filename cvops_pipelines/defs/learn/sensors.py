@@ -2,7 +2,6 @@
 a failed SLA or drift check (with new labels to learn from), or enough new labels, retrains."""
 
 from dagster import (
-    AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -10,7 +9,6 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    define_asset_job,
     sensor,
 )
 
@@ -22,22 +20,21 @@ from cvops_pipelines.core.learn.retraining import (
     read_facts,
     retraining_decision,
 )
-from cvops_pipelines.defs.build.jobs import train_job
-from cvops_pipelines.defs.partitions import feedback_partitions
+from cvops_pipelines.defs.loop import Loop, loop_job
 from cvops_pipelines.defs.resources import CvopsStorage
 
-feedback_job = define_asset_job(
-    "feedback_job", selection=["feedback"], description="Vet and ingest uploaded feedback batches."
+feedback_job = loop_job(
+    "feedback_job", assets=("feedback",), description="Vet and ingest uploaded feedback batches."
 )
-learn_job = define_asset_job(
+learn_job = loop_job(
     "learn_job",
-    selection=AssetSelection.assets("production_metrics", "annotation_queue", "ontology_report"),
+    assets=("production_metrics", "annotation_queue", "ontology_report"),
     description="Refresh production metrics (SLA, drift), the annotation queue and the "
     "ontology report from every feedback batch.",
 )
 learn_schedule = ScheduleDefinition(
     name="learn_schedule",
-    job=learn_job,
+    job_name="learn_job",
     cron_schedule="0 * * * *",
     default_status=DefaultScheduleStatus.RUNNING,
     description="Hourly: production metrics and their checks (which the retraining sensor "
@@ -61,30 +58,30 @@ def feedback_run_request(new: list[str]) -> RunRequest:
 
 
 @sensor(
-    job=feedback_job,
+    job_name="feedback_job",
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
     description="Watches feedback/batches/ in the cvops store for batches devices uploaded.",
 )
-def feedback_sensor(context: SensorEvaluationContext, storage: CvopsStorage):
+def feedback_sensor(context: SensorEvaluationContext, storage: CvopsStorage, loop: Loop):
     store = storage.store()
     for name in invalid_batch_names(store):
         context.log.error(
             f"feedback batch {name!r} has a name that cannot be a partition key "
             "(letters, digits, '.', '_', '-'); it is left where it is"
         )
-    existing = set(context.instance.get_dynamic_partitions(feedback_partitions.name))
+    existing = set(context.instance.get_dynamic_partitions(loop.feedback_batches.name))
     new = [b for b in batch_ids(store) if b not in existing]
     if not new:
         return SkipReason("no new feedback batches")
     return SensorResult(
         run_requests=[feedback_run_request(new)],
-        dynamic_partitions_requests=[feedback_partitions.build_add_request(new)],
+        dynamic_partitions_requests=[loop.feedback_batches.build_add_request(new)],
     )
 
 
 @sensor(
-    job=train_job,
+    job_name="train_job",
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.RUNNING,
     description="Requests a training run (then evaluate, export; release follows by "
@@ -92,7 +89,7 @@ def feedback_sensor(context: SensorEvaluationContext, storage: CvopsStorage):
     "labels arrived, or when enough new labels arrived; never twice for one "
     "dataset version.",
 )
-def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage):
+def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage, loop: Loop):
     store = storage.store()
     decision = retraining_decision(
         read_facts(store, DatasetFacts),
@@ -104,7 +101,9 @@ def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage):
     context.log.info(f"retraining: {decision.why}")
     version = decision.dataset_version
     config = (
-        {"ops": {"trained_model": {"config": decision.overrides}}} if decision.overrides else None
+        {"ops": {loop.op("trained_model"): {"config": decision.overrides}}}
+        if decision.overrides
+        else None
     )
     return RunRequest(
         run_key=f"train:{version}",

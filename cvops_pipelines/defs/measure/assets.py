@@ -8,7 +8,6 @@ from dagster import (
     AssetSelection,
     AutomationCondition,
     Failure,
-    asset,
 )
 from pydantic import Field
 
@@ -23,6 +22,7 @@ from cvops_pipelines.core.measure.gate import GateConfig
 from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.tasks import TaskRefused
 from cvops_pipelines.core.tasks.common import GATE_CHECK
+from cvops_pipelines.defs.loop import PerLoop, loop_asset
 from cvops_pipelines.defs.metadata import outputs
 from cvops_pipelines.defs.operator import OperatorConfig
 from cvops_pipelines.defs.resources import (
@@ -92,14 +92,16 @@ class ModelEvaluationConfig(OperatorConfig):
         )
 
 
-@asset(
+@loop_asset(
     group_name="measure",
     io_manager_key="tables",
     kinds={"pytorch", "mlflow"},
     # after a new model only: a new dataset version (or replay set) alone waits for
     # retraining_sensor
-    automation_condition=AutomationCondition.eager().ignore(
-        AssetSelection.assets("dataset_version", "replay_set")
+    automation_condition=PerLoop(
+        lambda loop: AutomationCondition.eager().ignore(
+            AssetSelection.assets(*loop.asset_keys("dataset_version", "replay_set"))
+        )
     ),
     check_specs=[
         AssetCheckSpec(

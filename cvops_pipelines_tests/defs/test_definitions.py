@@ -71,6 +71,20 @@ def test_definitions_declare_every_stage_with_blocking_contracts():
     checks = {key.name: graph.get_check_spec(key).blocking for key in graph.asset_check_keys}
     assert checks == CHECKS
     assert defs.resolve_sensor_def("new_drop_sensor").job_name == "ingest_job"
+    # typed hand-offs from training to the fleet: each asset's output type is its record, and
+    # the next asset's input asks for the same type
+    from cvops_pipelines.core.base import handoffs
+
+    for record in (
+        handoffs.TrainedModelRecord,
+        handoffs.EvaluationRecord,
+        handoffs.ExportRecord,
+        handoffs.ReleaseRecord,
+    ):
+        produced = defs.resolve_assets_def(record.asset).op.output_defs[0]
+        assert produced.dagster_type.typing_type is record
+    onnx_ins = defs.resolve_assets_def("onnx_model").op.ins
+    assert onnx_ins["model_evaluation"].dagster_type.typing_type is handoffs.EvaluationRecord
     # lineage: each stage takes the previous one as an input, never "the newest file"
     assert graph.get(AssetKey("dataset_version")).parent_keys == {
         AssetKey("labeled_pool"),

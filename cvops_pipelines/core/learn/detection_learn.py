@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -95,51 +95,36 @@ class DetectionProduction:
         }
 
 
-def _rates(group: pd.DataFrame, policy: DetectionPolicy) -> dict:
-    reviewed = group[group["corrected_boxes"].notna()]
-    hits = answered = truth = 0
-    for row in reviewed.itertuples(index=False):
-        corrected = parse_boxes(row.corrected_boxes)
-        tp, n = matches(parse_boxes(row.boxes), corrected, policy.min_score, policy.match_iou)
-        hits, answered, truth = hits + tp, answered + n, truth + len(corrected)
-    return {
-        "frames": len(group),
-        "reviewed": len(reviewed),
-        "coverage": round(len(reviewed) / max(1, len(group)), 4),
-        "precision_50": round(hits / answered, 4) if answered else float("nan"),
-        "recall_50": round(hits / truth, 4) if truth else float("nan"),
-        "answers_per_frame": round(  # boxes at the operating point
-            float(
-                np.mean(
-                    [
-                        sum(b.get("score", 1.0) >= policy.min_score for b in parse_boxes(text))
-                        for text in group["boxes"]
-                    ]
-                )
-            )
-            if len(group)
-            else 0.0,
-            3,
-        ),
-    }
+DRIFT_COLUMNS = ["release", "frames", "p_scores", "p_counts", "flagged", "note"]
 
 
-def _drift(
-    records: pd.DataFrame, policy: DetectionPolicy, thresholds: dict[str, float]
-) -> pd.DataFrame:
-    """Per frame, one value each (frames are the independent samples; the boxes of one frame
-    are not): its top box score, and how many boxes reach the release's operating point."""
+def per_release_columns() -> list[str]:
+    return [
+        "release",
+        "answer_threshold",
+        "frames",
+        "reviewed",
+        "coverage",
+        "precision_50",
+        "recall_50",
+        "answers_per_frame",
+    ]
+
+
+def drift_rows(groups: dict, policy: DetectionPolicy) -> pd.DataFrame:
+    """Per release, its first and latest `window` frames by capture time, one value each per
+    frame (frames are the independent samples; the boxes of one frame are not): its top box
+    score (`top`) and how many boxes reach the release's operating point (`answered_any`).
+    `groups`: release -> (frames, first, last)."""
     from scipy.stats import ks_2samp
 
     rows = []
-    for release, group in records.groupby("release", sort=True):
-        group = group.sort_values("captured_at", kind="stable")
-        threshold = thresholds.get(release, policy.min_score)
-        if len(group) < 2 * policy.window:
+    for release, (frames, first, last) in sorted(groups.items()):
+        if frames < 2 * policy.window:
             rows.append(
                 {
                     "release": release,
-                    "frames": len(group),
+                    "frames": frames,
                     "p_scores": float("nan"),
                     "p_counts": float("nan"),
                     "flagged": False,
@@ -147,85 +132,40 @@ def _drift(
                 }
             )
             continue
-        first, last = group.iloc[: policy.window], group.iloc[-policy.window :]
-
-        def top(part):
-            return [max((b.get("score", 0.0) for b in parse_boxes(t)), default=0.0) for t in part]
-
-        def answered(part, threshold=threshold):
-            return [sum(b.get("score", 0.0) >= threshold for b in parse_boxes(t)) for t in part]
-
-        p_scores = float(ks_2samp(top(first["boxes"]), top(last["boxes"])).pvalue)
-        p_counts = float(ks_2samp(answered(first["boxes"]), answered(last["boxes"])).pvalue)
+        p_scores = float(ks_2samp(list(first["top"]), list(last["top"])).pvalue)
+        p_counts = float(ks_2samp(list(first["answered_any"]), list(last["answered_any"])).pvalue)
         rows.append(
             {
                 "release": release,
-                "frames": len(group),
+                "frames": frames,
                 "p_scores": p_scores,
                 "p_counts": p_counts,
                 "flagged": min(p_scores, p_counts) < policy.alpha / 2,
                 "note": f"latest {policy.window} vs first {policy.window} frames",
             }
         )
-    return pd.DataFrame(
-        rows, columns=["release", "frames", "p_scores", "p_counts", "flagged", "note"]
-    )
+    return pd.DataFrame(rows, columns=DRIFT_COLUMNS)
 
 
-def answer_thresholds(store: Store, releases) -> dict[str, float]:
-    """Each release's operating point, from the preprocess.json it shipped with."""
+def release_threshold(store: Store):
+    """A release's operating point, from the spec it shipped with (None: it names none)."""
     from cvops_pipelines.edge.wire import SPEC_FILE, release_key
 
-    out = {}
-    for release in sorted(set(releases)):
+    def threshold(release: str) -> float | None:
         try:
             spec = json.loads(store.read_bytes(release_key(release, SPEC_FILE)))
         except FileNotFoundError:
-            continue
-        if "answer_threshold" in spec:
-            out[release] = float(spec["answer_threshold"])
-    return out
+            return None
+        return float(spec["answer_threshold"]) if "answer_threshold" in spec else None
+
+    return threshold
 
 
-def detection_production(
-    records: pd.DataFrame, policy: DetectionPolicy, thresholds: dict[str, float] | None = None
-) -> DetectionProduction:
-    """`records`: resolved feedback records of a detector fleet (`boxes` set); `thresholds`:
-    each release's answer threshold (else `policy.min_score`): a box is an answer when it
-    reaches its own release's operating point."""
-    records = records[records["boxes"].notna()]
-    thresholds = thresholds or {}
-
-    def rates(release, group):
-        return _rates(group, replace(policy, min_score=thresholds.get(release, policy.min_score)))
-
-    table = pd.DataFrame(
-        [
-            {"release": release, "cohort": cohort, **rates(release, group)}
-            for (release, cohort), group in records.groupby(["release", "cohort"], sort=True)
-        ]
-    )
-    per_release = pd.DataFrame(
-        [
-            {
-                "release": release,
-                "answer_threshold": thresholds.get(release, policy.min_score),
-                **rates(release, group),
-            }
-            for release, group in records.groupby("release", sort=True)
-        ],
-        columns=[
-            "release",
-            "answer_threshold",
-            "frames",
-            "reviewed",
-            "coverage",
-            "precision_50",
-            "recall_50",
-            "answers_per_frame",
-        ],
-    )
-    return DetectionProduction(table, per_release, _drift(records, policy, thresholds))
+def answer_thresholds(store: Store, releases) -> dict[str, float]:
+    """Each release's operating point, where its spec names one."""
+    threshold = release_threshold(store)
+    found = {release: threshold(release) for release in sorted(set(releases))}
+    return {release: point for release, point in found.items() if point is not None}
 
 
 def uncertainty(

@@ -7,7 +7,7 @@ ids or do not decode, or that breaks the data contract is quarantined whole, wit
 nothing of it reaches the pool. Accepted images go through the same content-addressed path as drops.
 
 A correction sealed in a later batch than its record (the operator was late) travels as a row of
-kind `correction`; `resolve_records` applies them in time order.
+kind `correction`; the feedback query (feedback_query.py) applies them in time order.
 """
 
 from __future__ import annotations
@@ -486,26 +486,6 @@ def quarantine_batch(store: Store, batch_id: str, data: bytes, code: str, reason
     key = f"{QUARANTINE_PREFIX}/{batch_id}.json"
     store.write_bytes(key, json.dumps(note, indent=2).encode())
     return store.uri(key)
-
-
-def resolve_records(feedback: pd.DataFrame) -> pd.DataFrame:
-    """One row per record, with the latest correction applied (late ones included), for frames
-    in memory; the assets query the stored partitions with feedback_query (the same answer)."""
-    if feedback.empty:
-        return pd.DataFrame(columns=RECORD_COLUMNS)
-    records = feedback[feedback["kind"] == "record"].drop_duplicates("record_id", keep="last")
-    records = records.set_index("record_id")
-    fixes = feedback[feedback["kind"] == "correction"].sort_values("corrected_at", kind="stable")
-    fixes = fixes[fixes["record_id"].isin(records.index)].drop_duplicates("record_id", keep="last")
-    records.loc[fixes["record_id"], "corrected_label"] = fixes["corrected_label"].to_numpy()
-    records.loc[fixes["record_id"], "corrected_at"] = fixes["corrected_at"].to_numpy()
-    records.loc[fixes["record_id"], "corrected_boxes"] = fixes["corrected_boxes"].to_numpy()
-    return (  # reindex: a table written before a column existed reads it as missing
-        records.reset_index()
-        .reindex(columns=RECORD_COLUMNS)
-        .sort_values("captured_at", kind="stable")
-        .reset_index(drop=True)
-    )
 
 
 def feedback_manifest(records: pd.DataFrame) -> pd.DataFrame:

@@ -4,8 +4,9 @@ files, instead of concatenating every partition in pandas.
 The engine deduplicates records and applies the latest corrections out of core (spilling to
 disk past its memory limit), reads only the columns a query names and hands pandas only the rows
 it asks for: a consumer's memory follows its answer, not the backlog. The records view gives
-exactly what `feedback.resolve_records` gives on the concatenated partitions (rows, values and
-order); tests hold the two side by side.
+the one statement of "the latest correction wins" in the pipeline: tests hold it to a pandas
+reference on the concatenated partitions (`cvops_pipelines_tests/reference.py`: rows, values and
+order).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _FIX = ["corrected_label", "corrected_at", "corrected_boxes"]
 
 class FeedbackQuery:
     """A DuckDB connection with a `records` view: one row per record, the latest correction
-    applied, in capture order (ties: the later batch row last), as resolve_records orders them.
+    applied, in capture order (ties: the later batch row last).
     Extra DataFrames given to `frame` are queryable by their names."""
 
     def __init__(self, connection) -> None:
@@ -99,7 +100,7 @@ def unknown_image_count(query: FeedbackQuery, known) -> int:
     return int(query.frame(sql, known=ids(known)).iloc[0, 0])
 
 
-# What each consumer of feedback reads: exactly the rows its resolve_records-based version used.
+# What each consumer of feedback reads: exactly the rows it read when it resolved in pandas.
 
 
 @dataclass(frozen=True)

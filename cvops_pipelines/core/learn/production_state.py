@@ -200,7 +200,7 @@ class ProductionState:
         )
 
     def _put_fixes(self, fixes: pd.DataFrame) -> None:
-        """The latest correction by time wins (a tie: the later batch), as in resolve_records;
+        """The latest correction by time wins (a tie: the later batch), as the feedback query's;
         one for a record not seen yet waits in pending_fixes."""
         rows = list(
             zip(fixes["record_id"], _nullable(fixes["corrected_label"]), fixes["corrected_at"])
@@ -293,13 +293,19 @@ def catch_up(state: ProductionState, feedback, on_missing=None) -> dict:
     }
 
 
-@contextmanager
-def stored_state(store, period: str, window: int) -> Iterator[ProductionState]:
+def stored_state(store, period: str, window: int):
     """The store's production state, open; written back to the store when the block ends
     without an error (a failed run leaves the stored state as it was)."""
+    return stored_file(store, STATE_KEY, lambda path: ProductionState(path, period, window))
+
+
+@contextmanager
+def stored_file(store, key: str, open_state) -> Iterator:
+    """A state file of the store, open (`open_state(path)`, something with `close`): in place
+    in a local store; from S3, downloaded, then uploaded when the block ends without error."""
     local = getattr(store, "local_path", None)
     if local is not None:
-        state = ProductionState(local(STATE_KEY), period, window)
+        state = open_state(local(key))
         try:
             yield state
         finally:
@@ -309,12 +315,12 @@ def stored_state(store, period: str, window: int) -> Iterator[ProductionState]:
     with folder:
         path = Path(folder.name) / "state.sqlite"
         try:
-            store.get_file(STATE_KEY, path)
+            store.get_file(key, path)
         except FileNotFoundError:
             pass  # the first run, or a deleted cache: built from every batch
-        state = ProductionState(path, period, window)
+        state = open_state(path)
         try:
             yield state
         finally:
             state.close()  # the last connection checkpoints the WAL into the file
-        store.put_file(STATE_KEY, path)
+        store.put_file(key, path)

@@ -12,7 +12,7 @@ detector passes by definition.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -23,8 +23,10 @@ from cvops_pipelines.core.base.box_metrics import (
     frame_right,
     parse_boxes,
 )
+from cvops_pipelines.core.base.handoffs import EvaluationRecord, TrainedModelRecord
 from cvops_pipelines.core.base.plots import boxes_png, precision_recall_png
 from cvops_pipelines.core.build.detection_run import load_scenes, predict
+from cvops_pipelines.core.measure.gate import GateDecision, gate_row
 from cvops_pipelines.edge.preprocess import load_rgb
 
 
@@ -36,14 +38,6 @@ class DetectionGateConfig:
 
 
 @dataclass
-class DetectionGate:
-    passed: bool
-    first_model: bool
-    reasons: list[str]
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class DetectionEvaluation:
     challenger_version: str
     champion_version: str | None
@@ -51,26 +45,29 @@ class DetectionEvaluation:
     theirs: DetectionReport | None
     test_images: int
     per_class: pd.DataFrame
-    gate: DetectionGate
+    gate: GateDecision
     pr_png: bytes
     examples_png: bytes
     replayed: object = None  # PairedOutcome on the production holdout, when there was one
 
-    def record(self, model_name: str, run_id: str, dataset_version: str) -> dict:
-        return {
-            "task": "detection",
-            "model_name": model_name,
-            "challenger_version": self.challenger_version,
-            "champion_version": self.champion_version,
-            "run_id": run_id,
-            "dataset_version": dataset_version,
-            "test_images": self.test_images,
-            "map": self.mine.map,
-            "map_50": self.mine.map_50,
-            "champion_map": self.theirs.map if self.theirs else None,
-            "gate_passed": self.gate.passed,
-            "gate_reasons": self.gate.reasons,
-        }
+    def record(self, task: str, model_name: str, trained: TrainedModelRecord) -> EvaluationRecord:
+        def headline(report: DetectionReport) -> dict[str, float]:
+            return {"map": round(report.map, 4), "map_50": round(report.map_50, 4)}
+
+        return EvaluationRecord(
+            task=task,
+            model_name=model_name,
+            challenger_version=self.challenger_version,
+            champion_version=self.champion_version,
+            run_id=trained.run_id,
+            dataset_version=trained.dataset_version,
+            test_images=self.test_images,
+            challenger=headline(self.mine),
+            champion=headline(self.theirs) if self.theirs else None,
+            gate_passed=self.gate.passed,
+            gate_reasons=list(self.gate.reasons),
+            replay=None if self.replayed is None else [self.replayed.as_row()],
+        )
 
 
 def per_class_table(mine: DetectionReport, theirs: DetectionReport | None) -> pd.DataFrame:
@@ -94,13 +91,25 @@ def decide(
     theirs: DetectionReport | None,
     config: DetectionGateConfig,
     replayed=None,
-) -> DetectionGate:
-    """`replayed`: the paired outcome on the production holdout (None: nothing to replay)."""
+) -> GateDecision:
+    """The classifier gate's decision, on box figures: mAP and each class's AP within their
+    limits (a class with too few test objects does not block), and the paired replay on the
+    production holdout refusing a challenger shown worse. `replayed`: None, nothing to
+    replay."""
     from cvops_pipelines.core.measure.replay import INSUFFICIENT, WORSE
 
     notes = []
     if theirs is None:
-        return DetectionGate(True, True, ["first detector: passes by definition"], notes)
+        table = pd.DataFrame(
+            [{"metric": "map", "challenger": round(mine.map, 4), "champion": None, "ok": True}]
+        )
+        return GateDecision(
+            True, ["first detector: passes by definition"], table, first_model=True, notes=notes
+        )
+    rows = [
+        gate_row("map", mine.map, theirs.map, config.max_map_drop),
+        gate_row("map_50 (info)", mine.map_50, theirs.map_50, None),
+    ]
     reasons, passed = [], True
     if replayed is None:
         notes.append("no reviewed production frames in the holdout to replay")
@@ -133,8 +142,11 @@ def decide(
         ours, old = mine.ap_per_class.get(name, math.nan), theirs.ap_per_class.get(name, math.nan)
         if math.isnan(ours) or math.isnan(old):
             continue
+        row = gate_row(f"ap[{name}]", ours, old, config.max_class_ap_drop)
+        rows.append(row)
         if old - ours > config.max_class_ap_drop:
             if objects < config.min_objects:
+                row["ok"] = True  # too few test objects to block
                 notes.append(
                     f"class {name!r} AP {ours:.3f} vs {old:.3f}, but only {objects} test "
                     f"objects (< {config.min_objects}): not blocking"
@@ -147,7 +159,7 @@ def decide(
             )
     if passed:
         reasons.append(f"no class's AP dropped more than {config.max_class_ap_drop}")
-    return DetectionGate(passed, False, reasons, notes)
+    return GateDecision(passed, reasons, pd.DataFrame(rows), notes=notes, replay=None)
 
 
 def replay_holdout(challenger, champion, store, replay: pd.DataFrame, rule):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import EvaluationRecord, TrainedModelRecord
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.plots import confusion_png, reliability_png
@@ -53,24 +54,25 @@ class EvaluationReport:
     def replay_summary(self) -> str:
         return self.replay_note or "\n".join(self.replayed.sentences())
 
-    def record(self, model_name: str, run_id: str, dataset_version: str) -> dict:
-        """The asset value export and the demo read."""
-        return {
-            "model_name": model_name,
-            "challenger_version": self.challenger.version,
-            "champion_version": self.champion.version if self.champion else None,
-            "run_id": run_id,
-            "dataset_version": dataset_version,
-            "test_images": len(self.test),
-            "challenger": self.mine.headline(),
-            "champion": self.theirs.headline() if self.theirs else None,
-            "gate_passed": self.gate.passed,
-            "gate_reasons": self.gate.reasons,
-            "gate_notes": self.gate.notes,
-            "replay": None
+    def record(self, task: str, model_name: str, trained: TrainedModelRecord) -> EvaluationRecord:
+        """The asset value export reads."""
+        return EvaluationRecord(
+            task=task,
+            model_name=model_name,
+            challenger_version=self.challenger.version,
+            champion_version=self.champion.version if self.champion else None,
+            run_id=trained.run_id,
+            dataset_version=trained.dataset_version,
+            test_images=len(self.test),
+            challenger=self.mine.headline(),
+            champion=self.theirs.headline() if self.theirs else None,
+            gate_passed=self.gate.passed,
+            gate_reasons=list(self.gate.reasons),
+            gate_notes=list(self.gate.notes),
+            replay=None
             if self.replayed is None
             else self.replayed.table().to_dict(orient="records"),
-        }
+        )
 
     def files(self) -> dict[str, bytes]:
         files = {

@@ -85,7 +85,7 @@ def decide(
     support = champion.per_class.set_index("label")["support"]
     net_lost = round((champion.accuracy - challenger.accuracy) * float(support.sum()))
     rows = [
-        _row(
+        gate_row(
             "macro_f1",
             challenger.macro_f1,
             champion.macro_f1,
@@ -93,14 +93,14 @@ def decide(
             net_lost,
             config.min_net_images,
         ),
-        _row("accuracy (info)", challenger.accuracy, champion.accuracy, None),
+        gate_row("accuracy (info)", challenger.accuracy, champion.accuracy, None),
     ]
     mine = challenger.per_class.set_index("label")["recall"]
     theirs = champion.per_class.set_index("label")["recall"]
     for label in theirs.index:
         lost = round((float(theirs[label]) - float(mine.get(label, 0.0))) * float(support[label]))
         rows.append(
-            _row(
+            gate_row(
                 f"recall[{label}]",
                 float(mine.get(label, 0.0)),
                 float(theirs[label]),
@@ -156,7 +156,7 @@ def _within_noise(table: pd.DataFrame, paired: PairedHits, config: GateConfig, n
             )
 
 
-def _row(
+def gate_row(
     metric: str,
     challenger: float,
     champion: float,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -33,10 +34,16 @@ from cvops_pipelines.core.measure.replay import (
     ReplayComparison,
     compare_on_replay,
 )
-from cvops_pipelines.core.ship.detection_canary import compare_detectors, is_detector
 from cvops_pipelines.core.ship.release import CanaryVerdict, ReleaseStore, apply_verdict
 from cvops_pipelines.edge.runtime import Runtime
 from cvops_pipelines.edge.wire import RELEASES
+
+# (releases, paired reviewed records of both sides, canary, stable, rule, operator) ->
+# (comparison, the records it replayed): how a task's releases answer the same field records
+PairedReplay = Callable[
+    [ReleaseStore, pd.DataFrame, str, str, NonInferiority, Operator],
+    tuple[ReplayComparison, pd.DataFrame],
+]
 
 
 def next_look(releases: ReleaseStore, release: str) -> int:
@@ -91,6 +98,34 @@ def _outputs(
     return probs[:, [own.index(c) for c in classes]] if len(probs) else np.zeros((0, len(classes)))
 
 
+def replay_classifiers(
+    releases: ReleaseStore,
+    paired: pd.DataFrame,
+    canary: str,
+    stable: str,
+    rule: NonInferiority,
+    operator: Operator,
+) -> tuple[ReplayComparison, pd.DataFrame]:
+    """A classifier task's paired replay: both releases answer the same reviewed images whose
+    corrected label both know (half from each side); (comparison, the records replayed)."""
+    classes = _classes(releases, canary)
+    known = paired["corrected_label"].isin(classes) & paired["corrected_label"].isin(
+        _classes(releases, stable)
+    )
+    paired = balanced(paired[known], canary, stable)
+    images = [releases.store.read_bytes(k) for k in paired["key"]]
+    comparison = compare_on_replay(
+        _outputs(releases, canary, images, classes),
+        _outputs(releases, stable, images, classes),
+        class_indices(paired["corrected_label"], classes),
+        classes,
+        paired["cohort"].to_numpy(),
+        operator,
+        rule,
+    )
+    return comparison, paired
+
+
 def decide_canary(
     releases: ReleaseStore,
     records: pd.DataFrame,
@@ -99,8 +134,11 @@ def decide_canary(
     since: str | None = None,
     rule: NonInferiority = NonInferiority(),
     operator: Operator = Operator(),
+    *,
+    replay: PairedReplay,
 ) -> tuple[CanaryVerdict, object]:
-    """(verdict, the ReplayComparison or None). `records`: resolved feedback records."""
+    """(verdict, the ReplayComparison or None). `records`: resolved feedback records;
+    `replay`: the task's paired replay of the two releases (its `canary_replay` piece)."""
     paired = paired_records(records, canary, stable, since)
     sides = paired["release"].value_counts().to_dict()
     if stable is None or stable == canary:
@@ -123,26 +161,7 @@ def decide_canary(
             ],
             table,
         ), None
-    if is_detector(releases, canary):
-        reviewed = paired[paired["corrected_boxes"].notna()]
-        paired = balanced(reviewed, canary, stable)
-        comparison = compare_detectors(releases, paired, canary, stable, rule)
-    else:
-        classes = _classes(releases, canary)
-        known = paired["corrected_label"].isin(classes) & paired["corrected_label"].isin(
-            _classes(releases, stable)
-        )
-        paired = balanced(paired[known], canary, stable)
-        images = [releases.store.read_bytes(k) for k in paired["key"]]
-        comparison = compare_on_replay(
-            _outputs(releases, canary, images, classes),
-            _outputs(releases, stable, images, classes),
-            class_indices(paired["corrected_label"], classes),
-            classes,
-            paired["cohort"].to_numpy(),
-            operator,
-            rule,
-        )
+    comparison, paired = replay(releases, paired, canary, stable, rule, operator)
     where = (
         f"shadow replay of both releases on {len(paired)} reviewed records, half from "
         f"canary devices (of {sides.get(canary, 0)}), half from stable devices (of "
@@ -196,6 +215,8 @@ def look_at_canary(
     operator: Operator,
     actor: str,
     on_promote=None,
+    *,
+    replay: PairedReplay,
 ) -> CanaryLook:
     """Decide on the canary and move the pointers. Each look tests at alpha / max_looks
     (Bonferroni over the looks); past max_looks the error budget is spent and people decide."""
@@ -225,6 +246,7 @@ def look_at_canary(
         canary.get("updated_at"),
         replace(rule, alpha=rule.alpha / max_looks),
         operator,
+        replay=replay,
     )
     apply_verdict(releases, release, verdict, actor, on_promote)
     return CanaryLook(

@@ -14,6 +14,7 @@ import pandas as pd
 
 from cvops_pipelines.core.base.box_metrics import frame_right, parse_boxes
 from cvops_pipelines.core.measure.replay import NonInferiority, ReplayComparison, paired_test
+from cvops_pipelines.core.ship.canary import balanced
 from cvops_pipelines.edge.runtime import Runtime
 
 
@@ -25,9 +26,13 @@ def release_answers(releases, release: str, images: list[bytes]) -> tuple[list[l
     return [a.answered(threshold) for a in answers], threshold
 
 
-def is_detector(releases, release: str) -> bool:
-    spec = releases.spec(release)
-    return spec.get("task") == "detection"
+def replay_detectors(
+    releases, paired: pd.DataFrame, canary: str, stable: str, rule: NonInferiority, operator
+) -> tuple[ReplayComparison, pd.DataFrame]:
+    """The detection task's paired replay: the frames reviewed as box sets, half from each
+    side; (comparison, the frames replayed). The operator plays no part for boxes."""
+    paired = balanced(paired[paired["corrected_boxes"].notna()], canary, stable)
+    return compare_detectors(releases, paired, canary, stable, rule), paired
 
 
 def compare_detectors(

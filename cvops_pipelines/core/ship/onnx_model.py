@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import ExportRecord
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
@@ -45,7 +46,7 @@ class ExportPolicy:
 
 @dataclass
 class ExportedModel:
-    record: dict  # the asset value edge_release reads
+    record: ExportRecord  # the asset value edge_release reads
     measurements: pd.DataFrame
     choices: list[Choice]
     parities: dict[str, dict]
@@ -145,23 +146,19 @@ def finish_export(
     run_id, registered = register_artifacts(
         tracking, loaded, artifacts, frame, choices, parities, measurements, tags, quality
     )
-    record = {
-        **(
-            {"task": spec.task}
-            if getattr(spec, "task", "classification") != "classification"
-            else {}
-        ),
-        "source_model_version": loaded.version,
-        "model_name": tracking.model_name,
-        "dataset_version": tags["dataset_version"],
-        "run_id": run_id,
-        "preprocess": json.loads(spec.to_json()),
-        "artifacts": files,
-        "registered": registered,
-        "parity": parities,
-        "measurements": json.loads(frame.to_json(orient="records")),
-        "choices": {c.profile.name: c.artifact for c in choices},
-    }
+    record = ExportRecord(
+        task=spec.task,
+        source_model_version=loaded.version,
+        model_name=tracking.model_name,
+        dataset_version=tags["dataset_version"],
+        run_id=run_id,
+        preprocess=json.loads(spec.to_json()),
+        artifacts=files,
+        choices={c.profile.name: c.artifact for c in choices},
+        registered=registered,
+        parity=parities,
+        measurements=json.loads(frame.to_json(orient="records")),
+    )
     return ExportedModel(record, frame, choices, parities, tracking.run_url(run_id))
 
 

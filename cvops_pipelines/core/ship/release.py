@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import ExportRecord, ReleaseRecord
 from cvops_pipelines.core.base.ledger import (
     MemoryLedger,
     VersionLedger,
@@ -384,27 +385,27 @@ class ReleaseRefused(ValueError):
     """Nothing may ship for this target, or the artifact is not what export wrote."""
 
 
-def chosen_artifact(store: Store, onnx_record: dict, target: str) -> tuple[str, bytes]:
+def chosen_artifact(store: Store, onnx_record: ExportRecord, target: str) -> tuple[str, bytes]:
     """(artifact name, its bytes) export chose for `target`, verified against its sha256."""
-    artifact = onnx_record["choices"].get(target)
+    artifact = onnx_record.choices.get(target)
     if not artifact:
         raise ReleaseRefused(
             f"no artifact qualifies for target {target!r}: see onnx_model's choices table for "
             "why each was refused"
         )
-    entry = onnx_record["artifacts"][artifact]
+    entry = onnx_record.artifacts[artifact]
     model = store.read_bytes(entry["key"])
     if sha256(model) != entry["sha256"]:
         raise ReleaseRefused(f"{entry['uri']} changed since onnx_model wrote it (sha256 mismatch)")
     return artifact, model
 
 
-def release_meta(onnx_record: dict, artifact: str, target: str) -> dict:
+def release_meta(onnx_record: ExportRecord, artifact: str, target: str) -> dict:
     """What a release's manifest says about where its model came from."""
     return {
-        "model_name": onnx_record["model_name"],
-        "model_version": onnx_record["source_model_version"],
-        "dataset_version": onnx_record["dataset_version"],
+        "model_name": onnx_record.model_name,
+        "model_version": onnx_record.source_model_version,
+        "dataset_version": onnx_record.dataset_version,
         "artifact": artifact,
         "target": target,
     }
@@ -412,7 +413,7 @@ def release_meta(onnx_record: dict, artifact: str, target: str) -> dict:
 
 @dataclass
 class Published:
-    record: dict  # the asset value: release, parent, meta, sizes, the canary pointer
+    record: ReleaseRecord  # the asset value: release, parent, meta, sizes, the canary pointer
     new: bool  # False: the bundle existed (a re-run) and no pointer moved
     delta_note: str = ""  # why no delta, when there is none
 
@@ -437,15 +438,15 @@ def publish_release(
         manifest = releases.manifest(same)
         delta = manifest.get("delta")
         return Published(
-            {
-                "release": same,
-                "parent": manifest["parent"],
+            ReleaseRecord(
+                release=same,
+                parent=manifest["parent"],
+                uri=releases.store.uri(f"{RELEASES}/{same}"),
+                model_bytes=len(model),
+                delta_bytes=delta["size"] if delta else None,
+                canary=releases.channel("canary"),
                 **meta,
-                "uri": releases.store.uri(f"{RELEASES}/{same}"),
-                "model_bytes": len(model),
-                "delta_bytes": delta["size"] if delta else None,
-                "canary": releases.channel("canary"),
-            },
+            ),
             new=False,
         )
     release = build_release(
@@ -476,15 +477,15 @@ def publish_release(
         )
     delta = release.manifest.get("delta")
     return Published(
-        {
-            "release": release.id,
-            "parent": parent_id,
-            "uri": uri,
+        ReleaseRecord(
+            release=release.id,
+            parent=parent_id,
+            uri=uri,
+            model_bytes=len(model),
+            delta_bytes=delta["size"] if delta else None,
+            canary=canary,
             **meta,
-            "model_bytes": len(model),
-            "delta_bytes": delta["size"] if delta else None,
-            "canary": canary,
-        },
+        ),
         new=True,
         delta_note=""
         if delta

@@ -28,9 +28,23 @@ def task_named(name: str) -> Task:
     return TASKS[name]
 
 
+def task_labels() -> dict[str, str]:
+    """Each registered task's label kind: what an ontology naming it labels (`load_ontology`)."""
+    return {name: task.labels for name, task in TASKS.items()}
+
+
 def task_for(ontology: Ontology) -> Task:
     """The task the ontology names."""
     return task_named(ontology.task)
 
 
-__all__ = ["TASKS", "StageContext", "Task", "TaskRefused", "register", "task_for", "task_named"]
+__all__ = [
+    "TASKS",
+    "StageContext",
+    "Task",
+    "TaskRefused",
+    "register",
+    "task_for",
+    "task_labels",
+    "task_named",
+]

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.report import Json, Link, Plot, StageResult, Table
 from cvops_pipelines.core.base.tables import PartitionedTable
 from cvops_pipelines.core.base.tracking import TrackingUnavailable
@@ -31,6 +32,7 @@ from cvops_pipelines.core.measure.evaluation import (
     log_evaluation,
 )
 from cvops_pipelines.core.measure.saliency import explain, saliency_metadata, write_overlays
+from cvops_pipelines.core.ship.canary import replay_classifiers
 from cvops_pipelines.core.ship.onnx_model import export_model
 from cvops_pipelines.core.tasks.common import field_checks, gate_check, queue_metadata
 from cvops_pipelines.core.tasks.task import StageContext, Task
@@ -39,6 +41,8 @@ from cvops_pipelines.edge.wire import FEEDBACK
 
 class Classification(Task):
     name = "classification"
+    labels = "class"
+    model_name = "cvops-classifier"
 
     def pool(self, raw_images: pd.DataFrame, annotations: pd.DataFrame) -> StageResult:
         pool = build_labeled_pool(raw_images, annotations)
@@ -120,7 +124,7 @@ class Classification(Task):
         )
 
     def evaluate(
-        self, ctx, challenger, champion, trained: dict, dataset, replay, settings
+        self, ctx, challenger, champion, trained: TrainedModelRecord, dataset, replay, settings
     ) -> StageResult:
         mlflow = ctx.tracking
         report = evaluate_challenger(
@@ -131,8 +135,8 @@ class Classification(Task):
             replay,
             settings.policy(ctx.ontology.event_classes),
         )
-        log_evaluation(mlflow, trained["run_id"], report)
-        record = report.record(mlflow.model_name, trained["run_id"], trained["dataset_version"])
+        log_evaluation(mlflow, trained.run_id, report)
+        record = report.record(self.name, mlflow.model_name, trained)
         replay_version = str(replay["replay_set"].iloc[0]) if len(replay) else "none"
         thresholds = settings.model_dump(
             include={
@@ -155,13 +159,15 @@ class Classification(Task):
             {
                 **_evaluation_metadata(report),
                 **_replay_metadata(report, replay_version),
-                "mlflow_run": Link(mlflow.run_url(trained["run_id"])),
+                "mlflow_run": Link(mlflow.run_url(trained.run_id)),
             },
-            [gate_check(report.gate, report.gate.table, thresholds, extra)],
+            [gate_check(report.gate, thresholds, extra)],
         )
 
     def export(self, ctx: StageContext, loaded, dataset: pd.DataFrame, policy):
         return export_model(loaded, dataset, ctx.store, ctx.tracking, policy, ctx.tags, ctx.log)
+
+    canary_replay = staticmethod(replay_classifiers)
 
     def production(
         self, ctx: StageContext, feedback: PartitionedTable, releases, settings

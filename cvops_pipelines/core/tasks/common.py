@@ -4,12 +4,14 @@ output drift), the annotation queue's summary."""
 from __future__ import annotations
 
 from cvops_pipelines.core.base.report import Check, Json, Link, Table
+from cvops_pipelines.core.measure.gate import GateDecision
 
 GATE_CHECK = "challenger_not_worse_than_champion"
 
 
-def gate_check(gate, side_by_side, thresholds: dict, extra: dict | None = None) -> Check:
-    """The gate's decision, the numbers it read, its thresholds."""
+def gate_check(gate: GateDecision, thresholds: dict, extra: dict | None = None) -> Check:
+    """The gate's decision, the numbers it read side by side, its thresholds: one shape for
+    every task."""
     return Check(
         GATE_CHECK,
         gate.passed,
@@ -19,7 +21,7 @@ def gate_check(gate, side_by_side, thresholds: dict, extra: dict | None = None) 
             "notes": "; ".join(gate.notes) or "none",
             **({} if gate.passed else {"first_failure": gate.reasons[0]}),
             **(extra or {}),
-            "side_by_side": Table(side_by_side, 100),
+            "side_by_side": Table(gate.table, 100),
             "thresholds": Json(thresholds),
         },
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.report import Json, Link, Plot, StageResult, Table
 from cvops_pipelines.core.build.detection_run import reviewer_predictions, train_detector_tracked
@@ -18,17 +19,20 @@ from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool
 from cvops_pipelines.core.learn.active import expert_labeled
 from cvops_pipelines.core.learn.detection_learn import (
     answer_thresholds,
-    detection_production,
     detection_queue,
     publish_detection_queue,
+    release_threshold,
 )
-from cvops_pipelines.core.learn.feedback_query import all_records, queue_candidates
+from cvops_pipelines.core.learn.detection_state import stored_detection_state
+from cvops_pipelines.core.learn.feedback_query import queue_candidates
+from cvops_pipelines.core.learn.production_state import catch_up
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.measure.detection_evaluation import (
     evaluate_detector,
     log_detection_evaluation,
 )
 from cvops_pipelines.core.measure.replay import NonInferiority
+from cvops_pipelines.core.ship.detection_canary import replay_detectors
 from cvops_pipelines.core.ship.detection_onnx import export_detector_model
 from cvops_pipelines.core.tasks.classification import CLASSIFICATION
 from cvops_pipelines.core.tasks.common import field_checks, gate_check, queue_metadata
@@ -37,6 +41,8 @@ from cvops_pipelines.core.tasks.task import StageContext, Task
 
 class Detection(Task):
     name = "detection"
+    labels = "boxes"
+    model_name = "cvops-detector"
 
     def pool(self, raw_images: pd.DataFrame, annotations: pd.DataFrame) -> StageResult:
         pool = build_box_pool(raw_images, annotations)
@@ -111,7 +117,7 @@ class Detection(Task):
         )
 
     def evaluate(
-        self, ctx, challenger, champion, trained: dict, dataset, replay, settings
+        self, ctx, challenger, champion, trained: TrainedModelRecord, dataset, replay, settings
     ) -> StageResult:
         if settings.require_field_evidence:
             raise self.refuse(
@@ -131,8 +137,8 @@ class Detection(Task):
             replay=replay,
             rule=rule,
         )
-        log_detection_evaluation(mlflow, trained["run_id"], evaluation)
-        record = evaluation.record(mlflow.model_name, trained["run_id"], trained["dataset_version"])
+        log_detection_evaluation(mlflow, trained.run_id, evaluation)
+        record = evaluation.record(self.name, mlflow.model_name, trained)
         thresholds = settings.model_dump(
             include={
                 "max_map_drop",
@@ -160,9 +166,9 @@ class Detection(Task):
                 "per_class": Table(evaluation.per_class, 100),
                 "precision_recall": Plot(evaluation.pr_png, "precision-recall at IoU 0.5"),
                 "examples": Plot(evaluation.examples_png, "true boxes (green) and predicted (red)"),
-                "mlflow_run": Link(mlflow.run_url(trained["run_id"])),
+                "mlflow_run": Link(mlflow.run_url(trained.run_id)),
             },
-            [gate_check(evaluation.gate, evaluation.per_class, thresholds, extra)],
+            [gate_check(evaluation.gate, thresholds, extra)],
         )
 
     def export(self, ctx: StageContext, loaded, dataset: pd.DataFrame, policy):
@@ -170,20 +176,37 @@ class Detection(Task):
             loaded, dataset, ctx.store, ctx.tracking, policy, ctx.tags, ctx.log
         )
 
+    canary_replay = staticmethod(replay_detectors)
+
     def production(self, ctx: StageContext, feedback, releases, settings) -> StageResult:
-        """Precision and recall at IoU 0.5 on reviewed frames, per release and cohort. Queries
-        every batch (not incremental yet); before any detector answered, the image-level
-        report."""
-        records = all_records(feedback)
-        if not (len(records) and records["boxes"].notna().any()):
-            return CLASSIFICATION.production(ctx, feedback, releases, settings)
+        """Precision and recall at IoU 0.5 on reviewed frames, per release and cohort, and box
+        output drift. Incremental: absorbs only the batches the stored state has not seen.
+        Before any detector answered, the image-level report."""
         policy, store = settings.detection_policy(), ctx.store
-        report = detection_production(records, policy, answer_thresholds(store, records["release"]))
+        with stored_detection_state(store, policy, release_threshold(store)) as state:
+            if settings.rebuild_state:
+                state.reset()
+            absorbed = catch_up(
+                state,
+                feedback,
+                lambda batch: ctx.warn(
+                    f"feedback batch {batch} has no table (its run failed?): left for a later run"
+                ),
+            )
+            frames = state.frames()
+            report = state.report() if frames else None
+        if not frames:
+            return CLASSIFICATION.production(ctx, feedback, releases, settings)
+        ctx.log(
+            f"absorbed {absorbed['batches_absorbed']} new feedback batches "
+            f"({absorbed['rows_absorbed']} rows) into the detector's production state"
+        )
         write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
         summary = report.summary(policy)
         return StageResult(
             summary,
             {
+                **absorbed,
                 "records": summary["records"],
                 "reviewed": summary["reviewed"],
                 "coverage": round(summary["reviewed"] / max(1, summary["records"]), 4),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.ontology import Ontology
 from cvops_pipelines.core.base.report import StageResult
 from cvops_pipelines.core.base.store import Store
@@ -41,6 +42,8 @@ class Task:
     with the named fields); a piece refuses one it cannot honour (`refuse`)."""
 
     name = "task"
+    labels = "class"  # what its ontology's label is: "class" per image, or "boxes"
+    model_name = "cvops-model"  # the registered model's default name
 
     def refuse(self, what: str) -> TaskRefused:
         return TaskRefused(f"task {self.name!r}: {what}")
@@ -61,13 +64,18 @@ class Task:
 
     # measure
     def evaluate(
-        self, ctx, challenger, champion, trained: dict, dataset, replay, settings
+        self, ctx, challenger, champion, trained: TrainedModelRecord, dataset, replay, settings
     ) -> StageResult:
         self._missing("evaluation")
 
     # ship
     def export(self, ctx: StageContext, loaded, dataset: pd.DataFrame, policy):
         self._missing("export")
+
+    def canary_replay(self, releases, paired: pd.DataFrame, canary: str, stable: str, rule, op):
+        """Both releases answer the same reviewed field records (`core.ship.canary.PairedReplay`):
+        (the comparison, the records replayed)."""
+        self._missing("canary replay")
 
     # learn
     def production(self, ctx: StageContext, feedback, releases, settings) -> StageResult:

@@ -1,7 +1,7 @@
 """Build stage: training on a dataset version, tracked and registered in MLflow: a classifier
 (transfer learning), or a detector when the dataset version carries boxes."""
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from typing import get_type_hints
 
 import pandas as pd
@@ -15,6 +15,7 @@ from dagster import (
 )
 from pydantic import Field, create_model
 
+from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.build.detection import DetectorConfig
 from cvops_pipelines.core.build.models import pick_device
@@ -143,7 +144,7 @@ def trained_model(
     storage: CvopsStorage,
     tracking: MlflowTracking,
     contracts: DataContracts,
-):
+) -> Output[TrainedModelRecord]:
     ctx = stage_context(context, storage, tracking, contracts, "trained_model")
     task, distributed, trainer = contracts.task(), config.distributed.plan(), None
     if distributed.processes > 0:  # torchrun processes through Dagster Pipes
@@ -155,38 +156,29 @@ def trained_model(
         trained = task.train(ctx, dataset_version, config, trainer)
     except TaskRefused as exc:
         raise Failure(str(exc)) from None
-    record, store = {"task": task.name, **trained.record}, ctx.store
-    facts = ModelFacts(record["model_version"], record["dataset_version"], record["dataset_images"])
-    write_facts(store, facts)  # what retraining_sensor reads
-    version = DataVersion(f"{record['model_name']}/v{record['model_version']}")
-    return Output(record, metadata=_trained_metadata(trained), data_version=version)
+    record = replace(trained.record, task=task.name)
+    facts = ModelFacts(record.model_version, record.dataset_version, record.dataset_images)
+    write_facts(ctx.store, facts)  # what retraining_sensor reads
+    version = DataVersion(f"{record.model_name}/v{record.model_version}")
+    return Output(record, metadata=_trained_metadata(trained, record), data_version=version)
 
 
-def _trained_metadata(trained) -> dict:
-    record = trained.record
+def _trained_metadata(trained, record: TrainedModelRecord) -> dict:
+    operating_point = {} if record.answer_threshold is None else {"answer_threshold": 4}
     metadata = {
-        "model": f"{record['model_name']} v{record['model_version']} (alias challenger)",
-        "model_version": record["model_version"],
-        "mlflow_run_id": record["run_id"],
+        "model": f"{record.model_name} v{record.model_version} (alias challenger)",
+        "task": record.task,
+        "model_version": record.model_version,
+        "mlflow_run_id": record.run_id,
         "mlflow_run": MetadataValue.url(trained.run_url),
         "mlflow_model": MetadataValue.url(trained.model_url),
-        "dataset_version": record["dataset_version"],
-        "dataset_images": record["dataset_images"],
-        **{
-            k: round(record[k], 4)
-            for k in (
-                "val_accuracy",
-                "val_map",
-                "val_map_50",
-                "answer_threshold",
-                "val_precision_50",
-                "val_recall_50",
-            )
-            if k in record
-        },
-        "best_epoch": record["best_epoch"],
-        "stopped_early": record["stopped_early"],
-        "train_images_per_second": round(record["train_images_per_second"], 1),
+        "dataset_version": record.dataset_version,
+        "dataset_images": record.dataset_images,
+        **{f"val_{k}": round(v, 4) for k, v in record.validation.items()},
+        **{k: round(record.answer_threshold, n) for k, n in operating_point.items()},
+        "best_epoch": record.best_epoch,
+        "stopped_early": record.stopped_early,
+        "train_images_per_second": round(record.train_images_per_second, 1),
         "history": MetadataValue.md(markdown_table(trained.history, 100)),
         "config": MetadataValue.json(asdict(trained.config)),
     }

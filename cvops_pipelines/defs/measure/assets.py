@@ -11,6 +11,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from cvops_pipelines.core.base.handoffs import EvaluationRecord, TrainedModelRecord
 from cvops_pipelines.core.build.registry import load, load_version
 from cvops_pipelines.core.measure.detection_evaluation import (
     DetectionGateConfig,
@@ -95,6 +96,7 @@ class ModelEvaluationConfig(OperatorConfig):
 @loop_asset(
     group_name="measure",
     io_manager_key="tables",
+    dagster_type=EvaluationRecord,
     kinds={"pytorch", "mlflow"},
     # after a new model only: a new dataset version (or replay set) alone waits for
     # retraining_sensor
@@ -124,7 +126,7 @@ class ModelEvaluationConfig(OperatorConfig):
 def model_evaluation(
     context: AssetExecutionContext,
     config: ModelEvaluationConfig,
-    trained_model: dict,
+    trained_model: TrainedModelRecord,
     dataset_version: pd.DataFrame,
     replay_set: pd.DataFrame,
     storage: CvopsStorage,
@@ -132,7 +134,7 @@ def model_evaluation(
     contracts: DataContracts,
 ):
     ctx = stage_context(context, storage, tracking, contracts, "model_evaluation")
-    challenger = load_version(ctx.tracking, trained_model["model_version"])
+    challenger = load_version(ctx.tracking, trained_model.model_version)
     champion = load(ctx.tracking, alias="champion")
     if champion is None:
         context.log.info("no champion yet: the challenger passes the gate by definition")

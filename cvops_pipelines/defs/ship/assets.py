@@ -18,6 +18,12 @@ from dagster import (
 from pydantic import Field
 
 from cvops_pipelines import settings
+from cvops_pipelines.core.base.handoffs import (
+    EvaluationRecord,
+    ExportRecord,
+    ReleaseRecord,
+    TrainedModelRecord,
+)
 from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.build.registry import load_version
@@ -100,23 +106,23 @@ class OnnxModelConfig(Config):
 def onnx_model(
     context: AssetExecutionContext,
     config: OnnxModelConfig,
-    trained_model: dict,
-    model_evaluation: dict,
+    trained_model: TrainedModelRecord,
+    model_evaluation: EvaluationRecord,
     dataset_version: pd.DataFrame,
     storage: CvopsStorage,
     tracking: MlflowTracking,
     contracts: DataContracts,
-):
-    if not model_evaluation["gate_passed"]:
-        raise Failure(f"model v{model_evaluation['challenger_version']} did not pass the gate")
+) -> Output[ExportRecord]:
+    if not model_evaluation.gate_passed:
+        raise Failure(f"model v{model_evaluation.challenger_version} did not pass the gate")
     ctx = stage_context(context, storage, tracking, contracts, "onnx_model")
-    loaded = load_version(ctx.tracking, trained_model["model_version"])
+    loaded = load_version(ctx.tracking, trained_model.model_version)
     try:
         exported = contracts.task().export(ctx, loaded, dataset_version, config.policy())
     except ExportError as exc:
         raise Failure(str(exc)) from None
     record = exported.record
-    version = f"{loaded.version}:{record['artifacts']['onnx_fp32']['sha256'][:16]}"
+    version = f"{loaded.version}:{record.artifacts['onnx_fp32']['sha256'][:16]}"
     return Output(record, metadata=_export_metadata(exported), data_version=DataVersion(version))
 
 
@@ -129,15 +135,16 @@ def _export_metadata(exported) -> dict:
         ]
     )
     return {
-        "source_model": f"{record['model_name']} v{record['source_model_version']}",
+        "source_model": f"{record.model_name} v{record.source_model_version}",
+        "task": record.task,
         "fp32_parity": MetadataValue.json(exported.parities["onnx_fp32"]),
         "int8_parity": MetadataValue.json(exported.parities["onnx_int8"]),
         "measurements": MetadataValue.md(markdown_table(exported.measurements, 10)),
         "choices": MetadataValue.md(markdown_table(table, 20)),
         "chosen": ", ".join(f"{c.profile.name} -> {c.artifact or 'none'}" for c in choices),
-        "mlflow_run_id": record["run_id"],
+        "mlflow_run_id": record.run_id,
         "mlflow_run": MetadataValue.url(exported.run_url),
-        "artifacts": MetadataValue.json({n: f["uri"] for n, f in record["artifacts"].items()}),
+        "artifacts": MetadataValue.json({n: f["uri"] for n, f in record.artifacts.items()}),
     }
 
 
@@ -179,9 +186,9 @@ def _history(releases: ReleaseStore) -> MetadataValue:
 def edge_release(
     context: AssetExecutionContext,
     config: EdgeReleaseConfig,
-    onnx_model: dict,
+    onnx_model: ExportRecord,
     storage: CvopsStorage,
-):
+) -> Output[ReleaseRecord]:
     store = storage.store()
     try:
         artifact, model = chosen_artifact(store, onnx_model, config.target)
@@ -189,26 +196,26 @@ def edge_release(
         actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
         meta = release_meta(onnx_model, artifact, config.target)
         published = publish_release(
-            releases, model, onnx_model["preprocess"], meta, releases.key, actor,
+            releases, model, onnx_model.preprocess, meta, releases.key, actor,
             config.canary_share, cohorts,
         )  # fmt: skip
     except (ReleaseRefused, SigningKeyMissing, KeyNotDelegated, ChannelTampered) as exc:
         raise Failure(str(exc)) from None
     record, history = published.record, _history(releases)
     if not published.new:
-        context.log.info(f"{record['release']} is already published; nothing to do")
-        metadata = {"release": record["release"], "republished": False, "history": history}
+        context.log.info(f"{record.release} is already published; nothing to do")
+        metadata = {"release": record.release, "republished": False, "history": history}
         return Output(record, metadata=metadata)
     return Output(
         record,
         metadata={
-            "release": record["release"],
+            "release": record.release,
             "artifact": artifact,
-            "parent": record["parent"] or "none",
+            "parent": record.parent or "none",
             "model_bytes": len(model),
-            "delta_bytes": record["delta_bytes"] or published.delta_note,
-            "canary": MetadataValue.json(record["canary"]),
-            "bundle": MetadataValue.url(record["uri"]),
+            "delta_bytes": record.delta_bytes or published.delta_note,
+            "canary": MetadataValue.json(record.canary),
+            "bundle": MetadataValue.url(record.uri),
             "history": history,
         },
     )
@@ -253,21 +260,23 @@ class CanaryDecisionConfig(OperatorConfig):
 def canary_decision(
     context: AssetExecutionContext,
     config: CanaryDecisionConfig,
-    edge_release: dict,
+    edge_release: ReleaseRecord,
     feedback: PartitionedTable,
     storage: CvopsStorage,
     tracking: MlflowTracking,
+    contracts: DataContracts,
 ):
-    store = storage.store()
+    store, replay = storage.store(), contracts.task().canary_replay
     try:  # the decision moves channel pointers, which devices accept only signed
         releases = _signing_releases(context, store, config.signing_key)
         mlflow = tracking.open()
         rule, actor = config.rule(), f"dagster run {context.run.run_id}"
-        records, release = reviewed_records(feedback), edge_release["release"]
+        records, release = reviewed_records(feedback), edge_release.release
         promote = lambda m: mlflow.set_alias("champion", m["model_version"])  # noqa: E731
         result = look_at_canary(
-            releases, records, release, rule, config.max_looks, config.operator(), actor, promote
-        )
+            releases, records, release, rule, config.max_looks, config.operator(), actor,
+            promote, replay=replay,
+        )  # fmt: skip
     except (SigningKeyMissing, KeyNotDelegated, ChannelTampered) as exc:
         raise Failure(str(exc)) from None
     why = "\n".join(result.reasons)
@@ -280,7 +289,7 @@ def canary_decision(
     if result.action == "undecided":
         return Output(result.record(), metadata=meta)
     meta["canary_vs_stable"] = MetadataValue.md(markdown_table(result.table))
-    run_id = log_canary(mlflow, edge_release["model_version"], result)
+    run_id = log_canary(mlflow, edge_release.model_version, result)
     if run_id is not None:
         meta.update(_paired_metadata(result.comparison, mlflow.run_url(run_id)))
     return Output(result.record(), metadata=meta)

@@ -131,7 +131,7 @@ def test_a_version_that_is_not_a_number_names_the_file_and_line(tmp_path):
 
 def test_the_ontology_names_its_task(repo_root, tmp_path):
     assert load_ontology(repo_root / "data_contracts/ontology.yaml").task == "classification"
-    assert load_ontology(repo_root / "data_contracts/scenes.yaml").detection
+    assert load_ontology(repo_root / "data_contracts/scenes.yaml").boxes
     path = tmp_path / "ontology.yaml"
     path.write_text("version: 1\ntask: segmentation\nclasses:\n  - {id: 0, name: ok}\n")
     with pytest.raises(OntologyError, match=r"ontology.yaml:2: task must be one of"):

@@ -104,7 +104,7 @@ def dataset(box_of_img1=(10, 10, 30, 30)):
 
 def test_dataset_version_carries_boxes_keeps_negatives_and_hashes_them():
     one = dataset()
-    assert one.detection and (one.rows["n_boxes"] == 0).sum() == 5
+    assert one.boxes and (one.rows["n_boxes"] == 0).sum() == 5
     assert one.summary()["images_without_objects"] == 5
     moved = dataset(box_of_img1=(12, 10, 32, 30))
     assert moved.version != one.version  # a moved box is a new dataset version

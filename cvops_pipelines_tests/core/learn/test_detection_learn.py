@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 
 from cvops_pipelines.core.base.box_metrics import matches
-from cvops_pipelines.core.learn.detection_learn import (
-    DetectionPolicy,
-    detection_production,
-    detection_queue,
-)
+from cvops_pipelines.core.learn.detection_learn import DetectionPolicy, detection_queue
+from cvops_pipelines.core.learn.detection_state import DetectionState, detection_production
+from cvops_pipelines.core.learn.production_state import catch_up
+from cvops_pipelines_tests.reference import detection_production_reference, resolve_records
 
 A = {"label": "3", "box": [10, 10, 40, 40]}
 B = {"label": "7", "box": [60, 10, 90, 40]}
@@ -105,3 +104,94 @@ def test_each_release_is_judged_at_its_own_operating_point():
     assert by_release.loc["young", "recall_50"] == 1.0
     assert by_release.loc["default", "recall_50"] == 0.0  # 0.3 < the policy's 0.5
     assert by_release.loc["young", "answer_threshold"] == 0.2
+
+
+def messy_box_batches(seed: int, n_batches: int = 10, per_batch: int = 30) -> dict:
+    """Detector feedback batches with every awkward case: re-delivered records, reviews in the
+    record, late corrections (some tied in time, some for records not sent yet, some that
+    clear a review), two releases at their own operating points."""
+    rng = np.random.default_rng(seed)
+    pick = [A, B, {"label": "3", "box": [12, 12, 38, 42]}, {"label": "7", "box": [0, 0, 20, 20]}]
+
+    def box_set(scored_boxes: bool) -> list:
+        chosen = [pick[i] for i in rng.choice(len(pick), rng.integers(0, 3), replace=False)]
+        return [scored(b, round(float(rng.random()), 2)) if scored_boxes else b for b in chosen]
+
+    batches, made = {}, []
+    for b in range(n_batches):
+        rows = []
+        for _ in range(per_batch):
+            if made and rng.random() < 0.1:
+                rid = made[rng.integers(len(made))]
+            else:
+                rid = f"cam-{len(made):08d}"
+                made.append(rid)
+            rows.append(
+                {
+                    "kind": "record",
+                    "record_id": rid,
+                    "release": f"rel-{rng.integers(2)}",
+                    "cohort": f"c{rng.integers(2)}",
+                    "boxes": json.dumps(box_set(True)),
+                    "corrected_label": None,
+                    "corrected_boxes": json.dumps(box_set(False)) if rng.random() < 0.4 else None,
+                    "corrected_at": None,
+                    "captured_at": f"2026-11-0{rng.integers(1, 4)}T{rng.integers(24):02d}:00:00",
+                    "key": f"images/{rid}.png",
+                }
+            )
+        for _ in range(per_batch // 3):
+            target = made[rng.integers(len(made))] if rng.random() < 0.8 else f"cam-9{b:07d}"
+            rows.append(
+                {
+                    "kind": "correction",
+                    "record_id": target,
+                    "corrected_label": None,
+                    "corrected_boxes": json.dumps(box_set(False)) if rng.random() < 0.9 else None,
+                    "corrected_at": f"2026-11-05T{rng.integers(3):02d}:00:00",
+                }
+            )
+        batches[f"b{b:03d}"] = pd.DataFrame(rows)
+    return batches
+
+
+class Partitions:
+    def __init__(self, batches: dict):
+        self.batches = batches
+        self.partitions = sorted(batches)
+
+    def read(self, partition: str) -> pd.DataFrame:
+        return self.batches[partition]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_incremental_state_reports_what_every_record_in_memory_gives(tmp_path, seed):
+    batches = messy_box_batches(seed)
+    policy = DetectionPolicy(window=12)
+    points = {"rel-0": 0.3}  # rel-1 names no operating point: the policy's min_score
+    state = DetectionState(tmp_path / "state.sqlite", policy, points.get)
+    keys = sorted(batches)
+    catch_up(state, Partitions({k: batches[k] for k in keys[:4]}))
+    state.close()  # a later run opens the stored state and absorbs the new batches only
+    state = DetectionState(tmp_path / "state.sqlite", policy, points.get)
+    absorbed = catch_up(state, Partitions(batches))
+    assert absorbed["batches_absorbed"] == len(keys) - 4 and not absorbed["state_rebuilt"]
+    mine = state.report()
+    state.close()
+    records = resolve_records(pd.concat(batches.values(), ignore_index=True))
+    records = records[records["boxes"].notna()]
+    reference = detection_production_reference(records, policy, points)
+    assert mine.per_release.equals(reference.per_release)
+    assert mine.table.equals(reference.table)
+    assert mine.drift.fillna(-1).equals(reference.drift.fillna(-1))
+    assert mine.per_release["reviewed"].sum() > 0 and len(mine.drift) == 2
+
+
+def test_a_changed_policy_starts_the_state_over(tmp_path):
+    batches = messy_box_batches(3, n_batches=2)
+    state = DetectionState(tmp_path / "s.sqlite", DetectionPolicy(), {}.get)
+    catch_up(state, Partitions(batches))
+    state.close()
+    again = DetectionState(tmp_path / "s.sqlite", DetectionPolicy(match_iou=0.7), {}.get)
+    assert again.rebuilt and again.frames() == 0 and not again.absorbed()
+    again.close()

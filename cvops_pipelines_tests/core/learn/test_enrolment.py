@@ -11,11 +11,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.store import LocalStore
 from cvops_pipelines.core.learn.enrolment import enrol_device, read_register
-from cvops_pipelines.core.learn.feedback import BatchBounds, resolve_records, vet_batches
+from cvops_pipelines.core.learn.feedback import BatchBounds, vet_batches
 from cvops_pipelines.edge.identity import public_pem
 from cvops_pipelines.edge.wire import batch_key, enrolment_key, enrolment_signature_key
 from cvops_pipelines_tests.core.learn.test_learn import device_batch
 from cvops_pipelines_tests.helpers import Fleet, rezip
+from cvops_pipelines_tests.reference import resolve_records
 
 CLASSES = [str(d) for d in range(10)]
 

@@ -8,7 +8,6 @@ import pytest
 
 from cvops_pipelines.core.base.store import LocalStore, S3Store
 from cvops_pipelines.core.base.tables import PartitionedTable, table_key, write_table
-from cvops_pipelines.core.learn.feedback import resolve_records
 from cvops_pipelines.core.learn.feedback_query import (
     REVIEWED,
     feedback_query,
@@ -16,6 +15,7 @@ from cvops_pipelines.core.learn.feedback_query import (
     unknown_image_count,
 )
 from cvops_pipelines_tests.core.learn.test_production_state import messy_batches
+from cvops_pipelines_tests.reference import resolve_records
 
 
 def written(store, batches: dict[str, pd.DataFrame], unwritten: tuple[str, ...] = ()):

@@ -14,7 +14,6 @@ from cvops_pipelines.core.learn.feedback import (
     feedback_labels,
     feedback_manifest,
     parse_batch,
-    resolve_records,
     store_images,
 )
 from cvops_pipelines.core.learn.ontology_report import ontology_report
@@ -23,6 +22,7 @@ from cvops_pipelines.core.learn.production_state import ProductionState
 from cvops_pipelines.demo.digit_model import png
 from cvops_pipelines.edge.buffer import FeedbackBuffer
 from cvops_pipelines_tests.helpers import Fleet, rezip
+from cvops_pipelines_tests.reference import resolve_records
 
 
 def device_batch(tmp_path, n=4, late_fix=None, device="dev-001"):

@@ -8,9 +8,10 @@ import pytest
 
 from cvops_pipelines.core.base.store import LocalStore
 from cvops_pipelines.core.base.tables import PartitionedTable, write_table
-from cvops_pipelines.core.learn.feedback import FEEDBACK_COLUMNS, resolve_records
+from cvops_pipelines.core.learn.feedback import FEEDBACK_COLUMNS
 from cvops_pipelines.core.learn.production import accuracy_table
 from cvops_pipelines.core.learn.production_state import ProductionState, catch_up, period_of
+from cvops_pipelines_tests.reference import resolve_records
 
 CLASSES = ["0", "1", "2"]
 

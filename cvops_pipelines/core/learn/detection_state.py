@@ -1,0 +1,286 @@
+"""What a detector fleet's production metrics remember between runs: each feedback batch is
+absorbed once, as the classifier's are (production_state.py), so a run costs the new batches only.
+
+One row per detector record (a frame the device answered with boxes), holding what its
+contribution depends on: release, cohort, capture time, its answer, the figures that answer gives
+at its release's operating point (boxes answered, top score) and, once reviewed, its matches
+against the reviewed box set (true positives, boxes answered, boxes true). A re-delivered record
+replaces its row; a late correction (the latest by time wins; a tie, the later batch) replaces
+its matches; one for a record not seen yet waits in `pending_fixes`. Every figure of the report
+is a sum over these rows, and drift reads each release's first and latest frames by capture
+time. Stored beside the classifier's state (`state/detection_metrics.sqlite`); a change of
+policy, window or schema starts it over from every batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from cvops_pipelines.core.base.box_metrics import matches, parse_boxes
+from cvops_pipelines.core.learn.detection_learn import (
+    DetectionPolicy,
+    DetectionProduction,
+    drift_rows,
+    per_release_columns,
+)
+from cvops_pipelines.core.learn.production_state import _CHUNK, _nullable
+
+DETECTION_STATE_KEY = "state/detection_metrics.sqlite"
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, rows INTEGER, absorbed_at TEXT);
+CREATE TABLE IF NOT EXISTS records (
+    record_id TEXT PRIMARY KEY, release TEXT, cohort TEXT, captured_at TEXT, seq INTEGER,
+    boxes TEXT, answered INTEGER, answered_any INTEGER, top REAL,
+    own_fix TEXT, fix TEXT, fix_at TEXT, tp INTEGER, n_answered INTEGER, n_true INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_release ON records (release, captured_at, seq);
+CREATE TABLE IF NOT EXISTS pending_fixes (
+    record_id TEXT PRIMARY KEY, boxes TEXT, fixed_at TEXT
+) WITHOUT ROWID;
+"""
+ABSORBED = [
+    "kind",
+    "record_id",
+    "release",
+    "cohort",
+    "boxes",
+    "corrected_boxes",
+    "corrected_at",
+    "captured_at",
+]
+
+
+class DetectionState:
+    """The absorbed detector feedback of one store, for one policy. `threshold(release)`: the
+    release's operating point (what its devices answer with)."""
+
+    def __init__(self, path: Path | str, policy: DetectionPolicy, threshold: Callable):
+        self.policy, self.threshold = policy, threshold
+        self._thresholds: dict[str, float] = {}
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+        self.rebuilt = False
+        if dict(self.db.execute("SELECT key, value FROM meta")) != self._wanted():
+            self.reset()
+
+    def _wanted(self) -> dict:
+        p = self.policy
+        return {"schema": SCHEMA_VERSION, "policy": f"{p.min_score}:{p.match_iou}"}
+
+    def reset(self) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for table in ("meta", "batches", "records", "pending_fixes"):
+                self.db.execute(f"DELETE FROM {table}")
+            self.db.executemany("INSERT INTO meta VALUES (?, ?)", self._wanted().items())
+        self.rebuilt = True
+
+    def close(self) -> None:
+        self.db.close()
+
+    def absorbed(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT batch_id FROM batches")}
+
+    def frames(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def _point(self, release: str) -> float:
+        if release not in self._thresholds:
+            found = self.threshold(release)
+            self._thresholds[release] = self.policy.min_score if found is None else found
+        return self._thresholds[release]
+
+    def absorb(self, batch_id: str, frame: pd.DataFrame) -> bool:
+        """Fold one batch's rows in; False when it was absorbed already."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone():
+                self.db.execute("ROLLBACK")
+                return False
+            frame = frame.reindex(columns=ABSORBED)
+            records = frame[(frame["kind"] == "record") & frame["boxes"].notna()]
+            records = records.drop_duplicates("record_id", keep="last")
+            fixes = frame[frame["kind"] == "correction"].sort_values("corrected_at", kind="stable")
+            fixes = fixes.drop_duplicates("record_id", keep="last")
+            self._put_records(records)
+            self._put_fixes(fixes)
+            self.db.execute(
+                "INSERT INTO batches VALUES (?, ?, datetime('now'))", (batch_id, len(frame))
+            )
+        return True
+
+    def _put_records(self, records: pd.DataFrame) -> None:
+        if records.empty:
+            return
+        (seq,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
+        rows = []
+        for i, r in enumerate(records.itertuples(index=False)):
+            boxes, point = parse_boxes(r.boxes), self._point(r.release)
+            rows.append(
+                (
+                    r.record_id,
+                    r.release,
+                    r.cohort,
+                    r.captured_at,
+                    seq + 1 + i,
+                    r.boxes,
+                    sum(b.get("score", 1.0) >= point for b in boxes),
+                    sum(b.get("score", 0.0) >= point for b in boxes),
+                    max((b.get("score", 0.0) for b in boxes), default=0.0),
+                    _nullable(pd.Series([r.corrected_boxes]))[0],
+                )
+            )
+        # a re-delivered record replaces its own fields and keeps a later correction it has
+        self.db.executemany(
+            "INSERT INTO records (record_id, release, cohort, captured_at, seq, boxes, answered, "
+            "answered_any, top, own_fix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (record_id) DO UPDATE SET release = excluded.release, "
+            "cohort = excluded.cohort, captured_at = excluded.captured_at, seq = excluded.seq, "
+            "boxes = excluded.boxes, answered = excluded.answered, "
+            "answered_any = excluded.answered_any, top = excluded.top, own_fix = excluded.own_fix",
+            rows,
+        )
+        ids = [row[0] for row in rows]
+        early = self._select(ids, "record_id, boxes, fixed_at", "pending_fixes")
+        self._fix(early)
+        self.db.executemany(
+            "DELETE FROM pending_fixes WHERE record_id = ?", ((r[0],) for r in early)
+        )
+        self._match(ids)
+
+    def _put_fixes(self, fixes: pd.DataFrame) -> None:
+        rows = list(
+            zip(fixes["record_id"], _nullable(fixes["corrected_boxes"]), fixes["corrected_at"])
+        )
+        known = {r[0] for r in self._select([r[0] for r in rows], "record_id", "records")}
+        self._fix([r for r in rows if r[0] in known])
+        self.db.executemany(
+            "INSERT INTO pending_fixes VALUES (?, ?, ?) ON CONFLICT (record_id) DO UPDATE SET "
+            "boxes = excluded.boxes, fixed_at = excluded.fixed_at "
+            "WHERE excluded.fixed_at >= pending_fixes.fixed_at",
+            (r for r in rows if r[0] not in known),
+        )
+        self._match([r[0] for r in rows if r[0] in known])
+
+    def _fix(self, rows) -> None:
+        self.db.executemany(
+            "UPDATE records SET fix = ?2, fix_at = ?3 "
+            "WHERE record_id = ?1 AND (fix_at IS NULL OR ?3 >= fix_at)",
+            rows,
+        )
+
+    def _match(self, ids: list[str]) -> None:
+        """The reviewed records' matches at their release's operating point."""
+        updates = []
+        for record_id, release, boxes, own, fix, fix_at in self._select(
+            ids, "record_id, release, boxes, own_fix, fix, fix_at", "records"
+        ):
+            truth_text = fix if fix_at is not None else own
+            if truth_text is None:
+                updates.append((None, None, None, record_id))
+                continue
+            truth = parse_boxes(truth_text)
+            tp, answered = matches(
+                parse_boxes(boxes), truth, self._point(release), self.policy.match_iou
+            )
+            updates.append((tp, answered, len(truth), record_id))
+        self.db.executemany(
+            "UPDATE records SET tp = ?, n_answered = ?, n_true = ? WHERE record_id = ?", updates
+        )
+
+    def _select(self, ids: list[str], columns: str, table: str) -> list[tuple]:
+        out = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            out += self.db.execute(
+                f"SELECT {columns} FROM {table} WHERE record_id IN ({marks})", chunk
+            ).fetchall()
+        return out
+
+    def report(self) -> DetectionProduction:
+        """The same report `detection_production` gives on every record, from the state."""
+        sums = (
+            "COUNT(*), SUM(tp IS NOT NULL), SUM(COALESCE(tp, 0)), SUM(COALESCE(n_answered, 0)), "
+            "SUM(COALESCE(n_true, 0)), SUM(answered)"
+        )
+        by_cohort = self.db.execute(
+            f"SELECT release, cohort, {sums} FROM records GROUP BY release, cohort "
+            "ORDER BY release, cohort"
+        ).fetchall()
+        table = pd.DataFrame(
+            [{"release": r, "cohort": c, **_rates(*figures)} for r, c, *figures in by_cohort]
+        )
+        by_release = self.db.execute(
+            f"SELECT release, {sums} FROM records GROUP BY release ORDER BY release"
+        ).fetchall()
+        per_release = pd.DataFrame(
+            [
+                {"release": r, "answer_threshold": self._point(r), **_rates(*figures)}
+                for r, *figures in by_release
+            ],
+            columns=per_release_columns(),
+        )
+        return DetectionProduction(table, per_release, self._drift([r for r, *_ in by_release]))
+
+    def _drift(self, releases: list[str]) -> pd.DataFrame:
+        window = self.policy.window
+
+        def frames(release: str, order: str) -> pd.DataFrame:
+            return pd.read_sql_query(
+                f"SELECT top, answered_any FROM records WHERE release = ? ORDER BY {order} LIMIT ?",
+                self.db,
+                params=(release, window),
+            )
+
+        groups = {}
+        for release in releases:
+            (n,) = self.db.execute(
+                "SELECT COUNT(*) FROM records WHERE release = ?", (release,)
+            ).fetchone()
+            first = frames(release, "captured_at, seq")
+            last = frames(release, "captured_at DESC, seq DESC").iloc[::-1]
+            groups[release] = (n, first, last)
+        return drift_rows(groups, self.policy)
+
+
+def _rates(frames, reviewed, tp, answered, true, answers) -> dict:
+    return {
+        "frames": frames,
+        "reviewed": reviewed,
+        "coverage": round(reviewed / max(1, frames), 4),
+        "precision_50": round(tp / answered, 4) if answered else float("nan"),
+        "recall_50": round(tp / true, 4) if true else float("nan"),
+        "answers_per_frame": round(answers / frames, 3) if frames else 0.0,
+    }
+
+
+def detection_production(
+    records: pd.DataFrame, policy: DetectionPolicy, thresholds: dict[str, float] | None = None
+) -> DetectionProduction:
+    """The report on resolved records held in memory, in one go: the state, absorbed once.
+    `thresholds`: each release's operating point (else `policy.min_score`)."""
+    state = DetectionState(":memory:", policy, (thresholds or {}).get)
+    try:
+        state.absorb("all", records.assign(kind="record"))
+        return state.report()
+    finally:
+        state.close()
+
+
+def stored_detection_state(store, policy: DetectionPolicy, threshold: Callable):
+    """The store's detector state, open (see production_state.stored_state)."""
+    from cvops_pipelines.core.learn.production_state import stored_file
+
+    return stored_file(
+        store, DETECTION_STATE_KEY, lambda path: DetectionState(path, policy, threshold)
+    )

@@ -13,6 +13,7 @@ BENCHMARKS = [
     "ingest_throughput",
     "ingest_scale",
     "feedback_scale",
+    "detection_feedback_scale",
     "label_qa",
     "training_throughput",
     "export_latency",

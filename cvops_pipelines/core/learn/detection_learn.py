@@ -28,6 +28,7 @@ from cvops_pipelines.core.base.box_metrics import matches, parse_boxes
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.curate.box_qa import labelstudio_box_config, labelstudio_rect
 from cvops_pipelines.core.curate.label_qa import export_json
+from cvops_pipelines.core.learn.production import FieldReport
 from cvops_pipelines.edge.detect import box_iou
 
 
@@ -43,7 +44,7 @@ class DetectionPolicy:
 
 
 @dataclass
-class DetectionProduction:
+class DetectionProduction(FieldReport):
     table: pd.DataFrame  # release x cohort: frames, reviewed, coverage, precision, recall
     per_release: pd.DataFrame
     drift: pd.DataFrame  # release, frames, p_scores, p_counts, flagged / why not tested
@@ -58,14 +59,6 @@ class DetectionProduction:
                     f"frames (SLA {policy.min_precision} / {policy.min_recall})"
                 )
         return None
-
-    def alerts(self, policy: DetectionPolicy) -> tuple[str, ...]:
-        """Names of the production checks that fail (what may ask for a retraining run)."""
-        failures = (
-            ("accuracy_sla", self.sla_failure(policy)),
-            ("no_output_drift", self.drift_failure()),
-        )
-        return tuple(name for name, failure in failures if failure)
 
     def drift_failure(self) -> str | None:
         flagged = self.drift[self.drift["flagged"] == True]  # noqa: E712 - object column

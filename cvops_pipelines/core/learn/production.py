@@ -97,8 +97,30 @@ class ProductionPolicy:
     event_classes: tuple[str, ...] = ()  # empty: every class
 
 
+class FieldReport:
+    """What every task's production report answers, whatever it measures: the SLA's and the
+    drift test's first failure (None: it holds), the alerts they raise, and the asset value."""
+
+    def sla_failure(self, policy) -> str | None:
+        raise NotImplementedError
+
+    def drift_failure(self) -> str | None:
+        raise NotImplementedError
+
+    def summary(self, policy) -> dict:
+        raise NotImplementedError
+
+    def alerts(self, policy) -> tuple[str, ...]:
+        """Names of the production checks that fail (what may ask for a retraining run)."""
+        failures = (
+            ("accuracy_sla", self.sla_failure(policy)),
+            ("no_output_drift", self.drift_failure()),
+        )
+        return tuple(name for name, failure in failures if failure)
+
+
 @dataclass
-class ProductionReport:
+class ProductionReport(FieldReport):
     records: int
     reviewed: int
     pending_corrections: int  # late corrections whose record has not arrived
@@ -138,21 +160,13 @@ class ProductionReport:
             f"{row['window']} records)"
         )
 
-    def alerts(self, policy: ProductionPolicy) -> tuple[str, ...]:
-        """Names of the production checks that fail (what may ask for a retraining run)."""
-        failures = (
-            ("accuracy_sla", self.sla_failure(policy)),
-            ("no_output_drift", self.drift_failure()),
-        )
-        return tuple(name for name, failure in failures if failure)
-
     def save(self, store, prefix: str = "reports/production_metrics") -> str:
         """The plot and the accuracy table for people; returns the table's URI."""
         store.write_bytes(f"{prefix}/latest.png", self.plot)
         store.write_bytes(f"{prefix}/accuracy.csv", self.table.to_csv(index=False).encode())
         return store.uri(f"{prefix}/accuracy.csv")
 
-    def summary(self) -> dict:
+    def summary(self, policy: ProductionPolicy | None = None) -> dict:
         """The asset value (what the demo and the retraining hand-off read)."""
         return {
             "records": self.records,

@@ -192,7 +192,7 @@ class Classification(Task):
         csv_uri = report.save(store)
         write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
         return StageResult(
-            report.summary(),
+            report.summary(policy),
             {**_production_metadata(report, csv_uri), **absorbed},
             field_checks(
                 report,

@@ -14,7 +14,6 @@ policy, window or schema starts it over from every batch.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from cvops_pipelines.core.learn.detection_learn import (
     drift_rows,
     per_release_columns,
 )
-from cvops_pipelines.core.learn.production_state import _CHUNK, _nullable
+from cvops_pipelines.core.learn.production_state import AbsorbedState, _nullable
 
 DETECTION_STATE_KEY = "state/detection_metrics.sqlite"
 SCHEMA_VERSION = "1"
@@ -56,39 +55,21 @@ ABSORBED = [
 ]
 
 
-class DetectionState:
+class DetectionState(AbsorbedState):
     """The absorbed detector feedback of one store, for one policy. `threshold(release)`: the
     release's operating point (what its devices answer with)."""
+
+    schema = SCHEMA
+    tables = ("records", "pending_fixes")
 
     def __init__(self, path: Path | str, policy: DetectionPolicy, threshold: Callable):
         self.policy, self.threshold = policy, threshold
         self._thresholds: dict[str, float] = {}
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=600)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        self.rebuilt = False
-        if dict(self.db.execute("SELECT key, value FROM meta")) != self._wanted():
-            self.reset()
+        super().__init__(path)
 
     def _wanted(self) -> dict:
         p = self.policy
         return {"schema": SCHEMA_VERSION, "policy": f"{p.min_score}:{p.match_iou}"}
-
-    def reset(self) -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            for table in ("meta", "batches", "records", "pending_fixes"):
-                self.db.execute(f"DELETE FROM {table}")
-            self.db.executemany("INSERT INTO meta VALUES (?, ?)", self._wanted().items())
-        self.rebuilt = True
-
-    def close(self) -> None:
-        self.db.close()
-
-    def absorbed(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT batch_id FROM batches")}
 
     def frames(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
@@ -99,24 +80,13 @@ class DetectionState:
             self._thresholds[release] = self.policy.min_score if found is None else found
         return self._thresholds[release]
 
-    def absorb(self, batch_id: str, frame: pd.DataFrame) -> bool:
-        """Fold one batch's rows in; False when it was absorbed already."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            if self.db.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone():
-                self.db.execute("ROLLBACK")
-                return False
-            frame = frame.reindex(columns=ABSORBED)
-            records = frame[(frame["kind"] == "record") & frame["boxes"].notna()]
-            records = records.drop_duplicates("record_id", keep="last")
-            fixes = frame[frame["kind"] == "correction"].sort_values("corrected_at", kind="stable")
-            fixes = fixes.drop_duplicates("record_id", keep="last")
-            self._put_records(records)
-            self._put_fixes(fixes)
-            self.db.execute(
-                "INSERT INTO batches VALUES (?, ?, datetime('now'))", (batch_id, len(frame))
-            )
-        return True
+    def _fold(self, frame: pd.DataFrame) -> None:
+        frame = frame.reindex(columns=ABSORBED)
+        records = frame[(frame["kind"] == "record") & frame["boxes"].notna()]
+        records = records.drop_duplicates("record_id", keep="last")
+        fixes = frame[frame["kind"] == "correction"].sort_values("corrected_at", kind="stable")
+        self._put_records(records)
+        self._put_fixes(fixes.drop_duplicates("record_id", keep="last"))
 
     def _put_records(self, records: pd.DataFrame) -> None:
         if records.empty:
@@ -196,16 +166,6 @@ class DetectionState:
         self.db.executemany(
             "UPDATE records SET tp = ?, n_answered = ?, n_true = ? WHERE record_id = ?", updates
         )
-
-    def _select(self, ids: list[str], columns: str, table: str) -> list[tuple]:
-        out = []
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            out += self.db.execute(
-                f"SELECT {columns} FROM {table} WHERE record_id IN ({marks})", chunk
-            ).fetchall()
-        return out
 
     def report(self) -> DetectionProduction:
         """The same report `detection_production` gives on every record, from the state."""

@@ -74,38 +74,35 @@ def period_of(captured_at: pd.Series, period: str) -> pd.Series:
     return captured.dt.floor(period).dt.strftime("%Y-%m-%d %H:%M")
 
 
-class ProductionState:
-    """The absorbed feedback of one store, for one reporting period and drift window."""
+class AbsorbedState:
+    """A SQLite file that absorbs feedback batches once each, whatever it keeps of them: what
+    every task's production state shares. A subclass names its `schema`, its `tables`, the
+    settings it was built for (`_wanted`: another value starts it over) and how one batch
+    folds in (`_fold`)."""
 
-    def __init__(self, path: Path | str, period: str, window: int):
-        self.period, self.window = period, int(window)
+    schema = ""
+    tables: tuple[str, ...] = ()
+
+    def __init__(self, path: Path | str):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, timeout=600)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(self.schema)
         self.rebuilt = False  # whether this opening started it over (see reset)
-        if self._settings() != self._wanted():  # new, or another period, window or schema
-            self.reset()
+        if dict(self.db.execute("SELECT key, value FROM meta")) != self._wanted():
+            self.reset()  # new, or built for other settings or another schema
 
     def _wanted(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "period": self.period, "window": str(self.window)}
+        raise NotImplementedError
 
-    def _settings(self) -> dict:
-        return dict(self.db.execute("SELECT key, value FROM meta"))
+    def _fold(self, frame: pd.DataFrame) -> None:
+        raise NotImplementedError
 
     def reset(self) -> None:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            for table in (
-                "meta",
-                "batches",
-                "records",
-                "pending_fixes",
-                "cells",
-                "predicted",
-                "window",
-            ):
+            for table in ("meta", "batches", *self.tables):
                 self.db.execute(f"DELETE FROM {table}")
             self.db.executemany("INSERT INTO meta VALUES (?, ?)", self._wanted().items())
         self.rebuilt = True
@@ -117,33 +114,21 @@ class ProductionState:
         return {row[0] for row in self.db.execute("SELECT batch_id FROM batches")}
 
     def absorb(self, batch_id: str, frame: pd.DataFrame) -> bool:
-        """Fold one batch's feedback rows (kinds `record` and `correction`) in; False when the
-        batch was absorbed already (by this run or a concurrent one)."""
+        """Fold one batch's feedback rows (kinds `record` and `correction`) in, in one
+        transaction; False when the batch was absorbed already (by this run or a concurrent
+        one)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             if self.db.execute("SELECT 1 FROM batches WHERE batch_id = ?", (batch_id,)).fetchone():
                 self.db.execute("ROLLBACK")
                 return False
-            frame = frame.reindex(columns=ABSORBED)  # an older table lacks a column: missing
-            records = frame[frame["kind"] == "record"].drop_duplicates("record_id", keep="last")
-            fixes = frame[frame["kind"] == "correction"].sort_values("corrected_at", kind="stable")
-            fixes = fixes.drop_duplicates("record_id", keep="last")
-            touched = list(dict.fromkeys([*records["record_id"], *fixes["record_id"]]))
-            self._count(touched, -1)
-            self._put_records(records)
-            self._put_fixes(fixes)
-            self._count(touched, +1)
-            self._put_window(records)
-            self.db.executemany(
-                "INSERT OR IGNORE INTO predicted VALUES (?)",
-                ((p,) for p in records["predicted"].dropna().unique()),
-            )
+            self._fold(frame)
             self.db.execute(
                 "INSERT INTO batches VALUES (?, ?, datetime('now'))", (batch_id, len(frame))
             )
         return True
 
-    def _rows(self, ids: list[str], columns: str, table: str = "records") -> list[tuple]:
+    def _select(self, ids: list[str], columns: str, table: str) -> list[tuple]:
         out = []
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
@@ -152,6 +137,39 @@ class ProductionState:
                 f"SELECT {columns} FROM {table} WHERE record_id IN ({marks})", chunk
             ).fetchall()
         return out
+
+
+class ProductionState(AbsorbedState):
+    """The absorbed feedback of one store, for one reporting period and drift window."""
+
+    schema = SCHEMA
+    tables = ("records", "pending_fixes", "cells", "predicted", "window")
+
+    def __init__(self, path: Path | str, period: str, window: int):
+        self.period, self.window = period, int(window)
+        super().__init__(path)
+
+    def _wanted(self) -> dict:
+        return {"schema": SCHEMA_VERSION, "period": self.period, "window": str(self.window)}
+
+    def _fold(self, frame: pd.DataFrame) -> None:
+        frame = frame.reindex(columns=ABSORBED)  # an older table lacks a column: missing
+        records = frame[frame["kind"] == "record"].drop_duplicates("record_id", keep="last")
+        fixes = frame[frame["kind"] == "correction"].sort_values("corrected_at", kind="stable")
+        fixes = fixes.drop_duplicates("record_id", keep="last")
+        touched = list(dict.fromkeys([*records["record_id"], *fixes["record_id"]]))
+        self._count(touched, -1)
+        self._put_records(records)
+        self._put_fixes(fixes)
+        self._count(touched, +1)
+        self._put_window(records)
+        self.db.executemany(
+            "INSERT OR IGNORE INTO predicted VALUES (?)",
+            ((p,) for p in records["predicted"].dropna().unique()),
+        )
+
+    def _rows(self, ids: list[str], columns: str, table: str = "records") -> list[tuple]:
+        return self._select(ids, columns, table)
 
     def _count(self, ids: list[str], sign: int) -> None:
         """Add (or take away) these records' contributions to the cells."""

@@ -24,7 +24,7 @@ from cvops_pipelines.core.learn.active import QueuePolicy, expert_labeled, publi
 from cvops_pipelines.core.learn.active import annotation_queue as build_queue
 from cvops_pipelines.core.learn.feedback_query import queue_candidates
 from cvops_pipelines.core.learn.production import production_report
-from cvops_pipelines.core.learn.production_state import catch_up, stored_state
+from cvops_pipelines.core.learn.production_state import stored_state
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.measure.evaluation import (
     EvaluationReport,
@@ -34,7 +34,7 @@ from cvops_pipelines.core.measure.evaluation import (
 from cvops_pipelines.core.measure.saliency import explain, saliency_metadata, write_overlays
 from cvops_pipelines.core.ship.canary import replay_classifiers
 from cvops_pipelines.core.ship.onnx_model import export_model
-from cvops_pipelines.core.tasks.common import field_checks, gate_check, queue_metadata
+from cvops_pipelines.core.tasks.common import absorb_new, field_checks, gate_check, queue_metadata
 from cvops_pipelines.core.tasks.task import StageContext, Task
 from cvops_pipelines.edge.wire import FEEDBACK
 
@@ -175,19 +175,7 @@ class Classification(Task):
         """Incremental: absorbs only the batches the stored state has not seen."""
         store, policy = ctx.store, settings.policy()
         with stored_state(store, policy.period, policy.drift_window) as state:
-            if settings.rebuild_state:
-                state.reset()
-            absorbed = catch_up(
-                state,
-                feedback,
-                lambda batch: ctx.warn(
-                    f"feedback batch {batch} has no table (its run failed?): left for a later run"
-                ),
-            )
-            ctx.log(
-                f"absorbed {absorbed['batches_absorbed']} new feedback batches "
-                f"({absorbed['rows_absorbed']} rows) into the production state"
-            )
+            absorbed = absorb_new(ctx, state, feedback, settings.rebuild_state)
             report = production_report(store, state, policy, releases)
         csv_uri = report.save(store)
         write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads

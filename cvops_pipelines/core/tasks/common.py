@@ -4,6 +4,7 @@ output drift), the annotation queue's summary."""
 from __future__ import annotations
 
 from cvops_pipelines.core.base.report import Check, Json, Link, Table
+from cvops_pipelines.core.learn.production_state import catch_up
 from cvops_pipelines.core.measure.gate import GateDecision
 
 GATE_CHECK = "challenger_not_worse_than_champion"
@@ -69,3 +70,22 @@ def queue_metadata(queue, queue_id: str, prefix: str, store, experts, columns) -
         "csv": Link(store.uri(f"{prefix}/queue.csv")),
         "folder": Link(store.uri(prefix)),
     }
+
+
+def absorb_new(ctx, state, feedback, rebuild: bool = False) -> dict:
+    """The feedback batches a production state has not seen, absorbed (every batch again when
+    `rebuild`); a batch without a table is left for a later run, with a warning."""
+    if rebuild:
+        state.reset()
+    absorbed = catch_up(
+        state,
+        feedback,
+        lambda batch: ctx.warn(
+            f"feedback batch {batch} has no table (its run failed?): left for a later run"
+        ),
+    )
+    ctx.log(
+        f"absorbed {absorbed['batches_absorbed']} new feedback batches "
+        f"({absorbed['rows_absorbed']} rows) into the production state"
+    )
+    return absorbed

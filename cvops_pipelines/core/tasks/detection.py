@@ -25,7 +25,6 @@ from cvops_pipelines.core.learn.detection_learn import (
 )
 from cvops_pipelines.core.learn.detection_state import stored_detection_state
 from cvops_pipelines.core.learn.feedback_query import queue_candidates
-from cvops_pipelines.core.learn.production_state import catch_up
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.measure.detection_evaluation import (
     evaluate_detector,
@@ -35,7 +34,7 @@ from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.ship.detection_canary import replay_detectors
 from cvops_pipelines.core.ship.detection_onnx import export_detector_model
 from cvops_pipelines.core.tasks.classification import CLASSIFICATION
-from cvops_pipelines.core.tasks.common import field_checks, gate_check, queue_metadata
+from cvops_pipelines.core.tasks.common import absorb_new, field_checks, gate_check, queue_metadata
 from cvops_pipelines.core.tasks.task import StageContext, Task
 
 
@@ -184,23 +183,11 @@ class Detection(Task):
         Before any detector answered, the image-level report."""
         policy, store = settings.detection_policy(), ctx.store
         with stored_detection_state(store, policy, release_threshold(store)) as state:
-            if settings.rebuild_state:
-                state.reset()
-            absorbed = catch_up(
-                state,
-                feedback,
-                lambda batch: ctx.warn(
-                    f"feedback batch {batch} has no table (its run failed?): left for a later run"
-                ),
-            )
+            absorbed = absorb_new(ctx, state, feedback, settings.rebuild_state)
             frames = state.frames()
             report = state.report() if frames else None
         if not frames:
             return CLASSIFICATION.production(ctx, feedback, releases, settings)
-        ctx.log(
-            f"absorbed {absorbed['batches_absorbed']} new feedback batches "
-            f"({absorbed['rows_absorbed']} rows) into the detector's production state"
-        )
         write_facts(store, AlertFacts(report.alerts(policy)))  # what retraining_sensor reads
         summary = report.summary(policy)
         return StageResult(

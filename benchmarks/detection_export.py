@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from cvops_pipelines.core.base.box_metrics import evaluate_detections
-from cvops_pipelines.core.build.detection import DetectorConfig, train_detector
 from cvops_pipelines.core.build.detection_run import predict
+from cvops_pipelines.core.build.detection_training import DetectorConfig, train_detector
 from cvops_pipelines.core.ship.detection_export import (
     DetectorSpec,
     detection_parity,

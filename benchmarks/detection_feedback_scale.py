@@ -1,14 +1,14 @@
 """A detector fleet's production metrics as the feedback backlog grows.
 
 `production_metrics` of a detector fleet absorbs each feedback batch once into its state
-(core/learn/detection_state.py), so a run costs the new batches, not the backlog: the classifier's
-`feedback_scale` figure, for boxes. Feedback batches of detector records (1-4 boxes a frame with
-scores, a third reviewed in the record, late corrections, re-deliveries, two releases) are
-written as the feedback asset writes them (one Parquet table per batch); then one production
-run (catch up on 10 new batches, then the report and drift) is timed after 10 batches and after
-the whole backlog. Beside it, what a run cost before the state: every partition read and
-counted in memory (the pandas reference the state is tested against). Target: run after the
-backlog / run after 10 batches <= 2.
+(core/learn/detection_production_state.py), so a run costs the new batches, not the backlog:
+the classifier's `feedback_scale` figure, for boxes. Feedback batches of detector records (1-4
+boxes a frame with scores, a third reviewed in the record, late corrections, re-deliveries, two
+releases) are written as the feedback asset writes them (one Parquet table per batch); then one
+production run (catch up on 10 new batches, then the report and drift) is timed after 10
+batches and after the whole backlog. Beside it, what a run cost before the state: every
+partition read and counted in memory (the pandas reference the state is tested against).
+Target: run after the backlog / run after 10 batches <= 2.
 """
 
 import json
@@ -21,8 +21,8 @@ import pandas as pd
 
 from cvops_pipelines.core.base.store import LocalStore
 from cvops_pipelines.core.base.tables import PartitionedTable, table_key, write_table
-from cvops_pipelines.core.learn.detection_learn import DetectionPolicy
-from cvops_pipelines.core.learn.detection_state import DetectionState
+from cvops_pipelines.core.learn.detection_production import DetectionPolicy
+from cvops_pipelines.core.learn.detection_production_state import DetectionState
 from cvops_pipelines.core.learn.production_state import catch_up
 
 CLASSES = [str(d) for d in range(10)]

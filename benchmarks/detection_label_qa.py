@@ -19,9 +19,13 @@ import time
 import numpy as np
 
 from cvops_pipelines.core.base.box_metrics import operating_point
-from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, train_detector
 from cvops_pipelines.core.build.detection_run import predict
-from cvops_pipelines.core.curate.box_qa import BoxQAConfig, review_boxes
+from cvops_pipelines.core.build.detection_training import (
+    DetectorConfig,
+    DetectorSpec,
+    train_detector,
+)
+from cvops_pipelines.core.curate.detection_label_qa import BoxQAConfig, review_boxes
 from cvops_pipelines.demo.scenes import CLASSES, scenes
 from cvops_pipelines.edge.detect import box_iou
 

@@ -2,8 +2,9 @@
 references its engines are held to. "The latest correction wins" (`resolve_records`) for the
 feedback query (core/learn/feedback_query.py, DuckDB over the stored partitions; the fleet tests
 also read it instead of writing partitions), and a detector fleet's production figures
-(`detection_production_reference`) for the incremental state (core/learn/detection_state.py).
-Not pipeline code: the pipeline computes each in one place."""
+(`detection_production_reference`) for the incremental state
+(core/learn/detection_production_state.py). Not pipeline code: the pipeline computes each in one
+place."""
 
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from cvops_pipelines.core.base.box_metrics import matches, parse_boxes
-from cvops_pipelines.core.learn.detection_learn import DetectionPolicy, DetectionProduction
+from cvops_pipelines.core.learn.detection_production import DetectionPolicy, DetectionProduction
 from cvops_pipelines.core.learn.feedback import RECORD_COLUMNS
 
 
@@ -115,7 +116,7 @@ def detection_production_reference(
     records: pd.DataFrame, policy: DetectionPolicy, thresholds: dict[str, float] | None = None
 ) -> DetectionProduction:
     """Every resolved detector record in memory, counted in pandas: what the incremental
-    state (core/learn/detection_state.py) is held to."""
+    state (core/learn/detection_production_state.py) is held to."""
     records = records[records["boxes"].notna()]
     thresholds = thresholds or {}
 

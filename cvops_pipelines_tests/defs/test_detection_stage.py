@@ -7,7 +7,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from cvops_pipelines.core.base.tables import read_table
-from cvops_pipelines.core.ship import detection_onnx
+from cvops_pipelines.core.ship import detection_onnx_model
 from cvops_pipelines.defs.build.assets import trained_model
 from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.measure.assets import model_evaluation
@@ -81,7 +81,7 @@ def test_detection_drop_to_gated_exported_detector(detection_home, monkeypatch):
             assert by_name[chosen]["accuracy_drop_points"] <= 1.0 + 1e-9
 
     # a device path that moves every box: the export stops, with its numbers
-    real = detection_onnx.edge_detections
+    real = detection_onnx_model.edge_detections
 
     def shifted(sess, images, spec, batch_size=16):
         return [

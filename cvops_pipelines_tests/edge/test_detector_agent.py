@@ -7,8 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cvops_pipelines.core.build.detection import DetectorConfig, DetectorSpec, build_detector
-from cvops_pipelines.core.curate.boxes import build_box_pool, decode
+from cvops_pipelines.core.build.detection_training import (
+    DetectorConfig,
+    DetectorSpec,
+    build_detector,
+)
+from cvops_pipelines.core.curate.detection_pool import build_box_pool, decode
 from cvops_pipelines.core.learn.feedback import (
     feedback_labels,
     feedback_manifest,

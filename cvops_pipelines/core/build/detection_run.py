@@ -13,7 +13,7 @@ import pandas as pd
 from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.build.detection import (
+from cvops_pipelines.core.build.detection_training import (
     DetectorConfig,
     DetectorSpec,
     predict_torch,
@@ -21,8 +21,8 @@ from cvops_pipelines.core.build.detection import (
 )
 from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run
-from cvops_pipelines.core.curate.boxes import box_rows, decode
 from cvops_pipelines.core.curate.dataset import images_trained_on
+from cvops_pipelines.core.curate.detection_pool import box_rows, decode
 from cvops_pipelines.edge.preprocess import load_rgb
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cvops_pipelines.core.base.tracking import ModelFiles, Tracking
-from cvops_pipelines.core.build.detection import DetectorSpec, load_detector
+from cvops_pipelines.core.build.detection_training import DetectorSpec, load_detector
 from cvops_pipelines.core.build.models import Preprocess, load_model
 from cvops_pipelines.core.build.ssl import TASK as SSL_TASK
 from cvops_pipelines.core.build.ssl import EncoderSpec, load_encoder

@@ -15,7 +15,7 @@ import pandas as pd
 from cvops_pipelines.core.base.ontology import has_boxes
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import read_table, write_table
-from cvops_pipelines.core.curate.boxes import box_rows
+from cvops_pipelines.core.curate.detection_pool import box_rows
 from cvops_pipelines.core.curate.neardup import NearDupConfig, pairs_differing_in
 from cvops_pipelines.core.curate.splits import SPLITS, SplitConfig, split_of
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cvops_pipelines.core.build.detection import DetectorSpec, RawHeads, predict_torch
+from cvops_pipelines.core.build.detection_training import DetectorSpec, RawHeads, predict_torch
 from cvops_pipelines.core.ship.export import quantize_int8, to_onnx
 from cvops_pipelines.edge.detect import Detection, box_iou
 from cvops_pipelines.edge.preprocess import resize

@@ -9,21 +9,17 @@ from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.report import Json, Link, Plot, StageResult, Table
 from cvops_pipelines.core.build.detection_run import reviewer_predictions, train_detector_tracked
-from cvops_pipelines.core.curate.box_qa import (
+from cvops_pipelines.core.curate.detection_label_qa import (
     BoxQAConfig,
     image_review,
     review_boxes,
     write_box_review,
 )
-from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool
+from cvops_pipelines.core.curate.detection_pool import box_rows, build_box_pool
 from cvops_pipelines.core.learn.active import expert_labeled
-from cvops_pipelines.core.learn.detection_learn import (
-    answer_thresholds,
-    detection_queue,
-    publish_detection_queue,
-    release_threshold,
-)
-from cvops_pipelines.core.learn.detection_state import stored_detection_state
+from cvops_pipelines.core.learn.detection_active import detection_queue, publish_detection_queue
+from cvops_pipelines.core.learn.detection_production import answer_thresholds, release_threshold
+from cvops_pipelines.core.learn.detection_production_state import stored_detection_state
 from cvops_pipelines.core.learn.feedback_query import queue_candidates
 from cvops_pipelines.core.learn.retraining import AlertFacts, write_facts
 from cvops_pipelines.core.measure.detection_evaluation import (
@@ -32,7 +28,7 @@ from cvops_pipelines.core.measure.detection_evaluation import (
 )
 from cvops_pipelines.core.measure.replay import NonInferiority
 from cvops_pipelines.core.ship.detection_canary import replay_detectors
-from cvops_pipelines.core.ship.detection_onnx import export_detector_model
+from cvops_pipelines.core.ship.detection_onnx_model import export_detector_model
 from cvops_pipelines.core.tasks.classification import CLASSIFICATION
 from cvops_pipelines.core.tasks.common import absorb_new, field_checks, gate_check, queue_metadata
 from cvops_pipelines.core.tasks.task import StageContext, Task

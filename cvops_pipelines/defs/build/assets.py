@@ -17,7 +17,7 @@ from pydantic import Field, create_model
 
 from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
-from cvops_pipelines.core.build.detection import DetectorConfig
+from cvops_pipelines.core.build.detection_training import DetectorConfig
 from cvops_pipelines.core.build.models import pick_device
 from cvops_pipelines.core.build.run import INIT_FROM, RunPlan
 from cvops_pipelines.core.build.ssl import SSLConfig

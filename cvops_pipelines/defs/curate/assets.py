@@ -20,15 +20,15 @@ from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.build.oof import OOF_TRAINING
-from cvops_pipelines.core.curate.box_qa import (
-    BoxQAConfig,
-)
-from cvops_pipelines.core.curate.boxes import box_rows
 from cvops_pipelines.core.curate.dataset import (
     DatasetPolicy,
     build_dataset_version,
     save_snapshot,
 )
+from cvops_pipelines.core.curate.detection_label_qa import (
+    BoxQAConfig,
+)
+from cvops_pipelines.core.curate.detection_pool import box_rows
 from cvops_pipelines.core.curate.label_qa import LabelQAConfig
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.curate.replay_set import (

@@ -128,6 +128,25 @@ def _raw_images_metadata(result, quarantine_uri: str) -> dict:
     }
 
 
+def _annotations_metadata(result, quarantine_uri: str, ontology) -> dict:
+    per_class = result.labels.groupby("label").size().rename("labels").reset_index()
+    return {
+        "labels": len(result.labels),
+        "labeled_images": int(result.labels["image_id"].nunique()),
+        "unlabeled_images": result.unlabeled_images,
+        "boxes": int(result.labels["x_min"].notna().sum()),
+        "formats": MetadataValue.json(dict(result.formats)),
+        "quarantined": len(result.quarantine),
+        "quarantine_by_reason": MetadataValue.md(_reason_counts(result.quarantine)),
+        "quarantine_examples": MetadataValue.md(
+            markdown_table(result.quarantine[["original_name", "position", "reason"]], 10)
+        ),
+        "quarantine_table": MetadataValue.url(quarantine_uri),
+        "labels_per_class": MetadataValue.md(markdown_table(per_class, 100)),
+        "ontology_version": ontology.version,
+    }
+
+
 class AnnotationsConfig(Config):
     max_boxes_per_image: int = Field(
         MAX_BOXES_PER_IMAGE,
@@ -169,25 +188,7 @@ def annotations(
         drop_source.drop(drop), store, drop, raw_images, ontology, config.max_boxes_per_image
     )
     quarantine_uri = write_table(store, f"quarantine/{drop}/annotations.parquet", result.quarantine)
-    per_class = result.labels.groupby("label").size().rename("labels").reset_index()
-    yield Output(
-        result.labels,
-        metadata={
-            "labels": len(result.labels),
-            "labeled_images": int(result.labels["image_id"].nunique()),
-            "unlabeled_images": result.unlabeled_images,
-            "boxes": int(result.labels["x_min"].notna().sum()),
-            "formats": MetadataValue.json(dict(result.formats)),
-            "quarantined": len(result.quarantine),
-            "quarantine_by_reason": MetadataValue.md(_reason_counts(result.quarantine)),
-            "quarantine_examples": MetadataValue.md(
-                markdown_table(result.quarantine[["original_name", "position", "reason"]], 10)
-            ),
-            "quarantine_table": MetadataValue.url(quarantine_uri),
-            "labels_per_class": MetadataValue.md(markdown_table(per_class, 100)),
-            "ontology_version": ontology.version,
-        },
-    )
+    yield Output(result.labels, metadata=_annotations_metadata(result, quarantine_uri, ontology))
     contract = validate(
         result.labels,
         contracts.suite("annotations"),

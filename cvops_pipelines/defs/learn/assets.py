@@ -21,9 +21,7 @@ from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.plots import md_image, ontology_png
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
-from cvops_pipelines.core.learn.detection_learn import (
-    DetectionPolicy,
-)
+from cvops_pipelines.core.learn.detection_production import DetectionPolicy
 from cvops_pipelines.core.learn.enrolment import read_register
 from cvops_pipelines.core.learn.feedback import vet_batches
 from cvops_pipelines.core.learn.feedback_query import predictions
@@ -107,15 +105,7 @@ def feedback(
         )
 
     vetted = vet_batches(store, list(context.partition_keys), params["classes"], check, register)
-    for row in vetted.quarantined.itertuples():
-        context.log.error(
-            f"feedback batch {row.batch_id} quarantined whole: {row.reason_code}: {row.reason}"
-        )
-    for row in vetted.refused_records.itertuples():
-        context.log.warning(
-            f"record {row.record_id} of batch {row.batch_id} turned away alone: "
-            f"{row.reason_code}: {row.reason}"
-        )
+    _log_refusals(context.log, vetted)
     out, quarantined = vetted.frames, vetted.quarantined
     quarantine = MetadataValue.md(markdown_table(quarantined, 20))
     yield Output(
@@ -130,6 +120,18 @@ def feedback(
     first = quarantined.iloc[0] if len(quarantined) else None
     why = None if first is None else f"batch {first.batch_id}: {first.reason_code}: {first.reason}"
     yield check_result("no_quarantined_batches", why, WARN, quarantined_batches=len(quarantined))
+
+
+def _log_refusals(log, vetted) -> None:
+    for row in vetted.quarantined.itertuples():
+        log.error(
+            f"feedback batch {row.batch_id} quarantined whole: {row.reason_code}: {row.reason}"
+        )
+    for row in vetted.refused_records.itertuples():
+        log.warning(
+            f"record {row.record_id} of batch {row.batch_id} turned away alone: "
+            f"{row.reason_code}: {row.reason}"
+        )
 
 
 class ProductionMetricsConfig(Config):

@@ -5,7 +5,7 @@ device in numpy to the same boxes torchvision's own postprocess finds."""
 import numpy as np
 import pytest
 
-from cvops_pipelines.core.build.detection import (
+from cvops_pipelines.core.build.detection_training import (
     DetectorConfig,
     augmentation,
     build_detector,

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
-from cvops_pipelines.core.curate.box_qa import (
+from cvops_pipelines.core.curate.dataset import build_dataset_version
+from cvops_pipelines.core.curate.detection_label_qa import (
     BoxQAConfig,
     image_review,
     labelstudio_box_tasks,
     review_boxes,
 )
-from cvops_pipelines.core.curate.boxes import box_rows, build_box_pool, decode, sets_agree
-from cvops_pipelines.core.curate.dataset import build_dataset_version
+from cvops_pipelines.core.curate.detection_pool import box_rows, build_box_pool, decode, sets_agree
 from cvops_pipelines.core.curate.splits import SplitConfig
 
 T0 = pd.Timestamp("2026-11-01", tz="UTC")

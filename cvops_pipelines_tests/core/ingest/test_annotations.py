@@ -174,7 +174,7 @@ def test_coco_ids_are_unique_and_odd_values_are_quarantined_with_a_code(tmp_path
 def test_one_image_listed_per_annotation_gives_one_vote_per_entry(tmp_path, scenes_ontology):
     """Item 13: Label Studio's COCO export with two annotators lists the image twice and names
     no annotator; the two people's boxes stay two sets, so their disagreement shows."""
-    from cvops_pipelines.core.curate.boxes import build_box_pool
+    from cvops_pipelines.core.curate.detection_pool import build_box_pool
 
     coco = {
         "images": [{"id": 0, "file_name": "x.png"}, {"id": 1, "file_name": "x.png"}],

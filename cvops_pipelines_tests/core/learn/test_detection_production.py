@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 
 from cvops_pipelines.core.base.box_metrics import matches
-from cvops_pipelines.core.learn.detection_learn import DetectionPolicy, detection_queue
-from cvops_pipelines.core.learn.detection_state import DetectionState, detection_production
+from cvops_pipelines.core.learn.detection_active import detection_queue
+from cvops_pipelines.core.learn.detection_production import DetectionPolicy
+from cvops_pipelines.core.learn.detection_production_state import (
+    DetectionState,
+    detection_production,
+)
 from cvops_pipelines.core.learn.production_state import catch_up
 from cvops_pipelines_tests.reference import detection_production_reference, resolve_records
 

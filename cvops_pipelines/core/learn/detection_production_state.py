@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from cvops_pipelines.core.base.box_metrics import matches, parse_boxes
-from cvops_pipelines.core.learn.detection_learn import (
+from cvops_pipelines.core.learn.detection_production import (
     DetectionPolicy,
     DetectionProduction,
     drift_rows,

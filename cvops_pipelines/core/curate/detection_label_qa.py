@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.curate.boxes import decode
+from cvops_pipelines.core.curate.detection_pool import decode
 from cvops_pipelines.core.curate.label_qa import REVIEW_COLUMNS
 from cvops_pipelines.edge.detect import box_iou
 

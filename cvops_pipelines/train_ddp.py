@@ -1,13 +1,15 @@
 """Training beyond one process: DistributedDataParallel under torchrun.
 
-    torchrun --nproc_per_node 2 -m cvops_pipelines.train_ddp --dataset-version ds-… --out DIR
+    torchrun --nproc_per_node 2 -m cvops_pipelines.train_ddp [--task detection] \
+        --dataset-version ds-… --out DIR [hyperparameters]
 
 `trained_model` launches exactly this through Dagster Pipes when its `distributed` config asks
 for processes (core/build/torchrun.py builds the command); it can also be run by hand.
 Every process reads the dataset snapshot and its images from the cvops store the environment
-names (CVOPS_HOME or the S3 bucket), trains its shard of each epoch (gradients averaged across
-processes; gloo on CPU, nccl on CUDA, one GPU per process), and evaluates the whole validation
-split, so early stopping decides the same everywhere. Rank 0 reports each epoch (to Dagster
+names (CVOPS_HOME or the S3 bucket) and runs the task's own trainer (a registered task's `fit`),
+which trains its shard of each epoch (gradients averaged across processes; gloo on CPU, nccl on
+CUDA, one GPU per process); a classifier evaluates the whole validation split on every rank, so
+early stopping decides the same everywhere. Rank 0 reports each epoch (to Dagster
 through Pipes when launched by the asset, and to the MLflow run given by --mlflow-run-id) and
 writes state_dict.pt, preprocess.json and history.json to --out: the files `trained_model`
 logs to MLflow and registers.
@@ -24,19 +26,22 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """--dataset-version, --out, and one option per hyperparameter of TrainConfig (their one
-    declaration, shared with the trained_model asset's config)."""
+def build_parser(task: str = "classification") -> argparse.ArgumentParser:
+    """--task, --dataset-version, --out, and one option per hyperparameter of the task's config
+    (their one declaration, shared with the trained_model asset's config)."""
     from dataclasses import fields
     from typing import get_type_hints
 
-    from cvops_pipelines.core.build.training import TrainConfig
+    from cvops_pipelines.core.tasks import TASKS, task_named
 
+    hyperparameters = task_named(task).hyperparameters
     parser = argparse.ArgumentParser(
         prog="python -m cvops_pipelines.train_ddp",
         description=__doc__.split("\n\n")[0],
+        epilog="--task detection --help lists a detector's hyperparameters.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--task", default="classification", choices=sorted(TASKS))
     parser.add_argument("--dataset-version", required=True, help="a snapshot under datasets/")
     parser.add_argument("--out", required=True, help="folder for rank 0's model files")
     parser.add_argument(
@@ -47,8 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mlflow-run-id", default="", help="log each epoch's metrics to this MLflow run"
     )
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps"
+    )
+    hints = get_type_hints(hyperparameters)
+    for f in fields(hyperparameters):
+        if f.name == "device":  # every task's, above
+            continue
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
         if kind is bool:
             parser.add_argument(
@@ -62,19 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The task first (it decides which hyperparameters exist), then everything."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--task", default="classification")
+    task = first.parse_known_args(argv)[0].task
+    return build_parser(task).parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dataclasses import fields
+
     import torch
     import torch.distributed as dist
 
     from cvops_pipelines import settings
     from cvops_pipelines.core.build.models import pick_device, state_dict_bytes
-    from cvops_pipelines.core.build.run import split_arrays
-    from cvops_pipelines.core.build.training import TrainConfig, fit
+    from cvops_pipelines.core.build.run import TrainInputs
     from cvops_pipelines.core.curate.dataset import load_snapshot
+    from cvops_pipelines.core.tasks import task_named
 
-    args = build_parser().parse_args(argv)
-    from dataclasses import fields
-
+    args = parse(argv)
+    task = task_named(args.task)
     device = pick_device(args.device)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -87,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         rank = dist.get_rank()
         store = settings.cvops_store()
         rows = load_snapshot(store, args.dataset_version)
-        classes = sorted(rows["label"].unique())
-        config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-        data = split_arrays(store, rows, classes, config.image_size)
-
+        names = [f.name for f in fields(task.hyperparameters)]
+        config = task.hyperparameters(**{name: getattr(args, name) for name in names})
         initial = None
         if args.init_state:
             initial = torch.load(args.init_state, map_location="cpu", weights_only=True)
         with _reporter(rank, args.mlflow_run_id) as report:
-            result = fit(data["train"], data["val"], classes, config, device, report, initial)
+            inputs = TrainInputs(
+                store, rows, task.classes(rows), config, device, report, initial, args.mlflow_run_id
+            )
+            result = task.fit(inputs)
             if rank == 0:
                 out = Path(args.out)
                 out.mkdir(parents=True, exist_ok=True)

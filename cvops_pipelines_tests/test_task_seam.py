@@ -86,20 +86,12 @@ def test_an_ontology_naming_an_unregistered_task_is_refused_by_name(tmp_path):
         tasks.task_named("segmentation")
 
 
-@pytest.mark.parametrize(
-    ("setting", "message"),
-    [
-        ({"search_trials": 2}, "search_trials"),
-        ({"init_from": "ssl_encoder"}, "init_from: ssl_encoder"),
-    ],
-)
-def test_a_detector_refuses_the_settings_it_cannot_honour(setting, message):
-    """Refused before any training, naming the task: never silently ignored."""
+def test_a_detector_refuses_a_gate_setting_it_cannot_honour():
+    """Refused before any evaluation, naming the task: never silently ignored. (Training
+    settings apply to detectors too: test_detection_stage.)"""
     from cvops_pipelines.core.tasks.detection import DETECTION
-    from cvops_pipelines.defs.build.assets import TrainedModelConfig
+    from cvops_pipelines.defs.measure.assets import ModelEvaluationConfig
 
-    config = TrainedModelConfig(**setting)
-    with pytest.raises(tasks.TaskRefused, match=rf"task 'detection': .*{message}"):
-        DETECTION.train(None, pd.DataFrame(), config)
-    with pytest.raises(tasks.TaskRefused, match="task 'detection': distributed"):
-        DETECTION.train(None, pd.DataFrame(), TrainedModelConfig(), trainer=(None, {}))
+    settings = ModelEvaluationConfig(require_field_evidence=True)
+    with pytest.raises(tasks.TaskRefused, match="task 'detection': require_field_evidence"):
+        DETECTION.evaluate(None, None, None, None, pd.DataFrame(), None, settings)

@@ -27,7 +27,8 @@ def downstream_of_gate() -> None:
 def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     instance = curated(isolated_homes)
-    result = train(instance, extra=[onnx_model], export_config={"latency_repeats": 5})
+    searched = {**SMALL, "search_trials": 2, "search_epochs": 1}
+    result = train(instance, searched, extra=[onnx_model], export_config={"latency_repeats": 5})
     assert result.success, result
     model = metadata(result, "trained_model")
     evaluation = metadata(result, "model_evaluation")
@@ -40,6 +41,10 @@ def test_training_is_tracked_on_a_real_mlflow_server(isolated_homes, mlflow_serv
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert run.data.tags["dagster_asset_key"] == "trained_model"
     assert run.data.tags["dataset_version"] == model["dataset_version"]
+    trials = client.search_runs(  # nested under the run, in its experiment (not "Default")
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert sorted(t.info.run_name for t in trials) == ["trial 0", "trial 1"]
     assert run.data.params["image_size"] == "32" and run.data.params["architecture"] == "resnet18"
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in history] == list(range(1, len(history) + 1)) and len(history) >= 1

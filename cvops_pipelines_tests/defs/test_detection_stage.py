@@ -102,3 +102,78 @@ def test_detection_drop_to_gated_exported_detector(detection_home, monkeypatch):
     (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.event_specific_data.error.message
     assert "does not find the boxes" in message and "boxes unmatched" in message
+
+
+def _logs(instance, run_id: str) -> str:
+    return "\n".join(e.user_message for e in instance.all_logs(run_id))
+
+
+def test_every_training_setting_applies_to_a_detector(detection_home):
+    """init_from (the ssl_encoder's backbone, a registered detector), search_trials and
+    distributed train a detector through the same asset, run, registry entry and gate."""
+    from cvops_pipelines import settings
+    from cvops_pipelines.core.base.tracking import Tracking
+    from cvops_pipelines.defs.build.assets import ssl_encoder
+
+    instance = DagsterInstance.ephemeral()
+    stages.ingest(instance, "s1")
+    curate = {"ops": {"dataset_version": {"config": {"min_per_class": 0}}}}
+    assert stages.curate(instance, run_config=curate).success
+    encoder = materialize(
+        [*stages.INGEST, feedback, ssl_encoder],
+        selection=[ssl_encoder],
+        instance=instance,
+        resources=build_resources(),
+        run_config={
+            "ops": {
+                "ssl_encoder": {
+                    "config": {
+                        "architecture": "mobilenet_v3_large",
+                        "image_size": 32,
+                        "epochs": 1,
+                        "batch_size": 64,
+                    }
+                }
+            }
+        },
+    )
+    assert encoder.success
+
+    searched = stages.train(
+        instance,
+        {**DETECTOR, "init_from": "ssl_encoder", "search_trials": 2, "search_epochs": 1},
+    )
+    assert searched.success
+    logs = _logs(instance, searched.run_id)
+    assert "starting from ssl_encoder v1" in logs and "the backbone starts with" in logs
+    assert "search trial 0:" in logs and "search trial 1:" in logs
+    model = stages.metadata(searched, "trained_model")
+    assert "search_trials" in model and model["val_map"] >= 0
+    client = Tracking(settings.mlflow_tracking_uri()).client()
+    run = client.get_run(model["mlflow_run_id"])
+    assert run.data.params["init_from"] == "ssl_encoder"
+    trials = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert len(trials) == 2 and all("val_map" in t.data.metrics for t in trials)
+    best = max(trials, key=lambda t: t.data.metrics["val_map"])
+    searched_lr = float(run.data.params["searched_learning_rate"])
+    assert searched_lr == float(best.data.params["learning_rate"])
+    assert model["config"]["learning_rate"] == searched_lr  # the full run trained with it
+
+    two = stages.train(
+        instance, {**DETECTOR, "init_from": "challenger", "distributed": {"processes": 2}}
+    )
+    assert two.success
+    logs = _logs(instance, two.run_id)
+    assert f"starting from challenger v{model['model_version']}" in logs
+    assert "launching 2 process(es) x 1 node(s) with torchrun" in logs
+    assert "rank 0 of 2: epoch 1: train_loss" in logs  # the children's epochs, through Pipes
+    double = stages.metadata(two, "trained_model")
+    assert int(double["model_version"]) == int(model["model_version"]) + 1
+    assert set(stages.metadata(two, "model_evaluation")) == set(
+        stages.metadata(searched, "model_evaluation")
+    )
+    run = client.get_run(double["mlflow_run_id"])
+    assert run.data.params["distributed_processes"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]

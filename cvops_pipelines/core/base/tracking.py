@@ -98,10 +98,12 @@ class Tracking:
 
     @contextmanager
     def start_run(self, name: str, tags: dict, nested: bool = False):
-        """An MLflow run (fluent API, so nested trials attach to it) in the cvops experiment."""
+        """An MLflow run (fluent API, so nested trials attach to it) in the cvops experiment.
+        A nested run names the experiment too: MLflow would put it in "Default", away from
+        its parent."""
         import mlflow
 
-        experiment = None if nested else self.experiment_id()  # also checks the server
+        experiment = self.experiment_id()  # also checks the server
         with mlflow.start_run(
             experiment_id=experiment, run_name=name, tags=tags, nested=nested
         ) as run:

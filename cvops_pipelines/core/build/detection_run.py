@@ -10,17 +10,21 @@ from time import perf_counter
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.detection_training import (
+    ARCHITECTURES,
     DetectorConfig,
     DetectorSpec,
+    build_detector,
     predict_torch,
+    state_from_encoder,
     train_detector,
 )
 from cvops_pipelines.core.build.registry import load
-from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run
+from cvops_pipelines.core.build.run import RunPlan, Trainer, TrainInputs, registered_state
+from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run, trained_model
+from cvops_pipelines.core.build.training import FitResult
 from cvops_pipelines.core.curate.dataset import images_trained_on
 from cvops_pipelines.core.curate.detection_pool import box_rows, decode
 from cvops_pipelines.edge.preprocess import load_rgb
@@ -57,100 +61,190 @@ def predict(model, images: list[np.ndarray], spec: DetectorSpec) -> list[dict]:
     return out
 
 
+def train_detector_in_process(inputs: TrainInputs) -> FitResult:
+    """The default detector trainer: this process, one device (under torchrun, this process's
+    shard: `train_detector`)."""
+    config, classes = inputs.config, inputs.classes
+    train = inputs.rows[inputs.rows["split"] == "train"]
+    images, truth = load_scenes(inputs.store, train)
+    index = {c: i + 1 for i, c in enumerate(classes)}  # 0 is background
+    history: list[dict] = []
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        history.append({"epoch": epoch, "train_loss": loss})
+        inputs.on_epoch(epoch, {"train_loss": loss})
+
+    started = perf_counter()
+    model = train_detector(
+        images,
+        [t["boxes"] for t in truth],
+        [[index[c] for c in t["labels"]] for t in truth],
+        len(classes),
+        config,
+        on_epoch,
+        inputs.device,
+        inputs.initial_state,
+    )
+    seconds = perf_counter() - started
+    return FitResult(
+        model,
+        DetectorSpec.of(config, classes),
+        history,
+        best_epoch=config.epochs,
+        train_images_per_second=len(train) * config.epochs / max(seconds, 1e-9),
+    )
+
+
+def initial_detector_state(
+    tracking: Tracking, plan: RunPlan, config: DetectorConfig, classes: list[str], log: Log
+) -> dict | None:
+    """`init_from` for a detector: a registered detector of the same architecture and classes,
+    or the ssl_encoder in its backbone (a fresh head and extra layers)."""
+    if plan.init_from == "none":
+        return None
+    if plan.init_from != "ssl_encoder":
+        return registered_state(tracking, plan.init_from, config.architecture, classes, log)
+    from cvops_pipelines.core.build.ssl_run import init_from_encoder
+
+    def transplant(encoder, detector) -> dict:
+        state, started, total = state_from_encoder(encoder, detector)
+        log(
+            f"the backbone starts with {started} of its {total} tensors from the encoder "
+            f"({total - started} of MobileNetV3's reduced last stage stay fresh)"
+        )
+        return state
+
+    return init_from_encoder(
+        tracking,
+        build_detector(len(classes), config),
+        ARCHITECTURES[config.architecture],
+        log,
+        transplant,
+        f"{config.architecture}'s backbone",
+    )
+
+
 def train_detector_tracked(
     tracking: Tracking,
     store: Store,
     rows: pd.DataFrame,
     config: DetectorConfig,
-    device: str,
+    plan: RunPlan,
     tags: dict,
     log: Log,
+    trainer: Trainer = train_detector_in_process,
+    trainer_params: dict | None = None,
 ) -> TrainedModel:
-    from cvops_pipelines.core.base.box_metrics import (
-        evaluate_detections,
-        operating_point,
-    )
+    """A classifier's tracked run (core/build/run.py) for a detector: the same `init_from`,
+    search and trainers (in process or torchrun), with validation mAP as the judge and the
+    operating point (the score that maximises validation F1) in the spec."""
+    from cvops_pipelines.core.base.box_metrics import evaluate_detections, operating_point
 
     tracking.check()
     version = str(rows["dataset_version"].iloc[0])
     classes = detection_classes(rows)
     train, val = rows[rows["split"] == "train"], rows[rows["split"] == "val"]
-    log(f"loading {len(train) + len(val)} images of {version}; training a detector on {device}")
-    train_images, train_truth = load_scenes(store, train)
-    val_images, val_truth = load_scenes(store, val)
-    index = {c: i + 1 for i, c in enumerate(classes)}  # 0 is background
+    log(f"training a detector on {len(train)} images of {version} on {plan.device}")
+    if plan.search_trials > 0 and trainer is not train_detector_in_process:
+        raise ValueError("a hyperparameter search runs in the asset's process: search_trials 0")
     tags = {**tags, "dataset_version": version, "task": "detection"}
-    spec = DetectorSpec.of(config, classes)
     params = {
         **asdict(config),
         "task": "detection",
-        "device": device,
+        "device": plan.device,
         "classes": len(classes),
+        "init_from": plan.init_from,
         "train_images": len(train),
         "val_images": len(val),
         "train_boxes": int(train["n_boxes"].sum()),
+        **(trainer_params or {}),
     }
     title = f"train {config.architecture} on {version}"
     with tracked_run(tracking, title, tags, params, config.epochs, log, rows, store) as run:
-        started = perf_counter()
-        model = train_detector(
-            train_images,
-            [t["boxes"] for t in train_truth],
-            [[index[c] for c in t["labels"]] for t in train_truth],
-            len(classes),
-            config,
-            lambda epoch, loss: run.epoch(epoch, {"train_loss": loss}),
-            device,
+        val_images, val_truth = load_scenes(store, val)
+        trials = pd.DataFrame()
+        if plan.search_trials > 0:
+            config, trials = _search(tracking, store, rows, classes, config, plan, tags, log)
+            run.epochs = config.epochs
+        start = initial_detector_state(tracking, plan, config, classes, log)
+        result = trainer(
+            TrainInputs(store, rows, classes, config, plan.device, run.epoch, start, run.run_id)
         )
-        seconds = perf_counter() - started
-        val_found = predict(model, val_images, spec)
+        spec = result.preprocess
+        val_found = predict(result.model, val_images, spec)
         report = evaluate_detections(val_found, val_truth, classes)
         point = operating_point(val_found, val_truth, classes)
         spec = replace(spec, answer_threshold=round(point.threshold, 4))
-        metrics = {
-            "val_map": report.map,
-            "val_map_50": report.map_50,
-            "answer_threshold": spec.answer_threshold,
-            "val_precision_50": point.precision,
-            "val_recall_50": point.recall,
+        result = replace(result, preprocess=spec)
+        validation = {
+            "map": report.map,
+            "map_50": report.map_50,
+            "precision_50": point.precision,
+            "recall_50": point.recall,
         }
         log(
             f"validation: mAP {report.map:.3f}, mAP@.5 {report.map_50:.3f}; answering at score "
             f">= {spec.answer_threshold} (best F1 {point.f1:.3f}: precision "
             f"{point.precision:.3f}, recall {point.recall:.3f})"
         )
-        run.finish(model, spec, metrics)
+        closing = {f"val_{k}": v for k, v in validation.items()}
+        run.finish(result.model, spec, {**closing, "answer_threshold": spec.answer_threshold})
     model_version = run.register("challenger", tags)
-    record = TrainedModelRecord(
-        task="detection",
-        model_name=tracking.model_name,
-        model_version=model_version,
-        run_id=run.run_id,
-        dataset_version=version,
-        dataset_images=len(rows),
-        architecture=config.architecture,
-        image_size=config.image_size,
-        classes=list(classes),
-        best_epoch=config.epochs,
-        stopped_early=False,
-        train_images_per_second=len(train) * config.epochs / max(seconds, 1e-9),
-        validation={
-            "map": report.map,
-            "map_50": report.map_50,
-            "precision_50": point.precision,
-            "recall_50": point.recall,
-        },
-        answer_threshold=spec.answer_threshold,
-        config=asdict(config),
-    )
-    return TrainedModel(
-        record,
-        pd.DataFrame(run.history),
-        pd.DataFrame(),
+    return trained_model(
+        "detection",
+        run,
+        model_version,
+        rows,
         config,
-        tracking.run_url(run.run_id),
-        tracking.model_version_url(model_version),
+        result,
+        validation,
+        trials,
+        spec.answer_threshold,
     )
+
+
+def _log_step(tracking: Tracking):
+    return lambda epoch, metrics: tracking.log_metrics(metrics, step=epoch)
+
+
+def search_space(trials: int, seed: int) -> list[dict]:
+    """Seeded log-uniform learning rates (what decides a short detector run most); trial 0 is
+    always the base configuration's own."""
+    rng = np.random.default_rng(seed)
+    return [{"learning_rate": float(10 ** rng.uniform(-3.5, -2))} for _ in range(trials)]
+
+
+def _search(
+    tracking: Tracking, store, rows, classes, config: DetectorConfig, plan: RunPlan, tags, log
+) -> tuple[DetectorConfig, pd.DataFrame]:
+    """Short runs (`search_epochs` each, each a nested MLflow run) judged by validation mAP;
+    the winner's learning rate trains the full run."""
+    from cvops_pipelines.core.base.box_metrics import evaluate_detections
+
+    val = rows[rows["split"] == "val"]
+    val_images, val_truth = load_scenes(store, val)
+    candidates = [{"learning_rate": config.learning_rate}]
+    candidates += search_space(plan.search_trials - 1, config.seed)
+    out = []
+    for index, overrides in enumerate(candidates):
+        trial = replace(config, epochs=plan.search_epochs, **overrides)
+        with tracking.start_run(f"trial {index}", tags, nested=True):
+            tracking.log_params(overrides)
+            inputs = TrainInputs(
+                store, rows, classes, trial, plan.device, _log_step(tracking), None, ""
+            )
+            result = train_detector_in_process(inputs)
+            found = predict(result.model, val_images, result.preprocess)
+            report = evaluate_detections(found, val_truth, classes)
+            tracking.log_metrics({"val_map": report.map, "val_map_50": report.map_50})
+        out.append(
+            {"trial": index, **overrides, "val_map": report.map, "val_map_50": report.map_50}
+        )
+        log(f"search trial {index}: {overrides} -> val mAP {report.map:.4f}")
+    winner = max(out, key=lambda row: row["val_map"])
+    best = {"learning_rate": winner["learning_rate"]}
+    tracking.log_params({f"searched_{k}": v for k, v in best.items()})
+    return replace(config, **best), pd.DataFrame(out)
 
 
 def reviewer_predictions(

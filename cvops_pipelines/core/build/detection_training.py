@@ -13,28 +13,36 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-ARCHITECTURES = ("ssdlite320_mobilenet_v3_large",)
+from cvops_pipelines.core.build.training import _hp, distributed
+
+# detector -> the torchvision classifier its backbone is (what an ssl_encoder must be to start it)
+ARCHITECTURES = {"ssdlite320_mobilenet_v3_large": "mobilenet_v3_large"}
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    architecture: str = "ssdlite320_mobilenet_v3_large"
-    image_size: int = 320  # the detector's fixed input side
-    checkpoint: str = ""  # a local state dict to start from (never downloaded)
-    epochs: int = 20
-    batch_size: int = 8
-    learning_rate: float = 0.002
-    seed: int = 0
-    score_threshold: float = 0.05  # what the device reports, and what evaluation scores
-    nms_iou: float = 0.55
-    candidates_per_class: int = 100
-    detections_per_image: int = 50
-    augment: bool = True
+    architecture: str = _hp(
+        "ssdlite320_mobilenet_v3_large",
+        "torchvision detector (weights=None, weights_backbone=None: nothing is downloaded).",
+    )
+    image_size: int = _hp(320, "The detector's square input side.")
+    checkpoint: str = _hp("", "A local state dict to start from, read with weights_only=True.")
+    epochs: int = _hp(20, "Passes over the train split.")
+    batch_size: int = _hp(8, "Images per step (per process under torchrun).")
+    learning_rate: float = _hp(0.002, "AdamW peak learning rate (one-cycle schedule).")
+    seed: int = _hp(0, "Seeds torch, numpy and the augmentations.")
+    score_threshold: float = _hp(
+        0.05, "Boxes below this score are not reported (device and evaluation)."
+    )
+    nms_iou: float = _hp(0.55, "Class-wise non-maximum suppression IoU.")
+    candidates_per_class: int = _hp(100, "Top-k boxes per class before NMS.")
+    detections_per_image: int = _hp(50, "At most this many boxes per image.")
+    augment: bool = _hp(True, "Box-aware augmentation (crop keeping every box, light, noise).")
 
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ssdlite's own normalisation
@@ -129,6 +137,28 @@ def load_detector(state: bytes, spec: DetectorSpec):
     return model.eval()
 
 
+def state_from_encoder(encoder, detector) -> tuple[dict, int, int]:
+    """(the detector's state with the encoder's tensors in its backbone, tensors started, of).
+
+    torchvision's SSDlite regroups the classifier's `features` blocks around the C4 tap but
+    keeps their order, so the two sequences pair one to one. Without downloaded backbone
+    weights it builds MobileNetV3 with a halved last stage (its "reduced tail"): those tensors
+    do not fit and stay fresh; every other one starts from the encoder."""
+    mine = [(k, v) for k, v in encoder.state_dict().items() if k.startswith("features.")]
+    state = detector.state_dict()
+    theirs = [k for k in state if k.startswith("backbone.features.")]
+    fits = len(mine) == len(theirs) and all(
+        a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] for (a, _), b in zip(mine, theirs)
+    )
+    if not fits or mine[0][1].shape != state[theirs[0]].shape:
+        raise ValueError("the encoder's layers do not pair with this detector's backbone")
+    started = 0
+    for (_, tensor), key in zip(mine, theirs):
+        if tensor.shape == state[key].shape:
+            state[key], started = tensor.clone(), started + 1
+    return state, started, len(theirs)
+
+
 def augmentation(config: DetectorConfig):
     """Box-aware: every geometric change moves the boxes with the pixels; a box pushed mostly
     out of the frame is dropped, not kept as a sliver."""
@@ -179,6 +209,15 @@ def _batch(samples, transform, rng):
     return images, targets
 
 
+def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of an epoch's order, padded (like DistributedSampler) so that every
+    rank takes as many steps: DistributedDataParallel waits for all of them at each one."""
+    if world == 1:
+        return order
+    padded = np.concatenate([order, order[: (-len(order)) % world]])
+    return padded[rank::world]
+
+
 def train_detector(
     images: list[np.ndarray],
     boxes: list[np.ndarray],
@@ -187,39 +226,60 @@ def train_detector(
     config: DetectorConfig = DetectorConfig(),
     on_epoch=None,
     device: str = "cpu",
+    initial_state: dict | None = None,
 ):
     """Train on RGB uint8 images with pixel boxes and 1-based class indices (0 is background);
-    `on_epoch(epoch, mean loss)` reports progress. Returns the model on the CPU, in eval mode."""
+    `on_epoch(epoch, mean loss)` reports progress. Under torchrun every process trains its
+    shard of each epoch (DistributedDataParallel averages the gradients) and reports the
+    loss over all of them. Returns the model on the CPU, in eval mode."""
     import torch
 
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    model = build_detector(num_classes, config).to(device)
-    transform = augmentation(config)
+    rng = np.random.default_rng(config.seed)  # the same epoch order on every rank
+    rank, world = distributed()
+    model = build_detector(num_classes, config)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    model = model.to(device)
+    trained = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None
+        )
+    transform = augmentation(replace(config, seed=config.seed + rank))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    steps = len(chunks(len(images), config.batch_size)) * config.epochs
+    per_rank = len(shard(np.arange(len(images)), rank, world))
+    steps = len(chunks(per_rank, config.batch_size)) * config.epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, config.learning_rate, total_steps=steps
     )
     samples = list(zip(images, boxes, labels))
-    model.train()
+    trained.train()
     for epoch in range(config.epochs):
-        order, losses = rng.permutation(len(samples)), []
+        order, total, seen = shard(rng.permutation(len(samples)), rank, world), 0.0, 0
         for part in chunks(len(order), config.batch_size):
             chunk = [samples[i] for i in order[part]]
             batch_images, targets = _batch(chunk, transform, rng)
             batch_images = [image.to(device) for image in batch_images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            loss = sum(model(batch_images, targets).values())
+            loss = sum(trained(batch_images, targets).values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"detector loss is {loss.item()} at epoch {epoch + 1}")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            total, seen = total + float(loss.detach()), seen + 1
+        if world > 1:  # the epoch's mean over every rank's steps
+            import torch.distributed as dist
+
+            sums = torch.tensor([total, seen], dtype=torch.float64)
+            dist.all_reduce(sums)
+            total, seen = sums[0].item(), int(sums[1])
         if on_epoch is not None:
-            on_epoch(epoch + 1, float(np.mean(losses)))
+            on_epoch(epoch + 1, total / max(seen, 1))
     recalibrate_batchnorm(model, images, config, device)
     return model.cpu().eval()
 

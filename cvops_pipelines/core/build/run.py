@@ -9,13 +9,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 
-from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.registry import load
-from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run
+from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run, trained_model
 from cvops_pipelines.core.build.training import FitResult, TrainConfig, fit, hyperparameter_search
 
 INIT_FROM = ("none", "champion", "challenger", "ssl_encoder")
@@ -38,13 +37,13 @@ class RunPlan:
 
 @dataclass(frozen=True)
 class TrainInputs:
-    """What a trainer needs: the dataset version's rows (each trainer loads the images where it
-    trains), the hyperparameters, and where per-epoch metrics go."""
+    """What a trainer needs, whatever the task: the dataset version's rows (each trainer loads
+    the images where it trains), the hyperparameters, and where per-epoch metrics go."""
 
     store: Store
     rows: pd.DataFrame
     classes: list[str]
-    config: TrainConfig
+    config: object  # the task's hyperparameters (TrainConfig, DetectorConfig)
     device: str
     on_epoch: Callable[[int, dict], None]
     initial_state: dict | None
@@ -82,6 +81,30 @@ def split_arrays(
     return out
 
 
+def dataset_classes(rows: pd.DataFrame) -> list[str]:
+    """A classifier's classes: every label of the dataset version, sorted."""
+    return sorted(rows["label"].unique())
+
+
+def registered_state(
+    tracking: Tracking, alias: str, architecture: str, classes: list[str], log: Log
+) -> dict | None:
+    """The `alias` version's tensors to continue from (None, with a log line, while the alias
+    is unset); refused when it is another architecture or other classes."""
+    start = load(tracking, alias=alias)
+    if start is None:
+        log(f"no {alias} yet: training from scratch")
+        return None
+    spec = start.preprocess
+    if (spec.architecture, list(spec.classes)) != (architecture, classes):
+        raise ValueError(
+            f"cannot continue from {alias} v{start.version}: it is a "
+            f"{spec.architecture} over {list(spec.classes)}"
+        )
+    log(f"starting from {alias} v{start.version}")
+    return start.model.state_dict()
+
+
 def initial_state(
     tracking: Tracking, plan: RunPlan, config: TrainConfig, classes: list[str], log: Log
 ):
@@ -93,20 +116,7 @@ def initial_state(
 
         fresh = build_model(config.architecture, len(classes))
         return init_from_encoder(tracking, fresh, config.architecture, log)
-    start = load(tracking, alias=plan.init_from)
-    if start is None:
-        log(f"no {plan.init_from} yet: training from scratch")
-        return None
-    if (start.preprocess.architecture, list(start.preprocess.classes)) != (
-        config.architecture,
-        classes,
-    ):
-        raise ValueError(
-            f"cannot continue from {plan.init_from} v{start.version}: it is a "
-            f"{start.preprocess.architecture} over {list(start.preprocess.classes)}"
-        )
-    log(f"starting from {plan.init_from} v{start.version}")
-    return start.model.state_dict()
+    return registered_state(tracking, plan.init_from, config.architecture, classes, log)
 
 
 def train_tracked(
@@ -126,7 +136,7 @@ def train_tracked(
     metrics, files and registry entry either way); `trainer_params` are logged with it."""
     tracking.check()  # fail before minutes of image loading, not after
     version = str(rows["dataset_version"].iloc[0])
-    classes = sorted(rows["label"].unique())
+    classes = dataset_classes(rows)
     counts = rows["split"].value_counts()
     log(
         f"training on {int(counts.get('train', 0) + counts.get('val', 0))} images of "
@@ -163,29 +173,9 @@ def train_tracked(
         }
         run.finish(result.model, result.preprocess, closing)
     model_version = run.register("challenger", tags)
-    record = TrainedModelRecord(
-        task="classification",
-        model_name=tracking.model_name,
-        model_version=model_version,
-        run_id=run.run_id,
-        dataset_version=version,
-        dataset_images=len(rows),
-        architecture=config.architecture,
-        image_size=config.image_size,
-        classes=list(classes),
-        best_epoch=result.best_epoch,
-        stopped_early=result.stopped_early,
-        train_images_per_second=result.train_images_per_second,
-        validation={"accuracy": best["val_accuracy"]},
-        config=asdict(config),
-    )
-    return TrainedModel(
-        record,
-        pd.DataFrame(result.history).round(4),
-        trials,
-        config,
-        tracking.run_url(run.run_id),
-        tracking.model_version_url(model_version),
+    validation = {"accuracy": best["val_accuracy"]}
+    return trained_model(
+        "classification", run, model_version, rows, config, result, validation, trials
     )
 
 

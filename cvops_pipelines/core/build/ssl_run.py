@@ -4,6 +4,7 @@ the loop uses it (label QA embeddings and fine-tuned scorer, `init_from: ssl_enc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -141,20 +142,29 @@ def learned_embeddings(
     return out
 
 
-def init_from_encoder(tracking: Tracking, classifier, architecture: str, log: Log) -> dict | None:
-    """The classifier's starting state with the current encoder's tensors in it, or None (with
-    a log line) while there is no encoder."""
+def init_from_encoder(
+    tracking: Tracking,
+    model,
+    architecture: str,
+    log: Log,
+    transplant: Callable = classifier_state,
+    what: str = "",
+) -> dict | None:
+    """`model`'s starting state with the current encoder's tensors in it (`transplant(encoder,
+    model)`), or None (with a log line) while there is no encoder. `architecture`: the encoder
+    it needs; `what`: the model it starts, for the refusal (default: the architecture)."""
     encoder = current_encoder(tracking)
     if encoder is None:
         log("no ssl_encoder yet: training from scratch (materialize ssl_encoder first)")
         return None
     if encoder.preprocess.architecture != architecture:
         raise ValueError(
-            f"cannot start a {architecture} from ssl_encoder v{encoder.version}: it is a "
-            f"{encoder.preprocess.architecture} (set the same architecture on both assets)"
+            f"cannot start a {what or architecture} from ssl_encoder v{encoder.version}: it is "
+            f"a {encoder.preprocess.architecture} (pretrain ssl_encoder with architecture "
+            f"{architecture})"
         )
     log(f"starting from ssl_encoder v{encoder.version}")
-    return classifier_state(encoder.model, classifier)
+    return transplant(encoder.model, model)
 
 
 def finetuned_scorer(

@@ -9,8 +9,9 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from cvops_pipelines.core.build.models import Preprocess, load_model
-from cvops_pipelines.core.build.training import FitResult, TrainConfig
+from cvops_pipelines.core.base.tracking import ModelFiles
+from cvops_pipelines.core.build.registry import build
+from cvops_pipelines.core.build.training import FitResult
 
 
 @dataclass(frozen=True)
@@ -33,27 +34,33 @@ class Distributed:
 
 def torchrun_command(
     distributed: Distributed,
+    task: str,
     dataset_version: str,
     out: Path,
-    config: TrainConfig,
+    config,
+    device: str = "auto",
     init_state: Path | None = None,
     mlflow_run_id: str = "",
 ) -> list[str]:
-    """`python -m torch.distributed.run ... -m cvops_pipelines.train_ddp ...` with every
-    hyperparameter spelled out (train_ddp's options are TrainConfig's fields)."""
+    """`python -m torch.distributed.run ... -m cvops_pipelines.train_ddp --task ...` with every
+    hyperparameter spelled out (train_ddp's options are the task's config fields)."""
     command = [sys.executable, "-m", "torch.distributed.run"]
     command += [f"--nproc-per-node={distributed.processes}", f"--nnodes={distributed.nodes}"]
     if distributed.nodes == 1:
         command.append("--standalone")
     else:
         command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={distributed.rendezvous}"]
-    command += ["-m", "cvops_pipelines.train_ddp", "--dataset-version", dataset_version]
+    command += ["-m", "cvops_pipelines.train_ddp", "--task", task]
+    command += ["--dataset-version", dataset_version]
     command += ["--out", str(out)]
     if init_state is not None:
         command += ["--init-state", str(init_state)]
     if mlflow_run_id:
         command += ["--mlflow-run-id", mlflow_run_id]
-    for f in fields(TrainConfig):
+    command += ["--device", device]
+    for f in fields(config):
+        if f.name == "device":
+            continue
         value = getattr(config, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -71,11 +78,12 @@ def read_outputs(out: Path) -> FitResult:
     ]
     if missing:
         raise RuntimeError(f"torchrun finished without rank 0's {', '.join(missing)} in {out}")
-    preprocess = Preprocess.from_json((out / "preprocess.json").read_text())
+    state, spec = (out / "state_dict.pt").read_bytes(), (out / "preprocess.json").read_text()
+    loaded = build(ModelFiles(state, spec, version="torchrun", run_id=""))  # any task's spec
     doc = json.loads((out / "history.json").read_text())
     return FitResult(
-        load_model((out / "state_dict.pt").read_bytes(), preprocess),
-        preprocess,
+        loaded.model,
+        loaded.preprocess,
         doc["history"],
         doc["best_epoch"],
         doc["stopped_early"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
@@ -16,6 +16,7 @@ from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.models import state_dict_bytes
+from cvops_pipelines.core.build.training import FitResult
 
 Log = Callable[[str], None]
 
@@ -76,3 +77,43 @@ def tracked_run(
             version = str(dataset["dataset_version"].iloc[0])
             tracking.log_dataset(dataset, version, store.uri(f"datasets/{version}"))
         yield TrackedRun(tracking, run.info.run_id, epochs, log)
+
+
+def trained_model(
+    task: str,
+    run: TrackedRun,
+    model_version: str,
+    rows: pd.DataFrame,
+    config,
+    result: FitResult,
+    validation: dict[str, float],
+    trials: pd.DataFrame,
+    answer_threshold: float | None = None,
+) -> TrainedModel:
+    """What every trainer's tracked run hands the asset, once its version is registered."""
+    tracking = run.tracking
+    record = TrainedModelRecord(
+        task=task,
+        model_name=tracking.model_name,
+        model_version=model_version,
+        run_id=run.run_id,
+        dataset_version=str(rows["dataset_version"].iloc[0]),
+        dataset_images=len(rows),
+        architecture=config.architecture,
+        image_size=config.image_size,
+        classes=list(result.preprocess.classes),
+        best_epoch=result.best_epoch,
+        stopped_early=result.stopped_early,
+        train_images_per_second=result.train_images_per_second,
+        validation=validation,
+        answer_threshold=answer_threshold,
+        config=asdict(config),
+    )
+    return TrainedModel(
+        record,
+        pd.DataFrame(result.history).round(4),
+        trials,
+        config,
+        tracking.run_url(run.run_id),
+        tracking.model_version_url(model_version),
+    )

@@ -14,8 +14,9 @@ from cvops_pipelines.core.base.tables import PartitionedTable
 from cvops_pipelines.core.base.tracking import TrackingUnavailable
 from cvops_pipelines.core.build.oof import OOF_TRAINING
 from cvops_pipelines.core.build.registry import load
-from cvops_pipelines.core.build.run import train_in_process, train_tracked
+from cvops_pipelines.core.build.run import dataset_classes, train_in_process, train_tracked
 from cvops_pipelines.core.build.ssl_run import current_encoder, finetuned_scorer, learned_embeddings
+from cvops_pipelines.core.build.training import TrainConfig
 from cvops_pipelines.core.curate.dataset import images_trained_on
 from cvops_pipelines.core.curate.label_qa import LabelQAConfig, review_label_quality, write_review
 from cvops_pipelines.core.curate.neardup import NearDupConfig
@@ -108,6 +109,10 @@ class Classification(Task):
                 **saliency_metadata(explained, champion, "suspects"),
             },
         )
+
+    hyperparameters = TrainConfig
+    classes = staticmethod(dataset_classes)
+    fit = staticmethod(train_in_process)
 
     def train(self, ctx: StageContext, dataset: pd.DataFrame, settings, trainer=None):
         runner, params = trainer or (train_in_process, {})

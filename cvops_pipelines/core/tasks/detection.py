@@ -8,7 +8,13 @@ import pandas as pd
 from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.ontology import NO_OBJECTS
 from cvops_pipelines.core.base.report import Json, Link, Plot, StageResult, Table
-from cvops_pipelines.core.build.detection_run import reviewer_predictions, train_detector_tracked
+from cvops_pipelines.core.build.detection_run import (
+    detection_classes,
+    reviewer_predictions,
+    train_detector_in_process,
+    train_detector_tracked,
+)
+from cvops_pipelines.core.build.detection_training import DetectorConfig
 from cvops_pipelines.core.curate.detection_label_qa import (
     BoxQAConfig,
     image_review,
@@ -86,29 +92,22 @@ class Detection(Task):
             },
         )
 
+    hyperparameters = DetectorConfig
+    classes = staticmethod(detection_classes)
+    fit = staticmethod(train_detector_in_process)
+
     def train(self, ctx: StageContext, dataset: pd.DataFrame, settings, trainer=None):
-        """Settings the detector recipe does not honour yet are refused, never ignored."""
-        plan = settings.plan()
-        if trainer is not None:
-            raise self.refuse(
-                "distributed training (distributed.processes > 0) trains classifiers only; "
-                "set processes: 0"
-            )
-        if plan.search_trials:
-            raise self.refuse("search_trials searches a classifier's settings only; set 0")
-        if plan.init_from != "none":
-            raise self.refuse(
-                f"init_from: {plan.init_from} starts classifiers only; set 'none' (a detector "
-                "starts from its own checkpoint setting)"
-            )
+        runner, params = trainer or (train_detector_in_process, {})
         return train_detector_tracked(
             ctx.tracking,
             ctx.store,
             dataset,
             settings.detector_config(),
-            plan.device,
+            settings.plan(),
             ctx.tags,
             ctx.log,
+            runner,
+            params,
         )
 
     def evaluate(

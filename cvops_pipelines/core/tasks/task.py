@@ -59,8 +59,19 @@ class Task:
         self._missing("label QA")
 
     # build
+    hyperparameters: type | None = None  # the trainer's config dataclass (torchrun's options)
+
     def train(self, ctx: StageContext, dataset: pd.DataFrame, settings, trainer) -> StageResult:
+        """`trainer`: (how to train, its params for the run) when not in this process."""
         self._missing("training")
+
+    def classes(self, rows: pd.DataFrame) -> list[str]:
+        """The model's classes, from the dataset version."""
+        self._missing("classes")
+
+    def fit(self, inputs):
+        """Train in this process (under torchrun: this process's shard) -> FitResult."""
+        self._missing("trainer")
 
     # measure
     def evaluate(

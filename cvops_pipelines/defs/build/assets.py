@@ -37,9 +37,9 @@ from cvops_pipelines.defs.resources import (
 )
 
 
-def _config_class(name: str, spec, help: dict[str, str] | None = None):
-    """Dagster config generated from a dataclass, the hyperparameters' one declaration: each
-    field's help from `help` or from the field's own metadata."""
+def _config_class(name: str, spec):
+    """Dagster config generated from a dataclass, the hyperparameters' one declaration (each
+    field's help is its metadata's)."""
     hints = get_type_hints(spec)
     return create_model(
         name,
@@ -47,7 +47,7 @@ def _config_class(name: str, spec, help: dict[str, str] | None = None):
         **{
             f.name: (
                 hints[f.name],
-                Field(f.default, description=(help or {}).get(f.name, f.metadata.get("help", ""))),
+                Field(f.default, description=f.metadata.get("help", "")),
             )
             for f in fields(spec)
         },
@@ -57,18 +57,7 @@ def _config_class(name: str, spec, help: dict[str, str] | None = None):
 _Hyperparameters = _config_class("Hyperparameters", TrainConfig)
 
 
-_DETECTOR_HELP = {
-    "architecture": "torchvision detector (weights=None, weights_backbone=None: nothing is "
-    "downloaded).",
-    "image_size": "The detector's square input side.",
-    "checkpoint": "A local state dict to start from, read with weights_only=True.",
-    "score_threshold": "Boxes below this score are not reported (device and evaluation).",
-    "nms_iou": "Class-wise non-maximum suppression IoU.",
-    "candidates_per_class": "Top-k boxes per class before NMS.",
-    "detections_per_image": "At most this many boxes per image.",
-    "augment": "Box-aware augmentation (crop keeping every box, light, noise).",
-}
-DetectorHyperparameters = _config_class("DetectorHyperparameters", DetectorConfig, _DETECTOR_HELP)
+DetectorHyperparameters = _config_class("DetectorHyperparameters", DetectorConfig)
 
 
 class DistributedTraining(Config):
@@ -100,12 +89,14 @@ class TrainedModelConfig(_Hyperparameters):
         "none",
         description=f"Start from a registered model: one of {INIT_FROM} "
         "(ssl_encoder: the self-supervised backbone of the same architecture with a fresh "
-        "head; with freeze_backbone and 'champion': a head-only update).",
+        "head, or a detector's backbone from a mobilenet_v3_large encoder; with "
+        "freeze_backbone and 'champion': a head-only update).",
     )
     search_trials: int = Field(
         0,
         description="Hyperparameter search: trials over learning rate "
-        "and weight decay, each a nested MLflow run; 0 = off.",
+        "(and a classifier's weight decay), each a nested MLflow run judged on the validation "
+        "split (loss; a detector's mAP); 0 = off.",
     )
     search_epochs: int = Field(3, description="Epochs per search trial (the search budget).")
     distributed: DistributedTraining = Field(
@@ -149,7 +140,7 @@ def trained_model(
     task, distributed, trainer = contracts.task(), config.distributed.plan(), None
     if distributed.processes > 0:  # torchrun processes through Dagster Pipes
         trainer = (
-            pipes_trainer(context, distributed, ctx.tracking.tracking_uri),
+            pipes_trainer(context, distributed, task.name, ctx.tracking.tracking_uri),
             {"distributed_processes": distributed.processes, "distributed_nodes": 1},
         )
     try:

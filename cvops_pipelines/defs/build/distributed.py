@@ -14,7 +14,7 @@ from cvops_pipelines.core.build.torchrun import Distributed, read_outputs, torch
 
 
 def pipes_trainer(
-    context: AssetExecutionContext, distributed: Distributed, tracking_uri: str
+    context: AssetExecutionContext, distributed: Distributed, task: str, tracking_uri: str
 ) -> Trainer:
     def train(inputs: TrainInputs):
         import torch
@@ -27,7 +27,7 @@ def pipes_trainer(
                 torch.save(inputs.initial_state, init)
             out = Path(work, "out")
             command = torchrun_command(
-                distributed, version, out, inputs.config, init, inputs.run_id
+                distributed, task, version, out, inputs.config, inputs.device, init, inputs.run_id
             )
             context.log.info(
                 f"launching {distributed.processes} process(es) x {distributed.nodes} node(s) "

@@ -147,3 +147,45 @@ def test_a_broken_postprocess_is_caught_by_the_parity_proof(trained, monkeypatch
     monkeypatch.setattr(runtime, "detections", shifted)  # the device runtime's postprocess
     result = detection_parity(model, sess, [s.image for s in scenes(3, 99)], spec)
     assert not result.ok and result.unmatched > 0
+
+
+def test_an_encoder_starts_every_backbone_tensor_that_fits_and_nothing_else():
+    """A mobilenet_v3_large encoder into ssdlite's backbone: the stem to the C4 tap and every
+    layer of the same shape start from the encoder; the reduced last stage, the extra layers
+    and the heads stay as built. Another architecture is refused."""
+    import torch
+
+    from cvops_pipelines.core.build.detection_training import state_from_encoder
+    from cvops_pipelines.core.build.ssl import backbone
+
+    torch.manual_seed(1)
+    encoder, detector = backbone("mobilenet_v3_large"), build_detector(len(CLASSES))
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    state, started, total = state_from_encoder(encoder, detector)
+    assert total / 2 < started < total
+    mine = list(encoder.state_dict().values())
+    keys = [k for k in state if k.startswith("backbone.features.")]
+    same = 0
+    for tensor, key in zip(mine, keys):
+        if tensor.shape == state[key].shape:
+            assert torch.equal(state[key], tensor), key
+            same += tensor.dtype.is_floating_point and not torch.equal(tensor, before[key])
+        else:
+            assert torch.equal(state[key], before[key]), key
+    assert same > 0  # the encoder's tensors differ from a fresh build's: it really copied
+    for key in state:
+        if not key.startswith("backbone.features."):
+            assert torch.equal(state[key], before[key]), key
+    detector.load_state_dict(state)  # a state the detector takes as it is
+    with pytest.raises(ValueError, match="do not pair"):
+        state_from_encoder(backbone("resnet18"), detector)
+
+
+@pytest.mark.parametrize(("count", "world"), [(10, 1), (10, 2), (11, 2), (7, 3)])
+def test_every_rank_takes_as_many_steps_and_together_they_see_every_image(count, world):
+    from cvops_pipelines.core.build.detection_training import shard
+
+    order = np.random.default_rng(0).permutation(count)
+    shares = [shard(order, rank, world) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1
+    assert set(np.concatenate(shares)) == set(order)

@@ -1,14 +1,15 @@
 """A detector fleet's production metrics as the feedback backlog grows.
 
 `production_metrics` of a detector fleet absorbs each feedback batch once into its state
-(core/learn/detection_production_state.py), so a run costs the new batches, not the backlog:
-the classifier's `feedback_scale` figure, for boxes. Feedback batches of detector records (1-4
-boxes a frame with scores, a third reviewed in the record, late corrections, re-deliveries, two
+(core/learn/detection_production_state.py), so a run costs the new batches, not the backlog: the
+classifier's `feedback_scale` figure, for boxes. Feedback batches of detector records (1-4 boxes
+a frame with scores, a third reviewed in the record, late corrections, re-deliveries, two
 releases) are written as the feedback asset writes them (one Parquet table per batch); then one
-production run (catch up on 10 new batches, then the report and drift) is timed after 10
-batches and after the whole backlog. Beside it, what a run cost before the state: every
-partition read and counted in memory (the pandas reference the state is tested against).
-Target: run after the backlog / run after 10 batches <= 2.
+production run (catch up on 10 new batches, then the report and drift) is timed after 10 batches
+and after the whole backlog (1,000,000 frames, the classifier's `feedback_scale` size). Beside
+it, what a run cost before the state: every partition read and counted in memory (the pandas
+reference the state is tested against). Target: run after the backlog / run after 10 batches <=
+2.
 """
 
 import json
@@ -82,7 +83,7 @@ def _run(path: Path, partitions: PartitionedTable, policy, thresholds) -> tuple[
 def run(quick: bool = False) -> dict:
     from cvops_pipelines_tests.reference import detection_production_reference, resolve_records
 
-    n_batches, size = (40, 200) if quick else (200, 1000)
+    n_batches, size = (40, 200) if quick else (1000, 1000)  # 1M frames: feedback_scale's size
     rng = np.random.default_rng(0)
     policy, thresholds = DetectionPolicy(window=48), {"rel-0": 0.5, "rel-1": 0.6}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,9 +7,11 @@ at its release's operating point (boxes answered, top score) and, once reviewed,
 against the reviewed box set (true positives, boxes answered, boxes true). A re-delivered record
 replaces its row; a late correction (the latest by time wins; a tie, the later batch) replaces
 its matches; one for a record not seen yet waits in `pending_fixes`. Every figure of the report
-is a sum over these rows, and drift reads each release's first and latest frames by capture
-time. Stored beside the classifier's state (`state/detection_metrics.sqlite`); a change of
-policy, window or schema starts it over from every batch.
+is a sum over these rows, kept per release and cohort in `cohort_sums` by triggers (a row's
+contribution added when it comes in, taken out when it changes or goes), so the report reads a
+few rows, not every record; drift reads each release's first and latest frames by capture time
+through an index. Stored beside the classifier's state (`state/detection_metrics.sqlite`); a
+change of policy, window or schema starts it over from every batch.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cvops_pipelines.core.learn.detection_production import (
 from cvops_pipelines.core.learn.production_state import AbsorbedState, _nullable
 
 DETECTION_STATE_KEY = "state/detection_metrics.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, rows INTEGER, absorbed_at TEXT);
@@ -42,6 +44,36 @@ CREATE INDEX IF NOT EXISTS records_release ON records (release, captured_at, seq
 CREATE TABLE IF NOT EXISTS pending_fixes (
     record_id TEXT PRIMARY KEY, boxes TEXT, fixed_at TEXT
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cohort_sums (
+    release TEXT, cohort TEXT, frames INTEGER, reviewed INTEGER, tp INTEGER,
+    n_answered INTEGER, n_true INTEGER, answered INTEGER, PRIMARY KEY (release, cohort)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS record_in AFTER INSERT ON records BEGIN
+    INSERT INTO cohort_sums VALUES (NEW.release, NEW.cohort, 0, 0, 0, 0, 0, 0)
+        ON CONFLICT (release, cohort) DO NOTHING;
+    UPDATE cohort_sums SET frames = frames + 1, reviewed = reviewed + (NEW.tp IS NOT NULL),
+        tp = tp + COALESCE(NEW.tp, 0), n_answered = n_answered + COALESCE(NEW.n_answered, 0),
+        n_true = n_true + COALESCE(NEW.n_true, 0), answered = answered + NEW.answered
+    WHERE release = NEW.release AND cohort = NEW.cohort;
+END;
+CREATE TRIGGER IF NOT EXISTS record_out AFTER DELETE ON records BEGIN
+    UPDATE cohort_sums SET frames = frames - 1, reviewed = reviewed - (OLD.tp IS NOT NULL),
+        tp = tp - COALESCE(OLD.tp, 0), n_answered = n_answered - COALESCE(OLD.n_answered, 0),
+        n_true = n_true - COALESCE(OLD.n_true, 0), answered = answered - OLD.answered
+    WHERE release = OLD.release AND cohort = OLD.cohort;
+END;
+CREATE TRIGGER IF NOT EXISTS record_change AFTER UPDATE ON records BEGIN
+    UPDATE cohort_sums SET frames = frames - 1, reviewed = reviewed - (OLD.tp IS NOT NULL),
+        tp = tp - COALESCE(OLD.tp, 0), n_answered = n_answered - COALESCE(OLD.n_answered, 0),
+        n_true = n_true - COALESCE(OLD.n_true, 0), answered = answered - OLD.answered
+    WHERE release = OLD.release AND cohort = OLD.cohort;
+    INSERT INTO cohort_sums VALUES (NEW.release, NEW.cohort, 0, 0, 0, 0, 0, 0)
+        ON CONFLICT (release, cohort) DO NOTHING;
+    UPDATE cohort_sums SET frames = frames + 1, reviewed = reviewed + (NEW.tp IS NOT NULL),
+        tp = tp + COALESCE(NEW.tp, 0), n_answered = n_answered + COALESCE(NEW.n_answered, 0),
+        n_true = n_true + COALESCE(NEW.n_true, 0), answered = answered + NEW.answered
+    WHERE release = NEW.release AND cohort = NEW.cohort;
+END;
 """
 ABSORBED = [
     "kind",
@@ -60,7 +92,7 @@ class DetectionState(AbsorbedState):
     release's operating point (what its devices answer with)."""
 
     schema = SCHEMA
-    tables = ("records", "pending_fixes")
+    tables = ("records", "pending_fixes", "cohort_sums")  # records first: its triggers write sums
 
     def __init__(self, path: Path | str, policy: DetectionPolicy, threshold: Callable):
         self.policy, self.threshold = policy, threshold
@@ -169,19 +201,17 @@ class DetectionState(AbsorbedState):
 
     def report(self) -> DetectionProduction:
         """The same report `detection_production` gives on every record, from the state."""
-        sums = (
-            "COUNT(*), SUM(tp IS NOT NULL), SUM(COALESCE(tp, 0)), SUM(COALESCE(n_answered, 0)), "
-            "SUM(COALESCE(n_true, 0)), SUM(answered)"
-        )
+        sums = "SUM(frames), SUM(reviewed), SUM(tp), SUM(n_answered), SUM(n_true), SUM(answered)"
         by_cohort = self.db.execute(
-            f"SELECT release, cohort, {sums} FROM records GROUP BY release, cohort "
-            "ORDER BY release, cohort"
+            f"SELECT release, cohort, {sums} FROM cohort_sums WHERE frames > 0 "
+            "GROUP BY release, cohort ORDER BY release, cohort"
         ).fetchall()
         table = pd.DataFrame(
             [{"release": r, "cohort": c, **_rates(*figures)} for r, c, *figures in by_cohort]
         )
         by_release = self.db.execute(
-            f"SELECT release, {sums} FROM records GROUP BY release ORDER BY release"
+            f"SELECT release, {sums} FROM cohort_sums WHERE frames > 0 GROUP BY release "
+            "ORDER BY release"
         ).fetchall()
         per_release = pd.DataFrame(
             [
@@ -190,9 +220,11 @@ class DetectionState(AbsorbedState):
             ],
             columns=per_release_columns(),
         )
-        return DetectionProduction(table, per_release, self._drift([r for r, *_ in by_release]))
+        frames = {r: n for r, n, *_ in by_release}
+        return DetectionProduction(table, per_release, self._drift(frames))
 
-    def _drift(self, releases: list[str]) -> pd.DataFrame:
+    def _drift(self, counts: dict[str, int]) -> pd.DataFrame:
+        """`counts`: each release's frames."""
         window = self.policy.window
 
         def frames(release: str, order: str) -> pd.DataFrame:
@@ -203,10 +235,7 @@ class DetectionState(AbsorbedState):
             )
 
         groups = {}
-        for release in releases:
-            (n,) = self.db.execute(
-                "SELECT COUNT(*) FROM records WHERE release = ?", (release,)
-            ).fetchone()
+        for release, n in counts.items():
             first = frames(release, "captured_at, seq")
             last = frames(release, "captured_at DESC, seq DESC").iloc[::-1]
             groups[release] = (n, first, last)

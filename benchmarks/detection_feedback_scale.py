@@ -5,7 +5,7 @@
 classifier's `feedback_scale` figure, for boxes. Feedback batches of detector records (1-4 boxes
 a frame with scores, a third reviewed in the record, late corrections, re-deliveries, two
 releases) are written as the feedback asset writes them (one Parquet table per batch); then one
-production run (catch up on 10 new batches, then the report and drift) is timed after 10 batches
+production run (catch up on 10 new batches, then the report and drift) is timed after 20 batches
 and after the whole backlog (1,000,000 frames, the classifier's `feedback_scale` size). Beside
 it, what a run cost before the state: every partition read and counted in memory (the pandas
 reference the state is tested against). Target: run after the backlog / run after 10 batches <=

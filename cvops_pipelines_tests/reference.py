@@ -3,8 +3,9 @@ references its engines are held to. "The latest correction wins" (`resolve_recor
 feedback query (core/learn/feedback_query.py, DuckDB over the stored partitions; the fleet tests
 also read it instead of writing partitions), and a detector fleet's production figures
 (`detection_production_reference`) for the incremental state
-(core/learn/detection_production_state.py). Not pipeline code: the pipeline computes each in one
-place."""
+(core/learn/detection_production_state.py), and the device's detector postprocess as one greedy
+pass (`detections_reference`) for the vectorised one (edge/detect.py). Not pipeline code: the
+pipeline computes each in one place."""
 
 from dataclasses import replace
 
@@ -150,3 +151,49 @@ def detection_production_reference(
         ],
     )
     return DetectionProduction(table, per_release, _drift(records, policy, thresholds))
+
+
+def _iou_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def detections_reference(
+    boxes, scores, width, height, classes, score_threshold, nms_iou, candidates_per_class, cap
+) -> list[tuple[str, float, tuple]]:
+    """torchvision SSD's postprocess, plainly: per class every box above the threshold sorted
+    by score (ties: lower anchor), its top k; then one greedy pass over all classes in score
+    order (ties: lower class), each kept box retiring its class's overlaps, up to `cap`."""
+    candidates = []
+    for c in range(scores.shape[1] - 1):
+        column = scores[:, c + 1]
+        above = [a for a in np.argsort(-column, kind="stable") if column[a] > score_threshold]
+        candidates += [(c, a, column[a]) for a in above[:candidates_per_class]]
+    order = sorted(range(len(candidates)), key=lambda i: -candidates[i][2])  # stable
+    alive, kept = [True] * len(candidates), []
+    for i in order:
+        if not alive[i]:
+            continue
+        kept.append(i)
+        if len(kept) == cap:
+            break
+        c, a, _ = candidates[i]
+        for j, (other, b, _) in enumerate(candidates):
+            if alive[j] and other == c and j != i:
+                box = np.asarray(boxes[[a, b]], np.float64)
+                if _iou_rows(box[:1], box[1:])[0, 0] > nms_iou:
+                    alive[j] = False
+        alive[i] = False
+    scale = np.array([width, height, width, height], np.float64)
+    return [
+        (
+            classes[candidates[i][0]],
+            float(candidates[i][2]),
+            tuple(float(v) for v in np.asarray(boxes[candidates[i][1]], np.float64) * scale),
+        )
+        for i in kept
+    ]

@@ -45,7 +45,11 @@ def resize(rgb: Image.Image, size: int) -> np.ndarray:
 
 
 def normalize(images: list[np.ndarray], mean, std) -> np.ndarray:
-    """RGB uint8 images at the model's size -> normalised float32 NCHW batch."""
-    batch = np.stack(images).astype(np.float32) / 255.0
-    batch = (batch - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    """RGB uint8 images at the model's size -> normalised float32 NCHW batch. Laid out once
+    (bytes are cheap to move) and computed in place: the same float32 steps as
+    `(x / 255 - mean) / std`, so the same bits, without four temporary arrays."""
+    batch = np.stack(images).transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    batch /= np.float32(255.0)
+    batch -= np.asarray(mean, np.float32)[:, None, None]
+    batch /= np.asarray(std, np.float32)[:, None, None]
+    return batch

@@ -64,15 +64,28 @@ def predict(model, images: list[np.ndarray], spec: DetectorSpec) -> list[dict]:
 def train_detector_in_process(inputs: TrainInputs) -> FitResult:
     """The default detector trainer: this process, one device (under torchrun, this process's
     shard: `train_detector`)."""
-    config, classes = inputs.config, inputs.classes
-    train = inputs.rows[inputs.rows["split"] == "train"]
-    images, truth = load_scenes(inputs.store, train)
+    images, truth = load_scenes(inputs.store, inputs.rows[inputs.rows["split"] == "train"])
+    return fit_scenes(
+        images,
+        truth,
+        inputs.classes,
+        inputs.config,
+        inputs.device,
+        inputs.on_epoch,
+        inputs.initial_state,
+    )
+
+
+def fit_scenes(
+    images, truth, classes, config: DetectorConfig, device: str, on_epoch, initial_state=None
+) -> FitResult:
+    """A detector trained on decoded scenes and their truth; `on_epoch(epoch, metrics)`."""
     index = {c: i + 1 for i, c in enumerate(classes)}  # 0 is background
     history: list[dict] = []
 
-    def on_epoch(epoch: int, loss: float) -> None:
+    def report(epoch: int, loss: float) -> None:
         history.append({"epoch": epoch, "train_loss": loss})
-        inputs.on_epoch(epoch, {"train_loss": loss})
+        on_epoch(epoch, {"train_loss": loss})
 
     started = perf_counter()
     model = train_detector(
@@ -81,9 +94,9 @@ def train_detector_in_process(inputs: TrainInputs) -> FitResult:
         [[index[c] for c in t["labels"]] for t in truth],
         len(classes),
         config,
-        on_epoch,
-        inputs.device,
-        inputs.initial_state,
+        report,
+        device,
+        initial_state,
     )
     seconds = perf_counter() - started
     return FitResult(
@@ -91,7 +104,7 @@ def train_detector_in_process(inputs: TrainInputs) -> FitResult:
         DetectorSpec.of(config, classes),
         history,
         best_epoch=config.epochs,
-        train_images_per_second=len(train) * config.epochs / max(seconds, 1e-9),
+        train_images_per_second=len(images) * config.epochs / max(seconds, 1e-9),
     )
 
 
@@ -164,7 +177,9 @@ def train_detector_tracked(
         val_images, val_truth = load_scenes(store, val)
         trials = pd.DataFrame()
         if plan.search_trials > 0:
-            config, trials = _search(tracking, store, rows, classes, config, plan, tags, log)
+            config, trials = _search(
+                tracking, store, rows, classes, config, plan, tags, log, (val_images, val_truth)
+            )
             run.epochs = config.epochs
         start = initial_detector_state(tracking, plan, config, classes, log)
         result = trainer(
@@ -215,14 +230,14 @@ def search_space(trials: int, seed: int) -> list[dict]:
 
 
 def _search(
-    tracking: Tracking, store, rows, classes, config: DetectorConfig, plan: RunPlan, tags, log
+    tracking: Tracking, store, rows, classes, config: DetectorConfig, plan: RunPlan, tags, log, val
 ) -> tuple[DetectorConfig, pd.DataFrame]:
-    """Short runs (`search_epochs` each, each a nested MLflow run) judged by validation mAP;
-    the winner's learning rate trains the full run."""
+    """Short runs (`search_epochs` each, each a nested MLflow run) judged by validation mAP
+    (`val`: its decoded scenes and truth); the winner's learning rate trains the full run."""
     from cvops_pipelines.core.base.box_metrics import evaluate_detections
 
-    val = rows[rows["split"] == "val"]
-    val_images, val_truth = load_scenes(store, val)
+    val_images, val_truth = val
+    images, truth = load_scenes(store, rows[rows["split"] == "train"])  # once for every trial
     candidates = [{"learning_rate": config.learning_rate}]
     candidates += search_space(plan.search_trials - 1, config.seed)
     out = []
@@ -230,10 +245,7 @@ def _search(
         trial = replace(config, epochs=plan.search_epochs, **overrides)
         with tracking.start_run(f"trial {index}", tags, nested=True):
             tracking.log_params(overrides)
-            inputs = TrainInputs(
-                store, rows, classes, trial, plan.device, _log_step(tracking), None, ""
-            )
-            result = train_detector_in_process(inputs)
+            result = fit_scenes(images, truth, classes, trial, plan.device, _log_step(tracking))
             found = predict(result.model, val_images, result.preprocess)
             report = evaluate_detections(found, val_truth, classes)
             tracking.log_metrics({"val_map": report.map, "val_map_50": report.map_50})

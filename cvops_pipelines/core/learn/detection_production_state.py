@@ -48,33 +48,38 @@ CREATE TABLE IF NOT EXISTS cohort_sums (
     release TEXT, cohort TEXT, frames INTEGER, reviewed INTEGER, tp INTEGER,
     n_answered INTEGER, n_true INTEGER, answered INTEGER, PRIMARY KEY (release, cohort)
 ) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS record_in AFTER INSERT ON records BEGIN
-    INSERT INTO cohort_sums VALUES (NEW.release, NEW.cohort, 0, 0, 0, 0, 0, 0)
-        ON CONFLICT (release, cohort) DO NOTHING;
-    UPDATE cohort_sums SET frames = frames + 1, reviewed = reviewed + (NEW.tp IS NOT NULL),
-        tp = tp + COALESCE(NEW.tp, 0), n_answered = n_answered + COALESCE(NEW.n_answered, 0),
-        n_true = n_true + COALESCE(NEW.n_true, 0), answered = answered + NEW.answered
-    WHERE release = NEW.release AND cohort = NEW.cohort;
-END;
-CREATE TRIGGER IF NOT EXISTS record_out AFTER DELETE ON records BEGIN
-    UPDATE cohort_sums SET frames = frames - 1, reviewed = reviewed - (OLD.tp IS NOT NULL),
-        tp = tp - COALESCE(OLD.tp, 0), n_answered = n_answered - COALESCE(OLD.n_answered, 0),
-        n_true = n_true - COALESCE(OLD.n_true, 0), answered = answered - OLD.answered
-    WHERE release = OLD.release AND cohort = OLD.cohort;
-END;
+"""
+
+
+def _count(row: str, sign: str) -> str:
+    """Add (+) or take out (-) one records row's contribution (`NEW` or `OLD`) to its sums."""
+    fields = {
+        "frames": "1",
+        "reviewed": f"({row}.tp IS NOT NULL)",
+        "tp": f"COALESCE({row}.tp, 0)",
+        "n_answered": f"COALESCE({row}.n_answered, 0)",
+        "n_true": f"COALESCE({row}.n_true, 0)",
+        "answered": f"{row}.answered",
+    }
+    change = ", ".join(f"{name} = {name} {sign} {value}" for name, value in fields.items())
+    where = f"release = {row}.release AND cohort = {row}.cohort"
+    ensure = (  # a new release or cohort starts at zero
+        f"INSERT INTO cohort_sums VALUES ({row}.release, {row}.cohort, 0, 0, 0, 0, 0, 0) "
+        "ON CONFLICT (release, cohort) DO NOTHING; "
+        if sign == "+"
+        else ""
+    )
+    return f"{ensure}UPDATE cohort_sums SET {change} WHERE {where};"
+
+
+SCHEMA += f"""
+CREATE TRIGGER IF NOT EXISTS record_in AFTER INSERT ON records BEGIN {_count("NEW", "+")} END;
+CREATE TRIGGER IF NOT EXISTS record_out AFTER DELETE ON records BEGIN {_count("OLD", "-")} END;
 CREATE TRIGGER IF NOT EXISTS record_change AFTER UPDATE ON records BEGIN
-    UPDATE cohort_sums SET frames = frames - 1, reviewed = reviewed - (OLD.tp IS NOT NULL),
-        tp = tp - COALESCE(OLD.tp, 0), n_answered = n_answered - COALESCE(OLD.n_answered, 0),
-        n_true = n_true - COALESCE(OLD.n_true, 0), answered = answered - OLD.answered
-    WHERE release = OLD.release AND cohort = OLD.cohort;
-    INSERT INTO cohort_sums VALUES (NEW.release, NEW.cohort, 0, 0, 0, 0, 0, 0)
-        ON CONFLICT (release, cohort) DO NOTHING;
-    UPDATE cohort_sums SET frames = frames + 1, reviewed = reviewed + (NEW.tp IS NOT NULL),
-        tp = tp + COALESCE(NEW.tp, 0), n_answered = n_answered + COALESCE(NEW.n_answered, 0),
-        n_true = n_true + COALESCE(NEW.n_true, 0), answered = answered + NEW.answered
-    WHERE release = NEW.release AND cohort = NEW.cohort;
+    {_count("OLD", "-")} {_count("NEW", "+")}
 END;
 """
+
 ABSORBED = [
     "kind",
     "record_id",

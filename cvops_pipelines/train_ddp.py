@@ -73,11 +73,14 @@ def build_parser(task: str = "classification") -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """The task first (it decides which hyperparameters exist), then everything."""
+    """The task first (it decides which hyperparameters exist), then everything; an unknown
+    task gets argparse's own "invalid choice" message."""
+    from cvops_pipelines.core.tasks import TASKS
+
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", default="classification")
     task = first.parse_known_args(argv)[0].task
-    return build_parser(task).parse_args(argv)
+    return build_parser(task if task in TASKS else "classification").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,3 +196,16 @@ def test_a_detectors_hyperparameters_are_its_torchrun_options():
     args = parse(["--task", "detection", "--dataset-version", "x", "--out", "y", "--epochs", "3"])
     config = DetectorConfig(**{f.name: getattr(args, f.name) for f in fields(DetectorConfig)})
     assert config == DetectorConfig(epochs=3)
+
+
+def test_an_unknown_task_or_a_detector_option_for_a_classifier_is_a_usage_error(capsys):
+    import pytest
+
+    from cvops_pipelines.train_ddp import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--task", "segmentation", "--dataset-version", "x", "--out", "y"])
+    assert "invalid choice: 'segmentation'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a detector's option is not a classifier's
+        parse(["--dataset-version", "x", "--out", "y", "--nms-iou", "0.5"])
+    assert "unrecognized arguments: --nms-iou" in capsys.readouterr().err

@@ -44,6 +44,34 @@ class DetectorConfig:
     detections_per_image: int = _hp(50, "At most this many boxes per image.")
     augment: bool = _hp(True, "Box-aware augmentation (crop keeping every box, light, noise).")
 
+    def __post_init__(self) -> None:
+        """Refused here, by name, not minutes later as a scheduler's or batch norm's error."""
+        wrong = [
+            f"{name} {value!r} (wants {rule})"
+            for name, value, ok, rule in (
+                ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
+                ("batch_size", self.batch_size, self.batch_size >= 2, ">= 2: batch norm"),
+                ("learning_rate", self.learning_rate, 0 < self.learning_rate < 1, "in (0, 1)"),
+                ("score_threshold", self.score_threshold, 0 <= self.score_threshold < 1, "[0, 1)"),
+                ("nms_iou", self.nms_iou, 0 < self.nms_iou <= 1, "in (0, 1]"),
+                (
+                    "candidates_per_class",
+                    self.candidates_per_class,
+                    self.candidates_per_class >= 1,
+                    ">= 1",
+                ),
+                (
+                    "detections_per_image",
+                    self.detections_per_image,
+                    self.detections_per_image >= 1,
+                    ">= 1",
+                ),
+            )
+            if not ok
+        ]
+        if wrong:
+            raise ValueError("detector settings: " + "; ".join(wrong))
+
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # ssdlite's own normalisation
 

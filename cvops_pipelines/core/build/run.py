@@ -33,6 +33,11 @@ class RunPlan:
     def __post_init__(self) -> None:
         if self.init_from not in INIT_FROM:
             raise ValueError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
+        if self.search_trials < 0 or self.search_epochs < 1:
+            raise ValueError(
+                f"search_trials must be >= 0 and search_epochs >= 1, got {self.search_trials} "
+                f"and {self.search_epochs}"
+            )
 
 
 @dataclass(frozen=True)

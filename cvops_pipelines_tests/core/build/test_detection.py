@@ -189,3 +189,29 @@ def test_every_rank_takes_as_many_steps_and_together_they_see_every_image(count,
     shares = [shard(order, rank, world) for rank in range(world)]
     assert len({len(s) for s in shares}) == 1
     assert set(np.concatenate(shares)) == set(order)
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ({"epochs": 0}, "epochs 0"),
+        ({"batch_size": 1}, "batch_size 1"),
+        ({"learning_rate": float("nan")}, "learning_rate nan"),
+        ({"learning_rate": 1e9}, "learning_rate"),
+        ({"score_threshold": -0.1}, "score_threshold"),
+        ({"nms_iou": 0.0}, "nms_iou"),
+        ({"detections_per_image": 0}, "detections_per_image"),
+    ],
+)
+def test_a_setting_a_detector_cannot_train_with_is_refused_by_name(setting, named):
+    with pytest.raises(ValueError, match=f"detector settings: .*{named}"):
+        DetectorConfig(**setting)
+
+
+def test_a_search_without_epochs_is_refused():
+    from cvops_pipelines.core.build.run import RunPlan
+
+    with pytest.raises(ValueError, match="search_epochs >= 1"):
+        RunPlan("cpu", search_trials=2, search_epochs=0)
+    with pytest.raises(ValueError, match="search_trials must be >= 0"):
+        RunPlan("cpu", search_trials=-1)

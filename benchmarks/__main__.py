@@ -22,6 +22,8 @@ BENCHMARKS = [
     "drift_detection",
     "demo_wall",
     "loop_gain",
+    "detection_recipe",
+    "detection_loop_gain",
     "detection_export",
     "detection_label_qa",
     "ssl_label_efficiency",

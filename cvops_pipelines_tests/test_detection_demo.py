@@ -1,7 +1,9 @@
-"""`cvops-demo --task detection`: one turn of the loop on boxes, hands-off, checked from its
-output and its report; then the Dagster webserver is opened on the instance it left behind, in a
-real browser, and the evaluation's detection metadata is what an operator sees (the mAP table,
-the precision-recall plot, example boxes). Screenshots land in $CVOPS_TEST_ARTIFACTS."""
+"""`cvops-demo --task detection`: two turns of the loop on boxes, hands-off, checked from its
+output and its report (invariants: every stage ran, each decision agrees with the figures it
+printed; never which model wins); then the Dagster webserver is opened on the instance it left
+behind, in a real browser, and the evaluation's detection metadata is what an operator sees
+(the mAP table, the precision-recall plot, example boxes). Screenshots land in
+$CVOPS_TEST_ARTIFACTS."""
 
 import json
 import os
@@ -16,8 +18,8 @@ from cvops_pipelines_tests.test_demo import CHROMIUM_ARGS, chromium
 
 SIZES = ["--scenes", "240", "--frames", "90", "--epochs", "2"]  # small: the loop, not the mAP
 
-# end to end: the demo itself, then the checks; a slow CI machine gets 20 minutes, not 10
-pytestmark = pytest.mark.timeout(1200)
+# end to end: two turns of the demo, then the checks; a slow CI machine gets 30 minutes
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -34,30 +36,71 @@ def detection_demo(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
     )
     return {"root": root, "env": env, "proc": proc, "report": report}
 
 
-def test_one_hands_off_turn_on_boxes(detection_demo):
+def test_two_hands_off_turns_on_boxes(detection_demo):
     proc = detection_demo["proc"]
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     report = json.loads(detection_demo["report"].read_text())
     assert report["ok"] and all(report["steps"].values()), report["steps"]
-    for stage in ("ingest", "curate", "train", "release", "feedback", "canary", "learn"):
+    for stage in ("ingest scenes-initial", "curate", "train 1", "feedback 1", "learn 1"):
+        assert report["steps"][stage], stage
+    for stage in ("curate again", "train 2", "feedback 2", "learn 2"):
         assert report["steps"][stage], stage
     assert "without objects (kept as negatives)" in out
     assert "dataset_version_boxes ok" in out
-    assert "cvops-detector v1" in out and "challenger_not_worse_than_champion: passed" in out
     assert "0 batches quarantined" in out
-    # the reviewed frames are back in the pool as box labels: the loop closed
-    reviewed = int(out.split(" reviewed, ")[0].rsplit(", ", 1)[1].split()[0])
-    grown = out.split("== curate again: the pool now holds ")[1]
-    assert f"({reviewed} reviewed field frames as box labels)" in grown
-    # the canary decided as its own rule says: promote once enough reviewed records arrived
-    canary = out.split("== canary: ")[1].split("\n")[0]
-    assert canary.startswith("promote" if reviewed >= 50 else "wait"), canary
+    first, second = report["turns"]
+    turn1 = out.split("######## turn 1")[1].split("######## turn 2")[0]
+    turn2 = out.split("######## turn 2")[1].split("######## summary")[0]
+
+    # turn 1: the first model passes the gate (no champion to lose to) and goes on canary
+    assert "cvops-detector v1" in turn1 and "challenger_not_worse_than_champion: passed" in turn1
+    assert first["release"] and not first["gate"]["refused"]
+    reviewed = first["fleet"]["reviewed"]
+    canary = turn1.split("== canary: ")[1].split("\n")[0]
+    assert canary.startswith(first["decision"]["action"])
+    # the first canary has no stable to pair with: promote once enough reviewed records arrived
+    assert first["decision"]["action"] == ("promote" if reviewed >= 50 else "wait"), canary
+
+    # the oracle's answers and the reviewed frames are back in the pool as box labels
+    answered = int(out.split("== annotate: the oracle drew the true boxes on ")[1].split()[0])
+    assert 0 < answered <= first["queued"]
+    assert "annotated-q-" in out and "0 quarantined" in out.split("== annotate")[1]
+    pools = [int(p.split()[0]) for p in out.split("== curate: ")[1:]]
+    assert pools[0] < pools[1] <= pools[0] + 90  # at most every turn-1 frame (--frames 90)
+    # a frame the oracle answered counts as the oracle's; the rest as the operator's review
+    operator = int(out.split("== curate: ")[-1].split("(")[1].split()[0])
+    assert 0 <= operator <= reviewed
+
+    # turn 2: retrained on the grown pool; the gate's verdict decides whether it ships
+    gate = second["gate"]
+    assert gate["trained"], turn2
+    assert ("challenger_not_worse_than_champion: passed" in turn2) == (not gate["refused"])
+    assert bool(second["release"]) == (not gate["refused"])
+    if second["release"]:
+        assert "on canary for cohorts line-1" in turn2
+        assert turn2.split("== canary: ")[1].startswith(second["decision"]["action"])
+        promoted = second["decision"]["action"] == "promote"
+        assert (second["after"]["stable"] == second["release"]) == promoted
+    else:  # a refusal changes nothing that ships
+        assert second["after"]["stable"] == second["before"]["stable"]
+
+    # the audit: every turn-2 frame, each model at its operating point, figures consistent
+    audit = report["audit"]
+    assert len(audit) == 2
+    summary = out.split("######## summary")[1]
+    for version, scores in audit.items():
+        p, r, f1 = scores["precision"], scores["recall"], scores["f1"]
+        assert f1 == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+        assert f"model v{version}: precision {p:.4f}, recall {r:.4f}, F1 {f1:.4f}" in summary
+        assert scores["frames"] == 90  # --frames: every turn-2 frame
+    shipped = [line for line in summary.splitlines() if "<- shipped (stable)" in line]
+    assert len(shipped) == 1 and f"v{report['champion']}:" in shipped[0]
 
 
 @pytest.fixture

@@ -29,14 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         choices=("classification", "detection"),
         default="classification",
-        help="detection: one turn of the loop on boxes, on synthetic scenes the project "
+        help="detection: two turns of the loop on boxes, on synthetic scenes the project "
         "renders (digits pasted on noisy backgrounds), as its own loop `detection` "
         "(data in $CVOPS_HOME-detection, data_contracts/scenes.yaml, asset keys under "
         "detection/) beside the classification loop in the same Dagster instance",
     )
     sizes = parser.add_argument_group("detection sizes (with --task detection)")
     sizes.add_argument("--scenes", type=int, default=320, help="labelled scenes in the drop")
-    sizes.add_argument("--frames", type=int, default=120, help="production frames shot")
+    sizes.add_argument(
+        "--frames", type=int, default=120, help="production frames shot in each turn"
+    )
     sizes.add_argument("--epochs", type=int, default=10, help="detector training epochs")
     parser.add_argument("--timings", help="write where the time went (JSON) to this file")
     parser.add_argument(

@@ -88,13 +88,26 @@ def _save(image: Image.Image, path: Path) -> None:
     image.save(path, "PNG", optimize=False)
 
 
+def choice(label: str) -> list[dict]:
+    """A Label Studio result that picks one class for the whole image."""
+    return [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+    ]
+
+
 def complete_queue(
-    queue: Path, truth: dict[str, str], drop: Path, annotator: str = "oracle@demo"
+    queue: Path,
+    truth: dict,
+    drop: Path,
+    annotator: str = "oracle@demo",
+    result: Callable[[object], list[dict]] = choice,
 ) -> int:
     """The demo's stand-in for annotators: answer an annotation-queue folder (tasks.json +
-    images/) with the true labels and write it as a Label Studio JSON export into a new drop
-    (images/ beside export.json, then the marker). Tasks without a known truth stay unanswered.
-    Returns the number of answered tasks."""
+    images/) with the truth, `result(truth[image_id])` as the Label Studio result (an image's
+    class by default; rectangles for boxes, an empty list for a frame with nothing in it),
+    and write it as a Label Studio JSON export into a new drop (images/ beside export.json,
+    then the marker). Tasks without a known truth stay unanswered. Returns the number of
+    answered tasks."""
     import json
     import shutil
     from datetime import datetime
@@ -104,8 +117,8 @@ def complete_queue(
     answered = 0
     for i, task in enumerate(tasks):
         task["id"] = i + 1
-        label = truth.get(task["data"]["image_id"])
-        if label is None:
+        known = truth.get(task["data"]["image_id"])
+        if known is None:
             continue
         task["annotations"] = [
             {
@@ -114,14 +127,7 @@ def complete_queue(
                 "created_at": when,
                 "updated_at": when,
                 "was_cancelled": False,
-                "result": [
-                    {
-                        "from_name": "label",
-                        "to_name": "image",
-                        "type": "choices",
-                        "value": {"choices": [label]},
-                    }
-                ],
+                "result": result(known),
             }
         ]
         answered += 1

@@ -1,8 +1,13 @@
-"""`cvops-demo --task detection`: one turn of the loop on boxes, hands-off, on scenes the project
-renders (demo/scenes.py): ingest a COCO drop, curate (box QA, box contracts), train a detector,
-evaluate and gate it, export and prove it, release it to a simulated fleet of cameras that
-answer with boxes, operators who fix the boxes, feedback, the canary decision, production
-metrics and the annotation queue, and the reviewed frames flowing back into the pool.
+"""`cvops-demo --task detection`: two turns of the loop on boxes, hands-off, on scenes the
+project renders (demo/scenes.py). Turn 1: ingest a COCO drop, curate (box QA, box contracts),
+train a detector, evaluate and gate it, export and prove it, release it to a simulated fleet of
+cameras that answer with boxes, operators who fix the boxes, feedback, the canary decision,
+production metrics and the annotation queue. Then the oracle answers the queue (a Label Studio
+export with the true boxes) and the pool grows by those answers and the reviewed frames. Turn 2:
+retrain on them, the gate's paired replay on the production holdout, a canary on one line of
+cameras beside the stable release (the paired detector canary), and at the end an oracle audit
+of both turns' models on every turn-2 frame: field precision, recall and F1 at each model's
+operating point.
 
 It runs as its own loop, `detection` (settings.Project): its data in `<CVOPS_HOME>-detection`
 (`.cvops-detection` by default), the ontology `data_contracts/scenes.yaml` (task: detection),
@@ -13,11 +18,14 @@ code location from demo/detection_loop.py) with no shared history.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from cvops_pipelines import settings
 
@@ -80,7 +88,9 @@ def review(answer: list[dict], truth: list[dict], edits: dict, min_score: float)
     edits["added"] += len(truth) - hits - relabelled
 
 
-def run_detection_fleet(config: DetectionDemoConfig, frames, store_root: Path) -> FleetOutcome:
+def run_detection_fleet(
+    config: DetectionDemoConfig, frames, store_root: Path, seed: int
+) -> FleetOutcome:
     """Cameras (enrolled on first boot) sync the canary, answer every frame with boxes; an
     operator reviews a share of the frames and leaves the true box set; each camera uploads."""
     from cvops_pipelines.core.learn.enrolment import enroller
@@ -92,7 +102,7 @@ def run_detection_fleet(config: DetectionDemoConfig, frames, store_root: Path) -
     enrol = enroller(
         settings.cvops_store(), load_private_key(settings.signing_key_path()), "cvops-demo"
     )
-    rng, outcome = random.Random(config.seed), FleetOutcome()
+    rng, outcome = random.Random(seed), FleetOutcome()
     for d in range(config.devices):
         device = f"cam-{d + 1:02d}"
         agent = EdgeAgent(
@@ -118,136 +128,340 @@ def run_detection_fleet(config: DetectionDemoConfig, frames, store_root: Path) -
     return outcome
 
 
-def run(config: DetectionDemoConfig, report_path: str | None = None) -> int:
+class DetectionDemo:
+    """One run of the demo: two turns, the oracle's truth of every field frame, the steps."""
+
+    def __init__(self, config: DetectionDemoConfig) -> None:
+        from cvops_pipelines.demo.harness import Timings
+        from cvops_pipelines.runs import Runner
+
+        self.config, self.runner = config, Runner()
+        self.timings = Timings(runner=self.runner)
+        self.steps: dict[str, bool] = {}
+        # image_id (as shot) -> the frame's true boxes as Label Studio rectangles
+        self.truth: dict[str, list[dict]] = {}
+
+    def ok(self, name: str, runs) -> bool:
+        runs = runs if isinstance(runs, list) else [runs]
+        self.steps[name] = bool(runs) and all(r.ok for r in runs)
+        return self.steps[name]
+
+    def ingest(self, drop: str) -> bool:
+        from cvops_pipelines.runs import print_ingest
+
+        print(f"\n== ingest drop {drop} (new_drop_sensor)")
+        ingests = self.runner.tick("new_drop_sensor")
+        for r in ingests:
+            print_ingest(drop, r)
+        return self.ok(f"ingest {drop}", ingests)
+
+    def curate(self, step: str) -> bool:
+        curate = self.runner.job("curate_job", run_config=CURATE)
+        pool = curate.assets.get("labeled_pool", {})
+        dataset = curate.assets.get("dataset_version", {})
+        print(
+            f"\n== curate: {pool.get('images')} images ({pool.get('feedback_labeled')} reviewed "
+            f"field frames as box labels), {pool.get('boxes')} boxes, "
+            f"{pool.get('images_without_objects')} without objects (kept as negatives); dataset "
+            f"{dataset.get('version')} ({dataset.get('train_images')} train / "
+            f"{dataset.get('val_images')} val / {dataset.get('test_images')} test); checks "
+            + ", ".join(
+                f"{k} {'ok' if v[0] else 'FAILED: ' + v[1]}" for k, v in curate.checks.items()
+            )
+        )
+        return self.ok(step, curate)
+
+    def train(self, number: int) -> dict | None:
+        """retraining_sensor's run, if it asks for one; None when the pipeline failed (a gate
+        refusal is an outcome, not a failure)."""
+        from cvops_pipelines.demo.harness import gate_refused
+
+        config = self.config
+        detector = {
+            "epochs": config.epochs,
+            "learning_rate": config.learning_rate,
+            "seed": config.seed + number - 1,
+        }
+        trains = self.runner.tick(
+            "retraining_sensor", {"ops": {"trained_model": {"config": {"detector": detector}}}}
+        )
+        for train in trains:
+            model = train.assets.get("trained_model", {})
+            evaluation = train.assets.get("model_evaluation", {})
+            export = train.assets.get("onnx_model", {})
+            print(
+                f"\n== train + evaluate + export (Dagster run {train.run_id}): "
+                f"{model.get('model')}, val mAP {model.get('val_map')}, answering at score >= "
+                f"{model.get('answer_threshold')}; test mAP {evaluation.get('map')}, mAP@.5 "
+                f"{evaluation.get('map_50')} (champion {evaluation.get('champion')})"
+            )
+            for name, (passed, why) in train.checks.items():
+                verdict = "passed" if passed else "FAILED"
+                print(f"   {name}: {verdict}" + (f": {why}" if why else ""))
+            if export:
+                print(f"   export: {export.get('chosen')}")
+        refused = any(gate_refused(t) for t in trains)
+        self.steps[f"train {number}"] = all(t.success or gate_refused(t) for t in trains)
+        if not self.steps[f"train {number}"]:
+            return None
+        evaluation = trains[-1].assets.get("model_evaluation", {}) if trains else {}
+        return {
+            "trained": bool(trains),
+            "refused": refused,
+            "model_version": evaluation.get("challenger"),
+            "map": evaluation.get("map"),
+            "map_50": evaluation.get("map_50"),
+            "checks": {k: v[0] for t in trains for k, v in t.checks.items()},
+        }
+
+    def release(self, cohorts: list[str]) -> str | None:
+        """The gate's challenger on canary: every camera while there is no stable release
+        (turn 1), else the cameras of `cohorts`, the rest staying on stable: what the paired
+        canary compares."""
+        from cvops_pipelines.runs import ensure_signing_key
+
+        ensure_signing_key()
+        share = {"canary_share": 0.0, "canary_cohorts": cohorts} if cohorts else {}
+        release = self.runner.job(
+            "release_job",
+            run_config={"ops": {"edge_release": {"config": {"canary_share": 1.0, **share}}}},
+        )
+        info = release.assets.get("edge_release", {})
+        where = f"cohorts {', '.join(cohorts)}" if cohorts else "every camera"
+        print(f"\n== release: {info.get('release')} ({info.get('artifact')}) on canary for {where}")
+        return info.get("release") if self.ok(f"release {info.get('release')}", release) else None
+
+    def fleet(self, number: int, frames) -> FleetOutcome:
+        from cvops_pipelines.core.curate.detection_label_qa import labelstudio_rect
+
+        for scene in frames:
+            image_id = hashlib.sha256(scene.png()).hexdigest()
+            height, width = scene.image.shape[:2]
+            self.truth[image_id] = [
+                labelstudio_rect(image_id, (width, height), box, label, n)
+                for n, (label, box) in enumerate(zip(scene.labels, scene.boxes.tolist()))
+            ]
+        with self.timings.stage():
+            fleet = run_detection_fleet(
+                self.config, frames, settings.cvops_home(), self.config.seed + number
+            )
+        print(
+            f"\n== fleet: {self.config.devices} cameras answered {fleet.frames} frames "
+            f"({fleet.boxes_answered} boxes at each release's operating point); operators "
+            f"reviewed {fleet.reviewed} (added {fleet.edits['added']}, deleted "
+            f"{fleet.edits['deleted']}, relabelled {fleet.edits['relabelled']} boxes); "
+            f"{fleet.uploaded_records} records uploaded, signed"
+        )
+        return fleet
+
+    def measure(self, number: int, released: str | None) -> dict | None:
+        feedback = self.runner.tick("feedback_sensor")
+        for r in feedback:
+            got = r.assets.get("feedback", {})
+            print(
+                f"\n== feedback (Dagster run {r.run_id}): {got.get('records')} records, "
+                f"{got.get('reviewed')} reviewed, {got.get('quarantined_batches')} batches "
+                "quarantined"
+            )
+        if not self.ok(f"feedback {number}", feedback):
+            return None
+        decision = {}
+        if released:
+            canary = self.runner.job("canary_job")
+            decision = canary.assets.get("canary_decision", {})
+            reasons = str(decision.get("why", "")).splitlines() or [""]
+            print(f"\n== canary: {decision.get('action')}: {reasons[0]}")
+            for line in reasons[1:]:
+                print(f"            {line}")
+            if not self.ok(f"canary {number}", canary):
+                return None
+        learn = self.runner.job("learn_job")
+        metrics = learn.assets.get("production_metrics", {})
+        queue = learn.assets.get("annotation_queue", {})
+        print(
+            f"\n== learn: {metrics.get('reviewed')} of {metrics.get('records')} frames reviewed; "
+            f"per release:\n{metrics.get('per_release')}\n   drift:\n{metrics.get('drift')}\n"
+            f"   annotation queue {queue.get('queue_id')}: {queue.get('queued')} frames "
+            f"{queue.get('by_reason')} -> {queue.get('labelstudio_import')}\n   checks: "
+            + ", ".join(
+                f"{k} {'ok' if v[0] else 'failed: ' + v[1]}" for k, v in learn.checks.items()
+            )
+        )
+        # an SLA missed is an outcome the turn reports, not a failure
+        self.steps[f"learn {number}"] = learn.success
+        return {"decision": decision, "queue": queue, "sla_ok": learn.ok} if learn.success else None
+
+    def turn(self, number: int, frames, cohorts: list[str]) -> dict | None:
+        print(f"\n######## turn {number}: build -> ship -> measure -> learn")
+        before = channels()
+        gate = self.train(number)
+        if gate is None:
+            return None
+        released = None
+        if gate["trained"] and not gate["refused"]:
+            released = self.release(cohorts)
+            if released is None:
+                return None
+        fleet = self.fleet(number, frames)
+        measured = self.measure(number, released)
+        if measured is None:
+            return None
+        return {
+            "gate": gate,
+            "release": released,
+            "before": before,
+            "after": channels(),
+            "fleet": asdict(fleet),
+            "frames": frames,
+            **measured,
+        }
+
+    def annotate(self, queue: dict) -> bool:
+        """The oracle answers the queue with every frame's true boxes (Label Studio rectangles;
+        nothing marked on an empty frame), as a drop a team copies back from Label Studio."""
+        from cvops_pipelines.demo.data import complete_queue
+
+        queue_id = queue.get("queue_id")
+        if not queue_id:
+            return True
+        drop = Path(settings.drops_uri()) / f"annotated-{queue_id}"
+        with self.timings.stage():
+            answered = complete_queue(
+                settings.cvops_home() / "annotation" / "queues" / queue_id,
+                self.truth,
+                drop,
+                result=lambda rectangles: rectangles,
+            )
+        print(
+            f"\n== annotate: the oracle drew the true boxes on {answered} queued frames -> drop "
+            f"{drop.name} (Label Studio JSON export + images, marked complete)"
+        )
+        return self.ingest(drop.name)
+
+    def audit(self, turns: list[dict]) -> dict[str, dict]:
+        """Every turn's model on every turn-2 frame as shot, at its own operating point,
+        against the oracle's boxes (what the demo can know and a real site cannot)."""
+        from cvops_pipelines.core.base.box_metrics import field_scores
+        from cvops_pipelines.core.base.tracking import Tracking
+        from cvops_pipelines.core.build.detection_run import predict
+        from cvops_pipelines.core.build.registry import load
+        from cvops_pipelines.edge.preprocess import load_rgb
+
+        frames = turns[-1]["frames"]
+        images = [np.asarray(load_rgb(scene.png())) for scene in frames]
+        truths = [
+            [{"label": label, "box": box} for label, box in zip(s.labels, s.boxes.tolist())]
+            for s in frames
+        ]
+        tracking, out = Tracking(settings.mlflow_tracking_uri()), {}
+        for turn in turns:
+            version = (turn["gate"]["model_version"] or "").lstrip("v")
+            if not version or version in out:
+                continue
+            loaded = load(tracking, version=version)
+            spec = loaded.preprocess
+            with self.timings.stage():
+                found = predict(loaded.model, images, spec)
+            answers = [
+                [
+                    {"label": label, "box": box.tolist(), "score": float(score)}
+                    for box, score, label in zip(f["boxes"], f["scores"], f["labels"])
+                    if score >= spec.answer_threshold
+                ]
+                for f in found
+            ]
+            out[version] = {
+                "answer_threshold": spec.answer_threshold,
+                **field_scores(answers, truths),
+            }
+        return out
+
+
+def channels() -> dict:
+    from cvops_pipelines.demo.harness import champion_version, channel_releases
+
+    return {**channel_releases(), "champion": champion_version()}
+
+
+def field_frames(config: DetectionDemoConfig, turn: int):
+    """Each turn's production frames: noisier and more often empty than the drop (the field
+    the first model was not built for), a new series every turn."""
     from cvops_pipelines.demo import scenes
-    from cvops_pipelines.demo.harness import Timings
-    from cvops_pipelines.runs import (
-        Runner,
-        dagster_home,
-        ensure_signing_key,
-        print_ingest,
+
+    return scenes.scenes(
+        config.frames, config.seed + 7919 * turn, scenes.SceneConfig(noise=0.09, p_empty=0.15)
     )
 
-    home, runner = settings.cvops_home(), Runner()
-    timings = Timings(runner=runner)
+
+def run(config: DetectionDemoConfig, report_path: str | None = None) -> int:
+    from cvops_pipelines.demo import scenes
+    from cvops_pipelines.runs import dagster_home
+
+    home, demo = settings.cvops_home(), DetectionDemo(config)
     print(
         f"cvops demo (detection): loop {LOOP!r}, data under {home}, "
         f"Dagster instance in {dagster_home()}"
     )
     drop = Path(settings.drops_uri()) / "scenes-initial"
     if not drop.exists():
-        with timings.stage():
+        with demo.timings.stage():
             scenes.write_drop(drop, scenes.scenes(config.scenes, config.seed))
-    steps: dict[str, bool] = {}
-
-    def ok(name: str, runs) -> bool:
-        runs = runs if isinstance(runs, list) else [runs]
-        steps[name] = bool(runs) and all(r.ok for r in runs)
-        return steps[name]
-
-    print("\n== ingest drop scenes-initial (new_drop_sensor)")
-    ingests = runner.tick("new_drop_sensor")
-    for r in ingests:
-        print_ingest(drop.name, r)
-    if not ok("ingest", ingests):
-        return _finish(1, steps, timings, report_path)
-    curate = runner.job("curate_job", run_config=CURATE)
-    pool, dataset = curate.assets.get("labeled_pool", {}), curate.assets.get("dataset_version", {})
-    print(
-        f"\n== curate: {pool.get('images')} images, {pool.get('boxes')} boxes, "
-        f"{pool.get('images_without_objects')} without objects (kept as negatives); dataset "
-        f"{dataset.get('version')} ({dataset.get('train_images')} train / "
-        f"{dataset.get('val_images')} val / {dataset.get('test_images')} test); checks "
-        + ", ".join(f"{k} {'ok' if v[0] else 'FAILED: ' + v[1]}" for k, v in curate.checks.items())
-    )
-    if not ok("curate", curate):
-        return _finish(1, steps, timings, report_path)
-
-    detector = {
-        "detector": {
-            "epochs": config.epochs,
-            "learning_rate": config.learning_rate,
-            "seed": config.seed,
-        }
-    }
-    trains = runner.tick("retraining_sensor", {"ops": {"trained_model": {"config": detector}}})
-    for train in trains:
-        model = train.assets.get("trained_model", {})
-        evaluation = train.assets.get("model_evaluation", {})
-        export = train.assets.get("onnx_model", {})
-        print(
-            f"\n== train + evaluate + export (Dagster run {train.run_id}): {model.get('model')}, "
-            f"val mAP {model.get('val_map')}, answering at score >= "
-            f"{model.get('answer_threshold')}; test mAP {evaluation.get('map')}, mAP@.5 "
-            f"{evaluation.get('map_50')}; gate: "
-            + "; ".join(
-                f"{k}: {'passed' if v[0] else 'FAILED ' + v[1]}" for k, v in train.checks.items()
-            )
-            + f"; export: {export.get('chosen')}"
+    report: dict = {"turns": []}
+    if not (demo.ingest(drop.name) and demo.curate("curate")):
+        return _finish(1, demo, report, report_path)
+    first = demo.turn(1, field_frames(config, 1), cohorts=[])
+    if first is None:
+        return _finish(1, demo, report, report_path)
+    report["turns"].append(_reported(first))
+    if not (demo.annotate(first["queue"]) and demo.curate("curate again")):
+        return _finish(1, demo, report, report_path)
+    second = demo.turn(2, field_frames(config, 2), cohorts=["line-1"])
+    if second is None:
+        return _finish(1, demo, report, report_path)
+    report["turns"].append(_reported(second))
+    audit = demo.audit([first, second])
+    after = second["after"]
+    print("\n######## summary")
+    for number, turn in enumerate((first, second), 1):
+        gate = turn["gate"]
+        verdict = (
+            "refused by the gate"
+            if gate["refused"]
+            else f"canary {turn['decision'].get('action')}"
+            if turn["release"]
+            else "not retrained"
         )
-    if not ok("train", trains):
-        return _finish(1, steps, timings, report_path)
-
-    ensure_signing_key()
-    release = runner.job(
-        "release_job",
-        run_config={"ops": {"edge_release": {"config": {"canary_share": 1.0}}}},
-    )
-    info = release.assets.get("edge_release", {})
-    print(f"\n== release: {info.get('release')} ({info.get('artifact')}) on canary")
-    if not ok("release", release):
-        return _finish(1, steps, timings, report_path)
-
-    frames = scenes.scenes(
-        config.frames, config.seed + 7919, scenes.SceneConfig(noise=0.09, p_empty=0.15)
-    )
-    with timings.stage():
-        fleet = run_detection_fleet(config, frames, home)
-    print(
-        f"\n== fleet: {config.devices} cameras answered {fleet.frames} frames "
-        f"({fleet.boxes_answered} boxes at the release's operating point); operators reviewed "
-        f"{fleet.reviewed} "
-        f"(added {fleet.edits['added']}, deleted {fleet.edits['deleted']}, relabelled "
-        f"{fleet.edits['relabelled']} boxes); {fleet.uploaded_records} records uploaded, signed"
-    )
-    feedback = runner.tick("feedback_sensor")
-    for r in feedback:
-        got = r.assets.get("feedback", {})
         print(
-            f"\n== feedback (Dagster run {r.run_id}): {got.get('records')} records, "
-            f"{got.get('reviewed')} reviewed, {got.get('quarantined_batches')} batches quarantined"
+            f"   turn {number} : {gate['model_version'] or 'no model'} "
+            f"(test mAP {gate['map']}, mAP@.5 {gate['map_50']}) -> "
+            f"{turn['release'] or 'no release'}: {verdict}; SLA "
+            f"{'met' if turn['sla_ok'] else 'missed'}"
         )
-    if not ok("feedback", feedback):
-        return _finish(1, steps, timings, report_path)
-    canary = runner.job("canary_job")
-    decision = canary.assets.get("canary_decision", {})
-    print(f"\n== canary: {decision.get('action')} ({decision.get('why')})")
-    if not ok("canary", canary):
-        return _finish(1, steps, timings, report_path)
-    learn = runner.job("learn_job")
-    metrics = learn.assets.get("production_metrics", {})
-    queue = learn.assets.get("annotation_queue", {})
+    print(f"   stable : {after['stable']} (MLflow alias champion: v{after['champion']})")
     print(
-        f"\n== learn: {metrics.get('reviewed')} of {metrics.get('records')} frames reviewed; "
-        f"per release:\n{metrics.get('per_release')}\n   drift:\n{metrics.get('drift')}\n"
-        f"   annotation queue {queue.get('queue_id')}: {queue.get('queued')} frames "
-        f"{queue.get('by_reason')} -> {queue.get('labelstudio_import')}\n   checks: "
-        + ", ".join(f"{k} {'ok' if v[0] else 'failed: ' + v[1]}" for k, v in learn.checks.items())
+        f"   audit  : every turn-2 frame ({len(second['frames'])}, as shot) against the "
+        "oracle's true boxes, which the pipeline never saw, at each model's operating point:"
     )
-    steps["learn"] = learn.success  # an SLA missed is an outcome the turn reports, not a failure
-    again = runner.job("curate_job", run_config=CURATE)
-    grown = again.assets.get("labeled_pool", {})
-    print(
-        f"\n== curate again: the pool now holds {grown.get('images')} images "
-        f"({grown.get('feedback_labeled')} reviewed field frames as box labels); dataset "
-        f"{again.assets.get('dataset_version', {}).get('version')}"
-    )
-    steps["curate_again"] = again.success
-    return _finish(0 if all(steps.values()) else 1, steps, timings, report_path)
+    for number, (version, scores) in enumerate(audit.items(), 1):
+        print(
+            f"            turn {number}'s model v{version}: precision {scores['precision']:.4f}, "
+            f"recall {scores['recall']:.4f}, F1 {scores['f1']:.4f} (answering at score >= "
+            f"{scores['answer_threshold']:.4f})"
+            + ("   <- shipped (stable)" if version == str(after["champion"]) else "")
+        )
+    report.update({"audit": audit, "stable": after["stable"], "champion": after["champion"]})
+    code = 0 if all(demo.steps.values()) else 1
+    return _finish(code, demo, report, report_path)
 
 
-def _finish(code: int, steps: dict, timings, report_path: str | None) -> int:
-    timing = timings.report()
+def _reported(turn: dict) -> dict:
+    """A turn as the report keeps it (no frames, no images)."""
+    keep = ("gate", "release", "before", "after", "fleet", "decision", "sla_ok")
+    return {k: turn[k] for k in keep} | {"queued": turn["queue"].get("queued")}
+
+
+def _finish(code: int, demo: DetectionDemo, report: dict, report_path: str | None) -> int:
+    timing, steps = demo.timings.report(), demo.steps
     print(
         f"\n   time   : {timing['wall_s']} s in all over {timing['dagster_runs']} Dagster runs; "
         f"steps {steps}"
@@ -258,6 +472,10 @@ def _finish(code: int, steps: dict, timings, report_path: str | None) -> int:
     )
     if report_path:
         Path(report_path).write_text(
-            json.dumps({"ok": code == 0, "steps": steps, "timings": timing}, indent=2)
+            json.dumps(
+                {"ok": code == 0, "steps": steps, "timings": timing, **report},
+                indent=2,
+                default=str,
+            )
         )
     return code

@@ -165,3 +165,16 @@ def frame_right(answer: list[dict], truth: list[dict]) -> bool:
     """A frame answered right: every box it gave matches one, and every true box was found."""
     hits, answered = matches(answer, truth, min_score=0.0)
     return hits == answered == len(truth)
+
+
+def field_scores(answers: list[list[dict]], truths: list[list[dict]]) -> dict[str, float]:
+    """Precision, recall and F1 at IoU 0.5 of answered box sets (every box given counts)
+    against the true ones, frame by frame: what an operator would count in the field."""
+    hits = answered = total = 0
+    for answer, truth in zip(answers, truths, strict=True):
+        found, given = matches(answer, truth, min_score=0.0)
+        hits, answered, total = hits + found, answered + given, total + len(truth)
+    precision = hits / answered if answered else 0.0
+    recall = hits / total if total else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "frames": len(answers)}

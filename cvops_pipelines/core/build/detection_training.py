@@ -255,17 +255,20 @@ def train_detector(
     on_epoch=None,
     device: str = "cpu",
     initial_state: dict | None = None,
+    build=build_detector,
 ):
     """Train on RGB uint8 images with pixel boxes and 1-based class indices (0 is background);
-    `on_epoch(epoch, mean loss)` reports progress. Under torchrun every process trains its
-    shard of each epoch (DistributedDataParallel averages the gradients) and reports the
-    loss over all of them. Returns the model on the CPU, in eval mode."""
+    `on_epoch(epoch, mean loss)` reports progress; `build(num_classes, config)` makes the
+    network (any torchvision detector: benchmarks/detection_recipe.py compares several).
+    Under torchrun every process trains its shard of each epoch (DistributedDataParallel
+    averages the gradients) and reports the loss over all of them. Returns the model on the
+    CPU, in eval mode."""
     import torch
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)  # the same epoch order on every rank
     rank, world = distributed()
-    model = build_detector(num_classes, config)
+    model = build(num_classes, config)
     if initial_state is not None:
         model.load_state_dict(initial_state)
     model = model.to(device)

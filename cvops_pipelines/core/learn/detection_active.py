@@ -116,7 +116,11 @@ def publish_detection_queue(
         shown = [b for b in parse_boxes(row.boxes) if b.get("score", 1.0) >= 0.3]
         tasks.append(
             {
-                "data": {"image": f"images/{name}", "image_id": row.image_id, "queue": queue_id},
+                "data": {
+                    "image": f"/data/local-files/?d=images/{name}",
+                    "image_id": row.image_id,
+                    "cvops_queue": queue_id,  # what marks the answers as the queue's
+                },
                 "predictions": [
                     {
                         "model_version": row.release,

@@ -98,3 +98,24 @@ def test_the_operating_point_is_the_threshold_with_the_best_f1():
     assert point.f1 == pytest.approx(2 / 3)
     none = operating_point([{**found[0], "labels": ["b", "b"]}], truth, ["a", "b"])
     assert none.f1 == 0.0 and none.threshold == 1.0  # nothing right: answer nothing
+
+
+def test_field_scores_count_every_answered_box_and_every_missed_one():
+    from cvops_pipelines.core.base.box_metrics import field_scores
+
+    truth = [
+        [{"label": "1", "box": [0, 0, 10, 10]}, {"label": "2", "box": [20, 20, 30, 30]}],
+        [],  # an empty frame: anything answered there is wrong
+    ]
+    answers = [
+        [
+            {"label": "1", "box": [0, 0, 10, 9], "score": 0.9},  # found
+            {"label": "3", "box": [20, 20, 30, 30], "score": 0.8},  # wrong class: a miss
+        ],
+        [{"label": "1", "box": [5, 5, 9, 9], "score": 0.6}],
+    ]
+    scores = field_scores(answers, truth)
+    assert scores["precision"] == pytest.approx(1 / 3)
+    assert scores["recall"] == pytest.approx(1 / 2)
+    assert scores["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert field_scores([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "frames": 1}

@@ -200,3 +200,25 @@ def test_a_changed_policy_starts_the_state_over(tmp_path):
     assert again.rebuilt and again.frames() == 0 and not again.absorbed()
     assert again.report().per_release.empty  # the kept sums went with the records
     again.close()
+
+
+def test_answers_to_the_published_queue_come_back_as_the_queue_s_labels(tmp_path):
+    """The import marks its tasks as the queue's, so the answers that come back through a
+    Label Studio export are read as annotation-queue labels, not as an ordinary drop's."""
+    from cvops_pipelines.core.base.store import LocalStore
+    from cvops_pipelines.core.ingest.formats.labelstudio import parse_labelstudio
+    from cvops_pipelines.core.learn.detection_active import publish_detection_queue
+
+    store = LocalStore(tmp_path)
+    rows = [record(2, [scored(A, 0.95)], [A, B])]
+    rows[0]["key"] = "fleet/frame.png"
+    store.write_bytes(rows[0]["key"], b"png bytes")
+    queue = detection_queue(pd.DataFrame(rows), experts=set(), size=1, explore_share=0.0)
+    _, prefix = publish_detection_queue(store, queue, ["3", "7"])
+    tasks = json.loads(store.read_bytes(f"{prefix}/tasks.json"))
+    tasks[0]["annotations"] = [
+        {"completed_by": "me", "result": tasks[0]["predictions"][0]["result"]}
+    ]
+    (label,) = parse_labelstudio("export.json", tasks)
+    assert label.origin == "annotation_queue" and label.label == "3"
+    assert label.image_ref == "images/frame.png"  # beside the export, as the queue wrote it

@@ -25,7 +25,11 @@ from cvops_pipelines.core.build.detection_training import (
     DetectorSpec,
     train_detector,
 )
-from cvops_pipelines.core.curate.detection_label_qa import BoxQAConfig, review_boxes
+from cvops_pipelines.core.curate.detection_label_qa import (
+    BoxQAConfig,
+    review_boxes,
+    reviewer_agreement,
+)
 from cvops_pipelines.demo.scenes import CLASSES, scenes
 from cvops_pipelines.edge.detect import box_iou
 
@@ -260,6 +264,11 @@ def run(quick: bool = False) -> dict:
     # (here the noisy ones: the benchmark's reviewer never sees the truth)
     truths = [{"boxes": b, "labels": c} for b, c in given]
     point = operating_point(predictions, truths, CLASSES)
+    agreement = reviewer_agreement(
+        pool_frame(given, items),
+        {f"img{i:05d}": p for i, p in enumerate(predictions)},
+        BoxQAConfig().at(point.threshold),
+    )
     started = time.time()
     ours = score(cvops_flags(given, items, predictions, point.threshold), lost, kinds, predictions)
     ours_s = time.time() - started
@@ -273,6 +282,14 @@ def run(quick: bool = False) -> dict:
         "epochs_per_fold": epochs,
         "out_of_fold_training_s": round(train_s, 1),
         "reviewer_operating_point": round(point.threshold, 4),
+        # the asset's guard: below min_reviewer_f1 it withholds the flags scored below
+        "reviewer_agreement": {
+            "f1": round(agreement.f1, 4),
+            "precision": round(agreement.precision, 4),
+            "recall": round(agreement.recall, 4),
+            "min_f1": agreement.min_f1,
+            "flags_withheld": not agreement.can_judge,
+        },
         "cvops": ours,
         "cvops_s": round(ours_s, 2),
         "cleanlab_defaults": theirs,

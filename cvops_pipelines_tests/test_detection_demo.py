@@ -77,6 +77,16 @@ def test_two_hands_off_turns_on_boxes(detection_demo):
     operator = int(out.split("== curate: ")[-1].split("(")[1].split()[0])
     assert 0 <= operator <= reviewed
 
+    # box QA: no reviewer before the first detector; then the champion reviews, and flags
+    # only when it agrees with the given boxes well enough (F1 >= 0.6) to judge them
+    qa = [line for line in out.splitlines() if line.startswith("   box QA : ")]
+    assert len(qa) == 2 and "none yet (model-free checks only)" in qa[0]
+    if "too weak to judge" in qa[1]:
+        assert float(qa[1].split("at F1 ")[1].split()[0]) < 0.6
+        assert not any(k in qa[1] for k in ("overlooked", "badly_located", "swapped_class"))
+    else:
+        assert float(qa[1].split("at F1 ")[1].split()[0]) >= 0.6
+
     # turn 2: retrained on the grown pool; the gate's verdict decides whether it ships
     gate = second["gate"]
     assert gate["trained"], turn2

@@ -169,6 +169,12 @@ class DetectionDemo:
                 f"{k} {'ok' if v[0] else 'FAILED: ' + v[1]}" for k, v in curate.checks.items()
             )
         )
+        issues = curate.assets.get("label_issues", {})
+        if issues:
+            print(
+                f"   box QA : {issues.get('box_issues')} issues "
+                f"{issues.get('issues_by_type')}; reviewer {issues.get('reviewer')}"
+            )
         return self.ok(step, curate)
 
     def train(self, number: int) -> dict | None:

@@ -41,6 +41,9 @@ class BoxQAConfig:
     location_score: float = 0.5  # a same-class prediction this confident re-locates a box
     swap_score: float = 0.5  # another class this confident on the same object: a swap
     duplicate_iou: float = 0.9  # two given boxes of one class this close: a double click
+    # the reviewer's answer must agree with the given boxes this well (F1 at match_iou) before
+    # its disagreements are worth a reviewer's time: below, they are mostly its own errors
+    min_reviewer_f1: float = 0.6
 
     def at(self, score: float) -> BoxQAConfig:
         """The same checks with every score threshold at `score`: a reviewer's operating point
@@ -164,6 +167,55 @@ def predicted_box_issues(
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class ReviewerAgreement:
+    """How the reviewer's answer (its boxes from the QA's score) agrees with the given boxes
+    on the images it scored, at IoU 0.5."""
+
+    precision: float
+    recall: float
+    f1: float
+    images: int
+    min_f1: float
+
+    @property
+    def can_judge(self) -> bool:
+        return self.f1 >= self.min_f1
+
+    def why_not(self) -> str:
+        return (
+            f"the reviewer's boxes agree with the given ones at F1 {self.f1:.3f} (precision "
+            f"{self.precision:.3f}, recall {self.recall:.3f}) on {self.images} images, below "
+            f"{self.min_f1}: too weak to judge, so its flags (overlooked, badly located, swapped) "
+            "are withheld and only the model-free checks ran"
+        )
+
+
+def reviewer_agreement(
+    pool: pd.DataFrame, predictions: dict[str, dict], config: BoxQAConfig = BoxQAConfig()
+) -> ReviewerAgreement:
+    """The classification guard's rule for boxes: a reviewer that disagrees with most labels
+    cannot tell a wrong label from its own mistake, and would flood the review."""
+    from cvops_pipelines.core.base.box_metrics import field_scores
+
+    answers, truths = [], []
+    for row in pool[pool["image_id"].isin(list(predictions))].itertuples(index=False):
+        p = predictions[row.image_id]
+        answers.append(
+            [
+                {"label": label, "box": list(map(float, box)), "score": float(score)}
+                for box, score, label in zip(p["boxes"], p["scores"], p["labels"])
+                if score >= config.overlooked_score
+            ]
+        )
+        boxes, labels = decode(row.boxes)
+        truths.append([{"label": c, "box": list(b)} for b, c in zip(boxes, labels)])
+    scores = field_scores(answers, truths)
+    return ReviewerAgreement(
+        scores["precision"], scores["recall"], scores["f1"], len(answers), config.min_reviewer_f1
+    )
 
 
 def review_boxes(

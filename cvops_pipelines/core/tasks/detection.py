@@ -19,6 +19,7 @@ from cvops_pipelines.core.curate.detection_label_qa import (
     BoxQAConfig,
     image_review,
     review_boxes,
+    reviewer_agreement,
     write_box_review,
 )
 from cvops_pipelines.core.curate.detection_pool import box_rows, build_box_pool
@@ -68,10 +69,15 @@ class Detection(Task):
             match_iou=settings.box_match_iou,
             min_overlap=settings.box_min_overlap,
             duplicate_iou=settings.box_duplicate_iou,
+            min_reviewer_f1=settings.min_reviewer_f1,
         )
         score = settings.box_min_score if settings.box_min_score is not None else operating_point
         qa = qa.at(score) if score is not None else qa
-        issues = review_boxes(pool, predictions, qa)
+        agreement = reviewer_agreement(pool, predictions, qa) if predictions else None
+        if agreement is not None and not agreement.can_judge:
+            ctx.warn(agreement.why_not())
+        judged = predictions if agreement is not None and agreement.can_judge else None
+        issues = review_boxes(pool, judged, qa)
         classes = sorted(box_rows(pool)["label"].unique())
         uris = write_box_review(store, f"reports/label_issues/{ctx.run_id}", issues, pool, classes)
         review = image_review(issues, pool)
@@ -81,9 +87,7 @@ class Detection(Task):
                 "suspects": len(review),
                 "box_issues": len(issues),
                 "scored_images": len(predictions),
-                "reviewer": f"{settings.reviewer} (boxes from score {qa.overlooked_score})"
-                if predictions
-                else "none yet (model-free checks only)",
+                "reviewer": _reviewer(settings.reviewer, qa, agreement),
                 "issues_by_type": Json(issues["issue"].value_counts().to_dict()),
                 "top_issues": Table(issues, 15),
                 "box_issues_csv": Link(uris["box_issues.csv"]),
@@ -227,6 +231,17 @@ class Detection(Task):
             queue.assign(queue_id=queue_id),
             queue_metadata(queue, queue_id, prefix, store, experts, columns),
         )
+
+
+def _reviewer(name: str, qa: BoxQAConfig, agreement) -> str:
+    if agreement is None:
+        return "none yet (model-free checks only)"
+    if not agreement.can_judge:
+        return f"{name}: {agreement.why_not()}"
+    return (
+        f"{name} (boxes from score {qa.overlooked_score}; agrees with the given boxes at F1 "
+        f"{agreement.f1:.3f} on {agreement.images} images)"
+    )
 
 
 DETECTION = Detection()

@@ -214,6 +214,12 @@ class LabelIssuesConfig(Config):
     box_duplicate_iou: float = Field(
         BoxQAConfig.duplicate_iou, description="Two same-class boxes this close: a duplicate."
     )
+    min_reviewer_f1: float = Field(
+        BoxQAConfig.min_reviewer_f1,
+        description="Detection: the reviewer flags boxes only when its answer agrees with the "
+        "given boxes at this F1 (IoU 0.5) or better; below, its flags are withheld (mostly its "
+        "own errors) and only the model-free checks run.",
+    )
 
 
 @loop_asset(

@@ -243,3 +243,24 @@ def test_the_replay_set_carries_each_frame_s_reviewed_boxes_an_expert_s_first():
     assert rows.loc["cam-00000001", "boxes"] == operator_fix
     assert rows.loc["cam-00000002", "boxes"] == expert_fix
     assert rows.loc["cam-00000002", "label_source"] == "expert"
+
+
+def test_a_reviewer_that_disagrees_with_most_given_boxes_is_too_weak_to_judge():
+    from cvops_pipelines.core.curate.detection_label_qa import reviewer_agreement
+
+    pool = pool_of({f"img{k}": TRUTH for k in range(10)} | {"dropped": TRUTH[:2]})
+    sees = model_sees_truth(pool["image_id"])
+    strong = reviewer_agreement(pool, sees)
+    assert strong.can_judge and strong.images == 11
+    assert strong.precision == pytest.approx(32 / 33) and strong.recall == 1.0
+    # a reviewer that puts every box a class off agrees with nothing it reviews
+    wrong = {
+        i: {**p, "labels": [str((int(c) + 1) % 10) for c in p["labels"]]} for i, p in sees.items()
+    }
+    weak = reviewer_agreement(pool, wrong)
+    assert weak.f1 == 0.0 and not weak.can_judge
+    assert "too weak to judge" in weak.why_not() and "F1 0.000" in weak.why_not()
+    # its boxes below the QA's score are not its answer: a confident reviewer judged on them
+    shy = reviewer_agreement(pool, sees, BoxQAConfig().at(0.95))
+    assert shy.recall == 0.0 and not shy.can_judge
+    assert reviewer_agreement(pool, sees, BoxQAConfig(min_reviewer_f1=1.0)).can_judge is False

@@ -366,9 +366,9 @@ class DetectionDemo:
         """Every turn's model on every turn-2 frame as shot, at its own operating point,
         against the oracle's boxes (what the demo can know and a real site cannot)."""
         from cvops_pipelines.core.base.box_metrics import field_scores
-        from cvops_pipelines.core.base.tracking import Tracking
         from cvops_pipelines.core.build.detection_run import predict
         from cvops_pipelines.core.build.registry import load
+        from cvops_pipelines.demo.harness import loop_tracking
         from cvops_pipelines.edge.preprocess import load_rgb
 
         frames = turns[-1]["frames"]
@@ -377,7 +377,7 @@ class DetectionDemo:
             [{"label": label, "box": box} for label, box in zip(s.labels, s.boxes.tolist())]
             for s in frames
         ]
-        tracking, out = Tracking(settings.mlflow_tracking_uri()), {}
+        tracking, out = loop_tracking(), {}
         for turn in turns:
             version = (turn["gate"]["model_version"] or "").lstrip("v")
             if not version or version in out:

@@ -207,9 +207,15 @@ def channel_releases() -> dict:
 
 
 def champion_version() -> str | None:
+
+    return loop_tracking().alias_version("champion")
+
+
+def loop_tracking():
+    """This loop's registry (its model name: a detection loop registers cvops-detector)."""
     from cvops_pipelines.core.base.tracking import Tracking
 
-    return Tracking(settings.mlflow_tracking_uri()).alias_version("champion")
+    return Tracking(settings.mlflow_tracking_uri(), model_name=settings.model_name())
 
 
 def report_turn(turn: dict) -> dict:
@@ -307,11 +313,10 @@ class Demo:
         oracle's truth: what the demo can know and a real site cannot."""
         import numpy as np
 
-        from cvops_pipelines.core.base.tracking import Tracking
         from cvops_pipelines.core.build.training import predict_probs
         from cvops_pipelines.edge.preprocess import load_rgb, resize
 
-        tracking = Tracking(settings.mlflow_tracking_uri())
+        tracking = loop_tracking()
         out = {}
         for version in versions:
             loaded = load(tracking, version=version)

@@ -216,6 +216,8 @@ class LabelIssuesConfig(Config):
     )
     min_reviewer_f1: float = Field(
         BoxQAConfig.min_reviewer_f1,
+        ge=0.0,
+        le=1.0,
         description="Detection: the reviewer flags boxes only when its answer agrees with the "
         "given boxes at this F1 (IoU 0.5) or better; below, its flags are withheld (mostly its "
         "own errors) and only the model-free checks run.",

@@ -264,3 +264,14 @@ def test_a_reviewer_that_disagrees_with_most_given_boxes_is_too_weak_to_judge():
     shy = reviewer_agreement(pool, sees, BoxQAConfig().at(0.95))
     assert shy.recall == 0.0 and not shy.can_judge
     assert reviewer_agreement(pool, sees, BoxQAConfig(min_reviewer_f1=1.0)).can_judge is False
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan")])
+def test_the_reviewer_guard_s_setting_is_refused_outside_0_to_1(bad):
+    from pydantic import ValidationError
+
+    from cvops_pipelines.defs.curate.assets import LabelIssuesConfig
+
+    assert LabelIssuesConfig().min_reviewer_f1 == BoxQAConfig().min_reviewer_f1
+    with pytest.raises(ValidationError, match="min_reviewer_f1"):
+        LabelIssuesConfig(min_reviewer_f1=bad)

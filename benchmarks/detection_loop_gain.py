@@ -23,6 +23,7 @@ F1 is worse than the one it replaced by more than the gate's margin.
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,6 @@ def _split(items: list, seed: int) -> dict[str, list]:
 
 def _train(split: dict[str, list], config: DetectorConfig):
     """(model, spec at the validation operating point): what train_detector_tracked does."""
-    from dataclasses import replace
-
     images, truth = [s.image for s in split["train"]], [_truth(s) for s in split["train"]]
     result = fit_scenes(images, truth, CLASSES, config, "cpu", lambda *_: None)
     val = split["val"]
@@ -102,8 +101,8 @@ def _queue(frames, ids, answers, reviewed, seed: int, threshold: float) -> set[s
                 "predicted": None,
                 "record_id": image_id,
                 "device_id": "cam",
-                "width": 160,
-                "height": 160,
+                "width": frame.image.shape[1],
+                "height": frame.image.shape[0],
                 "uri": "",
                 "key": "",
             }
@@ -128,7 +127,7 @@ def one_seed(seed: int, config: DetectorConfig, demo: DetectionDemoConfig) -> di
     holdout = {i for i in ids if in_holdout(i)}
     grown = _split([f for f, i in zip(frames, ids) if i in labelled - holdout], seed + 1)
     pool = {k: drop[k] + grown[k] for k in drop}
-    second, spec2 = _train(pool, DetectorConfig(**{**config.__dict__, "seed": config.seed + 1}))
+    second, spec2 = _train(pool, replace(config, seed=config.seed + 1))
     # the gate: the grown test split, and the reviewed holdout frames replayed, paired
     test = pool["test"]
     mine, theirs = (
@@ -192,7 +191,7 @@ def run(quick: bool = False) -> dict:
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
     rows = []
     for seed in seeds:
-        rows.append(one_seed(seed, DetectorConfig(**{**config.__dict__, "seed": seed}), demo))
+        rows.append(one_seed(seed, replace(config, seed=seed), demo))
         print(rows[-1], flush=True)
     gains = [r["shipped_f1_gain"] for r in rows]
     margin = NonInferiority().margin

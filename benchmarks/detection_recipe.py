@@ -20,6 +20,7 @@ Target (issue 32): test mAP@.5 >= 0.85 and mAP >= 0.5 within 5 minutes of traini
 """
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def _epoch_seconds(build, data, config: DetectorConfig) -> float:
     """One epoch's time, from three steps of a model thrown away."""
     images, boxes, labels = data
     count = 3 * config.batch_size
-    probe = DetectorConfig(**{**config.__dict__, "epochs": 1})
+    probe = replace(config, epochs=1)
     started = time.perf_counter()
     train_detector(images[:count], boxes[:count], labels[:count], len(CLASSES), probe, build=build)
     per_step = (time.perf_counter() - started) / 3
@@ -131,7 +132,7 @@ def _candidate(name, build, size, data, held_out, budget: float, encoder) -> dic
     test, truths = held_out
     base = DetectorConfig(image_size=size, learning_rate=0.004, batch_size=8)
     epochs = max(1, int(budget * 60 / _epoch_seconds(build, data, base)))
-    config = DetectorConfig(**{**base.__dict__, "epochs": epochs})
+    config = replace(base, epochs=epochs)
     built, curve, clock = [], [], {"cpu": 0.0, "at": 0.0}
 
     def keep(num_classes, config):

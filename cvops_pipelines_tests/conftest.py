@@ -14,7 +14,7 @@ from cvops_pipelines_tests.helpers import free_port, mlflow_server_process, wait
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers on two cores: one torch/OpenMP thread each, or their thread pools fight
-    # (set before anything imports torch; the demo's own process gets the default back)
+    # (set before anything imports torch; the demos' processes inherit it)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
@@ -119,7 +119,8 @@ def demo_run(tmp_path_factory):
     checks its output, the browser test opens the Dagster UI on the instance it leaves behind."""
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
-    env.pop("OMP_NUM_THREADS", None)  # the README's command, as a user runs it
+    # the README's command, as a user runs it; under xdist with the worker's one OpenMP thread
+    # (both demos start first, side by side: two torch thread pools each would fight for 2 cores)
     timings, report = root / "timings.json", root / "report.json"
     proc = subprocess.run(
         [

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.timeout(1800)
 def detection_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("detection_demo")
     env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
-    env.pop("OMP_NUM_THREADS", None)
     env.pop("CVOPS_ONTOLOGY", None)  # the demo picks the scenes ontology itself
     report = root / "report.json"
     proc = subprocess.run(

@@ -2,6 +2,7 @@
 storage, queued run coordinator, S3 compute logs), an MLflow server with a Postgres backend and S3
 artifacts, cvops data in S3 — real PostgreSQL and a real S3 endpoint on loopback."""
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from mlflow import MlflowClient
 from cvops_pipelines_tests.helpers import mlflow_server_process
 from cvops_pipelines_tests.stages import curate, gate, ingest, metadata, train, write_drop
 
+# the tags Dagster puts on a run a sensor or schedule asked for
+SENSOR_TAG, SCHEDULE_TAG = "dagster/sensor_name", "dagster/schedule_name"
 TINY = {"image_size": 32, "epochs": 2, "batch_size": 32, "learning_rate": 3e-3, "seed": 3}
 
 
@@ -142,7 +145,8 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
         assert s3.head_object(Bucket=s3_bucket, Key="tables/dataset_version/all.parquet")
 
         # Runs from the UI and sensors are queued; the daemon launches them. With the automation
-        # sensor stopped (as an operator would), the only run is the one launched here.
+        # sensor stopped (as an operator would), it launches nothing; the only run no schedule or
+        # sensor asked for is the one launched here (the hourly learn_schedule may tick meanwhile).
         dagster_cli(repo_root, "sensor", "stop", "cvops_automation")
         dagster_cli(repo_root, "job", "launch", "-j", "curate_job")
         (queued,) = reopened.get_runs(limit=1)
@@ -155,7 +159,12 @@ def test_dagster_and_mlflow_on_postgres_with_artifacts_in_s3(
         )
         run = reopened.get_run_by_id(queued.run_id)
         assert run.status == DagsterRunStatus.SUCCESS, (tmp_path / "daemon.log").read_text()[-3000:]
-        assert [r.run_id for r in reopened.get_runs(limit=2)] == [queued.run_id, result.run_id]
+        since_train = list(
+            itertools.takewhile(lambda r: r.run_id != result.run_id, reopened.get_runs())
+        )
+        assert not [r for r in since_train if r.tags.get(SENSOR_TAG) == "cvops_automation"]
+        unasked = [r.run_id for r in since_train if not {SENSOR_TAG, SCHEDULE_TAG} & r.tags.keys()]
+        assert unasked == [queued.run_id], [(r.job_name, r.tags) for r in since_train]
         logs = s3.list_objects_v2(Bucket=s3_bucket, Prefix="dagster-compute-logs/")
         assert logs.get("KeyCount", 0) > 0  # the run's stdout/stderr, readable by any webserver
 

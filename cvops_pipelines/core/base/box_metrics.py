@@ -24,19 +24,33 @@ class DetectionReport:
     pr_50: dict[str, list[float]] = field(default_factory=dict)
 
 
-def _matched(pred_boxes, pred_scores, truth_boxes, iou: float) -> int:
-    """Truth boxes found by a prediction at IoU >= `iou`, greedily by score (COCO's matching)."""
+def _greedy_hits(pred_boxes, pred_scores, truth_boxes, iou: float) -> np.ndarray:
+    """Which predictions find a truth box at IoU >= `iou`, matched greedily by score (COCO's
+    matching). A prediction's outcome depends only on the higher-scored ones, so the hits at any
+    score threshold are these hits among the boxes it keeps."""
     from cvops_pipelines.edge.detect import box_iou
 
+    hit = np.zeros(len(pred_boxes), bool)
     if not len(truth_boxes) or not len(pred_boxes):
-        return 0
+        return hit
     overlaps = box_iou(pred_boxes, truth_boxes)
     taken = np.zeros(len(truth_boxes), bool)
     for p in np.argsort(-np.asarray(pred_scores), kind="stable"):
         candidates = np.where(~taken & (overlaps[p] >= iou))[0]
         if candidates.size:
-            taken[candidates[np.argmax(overlaps[p][candidates])]] = True
-    return int(taken.sum())
+            taken[candidates[np.argmax(overlaps[p][candidates])]] = hit[p] = True
+    return hit
+
+
+def _by_class(prediction: dict, truth: dict, classes: list[str]):
+    """(class, predicted boxes, their scores, true boxes) of one image, class by class."""
+    labels, truth_labels = np.asarray(prediction["labels"]), np.asarray(truth["labels"])
+    boxes = np.asarray(prediction["boxes"], float).reshape(-1, 4)
+    truth_boxes = np.asarray(truth["boxes"], float).reshape(-1, 4)
+    scores = np.asarray(prediction["scores"], float)
+    for name in classes:
+        mine = labels == name
+        yield name, boxes[mine], scores[mine], truth_boxes[truth_labels == name]
 
 
 def evaluate_detections(
@@ -79,17 +93,12 @@ def evaluate_detections(
         per_class[classes[int(label)]] = float(ap) if ap >= 0 else float("nan")
         if ap >= 0:
             pr_50[classes[int(label)]] = [max(float(p), 0.0) for p in precision[0, :, k, 0, -1]]
-    recall, objects = {}, {}
-    for name in classes:
-        found = total = 0
-        for p, t in zip(predictions, truths):
-            truth = np.asarray(t["boxes"], float).reshape(-1, 4)[np.asarray(t["labels"]) == name]
-            mine = np.asarray(p["labels"]) == name
-            pred = np.asarray(p["boxes"], float).reshape(-1, 4)[mine]
-            found += _matched(pred, np.asarray(p["scores"])[mine], truth, 0.5)
-            total += len(truth)
-        objects[name] = total
-        recall[name] = found / total if total else float("nan")
+    found, objects = dict.fromkeys(classes, 0), dict.fromkeys(classes, 0)
+    for p, t in zip(predictions, truths):
+        for name, boxes, scores, truth_boxes in _by_class(p, t, classes):
+            found[name] += int(_greedy_hits(boxes, scores, truth_boxes, 0.5).sum())
+            objects[name] += len(truth_boxes)
+    recall = {c: found[c] / objects[c] if objects[c] else float("nan") for c in classes}
     return DetectionReport(
         float(result["map"]), float(result["map_50"]), per_class, recall, objects, pr_50
     )
@@ -107,28 +116,26 @@ def operating_point(
     predictions: list[dict], truths: list[dict], classes: list[str], iou: float = 0.5
 ) -> OperatingPoint:
     """The score threshold with the best F1 at IoU `iou` on these images (ties: the higher
-    threshold): where a young detector's low, uncalibrated scores become a usable answer. The
-    candidates are the scores themselves, so the result is exact, not a grid's."""
-    scores = sorted({round(float(s), 6) for p in predictions for s in p["scores"]}, reverse=True)
+    threshold): where a young detector's low, uncalibrated scores become a usable answer. Exact:
+    every distinct score is a candidate, all scored in one pass (the greedy matching once, then
+    the hits summed down the score order)."""
+    scores, hits = [np.zeros(0)], [np.zeros(0, bool)]
+    for p, t in zip(predictions, truths):
+        for _, boxes, box_scores, truth_boxes in _by_class(p, t, classes):
+            scores.append(box_scores)
+            hits.append(_greedy_hits(boxes, box_scores, truth_boxes, iou))
+    score, hit = np.concatenate(scores), np.concatenate(hits)
+    order = np.argsort(-score, kind="stable")
+    score, found_so_far = score[order], np.cumsum(hit[order])
     truth_total = sum(len(t["labels"]) for t in truths)
     best = OperatingPoint(1.0, 0.0, 0.0, 0.0)
-    for threshold in scores[:2000]:
-        hits = answered = 0
-        for p, t in zip(predictions, truths):
-            keep = np.asarray(p["scores"]) >= threshold
-            answered += int(keep.sum())
-            for name in classes:
-                mine = keep & (np.asarray(p["labels"]) == name)
-                truth_boxes = np.asarray(t["boxes"], float).reshape(-1, 4)[
-                    np.asarray(t["labels"]) == name
-                ]
-                pred_boxes = np.asarray(p["boxes"], float).reshape(-1, 4)[mine]
-                hits += _matched(pred_boxes, np.asarray(p["scores"])[mine], truth_boxes, iou)
-        precision = hits / answered if answered else 0.0
-        recall = hits / truth_total if truth_total else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    # a threshold keeps every box scored at or above it: the last box of each run of equal scores
+    for last in np.flatnonzero(np.append(score[1:] != score[:-1], True)) if len(score) else []:
+        found, answered = int(found_so_far[last]), int(last) + 1
+        precision, recall = found / answered, found / truth_total if truth_total else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if found else 0.0
         if f1 > best.f1:
-            best = OperatingPoint(threshold, precision, recall, f1)
+            best = OperatingPoint(float(score[last]), precision, recall, f1)
     return best
 
 

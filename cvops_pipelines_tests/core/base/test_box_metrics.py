@@ -119,3 +119,52 @@ def test_field_scores_count_every_answered_box_and_every_missed_one():
     assert scores["recall"] == pytest.approx(1 / 2)
     assert scores["f1"] == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
     assert field_scores([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "frames": 1}
+
+
+def test_the_one_pass_operating_point_agrees_with_matching_at_every_threshold():
+    """Against the frame matcher (`matches`, written separately) run at every distinct score:
+    jittered boxes, confused classes, duplicates, tied scores and an empty frame."""
+    from cvops_pipelines.core.base.box_metrics import matches, operating_point
+
+    rng = np.random.default_rng(7)
+    classes = ["a", "b", "c"]
+    predictions, truths = [], []
+    for image in range(12):
+        n = 0 if image == 5 else int(rng.integers(1, 5))
+        corners = rng.uniform(0, 80, (n, 2))
+        truth = np.hstack([corners, corners + rng.uniform(8, 20, (n, 2))])
+        labels = list(rng.choice(classes, n))
+        guesses = np.vstack([truth + rng.normal(0, 3, truth.shape) for _ in range(2)])
+        guesses = np.vstack([guesses, rng.uniform(0, 90, (3, 4)).cumsum(1) / 2])
+        guessed = [c if rng.random() < 0.8 else "b" for c in labels * 2] + ["a", "c", "b"]
+        predictions.append(
+            {
+                "boxes": guesses,
+                "scores": rng.choice(np.linspace(0.05, 0.95, 19), len(guesses)),
+                "labels": guessed,
+            }
+        )
+        truths.append({"boxes": truth, "labels": labels})
+
+    def records(boxes, labels, scores=None):
+        return [
+            {"label": label, "box": list(box), **({} if scores is None else {"score": score})}
+            for box, label, score in zip(boxes, labels, scores if scores is not None else labels)
+        ]
+
+    best = (0.0, 1.0)  # f1, threshold; ties: the higher threshold
+    total = sum(len(t["labels"]) for t in truths)
+    for threshold in sorted({s for p in predictions for s in p["scores"]}, reverse=True):
+        hits = answered = 0
+        for p, t in zip(predictions, truths):
+            found, given = matches(
+                records(p["boxes"], p["labels"], p["scores"]),
+                records(t["boxes"], t["labels"]),
+                min_score=threshold,
+            )
+            hits, answered = hits + found, answered + given
+        f1 = 2 * hits / (answered + total) if hits else 0.0
+        best = max(best, (f1, threshold), key=lambda b: b[0])
+    point = operating_point(predictions, truths, classes)
+    assert 0 < point.f1 < 1
+    assert point.f1 == pytest.approx(best[0]) and point.threshold == best[1]

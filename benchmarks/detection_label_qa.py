@@ -167,7 +167,8 @@ def best_cut(candidates: list[tuple], kind: str, lost, kinds) -> dict:
     for n, (value, image, ref) in enumerate(ranked, 1):
         key = _hit(kind, image, ref, lost, kinds)
         if key is not None:
-            hits, found = hits + 1, found | {key}
+            hits += 1
+            found.add(key)
         if n < len(ranked) and ranked[n][0] == value:
             continue  # a tie is flagged together
         precision, recall = hits / n, len(found) / injected if injected else 0.0

@@ -30,7 +30,11 @@ from cvops_pipelines.core.ingest.formats.csv_labels import parse_csv
 from cvops_pipelines.core.ingest.formats.imagefolder import parse_imagefolder
 from cvops_pipelines.core.ingest.formats.labelstudio import (
     looks_like_labelstudio,
+    looks_like_labelstudio_min,
+    looks_like_yolo_notes,
     parse_labelstudio,
+    parse_labelstudio_min,
+    upload_key,
 )
 from cvops_pipelines.core.ingest.formats.yolo import (
     CLASS_FILES,
@@ -106,6 +110,7 @@ class _ImageIndex:
         known = [*self.by_name, *self.rejected]
         self.by_stem = self._unique_index(known, lambda n: _strip_images_dir(_stem(n)))
         self.by_base = self._unique_index(known, posixpath.basename)
+        self.by_upload = self._unique_index(known, upload_key)
 
     @staticmethod
     def _unique_index(names: list[str], key) -> dict[str, str | None]:
@@ -126,6 +131,7 @@ class _ImageIndex:
         for index, key in (
             (self.by_stem, _strip_images_dir(_stem(ref))),
             (self.by_base, posixpath.basename(ref)),
+            (self.by_upload, upload_key(ref)),
         ):
             if key in index:
                 return (None, "ambiguous_image") if index[key] is None else (index[key], "")
@@ -217,13 +223,18 @@ def _read_json(key: str, data: bytes) -> Iterator[tuple[str, LabelRecord | Label
     elif looks_like_labelstudio(doc):
         for item in parse_labelstudio(key, doc):
             yield "labelstudio", item
+    elif looks_like_labelstudio_min(doc):
+        for item in parse_labelstudio_min(key, doc):
+            yield "labelstudio", item
+    elif looks_like_yolo_notes(doc):
+        return  # Label Studio's YOLO export repeats classes.txt here: no label in it
     else:
         yield (
             "json",
             LabelProblem(
                 "unrecognized_file",
-                "JSON is neither COCO (images, "
-                "annotations, categories) nor a Label Studio task list",
+                "JSON is neither COCO (images, annotations, categories) nor a Label Studio "
+                "export (JSON or JSON_MIN)",
                 key,
             ),
         )

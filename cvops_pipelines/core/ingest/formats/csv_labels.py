@@ -1,12 +1,15 @@
-"""CSV labels: `filename,label[,annotator]`, with or without that header row."""
+"""CSV labels: `filename,label[,annotator]`, with or without that header row; and Label
+Studio's CSV and TSV exports (both named .csv), known by their header."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterator
 
 from cvops_pipelines.core.ingest.formats.common import LabelProblem, LabelRecord
+from cvops_pipelines.core.ingest.formats.labelstudio import CONTROL, parse_labelstudio_min
 
 HEADER = ("filename", "label")
 
@@ -19,11 +22,17 @@ def parse_csv(name: str, data: bytes) -> Iterator[LabelRecord | LabelProblem]:
             "malformed_file", f"not UTF-8 text ({exc.reason} at byte {exc.start})", name
         )
         return
+    delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
     try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     except csv.Error as exc:
         yield LabelProblem("malformed_file", f"CSV syntax error: {exc}", name)
         return
+    if rows and {"annotation_id", "annotator"} <= {cell.strip() for cell in rows[0]}:
+        yield from _labelstudio_rows(name, rows, "TSV" if delimiter == "\t" else "CSV")
+        return
+    if delimiter != ",":
+        rows = list(csv.reader(io.StringIO(text, newline="")))
     for line, row in enumerate(rows, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
@@ -48,3 +57,24 @@ def parse_csv(name: str, data: bytes) -> Iterator[LabelRecord | LabelProblem]:
         yield LabelRecord(
             cells[0], cells[1], name, position, annotator=cells[2] if len(cells) == 3 else ""
         )
+
+
+def _labelstudio_rows(name: str, rows: list[list[str]], kind: str):
+    """Label Studio's flat export as text: the control's answer is JSON unless it is a choice."""
+    header, records = [c.strip() for c in rows[0]], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        record = dict(zip(header, row))
+        answer = record.get(CONTROL, "").strip()
+        if answer[:1] in ("[", "{"):
+            try:
+                record[CONTROL] = json.loads(answer)
+            except ValueError as exc:
+                detail = f"{CONTROL!r} is not JSON: {exc}"[:300]
+                yield LabelProblem("malformed_record", detail, name, f"line {line}")
+                continue
+        elif CONTROL in record:
+            record[CONTROL] = answer or None
+        records.append(record)
+    yield from parse_labelstudio_min(name, records, kind)

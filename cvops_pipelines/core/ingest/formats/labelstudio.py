@@ -1,4 +1,6 @@
-"""Label Studio JSON export (the "JSON" export: a list of tasks with their annotations).
+"""Label Studio exports: "JSON" (a list of tasks with their annotations), and the flat ones
+("JSON_MIN", "CSV", "TSV": a row per annotation, each control's answer in a field of its name),
+read as the JSON export they flatten.
 
 Choices become image-level labels; rectangle labels become boxes (Label Studio stores them in
 percent of the image; a rotated one becomes the box around it). Cancelled annotations
@@ -22,12 +24,104 @@ from cvops_pipelines.core.ingest.formats.common import (
     box_numbers,
 )
 
-# Uploaded files are renamed "<8 hex chars>-<original name>" by Label Studio.
+# Uploaded files are renamed "<8 hex chars>-<original name>" by Label Studio, the name made
+# safe the way Django's get_valid_filename does (spaces to "_", then only word characters, "-"
+# and "."), and exports name them URL-quoted.
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
+_UNSAFE = re.compile(r"(?u)[^-\w.]")
+
+
+def upload_key(name: str) -> str:
+    """The stem an image's name and Label Studio's name for its upload have in common:
+    `digit 04 ünï.png` and `/data/upload/3/b4e8b12a-digit_04_%C3%BCn%C3%AF.png` (or that
+    stem's YOLO label `b4e8b12a-digit_04_%C3%BCn%C3%AF.txt`) give `digit_04_ünï`."""
+    base = _UPLOAD_PREFIX.sub("", unquote(name.rsplit("/", 1)[-1]))
+    return _UNSAFE.sub("", base.rsplit(".", 1)[0].strip().replace(" ", "_"))
+
+
+# The flat exports' own fields; every other field but the control's is the task's data.
+MIN_FIELDS = ("id", "annotator", "annotation_id", "created_at", "updated_at", "lead_time")
+# The control cvops' labeling configs name "label" (choices or rectangle labels): the field a
+# flat export answers in. Another config's control names are not known from the export alone.
+CONTROL = "label"
 
 
 def looks_like_labelstudio(doc: object) -> bool:
     return isinstance(doc, list) and all(isinstance(t, dict) and "data" in t for t in doc)
+
+
+def looks_like_yolo_notes(doc: object) -> bool:
+    """The notes.json Label Studio's YOLO export carries: its classes again, no labels."""
+    return (
+        isinstance(doc, dict)
+        and doc.keys() <= {"categories", "info"}
+        and (doc.get("info") or {}).get("contributor") == "Label Studio"
+    )
+
+
+def looks_like_labelstudio_min(doc: object) -> bool:
+    return (
+        isinstance(doc, list)
+        and bool(doc)
+        and all(isinstance(r, dict) and {"annotation_id", "annotator"} <= r.keys() for r in doc)
+    )
+
+
+def parse_labelstudio_min(
+    name: str, rows: list[dict], kind: str = "JSON_MIN"
+) -> Iterator[LabelRecord | LabelProblem]:
+    """A flat export's rows (one per annotation), as the JSON export's tasks. Its answers are
+    read from the field `CONTROL`; a file without that field anywhere is refused whole: a row
+    without it is a negative only when the control is known."""
+    if not any(CONTROL in r for r in rows):
+        yield LabelProblem(
+            "unrecognized_file",
+            f"a Label Studio {kind} export without a {CONTROL!r} field: cvops reads the control "
+            f"its labeling configs name {CONTROL!r}; for another config export as JSON (the "
+            "full export), which names every control",
+            name,
+        )
+        return
+    tasks = []
+    for row in rows:
+        answer = row.get(CONTROL)
+        tasks.append(
+            {
+                "id": row.get("id"),
+                "data": {k: v for k, v in row.items() if k not in (*MIN_FIELDS, CONTROL)},
+                "annotations": [
+                    {
+                        "completed_by": row.get("annotator", ""),
+                        "created_at": row.get("created_at"),
+                        "updated_at": row.get("updated_at"),
+                        "result": _min_results(answer),
+                    }
+                ],
+            }
+        )
+    yield from parse_labelstudio(name, tasks, "rows")
+
+
+def _min_results(answer) -> list[dict]:
+    """A flat export's answer as the JSON export's results: a choice is text (or {"choices":
+    [...]}), rectangles a list of regions in percent; nothing marked, no field or []."""
+    if answer is None or answer == [] or answer == "":
+        return []
+    if isinstance(answer, str):
+        return [{"type": "choices", "value": {"choices": [answer]}}]
+    if isinstance(answer, dict) and "choices" in answer:
+        return [{"type": "choices", "value": answer}]
+    if isinstance(answer, list) and all(isinstance(a, dict) for a in answer):
+        size = ("original_width", "original_height")
+        return [
+            {
+                "type": "rectanglelabels" if "rectanglelabels" in a else None,
+                "value": {k: v for k, v in a.items() if k not in size},
+                **{k: a[k] for k in size if k in a},
+            }
+            for a in answer
+        ]
+    return [{"type": type(answer).__name__, "value": {}}]  # refused below, by its type
 
 
 def image_ref_from_task(value: str) -> str:
@@ -41,9 +135,11 @@ def image_ref_from_task(value: str) -> str:
     return name
 
 
-def parse_labelstudio(name: str, tasks: list) -> Iterator[LabelRecord | LabelProblem]:
+def parse_labelstudio(
+    name: str, tasks: list, items: str = "tasks"
+) -> Iterator[LabelRecord | LabelProblem]:
     for t, task in enumerate(tasks):
-        where = f"tasks[{t}] (id={task.get('id')})"
+        where = f"{items}[{t}] (id={task.get('id')})"
         data = task.get("data") or {}
         value = data.get("image") or next((v for v in data.values() if isinstance(v, str)), None)
         if not value:

@@ -115,7 +115,8 @@ def _min_results(answer) -> list[dict]:
         size = ("original_width", "original_height")
         return [
             {
-                "type": "rectanglelabels" if "rectanglelabels" in a else None,
+                # a region names its kind by its labels' key: rectanglelabels, polygonlabels...
+                "type": next((k for k in a if k.endswith("labels")), "region"),
                 "value": {k: v for k, v in a.items() if k not in size},
                 **{k: a[k] for k in size if k in a},
             }

@@ -90,3 +90,22 @@ def test_a_flat_csv_row_whose_boxes_are_not_json_is_quarantined_by_line():
     assert [(p.code, p.position) for p in problems] == [("malformed_record", "line 2")]
     assert "'label' is not JSON" in problems[0].detail
     assert sum(hasattr(i, "label") for i in items) == 2  # the other rows still import
+
+
+def test_each_odd_answer_in_a_flat_export_is_turned_away_alone():
+    from cvops_pipelines.core.ingest.formats.common import LabelProblem
+    from cvops_pipelines.core.ingest.formats.labelstudio import parse_labelstudio_min
+
+    def box(**value):
+        return [{"x": 1, "y": 0, "width": 1, "height": 1, "rectanglelabels": ["1"], **value}]
+
+    polygon = [{"points": [[1, 2]], "polygonlabels": ["1"]}]
+    odd = [5, True, [1, 2], {"foo": 1}, {"choices": ["a", "b"]}, box(x=float("inf")),
+           box(x="NaN"), box(rectanglelabels=["1", "2"]), polygon]  # fmt: skip
+    base = {"image": "/data/upload/1/d51afc38-a.png", "annotator": 1, "annotation_id": 1}
+    rows = [{**base, "id": i, "label": v} for i, v in enumerate(odd)]
+    items = list(parse_labelstudio_min("x.json", [*rows, {**base, "id": 99, "label": "3"}]))
+    assert [type(i) for i in items] == [LabelProblem] * len(odd) + [type(items[-1])]
+    assert [p.position.split(" ")[0] for p in items[:-1]] == [f"rows[{i}]" for i in range(len(odd))]
+    assert "polygonlabels" in items[len(odd) - 1].detail and "not finite" in items[5].detail
+    assert (items[-1].image_ref, items[-1].label) == ("a.png", "3")  # the good row still imports

@@ -84,12 +84,17 @@ def test_a_flat_export_of_another_config_is_refused_whole_with_the_export_to_use
 def test_a_flat_csv_row_whose_boxes_are_not_json_is_quarantined_by_line():
     from cvops_pipelines.core.ingest.formats.csv_labels import parse_csv
 
-    text = (EXPORTS / "boxes.csv").read_text().replace('"[{""x"":10', '"[{""x"":10,', 1)
-    items = list(parse_csv("boxes.csv", text.encode()))
+    lines = (EXPORTS / "boxes.csv").read_text().splitlines()
+    lines[1] = lines[1].replace('"[{""x"":10', '"[{""x"":10,', 1)  # a trailing comma
+    lines[2] = lines[2].replace('"[{""x""', '"' + "[" * 100_000 + '{""x""', 1)  # nested deep
+    items = list(parse_csv("boxes.csv", "\n".join(lines).encode()))
     problems = [i for i in items if not hasattr(i, "label")]
-    assert [(p.code, p.position) for p in problems] == [("malformed_record", "line 2")]
-    assert "'label' is not JSON" in problems[0].detail
-    assert sum(hasattr(i, "label") for i in items) == 2  # the other rows still import
+    assert [(p.code, p.position) for p in problems] == [
+        ("malformed_record", "line 2"),
+        ("malformed_record", "line 3"),
+    ]
+    assert all("'label' is not JSON" in p.detail for p in problems)
+    assert sum(hasattr(i, "label") for i in items) == 1  # the other row still imports
 
 
 def test_each_odd_answer_in_a_flat_export_is_turned_away_alone():

@@ -70,8 +70,8 @@ def _labelstudio_rows(name: str, rows: list[list[str]], kind: str):
         if answer[:1] in ("[", "{"):
             try:
                 record[CONTROL] = json.loads(answer)
-            except ValueError as exc:
-                detail = f"{CONTROL!r} is not JSON: {exc}"[:300]
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+                detail = f"{CONTROL!r} is not JSON: {exc or type(exc).__name__}"[:300]
                 yield LabelProblem("malformed_record", detail, name, f"line {line}")
                 continue
         elif CONTROL in record:

@@ -22,17 +22,19 @@ def parse_csv(name: str, data: bytes) -> Iterator[LabelRecord | LabelProblem]:
             "malformed_file", f"not UTF-8 text ({exc.reason} at byte {exc.start})", name
         )
         return
-    delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
+    # Label Studio's header decides the delimiter (its TSV is named .csv); anything else is read
+    # as plain CSV, once
+    first = text.split("\n", 1)[0]
+    tab = "\t" in first and {"annotation_id", "annotator"} <= _cells(first, "\t")
+    labelstudio = tab or {"annotation_id", "annotator"} <= _cells(first, ",")
     try:
-        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tab else ","))
     except csv.Error as exc:
         yield LabelProblem("malformed_file", f"CSV syntax error: {exc}", name)
         return
-    if rows and {"annotation_id", "annotator"} <= {cell.strip() for cell in rows[0]}:
-        yield from _labelstudio_rows(name, rows, "TSV" if delimiter == "\t" else "CSV")
+    if labelstudio:
+        yield from _labelstudio_rows(name, rows, "TSV" if tab else "CSV")
         return
-    if delimiter != ",":
-        rows = list(csv.reader(io.StringIO(text, newline="")))
     for line, row in enumerate(rows, start=1):
         if not row or all(not cell.strip() for cell in row):
             continue
@@ -57,6 +59,13 @@ def parse_csv(name: str, data: bytes) -> Iterator[LabelRecord | LabelProblem]:
         yield LabelRecord(
             cells[0], cells[1], name, position, annotator=cells[2] if len(cells) == 3 else ""
         )
+
+
+def _cells(line: str, delimiter: str) -> set[str]:
+    try:
+        return {cell.strip() for cell in next(csv.reader([line], delimiter=delimiter), [])}
+    except csv.Error:
+        return set()
 
 
 def _labelstudio_rows(name: str, rows: list[list[str]], kind: str):

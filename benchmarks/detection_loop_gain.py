@@ -23,14 +23,12 @@ F1 is worse than the one it replaced by more than the gate's margin.
 """
 
 import json
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
+from benchmarks._parallel import side_by_side
 from cvops_pipelines.core.base.box_metrics import (
     evaluate_detections,
     field_scores,
@@ -186,28 +184,16 @@ def _round(scores: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
 
 
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def run(quick: bool = False) -> dict:
     demo = DetectionDemoConfig()
     if quick:
         demo = DetectionDemoConfig(scenes=48, frames=24, epochs=1)
     config = DetectorConfig(epochs=demo.epochs, learning_rate=demo.learning_rate)
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
-    # seeds side by side, one process and one torch thread each: on a few cores that beats one
-    # seed at a time on every core (this small detector scales badly across threads)
-    workers = min(len(seeds), os.cpu_count() or 1)
-    context = multiprocessing.get_context("spawn")
     rows = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
-        pending = [pool.submit(one_seed, s, replace(config, seed=s), demo) for s in seeds]
-        for done in as_completed(pending):
-            rows.append(done.result())
-            print(rows[-1], flush=True)
+    for row in side_by_side(one_seed, [(s, replace(config, seed=s), demo) for s in seeds]):
+        rows.append(row)
+        print(row, flush=True)
     rows.sort(key=lambda r: r["seed"])
     gains = [r["shipped_f1_gain"] for r in rows]
     margin = NonInferiority().margin

@@ -71,6 +71,17 @@ def s3_settings() -> dict:
     }
 
 
+def labelstudio_settings() -> dict:
+    """The annotation backend: a Label Studio URL (CVOPS_LABELSTUDIO_URL; empty: annotation
+    tasks stay files), its local-files document root as this machine sees it
+    (CVOPS_LABELSTUDIO_FILES_ROOT; empty: the cvops store's root) and the project title prefix.
+    The token (CVOPS_LABELSTUDIO_TOKEN) is read by the resource, never here."""
+    return {
+        "url": os.environ.get("CVOPS_LABELSTUDIO_URL", ""),
+        "files_root": os.environ.get("CVOPS_LABELSTUDIO_FILES_ROOT", ""),
+    }
+
+
 def mlflow_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else a SQLite store under CVOPS_HOME (MLflow's file store is
     refused)."""

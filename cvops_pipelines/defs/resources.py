@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, OutputContext
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    EnvVar,
+    InputContext,
+    OutputContext,
+)
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
@@ -25,6 +31,7 @@ from cvops_pipelines.core.base.tables import (
     write_table,
 )
 from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.learn.labelstudio import LabelStudio
 from cvops_pipelines.core.tasks import StageContext, Task, task_for, task_labels
 from cvops_pipelines.defs.loop import Loop
 
@@ -58,6 +65,25 @@ class DropSource(ConfigurableResource):
 
     def drop(self, name: str) -> Store:
         return self.store().child(name)
+
+
+class AnnotationBackend(ConfigurableResource):
+    """Where annotation tasks go besides their files: nowhere (no URL, the default) or a Label
+    Studio server (its URL, an API token from the environment, its local-files document root)."""
+
+    labelstudio_url: str = Field("", description="Empty: annotation tasks stay files.")
+    labelstudio_token: str = Field("", description="From CVOPS_LABELSTUDIO_TOKEN (an EnvVar).")
+    labelstudio_files_root: str = Field(
+        "", description="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, seen from here."
+    )
+    project_title: str = Field("cvops", description="Projects are named '<this> · <what>'.")
+
+    def labelstudio(self) -> LabelStudio | None:
+        if not self.labelstudio_url:
+            return None
+        return LabelStudio(
+            self.labelstudio_url, self.labelstudio_token, self.labelstudio_files_root
+        )
 
 
 class DataContracts(ConfigurableResource):
@@ -217,8 +243,20 @@ def build_resources(project: settings.Project | None = None) -> dict:
             model_name=project.model_name,
         ),
         "tables": TablesIOManager(storage=storage),
+        "annotation": annotation_backend(project.name),
         "loop": Loop(name=project.name),
     }
+
+
+def annotation_backend(loop: str) -> AnnotationBackend:
+    """From the environment; the token stays an EnvVar, so the UI shows its name, not it."""
+    ls = settings.labelstudio_settings()
+    return AnnotationBackend(
+        labelstudio_url=ls["url"],
+        labelstudio_token=EnvVar("CVOPS_LABELSTUDIO_TOKEN") if ls["url"] else "",
+        labelstudio_files_root=ls["files_root"],
+        project_title=f"cvops {loop}" if loop else "cvops",
+    )
 
 
 def stage_context(context, storage: CvopsStorage, tracking, contracts: DataContracts, key: str):

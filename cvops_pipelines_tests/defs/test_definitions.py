@@ -271,3 +271,29 @@ def test_a_challenger_the_gate_refused_is_not_exported():
         result = evaluate(cursor)
         cursor = result.cursor
         assert result.get_num_requested(AssetKey("onnx_model")) == int(passed)
+
+
+def test_without_a_labelstudio_the_answers_sensor_says_queues_stay_files():
+    from dagster import build_sensor_context
+
+    from cvops_pipelines.defs.learn.sensors import labelstudio_answers
+    from cvops_pipelines.defs.resources import build_resources
+
+    resources = build_resources()
+    used = {k: resources[k] for k in ("storage", "drop_source", "annotation")}
+    with build_sensor_context(resources=used) as context:
+        assert "no Label Studio configured" in labelstudio_answers(context).skip_message
+
+
+def test_the_labelstudio_token_comes_from_the_environment_and_is_never_shown(monkeypatch):
+    from dagster import build_sensor_context
+
+    from cvops_pipelines.defs.resources import build_resources
+
+    monkeypatch.setenv("CVOPS_LABELSTUDIO_URL", "http://labelstudio.internal:8080")
+    monkeypatch.setenv("CVOPS_LABELSTUDIO_TOKEN", "s3cret-token")
+    backend = build_resources()["annotation"]
+    assert "s3cret-token" not in repr(backend)  # the definition holds the variable's name
+    with build_sensor_context(resources={"annotation": backend}) as context:
+        ls = context.resources.annotation.labelstudio()
+    assert ls.token == "s3cret-token" and "s3cret-token" not in repr(ls)

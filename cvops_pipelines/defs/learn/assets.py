@@ -19,12 +19,14 @@ from cvops_pipelines import settings
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.plots import md_image, ontology_png
+from cvops_pipelines.core.base.report import Link
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.learn.detection_production import DetectionPolicy
 from cvops_pipelines.core.learn.enrolment import read_register
 from cvops_pipelines.core.learn.feedback import vet_batches
 from cvops_pipelines.core.learn.feedback_query import predictions
+from cvops_pipelines.core.learn.labelstudio import push_or_defer
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy
@@ -33,6 +35,7 @@ from cvops_pipelines.defs.contract_checks import check_result, contract_check_re
 from cvops_pipelines.defs.loop import FEEDBACK_BATCHES, loop_asset
 from cvops_pipelines.defs.metadata import output, outputs
 from cvops_pipelines.defs.resources import (
+    AnnotationBackend,
     CvopsStorage,
     DataContracts,
     MlflowTracking,
@@ -258,9 +261,22 @@ def annotation_queue(
     storage: CvopsStorage,
     contracts: DataContracts,
     tracking: MlflowTracking,
+    annotation: AnnotationBackend,
 ):
     ctx = stage_context(context, storage, tracking, contracts, "annotation_queue")
-    return output(contracts.task().queue(ctx, feedback, labeled_pool, config))
+    result = contracts.task().queue(ctx, feedback, labeled_pool, config)
+    ls = annotation.labelstudio()
+    if ls is not None and len(result.value):
+        title = f"{annotation.project_title} · annotation queue · ontology v{ctx.ontology.version}"
+        prefix = f"annotation/queues/{result.metadata['queue_id']}"
+        pushed = push_or_defer(ls, ctx.store, prefix, title)
+        if isinstance(pushed, str):
+            context.log.warning(f"{pushed} (the labelstudio_answers sensor pushes it later)")
+            result.metadata["labelstudio"] = f"not pushed yet: {pushed}"
+        else:
+            result.metadata["labelstudio_project"] = Link(ls.project_url(pushed.project))
+            result.metadata["labelstudio_tasks"] = len(pushed.task_ids)
+    return output(result)
 
 
 class OntologyReportConfig(Config):

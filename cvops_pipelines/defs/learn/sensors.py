@@ -13,6 +13,7 @@ from dagster import (
 )
 
 from cvops_pipelines.core.learn.feedback import batch_ids, invalid_batch_names
+from cvops_pipelines.core.learn.labelstudio import LabelStudioError, collect_answers
 from cvops_pipelines.core.learn.retraining import (
     AlertFacts,
     DatasetFacts,
@@ -21,7 +22,7 @@ from cvops_pipelines.core.learn.retraining import (
     retraining_decision,
 )
 from cvops_pipelines.defs.loop import Loop, loop_job
-from cvops_pipelines.defs.resources import CvopsStorage
+from cvops_pipelines.defs.resources import AnnotationBackend, CvopsStorage, DropSource
 
 feedback_job = loop_job(
     "feedback_job", assets=("feedback",), description="Vet and ingest uploaded feedback batches."
@@ -112,4 +113,42 @@ def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage, l
             "cvops/dataset_version": version,
             "cvops/trigger": "first model" if decision.why == "no model yet" else decision.why,
         },
+    )
+
+
+@sensor(
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="With a Label Studio configured (CVOPS_LABELSTUDIO_URL): pushes queues it could "
+    "not take earlier, and writes the tasks annotators completed (new or edited) as a Label "
+    "Studio export drop, exactly once, for new_drop_sensor to ingest; reports tasks deleted "
+    "in Label Studio.",
+)
+def labelstudio_answers(
+    context: SensorEvaluationContext,
+    storage: CvopsStorage,
+    drop_source: DropSource,
+    annotation: AnnotationBackend,
+):
+    ls = annotation.labelstudio()
+    if ls is None:
+        return SkipReason("no Label Studio configured (CVOPS_LABELSTUDIO_URL): queues stay files")
+    try:
+        poll = collect_answers(ls, storage.store(), drop_source.store())
+    except LabelStudioError as e:
+        context.log.error(str(e))
+        return SkipReason(f"retrying next tick: {e}")
+    for task in poll.deleted:
+        context.log.warning(
+            f"Label Studio task {task} (project/task) was deleted before it was answered: its "
+            "image stays in the pool unlabelled and may be queued again"
+        )
+    if poll.pushed:
+        context.log.info(f"pushed queue(s) Label Studio could not take before: {poll.pushed}")
+    if not poll.drops:
+        return SkipReason(f"no new answers; {poll.pending} pushed task(s) waiting for one")
+    context.log.info(f"{poll.answered} answer(s) -> drop(s) {poll.drops}")
+    return SkipReason(
+        f"wrote {poll.answered} answer(s) as drop(s) {', '.join(poll.drops)}; "
+        "new_drop_sensor ingests them"
     )

@@ -1,0 +1,293 @@
+"""Label Studio as the annotation backend, through a real Label Studio 1.23 server: queues pushed
+with the model's answers as predictions and images Label Studio serves from the cvops store,
+annotators (signed up as people do) answering through its API, and the answers back as drops
+that the real ingest reads: exactly once, edits as newer labels, deletions reported, the server
+down and back."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, build_sensor_context
+from PIL import Image
+
+from cvops_pipelines.core.base.ontology import load_ontology
+from cvops_pipelines.core.base.store import LocalStore
+from cvops_pipelines.core.ingest.annotations import import_annotations
+from cvops_pipelines.core.ingest.intake import MARKER, IngestConfig, ingest_drop
+from cvops_pipelines.core.learn.active import QUEUE_COLUMNS, publish_queue
+from cvops_pipelines.core.learn.detection_active import publish_detection_queue
+from cvops_pipelines.core.learn.labelstudio import (
+    LabelStudio,
+    LabelStudioError,
+    collect_answers,
+    push_or_defer,
+    push_queue,
+)
+from cvops_pipelines.demo import digit_model
+from cvops_pipelines.demo.scenes import scenes
+from cvops_pipelines_tests import corpus
+from cvops_pipelines_tests.labelstudio import ADMIN, ADMIN_TOKEN, LabelStudioServer
+
+CLASSES = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LabelStudioServer.start(tmp_path_factory.mktemp("labelstudio")) as running:
+        yield running
+
+
+@pytest.fixture
+def places(server, tmp_path):
+    """A cvops store and drop folder under Label Studio's document root, as on one machine."""
+    root = server.files_root / tmp_path.name
+    return LocalStore(root / "cvops"), LocalStore(root / "drops")
+
+
+def _ingested(store, tmp_path, images: dict[str, bytes]) -> pd.DataFrame:
+    drop = tmp_path / "incoming"
+    for name, data in images.items():
+        (drop / name).parent.mkdir(parents=True, exist_ok=True)
+        (drop / name).write_bytes(data)
+    return ingest_drop(LocalStore(drop), store, "incoming", IngestConfig(workers=1)).manifest
+
+
+def _digit_queue(store, tmp_path, n=3) -> tuple[str, pd.DataFrame]:
+    images = {f"d{i}.png": corpus.encode(digit_model.digit(i, side=32), "PNG") for i in range(n)}
+    manifest = _ingested(store, tmp_path, images).sort_values("original_name")
+    queue = pd.DataFrame(
+        {
+            "rank": range(1, n + 1),
+            "image_id": manifest["image_id"].to_numpy(),
+            "reason": "uncertain",
+            "score": 0.61,
+            "predicted": "7",
+            "second": "1",
+            "confidence": 0.4,
+            "margin": 0.1,
+            "corrected_label": None,
+            "record_id": [f"r{i}" for i in range(n)],
+            "release": "release-7",
+            "device_id": "dev-1",
+            "uri": "",
+            "key": manifest["key"].to_numpy(),
+        }
+    )[QUEUE_COLUMNS]
+    queue_id, prefix = publish_queue(store, queue, CLASSES)
+    return prefix, manifest
+
+
+def _choice(label: str) -> list[dict]:
+    return [
+        {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+    ]
+
+
+def _ls(server, places) -> LabelStudio:
+    return LabelStudio(server.url, ADMIN_TOKEN, str(server.files_root))
+
+
+def test_a_classification_queue_arrives_with_its_predictions_and_images(server, places, tmp_path):
+    store, _ = places
+    prefix, manifest = _digit_queue(store, tmp_path)
+    ls = _ls(server, places)
+    pushed = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · queue")
+    assert len(pushed.task_ids) == 3 and not pushed.already
+    for task_id in pushed.task_ids:
+        task = server.api(ADMIN_TOKEN, "GET", f"/api/tasks/{task_id}").json()
+        (prediction,) = server.api(ADMIN_TOKEN, "GET", f"/api/predictions?task={task_id}").json()
+        assert prediction["model_version"] == "release-7" and prediction["score"] == 0.61
+        assert prediction["result"][0]["value"] == {"choices": ["7"]}
+        # the image Label Studio serves is the stored original, byte for byte
+        served = server.api(ADMIN_TOKEN, "GET", task["data"]["image"]).content
+        key = manifest.set_index("image_id").loc[task["data"]["image_id"], "key"]
+        assert served == store.read_bytes(key)
+    again = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · queue")
+    assert again.already and again.task_ids == pushed.task_ids
+    project = server.api(ADMIN_TOKEN, "GET", f"/api/projects/{pushed.project}").json()
+    assert project["task_number"] == 3  # pushing again imported nothing
+    assert '<Choice value="9"/>' in project["label_config"]  # the ontology's classes
+
+
+def test_a_detection_queue_carries_the_devices_boxes_as_predictions(server, places, tmp_path):
+    store, _ = places
+    frames = scenes(2, seed=3)
+    manifest = _ingested(
+        store,
+        tmp_path,
+        {f"f{i}.png": corpus.encode(Image.fromarray(s.image), "PNG") for i, s in enumerate(frames)},
+    ).sort_values("original_name")
+    boxes = [
+        json.dumps(
+            [
+                {"box": [float(v) for v in b], "label": c, "score": 0.9}
+                for b, c in zip(s.boxes, s.labels)
+            ]
+            + [{"box": [1, 1, 5, 5], "label": s.labels[0], "score": 0.1}]  # below 0.3: not shown
+        )
+        for s in frames
+    ]
+    queue = manifest.assign(
+        boxes=boxes, release="release-3", score=0.5, reason="uncertain", why="", record_id="r"
+    )
+    _, prefix = publish_detection_queue(store, queue, sorted({c for s in frames for c in s.labels}))
+    pushed = push_queue(_ls(server, places), store, prefix, f"cvops {tmp_path.name} · boxes")
+    for task_id, frame in zip(pushed.task_ids, frames):
+        (prediction,) = server.api(ADMIN_TOKEN, "GET", f"/api/predictions?task={task_id}").json()
+        assert prediction["model_version"] == "release-3"
+        assert len(prediction["result"]) == len(frame.boxes)
+        assert {r["type"] for r in prediction["result"]} == {"rectanglelabels"}
+
+
+def test_answers_land_as_one_drop_exactly_once_and_edits_and_deletions_follow(
+    server, places, tmp_path, repo_root
+):
+    store, drops = places
+    prefix, manifest = _digit_queue(store, tmp_path)
+    ls = _ls(server, places)
+    pushed = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · queue")
+    annotator = server.signup(f"ann-{tmp_path.name}@cvops.test")
+    first, second, third = pushed.task_ids
+    ids = manifest["image_id"].tolist()
+    answer = server.api(
+        annotator, "POST", f"/api/tasks/{first}/annotations", json={"result": _choice("0")}
+    ).json()
+    server.api(annotator, "POST", f"/api/tasks/{second}/annotations", json={"result": _choice("1")})
+
+    poll = collect_answers(ls, store, drops)
+    assert poll.answered == 2 and poll.pending == 1 and len(poll.drops) == 1
+    labels = _labels(drops, poll.drops[0], repo_root)
+    assert dict(zip(labels["image_id"], labels["label"])) == {ids[0]: "0", ids[1]: "1"}
+    assert set(labels["annotator"]) == {f"ann-{tmp_path.name}@cvops.test"}
+    assert set(labels["origin"]) == {"annotation_queue"}
+    assert collect_answers(ls, store, drops).drops == []  # re-polling adds nothing
+
+    # an answer edited later lands as a newer label for that image only
+    server.api(
+        annotator, "PATCH", f"/api/annotations/{answer['id']}", json={"result": _choice("8")}
+    )
+    server.api(ADMIN_TOKEN, "DELETE", f"/api/tasks/{third}")
+    poll = collect_answers(ls, store, drops)
+    assert poll.deleted == [f"{pushed.project}/{third}"]  # reported, once
+    (drop,) = poll.drops
+    edited = _labels(drops, drop, repo_root)
+    assert edited[["image_id", "label"]].values.tolist() == [[ids[0], "8"]]
+    assert edited["labeled_at"].iloc[0] > labels.set_index("image_id")["labeled_at"][ids[0]]
+    again = collect_answers(ls, store, drops)
+    assert again.drops == [] and again.deleted == []
+    assert len(_drop_names(drops)) == 2  # the answers, then the edit
+    assert all(drops.exists(f"{name}/{MARKER}") for name in _drop_names(drops))
+
+
+def _drop_names(drops) -> list[str]:
+    return sorted({e.key.split("/")[0] for e in drops.list()})
+
+
+def _labels(drops, name: str, repo_root) -> pd.DataFrame:
+    """The drop through the real ingest, as the `annotations` asset reads it."""
+    source, scratch = drops.child(name), LocalStore(drops.root.parent / f"ingested-{name}")
+    manifest = ingest_drop(source, scratch, name, IngestConfig(workers=1)).manifest_file
+    ontology = load_ontology(repo_root / "data_contracts" / "ontology.yaml")
+    result = import_annotations(source, scratch, name, manifest, ontology)
+    assert result.quarantine.empty, result.quarantine.to_dict("records")
+    return result.labels  # the drop's images are the queue's bytes: the same image ids
+
+
+def test_the_sensor_writes_the_drop_and_a_server_down_loses_nothing(
+    server, places, tmp_path, repo_root
+):
+    from cvops_pipelines.defs.learn.sensors import labelstudio_answers
+    from cvops_pipelines.defs.resources import AnnotationBackend
+
+    store, drops = places
+    prefix, _ = _digit_queue(store, tmp_path)
+    resources = _sensor_resources(store, drops)
+    backend = AnnotationBackend(
+        labelstudio_url=server.url,
+        labelstudio_token=ADMIN_TOKEN,
+        labelstudio_files_root=str(server.files_root),
+    )
+    ls = backend.labelstudio()
+    assert ADMIN_TOKEN not in repr(ls)
+    server.stop()
+    try:
+        why = push_or_defer(ls, store, prefix, f"cvops {tmp_path.name} · late")
+        assert isinstance(why, str) and server.url in why and "not answering" in why
+        assert ADMIN_TOKEN not in why
+        with (
+            DagsterInstance.ephemeral() as instance,
+            build_sensor_context(
+                instance=instance, resources={**resources, "annotation": backend}
+            ) as context,
+        ):
+            skipped = labelstudio_answers(context)
+        assert "retrying next tick" in skipped.skip_message and ADMIN_TOKEN not in str(skipped)
+        assert _drop_names(drops) == []
+    finally:
+        server.restart()
+    # back: the pending queue is pushed, then its answers come back through the sensor
+    with (
+        DagsterInstance.ephemeral() as instance,
+        build_sensor_context(
+            instance=instance, resources={**resources, "annotation": backend}
+        ) as context,
+    ):
+        assert "no new answers; 3 pushed task(s)" in labelstudio_answers(context).skip_message
+        record = json.loads(store.read_bytes(f"annotation/labelstudio/queues/{prefix[-14:]}.json"))
+        server.api(
+            ADMIN_TOKEN,
+            "POST",
+            f"/api/tasks/{record['task_ids'][0]}/annotations",
+            json={"result": _choice("0")},
+        )
+        said = labelstudio_answers(context).skip_message
+    (name,) = _drop_names(drops)
+    assert f"wrote 1 answer(s) as drop(s) {name}" in said
+    labels = _labels(drops, name, repo_root)
+    assert labels["annotator"].tolist() == [ADMIN] and labels["label"].tolist() == ["0"]
+
+
+def _sensor_resources(store, drops) -> dict:
+    from dagster_aws.s3 import S3Resource
+
+    from cvops_pipelines.defs.resources import CvopsStorage, DropSource
+
+    s3 = S3Resource(region_name="us-east-1")
+    return {
+        "storage": CvopsStorage(local_root=str(store.local_path("")), s3=s3),
+        "drop_source": DropSource(uri=str(drops.local_path("")), s3=s3),
+    }
+
+
+class _NotLabelStudio(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"<html>a login page</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_answering_garbage_gets_a_message_that_names_it(tmp_path):
+    """No Label Studio needed: any HTTP server that is not one."""
+    http = HTTPServer(("127.0.0.1", 0), _NotLabelStudio)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{http.server_port}"
+    store, drops = LocalStore(tmp_path / "cvops"), LocalStore(tmp_path / "drops")
+    store.write_bytes(
+        "annotation/labelstudio/queues/q-x.json",
+        json.dumps({"project": 1, "url": url, "task_ids": [1], "images": {"1": "k"}}).encode(),
+    )
+    try:
+        with pytest.raises(LabelStudioError, match="text/html, not JSON.*a Label Studio server"):
+            collect_answers(LabelStudio(url, "secret-token"), store, drops)
+    finally:
+        http.shutdown()
+    assert not (tmp_path / "drops").exists()  # nothing written

@@ -280,7 +280,7 @@ def test_without_a_labelstudio_the_answers_sensor_says_queues_stay_files():
     from cvops_pipelines.defs.resources import build_resources
 
     resources = build_resources()
-    used = {k: resources[k] for k in ("storage", "drop_source", "annotation")}
+    used = {k: resources[k] for k in ("storage", "drop_source", "annotation", "loop")}
     with build_sensor_context(resources=used) as context:
         assert "no Label Studio configured" in labelstudio_answers(context).skip_message
 

@@ -31,6 +31,7 @@ import requests
 
 from cvops_pipelines.core.base.store import LocalStore, Store
 from cvops_pipelines.core.ingest.intake import MARKER
+from cvops_pipelines.core.learn.answer_findings import findings
 
 LOCAL_FILES = "/data/local-files/?d="
 STATE = "annotation/labelstudio"  # what was pushed, what came back, what went missing
@@ -150,7 +151,8 @@ class LabelStudio:
 @dataclass(frozen=True)
 class Pushed:
     project: int
-    task_ids: list[int]
+    task_ids: list[int]  # the first sub-batch's
+    batches: int  # the sub-batches the queue goes out in
     already: bool  # the queue had been pushed before: nothing new was imported
 
 
@@ -169,20 +171,10 @@ def _image_reference(ls: LabelStudio, store: Store, key: str) -> str:
     return store.uri(key)  # s3://bucket/key: the project's S3 source storage presigns it
 
 
-def push_queue(ls: LabelStudio, store: Store, prefix: str, title: str) -> Pushed:
-    """The queue folder `prefix` as tasks of the project `title` (made from the folder's
-    labeling config when missing). Pushing the same queue again imports nothing."""
-    queue_id = posixpath.basename(prefix)
-    record_key = f"{STATE}/queues/{queue_id}.json"
-    if store.exists(record_key):
-        record = json.loads(store.read_bytes(record_key))
-        return Pushed(record["project"], record["task_ids"], True)
-    tasks = json.loads(store.read_bytes(f"{prefix}/tasks.json"))
-    config = store.read_bytes(f"{prefix}/labelstudio_config.xml").decode()
-    project = ls.project(title, config)
-    if isinstance(store, LocalStore):
-        ls.serve_folder(project, store.local_path(prefix).resolve().parent)
-    images = {}
+def _queue_tasks(ls: LabelStudio, store: Store, prefix: str) -> tuple[list[dict], list[str]]:
+    """The folder's tasks (rank order) with image URLs Label Studio can reach, and the store
+    key of each task's image."""
+    tasks, keys = json.loads(store.read_bytes(f"{prefix}/tasks.json")), []
     for task in tasks:
         data = task["data"]
         for name, value in data.items():
@@ -190,28 +182,97 @@ def push_queue(ls: LabelStudio, store: Store, prefix: str, title: str) -> Pushed
                 key = f"{prefix}/{value.removeprefix(LOCAL_FILES)}"
                 data[name] = _image_reference(ls, store, key)
                 if name == "image":
-                    images[data["image_id"]] = key
-    ids = ls.import_tasks(project, tasks)
+                    keys.append(key)
+    return tasks, keys
+
+
+def _record_key(queue_id: str) -> str:
+    return f"{STATE}/queues/{queue_id}.json"
+
+
+def _save(store: Store, record: dict) -> None:
+    store.write_bytes(_record_key(record["queue_id"]), json.dumps(record, indent=1).encode())
+
+
+def push_queue(
+    ls: LabelStudio, store: Store, prefix: str, title: str, sub_batch: int = 0
+) -> Pushed:
+    """The queue folder `prefix` as tasks of the project `title` (made from the folder's
+    labeling config when missing), in sub-batches of `sub_batch` tasks by rank (0: all at
+    once): the first now, each next one once the one before is answered. Pushing the same
+    queue again imports nothing."""
+    queue_id = posixpath.basename(prefix)
+    if store.exists(_record_key(queue_id)):
+        record = json.loads(store.read_bytes(_record_key(queue_id)))
+        return Pushed(record["project"], record["batches"][0]["task_ids"], _count(record), True)
+    tasks = json.loads(store.read_bytes(f"{prefix}/tasks.json"))
+    project = ls.project(title, store.read_bytes(f"{prefix}/labelstudio_config.xml").decode())
+    if isinstance(store, LocalStore):
+        ls.serve_folder(project, store.local_path(prefix).resolve().parent)
     record = {
         "project": project,
         "queue_id": queue_id,
+        "prefix": prefix,
         "url": ls.url,
-        "task_ids": ids,
-        "images": {str(i): images[t["data"]["image_id"]] for i, t in zip(ids, tasks)},
-        "pushed_at": datetime.now(UTC).isoformat(),
+        "tasks": len(tasks),
+        "sub_batch": sub_batch if 0 < sub_batch < len(tasks) else len(tasks),
+        "pushed_at": _now(),
+        "batches": [],
+        "seen": {},  # annotation id -> its last edit, of the answers already written as drops
+        "deleted": [],
     }
-    store.write_bytes(record_key, json.dumps(record, indent=1).encode())
-    return Pushed(project, ids, False)
+    _push_next(ls, store, record, ls.export(project))
+    _save(store, record)
+    return Pushed(project, record["batches"][0]["task_ids"], _count(record), False)
 
 
-def push_or_defer(ls: LabelStudio, store: Store, prefix: str, title: str) -> Pushed | str:
+def _count(record: dict) -> int:
+    return -(-record["tasks"] // max(record["sub_batch"], 1))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _push_next(ls: LabelStudio, store: Store, record: dict, existing: list[dict]) -> None:
+    """The queue's next sub-batch. Tasks of it that Label Studio already holds (an import whose
+    record was never saved) are adopted, not imported twice."""
+    start = sum(len(b["task_ids"]) for b in record["batches"])
+    tasks, keys = _queue_tasks(ls, store, record["prefix"])
+    chunk = slice(start, start + record["sub_batch"])
+    tasks, keys = tasks[chunk], keys[chunk]
+    held = {
+        t["data"].get("image_id"): t["id"]
+        for t in existing
+        if t.get("data", {}).get("cvops_queue") == record["queue_id"]
+    }
+    if all(t["data"]["image_id"] in held for t in tasks):
+        ids = [held[t["data"]["image_id"]] for t in tasks]
+    else:
+        ids = ls.import_tasks(record["project"], tasks)
+    record["batches"].append(
+        {
+            "task_ids": ids,
+            "images": {str(i): key for i, key in zip(ids, keys)},
+            "pushed_at": _now(),
+            "done_at": None,
+            "drop": None,
+            "findings": None,
+        }
+    )
+
+
+def push_or_defer(
+    ls: LabelStudio, store: Store, prefix: str, title: str, sub_batch: int = 0
+) -> Pushed | str:
     """`push_queue`, or, when Label Studio cannot take it now, the reason, with the queue left
     pending for the next poll to push (the queue's files are there either way)."""
     try:
-        return push_queue(ls, store, prefix, title)
+        return push_queue(ls, store, prefix, title, sub_batch)
     except LabelStudioError as e:
         pending = f"{STATE}/pending/{posixpath.basename(prefix)}.json"
-        store.write_bytes(pending, json.dumps({"prefix": prefix, "title": title}).encode())
+        waiting = {"prefix": prefix, "title": title, "sub_batch": sub_batch}
+        store.write_bytes(pending, json.dumps(waiting).encode())
         return str(e)
 
 
@@ -224,6 +285,129 @@ class Poll:
     answered: int = 0  # annotations in them
     deleted: list[str] = field(default_factory=list)  # "project/task": gone from Label Studio
     pending: int = 0  # pushed tasks without an answer yet
+    completed: list[dict] = field(default_factory=list)  # sub-batches done: their findings
+    next_pushed: list[str] = field(default_factory=list)  # "queue #n": sub-batches sent now
+    progress: list[dict] = field(default_factory=list)  # per queue
+
+
+def _edit_time(annotation: dict) -> str:
+    return str(annotation.get("updated_at") or annotation.get("created_at"))
+
+
+def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
+    """One poll: queues Label Studio could not take before are pushed; a sub-batch whose every
+    task is answered (or deleted) becomes one drop (images/ and export.json, then the marker)
+    with its findings; the next sub-batch goes out on the poll after its findings are shown;
+    answers given or edited after their sub-batch's drop land in a newer drop; pushed tasks
+    Label Studio no longer has are reported once."""
+    poll = Poll()
+    for entry in list(store.list(f"{STATE}/pending/")):
+        waiting = json.loads(store.read_bytes(entry.key))
+        queue_id = posixpath.basename(waiting["prefix"])
+        if not store.exists(_record_key(queue_id)):
+            push_queue(ls, store, waiting["prefix"], waiting["title"], waiting["sub_batch"])
+            poll.pushed.append(queue_id)
+    records = [
+        json.loads(store.read_bytes(e.key))
+        for e in store.list(f"{STATE}/queues/")
+        if e.key.endswith(".json")
+    ]
+    mine = [r for r in records if r["url"].rstrip("/") == ls.url.rstrip("/")]
+    emails = ls.emails() if mine else {}
+    exports: dict[int, list[dict]] = {}
+    for record in sorted(mine, key=lambda r: r["pushed_at"]):
+        if record["project"] not in exports:
+            exports[record["project"]] = ls.export(record["project"])
+        _poll_queue(ls, record, exports[record["project"]], emails, store, drops, poll)
+        _save(store, record)
+    return poll
+
+
+def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:
+    by_id = {t.get("id"): t for t in export}
+    project, queue_id = record["project"], record["queue_id"]
+    batches = record["batches"]
+    answered_at = []
+    for n, batch in enumerate(batches, 1):
+        ids = batch["task_ids"]
+        for task in ids:
+            if task not in by_id and task not in record["deleted"]:
+                record["deleted"].append(task)
+                poll.deleted.append(f"{project}/{task}")
+        tasks = [_named(by_id[i], emails) for i in ids if i in by_id]
+        answered_at += [a.get("created_at") for t in tasks for a in t.get("annotations") or []]
+        if batch["done_at"] is None:
+            waiting = sum(1 for t in tasks if not t.get("annotations"))
+            poll.pending += waiting
+            if waiting:
+                continue
+            batch["findings"] = findings(tasks, _model_answers(store, record["prefix"]))
+            fresh = tasks
+            batch["done_at"] = _now()
+            poll.completed.append({"queue": queue_id, "sub_batch": n, **batch["findings"]})
+        else:
+            fresh = _answers(tasks, record["seen"])
+        fresh = [t for t in fresh if t.get("annotations")]
+        if fresh:
+            name = _write_drop(project, fresh, batch["images"], store, drops)
+            batch["drop"] = batch["drop"] or name
+            poll.drops.append(name)
+            poll.answered += sum(len(t["annotations"]) for t in fresh)
+            record["seen"].update(
+                {str(a.get("id")): _edit_time(a) for t in fresh for a in t["annotations"]}
+            )
+    last = batches[-1]
+    sent = sum(len(b["task_ids"]) for b in batches)
+    if (
+        last["done_at"]
+        and sent < record["tasks"]
+        and not any(c["queue"] == queue_id for c in poll.completed)
+    ):
+        _push_next(ls, store, record, export)
+        poll.next_pushed.append(f"{queue_id} #{len(batches)}")
+    poll.progress.append(_progress(record, answered_at))
+
+
+def _model_answers(store: Store, prefix: str) -> dict[str, list[dict]]:
+    """Image id -> the result the queue pre-filled (its first prediction)."""
+    tasks = json.loads(store.read_bytes(f"{prefix}/tasks.json"))
+    return {
+        t["data"]["image_id"]: t["predictions"][0].get("result") or []
+        for t in tasks
+        if t.get("predictions")
+    }
+
+
+def _named(task: dict, emails: dict[int, str]) -> dict:
+    """The task with each annotator named by email where Label Studio told us."""
+    annotations = []
+    for a in task.get("annotations") or []:
+        who = a.get("completed_by")
+        annotations.append(
+            a | {"completed_by": {"id": who, "email": emails[who]}} if who in emails else a
+        )
+    return task | {"annotations": annotations}
+
+
+def _progress(record: dict, answered_at: list) -> dict:
+    """Done / pending of one queue and its pace: answers in the last hour, and per hour since
+    the queue went out."""
+    batches = record["batches"]
+    done = sum(len(b["task_ids"]) for b in batches if b["done_at"])
+    now = datetime.now(UTC)
+    times = [datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in answered_at if t]
+    hours = max((now - datetime.fromisoformat(record["pushed_at"])).total_seconds() / 3600, 1e-9)
+    return {
+        "queue": record["queue_id"],
+        "project": record["project"],
+        "sub_batches_done": sum(1 for b in batches if b["done_at"]),
+        "sub_batches": _count(record),
+        "tasks_done": done,
+        "tasks_pending": record["tasks"] - done - len(record["deleted"]),
+        "answers": len(times),
+        "answers_last_hour": sum(1 for t in times if (now - t).total_seconds() <= 3600),
+        "answers_per_hour": round(len(times) / max(hours, 1 / 60), 1),
+    }
 
 
 def _answers(tasks: list[dict], seen: dict[str, str]) -> list[dict]:
@@ -232,80 +416,26 @@ def _answers(tasks: list[dict], seen: dict[str, str]) -> list[dict]:
     out = []
     for task in tasks:
         fresh = [
-            a
-            for a in task.get("annotations") or []
-            if seen.get(str(a.get("id"))) != str(a.get("updated_at") or a.get("created_at"))
+            a for a in task.get("annotations") or [] if seen.get(str(a.get("id"))) != _edit_time(a)
         ]
         if fresh:
             out.append(task | {"annotations": fresh})
     return out
 
 
-def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
-    """Every pushed queue's new and edited annotations as one drop per project (images/ and
-    export.json, then the marker), and the pushed tasks Label Studio no longer has."""
-    poll = Poll()
-    for entry in list(store.list(f"{STATE}/pending/")):
-        waiting = json.loads(store.read_bytes(entry.key))
-        queue_id = posixpath.basename(waiting["prefix"])
-        if not store.exists(f"{STATE}/queues/{queue_id}.json"):
-            push_queue(ls, store, waiting["prefix"], waiting["title"])
-            poll.pushed.append(queue_id)
-    records = [
-        json.loads(store.read_bytes(e.key))
-        for e in store.list(f"{STATE}/queues/")
-        if e.key.endswith(".json")
-    ]
-    by_project: dict[int, list[dict]] = {}
-    for record in records:
-        if record.get("url", ls.url).rstrip("/") == ls.url.rstrip("/"):
-            by_project.setdefault(int(record["project"]), []).append(record)
-    emails = ls.emails() if by_project else {}
-    for project, pushed in sorted(by_project.items()):
-        images = {int(t): key for r in pushed for t, key in r["images"].items()}
-        tasks = [t for t in ls.export(project) if t.get("id") in images]
-        present = {t["id"] for t in tasks}
-        state_key = f"{STATE}/answers/{project}.json"
-        state = json.loads(store.read_bytes(state_key)) if store.exists(state_key) else {}
-        seen, gone = state.get("seen", {}), set(state.get("deleted", []))
-        for task in sorted(set(images) - present):
-            if str(task) not in gone:
-                poll.deleted.append(f"{project}/{task}")
-                gone.add(str(task))
-        poll.pending += sum(1 for t in tasks if not t.get("annotations"))
-        fresh = _answers(tasks, seen)
-        if fresh:
-            for task in fresh:
-                for a in task["annotations"]:
-                    if a.get("completed_by") in emails:
-                        who = a["completed_by"]
-                        a["completed_by"] = {"id": who, "email": emails[who]}
-            name = _write_drop(project, fresh, images, store, drops)
-            poll.drops.append(name)
-            poll.answered += sum(len(t["annotations"]) for t in fresh)
-            for task in fresh:
-                for a in task["annotations"]:
-                    seen[str(a.get("id"))] = str(a.get("updated_at") or a.get("created_at"))
-        state = {"seen": seen, "deleted": sorted(gone)}
-        store.write_bytes(state_key, json.dumps(state, indent=1).encode())
-    return poll
-
-
 def _write_drop(
-    project: int, tasks: list[dict], images: dict[int, str], store: Store, drops: Store
+    project: int, tasks: list[dict], images: dict[str, str], store: Store, drops: Store
 ) -> str:
     """A Label Studio export drop of `tasks`, named by what it carries; an existing complete
     drop of that name (a poll that stopped before saving its state) is left as it is."""
-    carried = sorted(
-        (t["id"], a.get("id"), str(a.get("updated_at"))) for t in tasks for a in t["annotations"]
-    )
+    carried = sorted((t["id"], a.get("id"), _edit_time(a)) for t in tasks for a in t["annotations"])
     digest = hashlib.sha256(json.dumps(carried).encode()).hexdigest()[:12]
     name = f"labelstudio-p{project}-{digest}"
     drop = drops.child(name)
     if drop.exists(MARKER):
         return name
     for task in tasks:
-        key = images[task["id"]]
+        key = images[str(task["id"])]
         drop.write_bytes(f"images/{posixpath.basename(key)}", store.read_bytes(key))
     drop.write_bytes("export.json", json.dumps(tasks, indent=1, ensure_ascii=False).encode())
     drop.write_bytes(MARKER, b"")

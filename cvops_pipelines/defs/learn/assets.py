@@ -243,6 +243,11 @@ class AnnotationQueueConfig(Config):
         description="Share of the queue filled with a seeded random "
         "sample of the other candidates (exploration).",
     )
+    sub_batch: int = Field(
+        25,
+        description="With Label Studio: tasks per sub-batch, by rank; the next goes out once "
+        "the one before is answered and its findings are shown (0: the whole queue at once).",
+    )
 
 
 @loop_asset(
@@ -269,13 +274,14 @@ def annotation_queue(
     if ls is not None and len(result.value):
         title = f"{annotation.project_title} · annotation queue · ontology v{ctx.ontology.version}"
         prefix = f"annotation/queues/{result.metadata['queue_id']}"
-        pushed = push_or_defer(ls, ctx.store, prefix, title)
+        pushed = push_or_defer(ls, ctx.store, prefix, title, config.sub_batch)
         if isinstance(pushed, str):
             context.log.warning(f"{pushed} (the labelstudio_answers sensor pushes it later)")
             result.metadata["labelstudio"] = f"not pushed yet: {pushed}"
         else:
             result.metadata["labelstudio_project"] = Link(ls.project_url(pushed.project))
-            result.metadata["labelstudio_tasks"] = len(pushed.task_ids)
+            result.metadata["labelstudio_tasks_pushed"] = len(pushed.task_ids)
+            result.metadata["labelstudio_sub_batches"] = pushed.batches
     return output(result)
 
 

@@ -1,14 +1,19 @@
 """The loop runs itself: feedback batches become partitions, metrics refresh on a schedule, and
 a failed SLA or drift check (with new labels to learn from), or enough new labels, retrains."""
 
+import json
+
 from dagster import (
+    AssetObservation,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    MetadataValue,
     RunRequest,
     ScheduleDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    TableRecord,
     sensor,
 )
 
@@ -119,16 +124,18 @@ def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage, l
 @sensor(
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.RUNNING,
-    description="With a Label Studio configured (CVOPS_LABELSTUDIO_URL): pushes queues it could "
-    "not take earlier, and writes the tasks annotators completed (new or edited) as a Label "
-    "Studio export drop, exactly once, for new_drop_sensor to ingest; reports tasks deleted "
-    "in Label Studio.",
+    description="With a Label Studio configured (CVOPS_LABELSTUDIO_URL): writes each answered "
+    "sub-batch (and answers edited later) as a Label Studio export drop, exactly once, for "
+    "new_drop_sensor to ingest; records its findings and the queue's progress on "
+    "annotation_queue; then pushes the next sub-batch; pushes queues Label Studio could not "
+    "take earlier; reports tasks deleted in Label Studio.",
 )
 def labelstudio_answers(
     context: SensorEvaluationContext,
     storage: CvopsStorage,
     drop_source: DropSource,
     annotation: AnnotationBackend,
+    loop: Loop,
 ):
     ls = annotation.labelstudio()
     if ls is None:
@@ -143,12 +150,29 @@ def labelstudio_answers(
             f"Label Studio task {task} (project/task) was deleted before it was answered: its "
             "image stays in the pool unlabelled and may be queued again"
         )
-    if poll.pushed:
-        context.log.info(f"pushed queue(s) Label Studio could not take before: {poll.pushed}")
-    if not poll.drops:
-        return SkipReason(f"no new answers; {poll.pending} pushed task(s) waiting for one")
-    context.log.info(f"{poll.answered} answer(s) -> drop(s) {poll.drops}")
-    return SkipReason(
-        f"wrote {poll.answered} answer(s) as drop(s) {', '.join(poll.drops)}; "
-        "new_drop_sensor ingests them"
-    )
+    said = [
+        f"pushed late: {', '.join(poll.pushed)}" if poll.pushed else "",
+        f"wrote {poll.answered} answer(s) as drop(s) {', '.join(poll.drops)}" if poll.drops else "",
+        f"sub-batch(es) pushed: {', '.join(poll.next_pushed)}" if poll.next_pushed else "",
+        f"{poll.pending} pushed task(s) waiting for an answer",
+    ]
+    summary = "; ".join(s for s in said if s)
+    context.log.info(summary)
+    shown = json.dumps([poll.progress, poll.completed], sort_keys=True)
+    events = []
+    if shown != context.cursor:  # the UI hears of a change, not of every poll
+        events.append(
+            AssetObservation(
+                loop.key("annotation_queue"),
+                metadata={
+                    "annotation_progress": MetadataValue.table(
+                        [TableRecord(p) for p in poll.progress]
+                    )
+                    if poll.progress
+                    else "no queue pushed",
+                    "sub_batches_completed_now": MetadataValue.json(poll.completed),
+                    "summary": summary,
+                },
+            )
+        )
+    return SensorResult(skip_reason=summary, asset_events=events, cursor=shown)

@@ -156,30 +156,74 @@ def test_answers_land_as_one_drop_exactly_once_and_edits_and_deletions_follow(
         annotator, "POST", f"/api/tasks/{first}/annotations", json={"result": _choice("0")}
     ).json()
     server.api(annotator, "POST", f"/api/tasks/{second}/annotations", json={"result": _choice("1")})
+    waiting = collect_answers(ls, store, drops)
+    assert waiting.drops == [] and waiting.pending == 1  # the sub-batch is not done yet
 
+    server.api(ADMIN_TOKEN, "DELETE", f"/api/tasks/{third}")  # done: answered or deleted
     poll = collect_answers(ls, store, drops)
-    assert poll.answered == 2 and poll.pending == 1 and len(poll.drops) == 1
+    assert poll.deleted == [f"{pushed.project}/{third}"] and poll.pending == 0
+    assert poll.answered == 2 and len(poll.drops) == 1
+    (done,) = poll.completed
+    assert (done["answered"], done["annotators"], done["overruled_model"]) == (2, 1, 1.0)
+    assert {(c["model"], c["annotator"]) for c in done["confusion"]} == {("7", "0"), ("7", "1")}
     labels = _labels(drops, poll.drops[0], repo_root)
     assert dict(zip(labels["image_id"], labels["label"])) == {ids[0]: "0", ids[1]: "1"}
     assert set(labels["annotator"]) == {f"ann-{tmp_path.name}@cvops.test"}
     assert set(labels["origin"]) == {"annotation_queue"}
-    assert collect_answers(ls, store, drops).drops == []  # re-polling adds nothing
+    again = collect_answers(ls, store, drops)  # re-polling adds nothing, reports nothing twice
+    assert again.drops == [] and again.deleted == [] and again.completed == []
 
     # an answer edited later lands as a newer label for that image only
-    server.api(
-        annotator, "PATCH", f"/api/annotations/{answer['id']}", json={"result": _choice("8")}
-    )
-    server.api(ADMIN_TOKEN, "DELETE", f"/api/tasks/{third}")
-    poll = collect_answers(ls, store, drops)
-    assert poll.deleted == [f"{pushed.project}/{third}"]  # reported, once
-    (drop,) = poll.drops
+    edit = {"result": _choice("8")}
+    server.api(annotator, "PATCH", f"/api/annotations/{answer['id']}", json=edit)
+    (drop,) = collect_answers(ls, store, drops).drops
     edited = _labels(drops, drop, repo_root)
     assert edited[["image_id", "label"]].values.tolist() == [[ids[0], "8"]]
     assert edited["labeled_at"].iloc[0] > labels.set_index("image_id")["labeled_at"][ids[0]]
-    again = collect_answers(ls, store, drops)
-    assert again.drops == [] and again.deleted == []
-    assert len(_drop_names(drops)) == 2  # the answers, then the edit
+    assert collect_answers(ls, store, drops).drops == []
+    assert len(_drop_names(drops)) == 2  # the sub-batch, then the edit
     assert all(drops.exists(f"{name}/{MARKER}") for name in _drop_names(drops))
+
+
+def test_a_queue_goes_out_in_sub_batches_each_after_the_one_before_is_answered(
+    server, places, tmp_path
+):
+    store, drops = places
+    prefix, _ = _digit_queue(store, tmp_path, n=5)
+    ls = _ls(server, places)
+    pushed = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · sub", sub_batch=2)
+    assert pushed.batches == 3 and len(pushed.task_ids) == 2
+
+    def project_tasks() -> list[int]:
+        return sorted(t["id"] for t in ls.export(pushed.project))
+
+    assert project_tasks() == sorted(pushed.task_ids)
+    sent = list(pushed.task_ids)
+    for n, labels in enumerate([["7", "3"], ["7", "7"], ["1"]], 1):
+        for task, label in zip(sent[-len(labels) :], labels):
+            server.api(
+                ADMIN_TOKEN,
+                "POST",
+                f"/api/tasks/{task}/annotations",
+                json={"result": _choice(label)},
+            )
+        poll = collect_answers(ls, store, drops)  # the sub-batch's drop and findings, alone
+        (done,) = poll.completed
+        assert (done["sub_batch"], done["answered"], len(poll.drops)) == (n, len(labels), 1)
+        assert done["overruled_model"] == sum(x != "7" for x in labels) / len(labels)
+        assert poll.next_pushed == [] and project_tasks() == sorted(sent)
+        (progress,) = poll.progress
+        assert progress["sub_batches_done"] == n and progress["tasks_done"] == len(sent)
+        assert progress["tasks_pending"] == 5 - len(sent)
+        nxt = collect_answers(ls, store, drops)  # the poll after: the next sub-batch goes out
+        assert nxt.drops == [] and nxt.completed == []
+        if n < 3:
+            assert nxt.next_pushed == [f"{prefix.rsplit('/', 1)[1]} #{n + 1}"]
+            sent = project_tasks()
+            assert len(sent) == min(5, 2 * (n + 1))
+        else:
+            assert nxt.next_pushed == [] and len(project_tasks()) == 5
+    assert len(_drop_names(drops)) == 3  # one drop per sub-batch
 
 
 def _drop_names(drops) -> list[str]:
@@ -235,30 +279,41 @@ def test_the_sensor_writes_the_drop_and_a_server_down_loses_nothing(
             instance=instance, resources={**resources, "annotation": backend}
         ) as context,
     ):
-        assert "no new answers; 3 pushed task(s)" in labelstudio_answers(context).skip_message
+        result = labelstudio_answers(context)
+        assert result.skip_reason.skip_message.startswith("pushed late: ")
+        assert "3 pushed task(s) waiting" in result.skip_reason.skip_message
+        (observed,) = result.asset_events  # the queue's progress, on annotation_queue
+        assert observed.asset_key.path[-1] == "annotation_queue"
+        context.update_cursor(result.cursor)
+        quiet = labelstudio_answers(context)
+        assert quiet.asset_events == []  # nothing changed: nothing to show
         record = json.loads(store.read_bytes(f"annotation/labelstudio/queues/{prefix[-14:]}.json"))
-        server.api(
-            ADMIN_TOKEN,
-            "POST",
-            f"/api/tasks/{record['task_ids'][0]}/annotations",
-            json={"result": _choice("0")},
-        )
-        said = labelstudio_answers(context).skip_message
+        for task in record["batches"][0]["task_ids"]:
+            server.api(
+                ADMIN_TOKEN, "POST", f"/api/tasks/{task}/annotations", json={"result": _choice("0")}
+            )
+        context.update_cursor(quiet.cursor)
+        result = labelstudio_answers(context)
     (name,) = _drop_names(drops)
-    assert f"wrote 1 answer(s) as drop(s) {name}" in said
+    assert f"wrote 3 answer(s) as drop(s) {name}" in result.skip_reason.skip_message
+    (observed,) = result.asset_events
+    (completed,) = observed.metadata["sub_batches_completed_now"].value
+    assert completed["answered"] == 3 and completed["overruled_model"] == 1.0
     labels = _labels(drops, name, repo_root)
-    assert labels["annotator"].tolist() == [ADMIN] and labels["label"].tolist() == ["0"]
+    assert set(labels["annotator"]) == {ADMIN} and set(labels["label"]) == {"0"}
 
 
 def _sensor_resources(store, drops) -> dict:
     from dagster_aws.s3 import S3Resource
 
+    from cvops_pipelines.defs.loop import Loop
     from cvops_pipelines.defs.resources import CvopsStorage, DropSource
 
     s3 = S3Resource(region_name="us-east-1")
     return {
         "storage": CvopsStorage(local_root=str(store.local_path("")), s3=s3),
         "drop_source": DropSource(uri=str(drops.local_path("")), s3=s3),
+        "loop": Loop(name=""),
     }
 
 

@@ -41,6 +41,7 @@ class RunSummary:
     success: bool = False  # the run itself (ok also needs every check to pass)
     wall_s: float = 0.0  # the run, start to end, in this process
     steps_s: float = 0.0  # of which: the steps' own compute (Dagster step durations)
+    partition: str | None = None
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Runner:
                 **_ops_of(loop, run_config or {}),
             },
         )
-        summary = RunSummary(result.success, result.run_id, job=job)
+        summary = RunSummary(result.success, result.run_id, job=job, partition=partition)
         for event in result.get_asset_materialization_events():
             mat = event.event_specific_data.materialization
             summary.assets[mat.asset_key.path[-1]] = {  # the asset's name in its loop
@@ -131,7 +132,11 @@ class Runner:
         if isinstance(result, SensorResult):
             for add in result.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+            for event in result.asset_events or []:  # as the daemon records them
+                instance.report_runless_asset_event(event)
             requests = list(result.run_requests or [])
+            if result.skip_reason and not requests:
+                print(f"   sensor : {sensor_name}: {result.skip_reason.skip_message}")
         elif isinstance(result, RunRequest):
             requests = [result]
         elif isinstance(result, SkipReason):

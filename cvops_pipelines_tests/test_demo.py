@@ -79,7 +79,7 @@ def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
         assert first["after"]["stable"] == first["release"] and first["after"]["canary"] is None
     else:
         assert first["canary"]["action"] == "wait" and "keep collecting" in first["canary"]["why"]
-    assert "new_drop_sensor -> ingest_job" in out and "annotate: the oracle labelled" in out
+    assert "new_drop_sensor -> ingest_job" in out and "annotate: the oracle answered" in out
 
     # turn 2: the operators' labels keep the SLA out of reach (they pick among the top two), so
     # the alert and the new labels ask for a retrain; the replay gate judged it on the holdout

@@ -1,12 +1,15 @@
-"""`cvops-demo --task detection`: two turns of the loop on boxes, hands-off, checked from its
-output and its report (invariants: every stage ran, each decision agrees with the figures it
-printed; never which model wins); then the Dagster webserver is opened on the instance it left
-behind, in a real browser, and the evaluation's detection metadata is what an operator sees
-(the mAP table, the precision-recall plot, example boxes). Screenshots land in
-$CVOPS_TEST_ARTIFACTS."""
+"""`cvops-demo --task detection --annotator labelstudio`: two turns of the loop on boxes,
+hands-off, with the queue answered in a real Label Studio (the classification demo keeps the
+file path), checked from its output and its report (invariants: every stage ran, each decision
+agrees with the figures it printed; never which model wins); then the Dagster webserver is
+opened on the instance it left behind, in a real browser, and the evaluation's detection
+metadata is what an operator sees (the mAP table, the precision-recall plot, example boxes).
+Screenshots land in $CVOPS_TEST_ARTIFACTS."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +33,7 @@ def detection_demo(tmp_path_factory):
     report = root / "report.json"
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "cvops-demo"), "--task", "detection", *SIZES]
-        + ["--report", str(report)],
+        + ["--annotator", "labelstudio", "--report", str(report)],
         cwd=root,
         env=env,
         capture_output=True,
@@ -67,9 +70,20 @@ def test_two_hands_off_turns_on_boxes(detection_demo):
     assert first["decision"]["action"] == ("promote" if reviewed >= 50 else "wait"), canary
 
     # the oracle's answers and the reviewed frames are back in the pool as box labels
-    answered = int(out.split("== annotate: the oracle drew the true boxes on ")[1].split()[0])
+    # through Label Studio: pushed in sub-batches of 25, each answered sub-batch back as one
+    # drop with its findings before the next went out
+    pushed = re.search(r"(\d+) tasks in sub-batches of (\d+)", out)
+    tasks, size = int(pushed[1]), int(pushed[2])
+    assert tasks == first["queued"] and size == 25
+    batches = re.findall(r"sub-batch (\d+): (\d+) answered, (\d+) skipped.* -> drop (\S+)", out)
+    assert [int(b[0]) for b in batches] == list(range(1, math.ceil(tasks / size) + 1))
+    assert [int(b[1]) + int(b[2]) for b in batches] == [
+        min(size, tasks - size * k) for k in range(len(batches))
+    ]
+    assert len({b[3] for b in batches}) == len(batches)  # one drop per sub-batch
+    answered = sum(int(b[1]) for b in batches)
     assert 0 < answered <= first["queued"]
-    assert "annotated-q-" in out and "0 quarantined" in out.split("== annotate")[1]
+    assert "0 quarantined" in out.split("== annotate")[1]
     pools = [int(p.split()[0]) for p in out.split("== curate: ")[1:]]
     assert pools[0] < pools[1] <= pools[0] + 90  # at most every turn-1 frame (--frames 90)
     # a frame the oracle answered counts as the oracle's; the rest as the operator's review

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
 from cvops_pipelines.settings import ENVIRONMENT_HELP
 
@@ -40,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--frames", type=int, default=120, help="production frames shot in each turn"
     )
     sizes.add_argument("--epochs", type=int, default=10, help="detector training epochs")
+    parser.add_argument(
+        "--annotator",
+        choices=("files", "labelstudio"),
+        default="files",
+        help="who answers the annotation queue: the oracle writing a Label Studio export drop "
+        "(files), or the oracle as an annotator in a local Label Studio the demo starts "
+        "(its own venv, data under $CVOPS_HOME/labelstudio), which the pipeline pushes the "
+        "queue to in sub-batches and polls for answers",
+    )
     parser.add_argument("--timings", help="write where the time went (JSON) to this file")
     parser.add_argument(
         "--report",
@@ -65,26 +75,62 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cvops_pipelines.demo.harness import Demo, make_data
-
     args = build_parser().parse_args(argv)
     if args.task == "detection":
         from cvops_pipelines.demo import detection
 
         detection.use_detection_project()
+    try:
+        if args.data_only and args.task != "detection":
+            from cvops_pipelines.demo.harness import make_data
+
+            return make_data(args.drops, args.holdback, args.seed)
+        if args.annotator == "labelstudio":
+            with _labelstudio() as annotator:
+                return _run(args, annotator)
+        return _run(args, None)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args, annotator) -> int:
+    if args.task == "detection":
+        from cvops_pipelines.demo import detection
+
         config = detection.DetectionDemoConfig(
             scenes=args.scenes, frames=args.frames, epochs=args.epochs, seed=args.seed
         )
-        try:
-            return detection.run(config, args.report)
-        except KeyboardInterrupt:
-            return 130
-    try:
-        if args.data_only:
-            return make_data(args.drops, args.holdback, args.seed)
-        return Demo(args.seed).run(args.report, args.timings)
-    except KeyboardInterrupt:
-        return 130
+        return detection.run(config, args.report, annotator)
+    from cvops_pipelines.demo.harness import Demo
+
+    return Demo(args.seed, annotator).run(args.report, args.timings)
+
+
+@contextmanager
+def _labelstudio():
+    """A local Label Studio for this demo's loop, and the pipeline pointed at it (the
+    environment the resources read); stopped when the demo ends."""
+    import os
+
+    from cvops_pipelines import settings
+    from cvops_pipelines.demo.labelstudio import (
+        ADMIN_TOKEN,
+        LabelStudioAnnotator,
+        LabelStudioServer,
+    )
+
+    home = settings.cvops_home()
+    root = home / "labelstudio"
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"cvops demo: starting Label Studio (data in {root}); about a minute")
+    with LabelStudioServer.start(root, files_root=home) as server:
+        os.environ.update(
+            CVOPS_LABELSTUDIO_URL=server.url,
+            CVOPS_LABELSTUDIO_TOKEN=ADMIN_TOKEN,
+            CVOPS_LABELSTUDIO_FILES_ROOT=str(home),
+        )
+        print(f"cvops demo: Label Studio at {server.url} (admin, token in the demo's code)")
+        yield LabelStudioAnnotator(server)
 
 
 if __name__ == "__main__":

@@ -143,11 +143,13 @@ def run_detection_fleet(
 class DetectionDemo:
     """One run of the demo: two turns, the oracle's truth of every field frame, the steps."""
 
-    def __init__(self, config: DetectionDemoConfig) -> None:
+    def __init__(self, config: DetectionDemoConfig, annotator=None) -> None:
         from cvops_pipelines.demo.harness import Timings
+        from cvops_pipelines.demo.labelstudio import FileAnnotator
         from cvops_pipelines.runs import Runner
 
         self.config, self.runner = config, Runner()
+        self.annotator = annotator or FileAnnotator()
         self.timings = Timings(runner=self.runner)
         self.steps: dict[str, bool] = {}
         # image_id (as shot) -> the frame's true boxes as Label Studio rectangles
@@ -164,7 +166,7 @@ class DetectionDemo:
         print(f"\n== ingest drop {drop} (new_drop_sensor)")
         ingests = self.runner.tick("new_drop_sensor")
         for r in ingests:
-            print_ingest(drop, r)
+            print_ingest(r.partition or drop, r)
         return self.ok(f"ingest {drop}", ingests)
 
     def curate(self, step: str) -> bool:
@@ -342,25 +344,15 @@ class DetectionDemo:
 
     def annotate(self, queue: dict) -> bool:
         """The oracle answers the queue with every frame's true boxes (Label Studio rectangles;
-        nothing marked on an empty frame), as a drop a team copies back from Label Studio."""
-        from cvops_pipelines.demo.data import complete_queue
-
+        nothing marked on an empty frame), in its files or in Label Studio, as drops."""
         queue_id = queue.get("queue_id")
         if not queue_id:
             return True
-        drop = Path(settings.drops_uri()) / f"annotated-{queue_id}"
         with self.timings.stage():
-            answered = complete_queue(
-                settings.cvops_home() / "annotation" / "queues" / queue_id,
-                self.truth,
-                drop,
-                result=lambda rectangles: rectangles,
+            drops = self.annotator.answer(
+                self.runner, queue_id, self.truth, lambda rectangles: rectangles
             )
-        print(
-            f"\n== annotate: the oracle drew the true boxes on {answered} queued frames -> drop "
-            f"{drop.name} (Label Studio JSON export + images, marked complete)"
-        )
-        return self.ingest(drop.name)
+        return self.ingest(", ".join(drops))
 
     def audit(self, turns: list[dict]) -> dict[str, dict]:
         """Every turn's model on every turn-2 frame as shot, at its own operating point,
@@ -417,11 +409,11 @@ def field_frames(config: DetectionDemoConfig, turn: int):
     )
 
 
-def run(config: DetectionDemoConfig, report_path: str | None = None) -> int:
+def run(config: DetectionDemoConfig, report_path: str | None = None, annotator=None) -> int:
     from cvops_pipelines.demo import scenes
     from cvops_pipelines.runs import dagster_home
 
-    home, demo = settings.cvops_home(), DetectionDemo(config)
+    home, demo = settings.cvops_home(), DetectionDemo(config, annotator)
     print(
         f"cvops demo (detection): loop {LOOP!r}, data under {home}, "
         f"Dagster instance in {dagster_home()}"

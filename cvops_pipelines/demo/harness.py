@@ -244,8 +244,11 @@ def field_accuracy(metrics: dict, release: str) -> str:
 class Demo:
     """One demo run: its seed, the runs it started and where the time went."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, annotator=None) -> None:
+        from cvops_pipelines.demo.labelstudio import FileAnnotator
+
         self.seed = seed
+        self.annotator = annotator or FileAnnotator()
         self.runner = Runner()
         self.timings = Timings(runner=self.runner)
 
@@ -327,22 +330,13 @@ class Demo:
             out[version] = float(np.mean(predicted == np.array([label for _, label in shots])))
         return out
 
-    def annotate(self, queue_info: dict, truth: dict[str, str]) -> str | None:
-        """The oracle answers the queue; the answers land as a marked drop, like a Label Studio
-        export a team copies back."""
-        from cvops_pipelines.demo.data import complete_queue
+    def annotate(self, queue_info: dict, truth: dict[str, str]) -> list[str]:
+        """The oracle answers the queue (its files, or in Label Studio); the answers land as
+        marked drops."""
+        from cvops_pipelines.demo.data import choice
 
-        queue_id = queue_info["queue_id"]
-        drop = Path(settings.drops_uri()) / f"annotated-{queue_id}"
         with self.timings.stage():
-            answered = complete_queue(
-                settings.cvops_home() / "annotation" / "queues" / queue_id, truth, drop
-            )
-        print(
-            f"\n== annotate: the oracle labelled {answered} queued images -> drop {drop.name} "
-            "(Label Studio JSON export + images, marked complete)"
-        )
-        return drop.name
+            return self.annotator.answer(self.runner, queue_info["queue_id"], truth, choice)
 
     def turn(self, number: int, stream, seed: int, steps: int, cohorts: list[str]) -> dict | None:
         """One turn; None when the pipeline itself failed. A refusal (gate, canary) is an
@@ -410,10 +404,10 @@ class Demo:
             return False
         report["turns"].append(report_turn(first))
         truth = dict(first["fleet"].image_truth)
-        drop = self.annotate(first["queue"], truth)
-        print(f"\n== ingest drop {drop} (new_drop_sensor)")
+        drops = self.annotate(first["queue"], truth)
+        print(f"\n== ingest {', '.join(drops)} (new_drop_sensor)")
         for run in self.runner.tick("new_drop_sensor"):
-            print_ingest(drop, run)
+            print_ingest(run.partition, run)
         curate = self.runner.job("curate_job")
         print_curate(curate)
         if not curate.success:

@@ -27,24 +27,25 @@ from cvops_pipelines.core.learn.labelstudio import (
     push_queue,
 )
 from cvops_pipelines.demo import digit_model
+from cvops_pipelines.demo.labelstudio import ADMIN, ADMIN_TOKEN, LabelStudioServer
 from cvops_pipelines.demo.scenes import scenes
 from cvops_pipelines_tests import corpus
-from cvops_pipelines_tests.labelstudio import ADMIN, ADMIN_TOKEN, LabelStudioServer
 
 CLASSES = [str(d) for d in range(10)]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with LabelStudioServer.start(tmp_path_factory.mktemp("labelstudio")) as running:
+    """One Label Studio for the module; its document root holds every test's tmp_path, so each
+    test's cvops store is servable, as on one machine."""
+    root = tmp_path_factory.mktemp("labelstudio")
+    with LabelStudioServer.start(root, files_root=tmp_path_factory.getbasetemp()) as running:
         yield running
 
 
 @pytest.fixture
 def places(server, tmp_path):
-    """A cvops store and drop folder under Label Studio's document root, as on one machine."""
-    root = server.files_root / tmp_path.name
-    return LocalStore(root / "cvops"), LocalStore(root / "drops")
+    return LocalStore(tmp_path / "cvops"), LocalStore(tmp_path / "drops")
 
 
 def _ingested(store, tmp_path, images: dict[str, bytes]) -> pd.DataFrame:
@@ -346,3 +347,56 @@ def test_a_server_answering_garbage_gets_a_message_that_names_it(tmp_path):
     finally:
         http.shutdown()
     assert not (tmp_path / "drops").exists()  # nothing written
+
+
+def test_a_label_submitted_in_labelstudios_ui_reaches_the_labeled_pool(
+    server, tmp_path, isolated_homes
+):
+    """Chromium opens the pushed task in Label Studio's own UI, picks a class over the model's
+    pre-filled one and submits; the sensor's drop is ingested and curated by the real assets."""
+    from playwright.sync_api import sync_playwright
+
+    from cvops_pipelines import settings
+    from cvops_pipelines_tests import stages
+    from cvops_pipelines_tests.test_demo import CHROMIUM_ARGS, chromium
+
+    store = settings.cvops_store()
+    prefix, manifest = _digit_queue(store, tmp_path, n=1)
+    ls = LabelStudio(server.url, ADMIN_TOKEN, str(server.files_root))
+    pushed = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · browser")
+    (task,) = pushed.task_ids
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        page.set_default_timeout(120_000)
+        try:
+            page.goto(f"{server.url}/user/login/")
+            page.fill("input[name=email]", ADMIN)
+            page.fill("input[name=password]", "cvops-admin-pass")
+            page.get_by_role("button", name="Log in").click()
+            page.wait_for_url(lambda url: "/user/login" not in url)
+            page.goto(f"{server.url}/projects/{pushed.project}/data?task={task}")
+            # the config's choices in the ontology's order, each with its hotkey hint ("3[4]")
+            page.locator(".lsf-choice__checkbox").nth(CLASSES.index("3")).click()
+            page.get_by_role("button", name="Submit").click()
+            deadline = 60
+            while deadline and not server.api(ADMIN_TOKEN, "GET", f"/api/tasks/{task}").json().get(
+                "total_annotations"
+            ):
+                page.wait_for_timeout(1000)
+                deadline -= 1
+        except Exception:
+            page.screenshot(path=str(tmp_path / "labelstudio.png"))
+            (tmp_path / "labelstudio.html").write_text(page.content())
+            raise
+        finally:
+            browser.close()
+    poll = collect_answers(ls, store, LocalStore(settings.drops_uri()))
+    (drop,) = poll.drops
+    instance = DagsterInstance.ephemeral()
+    stages.ingest(instance, drop)
+    curated = stages.curate(instance)
+    pool = curated.output_for_node("labeled_pool").set_index("image_id")
+    (image_id,) = manifest["image_id"]
+    assert pool.loc[image_id, "label"] == "3"  # the annotator's class, not the model's 7
+    assert list(pool.loc[image_id, "annotators"]) == [ADMIN]

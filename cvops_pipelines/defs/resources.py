@@ -20,6 +20,7 @@ from pydantic import Field
 from cvops_pipelines import settings
 from cvops_pipelines.core.base.handoffs import Handoff
 from cvops_pipelines.core.base.ontology import Ontology, load_ontology
+from cvops_pipelines.core.base.report import Link
 from cvops_pipelines.core.base.store import LocalStore, S3Store, Store, store_from_uri
 from cvops_pipelines.core.base.tables import (
     PartitionedTable,
@@ -31,7 +32,7 @@ from cvops_pipelines.core.base.tables import (
     write_table,
 )
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.learn.labelstudio import LabelStudio
+from cvops_pipelines.core.learn.labelstudio import LabelStudio, push_or_defer
 from cvops_pipelines.core.tasks import StageContext, Task, task_for, task_labels
 from cvops_pipelines.defs.loop import Loop
 
@@ -84,6 +85,23 @@ class AnnotationBackend(ConfigurableResource):
         return LabelStudio(
             self.labelstudio_url, self.labelstudio_token, self.labelstudio_files_root
         )
+
+    def push(self, ctx, prefix: str, what: str, sub_batch: int = 0, tasks_file="tasks.json"):
+        """The folder's tasks to Label Studio, when one is configured: metadata for the asset
+        (the project's link, or why it waits for the answers sensor to push it)."""
+        ls = self.labelstudio()
+        if ls is None:
+            return {}
+        title = f"{self.project_title} · {what} · ontology v{ctx.ontology.version}"
+        pushed = push_or_defer(ls, ctx.store, prefix, title, sub_batch, tasks_file)
+        if isinstance(pushed, str):
+            ctx.warn(f"{pushed} (the labelstudio_answers sensor pushes it later)")
+            return {"labelstudio": f"not pushed yet: {pushed}"}
+        return {
+            "labelstudio_project": Link(ls.project_url(pushed.project)),
+            "labelstudio_tasks_pushed": len(pushed.task_ids),
+            "labelstudio_sub_batches": pushed.batches,
+        }
 
 
 class DataContracts(ConfigurableResource):

@@ -25,7 +25,7 @@ import posixpath
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import requests
 
@@ -171,19 +171,47 @@ def _image_reference(ls: LabelStudio, store: Store, key: str) -> str:
     return store.uri(key)  # s3://bucket/key: the project's S3 source storage presigns it
 
 
-def _queue_tasks(ls: LabelStudio, store: Store, prefix: str) -> tuple[list[dict], list[str]]:
-    """The folder's tasks (rank order) with image URLs Label Studio can reach, and the store
-    key of each task's image."""
-    tasks, keys = json.loads(store.read_bytes(f"{prefix}/tasks.json")), []
+# What Label Studio may serve from the cvops store (never the whole store: keys live there)
+SERVED = ("annotation/queues", "images", "reports/label_issues")
+
+
+def _queue_tasks(
+    ls: LabelStudio, store: Store, prefix: str, tasks_file: str
+) -> tuple[list[dict], list[str]]:
+    """The folder's tasks (rank order) with image URLs Label Studio can reach (a queue names
+    its copies relative to the folder, a review the store's originals by URI), and the store
+    key of each task's image. Annotations a file pre-fills (a review's current boxes) go first
+    among the predictions: imported as annotations they would read as answers."""
+    tasks, keys = json.loads(store.read_bytes(f"{prefix}/{tasks_file}")), []
+    root = store.uri("").rstrip("/") + "/"
     for task in tasks:
         data = task["data"]
         for name, value in data.items():
-            if isinstance(value, str) and value.startswith(LOCAL_FILES):
+            if not isinstance(value, str):
+                continue
+            if value.startswith(LOCAL_FILES):
                 key = f"{prefix}/{value.removeprefix(LOCAL_FILES)}"
-                data[name] = _image_reference(ls, store, key)
-                if name == "image":
-                    keys.append(key)
+            elif value.startswith(root):
+                key = unquote(value.removeprefix(root))
+            else:
+                continue
+            data[name] = _image_reference(ls, store, key)
+            if name == "image":
+                keys.append(key)
+        data["cvops_push"] = posixpath.basename(prefix)
+        given = [
+            {"model_version": "current labels", "result": a.get("result") or []}
+            for a in task.pop("annotations", None) or []
+        ]
+        task["predictions"] = given + (task.get("predictions") or [])
     return tasks, keys
+
+
+def _served(key: str) -> str:
+    root = next((r for r in SERVED if key.startswith(f"{r}/")), None)
+    if root is None:
+        raise LabelStudioError(f"{key} is outside what Label Studio may serve ({SERVED})")
+    return root
 
 
 def _record_key(queue_id: str) -> str:
@@ -195,24 +223,31 @@ def _save(store: Store, record: dict) -> None:
 
 
 def push_queue(
-    ls: LabelStudio, store: Store, prefix: str, title: str, sub_batch: int = 0
+    ls: LabelStudio,
+    store: Store,
+    prefix: str,
+    title: str,
+    sub_batch: int = 0,
+    tasks_file: str = "tasks.json",
 ) -> Pushed:
-    """The queue folder `prefix` as tasks of the project `title` (made from the folder's
-    labeling config when missing), in sub-batches of `sub_batch` tasks by rank (0: all at
-    once): the first now, each next one once the one before is answered. Pushing the same
-    queue again imports nothing."""
+    """The folder `prefix` (an annotation queue, or a label review with `tasks_file`) as
+    tasks of the project `title` (made from the folder's labeling config when missing), in
+    sub-batches of `sub_batch` tasks by rank (0: all at once): the first now, each next one
+    once the one before is answered. Pushing the same folder again imports nothing."""
     queue_id = posixpath.basename(prefix)
     if store.exists(_record_key(queue_id)):
         record = json.loads(store.read_bytes(_record_key(queue_id)))
         return Pushed(record["project"], record["batches"][0]["task_ids"], _count(record), True)
-    tasks = json.loads(store.read_bytes(f"{prefix}/tasks.json"))
+    tasks, keys = _queue_tasks(ls, store, prefix, tasks_file)
     project = ls.project(title, store.read_bytes(f"{prefix}/labelstudio_config.xml").decode())
     if isinstance(store, LocalStore):
-        ls.serve_folder(project, store.local_path(prefix).resolve().parent)
+        for root in sorted({_served(k) for k in keys}):
+            ls.serve_folder(project, store.local_path(root).resolve())
     record = {
         "project": project,
         "queue_id": queue_id,
         "prefix": prefix,
+        "tasks_file": tasks_file,
         "url": ls.url,
         "tasks": len(tasks),
         "sub_batch": sub_batch if 0 < sub_batch < len(tasks) else len(tasks),
@@ -238,13 +273,13 @@ def _push_next(ls: LabelStudio, store: Store, record: dict, existing: list[dict]
     """The queue's next sub-batch. Tasks of it that Label Studio already holds (an import whose
     record was never saved) are adopted, not imported twice."""
     start = sum(len(b["task_ids"]) for b in record["batches"])
-    tasks, keys = _queue_tasks(ls, store, record["prefix"])
+    tasks, keys = _queue_tasks(ls, store, record["prefix"], record["tasks_file"])
     chunk = slice(start, start + record["sub_batch"])
     tasks, keys = tasks[chunk], keys[chunk]
     held = {
         t["data"].get("image_id"): t["id"]
         for t in existing
-        if t.get("data", {}).get("cvops_queue") == record["queue_id"]
+        if t.get("data", {}).get("cvops_push") == record["queue_id"]
     }
     if all(t["data"]["image_id"] in held for t in tasks):
         ids = [held[t["data"]["image_id"]] for t in tasks]
@@ -263,15 +298,20 @@ def _push_next(ls: LabelStudio, store: Store, record: dict, existing: list[dict]
 
 
 def push_or_defer(
-    ls: LabelStudio, store: Store, prefix: str, title: str, sub_batch: int = 0
+    ls: LabelStudio,
+    store: Store,
+    prefix: str,
+    title: str,
+    sub_batch: int = 0,
+    tasks_file: str = "tasks.json",
 ) -> Pushed | str:
-    """`push_queue`, or, when Label Studio cannot take it now, the reason, with the queue left
-    pending for the next poll to push (the queue's files are there either way)."""
+    """`push_queue`, or, when Label Studio cannot take it now, the reason, with the folder
+    left pending for the next poll to push (its files are there either way)."""
     try:
-        return push_queue(ls, store, prefix, title, sub_batch)
+        return push_queue(ls, store, prefix, title, sub_batch, tasks_file)
     except LabelStudioError as e:
         pending = f"{STATE}/pending/{posixpath.basename(prefix)}.json"
-        waiting = {"prefix": prefix, "title": title, "sub_batch": sub_batch}
+        waiting = {"prefix": prefix, "title": title, "sub_batch": sub_batch, "file": tasks_file}
         store.write_bytes(pending, json.dumps(waiting).encode())
         return str(e)
 
@@ -305,7 +345,14 @@ def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
         waiting = json.loads(store.read_bytes(entry.key))
         queue_id = posixpath.basename(waiting["prefix"])
         if not store.exists(_record_key(queue_id)):
-            push_queue(ls, store, waiting["prefix"], waiting["title"], waiting["sub_batch"])
+            push_queue(
+                ls,
+                store,
+                waiting["prefix"],
+                waiting["title"],
+                waiting["sub_batch"],
+                waiting["file"],
+            )
             poll.pushed.append(queue_id)
     records = [
         json.loads(store.read_bytes(e.key))
@@ -341,7 +388,7 @@ def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:
             poll.pending += waiting
             if waiting:
                 continue
-            batch["findings"] = findings(tasks, _model_answers(store, record["prefix"]))
+            batch["findings"] = findings(tasks, _model_answers(store, record))
             fresh = tasks
             batch["done_at"] = _now()
             poll.completed.append({"queue": queue_id, "sub_batch": n, **batch["findings"]})
@@ -368,13 +415,15 @@ def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:
     poll.progress.append(_progress(record, answered_at))
 
 
-def _model_answers(store: Store, prefix: str) -> dict[str, list[dict]]:
-    """Image id -> the result the queue pre-filled (its first prediction)."""
-    tasks = json.loads(store.read_bytes(f"{prefix}/tasks.json"))
+def _model_answers(store: Store, record: dict) -> dict[str, list[dict]]:
+    """Image id -> what the folder pre-filled: the model's answer (a queue) or the current
+    labels (a review)."""
+    tasks = json.loads(store.read_bytes(f"{record['prefix']}/{record['tasks_file']}"))
     return {
-        t["data"]["image_id"]: t["predictions"][0].get("result") or []
+        t["data"]["image_id"]: ((t.get("annotations") or t.get("predictions"))[0].get("result"))
+        or []
         for t in tasks
-        if t.get("predictions")
+        if t.get("annotations") or t.get("predictions")
     }
 
 

@@ -45,6 +45,7 @@ from cvops_pipelines.defs.contract_checks import check_name, contract_check_resu
 from cvops_pipelines.defs.loop import loop_asset
 from cvops_pipelines.defs.metadata import metadata, output
 from cvops_pipelines.defs.resources import (
+    AnnotationBackend,
     CvopsStorage,
     DataContracts,
     MlflowTracking,
@@ -241,9 +242,16 @@ def label_issues(
     storage: CvopsStorage,
     tracking: MlflowTracking,
     contracts: DataContracts,
+    annotation: AnnotationBackend,
 ):
     ctx = stage_context(context, storage, tracking, contracts, "label_issues")
-    return output(contracts.task().label_issues(ctx, labeled_pool, config))
+    result = contracts.task().label_issues(ctx, labeled_pool, config)
+    if len(result.value):  # the suspects, to review in Label Studio when one is configured
+        prefix = f"reports/label_issues/{ctx.run_id}"
+        result.metadata |= annotation.push(
+            ctx, prefix, "label review", tasks_file="labelstudio_tasks.json"
+        )
+    return output(result)
 
 
 class DatasetVersionConfig(Config):

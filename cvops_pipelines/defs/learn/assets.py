@@ -19,14 +19,12 @@ from cvops_pipelines import settings
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ledger import instance_ledger
 from cvops_pipelines.core.base.plots import md_image, ontology_png
-from cvops_pipelines.core.base.report import Link
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
 from cvops_pipelines.core.curate.neardup import NearDupConfig
 from cvops_pipelines.core.learn.detection_production import DetectionPolicy
 from cvops_pipelines.core.learn.enrolment import read_register
 from cvops_pipelines.core.learn.feedback import vet_batches
 from cvops_pipelines.core.learn.feedback_query import predictions
-from cvops_pipelines.core.learn.labelstudio import push_or_defer
 from cvops_pipelines.core.learn.ontology_report import OntologyPolicy
 from cvops_pipelines.core.learn.ontology_report import ontology_report as build_report
 from cvops_pipelines.core.learn.production import ProductionPolicy
@@ -270,18 +268,9 @@ def annotation_queue(
 ):
     ctx = stage_context(context, storage, tracking, contracts, "annotation_queue")
     result = contracts.task().queue(ctx, feedback, labeled_pool, config)
-    ls = annotation.labelstudio()
-    if ls is not None and len(result.value):
-        title = f"{annotation.project_title} · annotation queue · ontology v{ctx.ontology.version}"
+    if len(result.value):
         prefix = f"annotation/queues/{result.metadata['queue_id']}"
-        pushed = push_or_defer(ls, ctx.store, prefix, title, config.sub_batch)
-        if isinstance(pushed, str):
-            context.log.warning(f"{pushed} (the labelstudio_answers sensor pushes it later)")
-            result.metadata["labelstudio"] = f"not pushed yet: {pushed}"
-        else:
-            result.metadata["labelstudio_project"] = Link(ls.project_url(pushed.project))
-            result.metadata["labelstudio_tasks_pushed"] = len(pushed.task_ids)
-            result.metadata["labelstudio_sub_batches"] = pushed.batches
+        result.metadata |= annotation.push(ctx, prefix, "annotation queue", config.sub_batch)
     return output(result)
 
 

@@ -143,6 +143,57 @@ def test_a_detection_queue_carries_the_devices_boxes_as_predictions(server, plac
         assert {r["type"] for r in prediction["result"]} == {"rectanglelabels"}
 
 
+def test_a_box_review_goes_out_with_the_current_boxes_to_edit_not_as_an_answer(
+    server, places, tmp_path
+):
+    """label_issues' review names the store's originals by URI and pre-fills the given boxes;
+    pushed, the originals are served from images/ and the given boxes are a prediction (as an
+    imported annotation they would read as the reviewer's answer)."""
+    from cvops_pipelines.core.curate.detection_label_qa import (
+        labelstudio_box_config,
+        labelstudio_rect,
+    )
+
+    store, drops = places
+    frame = scenes(1, seed=5)[0]
+    png = corpus.encode(Image.fromarray(frame.image), "PNG")
+    (row,) = _ingested(store, tmp_path, {"f.png": png}).itertuples()
+    size = (int(row.width), int(row.height))
+    given = [
+        labelstudio_rect(row.image_id, size, b, c, i)
+        for i, (b, c) in enumerate(zip([[float(v) for v in b] for b in frame.boxes], frame.labels))
+    ]
+    fix = labelstudio_rect(row.image_id, size, [1.0, 1.0, 9.0, 9.0], frame.labels[0], "fix0")
+    prefix = "reports/label_issues/run-1"
+    task = {
+        "data": {"image": store.uri(row.key), "image_id": row.image_id},
+        "annotations": [{"result": given}],
+        "predictions": [{"model_version": "cvops-box-qa", "score": 0.8, "result": [fix]}],
+    }
+    store.write_bytes(f"{prefix}/labelstudio_tasks.json", json.dumps([task]).encode())
+    store.write_bytes(
+        f"{prefix}/labelstudio_config.xml",
+        labelstudio_box_config(sorted(set(frame.labels))).encode(),
+    )
+    ls = _ls(server, places)
+    pushed = push_queue(
+        ls, store, prefix, f"cvops {tmp_path.name} · review", tasks_file="labelstudio_tasks.json"
+    )
+    (task_id,) = pushed.task_ids
+    shown = server.api(ADMIN_TOKEN, "GET", f"/api/tasks/{task_id}").json()
+    assert server.api(ADMIN_TOKEN, "GET", shown["data"]["image"]).content == png
+    assert shown.get("total_annotations", 0) == 0  # nothing answered yet
+    predictions = server.api(ADMIN_TOKEN, "GET", f"/api/predictions?task={task_id}").json()
+    assert {p["model_version"]: len(p["result"]) for p in predictions} == {
+        "current labels": len(frame.boxes),
+        "cvops-box-qa": 1,
+    }
+    assert collect_answers(ls, store, drops).pending == 1
+    # what Label Studio may serve is named, never the whole store (release keys live there)
+    storages = server.api(ADMIN_TOKEN, "GET", f"/api/storages/localfiles?project={pushed.project}")
+    assert [s["path"] for s in storages.json()] == [str(store.local_path("images").resolve())]
+
+
 def test_answers_land_as_one_drop_exactly_once_and_edits_and_deletions_follow(
     server, places, tmp_path, repo_root
 ):
@@ -339,7 +390,9 @@ def test_a_server_answering_garbage_gets_a_message_that_names_it(tmp_path):
     store, drops = LocalStore(tmp_path / "cvops"), LocalStore(tmp_path / "drops")
     store.write_bytes(
         "annotation/labelstudio/queues/q-x.json",
-        json.dumps({"project": 1, "url": url, "task_ids": [1], "images": {"1": "k"}}).encode(),
+        json.dumps(
+            {"project": 1, "url": url, "queue_id": "q-x", "pushed_at": "2026-01-01"}
+        ).encode(),
     )
     try:
         with pytest.raises(LabelStudioError, match="text/html, not JSON.*a Label Studio server"):

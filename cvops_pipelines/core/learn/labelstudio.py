@@ -485,7 +485,8 @@ def _write_drop(
         return name
     for task in tasks:
         key = images[str(task["id"])]
-        drop.write_bytes(f"images/{posixpath.basename(key)}", store.read_bytes(key))
+        if store.exists(key):  # an image deleted since: its answer lands, ingest reports it
+            drop.write_bytes(f"images/{posixpath.basename(key)}", store.read_bytes(key))
     drop.write_bytes("export.json", json.dumps(tasks, indent=1, ensure_ascii=False).encode())
     drop.write_bytes(MARKER, b"")
     return name

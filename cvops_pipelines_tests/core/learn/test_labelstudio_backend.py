@@ -237,6 +237,31 @@ def test_answers_land_as_one_drop_exactly_once_and_edits_and_deletions_follow(
     assert all(drops.exists(f"{name}/{MARKER}") for name in _drop_names(drops))
 
 
+def test_an_unknown_label_and_a_deleted_image_are_reported_by_the_ingest_not_lost(
+    server, places, tmp_path, repo_root
+):
+    store, drops = places
+    prefix, _ = _digit_queue(store, tmp_path, n=2)
+    ls = _ls(server, places)
+    pushed = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · odd")
+    record = json.loads(store.read_bytes(f"annotation/labelstudio/queues/{prefix[-14:]}.json"))
+    first, second = pushed.task_ids
+    store.local_path(record["batches"][0]["images"][str(second)]).unlink()  # retention, say
+    for task, label in ((first, "cat"), (second, "4")):  # "cat": a config edited in Label Studio
+        server.api(
+            ADMIN_TOKEN, "POST", f"/api/tasks/{task}/annotations", json={"result": _choice(label)}
+        )
+    (name,) = collect_answers(ls, store, drops).drops
+    source = drops.child(name)
+    scratch = LocalStore(tmp_path / "ingested")
+    manifest = ingest_drop(source, scratch, name, IngestConfig(workers=1)).manifest_file
+    ontology = load_ontology(repo_root / "data_contracts" / "ontology.yaml")
+    result = import_annotations(source, scratch, name, manifest, ontology)
+    assert result.labels.empty
+    assert sorted(result.quarantine["reason_code"]) == ["missing_image", "unknown_class"]
+    assert json.loads(source.read_bytes("export.json"))[1]["annotations"]  # the answer is kept
+
+
 def test_a_queue_goes_out_in_sub_batches_each_after_the_one_before_is_answered(
     server, places, tmp_path
 ):

@@ -23,7 +23,7 @@ import hashlib
 import json
 import posixpath
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -35,6 +35,7 @@ from cvops_pipelines.core.learn.answer_findings import findings
 
 LOCAL_FILES = "/data/local-files/?d="
 STATE = "annotation/labelstudio"  # what was pushed, what came back, what went missing
+EDITS_WATCHED = timedelta(days=14)  # a finished queue's answers edited later still come back
 
 
 class LabelStudioError(RuntimeError):
@@ -359,7 +360,7 @@ def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
         for e in store.list(f"{STATE}/queues/")
         if e.key.endswith(".json")
     ]
-    mine = [r for r in records if r["url"].rstrip("/") == ls.url.rstrip("/")]
+    mine = [r for r in records if r["url"].rstrip("/") == ls.url.rstrip("/") and _watched(r)]
     emails = ls.emails() if mine else {}
     exports: dict[int, list[dict]] = {}
     for record in sorted(mine, key=lambda r: r["pushed_at"]):
@@ -368,6 +369,18 @@ def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
         _poll_queue(ls, record, exports[record["project"]], emails, store, drops, poll)
         _save(store, record)
     return poll
+
+
+def _watched(record: dict, now: datetime | None = None) -> bool:
+    """Still polled: until every task went out and was answered, then for EDITS_WATCHED more,
+    for answers edited late (each poll exports the project: finished queues would cost
+    every poll more, forever)."""
+    batches = record["batches"]
+    sent = sum(len(b["task_ids"]) for b in batches)
+    if sent < record["tasks"] or not batches[-1]["done_at"]:
+        return True
+    done = datetime.fromisoformat(batches[-1]["done_at"])
+    return (now or datetime.now(UTC)) - done <= EDITS_WATCHED
 
 
 def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:

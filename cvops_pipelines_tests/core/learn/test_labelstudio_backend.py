@@ -478,3 +478,18 @@ def test_a_label_submitted_in_labelstudios_ui_reaches_the_labeled_pool(
     (image_id,) = manifest["image_id"]
     assert pool.loc[image_id, "label"] == "3"  # the annotator's class, not the model's 7
     assert list(pool.loc[image_id, "annotators"]) == [ADMIN]
+
+
+def test_a_finished_queue_is_watched_for_late_edits_for_two_weeks_then_left_alone():
+    from datetime import UTC, datetime, timedelta
+
+    from cvops_pipelines.core.learn.labelstudio import EDITS_WATCHED, _watched
+
+    done = datetime(2026, 1, 1, tzinfo=UTC)
+    record = {"tasks": 4, "batches": [{"task_ids": [1, 2], "done_at": done.isoformat()}]}
+    assert _watched(record, done + timedelta(days=365))  # half the queue still to go out
+    record["batches"].append({"task_ids": [3, 4], "done_at": None})
+    assert _watched(record, done + timedelta(days=365))  # its last sub-batch unanswered
+    record["batches"][-1]["done_at"] = done.isoformat()
+    assert _watched(record, done + EDITS_WATCHED)
+    assert not _watched(record, done + EDITS_WATCHED + timedelta(seconds=1))

@@ -416,7 +416,14 @@ def test_a_server_answering_garbage_gets_a_message_that_names_it(tmp_path):
     store.write_bytes(
         "annotation/labelstudio/queues/q-x.json",
         json.dumps(
-            {"project": 1, "url": url, "queue_id": "q-x", "pushed_at": "2026-01-01"}
+            {
+                "project": 1,
+                "url": url,
+                "queue_id": "q-x",
+                "pushed_at": "2026-01-01T00:00:00+00:00",
+                "tasks": 1,
+                "batches": [{"task_ids": [1], "done_at": None}],
+            }
         ).encode(),
     )
     try:

@@ -366,8 +366,10 @@ def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
     for record in sorted(mine, key=lambda r: r["pushed_at"]):
         if record["project"] not in exports:
             exports[record["project"]] = ls.export(record["project"])
+        before = json.dumps(record, sort_keys=True)
         _poll_queue(ls, record, exports[record["project"]], emails, store, drops, poll)
-        _save(store, record)
+        if json.dumps(record, sort_keys=True) != before:  # a quiet poll writes nothing
+            _save(store, record)
     return poll
 
 
@@ -454,8 +456,8 @@ def _named(task: dict, emails: dict[int, str]) -> dict:
 def _progress(record: dict, answered_at: list) -> dict:
     """Done / pending of one queue and its pace: answers in the last hour, and per hour since
     the queue went out."""
-    batches = record["batches"]
-    done = sum(len(b["task_ids"]) for b in batches if b["done_at"])
+    batches, deleted = record["batches"], set(record["deleted"])
+    done = sum(1 for b in batches if b["done_at"] for t in b["task_ids"] if t not in deleted)
     now = datetime.now(UTC)
     times = [datetime.fromisoformat(str(t).replace("Z", "+00:00")) for t in answered_at if t]
     hours = max((now - datetime.fromisoformat(record["pushed_at"])).total_seconds() / 3600, 1e-9)

@@ -215,6 +215,8 @@ def test_answers_land_as_one_drop_exactly_once_and_edits_and_deletions_follow(
     poll = collect_answers(ls, store, drops)
     assert poll.deleted == [f"{pushed.project}/{third}"] and poll.pending == 0
     assert poll.answered == 2 and len(poll.drops) == 1
+    (progress,) = poll.progress  # the deleted task is neither done nor pending
+    assert (progress["tasks_done"], progress["tasks_pending"]) == (2, 0)
     (done,) = poll.completed
     assert (done["answered"], done["annotators"], done["overruled_model"]) == (2, 1, 1.0)
     assert {(c["model"], c["annotator"]) for c in done["confusion"]} == {("7", "0"), ("7", "1")}

@@ -32,7 +32,8 @@ from cvops_pipelines.core.base.tables import (
     write_table,
 )
 from cvops_pipelines.core.base.tracking import Tracking
-from cvops_pipelines.core.learn.labelstudio import LabelStudio, push_or_defer
+from cvops_pipelines.core.learn.labelstudio import push_or_defer
+from cvops_pipelines.core.learn.labelstudio_client import LabelStudio
 from cvops_pipelines.core.tasks import StageContext, Task, task_for, task_labels
 from cvops_pipelines.defs.loop import Loop
 

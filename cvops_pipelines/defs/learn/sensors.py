@@ -18,7 +18,8 @@ from dagster import (
 )
 
 from cvops_pipelines.core.learn.feedback import batch_ids, invalid_batch_names
-from cvops_pipelines.core.learn.labelstudio import LabelStudioError, collect_answers
+from cvops_pipelines.core.learn.labelstudio import collect_answers
+from cvops_pipelines.core.learn.labelstudio_client import LabelStudioError
 from cvops_pipelines.core.learn.retraining import (
     AlertFacts,
     DatasetFacts,

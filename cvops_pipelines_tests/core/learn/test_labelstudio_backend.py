@@ -19,13 +19,8 @@ from cvops_pipelines.core.ingest.annotations import import_annotations
 from cvops_pipelines.core.ingest.intake import MARKER, IngestConfig, ingest_drop
 from cvops_pipelines.core.learn.active import QUEUE_COLUMNS, publish_queue
 from cvops_pipelines.core.learn.detection_active import publish_detection_queue
-from cvops_pipelines.core.learn.labelstudio import (
-    LabelStudio,
-    LabelStudioError,
-    collect_answers,
-    push_or_defer,
-    push_queue,
-)
+from cvops_pipelines.core.learn.labelstudio import collect_answers, push_or_defer, push_queue
+from cvops_pipelines.core.learn.labelstudio_client import LabelStudio, LabelStudioError
 from cvops_pipelines.demo import digit_model
 from cvops_pipelines.demo.labelstudio import ADMIN, ADMIN_TOKEN, LabelStudioServer
 from cvops_pipelines.demo.scenes import scenes

@@ -136,7 +136,7 @@ def webserver(detection_demo, repo_root):
         yield base
 
 
-def test_the_ui_shows_the_detector_s_evaluation(webserver, repo_root):
+def test_the_ui_shows_the_detector_s_evaluation_and_the_annotation_progress(webserver, repo_root):
     from playwright.sync_api import expect, sync_playwright
 
     shots = Path(os.environ.get("CVOPS_TEST_ARTIFACTS") or repo_root / "test-artifacts") / "ui"
@@ -158,4 +158,12 @@ def test_the_ui_shows_the_detector_s_evaluation(webserver, repo_root):
         per_class.scroll_into_view_if_needed()
         expect(per_class.get_by_text("test_objects").first).to_be_visible()
         page.screenshot(path=shots / "detection_per_class.png")
+        # Label Studio's progress, as labelstudio_answers recorded it on annotation_queue: the
+        # newest observation comes right after the turn-2 queue's materialization
+        page.goto(f"{webserver}/assets/detection/annotation_queue?view=events")
+        page.locator("text=/\\d{1,2}:\\d{2} [AP]M$/").nth(1).click()
+        expect(page.get_by_text("Observed").first).to_be_visible()
+        for shown in ("annotation_progress", "sub_batches_done", "answers_per_hour"):
+            expect(page.get_by_text(shown).first).to_be_visible()
+        page.screenshot(path=shots / "detection_annotation_progress.png")
         browser.close()

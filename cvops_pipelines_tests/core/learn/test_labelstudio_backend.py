@@ -6,6 +6,7 @@ down and back."""
 
 import json
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pandas as pd
@@ -335,24 +336,14 @@ def test_the_sensor_writes_the_drop_and_a_server_down_loses_nothing(
         why = push_or_defer(ls, store, prefix, f"cvops {tmp_path.name} · late")
         assert isinstance(why, str) and server.url in why and "not answering" in why
         assert ADMIN_TOKEN not in why
-        with (
-            DagsterInstance.ephemeral() as instance,
-            build_sensor_context(
-                instance=instance, resources={**resources, "annotation": backend}
-            ) as context,
-        ):
+        with _sensor(resources, backend) as context:
             skipped = labelstudio_answers(context)
         assert "retrying next tick" in skipped.skip_message and ADMIN_TOKEN not in str(skipped)
         assert _drop_names(drops) == []
     finally:
         server.restart()
     # back: the pending queue is pushed, then its answers come back through the sensor
-    with (
-        DagsterInstance.ephemeral() as instance,
-        build_sensor_context(
-            instance=instance, resources={**resources, "annotation": backend}
-        ) as context,
-    ):
+    with _sensor(resources, backend) as context:
         result = labelstudio_answers(context)
         assert result.skip_reason.skip_message.startswith("pushed late: ")
         assert "3 pushed task(s) waiting" in result.skip_reason.skip_message
@@ -375,6 +366,18 @@ def test_the_sensor_writes_the_drop_and_a_server_down_loses_nothing(
     assert completed["answered"] == 3 and completed["overruled_model"] == 1.0
     labels = _labels(drops, name, repo_root)
     assert set(labels["annotator"]) == {ADMIN} and set(labels["label"]) == {"0"}
+
+
+@contextmanager
+def _sensor(resources: dict, backend):
+    """A sensor context on a throwaway instance, as the daemon would give one."""
+    with (
+        DagsterInstance.ephemeral() as instance,
+        build_sensor_context(
+            instance=instance, resources={**resources, "annotation": backend}
+        ) as context,
+    ):
+        yield context
 
 
 def _sensor_resources(store, drops) -> dict:

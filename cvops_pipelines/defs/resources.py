@@ -87,14 +87,22 @@ class AnnotationBackend(ConfigurableResource):
             self.labelstudio_url, self.labelstudio_token, self.labelstudio_files_root
         )
 
-    def push(self, ctx, prefix: str, what: str, sub_batch: int = 0, tasks_file="tasks.json"):
+    def push(
+        self,
+        ctx,
+        prefix: str,
+        what: str,
+        sub_batch: int = 0,
+        tasks_file: str = "tasks.json",
+        retrain_epochs: int = 0,
+    ):
         """The folder's tasks to Label Studio, when one is configured: metadata for the asset
         (the project's link, or why it waits for the answers sensor to push it)."""
         ls = self.labelstudio()
         if ls is None:
             return {}
         title = f"{self.project_title} · {what} · ontology v{ctx.ontology.version}"
-        pushed = push_or_defer(ls, ctx.store, prefix, title, sub_batch, tasks_file)
+        pushed = push_or_defer(ls, ctx.store, prefix, title, sub_batch, tasks_file, retrain_epochs)
         if isinstance(pushed, str):
             ctx.warn(f"{pushed} (the labelstudio_answers sensor pushes it later)")
             return {"labelstudio": f"not pushed yet: {pushed}"}

@@ -29,6 +29,7 @@ from cvops_pipelines.core.base.store import LocalStore, Store
 from cvops_pipelines.core.ingest.intake import MARKER
 from cvops_pipelines.core.learn.answer_findings import findings
 from cvops_pipelines.core.learn.labelstudio_client import LabelStudio, LabelStudioError
+from cvops_pipelines.core.learn.retraining import ModelFacts, SubBatchFacts, read_facts, write_facts
 
 LOCAL_FILES = "/data/local-files/?d="
 STATE = "annotation/labelstudio"  # what was pushed, what came back, what went missing
@@ -116,11 +117,13 @@ def push_queue(
     title: str,
     sub_batch: int = 0,
     tasks_file: str = "tasks.json",
+    retrain_epochs: int = 0,
 ) -> Pushed:
     """The folder `prefix` (an annotation queue, or a label review with `tasks_file`) as
     tasks of the project `title` (made from the folder's labeling config when missing), in
     sub-batches of `sub_batch` tasks by rank (0: all at once): the first now, each next one
-    once the one before is answered. Pushing the same folder again imports nothing."""
+    once the one before is answered (and, with `retrain_epochs`, once a quick retrain on it
+    has trained). Pushing the same folder again imports nothing."""
     queue_id = posixpath.basename(prefix)
     if store.exists(_record_key(queue_id)):
         record = json.loads(store.read_bytes(_record_key(queue_id)))
@@ -138,6 +141,7 @@ def push_queue(
         "url": ls.url,
         "tasks": len(tasks),
         "sub_batch": sub_batch if 0 < sub_batch < len(tasks) else len(tasks),
+        "retrain_epochs": retrain_epochs,
         "pushed_at": _now(),
         "batches": [],
         "seen": {},  # annotation id -> its last edit, of the answers already written as drops
@@ -191,14 +195,21 @@ def push_or_defer(
     title: str,
     sub_batch: int = 0,
     tasks_file: str = "tasks.json",
+    retrain_epochs: int = 0,
 ) -> Pushed | str:
     """`push_queue`, or, when Label Studio cannot take it now, the reason, with the folder
     left pending for the next poll to push (its files are there either way)."""
     try:
-        return push_queue(ls, store, prefix, title, sub_batch, tasks_file)
+        return push_queue(ls, store, prefix, title, sub_batch, tasks_file, retrain_epochs)
     except LabelStudioError as e:
         pending = f"{STATE}/pending/{posixpath.basename(prefix)}.json"
-        waiting = {"prefix": prefix, "title": title, "sub_batch": sub_batch, "file": tasks_file}
+        waiting = {
+            "prefix": prefix,
+            "title": title,
+            "sub_batch": sub_batch,
+            "file": tasks_file,
+            "retrain_epochs": retrain_epochs,
+        }
         store.write_bytes(pending, json.dumps(waiting).encode())
         return str(e)
 
@@ -214,6 +225,7 @@ class Poll:
     pending: int = 0  # pushed tasks without an answer yet
     completed: list[dict] = field(default_factory=list)  # sub-batches done: their findings
     next_pushed: list[str] = field(default_factory=list)  # "queue #n": sub-batches sent now
+    retraining: list[str] = field(default_factory=list)  # "queue #n": waits for a quick retrain
     progress: list[dict] = field(default_factory=list)  # per queue
 
 
@@ -239,6 +251,7 @@ def collect_answers(ls: LabelStudio, store: Store, drops: Store) -> Poll:
                 waiting["title"],
                 waiting["sub_batch"],
                 waiting["file"],
+                waiting["retrain_epochs"],
             )
             poll.pushed.append(queue_id)
     records = [
@@ -293,6 +306,10 @@ def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:
             fresh = tasks
             batch["done_at"] = _now()
             poll.completed.append({"queue": queue_id, "sub_batch": n, **batch["findings"]})
+            if record["retrain_epochs"] and n * record["sub_batch"] < record["tasks"]:
+                asked = SubBatchFacts(queue_id, n, record["retrain_epochs"])
+                write_facts(store, asked)
+                batch["retrain_asked_at"] = asked.at
         else:
             fresh = _answers(tasks, record["seen"])
         fresh = [t for t in fresh if t.get("annotations")]
@@ -311,9 +328,20 @@ def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:
         and sent < record["tasks"]
         and not any(c["queue"] == queue_id for c in poll.completed)
     ):
-        _push_next(ls, store, record, export)
-        poll.next_pushed.append(f"{queue_id} #{len(batches)}")
+        if _retrained(store, last.get("retrain_asked_at")):
+            _push_next(ls, store, record, export)
+            poll.next_pushed.append(f"{queue_id} #{len(batches)}")
+        else:
+            poll.retraining.append(f"{queue_id} #{len(batches) + 1}")
     poll.progress.append(_progress(record, answered_at))
+
+
+def _retrained(store: Store, asked_at: float | None) -> bool:
+    """No quick retrain was asked for, or a model trained since it was."""
+    if asked_at is None:
+        return True
+    model = read_facts(store, ModelFacts)
+    return model is not None and model.at > asked_at
 
 
 def _model_answers(store: Store, record: dict) -> dict[str, list[dict]]:

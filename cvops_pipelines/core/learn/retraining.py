@@ -3,8 +3,10 @@
 dataset_version, trained_model and production_metrics each write a small typed record under
 `handoff/` when they materialize; retraining_sensor reads those records, not the wording of
 metadata shown in the UI, and asks this module. Train when there is no model yet; when an alert
-(SLA or drift) fired after the latest model and some new labels arrived; or when enough new labels
-arrived anyway. Never on a dataset version its blocking contracts refused, never twice for one.
+(SLA or drift) fired after the latest model and some new labels arrived; when a queue asked for a
+quick retrain between its sub-batches and a dataset version newer than the request exists; or
+when enough new labels arrived anyway. Never on a dataset version its blocking contracts
+refused, never twice for one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ class AlertFacts:
 
 
 @dataclass(frozen=True)
+class SubBatchFacts:
+    """A sub-batch of a queue came back and its queue asked for a quick retrain before the
+    next one goes out."""
+
+    queue: str
+    sub_batch: int
+    epochs: int  # the quick retrain's
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
 class EncoderFacts:
     model_version: str
     images: int  # images it was pretrained on
@@ -52,10 +65,11 @@ _KEYS = {
     ModelFacts: "trained_model",
     AlertFacts: "alerts",
     EncoderFacts: "ssl_encoder",
+    SubBatchFacts: "sub_batch",
 }
 
 
-def write_facts(store: Store, facts: DatasetFacts | ModelFacts | AlertFacts | EncoderFacts) -> None:
+def write_facts(store: Store, facts) -> None:
     store.write_bytes(f"{PREFIX}/{_KEYS[type(facts)]}.json", json.dumps(asdict(facts)).encode())
 
 
@@ -83,6 +97,7 @@ class RetrainingDecision:
     why: str
     dataset_version: str | None = None
     overrides: dict = field(default_factory=dict)  # trained_model config for this run
+    quick_epochs: int | None = None  # a quick retrain: the task's epochs, this many
 
 
 def retraining_decision(
@@ -90,6 +105,7 @@ def retraining_decision(
     model: ModelFacts | None,
     alerts: AlertFacts | None,
     policy: RetrainingPolicy = RetrainingPolicy(),
+    sub_batch: SubBatchFacts | None = None,
 ) -> RetrainingDecision:
     if dataset is None:
         return RetrainingDecision(False, "no dataset version yet")
@@ -105,6 +121,14 @@ def retraining_decision(
         )
     new_labels = dataset.images - model.dataset_images
     fired = list(alerts.failed) if alerts is not None and alerts.at > model.at else []
+    if sub_batch is not None and sub_batch.at > model.at and dataset.at > sub_batch.at:
+        return RetrainingDecision(
+            True,
+            f"sub-batch {sub_batch.sub_batch} of {sub_batch.queue} answered: a quick retrain "
+            f"({sub_batch.epochs} epochs) before the next goes out",
+            dataset.version,
+            quick_epochs=sub_batch.epochs,
+        )
     if fired and new_labels >= policy.min_labels_after_alert:
         why = f"{' and '.join(fired)} failed; {new_labels} new labels since the last model"
     elif new_labels >= policy.min_new_labels:

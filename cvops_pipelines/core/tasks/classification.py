@@ -114,6 +114,9 @@ class Classification(Task):
     classes = staticmethod(dataset_classes)
     fit = staticmethod(train_in_process)
 
+    def quick(self, epochs: int) -> dict:
+        return {"epochs": epochs}
+
     def train(self, ctx: StageContext, dataset: pd.DataFrame, settings, trainer=None):
         runner, params = trainer or (train_in_process, {})
         return train_tracked(

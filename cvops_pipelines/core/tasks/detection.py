@@ -100,6 +100,9 @@ class Detection(Task):
     classes = staticmethod(detection_classes)
     fit = staticmethod(train_detector_in_process)
 
+    def quick(self, epochs: int) -> dict:
+        return {"detector": {"epochs": epochs}}
+
     def train(self, ctx: StageContext, dataset: pd.DataFrame, settings, trainer=None):
         runner, params = trainer or (train_detector_in_process, {})
         return train_detector_tracked(

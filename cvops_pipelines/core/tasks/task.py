@@ -65,6 +65,10 @@ class Task:
         """`trainer`: (how to train, its params for the run) when not in this process."""
         self._missing("training")
 
+    def quick(self, epochs: int) -> dict:
+        """trained_model config for a quick retrain of `epochs` epochs (between sub-batches)."""
+        self._missing("quick retrain")
+
     def classes(self, rows: pd.DataFrame) -> list[str]:
         """The model's classes, from the dataset version."""
         self._missing("classes")

@@ -246,6 +246,12 @@ class AnnotationQueueConfig(Config):
         description="With Label Studio: tasks per sub-batch, by rank; the next goes out once "
         "the one before is answered and its findings are shown (0: the whole queue at once).",
     )
+    quick_retrain_epochs: int = Field(
+        0,
+        description="With Label Studio: after each answered sub-batch, retrain for this many "
+        "epochs on the grown pool (retraining_sensor) before the next goes out, to catch "
+        "annotation problems on the way; the gate judges that model as any other (0: off).",
+    )
 
 
 @loop_asset(
@@ -270,7 +276,13 @@ def annotation_queue(
     result = contracts.task().queue(ctx, feedback, labeled_pool, config)
     if len(result.value):
         prefix = f"annotation/queues/{result.metadata['queue_id']}"
-        result.metadata |= annotation.push(ctx, prefix, "annotation queue", config.sub_batch)
+        result.metadata |= annotation.push(
+            ctx,
+            prefix,
+            "annotation queue",
+            config.sub_batch,
+            retrain_epochs=config.quick_retrain_epochs,
+        )
     return output(result)
 
 

@@ -24,11 +24,17 @@ from cvops_pipelines.core.learn.retraining import (
     AlertFacts,
     DatasetFacts,
     ModelFacts,
+    SubBatchFacts,
     read_facts,
     retraining_decision,
 )
 from cvops_pipelines.defs.loop import Loop, loop_job
-from cvops_pipelines.defs.resources import AnnotationBackend, CvopsStorage, DropSource
+from cvops_pipelines.defs.resources import (
+    AnnotationBackend,
+    CvopsStorage,
+    DataContracts,
+    DropSource,
+)
 
 feedback_job = loop_job(
     "feedback_job", assets=("feedback",), description="Vet and ingest uploaded feedback batches."
@@ -93,25 +99,27 @@ def feedback_sensor(context: SensorEvaluationContext, storage: CvopsStorage, loo
     default_status=DefaultSensorStatus.RUNNING,
     description="Requests a training run (then evaluate, export; release follows by "
     "automation) when production_metrics' SLA or drift check failed and new "
-    "labels arrived, or when enough new labels arrived; never twice for one "
-    "dataset version.",
+    "labels arrived, when a queue asked for a quick retrain between its Label Studio "
+    "sub-batches, or when enough new labels arrived; never twice for one dataset version.",
 )
-def retraining_sensor(context: SensorEvaluationContext, storage: CvopsStorage, loop: Loop):
+def retraining_sensor(
+    context: SensorEvaluationContext, storage: CvopsStorage, contracts: DataContracts, loop: Loop
+):
     store = storage.store()
     decision = retraining_decision(
         read_facts(store, DatasetFacts),
         read_facts(store, ModelFacts),
         read_facts(store, AlertFacts),
+        sub_batch=read_facts(store, SubBatchFacts),
     )
     if not decision.train:
         return SkipReason(decision.why)
     context.log.info(f"retraining: {decision.why}")
     version = decision.dataset_version
-    config = (
-        {"ops": {loop.op("trained_model"): {"config": decision.overrides}}}
-        if decision.overrides
-        else None
-    )
+    overrides = decision.overrides
+    if decision.quick_epochs:
+        overrides = {**overrides, **contracts.task().quick(decision.quick_epochs)}
+    config = {"ops": {loop.op("trained_model"): {"config": overrides}}} if overrides else None
     return RunRequest(
         run_key=f"train:{version}",
         run_config=config,
@@ -155,6 +163,7 @@ def labelstudio_answers(
         f"pushed late: {', '.join(poll.pushed)}" if poll.pushed else "",
         f"wrote {poll.answered} answer(s) as drop(s) {', '.join(poll.drops)}" if poll.drops else "",
         f"sub-batch(es) pushed: {', '.join(poll.next_pushed)}" if poll.next_pushed else "",
+        f"waiting for a quick retrain: {', '.join(poll.retraining)}" if poll.retraining else "",
         f"{poll.pending} pushed task(s) waiting for an answer",
     ]
     summary = "; ".join(s for s in said if s)

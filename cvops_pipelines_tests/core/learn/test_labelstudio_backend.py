@@ -235,6 +235,37 @@ def test_answers_land_as_one_drop_exactly_once_and_edits_and_deletions_follow(
     assert all(drops.exists(f"{name}/{MARKER}") for name in _drop_names(drops))
 
 
+def test_with_a_quick_retrain_the_next_sub_batch_waits_for_a_model_trained_after(
+    server, places, tmp_path
+):
+    from cvops_pipelines.core.learn.retraining import (
+        ModelFacts,
+        SubBatchFacts,
+        read_facts,
+        write_facts,
+    )
+
+    store, drops = places
+    prefix, _ = _digit_queue(store, tmp_path, n=4)
+    ls = _ls(server, places)
+    pushed = push_queue(ls, store, prefix, f"cvops {tmp_path.name} · quick", 2, retrain_epochs=1)
+    for task in pushed.task_ids:
+        server.api(
+            ADMIN_TOKEN, "POST", f"/api/tasks/{task}/annotations", json={"result": _choice("1")}
+        )
+    done = collect_answers(ls, store, drops)
+    asked = read_facts(store, SubBatchFacts)
+    assert done.completed and asked == SubBatchFacts(prefix[-14:], 1, 1, at=asked.at)
+    write_facts(store, ModelFacts("1", "ds-1", 10, at=asked.at - 60))  # an older model: no
+    for _ in range(2):
+        held = collect_answers(ls, store, drops)
+        assert held.next_pushed == [] and held.retraining == [f"{prefix[-14:]} #2"]
+    assert len(ls.export(pushed.project)) == 2
+    write_facts(store, ModelFacts("2", "ds-2", 12, at=asked.at + 1))  # the quick retrain
+    assert collect_answers(ls, store, drops).next_pushed == [f"{prefix[-14:]} #2"]
+    assert len(ls.export(pushed.project)) == 4
+
+
 def test_an_unknown_label_and_a_deleted_image_are_reported_by_the_ingest_not_lost(
     server, places, tmp_path, repo_root
 ):

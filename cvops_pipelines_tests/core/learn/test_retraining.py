@@ -6,6 +6,7 @@ from cvops_pipelines.core.learn.retraining import (
     DatasetFacts,
     ModelFacts,
     RetrainingPolicy,
+    SubBatchFacts,
     read_facts,
     retraining_decision,
     write_facts,
@@ -65,3 +66,44 @@ def test_after_output_drift_the_retrain_asks_for_broader_augmentation():
     )
     plenty = retraining_decision(DatasetFacts("ds-2", 600), model, None)
     assert plenty.train and plenty.overrides == {}  # labels alone: the configured preset
+
+
+def test_a_sub_batch_asks_for_a_quick_retrain_once_a_newer_dataset_version_exists():
+    model = ModelFacts("1", "ds-1", 300, at=10.0)
+    asked = SubBatchFacts("q-1", 1, epochs=2, at=20.0)
+    before = retraining_decision(DatasetFacts("ds-2", 310, at=15.0), model, None, sub_batch=asked)
+    assert not before.train  # the version holding its answers is not built yet
+    quick = retraining_decision(DatasetFacts("ds-3", 325, at=25.0), model, None, sub_batch=asked)
+    assert quick.train and quick.quick_epochs == 2 and quick.dataset_version == "ds-3"
+    assert quick.why.startswith("sub-batch 1 of q-1 answered: a quick retrain (2 epochs)")
+    trained = ModelFacts("2", "ds-3", 325, at=30.0)  # it trained: asked no more
+    after = retraining_decision(DatasetFacts("ds-4", 340, at=35.0), trained, None, sub_batch=asked)
+    assert not after.train and after.quick_epochs is None
+
+
+def test_the_quick_retrain_asks_each_task_for_its_own_epochs(tmp_path):
+    from dagster import RunRequest, build_sensor_context
+
+    from cvops_pipelines.defs.learn.sensors import retraining_sensor
+    from cvops_pipelines.defs.resources import build_resources
+
+    resources = build_resources()
+    store = resources["storage"].store()
+    write_facts(store, ModelFacts("1", "ds-1", 300, at=10.0))
+    write_facts(store, SubBatchFacts("q-1", 1, epochs=2, at=20.0))
+    write_facts(store, DatasetFacts("ds-2", 325, at=25.0))
+    used = {k: resources[k] for k in ("storage", "contracts", "loop")}
+    with build_sensor_context(resources=used) as context:
+        request = retraining_sensor(context)
+    assert isinstance(request, RunRequest)
+    assert request.run_config == {"ops": {"trained_model": {"config": {"epochs": 2}}}}
+
+
+def test_each_tasks_quick_retrain_is_a_config_trained_model_accepts():
+    from cvops_pipelines.core.tasks import TASKS
+    from cvops_pipelines.defs.build.assets import TrainedModelConfig
+
+    for task in TASKS.values():
+        config = TrainedModelConfig(**task.quick(3))
+        epochs = config.detector.epochs if task.labels == "boxes" else config.epochs
+        assert epochs == 3, task.name

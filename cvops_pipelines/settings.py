@@ -74,8 +74,8 @@ def s3_settings() -> dict:
 def labelstudio_settings() -> dict:
     """The annotation backend: a Label Studio URL (CVOPS_LABELSTUDIO_URL; empty: annotation
     tasks stay files), its local-files document root as this machine sees it
-    (CVOPS_LABELSTUDIO_FILES_ROOT; empty: the cvops store's root) and the project title prefix.
-    The token (CVOPS_LABELSTUDIO_TOKEN) is read by the resource, never here."""
+    (CVOPS_LABELSTUDIO_FILES_ROOT; empty: the cvops store's root). The token
+    (CVOPS_LABELSTUDIO_TOKEN) is read by the resource, never here."""
     return {
         "url": os.environ.get("CVOPS_LABELSTUDIO_URL", ""),
         "files_root": os.environ.get("CVOPS_LABELSTUDIO_FILES_ROOT", ""),

@@ -168,9 +168,12 @@ def labelstudio_answers(
     ]
     summary = "; ".join(s for s in said if s)
     context.log.info(summary)
-    shown = json.dumps([poll.progress, poll.completed], sort_keys=True)
+    # the UI hears of a change, not of every poll (the pace alone moves every minute)
+    pace = ("answers_last_hour", "answers_per_hour")
+    counts = [{k: v for k, v in p.items() if k not in pace} for p in poll.progress]
+    shown = json.dumps([counts, poll.completed], sort_keys=True)
     events = []
-    if shown != context.cursor:  # the UI hears of a change, not of every poll
+    if shown != context.cursor:
         events.append(
             AssetObservation(
                 loop.key("annotation_queue"),

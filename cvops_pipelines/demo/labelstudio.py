@@ -122,21 +122,25 @@ class LabelStudioServer:
         self.proc, self.log = fresh.proc, fresh.log
 
     def signup(self, email: str, password: str = "annotator-pass-1") -> str:
-        """A new annotator through the sign-up form, as a person joins; their API token."""
+        """An annotator through the sign-up form, as a person joins (or, already a member from
+        an earlier run on this server, through the log-in form); their API token."""
         session = requests.Session()
-        session.get(f"{self.url}/user/signup/", timeout=30)
-        answer = session.post(
-            f"{self.url}/user/signup/",
-            data={
-                "email": email,
-                "password": password,
-                "csrfmiddlewaretoken": session.cookies.get("csrftoken", ""),
-            },
-            headers={"Referer": f"{self.url}/user/signup/"},
-            timeout=30,
-        )
-        answer.raise_for_status()
-        return session.get(f"{self.url}/api/current-user/token", timeout=30).json()["token"]
+        for form in ("signup", "login"):
+            session.get(f"{self.url}/user/{form}/", timeout=30)
+            session.post(
+                f"{self.url}/user/{form}/",
+                data={
+                    "email": email,
+                    "password": password,
+                    "csrfmiddlewaretoken": session.cookies.get("csrftoken", ""),
+                },
+                headers={"Referer": f"{self.url}/user/{form}/"},
+                timeout=30,
+            ).raise_for_status()
+            token = session.get(f"{self.url}/api/current-user/token", timeout=30)
+            if token.ok and token.headers.get("content-type", "").startswith("application/json"):
+                return token.json()["token"]
+        raise RuntimeError(f"Label Studio at {self.url}: {email} can neither sign up nor log in")
 
     def api(self, token: str, method: str, path: str, **kwargs) -> requests.Response:
         answer = requests.request(

@@ -20,16 +20,23 @@ Answer = list[tuple[str, Box | None]]
 
 
 def answer_of(result: list[dict]) -> Answer:
-    """A Label Studio result as (label, box in percent or None); [] means nothing to label."""
+    """A Label Studio result as (label, box in percent or None); [] means nothing to label.
+    A part in a shape Label Studio does not write counts as no answer here (the ingest
+    quarantines it with the reason)."""
     out: Answer = []
-    for item in result or []:
-        value = item.get("value") or {}
-        if "rectanglelabels" in value:
-            x, y = float(value.get("x", 0)), float(value.get("y", 0))
-            w, h = float(value.get("width", 0)), float(value.get("height", 0))
-            out += [(label, (x, y, x + w, y + h)) for label in value["rectanglelabels"]]
-        else:
-            out += [(label, None) for label in value.get("choices", [])]
+    for item in result if isinstance(result, list) else []:
+        value = item.get("value") if isinstance(item, dict) else None
+        value = value if isinstance(value, dict) else {}
+        boxed, choices = value.get("rectanglelabels"), value.get("choices")
+        if isinstance(boxed, list):
+            try:
+                x, y = float(value.get("x", 0)), float(value.get("y", 0))
+                w, h = float(value.get("width", 0)), float(value.get("height", 0))
+            except (TypeError, ValueError):
+                continue
+            out += [(str(label), (x, y, x + w, y + h)) for label in boxed]
+        elif isinstance(choices, list):
+            out += [(str(label), None) for label in choices]
     return out
 
 

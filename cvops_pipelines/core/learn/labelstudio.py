@@ -227,6 +227,7 @@ class Poll:
     next_pushed: list[str] = field(default_factory=list)  # "queue #n": sub-batches sent now
     retraining: list[str] = field(default_factory=list)  # "queue #n": waits for a quick retrain
     progress: list[dict] = field(default_factory=list)  # per queue
+    malformed: list[str] = field(default_factory=list)  # "project/task": answers not readable
 
 
 def _edit_time(annotation: dict) -> str:
@@ -295,7 +296,13 @@ def _poll_queue(ls, record, export, emails, store, drops, poll: Poll) -> None:
             if task not in by_id and task not in record["deleted"]:
                 record["deleted"].append(task)
                 poll.deleted.append(f"{project}/{task}")
-        tasks = [_named(by_id[i], emails) for i in ids if i in by_id]
+        tasks = []
+        for i in (i for i in ids if i in by_id):
+            if _well_formed(by_id[i]):
+                tasks.append(_named(by_id[i], emails))
+            else:  # turned away alone: its sub-batch waits, the rest of the poll goes on
+                poll.malformed.append(f"{project}/{i}")
+                tasks.append({"id": i, "annotations": []})
         answered_at += [a.get("created_at") for t in tasks for a in t.get("annotations") or []]
         if batch["done_at"] is None:
             waiting = sum(1 for t in tasks if not t.get("annotations"))
@@ -354,6 +361,14 @@ def _model_answers(store: Store, record: dict) -> dict[str, list[dict]]:
         for t in tasks
         if t.get("annotations") or t.get("predictions")
     }
+
+
+def _well_formed(task: dict) -> bool:
+    """Annotations as Label Studio writes them: a list of objects, each result a list."""
+    annotations = task.get("annotations") or []
+    return isinstance(annotations, list) and all(
+        isinstance(a, dict) and isinstance(a.get("result") or [], list) for a in annotations
+    )
 
 
 def _named(task: dict, emails: dict[int, str]) -> dict:

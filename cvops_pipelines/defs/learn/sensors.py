@@ -154,6 +154,12 @@ def labelstudio_answers(
     except LabelStudioError as e:
         context.log.error(str(e))
         return SkipReason(f"retrying next tick: {e}")
+    for task in poll.malformed:
+        context.log.warning(
+            f"Label Studio task {task} (project/task) holds answers in a shape cvops cannot "
+            "read (annotations not a list of objects with a result list): its sub-batch waits; "
+            "fix or re-submit the task in Label Studio"
+        )
     for task in poll.deleted:
         context.log.warning(
             f"Label Studio task {task} (project/task) was deleted before it was answered: its "

@@ -56,3 +56,10 @@ def test_findings_count_overrules_confusion_agreement_and_skips():
 def test_without_the_models_answer_or_second_opinions_nothing_is_made_up():
     found = findings([_task("x", (1, [_choice("3")]))], {})
     assert found["overruled_model"] is None and found["agreement"] is None
+
+
+def test_results_in_shapes_label_studio_does_not_write_count_as_no_answer():
+    odd_box = {"value": {"x": "left", "y": 0, "width": 1, "height": 1, "rectanglelabels": ["3"]}}
+    for odd in (None, "3", [1, "x"], [{"value": "3"}], [{"value": {"choices": "3"}}], [odd_box]):
+        assert answer_of(odd) == [], odd
+    assert answer_of([1, {"value": {"choices": ["3"]}}]) == [("3", None)]

@@ -531,3 +531,44 @@ def test_a_finished_queue_is_watched_for_late_edits_for_two_weeks_then_left_alon
     record["batches"][-1]["done_at"] = done.isoformat()
     assert _watched(record, done + EDITS_WATCHED)
     assert not _watched(record, done + EDITS_WATCHED + timedelta(seconds=1))
+
+
+class _ExportOnly:
+    """A Label Studio whose export is crafted (the shapes no real one writes)."""
+
+    url = "http://labelstudio.test"
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def emails(self):
+        return {}
+
+    def export(self, project):
+        return self.tasks
+
+
+def test_a_task_with_unreadable_answers_is_turned_away_alone(tmp_path):
+    store, drops = LocalStore(tmp_path / "cvops"), LocalStore(tmp_path / "drops")
+    batch = {"task_ids": [1, 2], "images": {"1": "a.png", "2": "b.png"}, "done_at": None}
+    record = {
+        "project": 7,
+        "queue_id": "q-x",
+        "prefix": "annotation/queues/q-x",
+        "tasks_file": "tasks.json",
+        "url": _ExportOnly.url,
+        "tasks": 2,
+        "sub_batch": 2,
+        "retrain_epochs": 0,
+        "pushed_at": "2026-01-01T00:00:00+00:00",
+        "batches": [batch],
+        "seen": {},
+        "deleted": [],
+    }
+    store.write_bytes("annotation/labelstudio/queues/q-x.json", json.dumps(record).encode())
+    answer = {"id": 1, "result": _choice("3"), "updated_at": "2026-01-02T00:00:00Z"}
+    for odd in ("garbage", [1, 2], [{"id": 2, "result": "3"}]):
+        ls = _ExportOnly([{"id": 1, "annotations": [answer]}, {"id": 2, "annotations": odd}])
+        poll = collect_answers(ls, store, drops)
+        assert poll.malformed == ["7/2"] and poll.pending == 1 and poll.drops == []
+    assert not (tmp_path / "drops").exists()  # the sub-batch waits; nothing half-written

@@ -243,11 +243,13 @@ class AnnotationQueueConfig(Config):
     )
     sub_batch: int = Field(
         25,
+        ge=0,
         description="With Label Studio: tasks per sub-batch, by rank; the next goes out once "
         "the one before is answered and its findings are shown (0: the whole queue at once).",
     )
     quick_retrain_epochs: int = Field(
         0,
+        ge=0,
         description="With Label Studio: after each answered sub-batch, retrain for this many "
         "epochs on the grown pool (retraining_sensor) before the next goes out, to catch "
         "annotation problems on the way; the gate judges that model as any other (0: off).",

@@ -22,6 +22,8 @@ BENCHMARKS = [
     "drift_detection",
     "demo_wall",
     "loop_gain",
+    "loop_convergence",
+    "loop_latency",
     "detection_recipe",
     "detection_loop_gain",
     "detection_export",

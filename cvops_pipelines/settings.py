@@ -264,7 +264,8 @@ ENVIRONMENT_HELP = """environment:
   CVOPS_ROOT_PUBLIC_KEY  root public key: only the delegation it signed is read (default
                          root.pub beside the release key, when it exists)
   MLFLOW_TRACKING_URI    MLflow server (default sqlite:///$CVOPS_HOME/mlflow.db)
-  TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/)
+  TORCH_HOME             torch cache holding pretrained weights (hub/checkpoints/); weights
+                         not there are downloaded once, hash-checked, unless CVOPS_OFFLINE=1
   CVOPS_LOOP             run a named loop of a deployment that holds several (its asset
                          keys, partitions, home, experiment and model carry the name)
   DAGSTER_HOME           Dagster instance (default ./.dagster_home)

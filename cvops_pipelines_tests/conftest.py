@@ -115,16 +115,20 @@ def postgres_server():
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """`cvops-demo` run once per session, as the README runs it, in homes of its own: the CLI test
+    """`cvops-demo --turns 5` run once per session (the README's two turns and three more), in
+    homes of its own: the CLI test
     checks its output, the browser test opens the Dagster UI on the instance it leaves behind."""
     root = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "CVOPS_HOME": str(root / "home"), "DAGSTER_HOME": str(root / "dagster")}
-    # the README's command, as a user runs it; under xdist with the worker's one OpenMP thread
+    # the README's command with three more turns, as a user runs it; under xdist with the
+    # worker's one OpenMP thread
     # (both demos start first, side by side: two torch thread pools each would fight for 2 cores)
     timings, report = root / "timings.json", root / "report.json"
     proc = subprocess.run(
         [
             str(Path(sys.executable).parent / "cvops-demo"),
+            "--turns",
+            "5",
             "--timings",
             str(timings),
             "--report",
@@ -134,6 +138,6 @@ def demo_run(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1500,
     )
     return {"root": root, "env": env, "proc": proc, "timings": timings, "report": report}

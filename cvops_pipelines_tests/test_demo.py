@@ -1,8 +1,9 @@
-"""The README's first command and what comes after it: `cvops-demo` runs two turns of the loop
-(its output checked here), then the Dagster UI is opened on the instance it left behind, in a real
-browser (Debian's chromium driven by Playwright): what an operator sees after `./dev demo` and
-`./dev ui`. Screenshots land in $CVOPS_TEST_ARTIFACTS (default: test-artifacts/ui/).
-One module, so pytest-xdist runs both on the worker that ran the demo (`--dist loadscope`)."""
+"""The README's first command and what comes after it: `cvops-demo --turns 5` runs the README's
+two turns and three more (its output checked here), then the Dagster UI is opened on the
+instance it left behind, in a real browser (Debian's chromium driven by Playwright): what an
+operator sees after `./dev demo` and `./dev ui`. Screenshots land in $CVOPS_TEST_ARTIFACTS
+(default: test-artifacts/ui/). One module, so pytest-xdist runs both on the worker that ran
+the demo (`--dist loadscope`)."""
 
 import json
 import os
@@ -36,8 +37,8 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
-# end to end: the demo itself, then the checks; a slow CI machine gets 20 minutes, not 10
-pytestmark = pytest.mark.timeout(1200)
+# end to end: the demo itself (five turns), then the checks; a slow CI machine gets 30 minutes
+pytestmark = pytest.mark.timeout(1800)
 
 
 # the defaults the demo runs with: the gate's, and the canary's (alpha spread over 4 looks)
@@ -54,38 +55,17 @@ def verdict_from_counts(row: dict, rule: NonInferiority) -> str:
     return paired_test(new, old, row["metric"], rule, scale).verdict
 
 
-def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
-    """Invariants only: which model wins is a training outcome and differs between machines;
-    that every stage ran and every decision agrees with the figures it printed does not."""
-    tmp_path, env, proc, timings = (demo_run[k] for k in ("root", "env", "proc", "timings"))
-    out = proc.stdout
-    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    assert "ingest drop initial: OK" in out and "raw_images_contract passed" in out
-    assert "== curate: OK" in out and "dataset_version_leakage passed" in out
-    assert "replay_set_contract passed" in out
-    assert "Traceback" not in out + proc.stderr
-    report = json.loads(demo_run["report"].read_text())
-    assert report["ok"] is True and len(report["turns"]) == 2
-    versions = {p.name for p in (tmp_path / "home/datasets").iterdir()}
-    assert len(versions) == 2 and all(f"dataset: {v}" in out for v in versions)
+TURNS = 5  # the fixture's `cvops-demo --turns 5`: turns 1 and 2 are the README's two turns
 
-    # turn 1: the first model passes the gate by definition and is released to every device
-    first, second = report["turns"]
-    assert "retraining_sensor -> train_job (first model)" in out
-    assert first["gate"]["trained"] and not first["gate"]["refused"]
-    assert first["release"].startswith("rel-1-") and first["gate"]["replay_outcomes"] is None
-    assert "feedback_sensor -> feedback_job" in out and "0 batches quarantined" in out
-    if first["canary"]["action"] == "promote":  # no stable yet: promoted on enough reviews
-        assert first["after"]["stable"] == first["release"] and first["after"]["canary"] is None
-    else:
-        assert first["canary"]["action"] == "wait" and "keep collecting" in first["canary"]["why"]
-    assert "new_drop_sensor -> ingest_job" in out and "annotate: the oracle answered" in out
 
-    # turn 2: the operators' labels keep the SLA out of reach (they pick among the top two), so
-    # the alert and the new labels ask for a retrain; the replay gate judged it on the holdout
-    assert "retraining_sensor -> train_job (accuracy_sla" in out
-    gate = second["gate"]
-    assert gate["trained"] and gate["model_version"] == "v2"
+def check_later_turn(turn: dict, number: int, models: int, releases: int, out: str) -> None:
+    """A turn after the first: the replay gate judged its challenger on the holdout, and the
+    paired canary's action (and the channels after it) agree with the figures printed."""
+    gate = turn["gate"]
+    if not gate["trained"]:  # the sensor found nothing worth a run: nothing else changes
+        assert turn["release"] is None and turn["after"] == turn["before"]
+        return
+    assert gate["model_version"] == f"v{models}"
     outcomes = gate["replay_outcomes"]
     assert outcomes and outcomes[0]["records"] >= 1
     for row in outcomes:
@@ -101,43 +81,107 @@ def test_demo_runs_two_turns_of_the_loop_in_a_persistent_instance(demo_run):
     if replay_refused:  # a replay that shows the challenger worse always refuses it
         assert gate["refused"]
     if gate["refused"]:  # a refusal changes nothing: no release, same champion, same stable
-        assert second["release"] is None and "refused: the gate kept the champion" in out
-        assert second["after"]["champion"] == second["before"]["champion"]
-        assert second["after"]["stable"] == second["before"]["stable"]
-        assert second["canary"]["action"] is None
+        assert turn["release"] is None and "refused: the gate kept the champion" in out
+        assert turn["after"]["champion"] == turn["before"]["champion"]
+        assert turn["after"]["stable"] == turn["before"]["stable"]
+        assert turn["canary"]["action"] is None
+        return
+    assert turn["release"].startswith(f"rel-{releases}-")
+    action, paired = turn["canary"]["action"], turn["canary"]["paired"]
+    verdicts = [verdict_from_counts(row, CANARY_RULE) for row in paired]
+    assert verdicts == [row["verdict"] for row in paired]
+    assert paired[0]["records"] % 2 == 0  # as many records from each side
+    expected = (
+        "rollback"
+        if "worse" in verdicts
+        else "promote"
+        if set(verdicts) == {"non_inferior"}
+        else "wait"
+    )
+    assert action == expected, (action, paired)
+    after = turn["after"]
+    if action == "promote":
+        assert after["stable"] == turn["release"] and after["champion"] == str(models)
     else:
-        assert second["release"].startswith("rel-2-")
-        action, paired = second["canary"]["action"], second["canary"]["paired"]
-        verdicts = [verdict_from_counts(row, CANARY_RULE) for row in paired]
-        assert verdicts == [row["verdict"] for row in paired]
-        assert paired[0]["records"] % 2 == 0  # as many records from each side
-        expected = (
-            "rollback"
-            if "worse" in verdicts
-            else "promote"
-            if set(verdicts) == {"non_inferior"}
-            else "wait"
-        )
-        assert action == expected, (action, paired)
-        after = second["after"]
-        if action == "promote":
-            assert after["stable"] == second["release"] and after["champion"] == "2"
-        else:
-            assert after["stable"] == second["before"]["stable"]
-            assert after["champion"] == second["before"]["champion"]
-            assert after["canary"] == (second["release"] if action == "wait" else None)
+        assert after["stable"] == turn["before"]["stable"]
+        assert after["champion"] == turn["before"]["champion"]
+        # a canary still collecting when the turn ends stays on canary
+        assert after["canary"] == (turn["release"] if action == "wait" else None)
+
+
+def test_demo_runs_turns_of_the_loop_in_a_persistent_instance(demo_run):
+    """Invariants only: which model wins is a training outcome and differs between machines;
+    that every stage ran and every decision agrees with the figures it printed does not."""
+    tmp_path, env, proc, timings = (demo_run[k] for k in ("root", "env", "proc", "timings"))
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "ingest drop initial: OK" in out and "raw_images_contract passed" in out
+    assert "== curate: OK" in out and "dataset_version_leakage passed" in out
+    assert "replay_set_contract passed" in out
+    assert "Traceback" not in out + proc.stderr
+    report = json.loads(demo_run["report"].read_text())
+    assert report["ok"] is True and len(report["turns"]) == TURNS
+    versions = {p.name for p in (tmp_path / "home/datasets").iterdir()}
+    assert len(versions) == TURNS and all(f"dataset: {v}" in out for v in versions)
+
+    # turn 1: the first model passes the gate by definition and is released to every device
+    first, second = report["turns"][:2]
+    assert "retraining_sensor -> train_job (first model)" in out
+    assert "no champion yet: training from scratch" in out
+    assert first["gate"]["trained"] and not first["gate"]["refused"]
+    assert first["release"].startswith("rel-1-") and first["gate"]["replay_outcomes"] is None
+    assert "feedback_sensor -> feedback_job" in out and "0 batches quarantined" in out
+    if first["canary"]["action"] == "promote":  # no stable yet: promoted on enough reviews
+        assert first["after"]["stable"] == first["release"] and first["after"]["canary"] is None
+    else:
+        assert first["canary"]["action"] == "wait" and "keep collecting" in first["canary"]["why"]
+    assert "new_drop_sensor -> ingest_job" in out and "annotate: the oracle answered" in out
+
+    # turn 2: the operators' labels keep the SLA out of reach (they pick among the top two), so
+    # the alert and the new labels ask for a retrain: a fine-tune of the champion (same classes)
+    assert "retraining_sensor -> train_job (accuracy_sla" in out
+    assert second["gate"]["trained"] and second["gate"]["model_version"] == "v2"
+    if first["after"]["champion"]:
+        assert f"fine-tuning champion v{first['after']['champion']}" in out
+    models, releases = 1, 1
+    for number, turn in enumerate(report["turns"][1:], 2):
+        models += bool(turn["gate"]["trained"])
+        releases += bool(turn["release"])
+        assert turn["before"] == report["turns"][number - 2]["after"]  # no change in between
+        check_later_turn(turn, number, models, releases, out)
     # the audit names what shipped, and it is the champion
     assert report["champion"] in report["audit"] and f"v{report['champion']}" in out
     assert "<- shipped (stable)" in out
 
+    # per turn: labels bought grow by each answered queue; each row agrees with the turn it sums
+    rows = report["per_turn"]
+    assert [r["turn"] for r in rows] == list(range(1, TURNS + 1)) and rows[0]["labels"] == 0
+    assert all(b["labels"] > a["labels"] for a, b in zip(rows, rows[1:]))
+    for row, turn in zip(rows, report["turns"]):
+        shipped = turn["after"]["champion"]
+        assert row["shipped"] == (f"v{shipped}" if shipped else None)
+        assert row["audit_accuracy"] == (report["audit"][shipped] if shipped else None)
+        assert row["gate"] == ("refused" if turn["gate"]["refused"] else "passed")
+        assert row["canary"] == turn["canary"]["action"] and row["wall_s"] > 0
+        # latency: the answers landed -> this turn's signed release, inside the turn's wall time
+        if row["turn"] > 1 and turn["release"]:
+            assert 0 < row["latency_s"] < row["wall_s"] + rows[row["turn"] - 2]["wall_s"]
+        else:
+            assert row["latency_s"] is None
+        printed = f"{row['turn']:>4} | {row['labels']:>13} | {row['shipped'] or '-':>7} |"
+        assert printed in out
+    assert report["audit_images"] > 0 and set(report["audit"]) == set(report["turn_models"])
+
     assert oct((tmp_path / "home/keys/release_signing.key").stat().st_mode & 0o777) == "0o600"
-    (annotated,) = [
+    annotated = [
         p
         for p in (tmp_path / "home/tables/annotations").iterdir()
         if p.name.startswith("annotated-")
     ]
-    labels = pd.read_parquet(annotated)
-    assert len(labels) > 50 and set(labels["origin"]) == {"annotation_queue"}
+    assert len(annotated) == TURNS - 1  # every turn's queue but the last was answered
+    for path in annotated:
+        labels = pd.read_parquet(path)
+        assert len(labels) > 50 and set(labels["origin"]) == {"annotation_queue"}
     pool = pd.read_parquet(tmp_path / "home/tables/labeled_pool/all.parquet")
     assert {"drop", "feedback", "annotation_queue"} <= set(pool["origin"])
     # the production holdout never reached a dataset version

@@ -14,11 +14,32 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cvops-demo",
         epilog=ENVIRONMENT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Two turns of the loop on the bundled demo data (scikit-learn's digits "
-        "rendered to PNG): ingest, curate, train, evaluate, export, release to a "
-        "simulated fleet, feedback, canary decision, production metrics and drift, "
-        "an annotation queue answered by an oracle, retrain, release again. Runs go "
+        description="Turns of the loop (two by default) on the bundled demo data "
+        "(scikit-learn's digits rendered to PNG): ingest, curate, train, evaluate, export, "
+        "release to a simulated fleet, feedback, canary decision, production metrics and "
+        "drift, an annotation queue answered by an oracle, retrain, release again. Runs go "
         "through the persistent Dagster instance, so they show in `./dev ui`.",
+    )
+    parser.add_argument(
+        "--turns",
+        type=_turns,
+        default=2,
+        help="hands-off turns of the loop (classification); the summary shows, per turn, the "
+        "labels bought, the shipped model's audit accuracy, the gate's and the canary's "
+        "verdicts, the turn's wall time and its loop latency (default 2)",
+    )
+    parser.add_argument(
+        "--explore-share",
+        type=float,
+        help="share of each annotation queue drawn at random (default: annotation_queue's "
+        "own); 1.0 gives a random queue, the baseline `./dev bench loop_convergence` runs",
+    )
+    parser.add_argument(
+        "--init-from",
+        choices=("auto", "none"),
+        help="how each retrain starts (default: trained_model's own, auto: a short fine-tune "
+        "of the champion while the ontology is unchanged); none trains from scratch every "
+        "turn, the comparison `./dev bench loop_latency` runs",
     )
     parser.add_argument(
         "--seed",
@@ -74,8 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _turns(text: str) -> int:
+    turns = int(text)
+    if turns < 1:
+        raise argparse.ArgumentTypeError(f"{turns}: the loop runs at least one turn")
+    return turns
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.explore_share is not None and not 0 <= args.explore_share <= 1:
+        parser.error(f"--explore-share {args.explore_share}: a share, between 0 and 1")
+    if args.task == "detection" and (args.turns, args.explore_share, args.init_from) != (
+        2,
+        None,
+        None,
+    ):
+        parser.error(
+            "--turns, --explore-share and --init-from drive the classification demo; the "
+            "detection demo runs its two turns"
+        )
     if args.task == "detection":
         from cvops_pipelines.demo import detection
 
@@ -103,7 +143,8 @@ def _run(args, annotator) -> int:
         return detection.run(config, args.report, annotator)
     from cvops_pipelines.demo.harness import Demo
 
-    return Demo(args.seed, annotator).run(args.report, args.timings)
+    demo = Demo(args.seed, annotator, args.turns, args.explore_share, args.init_from)
+    return demo.run(args.report, args.timings)
 
 
 @contextmanager

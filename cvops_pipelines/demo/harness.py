@@ -222,6 +222,9 @@ def report_turn(turn: dict) -> dict:
     decision = turn["decision"] or {}
     return {
         "release": turn["release"],
+        "labels": turn["labels"],
+        "wall_s": round(turn["wall_s"], 1),
+        "latency_s": None if turn["latency_s"] is None else round(turn["latency_s"], 1),
         "gate": turn["gate"],
         "before": turn["before"],
         "after": turn["after"],
@@ -229,6 +232,47 @@ def report_turn(turn: dict) -> dict:
         "canary_looks": turn["looks"],
         "field_images": len(turn["shots"]),
     }
+
+
+def per_turn(turns: list[dict], audit: dict[str, float]) -> list[dict]:
+    """One row per turn: the labels bought before it trained, what was shipped when it ended
+    (the champion) and how that model does on the audit, the gate's and canary's verdicts, the
+    turn's wall time and its loop latency (answers landed -> the challenger's signed release)."""
+    rows = []
+    for number, turn in enumerate(turns, 1):
+        gate, shipped = turn["gate"], turn["after"]["champion"]
+        rows.append(
+            {
+                "turn": number,
+                "labels": turn["labels"],
+                "shipped": f"v{shipped}" if shipped else None,
+                "audit_accuracy": audit.get(shipped) if shipped else None,
+                "gate": "refused" if gate["refused"] else "passed" if gate["trained"] else "-",
+                "gate_replay": gate.get("replay_verdict"),
+                "canary": (turn["decision"] or {}).get("action"),
+                "wall_s": round(turn["wall_s"], 1),
+                "latency_s": None if turn["latency_s"] is None else round(turn["latency_s"], 1),
+            }
+        )
+    return rows
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def audit_shots(holdback: Path, seed: int, shots_per_image: int = 3) -> list[tuple[bytes, str]]:
+    """The audit: the held-back drops (which the demo never ingests), each image shot a few
+    times under the field's shift. The same images every turn, so turns compare; never seen by
+    the pipeline, so nothing it labelled or trained on leaks in."""
+    from cvops_pipelines.edge.simulator import Shift, shifted
+
+    images = sorted(p for name in ("drop_2", "drop_3") for p in (holdback / name).glob("*/*.png"))
+    out = []
+    for k in range(shots_per_image):
+        transform = Shift(*DEMO_SHIFT).transform(seed + 7919 * (k + 1))
+        out += [(shifted(p.read_bytes(), transform), p.parent.name) for p in images]
+    return out
 
 
 def field_accuracy(metrics: dict, release: str) -> str:
@@ -244,11 +288,20 @@ def field_accuracy(metrics: dict, release: str) -> str:
 class Demo:
     """One demo run: its seed, the runs it started and where the time went."""
 
-    def __init__(self, seed: int = 0, annotator=None) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        annotator=None,
+        turns: int = 2,
+        explore_share: float | None = None,
+        init_from: str | None = None,
+    ) -> None:
         from cvops_pipelines.demo.labelstudio import FileAnnotator
 
-        self.seed = seed
+        self.seed, self.turns = seed, turns
+        self.explore_share, self.init_from = explore_share, init_from  # None: the defaults
         self.annotator = annotator or FileAnnotator()
+        self.truth: dict[str, str] = {}  # every field image as shot -> its true label
         self.runner = Runner()
         self.timings = Timings(runner=self.runner)
 
@@ -343,8 +396,10 @@ class Demo:
         outcome."""
         print(f"\n######## turn {number}: build -> ship -> measure -> learn")
         before = {**channel_releases(), "champion": champion_version()}
-        train_seed = {"ops": {"trained_model": {"config": {"seed": seed}}}}
-        trains = self.runner.tick("retraining_sensor", train_seed)
+        train_config = {"seed": seed, **({"init_from": self.init_from} if self.init_from else {})}
+        trains = self.runner.tick(
+            "retraining_sensor", {"ops": {"trained_model": {"config": train_config}}}
+        )
         for train in trains:
             print_train(train)
         refused = any(gate_refused(t) for t in trains)
@@ -360,12 +415,13 @@ class Demo:
             "replay_verdict": evaluation.get("replay_verdict"),
             "replay_outcomes": evaluation.get("replay_outcomes"),
         }
-        released = None
+        released, released_at = None, None
         if trains and not refused:
             release = self.release(cohorts)
             if not release.ok:
                 return None
             released = release.assets["edge_release"]["release"]
+            released_at = time.perf_counter()
         fleet, shots, decision, looks = None, [], {}, 0
         while fleet is None or (
             released and decision.get("action") == "wait" and looks < CANARY_LOOKS
@@ -377,15 +433,22 @@ class Demo:
                 )
             fleet = self.fleet(stream, seed + 1000 * looks, steps)
             shots += fleet.shots
+            self.truth.update(fleet.image_truth)
             feedback = self.runner.tick("feedback_sensor")
             print_feedback(feedback)
             if not feedback or not all(run.success for run in feedback):
                 return None
             if released:
                 decision, looks = print_canary(self.runner.job("canary_job")), looks + 1
-        learn = print_learn(self.runner.job("learn_job"))
+        queue = {} if self.explore_share is None else {"explore_share": self.explore_share}
+        learn = print_learn(
+            self.runner.job(
+                "learn_job", run_config={"ops": {"annotation_queue": {"config": queue}}}
+            )
+        )
         return {
             "release": released,
+            "released_at": released_at,
             "fleet": fleet,
             "shots": shots,
             "decision": decision,
@@ -397,34 +460,56 @@ class Demo:
         }
 
     def loop(self, report: dict) -> bool:
+        """`self.turns` turns. Turn 1 sees the first 40 % of the stream; every later turn the
+        rest, shot again with new shifts, as a site sees the same kinds of scenes day after
+        day. Between turns the oracle answers the queue and the answers are ingested."""
         stream = production_stream(settings.cvops_home() / "holdback" / "production")
         cut = int(len(stream) * 0.4)
-        first = self.turn(1, stream[:cut], self.seed, steps=20, cohorts=[])
-        if first is None:
-            return False
-        report["turns"].append(report_turn(first))
-        truth = dict(first["fleet"].image_truth)
-        drops = self.annotate(first["queue"], truth)
-        print(f"\n== ingest {', '.join(drops)} (new_drop_sensor)")
-        for run in self.runner.tick("new_drop_sensor"):
-            print_ingest(run.partition, run)
-        curate = self.runner.job("curate_job")
-        print_curate(curate)
-        if not curate.success:
-            return False
-        second = self.turn(2, stream[cut:], self.seed + 1, steps=30, cohorts=["site-b"])
-        if second is None:
-            return False
-        report["turns"].append(report_turn(second))
+        turns, labels, answered_at = [], 0, None
+        for number in range(1, self.turns + 1):
+            started = time.perf_counter()
+            turn = self.turn(
+                number,
+                stream[:cut] if number == 1 else stream[cut:],
+                self.seed + number - 1,
+                steps=20 if number == 1 else 30,
+                cohorts=[] if number == 1 else ["site-b"],
+            )
+            if turn is None:
+                return False
+            turn.update(labels=labels, wall_s=time.perf_counter() - started)
+            turn["latency_s"] = (
+                turn["released_at"] - answered_at if answered_at and turn["released_at"] else None
+            )
+            turns.append(turn)
+            report["turns"].append(report_turn(turn))
+            if number == self.turns:
+                break
+            started = time.perf_counter()
+            drops = self.annotate(turn["queue"], self.truth)
+            labels += int(turn["queue"].get("queued") or 0)
+            answered_at = time.perf_counter()
+            print(f"\n== ingest {', '.join(drops)} (new_drop_sensor)")
+            for run in self.runner.tick("new_drop_sensor"):
+                print_ingest(run.partition, run)
+            curate = self.runner.job("curate_job")
+            print_curate(curate)
+            if not curate.success:
+                return False
+            turn["wall_s"] += time.perf_counter() - started
+            report["turns"][-1]["wall_s"] = round(turn["wall_s"], 1)
+        self.summary(turns, report)
+        return True
+
+    def summary(self, turns: list[dict], report: dict) -> None:
         stable, champion = channel_releases()["stable"], champion_version()
         versions = [
-            v.lstrip("v")
-            for v in (first["gate"]["model_version"], second["gate"]["model_version"])
-            if v
+            t["gate"]["model_version"].lstrip("v") for t in turns if t["gate"]["model_version"]
         ]
-        audit = self.audit(versions, second["shots"])
+        shots = audit_shots(settings.cvops_home() / "holdback", self.seed)
+        audit = self.audit(versions, shots)
         print("\n######## summary")
-        for number, turn in ((1, first), (2, second)):
+        for number, turn in enumerate(turns, 1):
             metrics, gate = turn["metrics"], turn["gate"]
             verdict = (
                 "refused by the gate"
@@ -441,13 +526,25 @@ class Demo:
             )
         print(f"   stable : {stable} (MLflow alias champion: v{champion})")
         print(
-            f"   audit  : every turn-2 production image ({len(second['shots'])}, as shot) "
-            "against the oracle's true labels, which the pipeline never saw:"
+            f"   audit  : {len(shots)} images the pipeline never saw (the held-back drops, shot "
+            "as the field shoots) against the oracle's true labels:"
         )
         for number, version in enumerate(versions, 1):
             print(
-                f"            turn {number}'s model v{version}: accuracy {audit[version]:.4f}"
+                f"            v{version} (turn {number}'s model): accuracy {audit[version]:.4f}"
                 + ("   <- shipped (stable)" if version == champion else "")
+            )
+        rows = per_turn(turns, audit)
+        print("\n   per turn (shipped: the champion when the turn ended):")
+        print(
+            "   turn | labels bought | shipped | audit acc | gate | gate replay | canary | "
+            "turn wall s | latency s"
+        )
+        for row in rows:
+            print(
+                f"   {row['turn']:>4} | {row['labels']:>13} | {row['shipped'] or '-':>7} | "
+                f"{_fmt(row['audit_accuracy'])} | {row['gate']} | {row['gate_replay'] or '-'} | "
+                f"{row['canary'] or '-'} | {row['wall_s']} | {_fmt(row['latency_s'], 1)}"
             )
         report.update(
             {
@@ -455,15 +552,16 @@ class Demo:
                 "champion": champion,
                 "audit": audit,
                 "turn_models": versions,
-                "audit_images": len(second["shots"]),
+                "audit_images": len(shots),
+                "per_turn": rows,
             }
         )
-        if not second["metrics"].get("sla_ok"):
+        last = turns[-1]
+        if not last["metrics"].get("sla_ok"):
             print(
                 "            the SLA is still missed: the next turn starts from the new queue "
-                f"({second['queue'].get('queued')} images)"
+                f"({last['queue'].get('queued')} images)"
             )
-        return True
 
     def run(self, report_path: str | None = None, timings_path: str | None = None) -> int:
         import json

@@ -112,6 +112,43 @@ def test_gate_blocks_a_worse_challenger_and_passes_an_equal_one(isolated_homes):
     assert equal.asset_materializations_for_node("downstream_of_gate")
 
 
+def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_homes):
+    """init_from auto (the default): no champion -> scratch; a champion over the same classes
+    -> a short fine-tune from its tensors; a champion over other classes -> scratch again."""
+    from mlflow import MlflowClient
+
+    from cvops_pipelines import settings
+
+    auto = {**SMALL, "init_from": "auto", "epochs": 5, "finetune_epochs": 2}
+    instance = curated(isolated_homes)
+    first = train(instance, auto)
+    assert first.success
+    tracking = build_resources()["tracking"].open()
+    client = MlflowClient(settings.mlflow_tracking_uri())
+
+    def params(result) -> dict:
+        return client.get_run(metadata(result, "trained_model")["mlflow_run_id"]).data.params
+
+    assert params(first)["started_from"] == "none" and params(first)["epochs"] == "5"
+    tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
+    second = train(instance, auto)
+    assert second.success
+    tuned = params(second)
+    assert tuned["started_from"] == "champion" and tuned["epochs"] == "2"
+    assert float(tuned["learning_rate"]) == pytest.approx(SMALL["learning_rate"] * 0.5)
+    assert metadata(second, "trained_model")["best_epoch"] <= 2
+    # the champion is renamed into other classes: the ontology changed, so from scratch
+    champion = load(tracking, alias="champion")
+    assert champion.preprocess.classes == tuple(str(d) for d in range(10))
+    from cvops_pipelines.core.build import run as build_run
+
+    logged = []
+    start = build_run.auto_start(tracking, "resnet18", [*map(str, range(9)), "ten"], logged.append)
+    assert start.source == "none" and start.state is None and "ontology" in logged[-1]
+    start = build_run.auto_start(tracking, "resnet18", list(champion.preprocess.classes), print)
+    assert start.fine_tune and start.state.keys() == champion.model.state_dict().keys()
+
+
 def field_shots(indices, degrees: float = 35.0) -> list[bytes]:
     """Digits as a tilted field camera shot them (the test split has none of these)."""
     return [

@@ -22,7 +22,14 @@ from cvops_pipelines.core.build.detection_training import (
     train_detector,
 )
 from cvops_pipelines.core.build.registry import load
-from cvops_pipelines.core.build.run import RunPlan, Trainer, TrainInputs, registered_state
+from cvops_pipelines.core.build.run import (
+    RunPlan,
+    Start,
+    Trainer,
+    TrainInputs,
+    auto_start,
+    registered_state,
+)
 from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run, trained_model
 from cvops_pipelines.core.build.training import FitResult
 from cvops_pipelines.core.curate.dataset import images_trained_on
@@ -110,13 +117,17 @@ def fit_scenes(
 
 def initial_detector_state(
     tracking: Tracking, plan: RunPlan, config: DetectorConfig, classes: list[str], log: Log
-) -> dict | None:
-    """`init_from` for a detector: a registered detector of the same architecture and classes,
-    or the ssl_encoder in its backbone (a fresh head and extra layers)."""
+) -> Start:
+    """`init_from` for a detector: a registered detector of the same architecture and classes
+    (auto: the champion's while the ontology is unchanged), or the ssl_encoder in its backbone
+    (a fresh head and extra layers)."""
     if plan.init_from == "none":
-        return None
+        return Start("none")
+    if plan.init_from == "auto":
+        return auto_start(tracking, config.architecture, classes, log)
     if plan.init_from != "ssl_encoder":
-        return registered_state(tracking, plan.init_from, config.architecture, classes, log)
+        state = registered_state(tracking, plan.init_from, config.architecture, classes, log)
+        return Start(plan.init_from if state is not None else "none", state)
     from cvops_pipelines.core.build.ssl_run import init_from_encoder
 
     def transplant(encoder, detector) -> dict:
@@ -127,7 +138,7 @@ def initial_detector_state(
         )
         return state
 
-    return init_from_encoder(
+    state = init_from_encoder(
         tracking,
         build_detector(len(classes), config),
         ARCHITECTURES[config.architecture],
@@ -135,6 +146,7 @@ def initial_detector_state(
         transplant,
         f"{config.architecture}'s backbone",
     )
+    return Start("ssl_encoder", state)
 
 
 def train_detector_tracked(
@@ -161,12 +173,15 @@ def train_detector_tracked(
     if plan.search_trials > 0 and trainer is not train_detector_in_process:
         raise ValueError("a hyperparameter search runs in the asset's process: search_trials 0")
     tags = {**tags, "dataset_version": version, "task": "detection"}
+    start = initial_detector_state(tracking, plan, config, classes, log)
+    config = start.config(config, plan)
     params = {
         **asdict(config),
         "task": "detection",
         "device": plan.device,
         "classes": len(classes),
         "init_from": plan.init_from,
+        "started_from": start.source,
         "train_images": len(train),
         "val_images": len(val),
         "train_boxes": int(train["n_boxes"].sum()),
@@ -181,9 +196,10 @@ def train_detector_tracked(
                 tracking, store, rows, classes, config, plan, tags, log, (val_images, val_truth)
             )
             run.epochs = config.epochs
-        start = initial_detector_state(tracking, plan, config, classes, log)
         result = trainer(
-            TrainInputs(store, rows, classes, config, plan.device, run.epoch, start, run.run_id)
+            TrainInputs(
+                store, rows, classes, config, plan.device, run.epoch, start.state, run.run_id
+            )
         )
         spec = result.preprocess
         val_found = predict(result.model, val_images, spec)

@@ -1,8 +1,9 @@
 """Torchvision classifiers for transfer learning, with weights from the local torch cache only.
 
 Any torchvision classification architecture works by name; pretrained weights are named by their
-torchvision enum (`IMAGENET1K_V1`, `DEFAULT`, ...) and must already sit in
-$TORCH_HOME/hub/checkpoints/ (nothing is downloaded at run time). Models are saved as state dicts
+torchvision enum (`IMAGENET1K_V1`, `DEFAULT`, ...) and read from $TORCH_HOME/hub/checkpoints/. A
+file not there is fetched once through torch.hub's download with its hash check (the sha256
+prefix in the published file name), unless CVOPS_OFFLINE is set. Models are saved as state dicts
 plus a JSON preprocessing spec and loaded with `weights_only=True`: no pickled code ever crosses
 a boundary.
 """
@@ -20,7 +21,40 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsNotAvailable(FileNotFoundError):
-    """Requested pretrained weights are not in the local torch cache."""
+    """Requested pretrained weights are not in the local torch cache and could not be fetched."""
+
+
+DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: an offline machine fails fast, not in minutes
+
+
+def offline() -> bool:
+    """The operator's switch (CVOPS_OFFLINE=1): never reach the internet for weights."""
+    return os.environ.get("CVOPS_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def fetch_weights(url: str, path: Path) -> None:
+    """Download `url` to `path` through torch.hub, which checks the sha256 prefix torchvision
+    publishes in each file name and writes through a temp file: a partial or tampered download
+    never lands in the cache."""
+    import socket
+    import urllib.error
+
+    import torch.hub
+
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(
+            url, str(path), hash_prefix=match.group(1) if match else None, progress=True
+        )
+    except (urllib.error.URLError, OSError) as exc:
+        raise WeightsNotAvailable(f"could not download {url}: {exc}") from exc
+    except RuntimeError as exc:  # torch.hub's hash mismatch
+        raise WeightsNotAvailable(f"{url} failed its hash check, not cached: {exc}") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 @dataclass(frozen=True)
@@ -76,12 +110,23 @@ def resolve_weights(architecture: str, weights: str):
             f"DEFAULT, {', '.join(m.name for m in enum)}"
         ) from None
     path = torch_cache_dir() / os.path.basename(member.url)
-    if not path.exists():
+    if path.exists():
+        return member, path
+    fix = (
+        f"put {path.name} (from {member.url}) in {path.parent} (or set TORCH_HOME to a cache "
+        "that has it), or train with weights='none'"
+    )
+    if offline():
         raise WeightsNotAvailable(
-            f"pretrained weights {architecture}/{member.name} are not available offline: put "
-            f"{path.name} (from {member.url}) in {path.parent} (or set TORCH_HOME to a cache "
-            "that has it), or train with weights='none'"
+            f"pretrained weights {architecture}/{member.name} are not cached and CVOPS_OFFLINE "
+            f"is set: {fix}"
         )
+    try:
+        fetch_weights(member.url, path)
+    except WeightsNotAvailable as exc:
+        raise WeightsNotAvailable(
+            f"pretrained weights {architecture}/{member.name} are not cached and {exc}: {fix}"
+        ) from None
     return member, path
 
 

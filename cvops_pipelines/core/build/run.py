@@ -17,7 +17,7 @@ from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run, trained_model
 from cvops_pipelines.core.build.training import FitResult, TrainConfig, fit, hyperparameter_search
 
-INIT_FROM = ("none", "champion", "challenger", "ssl_encoder")
+INIT_FROM = ("auto", "none", "champion", "challenger", "ssl_encoder")
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,14 @@ class RunPlan:
     """What the asset (or a caller) asks for beyond the hyperparameters."""
 
     device: str
-    init_from: str = "none"  # start from a registered model: champion / challenger /
-    # ssl_encoder (the self-supervised backbone, with a fresh head) / none
+    # start from a registered model: champion / challenger / ssl_encoder (the self-supervised
+    # backbone, with a fresh head) / none; auto: a fine-tune of the champion while its
+    # architecture and classes are this dataset version's (the ontology is unchanged), else none
+    init_from: str = "auto"
     search_trials: int = 0  # learning rate x weight decay trials, each a nested run; 0 = off
     search_epochs: int = 3
+    finetune_epochs: int = 3  # an auto fine-tune's epochs at most (a quick retrain's fewer win)
+    finetune_lr_scale: float = 0.5  # an auto fine-tune's learning rate, times the configured
 
     def __post_init__(self) -> None:
         if self.init_from not in INIT_FROM:
@@ -38,6 +42,48 @@ class RunPlan:
                 f"search_trials must be >= 0 and search_epochs >= 1, got {self.search_trials} "
                 f"and {self.search_epochs}"
             )
+        if self.finetune_epochs < 1 or not 0 < self.finetune_lr_scale <= 1:
+            raise ValueError(
+                f"finetune_epochs must be >= 1 and finetune_lr_scale in (0, 1], got "
+                f"{self.finetune_epochs} and {self.finetune_lr_scale}"
+            )
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: `source` names it (logged as the run's `started_from`)."""
+
+    source: str  # none, champion, challenger, ssl_encoder
+    state: dict | None = None
+    fine_tune: bool = False  # auto chose the champion: fewer epochs, a lower learning rate
+
+    def config(self, config, plan: RunPlan):
+        """The hyperparameters this start trains with (a classifier's or a detector's)."""
+        if not self.fine_tune:
+            return config
+        return replace(
+            config,
+            epochs=min(config.epochs, plan.finetune_epochs),
+            learning_rate=config.learning_rate * plan.finetune_lr_scale,
+        )
+
+
+def auto_start(tracking: Tracking, architecture: str, classes: list[str], log: Log) -> Start:
+    """Fine-tune the champion when the ontology did not change since it was trained; train from
+    scratch when it did (another class list), or when there is no champion yet."""
+    champion = load(tracking, alias="champion")
+    if champion is None:
+        log("no champion yet: training from scratch")
+        return Start("none")
+    spec = champion.preprocess
+    if (spec.architecture, list(spec.classes)) != (architecture, classes):
+        log(
+            f"champion v{champion.version} is a {spec.architecture} over {list(spec.classes)}: "
+            "the ontology or the architecture changed, training from scratch"
+        )
+        return Start("none")
+    log(f"fine-tuning champion v{champion.version} (same architecture and classes)")
+    return Start("champion", champion.model.state_dict(), fine_tune=True)
 
 
 @dataclass(frozen=True)
@@ -112,16 +158,19 @@ def registered_state(
 
 def initial_state(
     tracking: Tracking, plan: RunPlan, config: TrainConfig, classes: list[str], log: Log
-):
+) -> Start:
     if plan.init_from == "none":
-        return None
+        return Start("none")
+    if plan.init_from == "auto":
+        return auto_start(tracking, config.architecture, classes, log)
     if plan.init_from == "ssl_encoder":
         from cvops_pipelines.core.build.models import build_model
         from cvops_pipelines.core.build.ssl_run import init_from_encoder
 
         fresh = build_model(config.architecture, len(classes))
-        return init_from_encoder(tracking, fresh, config.architecture, log)
-    return registered_state(tracking, plan.init_from, config.architecture, classes, log)
+        return Start("ssl_encoder", init_from_encoder(tracking, fresh, config.architecture, log))
+    state = registered_state(tracking, plan.init_from, config.architecture, classes, log)
+    return Start(plan.init_from if state is not None else "none", state)
 
 
 def train_tracked(
@@ -150,11 +199,14 @@ def train_tracked(
     if plan.search_trials > 0 and trainer is not train_in_process:
         raise ValueError("a hyperparameter search runs in the asset's process: search_trials 0")
     tags = {**tags, "dataset_version": version}
+    start = initial_state(tracking, plan, config, classes, log)
+    config = start.config(config, plan)
     params = {
         **asdict(config),
         "device": plan.device,
         "classes": len(classes),
         "init_from": plan.init_from,
+        "started_from": start.source,
         "train_images": int(counts.get("train", 0)),
         "val_images": int(counts.get("val", 0)),
         **(trainer_params or {}),
@@ -166,9 +218,10 @@ def train_tracked(
             data = split_arrays(store, rows, classes, config.image_size)
             config, trials = _search(tracking, data, classes, config, plan, tags, log)
             run.epochs = config.epochs
-        start = initial_state(tracking, plan, config, classes, log)
         result = trainer(
-            TrainInputs(store, rows, classes, config, plan.device, run.epoch, start, run.run_id)
+            TrainInputs(
+                store, rows, classes, config, plan.device, run.epoch, start.state, run.run_id
+            )
         )
         best = result.history[result.best_epoch - 1]
         closing = {

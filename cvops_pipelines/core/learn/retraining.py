@@ -140,9 +140,8 @@ def retraining_decision(
             f"{new_labels} new labels since the last model; "
             f"waiting for {wait}" + (f" (alerts: {', '.join(fired)})" if fired else ""),
         )
-    # A retrain starts from scratch, like the first model (measured: a full fine-tune warm-started
-    # from the champion ended worse in the field than the model it replaced on some seeds; see
-    # benchmarks/loop_gain.py). `init_from: champion` stays available for head-only updates.
+    # How the run starts (a short fine-tune of the champion while the ontology is unchanged) is
+    # trained_model's `init_from: auto`; benchmarks/loop_latency.py measures it against scratch.
     overrides = {}
     if "no_output_drift" in fired and policy.augmentation_after_drift:
         overrides["augmentation"] = policy.augmentation_after_drift

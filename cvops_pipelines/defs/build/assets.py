@@ -86,11 +86,22 @@ class TrainedModelConfig(_Hyperparameters):
         "carries boxes (ontology task: detection).",
     )
     init_from: str = Field(
-        "none",
+        "auto",
         description=f"Start from a registered model: one of {INIT_FROM} "
-        "(ssl_encoder: the self-supervised backbone of the same architecture with a fresh "
-        "head, or a detector's backbone from a mobilenet_v3_large encoder; with "
+        "(auto: fine-tune the champion while its architecture and classes are the dataset "
+        "version's, i.e. the ontology is unchanged, else from scratch; none: always from "
+        "scratch; ssl_encoder: the self-supervised backbone of the same architecture with a "
+        "fresh head, or a detector's backbone from a mobilenet_v3_large encoder; with "
         "freeze_backbone and 'champion': a head-only update).",
+    )
+    finetune_epochs: int = Field(
+        3, ge=1, description="Epochs of an auto fine-tune (fewer epochs asked for win)."
+    )
+    finetune_lr_scale: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="An auto fine-tune's learning rate: the configured one times this.",
     )
     search_trials: int = Field(
         0,
@@ -115,7 +126,12 @@ class TrainedModelConfig(_Hyperparameters):
 
     def plan(self) -> RunPlan:
         return RunPlan(
-            pick_device(self.device), self.init_from, self.search_trials, self.search_epochs
+            pick_device(self.device),
+            self.init_from,
+            self.search_trials,
+            self.search_epochs,
+            self.finetune_epochs,
+            self.finetune_lr_scale,
         )
 
 
@@ -123,8 +139,9 @@ class TrainedModelConfig(_Hyperparameters):
     group_name="build",
     io_manager_key="tables",
     kinds={"pytorch", "mlflow"},
-    description="A torchvision classifier fine-tuned (or, for a detection dataset, a detector "
-    "trained) on the dataset version's train split, tracked as an MLflow run and registered "
+    description="A torchvision classifier (or, for a detection dataset, a detector) trained on "
+    "the dataset version's train split: a short fine-tune of the champion while the ontology "
+    "is unchanged, from scratch otherwise; tracked as an MLflow run and registered "
     "with alias `challenger`. Not eager: "
     "retraining_sensor decides when new labels or field alerts are worth a run.",
 )

@@ -1,5 +1,5 @@
-"""Training on real digit images: determinism, weights from the local cache only, frozen
-backbones."""
+"""Training on real digit images: determinism, weights from the local cache (or fetched once,
+hash-checked), frozen backbones."""
 
 import io
 import pickle
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cvops_pipelines.core.build import models
 from cvops_pipelines.core.build.models import (
     Preprocess,
     WeightsNotAvailable,
@@ -61,12 +62,18 @@ def test_another_seed_trains_a_different_model(data):
     assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
 
 
-def test_missing_pretrained_weights_name_the_file_and_the_folder(tmp_path, monkeypatch):
+def test_offline_missing_weights_are_refused_with_the_file_and_the_folder(tmp_path, monkeypatch):
+    def no_network(url, path):
+        raise AssertionError(f"CVOPS_OFFLINE is set, yet {url} was fetched")
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("CVOPS_OFFLINE", "1")
+    monkeypatch.setattr(models, "fetch_weights", no_network)
     with pytest.raises(WeightsNotAvailable) as err:
         build_model("resnet18", 10, "IMAGENET1K_V1")
     message = str(err.value)
     assert "resnet18-f37072fd.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "CVOPS_OFFLINE" in message
     with pytest.raises(ValueError, match="no weights 'IMAGENET9K'"):
         build_model("resnet18", 10, "IMAGENET9K")
     with pytest.raises(ValueError, match="unknown torchvision classification model"):
@@ -93,6 +100,79 @@ def test_pretrained_weights_come_from_the_local_cache(tmp_path, monkeypatch):
     assert model.fc.out_features == 10
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """A loopback HTTP server standing in for download.pytorch.org (tests cannot reach it)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "published"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _published(root, payload: bytes, tamper: bool = False) -> str:
+    """A checkpoint named as torchvision names them: the sha256 prefix of its bytes."""
+    import hashlib
+
+    name = f"resnet18-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    (root / name).write_bytes(payload + (b"x" if tamper else b""))
+    return name
+
+
+def test_online_missing_weights_are_downloaded_once_hash_checked_then_cached(
+    tmp_path, monkeypatch, weights_server
+):
+    """Through a real HTTP download (torch.hub's) into the cache; then the cache is read."""
+    import torchvision
+
+    root, base = weights_server
+    torch.manual_seed(2)
+    published = torchvision.models.resnet18()
+    buffer = io.BytesIO()
+    torch.save(published.state_dict(), buffer)
+    name = _published(root, buffer.getvalue())
+    fetched, real_fetch = [], models.fetch_weights
+
+    def from_loopback(url, path):  # the enum's URL, served from loopback under its own name
+        fetched.append(url)
+        real_fetch(f"{base}/{name}", path)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("CVOPS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "fetch_weights", from_loopback)
+    model = build_model("resnet18", 10, "DEFAULT")
+    assert fetched == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
+    assert torch.equal(model.conv1.weight, published.conv1.weight)
+    assert (tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth").exists()
+    build_model("resnet18", 10, "IMAGENET1K_V1")  # the same file, now from the cache
+    assert len(fetched) == 1
+
+
+def test_a_tampered_or_unreachable_download_is_refused_and_nothing_is_cached(
+    tmp_path, weights_server
+):
+    import socket
+
+    root, base = weights_server
+    name = _published(root, b"checkpoint bytes", tamper=True)
+    target = tmp_path / "cache" / name
+    with pytest.raises(WeightsNotAvailable, match="hash check"):
+        models.fetch_weights(f"{base}/{name}", target)
+    assert not target.exists() and not list(target.parent.iterdir())
+    with socket.socket() as closed:  # a port nobody listens on: the machine is offline
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(WeightsNotAvailable, match="could not download"):
+        models.fetch_weights(f"http://127.0.0.1:{port}/{name}", target)
+    assert not target.exists()
 
 
 def test_a_pickle_in_the_weights_cache_is_refused(tmp_path, monkeypatch):

@@ -28,16 +28,14 @@ CONCLUSIVE = ("non_inferior", "worse")
 ARMS = {"queue": [], "random": ["--explore-share", "1.0"]}
 
 
-def demo_run(seed: int, turns: int, arm: str, extra: list[str] | None = None) -> dict:
+def demo_run(
+    seed: int, turns: int, arm: str, extra: list[str] | None = None, one_thread: bool = True
+) -> dict:
     """One `cvops-demo` in a fresh home; its report (per_turn rows, audit), or its error."""
     with tempfile.TemporaryDirectory(prefix=f"cvops-{arm}-{seed}-") as tmp:
-        env = {
-            **os.environ,
-            "CVOPS_HOME": f"{tmp}/cvops",
-            "DAGSTER_HOME": f"{tmp}/dagster",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
+        env = {**os.environ, "CVOPS_HOME": f"{tmp}/cvops", "DAGSTER_HOME": f"{tmp}/dagster"}
+        if one_thread:
+            env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         for name in ("CVOPS_DROPS", "MLFLOW_TRACKING_URI", "CVOPS_S3_BUCKET"):
             env.pop(name, None)
         report_path = Path(tmp) / "report.json"
@@ -68,11 +66,14 @@ def demo_run(seed: int, turns: int, arm: str, extra: list[str] | None = None) ->
     }
 
 
-def side_by_side(jobs: list[tuple]) -> list[dict]:
-    """Each job a demo process of its own, as many at once as there are cores."""
+def side_by_side(jobs: list[tuple], workers: int | None = None) -> list[dict]:
+    """Each job a demo process of its own, one torch thread each, as many at once as there are
+    cores (workers=1: one at a time, on every core)."""
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
     rows = []
-    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
-        for done in as_completed([pool.submit(demo_run, *job) for job in jobs]):
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(demo_run, *job, workers > 1) for job in jobs]
+        for done in as_completed(futures):
             rows.append(done.result())
             brief = {k: v for k, v in rows[-1].items() if k not in ("turns", "error")}
             print(json.dumps(brief), flush=True)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CVOPS = str(Path(sys.executable).parent / "cvops")
 
 
@@ -32,7 +34,14 @@ def test_help_lists_every_command_and_the_environment():
         text=True,
         check=True,
     ).stdout
-    for word in ("--seed", "--report", "--timings", "--data-only", "CVOPS_HOME"):
+    for word in (
+        "--seed",
+        "--turns",
+        "--explore-share",
+        "--init-from",
+        "--data-only",
+        "CVOPS_HOME",
+    ):
         assert word in demo
     edge = subprocess.run(
         [str(Path(CVOPS).parent / "cvops-edge"), "--help"],
@@ -180,3 +189,20 @@ def test_ingest_applies_the_drop_rules_of_the_sensor(tmp_path):
         assert proc.returncode == 2 and why in proc.stderr, (drop, proc.stderr[-500:])
         assert "Traceback" not in proc.stderr
     assert not (home / "quarantine").exists() and not (home / "images").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--turns", "0"], "at least one turn"),
+        (["--explore-share", "1.5"], "between 0 and 1"),
+        (["--task", "detection", "--turns", "3"], "detection demo runs its two turns"),
+    ],
+)
+def test_demo_refuses_turns_and_shares_it_cannot_run(argv, says, capsys):
+    """Refused before anything runs: a usage error naming the option, exit code 2."""
+    from cvops_pipelines.demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err

@@ -375,8 +375,8 @@ class Demo:
         tracking = loop_tracking()
         out = {}
         for version in versions:
-            loaded = load(tracking, version=version)
-            with self.timings.stage():
+            with self.timings.stage():  # the demo's own measurement, not the loop's
+                loaded = load(tracking, version=version)
                 images = [resize(load_rgb(b), loaded.preprocess.image_size) for b, _ in shots]
                 probs = predict_probs(loaded.model, images, loaded.preprocess)
             predicted = np.array(loaded.preprocess.classes)[probs.argmax(1)]
@@ -506,7 +506,8 @@ class Demo:
         versions = [
             t["gate"]["model_version"].lstrip("v") for t in turns if t["gate"]["model_version"]
         ]
-        shots = audit_shots(settings.cvops_home() / "holdback", self.seed)
+        with self.timings.stage():
+            shots = audit_shots(settings.cvops_home() / "holdback", self.seed)
         audit = self.audit(versions, shots)
         print("\n######## summary")
         for number, turn in enumerate(turns, 1):

@@ -135,6 +135,7 @@ def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_h
     assert second.success
     tuned = params(second)
     assert tuned["started_from"] == "champion" and tuned["epochs"] == "2"
+    assert tuned["images_per_epoch"] == "1024"  # a draw per epoch, where the pool outgrows it
     assert float(tuned["learning_rate"]) == pytest.approx(SMALL["learning_rate"] * 0.5)
     assert metadata(second, "trained_model")["best_epoch"] <= 2
     # the champion is renamed into other classes: the ontology changed, so from scratch

@@ -33,6 +33,9 @@ class RunPlan:
     search_epochs: int = 3
     finetune_epochs: int = 3  # an auto fine-tune's epochs at most (a quick retrain's fewer win)
     finetune_lr_scale: float = 0.5  # an auto fine-tune's learning rate, times the configured
+    # an auto fine-tune's images per epoch at most, where the task's trainer can draw them
+    # (a classifier's): its time stays flat as the pool grows turn after turn; 0 = all
+    finetune_images_per_epoch: int = 1024
 
     def __post_init__(self) -> None:
         if self.init_from not in INIT_FROM:
@@ -42,6 +45,8 @@ class RunPlan:
                 f"search_trials must be >= 0 and search_epochs >= 1, got {self.search_trials} "
                 f"and {self.search_epochs}"
             )
+        if self.finetune_images_per_epoch < 0:
+            raise ValueError("finetune_images_per_epoch must be >= 0 (0: every image)")
         if self.finetune_epochs < 1 or not 0 < self.finetune_lr_scale <= 1:
             raise ValueError(
                 f"finetune_epochs must be >= 1 and finetune_lr_scale in (0, 1], got "
@@ -61,11 +66,16 @@ class Start:
         """The hyperparameters this start trains with (a classifier's or a detector's)."""
         if not self.fine_tune:
             return config
-        return replace(
+        tuned = replace(
             config,
             epochs=min(config.epochs, plan.finetune_epochs),
             learning_rate=config.learning_rate * plan.finetune_lr_scale,
         )
+        drawn = getattr(config, "images_per_epoch", None)  # None: this trainer cannot draw
+        if drawn is None or not plan.finetune_images_per_epoch:
+            return tuned
+        cap = plan.finetune_images_per_epoch
+        return replace(tuned, images_per_epoch=min(drawn, cap) if drawn else cap)
 
 
 def auto_start(tracking: Tracking, architecture: str, classes: list[str], log: Log) -> Start:

@@ -58,6 +58,12 @@ class TrainConfig:
     patience: int = _hp(3, "Early stopping: epochs without a better validation loss.")
     device: str = _hp("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")
     workers: int = _hp(0, "DataLoader worker processes (0 = in the training process).")
+    images_per_epoch: int = _hp(
+        0,
+        "0 = every train image each epoch; else each epoch draws this many at random (a "
+        "fresh draw per epoch), so an epoch's time stays flat as the pool grows (one process "
+        "only: under torchrun every rank reads its whole shard).",
+    )
     ema_epochs: float = _hp(
         4.0,
         "Keep an exponential moving average of the weights over about "
@@ -155,20 +161,22 @@ def make_loader(
     seed: int,
     workers: int,
     shard: bool = False,
+    per_epoch: int = 0,
 ):
-    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler). A
+    """`shard`: under DDP each rank reads its own 1/world of the data (DistributedSampler).
+    `per_epoch` > 0 (shuffled, one process): each epoch draws that many images at random. A
     training epoch whose last batch would hold one image drops it: batch norm cannot train on
     a single image (a train split of 321 at batch 32 would otherwise fail every run)."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
     generator = torch.Generator().manual_seed(seed)
     rank, world = distributed()
-    sampler = (
-        DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
-        if shard and world > 1
-        else None
-    )
+    sampler = None
+    if shard and world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed)
+    elif shuffle and 0 < per_epoch < len(dataset):
+        sampler = RandomSampler(dataset, num_samples=per_epoch, generator=generator)
     per_rank = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
@@ -284,6 +292,7 @@ def fit(
         config.seed,
         config.workers,
         shard=True,
+        per_epoch=config.images_per_epoch,
     )
     val_loader = make_loader(
         ImageDataset(*val, augmentation("none", config.image_size)),

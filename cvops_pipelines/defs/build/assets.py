@@ -103,6 +103,12 @@ class TrainedModelConfig(_Hyperparameters):
         le=1,
         description="An auto fine-tune's learning rate: the configured one times this.",
     )
+    finetune_images_per_epoch: int = Field(
+        1024,
+        ge=0,
+        description="An auto fine-tune draws at most this many train images per epoch (a "
+        "classifier's), so a turn's retrain stays short as the pool grows; 0 = all.",
+    )
     search_trials: int = Field(
         0,
         description="Hyperparameter search: trials over learning rate "
@@ -132,6 +138,7 @@ class TrainedModelConfig(_Hyperparameters):
             self.search_epochs,
             self.finetune_epochs,
             self.finetune_lr_scale,
+            self.finetune_images_per_epoch,
         )
 
 

@@ -55,6 +55,16 @@ def test_same_seed_same_metrics_and_the_reported_accuracy_is_the_predictions(dat
     assert first.history[-1]["train_loss"] < first.history[0]["train_loss"]
 
 
+def test_images_per_epoch_draws_that_many_each_epoch_and_a_fresh_draw_each_time(data):
+    train, val, _ = data
+    config = TrainConfig(**{**SMALL.__dict__, "epochs": 2, "images_per_epoch": 96})
+    result = fit(train, val, CLASSES, config)
+    assert [row["train_images"] for row in result.history] == [96, 96]
+    assert result.history[0]["train_loss"] != result.history[1]["train_loss"]
+    everything = fit(train, val, CLASSES, TrainConfig(**{**SMALL.__dict__, "epochs": 1}))
+    assert everything.history[0]["train_images"] == len(train[1])
+
+
 def test_another_seed_trains_a_different_model(data):
     train, val, _ = data
     a = fit(train, val, CLASSES, SMALL)

@@ -131,14 +131,17 @@ def learned_embeddings(
             champion.preprocess,
             champion_trained_on,
         )
-    out, decoded = {}, {}
+    out, decoded = {}, {}  # decoded: input size -> pool row -> image, each decoded once
     for name, (model, spec, excluded) in found.items():
-        log(f"embedding {len(pool)} images with {name}")
-        if spec.image_size not in decoded:  # once per input size
-            decoded[spec.image_size] = load_images(store, list(pool["key"]), spec.image_size)
-        features = embed(model, decoded[spec.image_size], spec)
-        features[pool["image_id"].isin(excluded).to_numpy()] = np.nan
-        out[name] = features
+        rows = np.flatnonzero(~pool["image_id"].isin(excluded).to_numpy())  # only what it judges
+        log(f"embedding {len(rows)} of {len(pool)} images with {name}")
+        cache = decoded.setdefault(spec.image_size, {})
+        missing = [i for i in rows if i not in cache]
+        keys = list(pool["key"].iloc[missing])
+        cache.update(zip(missing, load_images(store, keys, spec.image_size)))
+        features = embed(model, [cache[i] for i in rows], spec) if len(rows) else np.empty((0, 1))
+        out[name] = np.full((len(pool), features.shape[1]), np.nan, dtype=np.float32)
+        out[name][rows] = features
     return out
 
 

@@ -26,6 +26,7 @@ MARGIN = 0.02  # the replay gate's and the canary's non-inferiority margin
 SLA = 0.97  # production_metrics' default accuracy SLA
 CONCLUSIVE = ("non_inferior", "worse")
 ARMS = {"queue": [], "random": ["--explore-share", "1.0"]}
+LOGS = Path(__file__).parent / "results" / "logs"
 
 
 def demo_run(
@@ -43,11 +44,15 @@ def demo_run(
         command += ["--turns", str(turns), "--report", str(report_path), *(extra or [])]
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not report_path.exists():
+            log = LOGS / f"{arm}-{seed}.log"  # the whole output, for whoever reads the failure
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(proc.stdout + proc.stderr)
             return {
                 "seed": seed,
                 "arm": arm,
                 "exit_code": proc.returncode,
                 "error": proc.stdout[-2000:] + proc.stderr[-2000:],
+                "log": str(log),
             }
         report = json.loads(report_path.read_text())
     return {
@@ -75,7 +80,7 @@ def side_by_side(jobs: list[tuple], workers: int | None = None) -> list[dict]:
         futures = [pool.submit(demo_run, *job, workers > 1) for job in jobs]
         for done in as_completed(futures):
             rows.append(done.result())
-            brief = {k: v for k, v in rows[-1].items() if k not in ("turns", "error")}
+            brief = {k: v for k, v in rows[-1].items() if k not in ("turns",)}
             print(json.dumps(brief), flush=True)
     return rows
 

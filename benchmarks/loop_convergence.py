@@ -172,8 +172,10 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False) -> dict:
-    seeds, turns = ([0], 3) if quick else ([0, 1, 2, 3, 4], 5)
+def run(quick: bool = False, seeds: list[int] | None = None, turns: int | None = None) -> dict:
+    """`seeds`, `turns`: override the defaults (5 seeds, 5 turns; quick: 1 seed, 3 turns)."""
+    default_seeds, default_turns = ([0], 3) if quick else ([0, 1, 2, 3, 4], 5)
+    seeds, turns = seeds or default_seeds, turns or default_turns
     jobs = [(seed, turns, arm, flags) for seed in seeds for arm, flags in ARMS.items()]
     rows = side_by_side(jobs)
     failed = [

@@ -3,8 +3,9 @@
 Runs `cvops-demo --seed S` (two turns: train, gate, release, fleet, feedback, annotation queue,
 retrain, replay gate, paired canary) in a fresh CVOPS_HOME and DAGSTER_HOME for each seed; the
 seed changes the demo data split, both trainings and both fleets. Per seed, the demo's audit
-scores turn 1's model and turn 2's challenger on every turn-2 production image (as shot, shifted)
-against the oracle's true labels, which the pipeline never sees; the benchmark records which model
+scores turn 1's model and turn 2's challenger on the held-back drops (shot as the field shoots;
+until the many-turns change it was every turn-2 production image) against the oracle's true
+labels, which the pipeline never sees; the benchmark records which model
 ended up shipped (MLflow alias champion = the stable release) and what the gate and the canary said.
 
 Targets: the shipped model beats turn 1's by >= 2 points on average over the seeds, and in no seed

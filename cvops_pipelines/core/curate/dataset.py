@@ -16,8 +16,8 @@ from cvops_pipelines.core.base.ontology import has_boxes
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tables import read_table, write_table
 from cvops_pipelines.core.curate.detection_pool import box_rows
-from cvops_pipelines.core.curate.neardup import NearDupConfig, pairs_differing_in
-from cvops_pipelines.core.curate.splits import SPLITS, SplitConfig, split_of
+from cvops_pipelines.core.curate.neardup import NearDupConfig, differing, near_duplicate_pairs
+from cvops_pipelines.core.curate.splits import SPLITS, SplitConfig, grouped, split_of
 
 DATASET_COLUMNS = ["image_id", "label", "split", "uri", "key", "source", "phash"]
 DETECTION_COLUMNS = [*DATASET_COLUMNS, "boxes", "n_boxes", "width", "height"]
@@ -27,7 +27,6 @@ DETECTION_COLUMNS = [*DATASET_COLUMNS, "boxes", "n_boxes", "width", "height"]
 class DatasetPolicy:
     flagged: str = "exclude"  # "exclude" or "keep" images label QA flagged
     min_severity: float = 0.5  # only suspects at least this severe are excluded
-    exclude_cross_split_duplicates: bool = False  # else leakage fails the blocking check
 
     def __post_init__(self) -> None:
         if self.flagged not in ("exclude", "keep"):
@@ -110,7 +109,12 @@ def build_dataset_version(
             "reason": "production holdout: replayed, never trained on",
         }
     )
-    data = data[~reserved]
+    data = data[~reserved].copy()
+    pairs = near_duplicate_pairs(data[["image_id", "phash", "thumb"]], neardup)
+    together = grouped(
+        dict(zip(data["image_id"], data["split"])), zip(pairs["image_a"], pairs["image_b"])
+    )
+    data["split"] = data["image_id"].map(together)
     if policy.flagged == "exclude" and len(review):
         severe = review[review["severity"] >= policy.min_severity]
         flagged = pd.DataFrame(
@@ -127,39 +131,13 @@ def build_dataset_version(
         flagged = flagged[flagged["image_id"].isin(data["image_id"])]
         excluded = pd.concat([excluded, flagged], ignore_index=True)
         data = data[~data["image_id"].isin(flagged["image_id"])]
-    leakage = cross_split_duplicates(data, neardup)
-    if policy.exclude_cross_split_duplicates and len(leakage):
-        # keep the training copy; drop the evaluation-side one so metrics stay honest
-        drop = [
-            b if sa == "train" else a
-            for a, b, sa in zip(leakage["image_a"], leakage["image_b"], leakage["split_a"])
-        ]
-        gone = data[data["image_id"].isin(drop)]
-        excluded = pd.concat(
-            [
-                excluded,
-                pd.DataFrame(
-                    {
-                        "image_id": gone["image_id"],
-                        "label": gone["label"],
-                        "reason": "near-duplicate of an image in another split",
-                    }
-                ),
-            ],
-            ignore_index=True,
-        )
-        data = data[~data["image_id"].isin(drop)]
-        leakage = cross_split_duplicates(data, neardup)
+    leakage = differing(pairs, data, "split")  # none by construction; the blocking check guards
     columns = DETECTION_COLUMNS if has_boxes(data) else DATASET_COLUMNS
     rows = data[columns].sort_values("image_id").reset_index(drop=True)
     version = content_version(rows)
     rows["dataset_version"] = version  # travels with the rows to every downstream asset
     config = {"splits": asdict(splits), "policy": asdict(policy), "neardup": asdict(neardup)}
     return DatasetVersion(version, rows, excluded.reset_index(drop=True), leakage, config)
-
-
-def cross_split_duplicates(data: pd.DataFrame, neardup: NearDupConfig) -> pd.DataFrame:
-    return pairs_differing_in(data, "split", neardup)
 
 
 def save_snapshot(store: Store, dataset: DatasetVersion) -> str:

@@ -75,8 +75,16 @@ def pairs_differing_in(
 ) -> pd.DataFrame:
     """Near-duplicate pairs whose members differ in `column` (label: a conflict; split: leakage),
     with `<column>_a` / `<column>_b`."""
-    pairs = near_duplicate_pairs(frame[["image_id", "phash", "thumb"]], config)
+    return differing(
+        near_duplicate_pairs(frame[["image_id", "phash", "thumb"]], config), frame, column
+    )
+
+
+def differing(pairs: pd.DataFrame, frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The pairs (of near_duplicate_pairs) whose members are both rows of `frame` and differ in
+    `column`, with `<column>_a` / `<column>_b`."""
     values = frame.set_index("image_id")[column]
+    pairs = pairs[pairs["image_a"].isin(values.index) & pairs["image_b"].isin(values.index)].copy()
     pairs[f"{column}_a"] = pairs["image_a"].map(values)
     pairs[f"{column}_b"] = pairs["image_b"].map(values)
     return pairs[pairs[f"{column}_a"] != pairs[f"{column}_b"]].reset_index(drop=True)

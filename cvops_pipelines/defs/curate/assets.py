@@ -261,11 +261,6 @@ class DatasetVersionConfig(Config):
     split_salt: str = Field("cvops-split-v1", description="Changing it reshuffles every split.")
     flagged: str = Field("exclude", description="'exclude' or 'keep' images label QA flagged.")
     min_severity: float = Field(0.5, description="Only suspects this severe are excluded.")
-    exclude_cross_split_duplicates: bool = Field(
-        False,
-        description="Drop the evaluation-side copy of a near-duplicate across splits "
-        "instead of failing the leakage check.",
-    )
     min_per_class: int = Field(2, description="Contract: images per class in every split.")
     min_class_share: float = Field(
         0.0, description="Contract: smallest share of a class in a split."
@@ -329,7 +324,7 @@ def dataset_version(
         labeled_pool,
         label_issues,
         SplitConfig(config.train, config.val, config.test, config.split_salt),
-        DatasetPolicy(config.flagged, config.min_severity, config.exclude_cross_split_duplicates),
+        DatasetPolicy(config.flagged, config.min_severity),
         NearDupConfig(config.max_hamming, config.max_mad),
         holdout=set(holdout),
     )

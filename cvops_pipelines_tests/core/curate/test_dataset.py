@@ -10,7 +10,7 @@ from cvops_pipelines.core.curate.dataset import (
     save_snapshot,
 )
 from cvops_pipelines.core.curate.pool import build_labeled_pool
-from cvops_pipelines.core.curate.splits import SplitConfig, split_of
+from cvops_pipelines.core.curate.splits import SplitConfig, grouped, split_of
 from cvops_pipelines.demo import digit_model
 from cvops_pipelines_tests import corpus
 
@@ -73,20 +73,26 @@ def reencoded_across_splits():
     raise AssertionError("no re-encoded pair across train/test in 200 digits")
 
 
-def test_leakage_is_found_and_optionally_resolved():
+def test_near_duplicates_share_a_split_and_never_leave_train():
+    """A re-shot scene (here a JPEG re-encode) whose own hash falls in test joins its twin in
+    train: no leakage, and the move only ever goes toward train."""
     i, info = reencoded_across_splits()
     pool = corpus.pool_rows(range(100))
+    alone = build_dataset_version(pool, NO_REVIEW)
     copy = pool.iloc[[i]].assign(image_id=info.image_id, phash=info.phash, thumb=info.thumb)
-    pool = pd.concat([pool, copy], ignore_index=True)
-    dataset = build_dataset_version(pool, NO_REVIEW)
-    assert len(dataset.leakage) == 1
-    assert set(dataset.leakage.iloc[0][["split_a", "split_b"]]) == {"train", "test"}
-    resolved = build_dataset_version(
-        pool, NO_REVIEW, policy=DatasetPolicy(exclude_cross_split_duplicates=True)
-    )
-    assert resolved.leakage.empty
-    (gone,) = resolved.excluded.itertuples()
-    assert split_of(gone.image_id) == "test" and "near-duplicate" in gone.reason
+    dataset = build_dataset_version(pd.concat([pool, copy], ignore_index=True), NO_REVIEW)
+    assert dataset.leakage.empty
+    split = dataset.rows.set_index("image_id")["split"]
+    assert split[info.image_id] == split[pool.iloc[i]["image_id"]] == "train"
+    before = alone.rows.set_index("image_id")["split"]
+    assert (split[before.index] == before).all()  # nothing else moved
+
+
+def test_grouped_splits_take_the_first_of_train_val_test():
+    own = {"a": "test", "b": "val", "c": "test", "d": "train", "e": "test"}
+    together = grouped(own, [("a", "b"), ("c", "d"), ("d", "e"), ("x", "a")])
+    assert together == {"a": "val", "b": "val", "c": "train", "d": "train", "e": "train"}
+    assert grouped(own, []) == own
 
 
 def test_class_counts_cover_every_split_and_class():

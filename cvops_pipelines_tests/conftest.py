@@ -138,6 +138,6 @@ def demo_run(tmp_path_factory):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2400,  # five turns on one thread; minutes more beside a busy machine
     )
     return {"root": root, "env": env, "proc": proc, "timings": timings, "report": report}

@@ -37,8 +37,8 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
-# end to end: the demo itself (five turns), then the checks; a slow CI machine gets 30 minutes
-pytestmark = pytest.mark.timeout(1800)
+# end to end: the demo itself (five turns), then the checks; a slow CI machine gets 45 minutes
+pytestmark = pytest.mark.timeout(2700)
 
 
 # the defaults the demo runs with: the gate's, and the canary's (alpha spread over 4 looks)

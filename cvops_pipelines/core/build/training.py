@@ -72,6 +72,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.images_per_epoch < 0:
+            raise ValueError(
+                f"images_per_epoch must be >= 0 (0: every train image), got {self.images_per_epoch}"
+            )
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(
                 f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}"

@@ -63,6 +63,8 @@ def test_images_per_epoch_draws_that_many_each_epoch_and_a_fresh_draw_each_time(
     assert result.history[0]["train_loss"] != result.history[1]["train_loss"]
     everything = fit(train, val, CLASSES, TrainConfig(**{**SMALL.__dict__, "epochs": 1}))
     assert everything.history[0]["train_images"] == len(train[1])
+    with pytest.raises(ValueError, match="images_per_epoch must be >= 0"):
+        TrainConfig(images_per_epoch=-5)
 
 
 def test_another_seed_trains_a_different_model(data):

@@ -177,7 +177,12 @@ def run(quick: bool = False, seeds: list[int] | None = None, turns: int | None =
     default_seeds, default_turns = ([0], 3) if quick else ([0, 1, 2, 3, 4], 5)
     seeds, turns = seeds or default_seeds, turns or default_turns
     jobs = [(seed, turns, arm, flags) for seed in seeds for arm, flags in ARMS.items()]
-    rows = side_by_side(jobs)
+    return summarize(side_by_side(jobs), seeds, turns)
+
+
+def summarize(rows: list[dict], seeds: list[int], turns: int) -> dict:
+    """The comparison over every run in `rows` (one `demo_run` each; runs made apart, e.g. a
+    few seeds at a time, merge by concatenating their rows)."""
     failed = [
         {k: r[k] for k in ("seed", "arm", "exit_code", "error")} for r in rows if "error" in r
     ]

@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from cvops_pipelines.core.base.tracking import Tracking
 from cvops_pipelines.core.build.registry import load
+from cvops_pipelines.core.build.training import TrainConfig
 from cvops_pipelines.defs.build.assets import trained_model
 from cvops_pipelines.defs.learn.assets import feedback
 from cvops_pipelines.defs.measure.assets import model_evaluation
@@ -148,6 +149,10 @@ def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_h
     assert start.source == "none" and start.state is None and "ontology" in logged[-1]
     start = build_run.auto_start(tracking, "resnet18", list(champion.preprocess.classes), print)
     assert start.fine_tune and start.state.keys() == champion.model.state_dict().keys()
+    # asked for the encoder while none is registered: from scratch, and logged as such
+    plan = build_run.RunPlan("cpu", init_from="ssl_encoder")
+    start = build_run.initial_state(tracking, plan, TrainConfig(), ["0", "1"], logged.append)
+    assert start.source == "none" and start.state is None and "no ssl_encoder" in logged[-1]
 
 
 def field_shots(indices, degrees: float = 35.0) -> list[bytes]:

@@ -56,7 +56,7 @@ def test_the_encoder_feeds_label_qa_and_starts_training(isolated_homes):
     assert qa["scorer_oof_accuracy"] == round(max(candidates.values()), 4)
 
     # asked for, a network fine-tuned from the encoder once per fold competes too
-    tuned = {"finetune_scorer": True, "finetune_epochs": 1}
+    tuned = {"finetune_scorer": "always", "finetune_epochs": 1}
     asked = curate(instance, run_config={"ops": {"label_issues": {"config": tuned}}})
     qa = metadata(asked, "label_issues")
     candidates = qa["scorer_candidates_oof_accuracy"]

@@ -146,7 +146,7 @@ def initial_detector_state(
         transplant,
         f"{config.architecture}'s backbone",
     )
-    return Start("ssl_encoder", state)
+    return Start("ssl_encoder" if state is not None else "none", state)
 
 
 def train_detector_tracked(

@@ -131,7 +131,11 @@ def resolve_weights(architecture: str, weights: str):
 
 
 def build_model(
-    architecture: str, num_classes: int, weights: str = "none", freeze_backbone: bool = False
+    architecture: str,
+    num_classes: int,
+    weights: str = "none",
+    freeze_backbone: bool = False,
+    freeze_before: str = "",
 ):
     """A torchvision classifier with a fresh head for `num_classes`.
 
@@ -159,6 +163,16 @@ def build_model(
     if freeze_backbone:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_name)
+    if freeze_before:
+        names = [name for name, _ in model.named_parameters()]
+        first = next((i for i, n in enumerate(names) if n.startswith(freeze_before)), None)
+        if first is None:
+            raise ValueError(
+                f"freeze_before {freeze_before!r} names no parameter of {architecture} (its "
+                f"parameters start {', '.join(dict.fromkeys(n.split('.')[0] for n in names))})"
+            )
+        for _, parameter in list(model.named_parameters())[:first]:
+            parameter.requires_grad = False
     return model
 
 

@@ -4,7 +4,9 @@ never saw it.
 This is the label QA scorer for images where neither raw pixels nor a linear probe on
 embeddings know the classes well enough (benchmarks/label_qa.py, the objects set): confident
 learning needs out-of-fold probabilities close to the truth, and on such images only a
-fine-tuned network gets there. It costs k trainings, so label_issues runs it only when asked.
+fine-tuned network gets there. It costs k trainings, so label_issues runs it only when the cheap
+scorers cannot judge, and within a time budget: a short timed probe says what an epoch costs on
+this machine, and the folds train as many epochs as fit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from cvops_pipelines.core.build.training import TrainConfig, fit, predict_probs
+from cvops_pipelines.core.curate.label_qa import ScorerDeclined
 
 # What fine-tunes well on a few thousand small images in minutes on a CPU (measured in
 # benchmarks/ssl_label_efficiency.py: 0.96 test accuracy on the objects set with 2,000 labels);
@@ -28,6 +31,64 @@ OOF_TRAINING = TrainConfig(
     label_smoothing=0.1,
 )
 VAL_SHARE = 0.1  # of each fold's training images: model selection never sees the judged fold
+# From a self-supervised encoder the early layers already see strokes and edges: they stay
+# frozen (no backward pass through them) and a few epochs adapt the rest (benchmarks/label_qa.py)
+ENCODER_EPOCHS = 8
+EARLY_BACKBONE = {"resnet18": "layer3", "resnet34": "layer3", "resnet50": "layer3"}
+MIN_EPOCHS = 3  # fewer and the folds' models are too young to judge labels: decline instead
+PROBE_BATCHES = 4
+
+
+def fold_recipe(
+    epochs: int | None = None, architecture: str | None = None, image_size: int = 0
+) -> TrainConfig:
+    """What each fold trains with: from an encoder (its `architecture` and input size; None:
+    from scratch) the early backbone frozen and fewer epochs. `epochs` overrides the count."""
+    if architecture is None:
+        return replace(OOF_TRAINING, epochs=epochs or OOF_TRAINING.epochs)
+    return replace(
+        OOF_TRAINING,
+        architecture=architecture,
+        image_size=image_size,
+        epochs=epochs or ENCODER_EPOCHS,
+        freeze_before=EARLY_BACKBONE.get(architecture, ""),
+    )
+
+
+def epochs_within(budget_s: float, epoch_s: float, wanted: int) -> int:
+    """Epochs (of every fold together) that fit `budget_s`; ScorerDeclined when not even
+    MIN_EPOCHS do."""
+    fits, least = int(budget_s // max(epoch_s, 1e-9)), min(MIN_EPOCHS, wanted)
+    if fits < least:
+        raise ScorerDeclined(
+            f"fine-tuning out of fold would take about {epoch_s * least / 60:.1f} min for "
+            f"{least} epochs on this machine, over its budget of "
+            f"{budget_s / 60:.1f} min (raise finetune_budget_minutes, or run label_issues "
+            "where there is a GPU)"
+        )
+    return min(wanted, fits)
+
+
+def probe_epoch_seconds(
+    images: list[np.ndarray],
+    labels: np.ndarray,
+    classes: list[str],
+    folds: int,
+    config: TrainConfig,
+    initial_state: dict | None,
+    device: str,
+) -> float:
+    """Seconds one epoch of every fold will take, from the second of two short timed epochs on
+    a few batches (the first pays for warm-up)."""
+    n = min(len(images), PROBE_BATCHES * config.batch_size)
+    probe = replace(config, epochs=2, patience=2, ema_epochs=0.0, images_per_epoch=0)
+    sample = (images[:n], labels[:n])
+    result = fit(sample, sample, classes, probe, device, None, initial_state)
+    per_image = 1.0 / max(result.history[-1]["train_images_per_second"], 1e-9)
+    trained = len(images) * (folds - 1) / folds
+    # each fold trains on (1 - VAL_SHARE) of its images and validates on the rest (a forward
+    # pass: about a third of a training step); predicting the held-out fold once is noise
+    return folds * per_image * trained * ((1 - VAL_SHARE) + VAL_SHARE / 3)
 
 
 def finetuned_oof_probabilities(
@@ -40,13 +101,25 @@ def finetuned_oof_probabilities(
     initial_state: dict | None = None,
     device: str = "cpu",
     on_fold: Callable[[int, np.ndarray], None] | None = None,
+    budget_s: float | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> np.ndarray:
     """Probabilities (images x classes) in which row i comes from the model of the fold that
     held image i out. The folds are sklearn's StratifiedKFold(folds, shuffle, seed), the same
     split the other label QA candidates use, so their accuracies compare row for row.
-    `on_fold(fold, held_out_indices)` reports progress before each training."""
+    `on_fold(fold, held_out_indices)` reports progress before each training. `budget_s`: the
+    folds train as many of `config.epochs` as a timed probe says fit (ScorerDeclined if fewer
+    than MIN_EPOCHS)."""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
+    if budget_s is not None:
+        epoch_s = probe_epoch_seconds(images, labels, classes, folds, config, initial_state, device)
+        epochs = epochs_within(budget_s, epoch_s, config.epochs)
+        log(
+            f"fine-tuning {folds} folds x {epochs} epochs (about {epoch_s * epochs / 60:.1f} min "
+            f"on {device}; budget {budget_s / 60:.1f} min)"
+        )
+        config = replace(config, epochs=epochs, patience=min(config.patience, epochs))
     probs = np.zeros((len(images), len(classes)), dtype=np.float32)
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     for fold, (train_idx, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

@@ -178,7 +178,8 @@ def initial_state(
         from cvops_pipelines.core.build.ssl_run import init_from_encoder
 
         fresh = build_model(config.architecture, len(classes))
-        return Start("ssl_encoder", init_from_encoder(tracking, fresh, config.architecture, log))
+        state = init_from_encoder(tracking, fresh, config.architecture, log)
+        return Start("ssl_encoder" if state is not None else "none", state)
     state = registered_state(tracking, plan.init_from, config.architecture, classes, log)
     return Start(plan.init_from if state is not None else "none", state)
 

@@ -5,7 +5,7 @@ the loop uses it (label QA embeddings and fine-tuned scorer, `init_from: ssl_enc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ from cvops_pipelines.core.build.models import (
     build_model,
     pick_device,
 )
-from cvops_pipelines.core.build.oof import OOF_TRAINING, finetuned_oof_probabilities
+from cvops_pipelines.core.build.oof import finetuned_oof_probabilities, fold_recipe
 from cvops_pipelines.core.build.registry import LoadedModel, load
 from cvops_pipelines.core.build.ssl import (
     SSLConfig,
@@ -28,7 +28,6 @@ from cvops_pipelines.core.build.ssl import (
     pretrain,
 )
 from cvops_pipelines.core.build.tracked import Log, tracked_run
-from cvops_pipelines.core.build.training import TrainConfig
 from cvops_pipelines.core.curate.label_qa import OutOfFoldScorer
 
 ENCODER_ALIAS = "current"
@@ -175,16 +174,17 @@ def finetuned_scorer(
     store: Store,
     pool: pd.DataFrame,
     log: Log,
-    config: TrainConfig = OOF_TRAINING,
+    epochs: int | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, OutOfFoldScorer]:
-    """Label QA's fine-tuned candidate (core/build/oof.py), by scorer name: it starts from the
-    encoder when there is one (its architecture and input size), else from scratch."""
-    if encoder is not None:
-        config = replace(
-            config,
-            architecture=encoder.preprocess.architecture,
-            image_size=encoder.preprocess.image_size,
-        )
+    """Label QA's fine-tuned candidate (core/build/oof.py), by scorer name: from the encoder
+    when there is one (its architecture and input size, the early backbone frozen, a few
+    epochs), else from scratch; within `budget_s` seconds (None: no limit)."""
+    config = (
+        fold_recipe(epochs, encoder.preprocess.architecture, encoder.preprocess.image_size)
+        if encoder is not None
+        else fold_recipe(epochs)
+    )
     name = f"{config.architecture} fine-tuned out of fold"
     if encoder is not None:
         name += f" from ssl_encoder v{encoder.version}"
@@ -200,7 +200,7 @@ def finetuned_scorer(
             log(f"{name}: fold {fold + 1}/{folds} ({len(held_out)} held-out images, {device})")
 
         return finetuned_oof_probabilities(
-            images, labels, classes, folds, seed, config, start, device, progress
+            images, labels, classes, folds, seed, config, start, device, progress, budget_s, log
         )
 
     return {name: score}

@@ -45,6 +45,11 @@ class TrainConfig:
         "from $TORCH_HOME/hub/checkpoints; 'none' trains from scratch.",
     )
     freeze_backbone: bool = _hp(False, "Fine-tune the head only (tiny OTA deltas).")
+    freeze_before: str = _hp(
+        "",
+        "Freeze every parameter before the first whose name starts with this (e.g. layer3 of a "
+        "resnet): the early backbone keeps its start and its backward pass is skipped; '' = none.",
+    )
     image_size: int = _hp(64, "Square input side in pixels.")
     epochs: int = _hp(10, "Epochs at most (early stopping may end sooner).")
     batch_size: int = _hp(64, "Images per step (per process under torchrun).")
@@ -275,7 +280,13 @@ def fit(
     preprocess = Preprocess(
         config.architecture, config.image_size, IMAGENET_MEAN, IMAGENET_STD, tuple(classes)
     )
-    model = build_model(config.architecture, len(classes), config.weights, config.freeze_backbone)
+    model = build_model(
+        config.architecture,
+        len(classes),
+        config.weights,
+        config.freeze_backbone,
+        config.freeze_before,
+    )
     if initial_state is not None:
         model.load_state_dict(initial_state)
     model = model.to(device)

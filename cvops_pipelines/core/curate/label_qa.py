@@ -6,9 +6,9 @@ Signals, each with a severity in [0, 1]:
   and on centred, aligned images such as the demo digits better than the textbook logistic
   regression on raw pixels), and a linear probe on learned embeddings (the self-supervised
   encoder's, or the champion's penultimate layer) where raw pixels do not cluster by class, and,
-  when asked, a network fine-tuned out of fold (core/build/oof.py). The one that agrees most
-  with the given labels out of fold scores; if even it agrees too little, it flags nothing (see
-  benchmarks/label_qa.py).
+  when those cannot judge (an escalation), a network fine-tuned out of fold (core/build/oof.py).
+  The one that agrees most with the given labels out of fold scores; if even it agrees too
+  little, it flags nothing (see benchmarks/label_qa.py).
 - `near_duplicate_conflict`: the same picture (confirmed near-duplicate) carries different labels.
 - `annotator_disagreement`: several annotators labeled the image differently.
 Plus, for the ontology: estimated noise per class and the class pairs most often confused.
@@ -69,6 +69,12 @@ class LabelQAResult:
     judged: bool = False  # whether its disagreements were flagged (see min_scorer_accuracy)
     scorer: str = ""  # which scorer ran (see _score_labels)
     candidates: dict[str, float] = field(default_factory=dict)  # scorer -> OOF accuracy
+    escalated: str = ""  # why the escalation scorers ran ("": they did not)
+
+
+class ScorerDeclined(Exception):
+    """An out-of-fold scorer will not score this pool (e.g. over its compute budget); the
+    message says why and what to change. The other candidates go on."""
 
 
 def thumb_features(thumbs: pd.Series, side: int = 16) -> np.ndarray:
@@ -116,6 +122,22 @@ class Scoring:
     reason: str  # why some (or all) rows were not scored
     scorer: str = ""
     candidates: dict[str, float] = field(default_factory=dict)  # scorer -> OOF accuracy
+    left_out: int = 0  # rows of usable classes that no candidate could judge
+
+    def cannot_judge(self, config: LabelQAConfig, labels: pd.Series) -> str:
+        """Why a better (costlier) scorer is needed here, or "" if none is."""
+        if self.probs is None:  # too few images per class: no scorer folds that
+            return ""
+        y = class_indices(labels[self.mask], self.classes)
+        accuracy = float(np.mean(self.probs.argmax(1) == y))
+        if accuracy < config.min_scorer_accuracy:
+            return (
+                f"the best scorer ({self.scorer}) agrees with only {accuracy:.0%} of the labels "
+                f"out of fold (< {config.min_scorer_accuracy:.0%})"
+            )
+        if self.left_out:
+            return f"{self.left_out} images no scorer may judge"
+        return ""
 
 
 # A scorer that produces its own out-of-fold probabilities (e.g. a network fine-tuned k times,
@@ -136,11 +158,12 @@ def _candidates(mask, y, classes, folds, config, embeddings, scorers):
         probe = out_of_fold_probabilities(rows[judged], y[judged], probe_model, folds, config.seed)
         yield name, judged, probe
     for name, score in scorers.items():
-        yield (
-            name,
-            np.ones(len(y), bool),
-            score(np.flatnonzero(mask), y, classes, folds, config.seed),
-        )
+        try:
+            probs = score(np.flatnonzero(mask), y, classes, folds, config.seed)
+        except ScorerDeclined as exc:
+            yield name, str(exc), None
+            continue
+        yield name, np.ones(len(y), bool), probs
 
 
 def _score_labels(
@@ -179,7 +202,11 @@ def _score_labels(
         mask, y, classes, folds, config, embeddings, scorers or {}
     ):
         if theirs is None:
-            notes.append(f"{name}: fewer than {folds} images of some class it may judge")
+            notes.append(
+                f"{name}: {judged}"
+                if isinstance(judged, str)
+                else f"{name}: fewer than {folds} images of some class it may judge"
+            )
             continue
         accuracy[name] = float(np.mean(theirs.argmax(1) == y[judged]))
         gain = accuracy[name] - float(hits[judged].mean())  # against thumbnails, same images
@@ -199,6 +226,7 @@ def _score_labels(
         mask = mask.copy()
         mask[np.flatnonzero(mask)[rest]] = False
         probs, owner = probs[~rest], owner[~rest]
+    left_out = int(rest.sum()) if unscored else 0
     shares = pd.Series(owner).value_counts()
     scorer = (
         str(shares.index[0])
@@ -208,7 +236,7 @@ def _score_labels(
     skipped = sorted(set(counts.index) - set(usable))
     if skipped:
         notes.append(f"classes with fewer than {folds} images not scored: {', '.join(skipped)}")
-    return Scoring(probs, classes, mask, "; ".join(notes), scorer, accuracy)
+    return Scoring(probs, classes, mask, "; ".join(notes), scorer, accuracy, left_out)
 
 
 def _noise_and_confusion(labels: np.ndarray, probs: np.ndarray, classes: list[str]):
@@ -269,10 +297,13 @@ def review_label_quality(
     config: LabelQAConfig = LabelQAConfig(),
     embeddings: dict[str, np.ndarray] | None = None,
     scorers: dict[str, OutOfFoldScorer] | None = None,
+    escalation: dict[str, OutOfFoldScorer] | None = None,
 ) -> LabelQAResult:
     """`embeddings`: learned features per scorer name (e.g. the SSL encoder's), one row per
     pool row; `scorers`: out-of-fold scorers by name (e.g. a fine-tuned network). Each
-    competes with the thumbnail scorer (see _score_labels)."""
+    competes with the thumbnail scorer (see _score_labels). `escalation`: scorers too costly
+    to run unless needed: they join the others only when those cannot judge (the best agrees
+    with too few labels, or some images have no scorer)."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -301,6 +332,9 @@ def review_label_quality(
             entry["severity"], entry["suggested_label"] = severity, suggested
 
     scoring = _score_labels(pool, config, embeddings or {}, scorers)
+    escalated = scoring.cannot_judge(config, pool["label"]) if escalation else ""
+    if escalated:
+        scoring = _score_labels(pool, config, embeddings or {}, {**(scorers or {}), **escalation})
     probs, classes, mask, unscored = scoring.probs, scoring.classes, scoring.mask, scoring.reason
     noise = pd.DataFrame(columns=["label", "images", "estimated_noise_rate"])
     confused = pd.DataFrame(columns=["class_a", "class_b", "estimated_confusions"])
@@ -394,6 +428,7 @@ def review_label_quality(
         judged,
         scoring.scorer,
         scoring.candidates,
+        escalated,
     )
 
 

@@ -4,7 +4,6 @@ the logic (core/<stage>/)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pandas as pd
 
@@ -12,7 +11,6 @@ from cvops_pipelines.core.base.handoffs import TrainedModelRecord
 from cvops_pipelines.core.base.report import Json, Link, Plot, StageResult, Table
 from cvops_pipelines.core.base.tables import PartitionedTable
 from cvops_pipelines.core.base.tracking import TrackingUnavailable
-from cvops_pipelines.core.build.oof import OOF_TRAINING
 from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.core.build.run import dataset_classes, train_in_process, train_tracked
 from cvops_pipelines.core.build.ssl_run import current_encoder, finetuned_scorer, learned_embeddings
@@ -71,16 +69,23 @@ class Classification(Task):
         except TrackingUnavailable as exc:
             ctx.warn(f"{exc}; label QA scores with the thumbnails only, no overlays")
             champion, mlflow = None, None
-        wanted = mlflow is not None and (settings.learned_features or settings.finetune_scorer)
+        finetune = settings.finetune_scorer != "never"
+        wanted = mlflow is not None and (settings.learned_features or finetune)
         encoder = current_encoder(mlflow) if wanted else None
         embeddings, scorers = {}, {}
         if settings.learned_features and mlflow is not None:
             seen = images_trained_on(mlflow, store, champion) if champion else set()
             embeddings = learned_embeddings(encoder, champion, store, pool, ctx.log, seen)
-        if settings.finetune_scorer:
-            training = replace(OOF_TRAINING, epochs=settings.finetune_epochs)
-            scorers = finetuned_scorer(encoder, store, pool, ctx.log, training)
-        result = review_label_quality(pool, qa, embeddings, scorers)
+        if finetune:
+            budget = settings.finetune_budget_minutes * 60 or None
+            epochs = settings.finetune_epochs or None
+            scorers = finetuned_scorer(encoder, store, pool, ctx.log, epochs, budget)
+        always = settings.finetune_scorer == "always"
+        result = review_label_quality(
+            pool, qa, embeddings, scorers if always else {}, {} if always else scorers
+        )
+        if result.escalated:
+            ctx.log(f"label QA escalated to the fine-tuned scorer: {result.escalated}")
         if result.unscored_reason:
             ctx.warn(result.unscored_reason)
         prefix = f"reports/label_issues/{ctx.run_id}"
@@ -257,6 +262,7 @@ def _label_issues_metadata(result, png: bytes, uris: dict[str, str]) -> dict:
         if result.scorer_accuracy is not None
         else "not scored",
         "scorer_judges": result.judged,
+        "escalated_to_finetuned_scorer": result.escalated or "no",
         **({"scorer_note": result.unscored_reason} if result.unscored_reason else {}),
         "suspects_by_reason": Json(reasons),
         "top_suspects": Table(review[columns], 15),

@@ -4,6 +4,7 @@ All three refresh on their own when a drop lands (eager automation, run by the d
 """
 
 import json
+from typing import Literal
 
 import pandas as pd
 from dagster import (
@@ -19,7 +20,7 @@ from pydantic import Field
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
-from cvops_pipelines.core.build.oof import OOF_TRAINING
+from cvops_pipelines.core.build.oof import ENCODER_EPOCHS, OOF_TRAINING
 from cvops_pipelines.core.curate.dataset import (
     DatasetPolicy,
     build_dataset_version,
@@ -187,15 +188,26 @@ class LabelIssuesConfig(Config):
         "current) and the champion's penultimate layer (on images it did not train on). Each "
         "image is scored by the candidate that agrees most with the labels out of fold.",
     )
-    finetune_scorer: bool = Field(
-        False,
-        description="Also fine-tune a network k times (one per fold, from the ssl_encoder when "
-        "there is one) as a candidate scorer: on images where pixels and linear probes cannot "
-        "tell the classes apart, the only scorer that can judge (benchmarks/label_qa.py), at "
-        "the cost of k trainings per run.",
+    finetune_scorer: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="A network fine-tuned k times (one per fold, from the ssl_encoder when "
+        "there is one: its early backbone frozen, a few epochs) as a candidate scorer: on "
+        "images where pixels and linear probes cannot tell the classes apart, the only scorer "
+        "that can judge (benchmarks/label_qa.py). auto: only when the cheaper scorers cannot "
+        "judge; always: every run; never: not at all.",
+    )
+    finetune_budget_minutes: float = Field(
+        10.0,
+        ge=0,
+        description="Wall-clock minutes the fine-tuned scorer may take: a short timed probe "
+        "says what an epoch costs here, the folds train as many epochs as fit, and it is "
+        "skipped with a warning when fewer than 3 would; 0 = no limit.",
     )
     finetune_epochs: int = Field(
-        OOF_TRAINING.epochs, description="Epochs of each fold's fine-tuning (finetune_scorer)."
+        0,
+        ge=0,
+        description="Epochs of each fold's fine-tuning at most (0: the recipe's, "
+        f"{ENCODER_EPOCHS} from the ssl_encoder, {OOF_TRAINING.epochs} from scratch).",
     )
     max_overlays: int = Field(
         200, description="Grad-CAM overlays (champion) for at most this many suspects."

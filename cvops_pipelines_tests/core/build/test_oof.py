@@ -4,11 +4,13 @@ selection, and the folds are the ones the other label QA candidates use."""
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from sklearn.model_selection import StratifiedKFold
 
 from cvops_pipelines.core.build import oof
 from cvops_pipelines.core.build.oof import OOF_TRAINING, finetuned_oof_probabilities
 from cvops_pipelines.core.build.training import FitResult
+from cvops_pipelines.core.curate.label_qa import ScorerDeclined
 from cvops_pipelines.demo.objects import objects
 
 CLASSES = [str(c) for c in range(10)]
@@ -54,3 +56,38 @@ def test_real_fine_tuning_gives_one_distribution_per_image_and_repeats():
     np.testing.assert_allclose(first.sum(1), 1.0, atol=1e-5)
     again = finetuned_oof_probabilities(images, labels, CLASSES, 2, 0, config)
     np.testing.assert_allclose(first, again, atol=1e-5)
+
+
+def test_the_folds_train_the_epochs_a_timed_probe_says_fit_the_budget(monkeypatch):
+    """A probe (two short epochs) times a training step; the folds then train as many epochs
+    as fit the budget (never more than asked), and decline with the figures when fewer than
+    MIN_EPOCHS would."""
+    images = [np.zeros((8, 8, 3), np.uint8) for _ in range(100)]
+    labels = np.arange(100) % 2
+    trained = []
+
+    def fake_fit(train, val, classes, config, device, on_epoch, initial_state):
+        trained.append(config.epochs)
+        history = [{"train_images_per_second": 10.0}] * config.epochs  # 0.1 s an image
+        return FitResult(model=None, preprocess=None, history=history)
+
+    monkeypatch.setattr(oof, "fit", fake_fit)
+    monkeypatch.setattr(oof, "predict_probs", lambda m, batch, p, d: np.full((len(batch), 2), 0.5))
+    # an epoch of 5 folds: 5 x 0.1 s x 80 images x (0.9 + 0.1 / 3) = 37.3 s
+    epoch_s = oof.probe_epoch_seconds(images, labels, ["a", "b"], 5, OOF_TRAINING, None, "cpu")
+    assert epoch_s == pytest.approx(37.33, abs=0.01)
+    logged = []
+    config = replace(OOF_TRAINING, epochs=8)
+    finetuned_oof_probabilities(
+        images, labels, ["a", "b"], 5, 0, config, budget_s=200, log=logged.append
+    )
+    assert trained == [2, 2, 5, 5, 5, 5, 5]  # two probes, then 5 folds of 200 // 37.3 epochs
+    assert "5 folds x 5 epochs" in logged[-1]
+    trained.clear()
+    finetuned_oof_probabilities(images, labels, ["a", "b"], 5, 0, config, budget_s=3600)
+    assert trained[-5:] == [8] * 5  # the budget never adds epochs
+    with pytest.raises(ScorerDeclined, match="over its budget of 1.0 min"):
+        finetuned_oof_probabilities(images, labels, ["a", "b"], 5, 0, config, budget_s=60)
+    assert oof.fold_recipe(None, "resnet18", 32).freeze_before == "layer3"
+    assert oof.fold_recipe(None, "resnet18", 32).epochs == oof.ENCODER_EPOCHS
+    assert oof.fold_recipe(12).epochs == 12 and oof.fold_recipe(None).freeze_before == ""

@@ -215,6 +215,20 @@ def test_frozen_backbone_stays_bit_identical_and_the_model_round_trips(data):
     )
 
 
+def test_freeze_before_keeps_the_early_backbone_and_trains_the_rest(data):
+    """`freeze_before: layer3`: conv1 to layer2 (batch-norm statistics included) stay as they
+    started, layer3 onwards learn; a name no parameter has is refused with the choices."""
+    train, val, _ = data
+    config = TrainConfig(**{**SMALL.__dict__, "epochs": 1, "freeze_before": "layer3"})
+    start = build_model("resnet18", 10).state_dict()
+    result = fit(train, val, CLASSES, config, initial_state=start)
+    after = result.model.state_dict()
+    changed = {k.split(".")[0] for k in start if not torch.equal(start[k], after[k])}
+    assert changed == {"layer3", "layer4", "fc"}
+    with pytest.raises(ValueError, match="names no parameter of resnet18.*layer1"):
+        build_model("resnet18", 10, freeze_before="blocks")
+
+
 def test_search_returns_the_trial_with_the_lowest_validation_loss(data):
     train, val, _ = data
     best, rows = hyperparameter_search(train, val, CLASSES, SMALL, trials=3, epochs_per_trial=1)

@@ -9,6 +9,7 @@ from cvops_pipelines.core.base.images import inspect_image
 from cvops_pipelines.core.curate.label_qa import (
     THUMBNAILS,
     LabelQAConfig,
+    ScorerDeclined,
     labelstudio_config,
     labelstudio_tasks,
     out_of_fold_probabilities,
@@ -255,3 +256,36 @@ def test_an_out_of_fold_scorer_competes_under_the_same_rule():
     assert result.candidates["fine-tuned"] > result.candidates["noise (linear probe)"]
     caught = set(result.review["image_id"]) & {pool.at[i, "image_id"] for i in flipped}
     assert len(caught) >= 0.8 * len(flipped) and len(caught) >= 0.8 * len(result.review)
+
+
+def test_the_costly_scorer_runs_only_when_the_cheap_ones_cannot_judge(noisy_pool):
+    """An escalation scorer (the fine-tuned network in the asset, by default) is not called
+    where the thumbnails judge (the digits); where nothing cheap can (the objects), it is
+    called, says why, and judges; where it declines (over its budget), the others' verdict
+    stands and the note says what to change."""
+    calls = []
+
+    def costly(rows, labels, classes, folds, seed):
+        calls.append(len(rows))
+        return out_of_fold_probabilities(features[rows], labels, probe_model, folds, seed)
+
+    digits, _ = noisy_pool
+    features = np.zeros((len(digits), 2))
+    result = review_label_quality(digits, LabelQAConfig(), None, None, {"costly": costly})
+    assert calls == [] and result.judged and result.escalated == ""
+    assert "costly" not in result.candidates
+
+    pool, truth, flipped = _objects_pool()
+    features = _class_embeddings(truth, 0.3, 1)
+    result = review_label_quality(pool, LabelQAConfig(), None, None, {"costly": costly})
+    assert calls == [len(pool)] and "agrees with only" in result.escalated
+    assert result.scorer == "costly" and result.judged
+    caught = set(result.review["image_id"]) & {pool.at[i, "image_id"] for i in flipped}
+    assert len(caught) >= 0.8 * len(flipped)
+
+    def over_budget(rows, labels, classes, folds, seed):
+        raise ScorerDeclined("would take 9.0 min, over its budget of 1.0 min")
+
+    declined = review_label_quality(pool, LabelQAConfig(), None, None, {"costly": over_budget})
+    assert declined.escalated and not declined.judged and len(declined.review) == 0
+    assert "costly: would take 9.0 min, over its budget" in declined.unscored_reason

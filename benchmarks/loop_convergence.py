@@ -43,10 +43,10 @@ def demo_run(
         command = [sys.executable, "-m", "cvops_pipelines.demo", "--seed", str(seed)]
         command += ["--turns", str(turns), "--report", str(report_path), *(extra or [])]
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        log = LOGS / f"{arm}-{seed}.log"  # the whole output, for whoever reads a figure
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0 or not report_path.exists():
-            log = LOGS / f"{arm}-{seed}.log"  # the whole output, for whoever reads the failure
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(proc.stdout + proc.stderr)
             return {
                 "seed": seed,
                 "arm": arm,
@@ -68,6 +68,8 @@ def demo_run(
         "turns": report["turns"],
         "wall_s": report["timings"]["wall_s"],
         "orchestration_share": report["timings"]["orchestration_share"],
+        "runs": report["timings"]["runs"],  # every Dagster run: job, wall_s, steps_s
+        "log": str(log),
     }
 
 

@@ -12,8 +12,8 @@ On each, 10% of labels are flipped to another class at random, for several seeds
 (b) cvops: `review_label_quality` as the label_issues asset runs it by default (all signals; on
     objects with the SSL encoder's embeddings as a candidate scorer, as when ssl_encoder is
     registered, and with `finetune_scorer: auto`: when no cheap scorer can judge, a resnet18
-    fine-tuned from the encoder once per fold (core/build/oof.py: layer3 onwards, 8 epochs)
-    within the default budget of 10 minutes); every image in its review table counts as flagged.
+    fine-tuned from the encoder once per fold (core/build/oof.py: 20 epochs) within the default
+    budget of 10 minutes); every image in its review table counts as flagged.
     Its escalation's CPU time (process time, every core) is reported apart.
 (c) objects only, cvops without an encoder and without the escalation: the cheap scorers alone.
 (d) objects only, cvops with a champion and no encoder: a resnet18 trained on the noisy pool as

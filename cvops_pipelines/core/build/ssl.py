@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cvops_pipelines.core.build.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from cvops_pipelines.core.build.models import IMAGENET_MEAN, IMAGENET_STD, adamw, build_model
 from cvops_pipelines.core.build.training import ImageDataset, _hp, make_loader, seed_everything
 
 TASK = "ssl_encoder"
@@ -175,9 +175,7 @@ def pretrain(
         0,
     )
     parameters = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = adamw(parameters, config.learning_rate, config.weight_decay)
     steps = config.epochs * len(loader)
     warmup = min(2 * len(loader), steps // 4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

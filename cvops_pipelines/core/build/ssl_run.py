@@ -178,8 +178,8 @@ def finetuned_scorer(
     budget_s: float | None = None,
 ) -> dict[str, OutOfFoldScorer]:
     """Label QA's fine-tuned candidate (core/build/oof.py), by scorer name: from the encoder
-    when there is one (its architecture and input size, the early backbone frozen, a few
-    epochs), else from scratch; within `budget_s` seconds (None: no limit)."""
+    when there is one (its architecture and input size, fewer epochs), else from scratch;
+    within `budget_s` seconds (None: no limit)."""
     config = (
         fold_recipe(epochs, encoder.preprocess.architecture, encoder.preprocess.image_size)
         if encoder is not None

@@ -18,6 +18,7 @@ from cvops_pipelines.core.build.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Preprocess,
+    adamw,
     build_model,
     set_train_mode,
 )
@@ -317,9 +318,7 @@ def fit(
         config.workers,
     )
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = adamw(parameters, config.learning_rate, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     result = FitResult(model, preprocess)

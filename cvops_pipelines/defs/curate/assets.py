@@ -191,7 +191,7 @@ class LabelIssuesConfig(Config):
     finetune_scorer: Literal["auto", "always", "never"] = Field(
         "auto",
         description="A network fine-tuned k times (one per fold, from the ssl_encoder when "
-        "there is one: its early backbone frozen, a few epochs) as a candidate scorer: on "
+        "there is one, in fewer epochs) as a candidate scorer: on "
         "images where pixels and linear probes cannot tell the classes apart, the only scorer "
         "that can judge (benchmarks/label_qa.py). auto: only when the cheaper scorers cannot "
         "judge; always: every run; never: not at all.",

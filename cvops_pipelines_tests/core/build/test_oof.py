@@ -88,6 +88,7 @@ def test_the_folds_train_the_epochs_a_timed_probe_says_fit_the_budget(monkeypatc
     assert trained[-5:] == [8] * 5  # the budget never adds epochs
     with pytest.raises(ScorerDeclined, match="over its budget of 1.0 min"):
         finetuned_oof_probabilities(images, labels, ["a", "b"], 5, 0, config, budget_s=60)
-    assert oof.fold_recipe(None, "resnet18", 32).freeze_before == "layer3"
-    assert oof.fold_recipe(None, "resnet18", 32).epochs == oof.ENCODER_EPOCHS
-    assert oof.fold_recipe(12).epochs == 12 and oof.fold_recipe(None).freeze_before == ""
+    from_encoder = oof.fold_recipe(None, "mobilenet_v3_small", 48)
+    assert (from_encoder.architecture, from_encoder.image_size) == ("mobilenet_v3_small", 48)
+    assert from_encoder.epochs == oof.ENCODER_EPOCHS < OOF_TRAINING.epochs
+    assert oof.fold_recipe(12).epochs == 12 and oof.fold_recipe(None) == OOF_TRAINING

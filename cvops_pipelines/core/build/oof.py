@@ -57,15 +57,15 @@ def fold_recipe(
 def epochs_within(budget_s: float, epoch_s: float, wanted: int) -> int:
     """Epochs (of every fold together) that fit `budget_s`; ScorerDeclined when not even
     MIN_EPOCHS do."""
-    fits, least = int(budget_s // max(epoch_s, 1e-9)), min(MIN_EPOCHS, wanted)
-    if fits < least:
+    fits, least = budget_s / max(epoch_s, 1e-9), min(MIN_EPOCHS, wanted)  # inf: no limit
+    if not fits >= least:  # NaN too
         raise ScorerDeclined(
             f"fine-tuning out of fold would take about {epoch_s * least / 60:.1f} min for "
             f"{least} epochs on this machine, over its budget of "
             f"{budget_s / 60:.1f} min (raise finetune_budget_minutes, or run label_issues "
             "where there is a GPU)"
         )
-    return min(wanted, fits)
+    return int(min(wanted, fits))
 
 
 def probe_epoch_seconds(

@@ -88,6 +88,9 @@ def test_the_folds_train_the_epochs_a_timed_probe_says_fit_the_budget(monkeypatc
     assert trained[-5:] == [8] * 5  # the budget never adds epochs
     with pytest.raises(ScorerDeclined, match="over its budget of 1.0 min"):
         finetuned_oof_probabilities(images, labels, ["a", "b"], 5, 0, config, budget_s=60)
+    assert oof.epochs_within(float("inf"), 37.3, 8) == 8  # an unbounded budget is no limit
+    with pytest.raises(ScorerDeclined):
+        oof.epochs_within(float("nan"), 37.3, 8)
     from_encoder = oof.fold_recipe(None, "mobilenet_v3_small", 48)
     assert (from_encoder.architecture, from_encoder.image_size) == ("mobilenet_v3_small", 48)
     assert from_encoder.epochs == oof.ENCODER_EPOCHS < OOF_TRAINING.epochs

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cvops_pipelines.core.build.models import adamw
 from cvops_pipelines.core.build.training import _hp, distributed
 
 # detector -> the torchvision classifier its backbone is (what an ssl_encoder must be to start it)
@@ -281,7 +280,9 @@ def train_detector(
             model, device_ids=[device] if device.startswith("cuda") else None
         )
     transform = augmentation(replace(config, seed=config.seed + rank))
-    optimizer = adamw(model.parameters(), config.learning_rate, 1e-4)
+    # the for-loop AdamW, not models.adamw's fused kernel: with it, the detection demo's young
+    # turn-2 detector (mAP 0) exported with 3 of 2,714 boxes unmatched in the ONNX parity proof
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     per_rank = len(shard(np.arange(len(images)), rank, world))
     steps = len(chunks(per_rank, config.batch_size)) * config.epochs
     schedule = torch.optim.lr_scheduler.OneCycleLR(

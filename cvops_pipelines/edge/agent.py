@@ -13,11 +13,14 @@ keeps serving the release it had, and no feedback record is lost.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from cvops_pipelines.edge import identity, wire
 from cvops_pipelines.edge.buffer import FeedbackBuffer
@@ -33,9 +36,12 @@ from cvops_pipelines.edge.bundle import (
     verify_signature,
 )
 from cvops_pipelines.edge.detect import summary_label
+from cvops_pipelines.edge.keep import KeepPolicy
+from cvops_pipelines.edge.link import Link
 from cvops_pipelines.edge.preprocess import load_rgb
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 from cvops_pipelines.edge.runtime import Runtime
+from cvops_pipelines.edge.sources import SourceStats
 from cvops_pipelines.edge.wire import MAX_VERSION
 
 CHUNK = 1 << 20
@@ -63,10 +69,29 @@ class SyncResult:
 
 
 @dataclass
+class StreamResult:
+    source: str
+    predicted: int = 0  # frames predicted and recorded
+    kept: int = 0  # of which the selector kept the image
+    evicted: int = 0  # images dropped to stay within the disk budget
+    failed: int = 0  # frames that did not decode or predict (skipped, with the reason)
+    already: int = 0  # frames recorded before a restart: not predicted twice
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the last 100: frame, why
+    stats: SourceStats | None = None  # what the source counted (skips, corrupt, reconnects)
+
+
+def encode_jpeg(rgb, quality: int = 90) -> bytes:
+    """A video frame as the bytes a record carries (about a tenth of PNG's size at 640x480)."""
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@dataclass
 class UploadResult:
     batches: list[str] = field(default_factory=list)
     records: int = 0
-    status: str = "ok"  # ok | offline
+    status: str = "ok"  # ok | offline | window (outside the upload windows) | capped (byte rate)
 
 
 def _signed_doc(raw: bytes, signature: bytes, keys, what: str, seen: int, fresh: bool) -> dict:
@@ -508,15 +533,7 @@ class EdgeAgent:
 
     # -- serving --------------------------------------------------------------------------------
     def predict(self, image: bytes, frame: str | None = None) -> Prediction:
-        if self._runtime is None:
-            raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
-        answer = self._runtime.run([load_rgb(image)])[0]
-        label, confidence, top, boxes = answer.label, answer.confidence, answer.top, None
-        if answer.boxes is not None:  # a detector's answer: its boxes are recorded too
-            boxes = self._recordable(answer)
-            shown = float(self._preprocess.get("answer_threshold", 0.5))
-            top = [(b["label"], b["score"]) for b in boxes[: self.top_k] if b["score"] >= shown]
-            label, confidence = top[0] if top else ("", 0.0)  # "": nothing at the operating point
+        label, confidence, top, boxes = self._answer(load_rgb(image))
         record_id = self.buffer.record(
             self._loaded,
             hashlib.sha256(image).hexdigest(),
@@ -528,6 +545,88 @@ class EdgeAgent:
             boxes,
         )
         return Prediction(record_id, label, confidence, top, self._loaded, boxes)
+
+    def _answer(self, rgb) -> tuple[str, float, list, list[dict] | None]:
+        if self._runtime is None:
+            raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
+        answer = self._runtime.run([rgb])[0]
+        label, confidence, top, boxes = answer.label, answer.confidence, answer.top, None
+        if answer.boxes is not None:  # a detector's answer: its boxes are recorded too
+            boxes = self._recordable(answer)
+            shown = float(self._preprocess.get("answer_threshold", 0.5))
+            top = [(b["label"], b["score"]) for b in boxes[: self.top_k] if b["score"] >= shown]
+            label, confidence = top[0] if top else ("", 0.0)  # "": nothing at the operating point
+        return label, confidence, top, boxes
+
+    def stream(
+        self,
+        source,
+        max_frames: int | None = None,
+        on_frame=None,
+        policy: KeepPolicy | None = None,
+    ) -> StreamResult:
+        """Predict a source's frames (`sources.Source`) until it ends, `max_frames` were
+        predicted or `source.stop()`: every prediction recorded with the source and the frame's
+        time; its image kept when the release's buffer policy (or `policy`) says it is worth
+        sending, and the images on disk held under the policy's budget. A frame that does not
+        decode or predict is skipped with its reason, never fatal."""
+        from PIL import Image
+
+        from cvops_pipelines.edge.keep import Selector, margin_of
+
+        policy = policy or KeepPolicy.from_spec(self._preprocess, self.events.append)
+        selector, result = Selector(policy), StreamResult(source=source.name)
+        threshold = float((self._preprocess or {}).get("answer_threshold", 0.5))
+        for frame in source.frames():
+            key = None if source.live else frame.key  # a live frame never comes again
+            if key is not None and self.buffer.seen(key):
+                result.already += 1
+                continue
+            try:
+                rgb = (
+                    load_rgb(frame.data) if frame.data is not None else Image.fromarray(frame.image)
+                )
+                label, confidence, top, boxes = self._answer(rgb)
+            except Exception as exc:  # noqa: BLE001  (a frame that fails: skip, keep serving)
+                reason = f"{type(exc).__name__}: {exc}"
+                if key is not None:
+                    self.buffer.skip(key, reason)
+                self.events.append(f"skipped frame {frame.key}: {reason}")
+                result.failed += 1
+                result.failures = [*result.failures[-99:], (frame.key, reason)]
+                continue
+            pixels = np.asarray(rgb)
+            verdict = selector.judge(
+                source.name, frame.key, label, margin_of(top, boxes, threshold), pixels
+            )
+            image = frame.data if frame.data is not None else encode_jpeg(rgb)
+            record_id = self.buffer.record(
+                self._loaded,
+                hashlib.sha256(image).hexdigest(),
+                image,
+                label,
+                confidence,
+                top,
+                key,
+                boxes,
+                source=source.name,
+                frame_time=frame.time,
+                keep=verdict.keep,
+                reason=verdict.reason,
+                value=verdict.value,
+                captured_at=frame.captured_at,
+            )
+            result.predicted += 1
+            result.kept += verdict.keep
+            self.buffer.release_unkept(policy.hold_frames)
+            result.evicted += self.buffer.evict(policy.budget_bytes)
+            if on_frame is not None:
+                on_frame(frame, Prediction(record_id, label, confidence, top, self._loaded, boxes))
+            if max_frames is not None and result.predicted >= max_frames:
+                source.stop()
+                break
+        result.stats = source.stats
+        return result
 
     def _recordable(self, answer) -> list[dict]:
         """A detector's boxes as records carry them; a box the pipeline would refuse (NaN,
@@ -568,40 +667,30 @@ class EdgeAgent:
         ]
         self.buffer.correct(record_id, summary_label([b["label"] for b in clean]), clean)
 
-    def watch(self, folder: Path) -> tuple[list[tuple[Path, Prediction]], list[tuple[Path, str]]]:
-        """Predict every new file in `folder` once (a frame is its name and content hash, kept
-        in the buffer with its record). A file that does not decode is skipped with its reason
-        and counted, never retried; the frames after it are still predicted."""
-        done, bad = [], []
-        for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-            data = path.read_bytes()
-            frame = f"{path.name}@{hashlib.sha256(data).hexdigest()}"
-            if self.buffer.seen(frame):
-                continue
-            try:
-                done.append((path, self.predict(data, frame)))
-            except Exception as exc:  # noqa: BLE001  (any undecodable frame: skip, keep serving)
-                reason = f"{type(exc).__name__}: {exc}"
-                self.buffer.skip(frame, reason)
-                self.events.append(f"skipped frame {path.name}: {reason}")
-                bad.append((path, reason))
-        return done, bad
-
     # -- feedback upload ------------------------------------------------------------------------
     def public_key_pem(self) -> bytes:
         """What the operator enrols (`cvops enrol`)."""
         return identity.public_pem(self.identity)
 
-    def upload(self, max_records: int = 256) -> UploadResult:
-        """Seal what waits into batches and send them, oldest first, each after its signature
-        (so the pipeline never sees a batch without one). A batch leaves the device only after
-        the store reports it whole; re-sending one is harmless (same id, bytes and signature)."""
-        result = UploadResult()
+    def upload(self, max_records: int = 256, link: Link | None = None) -> UploadResult:
+        """Seal what waits into batches, the most valuable records first (corrections, then
+        kept images, `keep.py`), and send them in that order, each after its signature (so the
+        pipeline never sees a batch without one), as far as `link` allows now: outside its
+        windows nothing goes, and past its byte rate the rest waits for the next call. A batch
+        leaves the device only after the store reports it whole; re-sending one is harmless
+        (same id, bytes and signature)."""
+        result, link = UploadResult(), link or Link()
+        if not link.open():
+            result.status = "window"
+            return result
         while self.buffer.seal(max_records):
             pass
         for batch_id in self.buffer.sealed():
             payload = self.buffer.payload(batch_id)
             key = wire.batch_key(batch_id)
+            if not link.take(len(payload)):
+                result.status = "capped"
+                return result
             try:
                 self.remote.put(wire.batch_signature_key(batch_id), self.identity.sign(payload))
                 self.remote.put(key, payload)

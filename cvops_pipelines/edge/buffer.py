@@ -1,5 +1,9 @@
-"""The device's feedback buffer: every prediction (with its image) and every correction, in SQLite
-(WAL), until the central store has confirmed the batch that carries it."""
+"""The device's feedback buffer: every prediction and every correction, in SQLite (WAL), until the
+central store has confirmed the batch that carries it. A prediction's image stays only while it is
+worth sending (`keep.py`); one the selector passed over waits for an operator's correction until
+`hold_frames` newer frames came or its record leaves (without it). Under the disk budget the least
+valuable images go first (a corrected one last). Records are never evicted: a record without its
+image still counts."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cvops_pipelines.edge import wire
+from cvops_pipelines.edge.keep import CORRECTED
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -49,14 +54,20 @@ class FeedbackBuffer:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        for table, column in (
-            ("records", "boxes"),
-            ("records", "corrected_boxes"),
-            ("corrections", "corrected_boxes"),
-        ):  # a buffer written before detection: add the box columns, keep every row
+        for table, column, kind in (
+            ("records", "boxes", "TEXT"),
+            ("records", "corrected_boxes", "TEXT"),
+            ("corrections", "corrected_boxes", "TEXT"),
+            ("records", "source", "TEXT"),
+            ("records", "frame_time", "REAL"),
+            ("records", "keep", "INTEGER DEFAULT 1"),
+            ("records", "reason", "TEXT"),
+            ("records", "value", "REAL DEFAULT 0"),
+            ("records", "image_bytes", "INTEGER DEFAULT 0"),
+        ):  # a buffer written by an older agent: add the columns, keep every row
             have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -71,15 +82,23 @@ class FeedbackBuffer:
         top_k: list[tuple[str, float]],
         frame: str | None = None,
         boxes: list[dict] | None = None,
+        source: str | None = None,
+        frame_time: float | None = None,
+        keep: bool = True,
+        reason: str = "",
+        value: float = 0.0,
+        captured_at: str | None = None,
     ) -> str:
-        """`frame`: the source frame's key (a watched file), marked seen in the same
-        transaction, so a restart never records one frame twice. `boxes`: a detector's answer
-        ({label, score, box} in the image's pixels)."""
+        """`frame`: the source frame's key (a watched file, a video's frame), marked seen in the
+        same transaction, so a restart never records one frame twice. `boxes`: a detector's
+        answer ({label, score, box} in the image's pixels). `keep`: the image is worth sending
+        (`reason`, `value`); otherwise it only waits out the hold for a correction."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cursor = self.db.execute(
                 "INSERT INTO records (release, image_id, image, predicted, confidence, top_k, "
-                "captured_at, boxes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "captured_at, boxes, source, frame_time, keep, reason, value, image_bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     release,
                     image_id,
@@ -87,8 +106,14 @@ class FeedbackBuffer:
                     predicted,
                     confidence,
                     json.dumps(top_k),
-                    now(),
+                    captured_at or now(),
                     None if boxes is None else json.dumps(boxes),
+                    source,
+                    frame_time,
+                    int(keep),
+                    reason,
+                    value,
+                    len(image),
                 ),
             )
             record_id = wire.record_id(self.device_id, cursor.lastrowid)
@@ -128,9 +153,9 @@ class FeedbackBuffer:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             updated = self.db.execute(
-                "UPDATE records SET corrected_label = ?, corrected_boxes = ? "
-                "WHERE record_id = ? AND batch_id IS NULL",
-                (label, fixed, record_id),
+                "UPDATE records SET corrected_label = ?, corrected_boxes = ?, keep = 1, "
+                "reason = 'corrected', value = ? WHERE record_id = ? AND batch_id IS NULL",
+                (label, fixed, CORRECTED, record_id),
             ).rowcount
             if not updated:
                 self.db.execute(
@@ -138,6 +163,68 @@ class FeedbackBuffer:
                     "corrected_at, corrected_boxes) VALUES (?, ?, ?, ?)",
                     (record_id, label, now(), fixed),
                 )
+
+    def release_unkept(self, hold_frames: int) -> int:
+        """Drop the images the selector passed over once `hold_frames` newer records exist (no
+        correction came for them); their records stay. Returns how many went."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            newest = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
+            return self.db.execute(
+                "UPDATE records SET image = NULL, image_bytes = 0 WHERE keep = 0 AND "
+                "image IS NOT NULL AND seq <= ?",
+                (newest - hold_frames,),
+            ).rowcount
+
+    def image_bytes(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM records").fetchone()[0]
+
+    def evict(self, budget: int) -> int:
+        """Drop images until those left fit in `budget` bytes: first those only held for a
+        correction (oldest first), then the least valuable kept ones (a correction's last).
+        Records stay. Returns how many images went (also added to the `evicted` count)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            total = self.db.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM records").fetchone()[
+                0
+            ]
+            if total <= budget:
+                self.db.execute("ROLLBACK")
+                return 0
+            gone = []
+            for seq, size in self.db.execute(
+                "SELECT seq, image_bytes FROM records WHERE image IS NOT NULL "
+                "ORDER BY keep, value, seq"
+            ):
+                if total <= budget:
+                    break
+                gone.append((seq,))
+                total -= size
+            self.db.executemany(
+                "UPDATE records SET image = NULL, image_bytes = 0 WHERE seq = ?", gone
+            )
+            self._count("evicted", len(gone))
+        return len(gone)
+
+    def _count(self, name: str, n: int) -> None:
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+
+    def counts(self) -> dict:
+        """Device-lifetime counters (evicted images) and what waits now."""
+        rows = dict(self.db.execute("SELECT key, value FROM meta WHERE key != 'batch'"))
+        kept = self.db.execute(
+            "SELECT COUNT(*) FROM records WHERE keep = 1 AND image IS NOT NULL"
+        ).fetchone()[0]
+        return {
+            "evicted": rows.get("evicted", 0),
+            "waiting_records": self.db.execute("SELECT COUNT(*) FROM records").fetchone()[0],
+            "waiting_images": kept,
+            "image_bytes": self.image_bytes(),
+        }
 
     def pending(self) -> int:
         return (
@@ -152,9 +239,9 @@ class FeedbackBuffer:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
             number = (row[0] if row else 0) + 1
             batch_id = wire.batch_id(self.device_id, number)
-            moved = self.db.execute(
+            moved = self.db.execute(  # the most valuable first: corrections, then kept images
                 "UPDATE records SET batch_id = ? WHERE seq IN (SELECT seq FROM records WHERE "
-                "batch_id IS NULL ORDER BY seq LIMIT ?)",
+                "batch_id IS NULL ORDER BY keep DESC, value DESC, seq LIMIT ?)",
                 (batch_id, max_records),
             ).rowcount
             moved += self.db.execute(
@@ -179,8 +266,8 @@ class FeedbackBuffer:
         """The batch as a zip: records.jsonl, corrections.jsonl, images/<image_id>.bin."""
         records = self.db.execute(
             "SELECT record_id, release, image_id, image, predicted, confidence, top_k, "
-            "corrected_label, captured_at, boxes, corrected_boxes FROM records "
-            "WHERE batch_id = ? ORDER BY seq",
+            "corrected_label, captured_at, boxes, corrected_boxes, source, frame_time, keep "
+            "FROM records WHERE batch_id = ? ORDER BY seq",
             (batch_id,),
         ).fetchall()
         corrections = self.db.execute(
@@ -192,10 +279,15 @@ class FeedbackBuffer:
         for row in records:
             rid, release, image_id, image, predicted, confidence, top_k, label, at = row[:9]
             detected = _boxes_fields(row[9], row[10])
+            source, frame_time, keep = row[11:14]
+            sent = image is not None and keep != 0
+            streamed = {} if source is None else {"source": source, "frame_time": frame_time}
             lines.append(
                 json.dumps(
                     {
                         **detected,
+                        **streamed,
+                        **({} if sent else {"image_kept": False}),
                         "record_id": rid,
                         "device_id": self.device_id,
                         "cohort": self.cohort,
@@ -211,7 +303,8 @@ class FeedbackBuffer:
                     sort_keys=True,
                 )
             )
-            images[image_id] = image
+            if sent:
+                images[image_id] = image
         fixes = [
             json.dumps(
                 {

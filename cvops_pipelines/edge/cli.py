@@ -18,7 +18,11 @@ examples:
   cvops-edge --state st --device-id cam-1 identity > cam-1.pub   # then: cvops enrol cam-1 ...
   cvops-edge --store .cvops --public-key .cvops/keys/release_signing.pub --device-id cam-1 sync
   cvops-edge ... predict photo.jpg             # JSON line per image: class, confidence, top-k
-  cvops-edge ... run --watch incoming/ --interval 30
+  cvops-edge ... run --source incoming/ --interval 30          # a folder of images
+  cvops-edge ... run --source gate.mp4 --fps 5                 # a video file
+  cvops-edge ... run --source rtsp://user:pw@cam-1/stream --fps 5 --upload-rate 50000
+  cvops-edge ... run --source udp://0.0.0.0:5000 --fps 2       # MPEG-TS over UDP
+  cvops-edge ... run --source /dev/video0 --fps 2 --upload-window 22:00-06:00  # a camera
 """
 
 
@@ -117,24 +121,83 @@ def cmd_status(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from cvops_pipelines.edge.link import Link, parse_windows
+    from cvops_pipelines.edge.sources import Source
+
+    if args.source and args.watch:
+        raise SystemExit("run: give --source or --watch (a folder), not both")
+    spec = args.source or args.watch
+    try:
+        link = Link(args.upload_rate, parse_windows(args.upload_window))
+        source = Source(spec, fps=args.fps) if spec else None
+    except ValueError as exc:
+        raise SystemExit(f"run: {exc}") from None
+    if source is not None and source.live and args.once and not (args.max_frames or args.seconds):
+        raise SystemExit("run --once on a live source needs --max-frames or --seconds to end")
     agent = _agent(args)
+    finished = False  # a file is read through once per process (a restart skips what it did)
     while True:
         status = agent.sync().status
-        if args.watch and agent.release:
-            done, bad = agent.watch(Path(args.watch))
-            for path, p in done:
-                _print({"image": str(path), "label": p.label, "confidence": p.confidence})
-            for path, reason in bad:
-                print(f"skipped {path}: {reason}", file=sys.stderr)
-        uploaded = agent.upload()
-        print(
-            f"sync {status}; uploaded {uploaded.records} records ({uploaded.status}); "
-            f"{agent.buffer.skipped()} bad frames skipped so far",
-            file=sys.stderr,
-        )
+        if source is not None and agent.release and not finished:
+            _stream(agent, source, args, link)
+            finished = source.kind == "file"
+            source = Source(spec, fps=args.fps)  # a folder is listed again next round
+        _upload(agent, link, f"sync {status}")
         if args.once:
             return 0
         time.sleep(args.interval)
+
+
+def _stream(agent, source, args, link) -> None:
+    """Predict the source; on a live one, sync and upload every --interval seconds meanwhile."""
+    import threading
+
+    last = time.monotonic()
+
+    def on_frame(frame, p) -> None:
+        nonlocal last
+        _print(
+            {
+                "source": frame.source,
+                "frame": frame.key,
+                "time": round(frame.time, 3),
+                "label": p.label,
+                "confidence": p.confidence,
+            }
+        )
+        if source.live and time.monotonic() - last >= args.interval:
+            last = time.monotonic()
+            _upload(agent, link, f"sync {agent.sync().status}", source.stats)
+
+    timer = threading.Timer(args.seconds, source.stop) if args.seconds else None
+    if timer:
+        timer.start()
+    try:
+        result = agent.stream(source, args.max_frames, on_frame)
+    finally:
+        if timer:
+            timer.cancel()
+    s = result.stats
+    print(
+        f"{result.source}: {result.predicted} frames predicted, {result.kept} images kept, "
+        f"{result.evicted} evicted for the disk budget, {s.skipped_fps} skipped for --fps, "
+        f"{s.skipped_behind} skipped to keep up, {s.corrupt} corrupt, {s.reconnects} "
+        f"reconnects, {result.failed} failed to predict, {result.already} done before",
+        file=sys.stderr,
+    )
+    for key, reason in result.failures:
+        print(f"skipped {key}: {reason}", file=sys.stderr)
+    for reason in s.errors:
+        print(f"  the source dropped: {reason}", file=sys.stderr)
+
+
+def _upload(agent, link, sync: str, stats=None) -> None:
+    uploaded = agent.upload(link=link)
+    print(
+        f"{sync}; uploaded {uploaded.records} records ({uploaded.status}); "
+        f"{agent.buffer.skipped()} bad frames skipped so far",
+        file=sys.stderr,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,8 +246,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="active release and buffered feedback").set_defaults(
         func=cmd_status
     )
-    p = sub.add_parser("run", help="loop: sync, predict new images in --watch, upload")
-    p.add_argument("--watch", help="folder of incoming images")
+    p = sub.add_parser(
+        "run",
+        help="loop: sync, predict a source's frames, upload",
+        description="Each round: sync the release, predict the source's new frames (every "
+        "prediction is recorded; an image is kept when the release's buffer policy finds it "
+        "worth sending, within its disk budget), upload the most valuable feedback first. A "
+        "live source streams without end, syncing and uploading every --interval seconds; "
+        "it reconnects with backoff when it drops.",
+    )
+    p.add_argument(
+        "--source",
+        help="a folder of images (new files each round), a video file (read once), a stream "
+        "URL (rtsp://, udp://, http(s)://, rtmp://, srt://, tcp://) or a camera (/dev/videoN "
+        "or camera:N)",
+    )
+    p.add_argument("--watch", help="a folder of incoming images (the same as --source FOLDER)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        help="predict at most this many frames per second (of video time for a file, of wall "
+        "time for a live source); frames between are decoded, skipped and counted",
+    )
+    p.add_argument("--max-frames", type=int, help="stop after predicting this many frames")
+    p.add_argument("--seconds", type=float, help="stop a live source after this many seconds")
+    p.add_argument(
+        "--upload-rate",
+        type=float,
+        help="bytes per second the uploads may use at most (default: no cap)",
+    )
+    p.add_argument(
+        "--upload-window",
+        help="upload only within these UTC windows, e.g. 22:00-06:00,12:00-13:00",
+    )
     p.add_argument("--interval", type=float, default=30.0, help="seconds between rounds")
     p.add_argument("--once", action="store_true", help="one round, then exit")
     p.set_defaults(func=cmd_run)

@@ -71,6 +71,9 @@ FEEDBACK_COLUMNS = [
     "batch_id",
     "boxes",  # a detector's answer, JSON ({label, score, box}); null for a classifier
     "corrected_boxes",  # the operator's corrected box set, JSON ({label, box}); null if none
+    "source",  # the camera, stream or file the frame came from (null: a single image)
+    "frame_time",  # seconds into that source
+    "image_kept",  # False: the device recorded the prediction and dropped the image (no key)
     "uri",
     "key",
     "format",
@@ -156,7 +159,7 @@ def parse_batch(
                 raise BatchRejected(
                     "batch_too_large", f"{len(records)} records > {bounds.max_records}"
                 )
-            wanted = {str(r.get("image_id")) for r in records}
+            wanted = {str(r.get("image_id")) for r in records if r.get("image_kept") is not False}
             extra = sorted(
                 n
                 for n in entries
@@ -209,13 +212,14 @@ def parse_batch(
                     f"is {batch_id!r} (a batch re-sent under another name is refused)",
                 )
     for i, row in enumerate(records):
+        _check_streamed(row, f"records.jsonl line {i + 1}")
         _check_boxes(row, "boxes", f"records.jsonl line {i + 1}", bounds)
         _check_boxes(row, "corrected_boxes", f"records.jsonl line {i + 1}", bounds)
     for i, fix in enumerate(corrections):
         _check_boxes(fix, "corrected_boxes", f"corrections.jsonl line {i + 1}", bounds)
     records, corrections, refused = _refuse_bad_values(records, corrections)
     infos = {}
-    for image_id in {r["image_id"] for r in records}:
+    for image_id in {r["image_id"] for r in records if r.get("image_kept") is not False}:
         if image_id not in images:
             raise BatchRejected("missing_image", f"image {image_id} of a record is not in images/")
         if hashlib.sha256(images[image_id]).hexdigest() != image_id:
@@ -230,7 +234,8 @@ def parse_batch(
             raise BatchRejected("bad_image", f"images/{image_id}.bin: {exc.message}") from None
     inside = []
     for row in records:
-        outside = _box_outside(row, infos[row["image_id"]])
+        info = infos.get(row["image_id"])  # None: the device kept only the record
+        outside = _box_outside(row, info) if info else ""
         if outside:
             refused.append((row["record_id"], "invalid_box", f"records.jsonl: {outside}"))
         else:
@@ -250,6 +255,19 @@ def _box_outside(row: dict, info: ImageInfo) -> str:
                     f"the {info.width}x{info.height} image"
                 )
     return ""
+
+
+def _check_streamed(row: dict, where: str) -> None:
+    """A streamed frame's optional fields: its source, its time in it, whether its image came."""
+    if "image_kept" in row and not isinstance(row["image_kept"], bool):
+        raise BatchRejected("malformed_record", f"{where}: image_kept must be true or false")
+    if row.get("source") is not None and not isinstance(row["source"], str):
+        raise BatchRejected("malformed_record", f"{where}: source must be a string")
+    frame_time = row.get("frame_time")
+    if frame_time is not None and (
+        isinstance(frame_time, bool) or not isinstance(frame_time, int | float) or frame_time < 0
+    ):
+        raise BatchRejected("malformed_record", f"{where}: frame_time must be a number >= 0")
 
 
 def _check_boxes(row: dict, name: str, where: str, bounds: BatchBounds) -> None:
@@ -411,7 +429,7 @@ def batch_frame(batch: ParsedBatch) -> pd.DataFrame:
     """The batch as FEEDBACK_COLUMNS rows; image locations are filled by `store_images`."""
     rows = []
     for r in batch.records:
-        info = batch.infos[r["image_id"]]
+        info = batch.infos.get(r["image_id"]) if r.get("image_kept") is not False else None
         rows.append(
             {
                 "kind": "record",
@@ -422,11 +440,20 @@ def batch_frame(batch: ParsedBatch) -> pd.DataFrame:
                 "batch_id": batch.batch_id,
                 "boxes": _json_or_none(r.get("boxes")),
                 "corrected_boxes": _json_or_none(r.get("corrected_boxes")),
-                "format": info.format,
-                "width": info.width,
-                "height": info.height,
-                "phash": info.phash,
-                "thumb": info.thumb,
+                "source": r.get("source"),
+                "frame_time": r.get("frame_time"),
+                "image_kept": info is not None,
+                **(
+                    {
+                        "format": info.format,
+                        "width": info.width,
+                        "height": info.height,
+                        "phash": info.phash,
+                        "thumb": info.thumb,
+                    }
+                    if info
+                    else {}
+                ),
             }
         )
     for fix in batch.corrections:
@@ -449,9 +476,12 @@ def batch_frame(batch: ParsedBatch) -> pd.DataFrame:
         "corrected_at",
         "boxes",
         "corrected_boxes",
+        "source",
+        "image_kept",
     ):
         frame[column] = frame[column].astype(object)
     frame["confidence"] = frame["confidence"].astype("float64")
+    frame["frame_time"] = frame["frame_time"].astype("float64")
     return frame
 
 
@@ -466,7 +496,7 @@ def store_images(store: Store, batch: ParsedBatch, frame: pd.DataFrame) -> int:
         keys[image_id], new = store_original(store, info, batch.images[image_id])
         written += new
     store.sync()
-    is_record = frame["kind"] == "record"
+    is_record = (frame["kind"] == "record") & frame["image_id"].isin(keys)
     frame.loc[is_record, "key"] = frame.loc[is_record, "image_id"].map(keys)
     frame.loc[is_record, "uri"] = frame.loc[is_record, "key"].map(store.uri)
     frame.loc[is_record, "ingested_at"] = now_utc()

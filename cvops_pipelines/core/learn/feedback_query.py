@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)  # the Dagster instance shows it in the run's 
 MEMORY_LIMIT = "1GB"  # past this DuckDB spills to its temp folder
 _TYPES = {  # every other column is text
     "confidence": "DOUBLE",
+    "frame_time": "DOUBLE",
+    "image_kept": "BOOLEAN",
     "width": "BIGINT",
     "height": "BIGINT",
     "thumb": "BLOB",
@@ -75,6 +77,9 @@ class FeedbackQuery:
 
 
 REVIEWED = "corrected_label IS NOT NULL"
+# A record whose device dropped its image (selective buffering) counts in production metrics
+# but gives the pool, the queue, the replay set and the encoder nothing to look at.
+HAS_IMAGE = "key IS NOT NULL"
 LEAN_COLUMNS = [c for c in RECORD_COLUMNS if c != "thumb"]  # only the pool's manifest shows it
 
 
@@ -88,15 +93,18 @@ def labeled_field_images(query: FeedbackQuery, annotated) -> pd.DataFrame:
     its records, or an annotation among `annotated` (expert labels from the annotation queue).
     The images the labeled pool can use; the others it leaves out anyway."""
     where = (
-        f"image_id IN (SELECT image_id FROM records WHERE {REVIEWED}) "
-        "OR image_id IN (SELECT image_id FROM annotated)"
+        f"{HAS_IMAGE} AND (image_id IN (SELECT image_id FROM records WHERE {REVIEWED}) "
+        "OR image_id IN (SELECT image_id FROM annotated))"
     )
     return query.records(where=where, per_image=True, annotated=ids(annotated))
 
 
 def unknown_image_count(query: FeedbackQuery, known) -> int:
     """Field images not among `known` (e.g. the drops' images)."""
-    sql = "SELECT count(DISTINCT image_id) FROM records WHERE image_id NOT IN (SELECT * FROM known)"
+    sql = (
+        "SELECT count(DISTINCT image_id) FROM records "
+        f"WHERE {HAS_IMAGE} AND image_id NOT IN (SELECT * FROM known)"
+    )
     return int(query.frame(sql, known=ids(known)).iloc[0, 0])
 
 
@@ -115,7 +123,7 @@ def pool_feedback(table: PartitionedTable, annotated, drop_images) -> PoolFeedba
     the drops' image ids."""
     with feedback_query(table) as query:
         images = labeled_field_images(query, annotated)
-        reviewed = query.records(LEAN_COLUMNS, REVIEWED)
+        reviewed = query.records(LEAN_COLUMNS, f"{REVIEWED} AND {HAS_IMAGE}")
         unknown = unknown_image_count(query, drop_images)
     return PoolFeedback(images, reviewed, unknown)
 
@@ -123,20 +131,20 @@ def pool_feedback(table: PartitionedTable, annotated, drop_images) -> PoolFeedba
 def reviewed_or_expert(table: PartitionedTable, experts) -> pd.DataFrame:
     """For the replay set: records an operator reviewed or whose image an expert labeled."""
     with feedback_query(table) as query:
-        where = f"{REVIEWED} OR image_id IN (SELECT * FROM experts)"
+        where = f"{HAS_IMAGE} AND ({REVIEWED} OR image_id IN (SELECT * FROM experts))"
         return query.records(LEAN_COLUMNS, where, experts=ids(experts))
 
 
 def reviewed_records(table: PartitionedTable) -> pd.DataFrame:
-    """For the canary decision, judged on reviewed records only."""
+    """For the canary decision, judged on reviewed records only (replayed: with their image)."""
     with feedback_query(table) as query:
-        return query.records(LEAN_COLUMNS, REVIEWED)
+        return query.records(LEAN_COLUMNS, f"{REVIEWED} AND {HAS_IMAGE}")
 
 
 def queue_candidates(table: PartitionedTable, experts) -> pd.DataFrame:
     """For the annotation queue: records of images no expert has labeled."""
     with feedback_query(table) as query:
-        where = "image_id NOT IN (SELECT * FROM experts)"
+        where = f"{HAS_IMAGE} AND image_id NOT IN (SELECT * FROM experts)"
         return query.records(LEAN_COLUMNS, where, experts=ids(experts))
 
 
@@ -149,7 +157,7 @@ def predictions(table: PartitionedTable) -> pd.DataFrame:
 def field_images(table: PartitionedTable) -> pd.DataFrame:
     """For the SSL encoder: each field image once (image_id, key, source)."""
     with feedback_query(table) as query:
-        images = query.records(["image_id", "key", "batch_id"], per_image=True)
+        images = query.records(["image_id", "key", "batch_id"], HAS_IMAGE, per_image=True)
     return images.assign(source=FEEDBACK + images["batch_id"])[["image_id", "key", "source"]]
 
 

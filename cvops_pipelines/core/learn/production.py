@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -131,6 +131,8 @@ class ProductionReport(FieldReport):
     sla: pd.DataFrame  # one row per live release: reviewed, accuracy, judged, ok
     drift: pd.DataFrame  # one row per live release with a window: flagged, min_p, families
     plot: bytes  # PNG: field accuracy over time and output drift
+    devices: pd.DataFrame = field(default_factory=pd.DataFrame)  # per device: frames predicted,
+    # images kept, reviewed (what selective buffering sends back of what a device saw)
 
     @property
     def sla_ok(self) -> bool:
@@ -180,6 +182,7 @@ class ProductionReport(FieldReport):
             "business": self.business,
             "per_release": self.per_release.to_dict(orient="records"),
             "release_lines": [_release_line(r) for r in self.per_release.to_dict("records")],
+            "devices": self.devices.to_dict(orient="records"),
         }
 
 
@@ -248,6 +251,7 @@ def production_report(
         pd.DataFrame(sla),
         pd.DataFrame(drift_rows),
         production_png(table, plots_input, policy.min_accuracy),
+        state.coverage(),
     )
 
 

@@ -33,13 +33,13 @@ from pathlib import Path
 import pandas as pd
 
 STATE_KEY = "state/production_metrics.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: records name their device and whether their image came
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, rows INTEGER, absorbed_at TEXT);
 CREATE TABLE IF NOT EXISTS records (
     record_id TEXT PRIMARY KEY, release TEXT, cohort TEXT, period TEXT, predicted TEXT,
-    own_label TEXT, fix_label TEXT, fix_at TEXT
+    own_label TEXT, fix_label TEXT, fix_at TEXT, device_id TEXT, kept INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending_fixes (
     record_id TEXT PRIMARY KEY, label TEXT, fixed_at TEXT
@@ -64,6 +64,7 @@ ABSORBED = [  # the feedback columns a batch contributes
     "corrected_at",
     "captured_at",
     "key",
+    "device_id",
 ]
 CELL_COLUMNS = ["release", "cohort", "period", "reviewed", "label", "hit", "n"]
 _CHUNK = 500  # ids per IN (...) lookup: under SQLite's variable limit
@@ -196,10 +197,11 @@ class ProductionState(AbsorbedState):
             return
         periods = period_of(records["captured_at"], self.period)
         self.db.executemany(
-            "INSERT INTO records (record_id, release, cohort, period, predicted, own_label) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (record_id) DO UPDATE SET "
-            "release = excluded.release, cohort = excluded.cohort, period = excluded.period, "
-            "predicted = excluded.predicted, own_label = excluded.own_label",
+            "INSERT INTO records (record_id, release, cohort, period, predicted, own_label, "
+            "device_id, kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (record_id) DO UPDATE "
+            "SET release = excluded.release, cohort = excluded.cohort, period = excluded.period, "
+            "predicted = excluded.predicted, own_label = excluded.own_label, "
+            "device_id = excluded.device_id, kept = excluded.kept",
             zip(
                 records["record_id"],
                 records["release"],
@@ -207,6 +209,8 @@ class ProductionState(AbsorbedState):
                 periods,
                 records["predicted"],
                 _nullable(records["corrected_label"]),
+                _nullable(records["device_id"]),
+                [int(not pd.isna(k)) for k in records["key"]],
             ),
         )
         early = self._rows(
@@ -240,7 +244,9 @@ class ProductionState(AbsorbedState):
         )
 
     def _put_window(self, records: pd.DataFrame) -> None:
-        """The newest `window` records per release by capture time (ties: arrival order)."""
+        """The newest `window` records per release by capture time (ties: arrival order), of
+        those whose image came (the drift test runs the model on it)."""
+        records = records[records["key"].notna()]
         if records.empty:
             return
         (seq,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM window").fetchone()
@@ -271,6 +277,16 @@ class ProductionState(AbsorbedState):
             "ORDER BY captured_at, seq",
             self.db,
             params=(release,),
+        )
+
+    def coverage(self) -> pd.DataFrame:
+        """Per device: frames predicted (records), images kept (sent with them), reviewed."""
+        return pd.read_sql_query(
+            "SELECT COALESCE(device_id, '') AS device_id, COUNT(*) AS frames, "
+            "COALESCE(SUM(kept), 0) AS images_kept, "
+            "SUM(CASE WHEN fix_at IS NOT NULL OR own_label IS NOT NULL THEN 1 ELSE 0 END) "
+            "AS reviewed FROM records GROUP BY 1 ORDER BY 1",
+            self.db,
         )
 
     def predicted_classes(self) -> list[str]:

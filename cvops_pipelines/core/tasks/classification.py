@@ -330,6 +330,7 @@ def _production_metadata(report, csv_uri: str) -> dict:
         "missed_event_share": report.business["missed_event_share"],
         "accuracy_by_release_cohort_period": Table(report.table, 50),
         "per_release": Table(report.per_release, 20),
+        "devices": Table(report.devices, 50),  # frames predicted vs images kept vs reviewed
         "accuracy_by_release": Json(
             {
                 r["release"]: {k: r[k] for k in ("records", "reviewed", "coverage", "accuracy")}

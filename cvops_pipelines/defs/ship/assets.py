@@ -2,6 +2,7 @@
 release on the canary channel, and the canary's promotion or rollback on field feedback."""
 
 import json
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +52,7 @@ from cvops_pipelines.defs.resources import (
     MlflowTracking,
     stage_context,
 )
+from cvops_pipelines.edge.keep import KeepPolicy
 
 
 class TargetConfig(Config):
@@ -148,6 +150,52 @@ def _export_metadata(exported) -> dict:
     }
 
 
+class EdgeBufferConfig(Config):
+    """What devices keep of the frames they predict (edge/keep.py), shipped in the release's
+    spec: a change reaches the fleet with the next release, no new agent needed."""
+
+    margin: float = Field(
+        KeepPolicy.margin,
+        ge=0,
+        description="Keep a frame's image when the top-1 minus top-2 probability is below this "
+        "(a detector: a box scored this near its operating point).",
+    )
+    flicker_frames: int = Field(
+        KeepPolicy.flicker_frames,
+        ge=0,
+        description="Keep a frame whose answer differs from the majority of the source's last "
+        "this many answers (0: off).",
+    )
+    explore_share: float = Field(
+        KeepPolicy.explore_share,
+        ge=0,
+        le=1,
+        description="A seeded random share of frames kept whatever the model said (1.0: keep "
+        "every image).",
+    )
+    duplicate_distance: float = Field(
+        KeepPolicy.duplicate_distance,
+        ge=0,
+        description="A frame this near the source's last kept one (mean grey difference, "
+        "0-255, at 16x16) is not kept again.",
+    )
+    budget_bytes: int = Field(
+        KeepPolicy.budget_bytes,
+        ge=0,
+        description="Disk the kept images may use on a device; beyond it the least valuable "
+        "go first, a corrected one last (records are never evicted).",
+    )
+    hold_frames: int = Field(
+        KeepPolicy.hold_frames,
+        ge=0,
+        description="Frames an image not kept waits for an operator's correction before it goes.",
+    )
+    seed: int = Field(KeepPolicy.seed, description="Seeds the exploration share.")
+
+    def policy(self) -> KeepPolicy:
+        return KeepPolicy(**{f.name: getattr(self, f.name) for f in fields(KeepPolicy)})
+
+
 class EdgeReleaseConfig(Config):
     target: str = Field("edge", description="Target profile of onnx_model whose choice ships.")
     canary_share: float = Field(0.34, description="Share of devices (by hashed id) on canary.")
@@ -158,6 +206,10 @@ class EdgeReleaseConfig(Config):
         "",
         description="Private key path; default CVOPS_SIGNING_KEY or "
         "$CVOPS_HOME/keys/release_signing.key.",
+    )
+    buffer: EdgeBufferConfig = Field(
+        default_factory=EdgeBufferConfig,
+        description="Selective buffering on the devices (the release's spec carries it).",
     )
 
 
@@ -195,9 +247,9 @@ def edge_release(
         releases = _signing_releases(context, store, config.signing_key)
         actor, cohorts = f"dagster run {context.run.run_id}", tuple(config.canary_cohorts)
         meta = release_meta(onnx_model, artifact, config.target)
+        spec = {**onnx_model.preprocess, "buffer": asdict(config.buffer.policy())}
         published = publish_release(
-            releases, model, onnx_model.preprocess, meta, releases.key, actor,
-            config.canary_share, cohorts,
+            releases, model, spec, meta, releases.key, actor, config.canary_share, cohorts,
         )  # fmt: skip
     except (ReleaseRefused, SigningKeyMissing, KeyNotDelegated, ChannelTampered) as exc:
         raise Failure(str(exc)) from None

@@ -342,3 +342,75 @@ def test_a_huge_field_is_refused_not_stored(tmp_path):
 
     with pytest.raises(BatchRejected, match="top_k must be at most 20|5000000 characters"):
         parse_batch(rezip(payload, bloat), batch)
+
+
+def streamed_batch(tmp_path, device="cam-7"):
+    """A device buffer's batch from a stream: six frames, images kept for two of them, one of
+    the dropped ones reviewed by the operator (a correction needs no image to count)."""
+    import hashlib
+
+    buffer = FeedbackBuffer(tmp_path / f"{device}.db", device, "site-a")
+    ids = []
+    for i in range(6):
+        image = png(100 + i)
+        ids.append(
+            buffer.record(
+                "rel-1-abc",
+                hashlib.sha256(image).hexdigest(),
+                image,
+                "1",
+                0.9,
+                [("1", 0.9), ("7", 0.05)],
+                source="rtsp://cam-7/stream",
+                frame_time=0.5 * i,
+                keep=i in (1, 4),
+                reason="uncertain" if i in (1, 4) else "",
+                value=2.5 if i in (1, 4) else 0.0,
+            )
+        )
+    buffer.correct(ids[2], "7")  # a correction makes its image worth keeping
+    buffer.release_unkept(0)  # the others the selector passed over go
+    buffer.correct(ids[5], "1")  # reviewed after its image went: the review stands alone
+    batch = buffer.seal()
+    payload = buffer.payload(batch)
+    buffer.close()
+    return batch, payload, ids
+
+
+def test_a_streamed_batch_carries_every_record_and_only_the_kept_images(tmp_path):
+    batch, payload, ids = streamed_batch(tmp_path)
+    parsed = parse_batch(payload, batch)
+    frame = batch_frame(parsed)
+    store = LocalStore(tmp_path / "store")
+    assert store_images(store, parsed, frame) == 3  # ids[1], ids[4] and the corrected ids[2]
+    records = frame.set_index("record_id")
+    assert list(records["image_kept"]) == [False, True, True, False, True, False]
+    assert records["key"].notna().tolist() == list(records["image_kept"])
+    assert set(records["source"]) == {"rtsp://cam-7/stream"}
+    assert list(records["frame_time"]) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    resolved = resolve_records(frame)
+    with_image = resolved[resolved["key"].notna()]
+    assert len(feedback_labels(with_image)) == 1 and len(feedback_manifest(with_image)) == 3
+
+    state = ProductionState(":memory:", "1D", 48)
+    state.absorb(batch, frame.assign(device_id="cam-7"))
+    coverage = state.coverage().set_index("device_id").loc["cam-7"]
+    assert (coverage["frames"], coverage["images_kept"], coverage["reviewed"]) == (6, 3, 2)
+    assert len(state.latest("rel-1-abc")) == 3  # drift reruns the model: images only
+    state.close()
+
+
+def test_a_record_that_claims_its_image_came_still_needs_it(tmp_path):
+    batch, payload, _ = streamed_batch(tmp_path)
+    with pytest.raises(BatchRejected) as raised:
+        parse_batch(rezip(payload, lambda f: f.update({
+            "records.jsonl": f["records.jsonl"].replace(b', "image_kept": false', b"")
+        })), batch)  # fmt: skip
+    assert raised.value.code == "missing_image"
+    for bad in (b'"image_kept": "no"', b'"frame_time": -1', b'"source": 7'):
+        lines = lambda f, bad=bad: f.update(  # noqa: E731
+            {"records.jsonl": f["records.jsonl"].replace(b'"image_kept": false', bad, 1)}
+        )
+        with pytest.raises(BatchRejected) as raised:
+            parse_batch(rezip(payload, lines), batch)
+        assert raised.value.code in ("malformed_record", "missing_image")

@@ -19,6 +19,7 @@ BENCHMARKS = [
     "optimizer_step",
     "export_latency",
     "release_delta",
+    "edge_stream",
     "active_learning",
     "drift_detection",
     "demo_wall",

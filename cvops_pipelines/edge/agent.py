@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +210,7 @@ class EdgeAgent:
         self.events: list[str] = []
         self._runtime, self._preprocess = None, None
         self._loaded: str | None = None
+        self._passed_over: deque = deque()  # recent frames not kept: (record_id, bytes, image)
         self.start()
 
     # -- the active release -------------------------------------------------------------------
@@ -576,6 +578,7 @@ class EdgeAgent:
 
         policy = policy or KeepPolicy.from_spec(self._preprocess, self.events.append)
         selector, result = Selector(policy), StreamResult(source=source.name)
+        self._passed_over = deque(maxlen=policy.hold_frames)
         threshold = float((self._preprocess or {}).get("answer_threshold", 0.5))
         for frame in source.frames():
             key = None if source.live else frame.key  # a live frame never comes again
@@ -595,14 +598,18 @@ class EdgeAgent:
                 result.failed += 1
                 result.failures = [*result.failures[-99:], (frame.key, reason)]
                 continue
-            pixels = np.asarray(rgb)
+            pixels = frame.image if frame.image is not None else np.asarray(rgb)
             verdict = selector.judge(
                 source.name, frame.key, label, margin_of(top, boxes, threshold), pixels
             )
-            image = frame.data if frame.data is not None else encode_jpeg(rgb)
+            image = None
+            if verdict.keep:
+                image = frame.data if frame.data is not None else encode_jpeg(rgb)
+            # the frame's id: its bytes' hash; a video frame without its image, its own key's
+            content = image or frame.data or f"{source.name}\0{frame.key}".encode()
             record_id = self.buffer.record(
                 self._loaded,
-                hashlib.sha256(image).hexdigest(),
+                hashlib.sha256(content).hexdigest(),
                 image,
                 label,
                 confidence,
@@ -617,9 +624,11 @@ class EdgeAgent:
                 captured_at=frame.captured_at,
             )
             result.predicted += 1
-            result.kept += verdict.keep
-            self.buffer.release_unkept(policy.hold_frames)
-            result.evicted += self.buffer.evict(policy.budget_bytes)
+            if verdict.keep:
+                result.kept += 1
+                result.evicted += self.buffer.evict(policy.budget_bytes)
+            else:
+                self._passed_over.append((record_id, frame.data, rgb))
             if on_frame is not None:
                 on_frame(frame, Prediction(record_id, label, confidence, top, self._loaded, boxes))
             if max_frames is not None and result.predicted >= max_frames:
@@ -649,7 +658,16 @@ class EdgeAgent:
         return self._preprocess
 
     def correct(self, record_id: str, label: str) -> None:
+        self._keep_held(record_id)
         self.buffer.correct(record_id, label)
+
+    def _keep_held(self, record_id: str) -> None:
+        """A frame the selector passed over and the agent still holds: corrected, its image is
+        worth sending after all."""
+        for held, data, rgb in self._passed_over:
+            if held == record_id:
+                self.buffer.attach(record_id, data if data is not None else encode_jpeg(rgb))
+                return
 
     def correct_boxes(self, record_id: str, boxes: list[dict]) -> None:
         """An operator's review of a detector's answer: the whole corrected set ({label, box}
@@ -665,6 +683,7 @@ class EdgeAgent:
         clean = [
             {"label": b["label"], "box": [round(float(v), 2) for v in b["box"]]} for b in boxes
         ]
+        self._keep_held(record_id)
         self.buffer.correct(record_id, summary_label([b["label"] for b in clean]), clean)
 
     # -- feedback upload ------------------------------------------------------------------------

@@ -1,16 +1,21 @@
 """The device's feedback buffer: every prediction and every correction, in SQLite (WAL), until the
-central store has confirmed the batch that carries it. A prediction's image stays only while it is
-worth sending (`keep.py`); one the selector passed over waits for an operator's correction until
-`hold_frames` newer frames came or its record leaves (without it). Under the disk budget the least
-valuable images go first (a corrected one last). Records are never evicted: a record without its
-image still counts."""
+central store has confirmed the batch that carries it. A prediction's image is stored only when it
+is worth sending (`keep.py`); under the disk budget the least valuable images go first (a
+corrected one last). Records are never evicted: a record without its image still counts.
+
+Durability: a frame's record commits without waiting for the disk (WAL, synchronous=NORMAL: it
+survives a crash of the agent, and a power cut loses at most the last frames' records, which
+are then predicted again, never twice); what the upload's exactly-once rests on (sealing a batch,
+forgetting it once the store has it) and an operator's correction wait for the disk (FULL)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sqlite3
 import zipfile
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,7 +57,7 @@ class FeedbackBuffer:
         self.device_id, self.cohort = device_id, cohort
         self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         for table, column, kind in (
             ("records", "boxes", "TEXT"),
@@ -72,11 +77,21 @@ class FeedbackBuffer:
     def close(self) -> None:
         self.db.close()
 
+    @contextmanager
+    def _durable(self):
+        """One transaction that is on disk when it commits (outside it: NORMAL)."""
+        self.db.execute("PRAGMA synchronous=FULL")
+        try:
+            with self.db:
+                yield
+        finally:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+
     def record(
         self,
         release: str,
         image_id: str,
-        image: bytes,
+        image: bytes | None,
         predicted: str,
         confidence: float,
         top_k: list[tuple[str, float]],
@@ -91,8 +106,8 @@ class FeedbackBuffer:
     ) -> str:
         """`frame`: the source frame's key (a watched file, a video's frame), marked seen in the
         same transaction, so a restart never records one frame twice. `boxes`: a detector's
-        answer ({label, score, box} in the image's pixels). `keep`: the image is worth sending
-        (`reason`, `value`); otherwise it only waits out the hold for a correction."""
+        answer ({label, score, box} in the image's pixels). `image`: None when the frame's
+        image is not worth sending (`keep` False); `reason` and `value` say why it is."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cursor = self.db.execute(
@@ -113,7 +128,7 @@ class FeedbackBuffer:
                     int(keep),
                     reason,
                     value,
-                    len(image),
+                    len(image or b""),
                 ),
             )
             record_id = wire.record_id(self.device_id, cursor.lastrowid)
@@ -150,7 +165,7 @@ class FeedbackBuffer:
         `boxes`: for a detector, the whole corrected box set ({label, box}); `label` is then
         its summary (the most frequent class, "" for an image with nothing in it)."""
         fixed = None if boxes is None else json.dumps(boxes)
-        with self.db:
+        with self._durable():
             self.db.execute("BEGIN IMMEDIATE")
             updated = self.db.execute(
                 "UPDATE records SET corrected_label = ?, corrected_boxes = ?, keep = 1, "
@@ -164,25 +179,26 @@ class FeedbackBuffer:
                     (record_id, label, now(), fixed),
                 )
 
-    def release_unkept(self, hold_frames: int) -> int:
-        """Drop the images the selector passed over once `hold_frames` newer records exist (no
-        correction came for them); their records stay. Returns how many went."""
+    def attach(self, record_id: str, image: bytes) -> bool:
+        """Give a waiting record the image it was recorded without (an operator corrected the
+        frame while the agent still held it); False when the record has left or has one. The
+        record's image id becomes the image's hash, which the pipeline checks."""
         with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            newest = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]
-            return self.db.execute(
-                "UPDATE records SET image = NULL, image_bytes = 0 WHERE keep = 0 AND "
-                "image IS NOT NULL AND seq <= ?",
-                (newest - hold_frames,),
-            ).rowcount
+            return bool(
+                self.db.execute(
+                    "UPDATE records SET image = ?, image_bytes = ?, image_id = ? WHERE "
+                    "record_id = ? AND image IS NULL AND batch_id IS NULL",
+                    (image, len(image), hashlib.sha256(image).hexdigest(), record_id),
+                ).rowcount
+            )
 
     def image_bytes(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM records").fetchone()[0]
 
     def evict(self, budget: int) -> int:
-        """Drop images until those left fit in `budget` bytes: first those only held for a
-        correction (oldest first), then the least valuable kept ones (a correction's last).
-        Records stay. Returns how many images went (also added to the `evicted` count)."""
+        """Drop images until those left fit in `budget` bytes, the least valuable first (the
+        oldest of equal value first; a correction's last). Records stay. Returns how many
+        images went (also added to the device's `evicted` count)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             total = self.db.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM records").fetchone()[
@@ -193,8 +209,7 @@ class FeedbackBuffer:
                 return 0
             gone = []
             for seq, size in self.db.execute(
-                "SELECT seq, image_bytes FROM records WHERE image IS NOT NULL "
-                "ORDER BY keep, value, seq"
+                "SELECT seq, image_bytes FROM records WHERE image IS NOT NULL ORDER BY value, seq"
             ):
                 if total <= budget:
                     break
@@ -234,7 +249,7 @@ class FeedbackBuffer:
 
     def seal(self, max_records: int = 256) -> str | None:
         """Assign waiting rows to a new batch (atomically); None when nothing waits."""
-        with self.db:
+        with self._durable():
             self.db.execute("BEGIN IMMEDIATE")
             row = self.db.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
             number = (row[0] if row else 0) + 1
@@ -335,7 +350,7 @@ class FeedbackBuffer:
 
     def forget(self, batch_id: str) -> None:
         """Only after the central store confirmed the batch."""
-        with self.db:
+        with self._durable():
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("DELETE FROM records WHERE batch_id = ?", (batch_id,))
             self.db.execute("DELETE FROM corrections WHERE batch_id = ?", (batch_id,))

@@ -235,6 +235,29 @@ def test_the_disk_budget_holds_over_a_long_stream_and_corrections_survive(tmp_pa
     assert first["record_id"] in corrected  # the most valuable leave first
 
 
+def test_a_frame_corrected_while_the_agent_holds_it_keeps_its_image(tmp_path, fleet):
+    video = tmp_path / "gate.mp4"
+    write_video(video, DIGITS[:10], hold=5, fps=10)
+    agent = device(tmp_path, fleet)
+    nothing = KeepPolicy(margin=0.0, flicker_frames=0, explore_share=0.0, hold_frames=8)
+    picked = []
+
+    def operator(frame, prediction):
+        if round(frame.time * 10) in (10, 30):
+            picked.append(prediction.record_id)
+        if round(frame.time * 10) == 30 + 5:  # frame 10 is out of the hold by now, 30 is not
+            for record_id in picked:
+                agent.correct(record_id, "7")
+
+    result = agent.stream(Source(str(video)), on_frame=operator, policy=nothing)
+    assert result.kept == 0 and agent.upload().status == "ok"
+    records, images = uploaded(fleet)
+    by_id = {r["record_id"]: r for r in records}
+    assert len(records) == 50 and all(by_id[i]["corrected_label"] == "7" for i in picked)
+    assert images == {by_id[picked[1]]["image_id"]}  # only the one still held
+    assert by_id[picked[0]]["image_kept"] is False
+
+
 def test_kill_9_mid_stream_then_a_restart_records_no_frame_twice(tmp_path, fleet):
     video = tmp_path / "gate.mp4"
     write_video(video, DIGITS, hold=5, fps=10)  # 200 frames

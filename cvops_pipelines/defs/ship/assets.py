@@ -188,7 +188,8 @@ class EdgeBufferConfig(Config):
     hold_frames: int = Field(
         KeepPolicy.hold_frames,
         ge=0,
-        description="Frames an image not kept waits for an operator's correction before it goes.",
+        description="Recent frames not kept that an agent holds in memory: an operator who "
+        "corrects one of them keeps its image.",
     )
     seed: int = Field(KeepPolicy.seed, description="Seeds the exploration share.")
 

@@ -357,7 +357,7 @@ def streamed_batch(tmp_path, device="cam-7"):
             buffer.record(
                 "rel-1-abc",
                 hashlib.sha256(image).hexdigest(),
-                image,
+                image if i in (1, 4) else None,
                 "1",
                 0.9,
                 [("1", 0.9), ("7", 0.05)],
@@ -368,9 +368,9 @@ def streamed_batch(tmp_path, device="cam-7"):
                 value=2.5 if i in (1, 4) else 0.0,
             )
         )
-    buffer.correct(ids[2], "7")  # a correction makes its image worth keeping
-    buffer.release_unkept(0)  # the others the selector passed over go
-    buffer.correct(ids[5], "1")  # reviewed after its image went: the review stands alone
+    assert buffer.attach(ids[2], png(102))  # corrected while the agent held the frame
+    buffer.correct(ids[2], "7")
+    buffer.correct(ids[5], "1")  # reviewed after the frame went: the review stands alone
     batch = buffer.seal()
     payload = buffer.payload(batch)
     buffer.close()

@@ -71,12 +71,13 @@ class Verdict:
 
 
 def thumb(image: np.ndarray) -> np.ndarray:
-    """16x16 grey, for the near-duplicate test (cheap: strided, no resampling filter)."""
-    grey = image.mean(axis=2) if image.ndim == 3 else image
-    h, w = grey.shape
+    """16x16 grey, for the near-duplicate test: 256 pixels picked on a grid, then averaged over
+    the channels (a few microseconds at 640x480; no resampling filter)."""
+    h, w = image.shape[:2]
     ys = (np.arange(16) * h // 16).clip(0, h - 1)
     xs = (np.arange(16) * w // 16).clip(0, w - 1)
-    return grey[np.ix_(ys, xs)].astype(np.float32)
+    picked = image[np.ix_(ys, xs)].astype(np.float32)
+    return picked.mean(axis=2) if picked.ndim == 3 else picked
 
 
 def margin_of(top: list[tuple[str, float]], boxes: list[dict] | None, threshold: float) -> float:

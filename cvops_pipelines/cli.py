@@ -170,6 +170,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         review_share=args.review_share,
         shift=Shift(args.brightness, args.blur, args.rotate),
         seed=args.seed,
+        video_hold=args.video_hold,
     )
     home = settings.cvops_home()
     public = settings.signing_key_path().with_suffix(".pub").read_bytes()
@@ -394,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brightness", type=float, default=0.0, help="shift: brightness change limit")
     p.add_argument("--blur", type=int, default=0, help="shift: max Gaussian blur kernel (odd)")
     p.add_argument("--rotate", type=float, default=0.0, help="shift: rotation limit in degrees")
+    p.add_argument(
+        "--video-hold",
+        type=int,
+        default=0,
+        help="devices watch video: each image is filmed for this many frames of a 640x480 clip "
+        "the device streams, keeping images by its release's buffer policy (0: images one by "
+        "one, every image kept)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_fleet)
     return parser

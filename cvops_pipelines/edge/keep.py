@@ -33,8 +33,9 @@ class KeepPolicy:
     duplicate_distance: float = 3.0  # a frame this near (mean |grey difference|, 0-255, at 16x16)
     # to the last kept frame of its source is not kept again
     budget_bytes: int = 256 << 20  # kept images on disk at most; the least valuable go first
-    hold_frames: int = 64  # the agent holds this many recent frames it did not keep in memory:
-    # an operator who corrects one of them keeps its image
+    hold_frames: int = 16  # the agent holds this many recent frames it did not keep in memory
+    # (decoded: 0.9 MB each at 640x480, 6 MB at 1080p): an operator who corrects one of them
+    # keeps its image
     seed: int = 0
 
     def __post_init__(self) -> None:

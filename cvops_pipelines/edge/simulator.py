@@ -88,6 +88,10 @@ class FleetConfig:
     upload_every: int = 3
     shift: Shift = Shift()
     seed: int = 0
+    # 0: each device predicts its images one by one (`predict`, every image kept); N: each step's
+    # images are filmed N frames each into a 640x480 clip the device streams (`stream`, its
+    # release's buffer policy deciding which images to keep)
+    video_hold: int = 0
 
 
 @dataclass
@@ -118,6 +122,29 @@ def shifted(image: bytes, transform) -> bytes:
     out = io.BytesIO()
     Image.fromarray(transform(image=rgb)["image"]).save(out, "PNG")
     return out.getvalue()
+
+
+CLIP_FPS = 10
+
+
+def film(images: list[np.ndarray], hold: int, path: Path) -> None:
+    """Each image filling `hold` frames of a 640x480 MPEG-4 clip at CLIP_FPS, as a camera
+    watching a slow scene would film it."""
+    import av
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=CLIP_FPS)
+        stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for image in images:
+            frame = np.asarray(Image.fromarray(image).resize((640, 480), Image.BILINEAR))
+            for _ in range(hold):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
 
 
 def run_fleet(
@@ -157,6 +184,19 @@ def run_fleet(
         agents[device].close()
         agents[device] = None
 
+    def review(device_agent: EdgeAgent, prediction, label: str) -> None:
+        """The operator looks at a share of predictions and picks among the top k."""
+        if rng.random() >= config.review_share:
+            return
+        offered = [c for c, _ in prediction.top_k[: config.operator_top_k]]
+        if label in offered and rng.random() < config.p_pick_right:
+            choice = label
+        else:  # the operator settles on a wrong offered class
+            wrong = [c for c in offered if c != label] or offered
+            choice = rng.choice(wrong)
+        device_agent.correct(prediction.record_id, choice)
+        result.reviewed += 1
+
     position = 0
     for step in range(config.steps):
         for device in devices:
@@ -166,26 +206,21 @@ def run_fleet(
             try:
                 outcome = agent(device).sync()
                 result.syncs[outcome.status] = result.syncs.get(outcome.status, 0) + 1
-                for _ in range(config.images_per_step):
-                    if position >= len(stream) or agent(device).release is None:
-                        break
-                    image, label = stream[position]
-                    position += 1
-                    shot = shifted(image, transform)
-                    prediction = agent(device).predict(shot)
-                    result.image_truth[hashlib.sha256(shot).hexdigest()] = label
-                    result.shots.append((shot, label))
-                    result.predictions[prediction.record_id] = device
-                    result.truth[prediction.record_id] = label
-                    if rng.random() < config.review_share:
-                        offered = [c for c, _ in prediction.top_k[: config.operator_top_k]]
-                        if label in offered and rng.random() < config.p_pick_right:
-                            choice = label
-                        else:  # the operator settles on a wrong offered class
-                            wrong = [c for c in offered if c != label] or offered
-                            choice = rng.choice(wrong)
-                        agent(device).correct(prediction.record_id, choice)
-                        result.reviewed += 1
+                if agent(device).release is not None:
+                    served = stream[position : position + config.images_per_step]
+                    position += len(served)
+                    if config.video_hold:
+                        clip = state_root / "clips" / f"{device}-{step:05d}.mp4"
+                        _stream_clip(agent(device), served, transform, clip, config, review, result)
+                    else:
+                        for image, label in served:
+                            shot = shifted(image, transform)
+                            prediction = agent(device).predict(shot)
+                            result.image_truth[hashlib.sha256(shot).hexdigest()] = label
+                            result.shots.append((shot, label))
+                            result.predictions[prediction.record_id] = device
+                            result.truth[prediction.record_id] = label
+                            review(agent(device), prediction, label)
                 if step % config.upload_every == config.upload_every - 1:
                     agent(device).upload()
             except Crash:
@@ -202,3 +237,30 @@ def run_fleet(
         result.events += [f"{device}: {e}" for e in current.events]
         current.close()
     return result
+
+
+def _stream_clip(agent, batch, transform, clip: Path, config: FleetConfig, review, result) -> None:
+    """Film this step's images, stream the clip through the agent; every frame's record and
+    truth are noted, and each kept image's id (what the oracle answers for) with its label."""
+    from cvops_pipelines.edge.preprocess import load_rgb
+    from cvops_pipelines.edge.sources import Source
+
+    shots = [shifted(image, transform) for image, _ in batch]
+    film([np.asarray(load_rgb(s)) for s in shots], config.video_hold, clip)
+    labels = [label for _, label in batch]
+
+    def on_frame(frame, prediction) -> None:
+        label = labels[min(len(labels) - 1, round(frame.time * CLIP_FPS) // config.video_hold)]
+        result.predictions[prediction.record_id] = agent.device_id
+        result.truth[prediction.record_id] = label
+        review(agent, prediction, label)
+
+    agent.stream(Source(str(clip)), on_frame=on_frame)
+    for record_id, image_id, image in agent.buffer.db.execute(
+        "SELECT record_id, image_id, image FROM records WHERE image IS NOT NULL AND source = ?",
+        (clip.name,),
+    ):
+        if record_id in result.truth and image_id not in result.image_truth:
+            result.image_truth[image_id] = result.truth[record_id]
+            result.shots.append((image, result.truth[record_id]))
+    clip.unlink()

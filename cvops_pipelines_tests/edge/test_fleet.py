@@ -64,6 +64,25 @@ def test_seeded_fleet_loses_and_duplicates_no_record(tmp_path, monkeypatch):
     assert {r for r in second.releases.values()} == {r1.id, r2.id}  # canary share reached some
 
 
+def test_a_fleet_on_video_records_every_frame_once_and_keeps_some_images(tmp_path):
+    c = central(tmp_path)
+    r1 = c.release(trained_model(), "1")
+    c.releases.point("stable", r1.id, "first", "test")
+    config = FleetConfig(
+        devices=3, steps=6, images_per_step=4, p_crash=0.05, seed=5, video_hold=4,
+        shift=Shift(rotate=20.0),
+    )  # fmt: skip
+    result = run_fleet(c.remote, tmp_path / "fleet", c.public_key, stream(1000, 80), config)
+    records = field_records(c.releases.store)
+    counts = collections.Counter(records["record_id"])
+    assert set(counts) == set(result.predictions) and set(counts.values()) == {1}
+    assert len(result.predictions) == 4 * result.stream_used  # each image filmed 4 frames
+    kept = records["image_kept"] != False  # noqa: E712  (a column of booleans and nulls)
+    assert 0 < kept.sum() < len(records)  # selective: some images, never all
+    assert set(records["source"].dropna().str.endswith(".mp4")) == {True}
+    assert result.image_truth and set(result.image_truth) <= set(records["image_id"])
+
+
 def registered(tracking: Tracking, versions: int, tmp_path_source) -> None:
     """Registry versions 1..n (the models themselves are the ONNX files in the releases)."""
     client = tracking.client()

@@ -92,7 +92,7 @@ class RetrainingPolicy:
     # ... and a fine-tune of the champion (`init_from: auto`) gets this many epochs instead of
     # its usual few: a new augmentation is a new recipe, which a few epochs do not learn (the
     # demo's drift turn, measured: docs/benchmarks.md, loop_latency). None: the usual few.
-    finetune_epochs_after_drift: int | None = 10
+    finetune_epochs_after_drift: int | None = 6
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ examples:
   cvops-edge ... run --source gate.mp4 --fps 5                 # a video file
   cvops-edge ... run --source rtsp://user:pw@cam-1/stream --fps 5 --upload-rate 50000
   cvops-edge ... run --source udp://0.0.0.0:5000 --fps 2       # MPEG-TS over UDP
+  cvops-edge ... run --source https://cam.example/live.m3u8    # HTTP(S): HLS, MJPEG, a file
   cvops-edge ... run --source /dev/video0 --fps 2 --upload-window 22:00-06:00  # a camera
 """
 

@@ -149,6 +149,21 @@ def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_h
     assert start.source == "none" and start.state is None and "ontology" in logged[-1]
     start = build_run.auto_start(tracking, "resnet18", list(champion.preprocess.classes), print)
     assert start.fine_tune and start.state.keys() == champion.model.state_dict().keys()
+    # the same recipe: the usual few epochs; another augmentation preset: the longer fine-tune
+    classes, trained_with = list(champion.preprocess.classes), params(first)["augmentation"]
+    same = build_run.auto_start(
+        tracking, "resnet18", classes, logged.append, {"augmentation": trained_with}
+    )
+    plan = build_run.RunPlan("cpu")
+    assert same.fine_tune and not same.new_recipe
+    assert same.config(TrainConfig(epochs=10), plan).epochs == plan.finetune_epochs
+    other = "strong" if trained_with != "strong" else "light"
+    new = build_run.auto_start(
+        tracking, "resnet18", classes, logged.append, {"augmentation": other}
+    )
+    assert new.fine_tune and new.new_recipe
+    assert f"augmentation {trained_with} -> {other}" in logged[-1]
+    assert new.config(TrainConfig(epochs=10), plan).epochs == plan.finetune_epochs_new_recipe
     # asked for the encoder while none is registered: from scratch, and logged as such
     plan = build_run.RunPlan("cpu", init_from="ssl_encoder")
     start = build_run.initial_state(tracking, plan, TrainConfig(), ["0", "1"], logged.append)

@@ -332,3 +332,20 @@ def test_uploads_hold_the_byte_rate_cap_and_respect_windows(tmp_path, fleet):
         assert sent <= rate * elapsed + 2 * rate  # the bucket, one payload of debt at most
         time.sleep(0.05)
     assert sent > 2 * rate  # long enough for the cap to matter
+
+
+def test_the_cli_names_every_source_and_refuses_a_bad_one_clearly(tmp_path, capsys):
+    from cvops_pipelines.edge.cli import build_parser, main
+
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    run_help = " ".join(run_parser.format_help().split())
+    for form in ("rtsp://", "udp://", "http(s)://", "/dev/videoN", "camera:N", "video file"):
+        assert form in run_help
+    base = ["--state", str(tmp_path / "s"), "--store", str(tmp_path), "--public-key", "k"]
+    base += ["--device-id", "cam-1", "run", "--once"]
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        main([*base, "--source", str(tmp_path / "missing.mp4")])
+    with pytest.raises(SystemExit, match="HH:MM-HH:MM"):
+        main([*base, "--source", str(tmp_path), "--upload-window", "10pm-6am"])
+    with pytest.raises(SystemExit, match="needs --max-frames or --seconds"):
+        main([*base, "--source", "udp://127.0.0.1:9"])

@@ -158,6 +158,10 @@ class Tracking:
     def version_run_id(self, version: str) -> str:
         return self.client().get_model_version(self.model_name, str(version)).run_id
 
+    def run_params(self, run_id: str) -> dict[str, str]:
+        """A run's logged parameters (as MLflow keeps them: text)."""
+        return dict(self.client().get_run(run_id).data.params)
+
     @staticmethod
     def log_dataset(rows, version: str, source: str, context: str = "training") -> None:
         """The dataset version as the run's dataset input (name = version, digest = content)."""

@@ -36,6 +36,9 @@ class RunPlan:
     # an auto fine-tune's images per epoch at most, where the task's trainer can draw them
     # (a classifier's): its time stays flat as the pool grows turn after turn; 0 = all
     finetune_images_per_epoch: int = 1024
+    # an auto fine-tune's epochs when the champion was trained with another recipe (augmentation
+    # preset): a few epochs do not learn a new recipe (the demo's drift turn: docs/benchmarks.md)
+    finetune_epochs_new_recipe: int = 6
 
     def __post_init__(self) -> None:
         if self.init_from not in INIT_FROM:
@@ -47,7 +50,9 @@ class RunPlan:
             )
         if self.finetune_images_per_epoch < 0:
             raise ValueError("finetune_images_per_epoch must be >= 0 (0: every image)")
-        if self.finetune_epochs < 1 or not 0 < self.finetune_lr_scale <= 1:
+        if min(self.finetune_epochs, self.finetune_epochs_new_recipe) < 1 or not (
+            0 < self.finetune_lr_scale <= 1
+        ):
             raise ValueError(
                 f"finetune_epochs must be >= 1 and finetune_lr_scale in (0, 1], got "
                 f"{self.finetune_epochs} and {self.finetune_lr_scale}"
@@ -61,14 +66,16 @@ class Start:
     source: str  # none, champion, challenger, ssl_encoder
     state: dict | None = None
     fine_tune: bool = False  # auto chose the champion: fewer epochs, a lower learning rate
+    new_recipe: bool = False  # ... which was trained with another recipe: more of those epochs
 
     def config(self, config, plan: RunPlan):
         """The hyperparameters this start trains with (a classifier's or a detector's)."""
         if not self.fine_tune:
             return config
+        epochs = plan.finetune_epochs_new_recipe if self.new_recipe else plan.finetune_epochs
         tuned = replace(
             config,
-            epochs=min(config.epochs, plan.finetune_epochs),
+            epochs=min(config.epochs, epochs),
             learning_rate=config.learning_rate * plan.finetune_lr_scale,
         )
         drawn = getattr(config, "images_per_epoch", None)  # None: this trainer cannot draw
@@ -78,9 +85,17 @@ class Start:
         return replace(tuned, images_per_epoch=min(drawn, cap) if drawn else cap)
 
 
-def auto_start(tracking: Tracking, architecture: str, classes: list[str], log: Log) -> Start:
+def auto_start(
+    tracking: Tracking,
+    architecture: str,
+    classes: list[str],
+    log: Log,
+    recipe: dict | None = None,
+) -> Start:
     """Fine-tune the champion when the ontology did not change since it was trained; train from
-    scratch when it did (another class list), or when there is no champion yet."""
+    scratch when it did (another class list), or when there is no champion yet. `recipe`: the
+    hyperparameters (e.g. the augmentation preset) whose change makes the fine-tune a longer one,
+    compared with what the champion's run logged."""
     champion = load(tracking, alias="champion")
     if champion is None:
         log("no champion yet: training from scratch")
@@ -92,8 +107,19 @@ def auto_start(tracking: Tracking, architecture: str, classes: list[str], log: L
             "the ontology or the architecture changed, training from scratch"
         )
         return Start("none")
-    log(f"fine-tuning champion v{champion.version} (same architecture and classes)")
-    return Start("champion", champion.model.state_dict(), fine_tune=True)
+    trained = tracking.run_params(champion.run_id) if recipe else {}
+    changed = {
+        k: (trained.get(k), v) for k, v in (recipe or {}).items() if trained.get(k) != str(v)
+    }
+    if changed:
+        log(
+            f"fine-tuning champion v{champion.version} on a new recipe ("
+            + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            + "): the longer fine-tune"
+        )
+    else:
+        log(f"fine-tuning champion v{champion.version} (same architecture and classes)")
+    return Start("champion", champion.model.state_dict(), fine_tune=True, new_recipe=bool(changed))
 
 
 @dataclass(frozen=True)
@@ -172,7 +198,8 @@ def initial_state(
     if plan.init_from == "none":
         return Start("none")
     if plan.init_from == "auto":
-        return auto_start(tracking, config.architecture, classes, log)
+        recipe = {"augmentation": config.augmentation}
+        return auto_start(tracking, config.architecture, classes, log, recipe)
     if plan.init_from == "ssl_encoder":
         from cvops_pipelines.core.build.models import build_model
         from cvops_pipelines.core.build.ssl_run import init_from_encoder

@@ -89,10 +89,6 @@ class RetrainingPolicy:
     # the training data, so the retrain is asked to be robust to more than it was (None: keep the
     # asset's configured preset).
     augmentation_after_drift: str | None = "strong"
-    # ... and a fine-tune of the champion (`init_from: auto`) gets this many epochs instead of
-    # its usual few: a new augmentation is a new recipe, which a few epochs do not learn (the
-    # demo's drift turn, measured: docs/benchmarks.md, loop_latency). None: the usual few.
-    finetune_epochs_after_drift: int | None = 6
 
 
 @dataclass(frozen=True)
@@ -150,6 +146,4 @@ def retraining_decision(
     if "no_output_drift" in fired and policy.augmentation_after_drift:
         overrides["augmentation"] = policy.augmentation_after_drift
         why += f"; augmentation {policy.augmentation_after_drift} for the drifted field"
-        if policy.finetune_epochs_after_drift:
-            overrides["finetune_epochs"] = policy.finetune_epochs_after_drift
     return RetrainingDecision(True, why, dataset.version, overrides)

@@ -97,6 +97,12 @@ class TrainedModelConfig(_Hyperparameters):
     finetune_epochs: int = Field(
         3, ge=1, description="Epochs of an auto fine-tune (fewer epochs asked for win)."
     )
+    finetune_epochs_new_recipe: int = Field(
+        6,
+        ge=1,
+        description="Epochs of an auto fine-tune when the champion was trained with another "
+        "augmentation preset (e.g. the retraining sensor asks for `strong` after drift).",
+    )
     finetune_lr_scale: float = Field(
         0.5,
         gt=0,
@@ -139,6 +145,7 @@ class TrainedModelConfig(_Hyperparameters):
             self.finetune_epochs,
             self.finetune_lr_scale,
             self.finetune_images_per_epoch,
+            self.finetune_epochs_new_recipe,
         )
 
 

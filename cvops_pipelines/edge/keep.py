@@ -2,7 +2,7 @@
 
 Every prediction is recorded; its image is kept only when it can teach the next model something:
 the model was unsure (a classifier's top-two margin is small, a detector's box scored near its
-operating point), it flickered (its answer differs from the recent frames of the same source), an
+operating point), it flickered (its answer differs from the recent frames of the same scene), an
 operator corrected it, or it falls in a seeded exploration share (the unbiased sample that keeps
 the field's accuracy measurable). A frame that looks like the last kept frame of its source is
 kept once. The value orders eviction under the disk budget and the upload queue: a correction
@@ -28,7 +28,9 @@ _BASE = {"flicker": 3.0, "uncertain": 2.0, "explore": 1.0}
 class KeepPolicy:
     margin: float = 0.25  # uncertain: top-1 minus top-2 below this (a detector: a box this near
     # its answer threshold)
-    flicker_frames: int = 3  # flicker: the answer differs from the last N answers' majority
+    flicker_frames: int = 3  # flicker: the answer differs from the majority of the last N answers
+    # on the same scene (a frame within `scene_distance` of the one before it)
+    scene_distance: float = 12.0
     explore_share: float = 0.02  # a seeded random share kept whatever the model said
     duplicate_distance: float = 3.0  # a frame this near (mean |grey difference|, 0-255, at 16x16)
     # to the last kept frame of its source is not kept again
@@ -44,8 +46,10 @@ class KeepPolicy:
                 "buffer policy: explore_share in [0, 1], margin >= 0 and budget_bytes >= 0, "
                 f"got {self.explore_share}, {self.margin}, {self.budget_bytes}"
             )
-        if self.flicker_frames < 0 or self.hold_frames < 0:
-            raise ValueError("buffer policy: flicker_frames and hold_frames must be >= 0")
+        if self.flicker_frames < 0 or self.hold_frames < 0 or self.scene_distance < 0:
+            raise ValueError(
+                "buffer policy: flicker_frames, hold_frames and scene_distance must be >= 0"
+            )
 
     @classmethod
     def from_spec(cls, spec: dict | None, note=lambda message: None) -> KeepPolicy:
@@ -97,11 +101,18 @@ class Selector:
     def __init__(self, policy: KeepPolicy):
         self.policy = policy
         self._answers: dict[str, deque] = {}
+        self._last: dict[str, np.ndarray] = {}  # the source's previous frame (its thumbnail)
         self._last_kept: dict[str, np.ndarray] = {}
 
     def judge(self, source: str, key: str, label: str, margin: float, image: np.ndarray | None):
         p = self.policy
         recent = self._answers.setdefault(source, deque(maxlen=max(1, p.flicker_frames)))
+        small = thumb(image) if image is not None else None
+        previous = self._last.get(source)
+        if small is not None:
+            self._last[source] = small
+            if previous is None or float(np.abs(small - previous).mean()) >= p.scene_distance:
+                recent.clear()  # another scene: its answers are not a flicker of this one's
         flicker = (
             bool(p.flicker_frames) and len(recent) == recent.maxlen and label != _majority(recent)
         )
@@ -117,8 +128,7 @@ class Selector:
             verdict = Verdict(True, "explore", _BASE["explore"])
         else:
             return Verdict(False, "", 0.0)
-        if image is not None:
-            small = thumb(image)
+        if small is not None:
             last = self._last_kept.get(source)
             if last is not None and float(np.abs(small - last).mean()) < p.duplicate_distance:
                 return Verdict(False, "", 0.0)

@@ -73,6 +73,10 @@ def test_release_is_signed_published_and_idempotent(isolated_homes):
         "preprocess.json",
         "classes.json",
     }
+    from cvops_pipelines.edge.keep import KeepPolicy
+
+    shipped = releases.spec(release_id)  # the devices' buffer policy travels in the spec
+    assert KeepPolicy.from_spec(shipped) == KeepPolicy() and "budget_bytes" in shipped["buffer"]
     again = release(instance)
     assert again.success
     (mat,) = again.asset_materializations_for_node("edge_release")

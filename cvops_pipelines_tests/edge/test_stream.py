@@ -102,9 +102,13 @@ def test_the_selector_keeps_what_can_teach_and_each_scene_once():
     assert not judge("cam", "c", "3", 0.05, still).keep  # the same scene again: kept once
     for key in "def":
         judge("cam", key, "3", 0.9, other)
-    flicker = judge("cam", "g", "8", 0.9, np.roll(other, 40, axis=1))
+    nudged = np.clip(other.astype(int) + 2, 0, 255).astype(np.uint8)  # the same scene
+    flicker = judge("cam", "g", "8", 0.9, nudged)  # ... and a new answer
     unsure = Selector(KeepPolicy()).judge("cam", "a", "8", 0.01, still)
     assert flicker.reason == "flicker" and flicker.value > unsure.value > 0
+    for key in "hij":
+        judge("cam", key, "3", 0.9, other)
+    assert not judge("cam", "k", "5", 0.9, still).keep  # a new answer on a new scene: no flicker
     explore = Selector(KeepPolicy(explore_share=0.1, margin=0.0, duplicate_distance=0.0))
     share = np.mean([explore.judge("cam", str(i), "3", 1.0, None).keep for i in range(4000)])
     assert 0.08 < share < 0.12

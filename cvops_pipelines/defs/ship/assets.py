@@ -163,8 +163,14 @@ class EdgeBufferConfig(Config):
     flicker_frames: int = Field(
         KeepPolicy.flicker_frames,
         ge=0,
-        description="Keep a frame whose answer differs from the majority of the source's last "
-        "this many answers (0: off).",
+        description="Keep a frame whose answer differs from the majority of the last this many "
+        "answers on the same scene (0: off).",
+    )
+    scene_distance: float = Field(
+        KeepPolicy.scene_distance,
+        ge=0,
+        description="A frame this far from the one before it (mean grey difference, 0-255, at "
+        "16x16) starts a new scene: a new answer there is no flicker.",
     )
     explore_share: float = Field(
         KeepPolicy.explore_share,

@@ -127,6 +127,8 @@ def cmd_run(args) -> int:
 
     if args.source and args.watch:
         raise SystemExit("run: give --source or --watch (a folder), not both")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise SystemExit(f"run: --max-frames must be >= 1, got {args.max_frames}")
     spec = args.source or args.watch
     try:
         link = Link(args.upload_rate, parse_windows(args.upload_window))

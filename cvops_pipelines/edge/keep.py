@@ -41,15 +41,25 @@ class KeepPolicy:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.explore_share <= 1 or self.margin < 0 or self.budget_bytes < 0:
-            raise ValueError(
-                "buffer policy: explore_share in [0, 1], margin >= 0 and budget_bytes >= 0, "
-                f"got {self.explore_share}, {self.margin}, {self.budget_bytes}"
-            )
-        if self.flicker_frames < 0 or self.hold_frames < 0 or self.scene_distance < 0:
-            raise ValueError(
-                "buffer policy: flicker_frames, hold_frames and scene_distance must be >= 0"
-            )
+        """The policy comes in a release's spec: every value is checked here, so a spec that
+        holds a wrong type, NaN or a negative size falls back to the defaults (`from_spec`)."""
+        import math
+
+        for name in ("flicker_frames", "budget_bytes", "hold_frames", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"buffer policy: {name} must be an integer >= 0, got {value!r}")
+        for name in ("margin", "scene_distance", "duplicate_distance", "explore_share"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"buffer policy: {name} must be a number >= 0, got {value!r}")
+        if self.explore_share > 1:
+            raise ValueError(f"buffer policy: explore_share must be <= 1, got {self.explore_share}")
 
     @classmethod
     def from_spec(cls, spec: dict | None, note=lambda message: None) -> KeepPolicy:

@@ -113,6 +113,11 @@ def test_the_selector_keeps_what_can_teach_and_each_scene_once():
     share = np.mean([explore.judge("cam", str(i), "3", 1.0, None).keep for i in range(4000)])
     assert 0.08 < share < 0.12
     assert margin_of([("3", 0.6), ("8", 0.3)], None, 0.5) == pytest.approx(0.3)
+    notes = []  # a release spec's policy with a wrong value: the defaults, said, never a crash
+    for bad in ({"hold_frames": 2.5}, {"margin": float("nan")}, {"budget_bytes": -1},
+                {"explore_share": 2}, {"seed": True}, {"colour": "blue"}):  # fmt: skip
+        assert KeepPolicy.from_spec({"buffer": bad}, notes.append) == KeepPolicy()
+    assert len(notes) == 6
     assert margin_of([], [{"score": 0.55}, {"score": 0.9}], 0.5) == pytest.approx(0.05)
 
 
@@ -319,14 +324,14 @@ def test_uploads_hold_the_byte_rate_cap_and_respect_windows(tmp_path, fleet):
         parse_windows("10pm-6am")
 
     video = tmp_path / "gate.mp4"
-    write_video(video, DIGITS[:20], hold=5, fps=10)
+    write_video(video, DIGITS[:8], hold=5, fps=10)
     agent = device(tmp_path, fleet)
     agent.stream(Source(str(video)), policy=KeepPolicy(explore_share=1.0, duplicate_distance=0))
     minute = time.gmtime()
     later = (minute.tm_hour * 60 + minute.tm_min + 5) % 1440  # a window that opens later
     closed = agent.upload(link=Link(windows=((later, (later + 1) % 1440),)))
     assert closed.status == "window" and not closed.batches and agent.buffer.pending()
-    rate = 40_000.0
+    rate = 200_000.0
     link, sent, started = Link(rate=rate), 0, time.monotonic()
     while agent.buffer.pending():
         result = agent.upload(max_records=4, link=link)
@@ -353,3 +358,7 @@ def test_the_cli_names_every_source_and_refuses_a_bad_one_clearly(tmp_path, caps
         main([*base, "--source", str(tmp_path), "--upload-window", "10pm-6am"])
     with pytest.raises(SystemExit, match="needs --max-frames or --seconds"):
         main([*base, "--source", "udp://127.0.0.1:9"])
+    with pytest.raises(SystemExit, match="fps must be > 0"):
+        main([*base, "--source", str(tmp_path), "--fps", "nan"])
+    with pytest.raises(SystemExit, match="max-frames must be >= 1"):
+        main([*base, "--source", str(tmp_path), "--max-frames", "0"])

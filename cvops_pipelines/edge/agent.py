@@ -211,6 +211,7 @@ class EdgeAgent:
         self._runtime, self._preprocess = None, None
         self._loaded: str | None = None
         self._passed_over: deque = deque()  # recent frames not kept: (record_id, bytes, image)
+        self._budget = KeepPolicy().budget_bytes  # the disk budget of the stream being served
         self.start()
 
     # -- the active release -------------------------------------------------------------------
@@ -579,6 +580,7 @@ class EdgeAgent:
         policy = policy or KeepPolicy.from_spec(self._preprocess, self.events.append)
         selector, result = Selector(policy), StreamResult(source=source.name)
         self._passed_over = deque(maxlen=policy.hold_frames)
+        self._budget = policy.budget_bytes
         threshold = float((self._preprocess or {}).get("answer_threshold", 0.5))
         for frame in source.frames():
             key = None if source.live else frame.key  # a live frame never comes again
@@ -667,6 +669,7 @@ class EdgeAgent:
         for held, data, rgb in self._passed_over:
             if held == record_id:
                 self.buffer.attach(record_id, data if data is not None else encode_jpeg(rgb))
+                self.buffer.evict(self._budget)  # the budget holds with the corrected image too
                 return
 
     def correct_boxes(self, record_id: str, boxes: list[dict]) -> None:

@@ -267,6 +267,22 @@ def test_a_frame_corrected_while_the_agent_holds_it_keeps_its_image(tmp_path, fl
     assert by_id[picked[0]]["image_kept"] is False
 
 
+def test_a_held_frame_corrected_under_a_full_budget_keeps_the_budget(tmp_path, fleet):
+    video = tmp_path / "gate.mp4"
+    write_video(video, DIGITS[:4], hold=5, fps=10)
+    agent = device(tmp_path, fleet)
+    tight = KeepPolicy(margin=0.0, flicker_frames=0, explore_share=0.0, budget_bytes=1)
+    seen = []
+
+    def operator(frame, prediction):
+        seen.append(prediction.record_id)
+        agent.correct(prediction.record_id, "7")  # every frame, while the agent holds it
+        assert agent.buffer.image_bytes() <= tight.budget_bytes
+
+    agent.stream(Source(str(video)), on_frame=operator, policy=tight)
+    assert len(seen) == 20 and agent.buffer.counts()["evicted"] == 20
+
+
 def test_kill_9_mid_stream_then_a_restart_records_no_frame_twice(tmp_path, fleet):
     video = tmp_path / "gate.mp4"
     write_video(video, DIGITS, hold=5, fps=10)  # 200 frames

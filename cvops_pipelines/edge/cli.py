@@ -115,6 +115,7 @@ def cmd_status(args) -> int:
             "cohort": agent.cohort,
             "release": agent.release,
             "pending_feedback": agent.buffer.pending(),
+            "buffer": agent.buffer.counts(),  # images waiting, their bytes, evicted so far
             "events": agent.events,
         }
     )

@@ -20,7 +20,6 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 CORRECTED = 10.0  # an operator's correction outranks anything the device judged itself
-REASONS = ("corrected", "flicker", "uncertain", "explore")
 _BASE = {"flicker": 3.0, "uncertain": 2.0, "explore": 1.0}
 
 
@@ -81,7 +80,7 @@ class KeepPolicy:
 @dataclass(frozen=True)
 class Verdict:
     keep: bool
-    reason: str  # one of REASONS, or "" (recorded without its image)
+    reason: str  # corrected, flicker, uncertain, explore; "": recorded without its image
     value: float  # higher: evicted later, uploaded sooner
 
 

@@ -267,7 +267,7 @@ def test_a_frame_corrected_while_the_agent_holds_it_keeps_its_image(tmp_path, fl
     assert by_id[picked[0]]["image_kept"] is False
 
 
-def test_a_held_frame_corrected_under_a_full_budget_keeps_the_budget(tmp_path, fleet):
+def test_a_held_frame_corrected_under_a_full_budget_keeps_the_budget(tmp_path, fleet, capsys):
     video = tmp_path / "gate.mp4"
     write_video(video, DIGITS[:4], hold=5, fps=10)
     agent = device(tmp_path, fleet)
@@ -281,6 +281,14 @@ def test_a_held_frame_corrected_under_a_full_budget_keeps_the_budget(tmp_path, f
 
     agent.stream(Source(str(video)), on_frame=operator, policy=tight)
     assert len(seen) == 20 and agent.buffer.counts()["evicted"] == 20
+    agent.close()
+    (tmp_path / "release.pub").write_bytes(fleet.public_key)
+    from cvops_pipelines.edge.cli import main
+
+    argv = ["--state", str(tmp_path / "cam-1"), "--store", str(fleet.root), "--public-key"]
+    assert main([*argv, str(tmp_path / "release.pub"), "--device-id", "cam-1", "status"]) == 0
+    status = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert status["buffer"]["evicted"] == 20 and status["buffer"]["image_bytes"] <= 1
 
 
 def test_kill_9_mid_stream_then_a_restart_records_no_frame_twice(tmp_path, fleet):

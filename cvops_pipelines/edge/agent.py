@@ -42,7 +42,7 @@ from cvops_pipelines.edge.link import Link
 from cvops_pipelines.edge.preprocess import load_rgb
 from cvops_pipelines.edge.remote import Offline, Remote, write_atomic
 from cvops_pipelines.edge.runtime import Runtime
-from cvops_pipelines.edge.sources import SourceStats
+from cvops_pipelines.edge.sources import SourceStats, ahead
 from cvops_pipelines.edge.wire import MAX_VERSION
 
 CHUNK = 1 << 20
@@ -549,10 +549,15 @@ class EdgeAgent:
         )
         return Prediction(record_id, label, confidence, top, self._loaded, boxes)
 
-    def _answer(self, rgb) -> tuple[str, float, list, list[dict] | None]:
+    def _answer(self, rgb, prepared=None) -> tuple[str, float, list, list[dict] | None]:
+        """`prepared`: (the runtime that prepared it, its input batch and sizes), used while
+        that runtime is still the one served."""
         if self._runtime is None:
             raise RuntimeError(f"device {self.device_id} has no verified release to serve yet")
-        answer = self._runtime.run([rgb])[0]
+        if prepared is not None and prepared[0] is self._runtime:
+            answer = self._runtime.infer(*prepared[1])[0]
+        else:
+            answer = self._runtime.run([rgb])[0]
         label, confidence, top, boxes = answer.label, answer.confidence, answer.top, None
         if answer.boxes is not None:  # a detector's answer: its boxes are recorded too
             boxes = self._recordable(answer)
@@ -575,23 +580,43 @@ class EdgeAgent:
         decode or predict is skipped with its reason, never fatal."""
         from PIL import Image
 
-        from cvops_pipelines.edge.keep import Selector, margin_of
+        from cvops_pipelines.edge.keep import Selector
 
         policy = policy or KeepPolicy.from_spec(self._preprocess, self.events.append)
         selector, result = Selector(policy), StreamResult(source=source.name)
         self._passed_over = deque(maxlen=policy.hold_frames)
         self._budget = policy.budget_bytes
         threshold = float((self._preprocess or {}).get("answer_threshold", 0.5))
-        for frame in source.frames():
+
+        def prepare(frame):  # on the decoding thread, while the previous frame is predicted
+            rgb = load_rgb(frame.data) if frame.data is not None else Image.fromarray(frame.image)
+            runtime = self._runtime
+            return rgb, None if runtime is None else (runtime, runtime.prepare([rgb]))
+
+        # a live source: one frame ahead at most, so what is predicted is never stale
+        frames = ahead(source.frames(), prepare, depth=1 if source.live else 2)
+        try:
+            self._predict(source, frames, selector, threshold, result, max_frames, on_frame)
+        finally:
+            frames.close()
+            source.stop()
+        result.stats = source.stats
+        return result
+
+    def _predict(self, source, frames, selector, threshold, result, max_frames, on_frame) -> None:
+        from cvops_pipelines.edge.keep import margin_of
+
+        policy = selector.policy
+        for frame, prepared in frames:
             key = None if source.live else frame.key  # a live frame never comes again
             if key is not None and self.buffer.seen(key):
                 result.already += 1
                 continue
             try:
-                rgb = (
-                    load_rgb(frame.data) if frame.data is not None else Image.fromarray(frame.image)
-                )
-                label, confidence, top, boxes = self._answer(rgb)
+                if isinstance(prepared, Exception):
+                    raise prepared
+                rgb, ready = prepared
+                label, confidence, top, boxes = self._answer(rgb, ready)
             except Exception as exc:  # noqa: BLE001  (a frame that fails: skip, keep serving)
                 reason = f"{type(exc).__name__}: {exc}"
                 if key is not None:
@@ -634,10 +659,7 @@ class EdgeAgent:
             if on_frame is not None:
                 on_frame(frame, Prediction(record_id, label, confidence, top, self._loaded, boxes))
             if max_frames is not None and result.predicted >= max_frames:
-                source.stop()
-                break
-        result.stats = source.stats
-        return result
+                return
 
     def _recordable(self, answer) -> list[dict]:
         """A detector's boxes as records carry them; a box the pipeline would refuse (NaN,

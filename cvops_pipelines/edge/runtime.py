@@ -135,19 +135,27 @@ class Runtime:
             raise BundleError("health", f"model does not load or run: {exc}") from None
         self.head.check(outputs, self.spec)
 
-    def run(self, images: list, batch_size: int = 32) -> list[Answer]:
-        """Answers for decoded images (PIL RGB images or HWC uint8 arrays, any size)."""
+    def prepare(self, images: list) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The model's input batch for decoded images (PIL RGB images or HWC uint8 arrays, any
+        size) and their sizes: the half of `run` that needs no model, so a stream can prepare
+        the next frame while this one is predicted."""
         from PIL import Image
 
         rgbs = [Image.fromarray(i) if isinstance(i, np.ndarray) else i for i in images]
+        batch = normalize(
+            [resize(rgb, self.size) for rgb in rgbs], self.spec["mean"], self.spec["std"]
+        )
+        return batch, [rgb.size for rgb in rgbs]
+
+    def infer(self, batch: np.ndarray, sizes: list[tuple[int, int]]) -> list[Answer]:
+        outputs = self.session.run(None, {self.input: batch})
+        return self.head.answers(outputs, sizes, self.spec, self.top_k)
+
+    def run(self, images: list, batch_size: int = 32) -> list[Answer]:
+        """Answers for decoded images (PIL RGB images or HWC uint8 arrays, any size)."""
         out: list[Answer] = []
-        for start in range(0, len(rgbs), batch_size):
-            chunk = rgbs[start : start + batch_size]
-            batch = normalize(
-                [resize(rgb, self.size) for rgb in chunk], self.spec["mean"], self.spec["std"]
-            )
-            outputs = self.session.run(None, {self.input: batch})
-            out += self.head.answers(outputs, [rgb.size for rgb in chunk], self.spec, self.top_k)
+        for start in range(0, len(images), batch_size):
+            out += self.infer(*self.prepare(images[start : start + batch_size]))
         return out
 
     def answers(self, images: list[bytes], batch_size: int = 32) -> list[Answer]:

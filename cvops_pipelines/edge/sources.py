@@ -150,7 +150,7 @@ class Source:
             if not container.streams.video:
                 raise ValueError(f"{self.spec!r} has no video stream")
             due = None
-            for frame in self._decoded(container):
+            for frame in self._decoded(container, threads=1):
                 if self.stopped:
                     return
                 due, wanted = self._sample(frame.time, due)
@@ -168,12 +168,15 @@ class Source:
         step = 1 / self.fps
         return (at + step if due is None or at - due >= step else due + step), True
 
-    def _decoded(self, container) -> Iterator:
-        """The container's video frames; a packet that does not decode is counted, not fatal."""
+    def _decoded(self, container, threads: int = 0) -> Iterator:
+        """The container's video frames; a packet that does not decode is counted, not fatal.
+        `threads`: FFmpeg's decoding threads, 0 for as many as it likes (a live source must
+        keep up with the camera); a file's one thread leaves the other cores to the model."""
         import av
 
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         for packet in container.demux(stream):
             if packet.is_corrupt:
                 self.stats.corrupt += 1
@@ -272,3 +275,56 @@ class Source:
                 self._stopped.wait(self.backoff.delay(max(1, failures)))
         finally:
             done.set()
+
+
+def ahead(items: Iterator, work: Callable, depth: int = 2) -> Iterator[tuple]:
+    """(item, work(item)) for each item, with the iterating and the work done by a thread up to
+    `depth` items ahead of the caller: decoding and preparing the next frame overlap predicting
+    this one (FFmpeg, Pillow's resize and onnxruntime all release the GIL). `work` raising gives
+    (item, the exception), for the caller to skip; the iteration raising ends the stream with
+    that exception. Closing the generator (a `break`) stops the thread."""
+    import queue
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                try:
+                    done = work(item)
+                except Exception as exc:  # noqa: BLE001  (the caller skips the item, says why)
+                    done = exc
+                if not put((item, done)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            put((end, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="cvops-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, done = slots.get()
+            if item is end:
+                if done is not None:
+                    raise done
+                return
+            yield item, done
+    finally:
+        stop.set()
+        thread.join(timeout=30)

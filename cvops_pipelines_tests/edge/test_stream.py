@@ -19,7 +19,7 @@ from cvops_pipelines.demo.digit_model import trained_model
 from cvops_pipelines.edge.agent import EdgeAgent
 from cvops_pipelines.edge.keep import KeepPolicy
 from cvops_pipelines.edge.link import Link
-from cvops_pipelines.edge.sources import Backoff, Source
+from cvops_pipelines.edge.sources import Backoff, Source, ahead
 from cvops_pipelines_tests.edge.fleet_kit import central
 from cvops_pipelines_tests.edge.video_kit import (
     HEIGHT,
@@ -89,6 +89,85 @@ def test_a_video_file_is_predicted_at_fps_and_recorded_once_with_its_source_and_
     assert 0 < len(kept) < len(records)  # selective: some kept, not all
     hits = sum(r["predicted"] == truth[round(r["frame_time"] * 10)] for r in records)
     assert hits / len(records) > 0.6  # a real classifier on real digits, filmed
+
+
+def test_frames_are_prepared_ahead_in_order_and_a_break_stops_the_thread():
+    def work(i):
+        if i == 3:
+            raise ValueError("frame 3 does not decode")
+        return i * 10
+
+    got = list(ahead(iter(range(6)), work))
+    assert [i for i, _ in got] == list(range(6))  # every item, in order
+    assert [d for i, d in got if i != 3] == [0, 10, 20, 40, 50]
+    assert isinstance(got[3][1], ValueError)  # the caller skips it and says why
+
+    def broken():
+        yield 1
+        raise OSError("the disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        list(ahead(broken(), work))
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            closed.set()
+
+    for i, _ in (stream := ahead(endless(), work, depth=2)):
+        if i == 5:
+            break
+    stream.close()
+    assert closed.wait(5)  # the producer let go of its source
+    assert not any(t.name == "cvops-decode" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_release_taken_mid_stream_is_served_with_its_own_preprocessing(tmp_path, fleet):
+    """Frames prepared ahead for the old release are prepared again for the new one (another
+    input size: the old batch would not even run)."""
+    import torch
+
+    from cvops_pipelines.core.build.models import Preprocess
+    from cvops_pipelines.core.ship.export import export_onnx
+    from cvops_pipelines.demo.digit_model import CLASSES
+
+    torch.manual_seed(0)
+    preprocess = Preprocess("linear", 16, (0.5,) * 3, (0.5,) * 3, tuple(CLASSES))
+
+    class Linear(torch.nn.Module):  # a fixed input size: an 8 px batch would not run
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 16 * 16, len(CLASSES))
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    bigger = export_onnx(Linear().eval(), preprocess)
+    video = tmp_path / "gate.mp4"
+    write_video(video, DIGITS[:10], hold=5, fps=10)
+    agent = device(tmp_path, fleet)
+    first = agent.sync().release
+    served = []
+
+    def on_frame(frame, prediction):
+        served.append(prediction.release)
+        if len(served) == 5:
+            release = fleet.release(
+                bigger, "2", parent=first, preprocess=json.loads(preprocess.to_json())
+            )
+            fleet.releases.point("stable", release.id, "mid-stream", "test")
+            assert agent.sync().status == "updated"
+
+    result = agent.stream(Source(str(video)), on_frame=on_frame)
+    assert result.failed == 0 and result.predicted == 50, result.failures
+    assert served[:5] == [first] * 5 and len(set(served)) == 2
+    assert served[5:] == [served[-1]] * 45
 
 
 def test_the_selector_keeps_what_can_teach_and_each_scene_once():

@@ -60,6 +60,15 @@ def test_two_hands_off_turns_on_boxes(detection_demo):
     turn1 = out.split("######## turn 1")[1].split("######## turn 2")[0]
     turn2 = out.split("######## turn 2")[1].split("######## summary")[0]
 
+    # coverage per device: every frame the fleet answered, each with its image (image by image)
+    for turn in (turn1, turn2):
+        learned = re.search(r"== learn: (\d+) of (\d+) frames reviewed", turn)
+        table = turn.split("images kept, reviewed):\n")[1].split("\n   annotation queue")[0]
+        rows = [line.strip("| ").split(" | ") for line in table.splitlines()[2:]]
+        assert rows and all(int(frames) == int(kept) for _, frames, kept, _ in rows), table
+        assert sum(int(r[1]) for r in rows) == int(learned[2])
+        assert sum(int(r[3]) for r in rows) == int(learned[1])
+
     # turn 1: the first model passes the gate (no champion to lose to) and goes on canary
     assert "cvops-detector v1" in turn1 and "challenger_not_worse_than_champion: passed" in turn1
     assert first["release"] and not first["gate"]["refused"]

@@ -307,6 +307,7 @@ class DetectionDemo:
         print(
             f"\n== learn: {metrics.get('reviewed')} of {metrics.get('records')} frames reviewed; "
             f"per release:\n{metrics.get('per_release')}\n   drift:\n{metrics.get('drift')}\n"
+            f"   devices (frames answered, images kept, reviewed):\n{metrics.get('devices')}\n"
             f"   annotation queue {queue.get('queue_id')}: {queue.get('queued')} frames "
             f"{queue.get('by_reason')} -> {queue.get('labelstudio_import')}\n   checks: "
             + ", ".join(

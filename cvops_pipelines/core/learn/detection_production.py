@@ -15,7 +15,7 @@ incremental state is detection_production_state.py).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -39,6 +39,8 @@ class DetectionProduction(FieldReport):
     table: pd.DataFrame  # release x cohort: frames, reviewed, coverage, precision, recall
     per_release: pd.DataFrame
     drift: pd.DataFrame  # release, frames, p_scores, p_counts, flagged / why not tested
+    devices: pd.DataFrame = field(default_factory=pd.DataFrame)  # per device: frames answered,
+    # images kept, reviewed (what selective buffering sends back of what a device saw)
 
     def sla_failure(self, policy: DetectionPolicy) -> str | None:
         judged = self.per_release[self.per_release["reviewed"] >= policy.min_reviewed]
@@ -70,6 +72,7 @@ class DetectionProduction(FieldReport):
             "reviewed": int(self.per_release["reviewed"].sum()) if len(self.per_release) else 0,
             "per_release": self.per_release.to_dict(orient="records"),
             "drift": self.drift.to_dict(orient="records"),
+            "devices": self.devices.to_dict(orient="records"),
             "release_lines": [  # what `cvops status` prints per release
                 f"{r['release']}: precision {r['precision_50']} / recall {r['recall_50']} at IoU "
                 f"0.5 on {r['reviewed']} reviewed of {r['frames']} frames "

@@ -31,14 +31,15 @@ from cvops_pipelines.core.learn.detection_production import (
 from cvops_pipelines.core.learn.production_state import AbsorbedState, _nullable
 
 DETECTION_STATE_KEY = "state/detection_metrics.sqlite"
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: records name their device and whether their image came
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, rows INTEGER, absorbed_at TEXT);
 CREATE TABLE IF NOT EXISTS records (
     record_id TEXT PRIMARY KEY, release TEXT, cohort TEXT, captured_at TEXT, seq INTEGER,
     boxes TEXT, answered INTEGER, answered_any INTEGER, top REAL,
-    own_fix TEXT, fix TEXT, fix_at TEXT, tp INTEGER, n_answered INTEGER, n_true INTEGER
+    own_fix TEXT, fix TEXT, fix_at TEXT, tp INTEGER, n_answered INTEGER, n_true INTEGER,
+    device_id TEXT, kept INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_release ON records (release, captured_at, seq);
 CREATE TABLE IF NOT EXISTS pending_fixes (
@@ -89,6 +90,8 @@ ABSORBED = [
     "corrected_boxes",
     "corrected_at",
     "captured_at",
+    "key",
+    "device_id",
 ]
 
 
@@ -144,16 +147,20 @@ class DetectionState(AbsorbedState):
                     sum(b.get("score", 0.0) >= point for b in boxes),
                     max((b.get("score", 0.0) for b in boxes), default=0.0),
                     _nullable(pd.Series([r.corrected_boxes]))[0],
+                    _nullable(pd.Series([r.device_id]))[0],
+                    int(not pd.isna(r.key)),  # an image-less record (selective buffering)
                 )
             )
         # a re-delivered record replaces its own fields and keeps a later correction it has
         self.db.executemany(
             "INSERT INTO records (record_id, release, cohort, captured_at, seq, boxes, answered, "
-            "answered_any, top, own_fix) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "answered_any, top, own_fix, device_id, kept) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (record_id) DO UPDATE SET release = excluded.release, "
             "cohort = excluded.cohort, captured_at = excluded.captured_at, seq = excluded.seq, "
             "boxes = excluded.boxes, answered = excluded.answered, "
-            "answered_any = excluded.answered_any, top = excluded.top, own_fix = excluded.own_fix",
+            "answered_any = excluded.answered_any, top = excluded.top, own_fix = excluded.own_fix, "
+            "device_id = excluded.device_id, kept = excluded.kept",
             rows,
         )
         ids = [row[0] for row in rows]
@@ -226,7 +233,17 @@ class DetectionState(AbsorbedState):
             columns=per_release_columns(),
         )
         frames = {r: n for r, n, *_ in by_release}
-        return DetectionProduction(table, per_release, self._drift(frames))
+        return DetectionProduction(table, per_release, self._drift(frames), self.coverage())
+
+    def coverage(self) -> pd.DataFrame:
+        """Per device: frames answered (records), images kept (sent with them), reviewed."""
+        return pd.read_sql_query(
+            "SELECT COALESCE(device_id, '') AS device_id, COUNT(*) AS frames, "
+            "COALESCE(SUM(kept), 0) AS images_kept, "
+            "SUM(CASE WHEN tp IS NOT NULL THEN 1 ELSE 0 END) AS reviewed "
+            "FROM records GROUP BY 1 ORDER BY 1",
+            self.db,
+        )
 
     def _drift(self, counts: dict[str, int]) -> pd.DataFrame:
         """`counts`: each release's frames."""

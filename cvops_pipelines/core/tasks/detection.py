@@ -202,6 +202,7 @@ class Detection(Task):
                 "precision_recall_by_release_cohort": Table(report.table, 50),
                 "per_release": Table(report.per_release, 20),
                 "drift": Table(report.drift, 20),
+                "devices": Table(report.devices, 50),  # frames answered vs kept vs reviewed
             },
             field_checks(
                 report,

@@ -61,6 +61,22 @@ def test_precision_and_recall_per_release_and_an_sla_that_agrees_with_them():
     assert report.sla_failure(DetectionPolicy(min_recall=0.6, min_reviewed=31)) is None
 
 
+def test_coverage_per_device_counts_frames_kept_images_and_reviews():
+    rows = [record(i, [scored(A, 0.9)], [A] if i < 3 else None) for i in range(5)]
+    rows += [  # a camera that sent 4 image-less records and 1 image, reviewed
+        {**record(10 + i, [scored(A, 0.6)], [A] if i == 0 else None), "device_id": "gate-2"}
+        | ({"key": None} if i else {})
+        for i in range(5)
+    ]
+    devices = detection_production(pd.DataFrame(rows), DetectionPolicy()).devices
+    assert devices.set_index("device_id").to_dict("index") == {
+        "cam": {"frames": 5, "images_kept": 5, "reviewed": 3},
+        "gate-2": {"frames": 5, "images_kept": 1, "reviewed": 1},
+    }
+    summary = detection_production(pd.DataFrame(rows), DetectionPolicy()).summary(DetectionPolicy())
+    assert {d["device_id"] for d in summary["devices"]} == {"cam", "gate-2"}
+
+
 def test_box_outputs_that_move_are_flagged_and_steady_ones_are_not():
     rng = np.random.default_rng(0)
     steady = [record(i, [scored(A, float(rng.uniform(0.6, 0.9)))]) for i in range(100)]

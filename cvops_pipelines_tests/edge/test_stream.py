@@ -238,6 +238,30 @@ def test_a_live_stream_at_fps_skips_the_frames_between(tmp_path, fleet):
     assert result.predicted >= 10
 
 
+def test_an_http_stream_is_read_through_ffmpeg_and_recorded_without_its_credentials(
+    tmp_path, fleet
+):
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    write_video(tmp_path / "clip.ts", DIGITS[:8], hold=5, fps=25)  # MPEG-TS, as cameras serve
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/clip.ts"
+    try:
+        agent = device(tmp_path, fleet)
+        source = Source(url.replace("//", "//viewer:secret@"), backoff=Backoff(0.1, 0.2))
+        result = agent.stream(source, max_frames=15)
+    finally:
+        server.shutdown()
+    assert result.predicted == 15 and result.failed == 0, result.failures
+    assert result.stats.decoded >= 15 and result.stats.corrupt == 0
+    assert agent.upload().status == "ok"
+    records, _ = uploaded(fleet)
+    assert len(records) == 15 and {r["source"] for r in records} == {url}  # no password kept
+
+
 def test_a_stream_cut_and_resumed_reconnects_and_predicts_both_halves(tmp_path, fleet):
     agent = device(tmp_path, fleet)
     port = free_udp_port()

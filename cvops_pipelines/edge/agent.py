@@ -598,8 +598,8 @@ class EdgeAgent:
         try:
             self._predict(source, frames, selector, threshold, result, max_frames, on_frame)
         finally:
+            source.stop()  # first: a live source's reader may be waiting on the camera
             frames.close()
-            source.stop()
         result.stats = source.stats
         return result
 

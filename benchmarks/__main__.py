@@ -16,6 +16,7 @@ BENCHMARKS = [
     "detection_feedback_scale",
     "label_qa",
     "training_throughput",
+    "training_precision",
     "optimizer_step",
     "export_latency",
     "release_delta",

@@ -131,6 +131,7 @@ def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_h
         return client.get_run(metadata(result, "trained_model")["mlflow_run_id"]).data.params
 
     assert params(first)["started_from"] == "none" and params(first)["epochs"] == "5"
+    assert params(first)["precision"] == "fp32"  # the default: bf16 is opt-in
     tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
     second = train(instance, auto)
     assert second.success

@@ -13,6 +13,7 @@ from cvops_pipelines.core.base.images import load_images
 from cvops_pipelines.core.base.ontology import class_indices
 from cvops_pipelines.core.base.store import Store
 from cvops_pipelines.core.base.tracking import Tracking
+from cvops_pipelines.core.build.models import pick_precision
 from cvops_pipelines.core.build.registry import load
 from cvops_pipelines.core.build.tracked import Log, TrainedModel, tracked_run, trained_model
 from cvops_pipelines.core.build.training import FitResult, TrainConfig, fit, hyperparameter_search
@@ -230,9 +231,10 @@ def train_tracked(
     version = str(rows["dataset_version"].iloc[0])
     classes = dataset_classes(rows)
     counts = rows["split"].value_counts()
+    config = replace(config, precision=pick_precision(config.precision, plan.device))
     log(
         f"training on {int(counts.get('train', 0) + counts.get('val', 0))} images of "
-        f"{version} at {config.image_size}px on {plan.device}"
+        f"{version} at {config.image_size}px on {plan.device} ({config.precision})"
     )
     if plan.search_trials > 0 and trainer is not train_in_process:
         raise ValueError("a hyperparameter search runs in the asset's process: search_trials 0")

@@ -74,6 +74,32 @@ def test_another_seed_trains_a_different_model(data):
     assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
 
 
+def test_precision_auto_follows_the_cpu_and_bf16_trains_fp32_weights(data, monkeypatch):
+    """auto picks bf16 only where the CPU computes it natively (emulated bf16 is slower than
+    fp32); bf16 is autocast: the arithmetic changes, the weights and the outputs stay fp32."""
+    for flag in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, flag, lambda: False, raising=False)
+    assert models.pick_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert models.pick_precision("auto", "cpu") == "bf16"
+    assert models.pick_precision("auto", "mps") == "fp32"
+    assert models.pick_precision("fp32", "cpu") == "fp32"  # what was asked for is kept
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        models.pick_precision("half", "cpu")
+    train, val, test = data
+    one = {**SMALL.__dict__, "epochs": 1}
+    bf16 = fit(train, val, CLASSES, TrainConfig(**{**one, "precision": "bf16"}))
+    fp32 = fit(train, val, CLASSES, TrainConfig(**{**one, "precision": "fp32"}))
+    assert bf16.history[0]["train_loss"] != fp32.history[0]["train_loss"]  # bf16 was applied
+    assert np.isfinite(bf16.history[0]["train_loss"])
+    floats = [t for t in bf16.model.state_dict().values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float32 for t in floats)
+    probs = predict_probs(bf16.model, test[0], bf16.preprocess)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
 def test_offline_missing_weights_are_refused_with_the_file_and_the_folder(tmp_path, monkeypatch):
     def no_network(url, path):
         raise AssertionError(f"CVOPS_OFFLINE is set, yet {url} was fetched")

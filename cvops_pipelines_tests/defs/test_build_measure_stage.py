@@ -119,6 +119,7 @@ def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_h
     from mlflow import MlflowClient
 
     from cvops_pipelines import settings
+    from cvops_pipelines.core.build.models import pick_precision
 
     auto = {**SMALL, "init_from": "auto", "epochs": 5, "finetune_epochs": 2}
     instance = curated(isolated_homes)
@@ -131,7 +132,8 @@ def test_a_retrain_fine_tunes_the_champion_until_the_ontology_changes(isolated_h
         return client.get_run(metadata(result, "trained_model")["mlflow_run_id"]).data.params
 
     assert params(first)["started_from"] == "none" and params(first)["epochs"] == "5"
-    assert params(first)["precision"] == "fp32"  # the default: bf16 is opt-in
+    # the run logs the arithmetic it trained in, not "auto"
+    assert params(first)["precision"] == pick_precision("auto", "cpu")
     tracking.set_alias("champion", metadata(first, "trained_model")["model_version"])
     second = train(instance, auto)
     assert second.success

@@ -1,8 +1,9 @@
 """bf16 mixed precision against fp32 for the classifier's training (`TrainConfig.precision`):
 speed and what the model learns.
 
-The default, `auto`, trains in bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16
-or AMX); this measures what that costs against fp32. Resnet18 from scratch at 64 px, batch 64,
+`bf16` (or `auto` on a CPU with AVX-512 BF16 or AMX) trains in bf16 autocast; the default is
+fp32. This measures what bf16 costs in-distribution (the loop's shifted-field audit is
+`loop_latency`'s and `loop_convergence`'s). Resnet18 from scratch at 64 px, batch 64,
 `light` augmentation, 10 epochs with early stopping, on the project's `objects` set (a digit
 glyph turned, coloured and placed on a noisy, unevenly lit background: unlike the centred digits,
 not learned to 99 % in a few epochs, so a loss would show): 1,400 images train, 200 judge the

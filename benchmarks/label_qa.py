@@ -12,8 +12,9 @@ On each, 10% of labels are flipped to another class at random, for several seeds
 (b) cvops: `review_label_quality` as the label_issues asset runs it by default (all signals; on
     objects with the SSL encoder's embeddings as a candidate scorer, as when ssl_encoder is
     registered, and with `finetune_scorer: auto`: when no cheap scorer can judge, a resnet18
-    fine-tuned from the encoder once per fold (core/build/oof.py: 20 epochs) within the default
-    budget of 10 minutes); every image in its review table counts as flagged.
+    fine-tuned from the encoder once per fold (core/build/oof.py: 4 folds x 16 epochs, 8 views
+    of each held-out image) within the default budget of 10 minutes); every image in its
+    review table counts as flagged.
     Its escalation's CPU time (process time, every core) is reported apart.
 (c) objects only, cvops without an encoder and without the escalation: the cheap scorers alone.
 (d) objects only, cvops with a champion and no encoder: a resnet18 trained on the noisy pool as
@@ -244,7 +245,7 @@ def finetuned(images: list, encoder, quick: bool) -> dict:
     """label_issues' escalation (core/build/ssl_run.finetuned_scorer) on in-memory images: a
     resnet18 started from the SSL encoder, trained once per fold within the default budget."""
     from cvops_pipelines.core.build.models import build_model
-    from cvops_pipelines.core.build.oof import finetuned_oof_probabilities
+    from cvops_pipelines.core.build.oof import ENCODER_FOLDS, finetuned_oof_probabilities
     from cvops_pipelines.core.build.ssl import classifier_state
 
     config = _finetune_config(quick, encoder.spec)
@@ -252,7 +253,7 @@ def finetuned(images: list, encoder, quick: bool) -> dict:
     def score(rows, labels, classes, folds, seed):
         started, cpu = time.perf_counter(), time.process_time()
         start = classifier_state(encoder.model, build_model(config.architecture, len(classes)))
-        picked = [images[i] for i in rows]
+        picked, folds = [images[i] for i in rows], min(folds, ENCODER_FOLDS)
         try:
             return finetuned_oof_probabilities(
                 picked, labels, classes, folds, seed, config, start, "cpu", None, BUDGET_S, print

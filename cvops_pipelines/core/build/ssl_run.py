@@ -18,7 +18,11 @@ from cvops_pipelines.core.build.models import (
     build_model,
     pick_device,
 )
-from cvops_pipelines.core.build.oof import finetuned_oof_probabilities, fold_recipe
+from cvops_pipelines.core.build.oof import (
+    ENCODER_FOLDS,
+    finetuned_oof_probabilities,
+    fold_recipe,
+)
 from cvops_pipelines.core.build.registry import LoadedModel, load
 from cvops_pipelines.core.build.ssl import (
     SSLConfig,
@@ -178,8 +182,8 @@ def finetuned_scorer(
     budget_s: float | None = None,
 ) -> dict[str, OutOfFoldScorer]:
     """Label QA's fine-tuned candidate (core/build/oof.py), by scorer name: from the encoder
-    when there is one (its architecture and input size, fewer epochs), else from scratch;
-    within `budget_s` seconds (None: no limit)."""
+    when there is one (its architecture and input size, fewer folds and epochs), else from
+    scratch; within `budget_s` seconds (None: no limit)."""
     config = (
         fold_recipe(epochs, encoder.preprocess.architecture, encoder.preprocess.image_size)
         if encoder is not None
@@ -195,6 +199,7 @@ def finetuned_scorer(
         start = None
         if encoder is not None:
             start = classifier_state(encoder.model, build_model(config.architecture, len(classes)))
+            folds = min(folds, ENCODER_FOLDS)
 
         def progress(fold: int, held_out: np.ndarray) -> None:
             log(f"{name}: fold {fold + 1}/{folds} ({len(held_out)} held-out images, {device})")

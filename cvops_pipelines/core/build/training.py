@@ -276,7 +276,7 @@ def evaluate(model, loader, device: str) -> tuple[dict, np.ndarray, np.ndarray]:
 
 def fit(
     train: tuple[list[np.ndarray], np.ndarray],
-    val: tuple[list[np.ndarray], np.ndarray],
+    val: tuple[list[np.ndarray], np.ndarray] | None,
     classes: list[str],
     config: TrainConfig,
     device: str = "cpu",
@@ -284,9 +284,10 @@ def fit(
     initial_state: dict | None = None,
 ) -> FitResult:
     """Train, keep the weights of the best validation epoch, stop after `patience` epochs
-    without improvement in validation loss. `initial_state` continues from an earlier model of
-    the same architecture and classes (e.g. the champion: with `freeze_backbone`, only the head
-    changes and the OTA delta stays tiny)."""
+    without improvement in validation loss; with no `val`, train every epoch and keep the last
+    (averaged) weights. `initial_state` continues from an earlier model of the same
+    architecture and classes (e.g. the champion: with `freeze_backbone`, only the head changes
+    and the OTA delta stays tiny)."""
     import copy
 
     import torch
@@ -325,13 +326,15 @@ def fit(
         shard=True,
         per_epoch=config.images_per_epoch,
     )
-    val_loader = make_loader(
-        ImageDataset(*val, augmentation("none", config.image_size)),
-        config.batch_size,
-        False,
-        config.seed,
-        config.workers,
-    )
+    val_loader = None
+    if val is not None:
+        val_loader = make_loader(
+            ImageDataset(*val, augmentation("none", config.image_size)),
+            config.batch_size,
+            False,
+            config.seed,
+            config.workers,
+        )
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(parameters, config.learning_rate, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -362,13 +365,16 @@ def fit(
             averaged.update_parameters(model)
         judged = averaged.module if averaged is not None else model
         scheduler.step()
-        metrics.update(evaluate(judged, val_loader, device)[0])
+        if val_loader is not None:
+            metrics.update(evaluate(judged, val_loader, device)[0])
         metrics["learning_rate"] = scheduler.get_last_lr()[0]
         speeds.append(metrics["train_images_per_second"])
         result.history.append({"epoch": epoch, **metrics})
         if on_epoch:
             on_epoch(epoch, metrics)
-        if metrics["val_loss"] < best_loss - 1e-6:
+        if val_loader is None:  # the last weights
+            best_state, result.best_epoch = judged.state_dict(), epoch
+        elif metrics["val_loss"] < best_loss - 1e-6:
             best_loss, best_state, waited = (
                 metrics["val_loss"],
                 copy.deepcopy(judged.state_dict()),
@@ -393,19 +399,28 @@ def predict_probs(
     preprocess: Preprocess,
     device: str = "cpu",
     batch_size: int = 128,
+    views: int = 0,
 ) -> np.ndarray:
+    """Softmax probabilities; `views` > 0 averages them with that many seeded "light"
+    augmentations of each image (test-time augmentation: smoother probabilities, which is what
+    confident learning's per-class thresholds read)."""
     import torch
     import torch.nn.functional as F
 
-    transform = augmentation("none", preprocess.image_size, preprocess.mean, preprocess.std)
+    size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
+    transforms = [augmentation("none", size, mean, std)] + [
+        augmentation("light", size, mean, std, seed=view) for view in range(views)
+    ]
     model = model.to(device).eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = torch.stack(
-                [transform(image=im)["image"] for im in images[start : start + batch_size]]
-            )
-            out.append(F.softmax(model(batch.to(device)), 1).cpu().numpy())
+            chunk = images[start : start + batch_size]
+            summed = 0
+            for transform in transforms:
+                batch = torch.stack([transform(image=im)["image"] for im in chunk])
+                summed = summed + F.softmax(model(batch.to(device)), 1).cpu().numpy()
+            out.append(summed / len(transforms))
     return np.concatenate(out) if out else np.zeros((0, len(preprocess.classes)))
 
 

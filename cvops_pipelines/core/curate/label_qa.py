@@ -142,7 +142,8 @@ class Scoring:
 
 # A scorer that produces its own out-of-fold probabilities (e.g. a network fine-tuned k times,
 # core/build/oof.py): called with the pool rows it scores, their label indices, the classes,
-# the number of folds and the seed; it must split as StratifiedKFold(folds, shuffle, seed).
+# the number of folds and the seed; it splits as StratifiedKFold(folds, shuffle, seed), or
+# into fewer folds where each one costs a training (every row is still judged out of fold).
 OutOfFoldScorer = Callable[[np.ndarray, np.ndarray, list[str], int, int], np.ndarray]
 
 

@@ -67,6 +67,37 @@ def test_images_per_epoch_draws_that_many_each_epoch_and_a_fresh_draw_each_time(
         TrainConfig(images_per_epoch=-5)
 
 
+def test_without_validation_every_epoch_trains_and_the_last_weights_are_kept(data):
+    """Label QA's folds have only suspect labels to validate on: no split picks their epoch."""
+    train, val, test = data
+    config = TrainConfig(**{**SMALL.__dict__, "epochs": 2, "patience": 1})
+    result = fit(train, None, CLASSES, config)
+    assert [row["epoch"] for row in result.history] == [1, 2] and result.best_epoch == 2
+    assert not any("val_loss" in row for row in result.history)
+    validated = fit(train, val, CLASSES, config)  # the same training, judged on val each epoch
+    assert _metrics(result.history) == [
+        {k: v for k, v in row.items() if not k.startswith("val_")}
+        for row in _metrics(validated.history)
+    ]
+    if validated.best_epoch == 2:  # then both kept the same weights
+        np.testing.assert_allclose(
+            predict_probs(result.model, test[0], result.preprocess),
+            predict_probs(validated.model, test[0], validated.preprocess),
+            atol=1e-6,
+        )
+
+
+def test_views_average_augmented_predictions_and_repeat(data):
+    train, val, test = data
+    result = fit(train, val, CLASSES, SMALL)
+    plain = predict_probs(result.model, test[0], result.preprocess)
+    viewed = predict_probs(result.model, test[0], result.preprocess, views=3)
+    np.testing.assert_allclose(viewed.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(plain - viewed).max() > 1e-3  # the augmented views count
+    again = predict_probs(result.model, test[0], result.preprocess, views=3, batch_size=50)
+    np.testing.assert_allclose(viewed, again, atol=1e-6)  # seeded, whatever the batching
+
+
 def test_another_seed_trains_a_different_model(data):
     train, val, _ = data
     a = fit(train, val, CLASSES, SMALL)

@@ -55,14 +55,14 @@ def test_the_encoder_feeds_label_qa_and_starts_training(isolated_homes):
     assert qa["scorer"] == max(candidates, key=candidates.get)
     assert qa["scorer_oof_accuracy"] == round(max(candidates.values()), 4)
 
-    # asked for, a network fine-tuned from the encoder once per fold competes too
+    # asked for, a network fine-tuned from the encoder once per fold (4 of them) competes too
     tuned = {"finetune_scorer": "always", "finetune_epochs": 1}
     asked = curate(instance, run_config={"ops": {"label_issues": {"config": tuned}}})
     qa = metadata(asked, "label_issues")
     candidates = qa["scorer_candidates_oof_accuracy"]
     name = "resnet18 fine-tuned out of fold from ssl_encoder v1"
     assert name in candidates and qa["scorer"] == max(candidates, key=candidates.get)
-    assert f"{name}: fold 5/5 (120 held-out images" in _logs(instance, asked.run_id)
+    assert f"{name}: fold 4/4 (150 held-out images" in _logs(instance, asked.run_id)
 
     started = train(instance, config={**SMALL, "init_from": "ssl_encoder"})
     assert started.success

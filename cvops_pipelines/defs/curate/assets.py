@@ -20,7 +20,7 @@ from pydantic import Field
 from cvops_pipelines.core.base.contracts import validate
 from cvops_pipelines.core.base.ontology import MAX_BOXES_PER_IMAGE
 from cvops_pipelines.core.base.tables import PartitionedTable, markdown_table
-from cvops_pipelines.core.build.oof import ENCODER_EPOCHS, OOF_TRAINING
+from cvops_pipelines.core.build.oof import ENCODER_EPOCHS, ENCODER_FOLDS, OOF_TRAINING
 from cvops_pipelines.core.curate.dataset import (
     DatasetPolicy,
     build_dataset_version,
@@ -190,8 +190,8 @@ class LabelIssuesConfig(Config):
     )
     finetune_scorer: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="A network fine-tuned k times (one per fold, from the ssl_encoder when "
-        "there is one, in fewer epochs) as a candidate scorer: on "
+        description="A network fine-tuned once per fold (from the ssl_encoder when there is "
+        f"one: {ENCODER_FOLDS} folds at most, fewer epochs) as a candidate scorer: on "
         "images where pixels and linear probes cannot tell the classes apart, the only scorer "
         "that can judge (benchmarks/label_qa.py). auto: only when the cheaper scorers cannot "
         "judge; always: every run; never: not at all.",

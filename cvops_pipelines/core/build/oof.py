@@ -33,12 +33,12 @@ OOF_TRAINING = TrainConfig(
 )
 # From a self-supervised encoder the folds converge in fewer epochs than from scratch. On the
 # objects set of benchmarks/label_qa.py (one thread, 2,000 images) 5 folds x 20 epochs at
-# batch 32 in fp32, with 10% of each fold held for picking an epoch, cost 10.5 CPU-minutes;
-# a fold's cost grows with the images it trains on, so k folds cost about k - 1 times the
-# pool: 4 folds x 16 epochs at batch 64 (half the optimizer steps) in bf16 where the CPU
-# computes it cost about 4.3 and flagged at F1 0.82 on seed 1, where 3 folds x 20 epochs
-# (1,333 images a fold, not 1,500) gave 0.78. Freezing the early backbone (layer3 onwards
-# trained) cost 10 points of agreement there and is not used.
+# batch 32 in fp32, with 10% of each fold held for picking an epoch, cost 10-11.5
+# CPU-minutes for F1 0.79 over 3 seeds; a fold's cost grows with the images it trains on, so
+# k folds cost about k - 1 times the pool: 4 folds x 16 epochs at batch 64 (half the
+# optimizer steps) in bf16 where the CPU computes it cost 4.3 for F1 0.82 (3 folds x 20
+# epochs, 1,333 images a fold and not 1,500, gave 0.78 on seed 1 where 4 x 16 gave 0.82).
+# Freezing the early backbone (layer3 onwards trained) cost 10 points of agreement there.
 ENCODER_FOLDS = 4
 ENCODER_EPOCHS = 16
 ENCODER_BATCH = 64

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +96,22 @@ def load_ontology(path: str | Path, tasks: dict[str, str] = TASK_LABELS) -> Onto
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        root = yaml.compose(text)
-        doc = yaml.safe_load(text)
     except FileNotFoundError:
         raise OntologyError(f"ontology file {path} not found; set CVOPS_CONTRACTS_DIR") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise OntologyError(f"{path} is not valid YAML: {exc}") from None
+    return _parse(path, text, tuple(tasks.items()))
+
+
+@lru_cache(maxsize=32)
+def _parse(path: Path, text: str, task_items: tuple[tuple[str, str], ...]) -> Ontology:
+    """The file's text parsed once per process: every run and sensor tick reads the ontology, and
+    pure-Python YAML took 10-30 ms each time. Keyed by the text, so an edit is read at once."""
+    tasks = dict(task_items)
+    try:
+        root = yaml.compose(text)
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise OntologyError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("classes"), list) or not doc["classes"]:
         raise OntologyError(f"{path}: expected a mapping with a non-empty 'classes' list")
@@ -140,7 +152,7 @@ def load_ontology(path: str | Path, tasks: dict[str, str] = TASK_LABELS) -> Onto
         version,
         tuple(classes),
         str(path),
-        tuple(doc.get("changes") or ()),
+        tuple(doc.get("changes") or ()),  # shared by every caller of the cache: read, never edit
         task,
         tasks[task],
     )

@@ -86,6 +86,20 @@ def test_ontology_rejects_duplicates_and_bad_files(tmp_path):
         load_ontology(tmp_path / "missing.yaml")
 
 
+def test_an_edited_ontology_is_read_again_and_a_broken_edit_still_refused(tmp_path):
+    """Parsed once per text (every run reads it): an edit is seen at once, a bad one refused."""
+    path = tmp_path / "ontology.yaml"
+    path.write_text("version: 1\nclasses:\n  - {id: 0, name: cat}\n")
+    first = load_ontology(path)
+    assert load_ontology(path) is first  # the same text: parsed once
+    path.write_text("version: 2\nclasses:\n  - {id: 0, name: cat}\n  - {id: 1, name: dog}\n")
+    assert (load_ontology(path).version, load_ontology(path).names) == (2, ["cat", "dog"])
+    path.write_text("version: 3\nclasses:\n  - {id: 0, name: cat}\n  - {id: 0, name: dog}\n")
+    for _ in range(2):  # a refusal is not remembered as a result
+        with pytest.raises(OntologyError, match="duplicate class ids"):
+            load_ontology(path)
+
+
 def test_ontology_marks_event_classes(repo_root, tmp_path):
     path = tmp_path / "ontology.yaml"
     path.write_text(

@@ -27,6 +27,7 @@ BENCHMARKS = [
     "loop_gain",
     "loop_convergence",
     "loop_latency",
+    "run_overhead",
     "detection_recipe",
     "detection_loop_gain",
     "detection_export",

@@ -1,11 +1,12 @@
 """The local Dagster instance's SQLite storage, with its database engines kept open.
 
 Dagster's SQLite storage builds a SQLAlchemy engine, opens a connection and disposes of both for
-every event it writes: a run's 30-60 events paid 0.1-0.2 s for that alone, about half of what a
-run cost beyond its steps (`./dev bench loop_latency` reads that share). Here each database file
-keeps one engine with a small connection pool, so an event is one transaction on an open
-connection. The files, their schema and their layout under `base_dir` are Dagster's own: an
-instance written by one storage reads with the other. Production uses Postgres, which pools
+every event it writes (a run writes 30-60), and initialises each run's event database through
+alembic: about 0.4 s a run beyond its steps, a Dagster share of 3.8 % in a three-turn demo. Here
+each database file keeps one engine with a small connection pool, and a new run's database is a
+copy of an empty one: 0.35x the cost a run (`./dev bench run_overhead`), 2.0 % of the same demo
+(`loop_latency`). The files, their schema and their layout under `base_dir` are Dagster's own:
+an instance written by one storage reads with the other. Production uses Postgres, which pools
 already (infra/dagster/dagster.production.yaml).
 
 Configured in infra/dagster/dagster.yaml:
